@@ -1,0 +1,3 @@
+from ducho_fast.cli import main
+
+main()

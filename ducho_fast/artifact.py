@@ -1,0 +1,160 @@
+"""The artifact contract: ``<store>/<slug>/{model.onnx, manifest.json, tokenizer.json}``.
+
+Written by the exporters and read by the runtime, so the runtime never imports an exporter.
+The slug is a deterministic function of what determines the graph, computed from a config
+entry alone: ``export`` skips work that is done and valid, ``extract`` finds the artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ducho_fast.config.model import ModelSpec
+from ducho_fast.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def graph_key(spec: ModelSpec) -> dict[str, Any]:
+    """Everything that changes the exported graph or its recorded preprocessing."""
+    key: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "backend": spec.backend,
+        "model": _file_identity(spec.local_path) if spec.local_path else spec.model_name,
+        "weights": _file_identity(spec.weights_path) if spec.weights_path else spec.weights,
+        "architecture": spec.architecture,
+        "architecture_kwargs": spec.architecture_kwargs,
+        "layers": [str(x) for x in spec.output_layers],
+        "precision": "fp32",
+    }
+    if spec.modality == "visual":
+        key["visual"] = {
+            "reshape": spec.reshape,
+            "preprocessing": spec.preprocessing,
+            "mean": spec.mean if spec.preprocessing == "zscore" else None,
+            "std": spec.std if spec.preprocessing == "zscore" else None,
+        }
+    else:
+        key["text"] = {"max_length": spec.max_length, "tokenizer": spec.tokenizer_name}
+    return key
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    # Path, size and mtime stand in for the content hash (recorded in the manifest) so that
+    # finding an artifact never reads a multi-GB weights file.
+    st = path.stat()
+    if path.is_dir():
+        sizes = sorted((p.name, p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        return {"path": str(path), "files": sizes}
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def slug_for(spec: ModelSpec) -> str:
+    digest = hashlib.sha256(json.dumps(graph_key(spec), sort_keys=True).encode()).hexdigest()
+    stem = Path(spec.model_name.rstrip("/")).name or spec.model_name
+    short = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:40] or "model"
+    return f"{spec.backend}-{short}-{digest[:12]}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An exported model on disk: its directory and parsed manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    @property
+    def modality(self) -> str:
+        return str(self.manifest["modality"])
+
+    def output(self, layer: str | int) -> dict[str, Any]:
+        for out in self.manifest["outputs"]:
+            if str(out["layer"]) == str(layer):
+                return dict(out)
+        known = [o["layer"] for o in self.manifest["outputs"]]
+        raise ArtifactError(f"artifact {self.path} has no output for layer {layer!r} ({known}).")
+
+
+def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
+    """Read and check an artifact directory (manifest present, graph hash matches)."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file() or not (path / MODEL_FILE).is_file():
+        raise ArtifactError(
+            f"no complete artifact at {path} (needs {MANIFEST_FILE} and {MODEL_FILE}).\n"
+            "Hint: run `ducho-fast export CONFIG` first."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({e}); export again.") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{manifest_path} has schema version {manifest.get('schema_version')}, this "
+            f"ducho-fast reads {SCHEMA_VERSION}. Export the model again."
+        )
+    if verify and sha256_file(path / MODEL_FILE) != manifest.get("model_sha256"):
+        raise ArtifactError(
+            f"{path / MODEL_FILE} does not match the sha256 in its manifest (changed or "
+            "truncated). Delete the folder and export again."
+        )
+    return Artifact(path=path, manifest=manifest)
+
+
+def find_artifact(store: Path, spec: ModelSpec) -> Artifact:
+    """The artifact that ``export`` wrote for this config entry."""
+    path = store / slug_for(spec)
+    if not (path / MANIFEST_FILE).is_file():
+        raise ArtifactError(
+            f"'{spec.key_path}' ({spec.model_name}) has not been exported: no artifact at "
+            f"{path}.\nHint: run `ducho-fast export CONFIG` with the same config first."
+        )
+    return load_artifact(path)
+
+
+def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, Any]) -> Artifact:
+    """Finish ``build_dir`` (which holds model.onnx) and move it into place atomically."""
+    manifest = {
+        **manifest,
+        "schema_version": SCHEMA_VERSION,
+        "slug": slug,
+        "model_sha256": sha256_file(build_dir / MODEL_FILE),
+    }
+    (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str), "utf-8")
+    target = store / slug
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(build_dir, target)
+    return Artifact(path=target, manifest=manifest)
+
+
+def new_build_dir(store: Path) -> Path:
+    """A temporary directory inside the store, so the final move is a same-disk rename."""
+    store.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".building-", dir=store))

@@ -1,0 +1,237 @@
+"""The ``ducho-fast`` command: export, extract, layers, inspect, doctor.
+
+Importing this module never imports torch, TensorFlow or transformers: ``export`` and
+``layers`` load the exporters inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ducho_fast import __version__
+from ducho_fast.errors import DuchoError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Export feature extractors to ONNX and extract multimodal features with ONNX Runtime.",
+)
+err = Console(stderr=True)
+out = Console()
+
+ITEMS_FAILED_EXIT = 3
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+ConfigArg = Annotated[Path, typer.Argument(help="Ducho-style YAML config.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a key: a.b.c=VALUE (YAML-typed; list indices allowed)."),
+]
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    transformers = "transformers"
+    sentence_transformers = "sentence_transformers"
+
+
+def _overrides(ctx: typer.Context, sets: list[str] | None) -> list[str]:
+    """``--set`` values, then Ducho's own ``--a.b.c=VALUE`` arguments."""
+    extra = list(ctx.args)
+    bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise typer.BadParameter(f"unexpected argument(s) {bad}; overrides look like --a.b.c=VALUE")
+    return [*(sets or []), *extra]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except DuchoError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(1) from e
+
+
+@app.command(context_settings=_EXTRA)
+def export(
+    ctx: typer.Context,
+    config: ConfigArg,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Export again even if valid.")] = False,
+) -> None:
+    """Export every model of CONFIG to a parity-checked ONNX artifact in the model store."""
+    import ducho_fast
+
+    with _errors():
+        results = ducho_fast.export(config, _overrides(ctx, set_), force=force)
+    table = Table("model", "layers", "artifact", "parity (min cosine / max rel diff)", "time")
+    for r in results:
+        layers = r.artifact.manifest["parity"]["layers"]
+        cos = min(v["min_cosine"] for v in layers.values())
+        rel = max(v["max_rel_diff"] for v in layers.values())
+        status = "reused" if r.reused else f"{r.seconds:.1f}s"
+        table.add_row(r.spec.model_name, ", ".join(map(str, r.spec.output_layers)),
+                      str(r.artifact.path), f"{cos:.7f} / {rel:.2e}", status)
+    out.print(table)
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Any]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(label, total=total, rate="")
+
+        def tick(n: int) -> None:
+            bar.advance(task, n)
+            elapsed = bar.tasks[task].elapsed or 0.0
+            done = bar.tasks[task].completed
+            bar.update(task, rate=f"{done / elapsed:.1f} items/s" if elapsed else "")
+
+        yield tick
+
+
+@app.command(context_settings=_EXTRA)
+def extract(
+    ctx: typer.Context,
+    config: ConfigArg,
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Extract features for every block of CONFIG with its exported artifacts."""
+    import ducho_fast
+
+    with _errors():
+        report = ducho_fast.extract(config, _overrides(ctx, set_), progress=_progress if progress else None)
+    _print_report(report)
+    if report.failed:
+        err.print(f"[yellow]{report.failed} item(s) failed; see the ducho-fast.errors.tsv "
+                  "files beside the outputs.[/]")
+        raise typer.Exit(ITEMS_FAILED_EXIT)
+
+
+def _print_report(report: Any) -> None:
+    table = Table("block", "model", "written", "failed", "items/s", "provider", "output")
+    for run in report.runs:
+        r = run.result
+        table.add_row(run.job, run.model, str(r.written), str(len(r.errors)),
+                      f"{r.items_per_second:.1f}", run.provider, str(run.output_dirs[0].parent))
+    out.print(table)
+    for job, bad in report.input_errors.items():
+        if bad:
+            err.print(f"{job}: {len(bad)} input item(s) skipped (bad or duplicate ids).")
+    for job, files in report.ignored_files.items():
+        if files:
+            err.print(f"{job}: {len(files)} non-image file(s) ignored, e.g. {files[0].name}.")
+
+
+@app.command()
+def layers(
+    backend: Annotated[Backend, typer.Argument(help="Source framework.")],
+    model: Annotated[str, typer.Argument(help="Model name or local path.")],
+    architecture: Annotated[str | None, typer.Option(help="For a state-dict file.")] = None,
+    trust: Annotated[bool, typer.Option(help="Allow pickled models / module:callable.")] = False,
+) -> None:
+    """List the layers of MODEL that output_layers can name."""
+    with _errors():
+        names = _layer_names(backend, model, architecture, trust)
+    for name in names:
+        out.print(name, highlight=False)
+
+
+def _layer_names(backend: Backend, model: str, architecture: str | None, trust: bool) -> list[str]:
+    from ducho_fast.config.load import find_local
+    from ducho_fast.config.model import ModelSpec
+
+    if backend is Backend.sentence_transformers:
+        return ["(any label: sentence-transformers models output their sentence embedding; "
+                "the output_layers value names the output folder, as in Ducho)"]
+    if backend is Backend.transformers:
+        from ducho_fast.exporters.hf import list_layers
+
+        return list_layers(model)
+    from ducho_fast.exporters.layers import torch_layer_names
+    from ducho_fast.exporters.pt import load_model
+
+    cwd = Path.cwd()
+    spec = ModelSpec(modality="visual", origin="items", key_path="layers", model_name=model,
+                     backend="torch", backend_dir="torch", output_layers=(), batch_size=1,
+                     weights="none", architecture=architecture, trust=trust,
+                     local_path=find_local(model, cwd, cwd))
+    module, _ = load_model(spec)
+    return torch_layer_names(module)
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory in the model store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest.")] = False,
+) -> None:
+    """Print an artifact's manifest: source, layers, inputs, preprocessing, parity."""
+    from ducho_fast.artifact import load_artifact
+
+    with _errors():
+        manifest = load_artifact(artifact).manifest
+    if as_json:
+        out.print_json(json.dumps(manifest, default=str))
+        return
+    src = manifest["source"]
+    out.print(f"[bold]{manifest['slug']}[/]  ({manifest['modality']}, {manifest['precision']}, opset {manifest['opset']})")
+    out.print(f"source: {src['backend']} {src['model_name']}  [{src.get('framework', '')}]")
+    for o in manifest["outputs"]:
+        kind = "per token" if o.get("per_token") else "per item"
+        out.print(f"layer {o['layer']!s:>20}: dim {o['dim']} ({kind}) -> output '{o['name']}'")
+    out.print("inputs: " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in manifest["inputs"]))
+    out.print(f"preprocessing: {json.dumps(manifest['preprocessing'])}")
+    parity = manifest["parity"]
+    out.print(f"parity vs {parity['reference']} on {parity['samples']} samples: "
+              f"{'passed' if parity['passed'] else 'FAILED'}")
+    for layer, r in parity["layers"].items():
+        out.print(f"  {layer}: min cosine {r['min_cosine']:.7f}, max rel diff {r['max_rel_diff']:.2e}")
+
+
+@app.command()
+def doctor(
+    require_cuda: Annotated[bool, typer.Option(help="Fail unless a CUDA session really runs.")] = False,
+) -> None:
+    """Versions, execution providers that really work, and the CPU quota."""
+    from ducho_fast.doctor import report
+
+    lines, cuda_ok = report()
+    for line in lines:
+        out.print(line, highlight=False)
+    if require_cuda and not cuda_ok:
+        err.print("[bold red]error:[/] CUDA was required but no CUDA session really runs.")
+        raise typer.Exit(1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"ducho-fast {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    app()

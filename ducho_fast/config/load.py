@@ -1,0 +1,296 @@
+"""Load a YAML config: defaults, overrides, Ducho spellings, validation, resolution.
+
+Everything a user can get wrong in a config is found here, before any model is loaded or any
+file is read, and reported with the file, the key path, what was found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ducho_fast.config import compat
+from ducho_fast.config.model import Config, Job, ModelSpec, OutputOptions, RuntimeOptions
+from ducho_fast.config.overrides import apply_override
+from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
+from ducho_fast.errors import ConfigError, NotSupportedYet
+
+RUNS_NOW = {("visual", "items"), ("textual", "items")}
+NEEDS_LAYERS = {"torch", "sentence_transformers"}
+
+
+def load_defaults() -> dict[str, Any]:
+    text = resources.files("ducho_fast.config").joinpath("defaults.yml").read_text("utf-8")
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``safe_load`` only."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e}).") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, found {type(data).__name__}.")
+    return data
+
+
+def load_config(
+    source: str | Path | dict[str, Any],
+    overrides: Iterable[str] = (),
+    *,
+    cwd: Path | None = None,
+) -> Config:
+    """Build a validated :class:`Config` from a YAML file (or an in-memory mapping).
+
+    Args:
+        source: path of the YAML file, or the mapping itself.
+        overrides: ``a.b.c=VALUE`` strings (``--`` prefix allowed), applied in order.
+        cwd: directory relative paths start from; the working directory by default.
+    """
+    name = str(source) if not isinstance(source, dict) else "<config>"
+    raw = copy.deepcopy(source) if isinstance(source, dict) else read_yaml(Path(source))
+    for text in overrides:
+        apply_override(raw, text)
+    raw = compat.normalize(raw)
+    Checker(name).check(raw)
+    merged = _with_defaults(raw)
+    return _resolve(merged, name, (cwd or Path.cwd()).resolve())
+
+
+def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    merged = load_defaults()
+    model_defaults = {**merged.pop("model"), **raw.get("model", {})}
+    for key, value in raw.items():
+        if key in ("runtime", "output"):
+            merged[key] = {**merged.get(key, {}), **value}
+        elif key != "model":
+            merged[key] = value
+    for modality in MODALITIES:
+        for block in (merged.get(modality) or {}).values():
+            if isinstance(block, dict) and isinstance(block.get("model"), list):
+                block["model"] = [{**model_defaults, **m} for m in block["model"]]
+    return merged
+
+
+def _resolve(data: dict[str, Any], name: str, cwd: Path) -> Config:
+    dataset_path = (cwd / data.get("dataset_path", ".")).resolve()
+    jobs = tuple(
+        _job(data[m][o], m, o, name, dataset_path, cwd)
+        for m in MODALITIES
+        if isinstance(data.get(m), dict)
+        for o in ORIGINS
+        if o in data[m]
+    )
+    if not jobs:
+        raise ConfigError(
+            f"{name}: nothing to extract. Add a block such as 'visual.items' or 'textual.items' "
+            "with input_path, output_path and model."
+        )
+    runtime = RuntimeOptions(**data["runtime"])
+    runtime = _apply_gpu_list(runtime, data.get("gpu list"), name)
+    return Config(
+        source=name,
+        dataset_path=dataset_path,
+        store=(cwd / data["store"]).resolve(),
+        jobs=jobs,
+        runtime=runtime,
+        output=OutputOptions(**data["output"]),
+        resolved=data,
+    )
+
+
+def _apply_gpu_list(runtime: RuntimeOptions, gpu_list: Any, name: str) -> RuntimeOptions:
+    """Honour Ducho's ``gpu list`` (-1: CPU, N: cuda:N) when ``runtime.device`` is auto."""
+    if gpu_list is None or runtime.device != "auto":
+        return _check_device(runtime, name)
+    first = str(gpu_list[0] if isinstance(gpu_list, list) and gpu_list else gpu_list)
+    first = first.split(",")[0].strip()
+    if first in ("-1", ""):
+        device = "cpu"
+    elif first.isdigit():
+        device = f"cuda:{first}"
+    else:
+        raise ConfigError(f"{name}: key 'gpu list' is {gpu_list!r}; use -1 for CPU or GPU ids.")
+    return _check_device(RuntimeOptions(**{**runtime.__dict__, "device": device}), name)
+
+
+def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
+    device = runtime.device
+    ok = device in ("auto", "cpu", "cuda") or (
+        device.startswith("cuda:") and device[5:].isdigit()
+    )
+    if not ok:
+        raise ConfigError(
+            f"{name}: key 'runtime.device' is {device!r}; allowed: auto, cpu, cuda, cuda:N."
+        )
+    for key in ("threads", "workers"):
+        if getattr(runtime, key) < 0:
+            raise ConfigError(f"{name}: key 'runtime.{key}' must be >= 0 (0 = automatic).")
+    if runtime.prefetch < 1:
+        raise ConfigError(f"{name}: key 'runtime.prefetch' must be >= 1.")
+    return runtime
+
+
+def _job(
+    block: dict[str, Any], modality: str, origin: str, name: str, dataset: Path, cwd: Path
+) -> Job:
+    where = f"{modality}.{origin}"
+    for key in ("input_path", "output_path", "model"):
+        if block.get(key) in (None, [], ""):
+            raise ConfigError(f"{name}: '{where}' needs the key '{where}.{key}'.")
+    if (modality, origin) not in RUNS_NOW:
+        raise NotSupportedYet(
+            f"{name}: '{where}' is understood but not supported yet by this version of "
+            "ducho-fast (it runs visual.items and textual.items). Remove the block to go on."
+        )
+    if not isinstance(block["input_path"], str) or not isinstance(block["output_path"], str):
+        raise ConfigError(f"{name}: '{where}.input_path' and '.output_path' must be strings.")
+    models = tuple(
+        _model(m, modality, origin, f"{where}.model.{i}", name, dataset, cwd)
+        for i, m in enumerate(block["model"])
+    )
+    return Job(
+        modality=modality,
+        origin=origin,
+        input_path=(dataset / block["input_path"]).resolve(),
+        output_path=(dataset / block["output_path"]).resolve(),
+        models=models,
+        item_column=block.get("item_column"),
+        text_column=block.get("text_column"),
+    )
+
+
+def _model(
+    m: dict[str, Any], modality: str, origin: str, where: str, name: str, dataset: Path, cwd: Path
+) -> ModelSpec:
+    if "model_name" not in m:
+        raise ConfigError(f"{name}: '{where}' needs the key '{where}.model_name'.")
+    backend_dir = m.get("backend") or _default_backend(modality)
+    backend = backend_dir.replace("-", "_")
+    if backend == "tensorflow":
+        raise NotSupportedYet(
+            f"{name}: '{where}.backend' is 'tensorflow', which is not supported yet by this "
+            "version of ducho-fast. Use backend: torch for visual models."
+        )
+    _check_backend_fits(backend, modality, where, name)
+    layers = tuple(m.get("output_layers") or _default_layers(backend, where, name))
+    spec = ModelSpec(
+        modality=modality,
+        origin=origin,
+        key_path=where,
+        model_name=m["model_name"],
+        backend=backend,
+        backend_dir=backend_dir,
+        output_layers=layers,
+        batch_size=m["batch_size"],
+        reshape=_reshape(m.get("reshape"), where, name),
+        preprocessing=m.get("preprocessing"),
+        mean=tuple(float(x) for x in m.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(x) for x in m.get("std", (0.229, 0.224, 0.225))),
+        clear_text=m["clear_text"],
+        tokenizer_name=m.get("tokenizer_name"),
+        weights=m.get("weights"),
+        architecture=m.get("architecture"),
+        architecture_kwargs=dict(m.get("architecture_kwargs") or {}),
+        trust=m["trust"],
+        max_length=m.get("max_length"),
+        local_path=find_local(m["model_name"], dataset, cwd),
+        weights_path=_weights_path(m.get("weights"), where, name, dataset, cwd),
+    )
+    _check_model(spec, m, name)
+    return spec
+
+
+def _default_backend(modality: str) -> str:
+    # Ducho tries transformers first for text and torch for images.
+    return "transformers" if modality == "textual" else "torch"
+
+
+def _check_backend_fits(backend: str, modality: str, where: str, name: str) -> None:
+    fits = {"visual": ("torch", "tensorflow"), "textual": ("transformers", "sentence_transformers")}
+    if backend not in fits.get(modality, (backend,)):
+        raise ConfigError(
+            f"{name}: '{where}.backend' is '{backend}', which does not extract {modality} "
+            f"features. Allowed for {modality}: {', '.join(fits[modality])}."
+        )
+
+
+def _default_layers(backend: str, where: str, name: str) -> tuple[str, ...]:
+    if backend in NEEDS_LAYERS:
+        example = "avgpool" if backend == "torch" else "1"
+        raise ConfigError(
+            f"{name}: '{where}' needs the key '{where}.output_layers' "
+            f"(for example output_layers: {example})."
+        )
+    return ("pooler_output",)
+
+
+def _reshape(value: list[int] | None, where: str, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if len(value) != 2 or any(v < 1 for v in value):
+        raise ConfigError(
+            f"{name}: key '{where}.reshape' is {value!r}; it must be two positive integers "
+            "[width, height]."
+        )
+    return (value[0], value[1])
+
+
+def _check_model(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
+    where = spec.key_path
+    if spec.batch_size < 1:
+        raise ConfigError(f"{name}: key '{where}.batch_size' must be >= 1.")
+    if spec.max_length is not None and spec.max_length < 2:
+        raise ConfigError(f"{name}: key '{where}.max_length' must be >= 2.")
+    if spec.backend == "torch" and any(isinstance(x, int) for x in spec.output_layers):
+        raise ConfigError(
+            f"{name}: key '{where}.output_layers' must name torch layers, not indices "
+            f"(found {list(spec.output_layers)!r}). Hint: run "
+            f"`ducho-fast layers torch {spec.model_name}`"
+        )
+    if ("mean" in raw or "std" in raw) and spec.preprocessing != "zscore":
+        raise ConfigError(
+            f"{name}: '{where}' sets mean/std, which only apply with preprocessing: zscore "
+            f"(found preprocessing: {spec.preprocessing})."
+        )
+    if len(spec.mean) != 3 or len(spec.std) != 3 or any(s == 0 for s in spec.std):
+        raise ConfigError(
+            f"{name}: '{where}.mean' and '.std' need three values each, std without zeros."
+        )
+
+
+def find_local(model_name: str, dataset: Path, cwd: Path) -> Path | None:
+    """A model given as a path: tried under dataset_path first, then the working directory."""
+    for base in (dataset, cwd):
+        candidate = (base / model_name).expanduser()
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _weights_path(
+    weights: str | None, where: str, name: str, dataset: Path, cwd: Path
+) -> Path | None:
+    if weights is None or weights.lower() in ("default", "none", "imagenet"):
+        return None
+    found = find_local(weights, dataset, cwd)
+    if found is None or not found.is_file():
+        raise ConfigError(
+            f"{name}: key '{where}.weights' is '{weights}', which is neither 'default', 'none' "
+            f"nor a file (looked in {dataset} and {cwd})."
+        )
+    return found

@@ -1,0 +1,150 @@
+"""The shape of a config: every key ducho-fast understands, its types and allowed values.
+
+A superset of Ducho's v2 YAML schema (v1 spellings are renamed by ``compat``). Checking a raw
+mapping against this spec reports the first wrong key with its full path, what was found,
+what is allowed and the closest spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ducho_fast.errors import ConfigError, did_you_mean
+
+MODALITIES = ("visual", "textual", "audio", "visual_textual")
+ORIGINS = ("items", "interactions")
+BACKENDS = ("torch", "tensorflow", "transformers", "sentence_transformers")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One allowed key: its types, optional choices and, for mappings and lists, children."""
+
+    types: tuple[type, ...]
+    choices: tuple[Any, ...] | None = None
+    children: dict[str, Key] | None = None
+    item: Key | None = None
+    doc: str = ""
+
+
+_STR = Key((str,))
+_INT = Key((int,))
+_BOOL = Key((bool,))
+_NUM = Key((int, float))
+_NUM_LIST = Key((list,), item=_NUM)
+_LAYER = Key((str, int))
+
+MODEL_KEYS: dict[str, Key] = {
+    "model_name": Key((str,), doc="torchvision name, local file or folder"),
+    "backend": Key((str,), choices=(*BACKENDS, "sentence-transformers")),
+    "output_layers": Key((list,), item=_LAYER),
+    "reshape": Key((list,), item=_INT, doc="[width, height] for PIL's bicubic resize"),
+    "preprocessing": Key((str, type(None)), choices=("zscore", "minmax", None)),
+    "mean": _NUM_LIST,
+    "std": _NUM_LIST,
+    "clear_text": _BOOL,
+    "batch_size": _INT,
+    "fusion": Key((str,), choices=("concat", "sum", "mul", "mean")),
+    "tokenizer_name": _STR,
+    "image_processor": _STR,
+    "task": _STR,
+    "weights": Key((str, type(None)), doc="default | none | path to a state dict"),
+    "architecture": Key((str,), doc="torchvision builder or 'package.module:callable'"),
+    "architecture_kwargs": Key((dict,)),
+    "trust": _BOOL,
+    "max_length": _INT,
+}
+
+BLOCK_KEYS: dict[str, Key] = {
+    "input_path": Key((str, dict)),
+    "output_path": Key((str, dict)),
+    "item_column": _STR,
+    "text_column": _STR,
+    "interaction_columns": Key((list,), item=_STR),
+    "model": Key((list,), item=Key((dict,), children=MODEL_KEYS)),
+}
+
+MODALITY_KEYS: dict[str, Key] = {o: Key((dict,), children=BLOCK_KEYS) for o in ORIGINS}
+
+RUNTIME_KEYS: dict[str, Key] = {
+    "device": _STR,
+    "allow_fallback": _BOOL,
+    "threads": _INT,
+    "prefetch": _INT,
+    "workers": _INT,
+    "on_error": Key((str,), choices=("skip", "fail")),
+}
+
+OUTPUT_KEYS: dict[str, Key] = {"squeeze": _BOOL}
+
+TOP_KEYS: dict[str, Key] = {
+    "dataset_path": _STR,
+    "gpu list": Key((str, int, list)),
+    "store": _STR,
+    "runtime": Key((dict,), children=RUNTIME_KEYS),
+    "output": Key((dict,), children=OUTPUT_KEYS),
+    "model": Key((dict,), children=MODEL_KEYS, doc="defaults for every model entry"),
+    **{m: Key((dict,), children=MODALITY_KEYS) for m in MODALITIES},
+}
+
+
+@dataclass
+class Checker:
+    """Walks a raw mapping against the spec; ``source`` names the file in messages."""
+
+    source: str
+    errors: list[str] = field(default_factory=list)
+
+    def check(self, raw: dict[str, Any]) -> None:
+        self._mapping(raw, TOP_KEYS, "")
+
+    def _mapping(self, raw: dict[str, Any], spec: dict[str, Key], path: str) -> None:
+        for name, value in raw.items():
+            where = f"{path}.{name}" if path else str(name)
+            key = spec.get(name)
+            if key is None:
+                allowed = ", ".join(sorted(spec))
+                raise ConfigError(
+                    f"{self.source}: unknown key '{where}'.{did_you_mean(str(name), spec)}\n"
+                    f"Allowed here: {allowed}"
+                )
+            self._value(value, key, where)
+
+    def _value(self, value: Any, key: Key, where: str) -> None:
+        if not _has_type(value, key.types):
+            allowed = " or ".join(_type_name(t) for t in key.types)
+            raise ConfigError(
+                f"{self.source}: key '{where}' must be {allowed}, found {_type_name(type(value))} "
+                f"{value!r}."
+            )
+        if key.choices is not None and value not in key.choices:
+            shown = ", ".join(repr(c) for c in key.choices)
+            raise ConfigError(
+                f"{self.source}: key '{where}' is {value!r}; allowed: {shown}."
+                f"{did_you_mean(str(value), [str(c) for c in key.choices])}"
+            )
+        if key.children is not None and isinstance(value, dict):
+            self._mapping(value, key.children, where)
+        if key.item is not None and isinstance(value, list):
+            for i, element in enumerate(value):
+                self._value(element, key.item, f"{where}.{i}")
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    # YAML booleans are ints to Python; a bool is only accepted where bool is asked for.
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types)
+
+
+def _type_name(t: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(t, t.__name__)

@@ -1,0 +1,1 @@
+"""Readers per modality: listing items, decoding them, and checking their ids."""

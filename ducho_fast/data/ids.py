@@ -1,0 +1,34 @@
+"""Item ids come from user data and are untrusted: they become file names only when safe."""
+
+from __future__ import annotations
+
+import re
+
+from ducho_fast.errors import DataError
+
+_MAX_NAME_BYTES = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_id(item_id: str, suffix: str = ".npy") -> str:
+    """Return ``item_id`` if ``item_id + suffix`` is a safe single file name, else raise.
+
+    Rejects separators, ``.``/``..``, NUL and control characters, and names over 255 bytes,
+    so no id can write outside its output folder.
+    """
+    reason = unsafe_reason(item_id, suffix)
+    if reason:
+        raise DataError(f"item id {item_id!r} cannot be a file name: {reason}.")
+    return item_id
+
+
+def unsafe_reason(item_id: str, suffix: str = ".npy") -> str | None:
+    if item_id in ("", ".", ".."):
+        return "it is empty, '.' or '..'"
+    if "/" in item_id or "\\" in item_id:
+        return "it contains a path separator"
+    if _CONTROL.search(item_id):
+        return "it contains NUL or control characters"
+    if len((item_id + suffix).encode("utf-8")) > _MAX_NAME_BYTES:
+        return f"the file name would exceed {_MAX_NAME_BYTES} bytes"
+    return None

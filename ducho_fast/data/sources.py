@@ -1,0 +1,74 @@
+"""From a job's input path to checked items, and per-model loaders that decode one item."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ducho_fast.config.model import Job, ModelSpec
+from ducho_fast.data.ids import unsafe_reason
+from ducho_fast.data.items import Item, ItemError
+from ducho_fast.data.text.clean import clear_text
+from ducho_fast.data.text.tsv import read_text_items
+from ducho_fast.data.visual.images import list_images, load_image
+from ducho_fast.errors import DataError
+
+
+@dataclass
+class Items:
+    """A job's items with their ids checked: good ones, bad ones, files that were not inputs."""
+
+    good: list[Item] = field(default_factory=list)
+    bad: list[ItemError] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+
+
+def job_items(job: Job) -> Items:
+    if job.modality == "visual":
+        listed, ignored = list_images(job.input_path)
+    else:
+        listed, ignored = read_text_items(job.input_path, job.item_column, job.text_column), []
+    return _check_ids(listed, ignored)
+
+
+def _check_ids(listed: list[Item], ignored: list[Path]) -> Items:
+    out = Items(ignored=ignored)
+    first_seen: dict[str, str] = {}
+    for item in listed:
+        reason = unsafe_reason(item.item_id)
+        if reason is None and item.item_id in first_seen:
+            reason = f"duplicate id; first seen at {first_seen[item.item_id]}, which is kept"
+        if reason is not None:
+            out.bad.append(ItemError(item.item_id, item.origin, f"bad id: {reason}"))
+            continue
+        first_seen[item.item_id] = item.origin
+        out.good.append(item)
+    return out
+
+
+class ImageLoader:
+    def __init__(self, reshape: tuple[int, int] | None) -> None:
+        self.reshape = reshape
+
+    def __call__(self, item: Item) -> Any:
+        return load_image(item.raw, self.reshape)
+
+
+class TextLoader:
+    def __init__(self, clean: bool) -> None:
+        self.clean = clean
+
+    def __call__(self, item: Item) -> Any:
+        text = item.raw
+        if text is None:
+            raise DataError("the row has no text column value")
+        if not text.strip():
+            raise DataError("the text is empty")
+        return clear_text(text) if self.clean else text
+
+
+def loader_for(spec: ModelSpec) -> ImageLoader | TextLoader:
+    if spec.modality == "visual":
+        return ImageLoader(spec.reshape)
+    return TextLoader(spec.clear_text)

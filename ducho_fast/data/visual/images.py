@@ -1,0 +1,78 @@
+"""Image items: a folder listed in Ducho's order, decoded to uint8 RGB and resized on the host.
+
+The host only decodes and resizes (PIL, bicubic, as Ducho); casting, scaling and normalization
+happen inside the graph, so a batch travels as uint8 NHWC.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ducho_fast.data.items import Item
+from ducho_fast.errors import DataError
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+def human_key(name: str) -> list[int | str]:
+    """Ducho's natural sort: ``img2`` before ``img10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def image_id(path: Path) -> str:
+    """Ducho's file stem rule: the file name up to its first '.'."""
+    return path.name.split(".")[0]
+
+
+def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
+    """Items for every image file of ``folder`` in Ducho's order, and the other files skipped."""
+    if not folder.exists():
+        raise DataError(f"image folder {folder} does not exist (check 'input_path').")
+    if folder.is_file():
+        return [Item(image_id(folder), str(folder), folder)], []
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: human_key(p.name))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    return [Item(image_id(p), str(p), p) for p in images], others
+
+
+def load_image(source: Path | np.ndarray | Image.Image, reshape: tuple[int, int] | None) -> np.ndarray:
+    """Decode to an RGB uint8 (H, W, 3) array, resized bicubically to ``reshape`` (width, height)."""
+    image = _open(source)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if reshape is not None:
+        image = image.resize(reshape, resample=Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _open(source: Path | np.ndarray | Image.Image) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            image.load()
+        return image
+    except FileNotFoundError as e:
+        raise DataError(f"{source}: file not found.") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{source}: not a readable image ({type(e).__name__}: {e}).") from e
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise DataError(f"image arrays must be uint8, found {array.dtype}.")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)):
+        return Image.fromarray(array)
+    raise DataError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); found {array.shape}.")

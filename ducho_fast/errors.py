@@ -1,0 +1,60 @@
+"""One exception hierarchy for everything a user can get wrong.
+
+Every message says what was wrong, where (file, key path, item id) and what to do next.
+The CLI prints ``str(error)`` and exits with code 1; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DuchoError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+
+class ConfigError(DuchoError):
+    """A config file, key or value is wrong; raised before any work starts."""
+
+
+class NotSupportedYet(ConfigError):
+    """A Ducho feature that ducho-fast understands but does not run yet."""
+
+
+class DataError(DuchoError):
+    """Input data (a folder, a TSV, an item) cannot be read as configured."""
+
+
+class ExportError(DuchoError):
+    """A model cannot be loaded, truncated or converted."""
+
+
+class ParityError(ExportError):
+    """The exported graph disagrees with the source framework beyond tolerance."""
+
+
+class ArtifactError(DuchoError):
+    """An artifact is missing, incomplete or does not match what the config asks for."""
+
+
+class DeviceError(DuchoError):
+    """The requested execution provider is not really available."""
+
+
+class MissingExtraError(DuchoError):
+    """An optional dependency is needed for this command."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the Python package '{package}', which is not installed.\n"
+            f"Hint: pip install 'ducho-fast[{extra}]'"
+        )
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(f"'{c}'" for c in close) + "?"

@@ -1,0 +1,212 @@
+"""What every framework adapter shares: the export flow, ONNX conversion and the parity check.
+
+An adapter (``pt.py``, ``hf.py``, ``st.py``) only says how to build the truncated model as a
+torch module with uint8/int64 inputs, how the source framework computes the reference for one
+item, and what to write into the manifest. Everything else lives here, once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ducho_fast import __version__
+from ducho_fast.artifact import (
+    MODEL_FILE,
+    Artifact,
+    graph_key,
+    load_artifact,
+    new_build_dir,
+    slug_for,
+    write_artifact,
+)
+from ducho_fast.config.model import ModelSpec
+from ducho_fast.errors import ArtifactError, DuchoError, ExportError, ParityError
+from ducho_fast.exporters.compat import import_torch
+
+OPSET = 17
+COSINE_BOUND = 0.9999
+REL_DIFF_BOUND = 1e-4
+
+
+@dataclass
+class Built:
+    """A truncated model ready for conversion, and what the manifest says about it."""
+
+    module: Any
+    example: tuple[Any, ...]
+    input_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    outputs: list[dict[str, Any]]
+    inputs: list[dict[str, Any]]
+    preprocessing: dict[str, Any]
+    source: dict[str, Any]
+    files: dict[str, Any] = field(default_factory=dict)  # name -> callable(path) writing it
+    reference: Any = None  # whatever the adapter's reference() needs (the eager model)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    spec: ModelSpec
+    artifact: Artifact
+    reused: bool
+    seconds: float
+
+
+class Exporter(ABC):
+    """A framework adapter."""
+
+    reference_name: str = ""
+
+    @abstractmethod
+    def build(self, spec: ModelSpec) -> Built:
+        """Load the source model, truncate it and wrap it for conversion."""
+
+    @abstractmethod
+    def samples(self, spec: ModelSpec, built: Built) -> list[Any]:
+        """Raw inputs (uint8 images or texts) for the parity check."""
+
+    @abstractmethod
+    def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
+        """The source framework's per-item output ``{layer: array}`` for one input."""
+
+
+def export_with(exporter: Exporter, spec: ModelSpec, store: Path, *, force: bool) -> ExportResult:
+    start = time.perf_counter()
+    slug = slug_for(spec)
+    if not force:
+        existing = _valid_existing(store / slug)
+        if existing is not None:
+            return ExportResult(spec, existing, True, time.perf_counter() - start)
+    built = exporter.build(spec)
+    build_dir = new_build_dir(store)
+    try:
+        artifact = _convert_and_check(exporter, spec, built, build_dir, slug, store)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    return ExportResult(spec, artifact, False, time.perf_counter() - start)
+
+
+def _valid_existing(path: Path) -> Artifact | None:
+    if not path.exists():
+        return None
+    try:
+        artifact = load_artifact(path)
+    except ArtifactError:
+        return None
+    return artifact if artifact.manifest.get("parity", {}).get("passed") else None
+
+
+def _convert_and_check(
+    exporter: Exporter, spec: ModelSpec, built: Built, build_dir: Path, slug: str, store: Path
+) -> Artifact:
+    to_onnx(built, build_dir / MODEL_FILE)
+    for name, write in built.files.items():
+        write(build_dir / name)
+    manifest = _manifest(spec, built, slug)
+    draft = Artifact(build_dir, {**manifest, "schema_version": 1})
+    manifest["parity"] = check_parity(exporter, spec, built, draft)
+    return write_artifact(store, slug, build_dir, manifest)
+
+
+def _manifest(spec: ModelSpec, built: Built, slug: str) -> dict[str, Any]:
+    return {
+        "ducho_fast_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "modality": spec.modality,
+        "source": {"backend": spec.backend, "model_name": spec.model_name, **built.source},
+        "key": graph_key(spec),
+        "layers": [str(x) for x in spec.output_layers],
+        "inputs": built.inputs,
+        "outputs": built.outputs,
+        "preprocessing": built.preprocessing,
+        "opset": OPSET,
+        "precision": "fp32",
+    }
+
+
+def to_onnx(built: Built, path: Path) -> None:
+    """Convert with the TorchScript-based exporter (fast, dynamic axes by name)."""
+    torch = import_torch()
+    names = sorted({o["name"] for o in built.outputs}, key=[o["name"] for o in built.outputs].index)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                built.module,
+                built.example,
+                str(path),
+                input_names=built.input_names,
+                output_names=names,
+                dynamic_axes=built.dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except DuchoError:
+        raise
+    except Exception as e:
+        raise ExportError(f"ONNX conversion failed: {type(e).__name__}: {e}") from e
+
+
+def check_parity(exporter: Exporter, spec: ModelSpec, built: Built, draft: Artifact) -> dict[str, Any]:
+    """Run the graph through the ducho-fast runtime and compare with the source framework."""
+    from ducho_fast.runtime.embedder import Embedder
+
+    embedder = Embedder(draft)
+    payloads = [embedder.prepare(x) for x in exporter.samples(spec, built)]
+    ours = embedder.run_prepared(payloads)
+    with import_torch().no_grad():
+        refs = [exporter.reference(built, p) for p in payloads]
+    per_layer = {layer: _compare(ours, refs, layer) for layer in embedder.layers}
+    passed = all(r["passed"] for r in per_layer.values())
+    result = {
+        "reference": exporter.reference_name,
+        "samples": len(payloads),
+        "bounds": {"min_cosine": COSINE_BOUND, "max_rel_diff": REL_DIFF_BOUND},
+        "layers": per_layer,
+        "passed": passed,
+    }
+    if not passed:
+        lines = [
+            f"  {layer}: max |onnx - ref| / max |ref| = {r['max_rel_diff']:.3g}, "
+            f"min cosine = {r['min_cosine']:.6f}, shapes ok = {r['shapes_match']}"
+            for layer, r in per_layer.items()
+        ]
+        raise ParityError(
+            f"'{spec.key_path}' ({spec.model_name}): the ONNX graph disagrees with "
+            f"{exporter.reference_name} beyond the fp32 bounds (cosine >= {COSINE_BOUND}, "
+            f"relative max diff <= {REL_DIFF_BOUND}):\n" + "\n".join(lines)
+        )
+    return result
+
+
+def _compare(ours: list[dict[str, np.ndarray]], refs: list[dict[str, np.ndarray]], layer: str) -> dict[str, Any]:
+    shapes_match = all(o[layer].shape == r[layer].shape for o, r in zip(ours, refs, strict=True))
+    if not shapes_match:
+        return {"max_rel_diff": float("inf"), "min_cosine": -1.0, "shapes_match": False, "passed": False}
+    scale = max(float(np.abs(r[layer]).max()) for r in refs) or 1.0
+    diff = max(float(np.abs(o[layer] - r[layer]).max()) for o, r in zip(ours, refs, strict=True))
+    cosine = min(_cosine(o[layer], r[layer]) for o, r in zip(ours, refs, strict=True))
+    rel = diff / scale
+    return {
+        "max_abs_diff": diff,
+        "max_rel_diff": rel,
+        "min_cosine": cosine,
+        "shapes_match": True,
+        "passed": bool(rel <= REL_DIFF_BOUND and cosine >= COSINE_BOUND),
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+    return float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))

@@ -1,0 +1,1 @@
+"""Writers: Ducho's per-item layout, atomic writes, run records."""

@@ -1,0 +1,48 @@
+"""Ducho's output layout, which downstream scripts depend on.
+
+``<dataset_path>/<output_path>/<backend>/<model dir>/<layer>/<id>.npy``, float32, shape (1, D)
+as Ducho v2.0.1+ (``output.squeeze: true`` for (D,)). ``<backend>`` is the config's backend
+word; ``<model dir>`` the visual model's file stem or the text model's name as nested folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ducho_fast.config.model import Job, ModelSpec
+from ducho_fast.data.ids import check_id
+from ducho_fast.outputs.atomic import save_npy
+
+
+def model_dir_parts(spec: ModelSpec) -> list[str]:
+    """``<model dir>`` as path parts that cannot leave the output folder.
+
+    A model given by absolute path or with ``..`` keeps its remaining parts; Ducho would join
+    an absolute path onto nothing and write next to the model.
+    """
+    parts = PurePosixPath(spec.model_dir.replace("\\", "/")).parts
+    return [p for p in parts if p not in ("/", ".", "..", "")] or ["model"]
+
+
+def layer_dir(job: Job, spec: ModelSpec, layer: str | int) -> Path:
+    return job.output_path.joinpath(spec.backend_dir, *model_dir_parts(spec), str(layer))
+
+
+class DuchoWriter:
+    """Writes one model's per-item outputs in Ducho's layout."""
+
+    def __init__(self, job: Job, spec: ModelSpec, *, squeeze: bool) -> None:
+        self._dirs = {str(layer): layer_dir(job, spec, layer) for layer in spec.output_layers}
+        self._squeeze = squeeze
+
+    def path(self, layer: str, item_id: str) -> Path:
+        return self._dirs[layer] / f"{check_id(item_id)}.npy"
+
+    def write(self, item_id: str, outputs: dict[str, np.ndarray]) -> None:
+        for layer, value in outputs.items():
+            if layer not in self._dirs:
+                continue
+            array = value if self._squeeze else value[np.newaxis]
+            save_npy(self.path(layer, item_id), array.astype(np.float32, copy=False))

@@ -1,0 +1,1 @@
+"""ONNX Runtime side: sessions with checked providers, batch preparation, the pipeline."""

@@ -1,0 +1,152 @@
+"""The model-level object: one artifact, in-memory inputs in, numpy arrays out.
+
+For users who embed the runtime in their own pipelines (a web service, a Spark or Ray job)
+with nothing but the core install: no files written, no framework imported.
+
+    >>> emb = ducho_fast.load("local/models/torch-resnet50-…")
+    >>> emb.embed(["a.jpg", "b.jpg"])          # (2, 2048) for a pooled layer
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ducho_fast.artifact import Artifact, load_artifact
+from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.data.text.clean import clear_text
+from ducho_fast.data.text.tokenize import TextEncoder
+from ducho_fast.data.visual.images import load_image
+from ducho_fast.errors import DataError
+from ducho_fast.runtime.session import SessionInfo, make_session
+
+ItemOutputs = dict[str, np.ndarray]
+
+
+class Embedder:
+    """Runs one exported model on batches of decoded images or texts."""
+
+    def __init__(self, artifact: Artifact, options: RuntimeOptions | None = None) -> None:
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self.session, self.info = make_session(artifact.model_path, options or RuntimeOptions())
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        self._outputs = list(self.manifest["outputs"])
+        self._encoder = self._make_encoder() if self.modality == "textual" else None
+
+    @property
+    def modality(self) -> str:
+        return self.artifact.modality
+
+    @property
+    def layers(self) -> list[str]:
+        return [str(o["layer"]) for o in self._outputs]
+
+    @property
+    def session_info(self) -> SessionInfo:
+        return self.info
+
+    def _make_encoder(self) -> TextEncoder:
+        pre = self.manifest["preprocessing"]
+        return TextEncoder(self.artifact.tokenizer_path, pre["max_length"], pre["pad_id"])
+
+    # -- host-side preparation -------------------------------------------------------------
+
+    def prepare(self, raw: Any) -> Any:
+        """Decode one raw input (path, array, PIL image or text) as the pipeline's readers do."""
+        if self.modality == "visual":
+            resize = self.manifest["preprocessing"].get("resize")
+            return load_image(raw, tuple(resize) if resize else None)
+        if not isinstance(raw, str):
+            raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
+        return raw
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run_prepared(self, payloads: Sequence[Any]) -> list[ItemOutputs]:
+        """Per-item outputs ``{layer: array}`` for decoded images or texts, in input order."""
+        if not payloads:
+            return []
+        if self.modality == "visual":
+            return self._run_images(payloads)
+        return self._run_texts(list(payloads))
+
+    def _run_images(self, images: Sequence[np.ndarray]) -> list[ItemOutputs]:
+        # Images of different sizes (no resize configured) run in same-size groups.
+        results: list[ItemOutputs | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(i)
+        for indices in groups.values():
+            batch = np.stack([images[i] for i in indices])
+            outputs = self._run({"pixels": batch})
+            for row, i in enumerate(indices):
+                results[i] = self._item(outputs, row, None)
+        return [r for r in results if r is not None]
+
+    def _run_texts(self, texts: list[str]) -> list[ItemOutputs]:
+        assert self._encoder is not None
+        feeds = self._encoder(texts)
+        lengths = feeds["attention_mask"].sum(axis=1)
+        outputs = self._run({k: v for k, v in feeds.items() if k in self._input_names})
+        return [self._item(outputs, row, int(lengths[row])) for row in range(len(texts))]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # Several layer labels may name one graph output (sentence-transformers).
+        names = list(dict.fromkeys(o["name"] for o in self._outputs))
+        values = dict(zip(names, self.session.run(names, feeds), strict=True))
+        return [np.asarray(values[o["name"]]) for o in self._outputs]
+
+    def _item(self, outputs: list[np.ndarray], row: int, length: int | None) -> ItemOutputs:
+        item: ItemOutputs = {}
+        for spec, out in zip(self._outputs, outputs, strict=True):
+            value = out[row]
+            if spec.get("per_token") and length is not None:
+                value = value[:length]
+            if spec.get("squeeze"):
+                value = np.squeeze(value)
+            item[str(spec["layer"])] = np.ascontiguousarray(value, dtype=np.float32)
+        return item
+
+    # -- the one-call API ------------------------------------------------------------------
+
+    def embed(
+        self,
+        inputs: Sequence[str | Path | np.ndarray | Image.Image],
+        layer: str | int | None = None,
+        *,
+        batch_size: int = 32,
+        clean: bool = False,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Embed in-memory inputs: image paths/arrays/PIL images, or texts.
+
+        Args:
+            inputs: images (paths, uint8 arrays, PIL images) or strings, as the artifact takes.
+            layer: which exported layer to return; the first by default.
+            batch_size: items per ONNX Runtime call.
+            clean: apply Ducho's ``clear_text`` to texts first.
+
+        Returns:
+            An ``(N, ...)`` array, or a list of per-item arrays for token-level layers
+            (their lengths differ).
+        """
+        key = str(layer) if layer is not None else self.layers[0]
+        if key not in self.layers:
+            raise DataError(f"this artifact has no layer {key!r}; it has {self.layers}.")
+        out: list[np.ndarray] = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = [self.prepare(x) for x in inputs[start : start + batch_size]]
+            if clean:
+                chunk = [clear_text(t) for t in chunk]
+            out.extend(item[key] for item in self.run_prepared(chunk))
+        token_level = any(o.get("per_token") and str(o["layer"]) == key for o in self._outputs)
+        return out if token_level else np.stack(out) if out else np.empty((0,), np.float32)
+
+
+def load(path: str | Path, options: RuntimeOptions | None = None) -> Embedder:
+    """Load one exported artifact directory as an :class:`Embedder`."""
+    return Embedder(load_artifact(Path(path)), options)

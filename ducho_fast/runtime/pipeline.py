@@ -1,0 +1,213 @@
+"""The batch pipeline: readers -> bounded queue -> ONNX Runtime -> writer thread.
+
+Readers decode a batch on a thread pool (PIL and tokenizers release the GIL) while the model
+runs the previous one; the writer saves a batch while the model runs the next. A bad item is
+recorded and skipped (or, with ``on_error: fail``, stops the run); the items around it go on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ducho_fast.data.items import Item, ItemError
+from ducho_fast.errors import DataError, DuchoError
+from ducho_fast.runtime.embedder import Embedder, ItemOutputs
+
+LoadFn = Callable[[Item], Any]
+WriteFn = Callable[[str, ItemOutputs], None]
+ProgressFn = Callable[[int], None]
+_DONE = object()
+
+
+@dataclass
+class Batch:
+    items: list[Item]
+    payloads: list[Any]
+
+
+@dataclass
+class RunResult:
+    """What one model's run over one input did."""
+
+    written: int = 0
+    errors: list[ItemError] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def items_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class PipelineOptions:
+    batch_size: int
+    prefetch: int
+    workers: int
+    on_error: str
+
+
+class Pipeline:
+    """One model over one list of items, with decode, model and write overlapped."""
+
+    def __init__(
+        self, embedder: Embedder, load: LoadFn, write: WriteFn, options: PipelineOptions
+    ) -> None:
+        self._embedder = embedder
+        self._load = load
+        self._write = write
+        self._opts = options
+        self._result = RunResult()
+        self._lock = threading.Lock()
+
+    def run(self, items: Sequence[Item], progress: ProgressFn | None = None) -> RunResult:
+        start = time.perf_counter()
+        batches: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
+        writes: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
+        reader = _Worker(self._read, items, batches)
+        writer = _Worker(self._drain, writes, progress)
+        reader.start()
+        writer.start()
+        try:
+            for batch in _until_done(batches, reader):
+                if not _put_alive(writes, (batch.items, self._infer(batch)), writer):
+                    break
+        finally:
+            reader.stop()
+            _put_alive(writes, _DONE, writer)
+            writer.join()
+            reader.join()
+        writer.reraise()
+        self._result.seconds = time.perf_counter() - start
+        return self._result
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _read(self, items: Sequence[Item], out: queue.Queue[Any], stop: threading.Event) -> None:
+        size = self._opts.batch_size
+        with ThreadPoolExecutor(max_workers=self._opts.workers) as pool:
+            for begin in range(0, len(items), size):
+                if stop.is_set():
+                    break
+                chunk = items[begin : begin + size]
+                loaded = list(pool.map(self._load_one, chunk))
+                ok = [(it, p) for it, p in zip(chunk, loaded, strict=True) if p is not _FAILED]
+                if ok:
+                    _put(out, Batch([i for i, _ in ok], [p for _, p in ok]), stop)
+        _put(out, _DONE, stop)
+
+    def _load_one(self, item: Item) -> Any:
+        try:
+            return self._load(item)
+        except DuchoError as e:
+            self._fail(item, str(e))
+            return _FAILED
+
+    def _infer(self, batch: Batch) -> list[ItemOutputs | None]:
+        try:
+            return list(self._embedder.run_prepared(batch.payloads))
+        except DuchoError:
+            raise
+        except Exception:
+            # One bad input can fail a whole batch; run items alone to find it.
+            return [self._infer_one(item, p) for item, p in zip(batch.items, batch.payloads)]
+
+    def _infer_one(self, item: Item, payload: Any) -> ItemOutputs | None:
+        try:
+            return self._embedder.run_prepared([payload])[0]
+        except Exception as e:
+            self._fail(item, f"the model failed on this item: {type(e).__name__}: {e}")
+            return None
+
+    def _drain(self, writes: queue.Queue[Any], progress: ProgressFn | None, _: Any) -> None:
+        while (entry := writes.get()) is not _DONE:
+            items, outputs = entry
+            for item, out in zip(items, outputs, strict=True):
+                if out is not None and self._write_one(item, out):
+                    with self._lock:
+                        self._result.written += 1
+            if progress:
+                progress(len(items))
+
+    def _write_one(self, item: Item, out: ItemOutputs) -> bool:
+        if not all(np.isfinite(v).all() for v in out.values()):
+            self._fail(item, "the model returned NaN or infinite values")
+            return False
+        try:
+            self._write(item.item_id, out)
+        except DataError as e:
+            self._fail(item, str(e))
+            return False
+        return True
+
+    def _fail(self, item: Item, reason: str) -> None:
+        error = ItemError(item.item_id, item.origin, reason)
+        with self._lock:
+            self._result.errors.append(error)
+        if self._opts.on_error == "fail":
+            raise DataError(
+                f"item {item.item_id!r} ({item.origin}): {reason}\n"
+                "Hint: set runtime.on_error: skip to record bad items and go on."
+            )
+
+
+_FAILED = object()
+
+
+class _Worker(threading.Thread):
+    """A stage thread that keeps its exception for the main thread to re-raise."""
+
+    def __init__(self, target: Callable[..., None], source: Any, sink: Any) -> None:
+        super().__init__(daemon=True)
+        self._target_fn = target
+        self._args = (source, sink)
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._target_fn(*self._args, self.stop_event)
+        except BaseException as e:
+            self.error = e
+            if isinstance(self._args[1], queue.Queue):
+                _put(self._args[1], _DONE, threading.Event())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _put(q: queue.Queue[Any], value: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(value, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _put_alive(q: queue.Queue[Any], value: Any, consumer: threading.Thread) -> bool:
+    """Put unless the consumer has died (its error is re-raised by the caller)."""
+    while consumer.is_alive():
+        try:
+            q.put(value, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _until_done(batches: queue.Queue[Any], reader: _Worker) -> Iterator[Batch]:
+    while (batch := batches.get()) is not _DONE:
+        yield batch
+    reader.reraise()

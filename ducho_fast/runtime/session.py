@@ -1,0 +1,77 @@
+"""Session factory: providers asked for, providers really got, threads from the CPU quota.
+
+``get_available_providers()`` lists CUDA whenever onnxruntime-gpu is installed, even where
+the CUDA libraries are missing and the session silently runs on CPU; only a real session's
+``get_providers()`` tells the truth, so that is what is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.errors import DeviceError
+from ducho_fast.runtime.cpu import cpu_quota
+
+log = logging.getLogger("ducho_fast")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a session runs on, in words a summary can print."""
+
+    provider: str
+    threads: int
+    note: str = ""
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def requested_providers(device: str) -> list[Any]:
+    """Providers to ask for: CUDA (with its device id) before CPU, or CPU alone."""
+    if device == "cpu":
+        return [CPU]
+    if device == "auto":
+        return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+    device_id = int(device.split(":")[1]) if ":" in device else 0
+    return [(CUDA, {"device_id": device_id}), CPU]
+
+
+def make_session(model: Path, options: RuntimeOptions) -> tuple[ort.InferenceSession, SessionInfo]:
+    threads = options.threads or cpu_quota()
+    providers = requested_providers(options.device)
+    session = ort.InferenceSession(
+        str(model), sess_options=session_options(threads), providers=providers
+    )
+    return session, _check(session, options, threads)
+
+
+def _check(session: ort.InferenceSession, options: RuntimeOptions, threads: int) -> SessionInfo:
+    got = session.get_providers()[0]
+    wanted_cuda = options.device.startswith("cuda")
+    if wanted_cuda and got != CUDA:
+        message = (
+            f"runtime.device is '{options.device}' but ONNX Runtime runs this model on {got}: "
+            "CUDA is not really active (is onnxruntime-gpu installed with CUDA/cuDNN libraries?"
+            " `ducho-fast doctor` checks)."
+        )
+        if not options.allow_fallback:
+            raise DeviceError(message + " Set runtime.allow_fallback: true to run on CPU.")
+        log.warning(message + " Falling back to CPU.")
+        return SessionInfo(got, threads, note="fallback from CUDA")
+    return SessionInfo(got, threads)
