@@ -131,8 +131,7 @@ def _run_model(
     with context as tick:
         result = pipeline.run(items.good, tick)
     layers = tuple(str(x) for x in spec.output_layers)
-    dirs = [writer.path(layer, "x").parent for layer in layers]
-    return ModelRun(job.name, spec.model_name, layers, embedder.info.provider, result, dirs)
+    return ModelRun(job.name, spec.model_name, layers, embedder.info.provider, result, writer.dirs)
 
 
 def _save_resolved(cfg: Config, job: Job) -> None:

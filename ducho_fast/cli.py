@@ -47,6 +47,23 @@ class Backend(str, Enum):
     sentence_transformers = "sentence_transformers"
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _quiet_frameworks() -> None:
+    """Keep framework chatter (download bars, tracing notes) out of the command's output."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+
+
 def _overrides(ctx: typer.Context, sets: list[str] | None) -> list[str]:
     """``--set`` values, then Ducho's own ``--a.b.c=VALUE`` arguments."""
     extra = list(ctx.args)
@@ -75,16 +92,17 @@ def export(
     """Export every model of CONFIG to a parity-checked ONNX artifact in the model store."""
     import ducho_fast
 
+    _quiet_frameworks()
     with _errors():
         results = ducho_fast.export(config, _overrides(ctx, set_), force=force)
-    table = Table("model", "layers", "artifact", "parity (min cosine / max rel diff)", "time")
+    table = Table("model", "layers", "artifact", "min cosine", "max rel diff", "time")
     for r in results:
         layers = r.artifact.manifest["parity"]["layers"]
         cos = min(v["min_cosine"] for v in layers.values())
         rel = max(v["max_rel_diff"] for v in layers.values())
         status = "reused" if r.reused else f"{r.seconds:.1f}s"
-        table.add_row(r.spec.model_name, ", ".join(map(str, r.spec.output_layers)),
-                      str(r.artifact.path), f"{cos:.7f} / {rel:.2e}", status)
+        table.add_row(r.spec.model_dir, ", ".join(map(str, r.spec.output_layers)),
+                      r.artifact.path.name, f"{cos:.7f}", f"{rel:.1e}", status)
     out.print(table)
 
 
@@ -124,12 +142,15 @@ def extract(
 
 
 def _print_report(report: Any) -> None:
-    table = Table("block", "model", "written", "failed", "items/s", "provider", "output")
+    table = Table("block", "model", "written", "failed", "items/s", "provider")
     for run in report.runs:
         r = run.result
-        table.add_row(run.job, run.model, str(r.written), str(len(r.errors)),
-                      f"{r.items_per_second:.1f}", run.provider, str(run.output_dirs[0].parent))
+        table.add_row(run.job, Path(run.model).name, str(r.written), str(len(r.errors)),
+                      f"{r.items_per_second:.1f}", run.provider.replace("ExecutionProvider", ""))
     out.print(table)
+    for run in report.runs:
+        out.print(f"{run.job} {Path(run.model).name}: {', '.join(_rel(d) for d in run.output_dirs)}",
+                  highlight=False, soft_wrap=True)
     for job, bad in report.input_errors.items():
         if bad:
             err.print(f"{job}: {len(bad)} input item(s) skipped (bad or duplicate ids).")

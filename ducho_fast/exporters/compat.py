@@ -58,6 +58,8 @@ def import_transformers() -> Any:
         import transformers
     except ImportError as e:
         raise MissingExtraError("transformers", "hf", "Exporting Transformers models") from e
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     return transformers
 
 

@@ -37,6 +37,10 @@ class DuchoWriter:
         self._dirs = {str(layer): layer_dir(job, spec, layer) for layer in spec.output_layers}
         self._squeeze = squeeze
 
+    @property
+    def dirs(self) -> list[Path]:
+        return list(self._dirs.values())
+
     def path(self, layer: str, item_id: str) -> Path:
         return self._dirs[layer] / f"{check_id(item_id)}.npy"
 

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ducho_fast.config import load_config
+from ducho_fast.errors import ConfigError, NotSupportedYet
+
+
+def write(tmp_path: Path, data: dict | str) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def visual(entry: dict, **extra) -> dict:
+    return {"dataset_path": ".", "visual": {"items": {"input_path": "images", "output_path": "out",
+                                                      "model": [entry]}}, **extra}
+
+
+RESNET = {"model_name": "ResNet50", "backend": "torch", "output_layers": "avgpool",
+          "reshape": [224, 224], "preprocessing": "zscore"}
+
+
+def test_ducho_v2_config_resolves_with_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, visual(RESNET)), cwd=tmp_path)
+    (job,) = cfg.jobs
+    (spec,) = job.models
+    assert job.input_path == tmp_path / "images"
+    assert spec.output_layers == ("avgpool",)
+    assert spec.reshape == (224, 224)
+    assert spec.batch_size == 32  # from config/defaults.yml
+    assert spec.model_dir == "ResNet50"
+    assert cfg.store == tmp_path / "local" / "models"
+    assert cfg.runtime.on_error == "skip"
+
+
+def test_ducho_v1_spellings_and_list_of_mappings(tmp_path: Path) -> None:
+    text = """
+dataset_path: ./data
+textual:
+  - items:
+      input_path: d.tsv
+      output_path: out
+      item_column: asin
+      model: [ { name: sentence-transformers/all-mpnet-base-v2, output_layers: 1,
+                 clear_text: False, backend: [sentence_transformers] } ]
+"""
+    cfg = load_config(write(tmp_path, text), cwd=tmp_path)
+    spec = cfg.models()[0]
+    assert spec.model_name == "sentence-transformers/all-mpnet-base-v2"
+    assert spec.backend == "sentence_transformers"
+    assert spec.output_layers == (1,)
+    assert cfg.jobs[0].item_column == "asin"
+    assert spec.model_dir == "sentence-transformers/all-mpnet-base-v2"
+
+
+def test_unknown_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
+    bad = {**RESNET, "output_layer": "avgpool"}
+    path = write(tmp_path, visual(bad))
+    with pytest.raises(ConfigError, match=r"config\.yml: unknown key 'visual\.items\.model\.0\.output_layer'\. Did you mean 'output_layers'"):
+        load_config(path, cwd=tmp_path)
+
+
+def test_wrong_type_is_reported_with_what_was_found(tmp_path: Path) -> None:
+    path = write(tmp_path, visual({**RESNET, "batch_size": "big"}))
+    with pytest.raises(ConfigError, match=r"'visual\.items\.model\.0\.batch_size' must be an integer, found a string 'big'"):
+        load_config(path, cwd=tmp_path)
+
+
+def test_bool_is_not_an_integer(tmp_path: Path) -> None:
+    path = write(tmp_path, visual({**RESNET, "batch_size": True}))
+    with pytest.raises(ConfigError, match="must be an integer, found true/false"):
+        load_config(path, cwd=tmp_path)
+
+
+def test_bad_choice_lists_allowed_values(tmp_path: Path) -> None:
+    path = write(tmp_path, visual({**RESNET, "preprocessing": "zscor"}))
+    with pytest.raises(ConfigError, match=r"'zscor'; allowed: 'zscore', 'minmax', None\. Did you mean 'zscore'"):
+        load_config(path, cwd=tmp_path)
+
+
+def test_mean_std_need_zscore_as_ducho(tmp_path: Path) -> None:
+    model = {**RESNET, "preprocessing": "minmax", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    with pytest.raises(ConfigError, match="only apply with preprocessing: zscore"):
+        load_config(write(tmp_path, visual(model)), cwd=tmp_path)
+
+
+def test_torch_layer_index_is_refused_with_hint(tmp_path: Path) -> None:
+    path = write(tmp_path, visual({**RESNET, "output_layers": [3]}))
+    with pytest.raises(ConfigError, match=r"must name torch layers.*ducho-fast layers torch ResNet50"):
+        load_config(path, cwd=tmp_path)
+
+
+def test_missing_output_layers_for_torch(tmp_path: Path) -> None:
+    model = {k: v for k, v in RESNET.items() if k != "output_layers"}
+    with pytest.raises(ConfigError, match=r"needs the key 'visual\.items\.model\.0\.output_layers'"):
+        load_config(write(tmp_path, visual(model)), cwd=tmp_path)
+
+
+def test_transformers_layer_defaults_to_pooler_output(tmp_path: Path) -> None:
+    data = {"textual": {"items": {"input_path": "d.tsv", "output_path": "o",
+                                  "model": [{"model_name": "bert-base-uncased"}]}}}
+    spec = load_config(write(tmp_path, data), cwd=tmp_path).models()[0]
+    assert spec.backend == "transformers" and spec.output_layers == ("pooler_output",)
+
+
+@pytest.mark.parametrize(
+    ("block", "origin"),
+    [("audio", "items"), ("visual_textual", "items"), ("textual", "interactions"), ("visual", "interactions")],
+)
+def test_later_blocks_say_not_supported_yet(tmp_path: Path, block: str, origin: str) -> None:
+    data = {block: {origin: {"input_path": "x", "output_path": "y", "model": [{"model_name": "m"}]}}}
+    with pytest.raises(NotSupportedYet, match=rf"'{block}\.{origin}' is understood but not supported yet"):
+        load_config(write(tmp_path, data), cwd=tmp_path)
+
+
+def test_tensorflow_backend_says_not_supported_yet(tmp_path: Path) -> None:
+    model = {**RESNET, "backend": "tensorflow"}
+    with pytest.raises(NotSupportedYet, match="'tensorflow', which is not supported yet"):
+        load_config(write(tmp_path, visual(model)), cwd=tmp_path)
+
+
+def test_backend_must_fit_modality(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not extract visual features"):
+        load_config(write(tmp_path, visual({**RESNET, "backend": "sentence_transformers"})), cwd=tmp_path)
+
+
+def test_block_needs_paths_and_model(tmp_path: Path) -> None:
+    data = {"visual": {"items": {"input_path": "images", "model": [RESNET]}}}
+    with pytest.raises(ConfigError, match=r"needs the key 'visual\.items\.output_path'"):
+        load_config(write(tmp_path, data), cwd=tmp_path)
+
+
+def test_empty_config_says_what_to_add(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing to extract"):
+        load_config(write(tmp_path, {"dataset_path": "."}), cwd=tmp_path)
+
+
+def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "visual: [unclosed"))
+
+
+@pytest.mark.parametrize(("gpu", "device"), [(-1, "cpu"), (0, "cuda:0"), ("1,2", "cuda:1"), ([3], "cuda:3")])
+def test_ducho_gpu_list_sets_device(tmp_path: Path, gpu, device: str) -> None:
+    cfg = load_config(write(tmp_path, visual(RESNET, **{"gpu list": gpu})), cwd=tmp_path)
+    assert cfg.runtime.device == device
+
+
+def test_runtime_device_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'runtime\.device' is 'gpu'; allowed: auto, cpu, cuda, cuda:N"):
+        load_config(write(tmp_path, visual(RESNET, runtime={"device": "gpu"})), cwd=tmp_path)
+
+
+def test_weights_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'visual\.items\.model\.0\.weights' is 'w\.pth', which is neither"):
+        load_config(write(tmp_path, visual({**RESNET, "weights": "w.pth"})), cwd=tmp_path)
+
+
+def test_local_model_paths_resolve_under_dataset_path_then_cwd(tmp_path: Path) -> None:
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    (tmp_path / "data" / "models" / "a.pt").write_bytes(b"x")
+    (tmp_path / "b.pt").write_bytes(b"x")
+    data = visual({**RESNET, "model_name": "models/a.pt"}, dataset_path="data")
+    data["visual"]["items"]["model"].append({**RESNET, "model_name": "b.pt"})
+    a, b = load_config(write(tmp_path, data), cwd=tmp_path).models()
+    assert a.local_path == tmp_path / "data" / "models" / "a.pt"
+    assert b.local_path == tmp_path / "b.pt"
+    assert a.model_dir == "a" and b.model_dir == "b"
+
+
+def test_model_level_defaults_apply_to_every_entry(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, visual(RESNET, model={"batch_size": 7})), cwd=tmp_path)
+    assert cfg.models()[0].batch_size == 7

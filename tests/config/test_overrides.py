@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from ducho_fast.config import load_config
+from ducho_fast.config.overrides import apply_override, parse_override
+from ducho_fast.errors import ConfigError
+
+BASE = {
+    "textual": {"items": {"input_path": "d.tsv", "output_path": "o",
+                          "model": [{"model_name": "a", "backend": "transformers"},
+                                    {"model_name": "b", "backend": "transformers"}]}}
+}
+
+
+def test_values_are_yaml_typed() -> None:
+    assert parse_override("a.b=64") == (["a", "b"], 64)
+    assert parse_override("--a.b=[224, 224]") == (["a", "b"], [224, 224])
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a=hello world") == (["a"], "hello world")
+
+
+def test_set_with_list_index_reaches_the_model_entry() -> None:
+    cfg = load_config(BASE, ["textual.items.model.1.batch_size=64"])
+    assert [m.batch_size for m in cfg.models()] == [32, 64]
+
+
+def test_ducho_double_dash_form() -> None:
+    cfg = load_config(BASE, ["--textual.items.output_path=elsewhere"])
+    assert cfg.jobs[0].output_path.name == "elsewhere"
+
+
+def test_override_creates_missing_sections() -> None:
+    cfg = load_config(BASE, ["runtime.threads=3", "gpu_list=-1"])
+    assert cfg.runtime.threads == 3
+    assert cfg.runtime.device == "cpu"
+
+
+def test_overridden_values_are_validated() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'runtime.thread'"):
+        load_config(BASE, ["runtime.thread=3"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("a.b", "has no '='"), ("a..b=1", "empty key"),
+     ("textual.items.model.5.batch_size=1", "index 5 is out of range"),
+     ("textual.items.model.x=1", "is a list; use an index")],
+)
+def test_bad_overrides(text: str, message: str) -> None:
+    raw = {"textual": {"items": {"model": [{}]}}}
+    with pytest.raises(ConfigError, match=message):
+        apply_override(raw, text)

