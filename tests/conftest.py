@@ -120,3 +120,12 @@ def textual_config(data: Path, model: dict[str, Any], store: Path, **block: Any)
                               "item_column": "item_id", "text_column": "description",
                               "model": [model], **block}},
     }
+
+
+def within_fp32_bounds(ours: np.ndarray, ref: np.ndarray) -> None:
+    """The parity contract: cosine >= 0.9999 and max |ours - ref| <= 1e-4 * max |ref|."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    a, b = ours.ravel().astype(np.float64), ref.ravel().astype(np.float64)
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    assert cosine >= 0.9999, cosine
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()

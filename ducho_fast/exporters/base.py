@@ -140,8 +140,13 @@ def to_onnx(built: Built, path: Path) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            module = built.module
+            if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
+                # The exporter cannot trace into a loaded TorchScript submodule; a traced
+                # wrapper it can (the parity check runs a batch of another size afterwards).
+                module = torch.jit.trace(module, built.example)
             torch.onnx.export(
-                built.module,
+                module,
                 built.example,
                 str(path),
                 input_names=built.input_names,
