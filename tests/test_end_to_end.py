@@ -1,0 +1,160 @@
+"""export -> extract gives the files Ducho writes, equal to the source framework within fp32 bounds.
+
+The reference here is computed the way Ducho computes it: one item at a time, PIL bicubic
+resize, torchvision ToTensor/Normalize, create_feature_extractor, np.squeeze; unpadded
+encode_plus for Transformers; SentenceTransformer.encode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ducho_fast
+from ducho_fast.data.text.tsv import read_text_items
+from tests.conftest import textual_config, visual_config, within_fp32_bounds
+
+pytestmark = pytest.mark.slow
+
+
+def run(config: dict[str, Any]) -> Any:
+    ducho_fast.export(config)
+    return ducho_fast.extract(config)
+
+
+def test_visual_torch_items(tmp_path, store, image_dir, resnet18_state_dict) -> None:
+    import torch
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from torchvision.transforms import functional as TF
+
+    from ducho_fast.exporters.compat import import_torchvision
+
+    (tmp_path / "images").symlink_to(image_dir)
+    model = {"model_name": "resnet18", "weights": str(resnet18_state_dict), "output_layers": ["avgpool", "layer4"],
+             "reshape": [96, 80], "preprocessing": "zscore", "batch_size": 4}
+    report = run(visual_config(tmp_path, model, store))
+    assert report.failed == 0 and report.runs[0].result.written == 10
+
+    net = import_torchvision().models.resnet18(weights=None)
+    net.load_state_dict(torch.load(resnet18_state_dict, weights_only=True))
+    body = create_feature_extractor(net.eval(), {"avgpool": "a", "layer4": "b"})
+    for image in sorted(image_dir.iterdir()):
+        pil = Image.open(image)
+        pil = pil.convert("RGB") if pil.mode != "RGB" else pil
+        x = TF.normalize(TF.to_tensor(pil.resize((96, 80), Image.Resampling.BICUBIC)),
+                         [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        with torch.no_grad():
+            ref = body(x[None])
+        stem = image.name.split(".")[0]
+        pooled = np.load(tmp_path / "out" / "torch" / "resnet18" / "avgpool" / f"{stem}.npy")
+        spatial = np.load(tmp_path / "out" / "torch" / "resnet18" / "layer4" / f"{stem}.npy")
+        assert pooled.dtype == np.float32 and pooled.shape == (1, 512)
+        assert spatial.shape == (1, 512, 3, 3)
+        within_fp32_bounds(pooled[0], np.squeeze(ref["a"].numpy()))
+        within_fp32_bounds(spatial[0], np.squeeze(ref["b"].numpy()))
+    assert (tmp_path / "out" / "ducho-fast.resolved.yml").is_file()
+
+
+def test_visual_model_dir_is_the_file_stem(tmp_path, store, image_dir, resnet18_state_dict) -> None:
+    (tmp_path / "images").symlink_to(image_dir)
+    model = {"model_name": str(resnet18_state_dict), "architecture": "resnet18", "output_layers": "avgpool",
+             "reshape": [64, 64]}
+    run(visual_config(tmp_path, model, store))
+    files = sorted(p.name for p in (tmp_path / "out" / "torch" / "resnet18_seed0" / "avgpool").iterdir())
+    assert files == [f"B{i:03d}.npy" for i in range(1, 11)]
+
+
+def test_sentence_transformers_items_equal_encode(tmp_path, store, texts_tsv, minilm_dir) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    model = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1,
+             "batch_size": 4}
+    report = run(textual_config(tmp_path, model, store))
+    assert report.runs[0].result.written == 11
+    st = SentenceTransformer(str(minilm_dir), device="cpu")
+    folder = tmp_path.joinpath("out", "sentence_transformers", *minilm_dir.parts[1:], "1")
+    for item in read_text_items(texts_tsv, "item_id", "description"):
+        saved = np.load(folder / f"{item.item_id}.npy")
+        assert saved.shape == (1, 384)
+        within_fp32_bounds(saved, st.encode([item.raw]))
+    assert (folder / "007.npy").is_file()  # ids stay strings: Ducho's pandas would write 7.npy
+
+
+def test_transformers_items_unpadded_like_ducho(tmp_path, store, texts_tsv, tiny_bert_dir) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from ducho_fast.data.text.clean import clear_text
+
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooler_output", "last_hidden_state", 1],
+             "clear_text": True, "batch_size": 3}
+    run(textual_config(tmp_path, model, store))
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    net = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    base = tmp_path.joinpath("out", "transformers", *tiny_bert_dir.parts[1:])
+    for item in read_text_items(texts_tsv, "item_id", "description"):
+        # Ducho calls encode_plus, which transformers 5 spells as __call__.
+        enc = tok(clear_text(item.raw), return_tensors="pt", padding=False)
+        with torch.no_grad():
+            out = net(**enc, output_hidden_states=True)
+        pooled = np.load(base / "pooler_output" / f"{item.item_id}.npy")
+        tokens = np.load(base / "last_hidden_state" / f"{item.item_id}.npy")
+        hidden1 = np.load(base / "1" / f"{item.item_id}.npy")
+        assert pooled.shape == (1, 32)
+        assert tokens.shape == (1, enc["input_ids"].shape[1], 32)
+        within_fp32_bounds(pooled, out.pooler_output.numpy())
+        within_fp32_bounds(tokens, out.last_hidden_state.numpy())
+        within_fp32_bounds(hidden1, out.hidden_states[1].numpy())
+
+
+def test_squeeze_option_writes_1d(tmp_path, store, texts_tsv, minilm_dir) -> None:
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    config = textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
+                                       "output_layers": 1}, store)
+    config["output"] = {"squeeze": True}
+    run(config)
+    folder = tmp_path.joinpath("out", "sentence_transformers", *minilm_dir.parts[1:], "1")
+    assert np.load(folder / "B001.npy").shape == (384,)
+
+
+def test_absolute_model_name_cannot_escape_the_output_folder(tmp_path, store, texts_tsv, minilm_dir) -> None:
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    run(textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
+                                  "output_layers": 1}, store))
+    assert not (minilm_dir / "1").exists()
+    assert all(p.is_relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*.npy"))
+
+
+def test_extract_before_export_says_what_to_do(tmp_path, store, texts_tsv, minilm_dir) -> None:
+    from ducho_fast.errors import ArtifactError
+
+    config = textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
+                                       "output_layers": 1, "max_length": 64}, tmp_path / "empty-store")
+    with pytest.raises(ArtifactError, match=r"(?s)has not been exported.*ducho-fast export CONFIG"):
+        ducho_fast.extract(config)
+
+
+def test_demo_config_runs(tmp_path, store, effnet_weights, minilm_dir) -> None:
+    """config/demo.yml as `make demo` runs it, in a scratch copy of the repo's layout."""
+    import shutil
+
+    from ducho_fast.config import load_config
+    from tests.conftest import DEMO, REPO
+
+    models = tmp_path / "local" / "demo" / "models"
+    models.mkdir(parents=True)
+    (models / "efficientnet_lite0.pth").symlink_to(effnet_weights)
+    (models / "all-MiniLM-L6-v2").symlink_to(minilm_dir)
+    shutil.copytree(DEMO, tmp_path / "data" / "demo")
+    config = load_config(REPO / "config" / "demo.yml", [f"store={store}"], cwd=tmp_path)
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert [r.result.written for r in report.runs] == [10, 11] and report.failed == 0
+    features = tmp_path / "data" / "demo" / "features"
+    assert np.load(features / "visual/torch/efficientnet_lite0/_avg_pooling/B002.npy").shape == (1, 1280)
