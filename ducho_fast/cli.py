@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ducho_fast import __version__
 from ducho_fast.errors import DuchoError
@@ -95,15 +94,17 @@ def export(
     _quiet_frameworks()
     with _errors():
         results = ducho_fast.export(config, _overrides(ctx, set_), force=force)
-    table = Table("model", "layers", "artifact", "min cosine", "max rel diff", "time")
     for r in results:
         layers = r.artifact.manifest["parity"]["layers"]
         cos = min(v["min_cosine"] for v in layers.values())
         rel = max(v["max_rel_diff"] for v in layers.values())
-        status = "reused" if r.reused else f"{r.seconds:.1f}s"
-        table.add_row(r.spec.model_dir, ", ".join(map(str, r.spec.output_layers)),
-                      r.artifact.path.name, f"{cos:.7f}", f"{rel:.1e}", status)
-    out.print(table)
+        status = "reused" if r.reused else f"exported in {r.seconds:.1f}s"
+        out.print(
+            f"{r.spec.key_path} {Path(r.spec.model_dir).name} "
+            f"[{', '.join(map(str, r.spec.output_layers))}]: {status} -> {_rel(r.artifact.path)} "
+            f"(parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
+            highlight=False, soft_wrap=True,
+        )
 
 
 @contextmanager
@@ -142,15 +143,14 @@ def extract(
 
 
 def _print_report(report: Any) -> None:
-    table = Table("block", "model", "written", "failed", "items/s", "provider")
     for run in report.runs:
         r = run.result
-        table.add_row(run.job, Path(run.model).name, str(r.written), str(len(r.errors)),
-                      f"{r.items_per_second:.1f}", run.provider.replace("ExecutionProvider", ""))
-    out.print(table)
-    for run in report.runs:
-        out.print(f"{run.job} {Path(run.model).name}: {', '.join(_rel(d) for d in run.output_dirs)}",
-                  highlight=False, soft_wrap=True)
+        out.print(
+            f"{run.job} {Path(run.model).name}: {r.written} written, {len(r.errors)} failed, "
+            f"{r.items_per_second:.1f} items/s on {run.provider.replace('ExecutionProvider', '')}"
+            f" -> {', '.join(_rel(d) for d in run.output_dirs)}",
+            highlight=False, soft_wrap=True,
+        )
     for job, bad in report.input_errors.items():
         if bad:
             err.print(f"{job}: {len(bad)} input item(s) skipped (bad or duplicate ids).")

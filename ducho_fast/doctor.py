@@ -30,7 +30,7 @@ def probe(provider: str) -> str:
     """The provider a real session on a tiny graph runs with when ``provider`` is asked for."""
     path = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
     session = ort.InferenceSession(
-        str(path), sess_options=session_options(1), providers=[provider, CPU]
+        str(path), sess_options=session_options(1), providers=list(dict.fromkeys([provider, CPU]))
     )
     session.run(None, {"x": np.ones(4, np.float32)})
     return str(session.get_providers()[0])

@@ -107,7 +107,7 @@ class Pipeline:
         try:
             return self._load(item)
         except DuchoError as e:
-            self._fail(item, str(e))
+            self._fail(item, str(e).removeprefix(f"{item.origin}: "))
             return _FAILED
 
     def _infer(self, batch: Batch) -> list[ItemOutputs | None]:

@@ -8,6 +8,7 @@ the CUDA libraries are missing and the session silently runs on CPU; only a real
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,12 @@ def requested_providers(device: str) -> list[Any]:
 def make_session(model: Path, options: RuntimeOptions) -> tuple[ort.InferenceSession, SessionInfo]:
     threads = options.threads or cpu_quota()
     providers = requested_providers(options.device)
-    session = ort.InferenceSession(
-        str(model), sess_options=session_options(threads), providers=providers
-    )
+    with warnings.catch_warnings():
+        # ORT warns when CUDA is not available; _check says so in the project's own words.
+        warnings.simplefilter("ignore", UserWarning)
+        session = ort.InferenceSession(
+            str(model), sess_options=session_options(threads), providers=providers
+        )
     return session, _check(session, options, threads)
 
 

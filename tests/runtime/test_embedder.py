@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ducho_fast
+from ducho_fast.errors import DataError
+from tests.conftest import textual_config, visual_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def resnet_artifact(tmp_path_factory, store, resnet18_state_dict) -> Path:
+    model = {"model_name": "resnet18", "weights": str(resnet18_state_dict), "output_layers": ["avgpool", "layer4"],
+             "reshape": [64, 64], "preprocessing": "zscore"}
+    (result,) = ducho_fast.export(visual_config(tmp_path_factory.mktemp("d"), model, store))
+    return result.artifact.path
+
+
+def test_paths_arrays_and_pil_images_agree(resnet_artifact, image_dir) -> None:
+    emb = ducho_fast.load(resnet_artifact)
+    paths = sorted(image_dir.iterdir())[:4]
+    from_paths = emb.embed(paths)
+    from_arrays = emb.embed([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    from_pil = emb.embed([Image.open(p) for p in paths], batch_size=3)
+    assert from_paths.shape == (4, 512)
+    np.testing.assert_allclose(from_paths, from_arrays, rtol=1e-6)
+    np.testing.assert_allclose(from_paths, from_pil, rtol=1e-5, atol=1e-6)
+    assert emb.embed(paths[:2], layer="layer4").shape == (2, 512, 2, 2)
+
+
+def test_bad_inputs(resnet_artifact) -> None:
+    emb = ducho_fast.load(resnet_artifact)
+    with pytest.raises(DataError, match="has no layer 'fc'"):
+        emb.embed([np.zeros((8, 8, 3), np.uint8)], layer="fc")
+    with pytest.raises(DataError, match="must be uint8"):
+        emb.embed([np.zeros((8, 8, 3), np.float32)])
+
+
+def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_dir) -> None:
+    model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooler_output", "last_hidden_state"]}
+    (result,) = ducho_fast.export(textual_config(tmp_path, model, store))
+    emb = ducho_fast.load(result.artifact.path)
+    tokens = emb.embed(["one", "a somewhat longer sentence"], layer="last_hidden_state")
+    assert isinstance(tokens, list) and [t.shape for t in tokens] == [(3, 32), (6, 32)]
+    assert emb.embed(["one", "two"]).shape == (2, 32)
+    with pytest.raises(DataError, match="text inputs must be strings"):
+        emb.embed([3])  # type: ignore[list-item]

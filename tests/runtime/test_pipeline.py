@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.api import ERRORS_FILE
+from ducho_fast.errors import DataError
+from tests.conftest import textual_config, visual_config, write_image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def messy_images(tmp_path: Path, image_dir: Path) -> Path:
+    folder = tmp_path / "images"
+    shutil.copytree(image_dir, folder)
+    good = (folder / "B001.jpg").read_bytes()
+    (folder / "C001.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (folder / "C002.png").write_text("this is not a png")
+    (folder / "C003.jpg").write_bytes(b"")
+    write_image(folder / "C004.png", size=(33, 17), mode="P")
+    (folder / "readme.txt").write_text("not an input")
+    return folder
+
+
+def resnet(weights: Path, **extra: Any) -> dict[str, Any]:
+    return {"model_name": "resnet18", "weights": str(weights), "output_layers": ["avgpool"],
+            "reshape": [64, 64], "preprocessing": "zscore", **extra}
+
+
+def read_errors(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_bad_images_are_recorded_and_neighbours_extracted(tmp_path, store, messy_images, resnet18_state_dict) -> None:
+    config = visual_config(tmp_path, resnet(resnet18_state_dict, batch_size=3), store)
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    run = report.runs[0]
+    assert run.result.written == 11  # 10 demo images + the palette PNG
+    assert sorted(e.item_id for e in run.result.errors) == ["C001", "C002", "C003"]
+    assert all("not a readable image" in e.reason for e in run.result.errors)
+    assert report.failed == 3
+    assert [p.name for p in report.ignored_files["visual.items"]] == ["readme.txt"]
+    written = sorted(p.stem for p in (tmp_path / "out/torch/resnet18/avgpool").glob("*.npy"))
+    assert written == [f"B{i:03d}" for i in range(1, 11)] + ["C004"]
+    rows = read_errors(tmp_path / "out" / ERRORS_FILE)
+    assert [r["item_id"] for r in rows] == ["C001", "C002", "C003"]
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
+
+
+def test_on_error_fail_stops_naming_the_item(tmp_path, store, messy_images, resnet18_state_dict) -> None:
+    config = visual_config(tmp_path, resnet(resnet18_state_dict), store)
+    config["runtime"] = {"on_error": "fail"}
+    ducho_fast.export(config)
+    with pytest.raises(DataError, match=r"(?s)item .C00\d. \(\S+\): not a readable image.*on_error: skip"):
+        ducho_fast.extract(config)
+
+
+def test_nan_outputs_are_bad_items(tmp_path, store, resnet18_state_dict) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "ok.png", size=(64, 64))
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(folder / "flat.png")  # minmax divides by 0
+    config = visual_config(tmp_path, resnet(resnet18_state_dict, preprocessing="minmax"), store)
+    ducho_fast.export(config)
+    run = ducho_fast.extract(config).runs[0]
+    assert run.result.written == 1
+    assert [(e.item_id, e.reason) for e in run.result.errors] == [("flat", "the model returned NaN or infinite values")]
+
+
+def test_same_outputs_for_any_batch_size_and_worker_count(tmp_path, store, image_dir, resnet18_state_dict) -> None:
+    results = []
+    for batch_size, workers in [(1, 1), (3, 2), (32, 4)]:
+        data = tmp_path / f"run{batch_size}"
+        data.mkdir()
+        (data / "images").symlink_to(image_dir)
+        config = visual_config(data, resnet(resnet18_state_dict, batch_size=batch_size), store)
+        config["runtime"] = {"workers": workers, "prefetch": 1}
+        ducho_fast.export(config)
+        ducho_fast.extract(config)
+        folder = data / "out/torch/resnet18/avgpool"
+        results.append({p.stem: np.load(p) for p in sorted(folder.glob("*.npy"))})
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for key in other:
+            np.testing.assert_allclose(other[key], results[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_text_items_bad_rows_and_padding_independence(tmp_path, store, minilm_dir) -> None:
+    rows = ["item_id\tdescription", "a\tshort", "b\t" + "long text " * 60, "c\t   ", "d", "a\tdup",
+            "../x\tescape", "e\tmedium length sentence here"]
+    (tmp_path / "descriptions.tsv").write_text("\n".join(rows) + "\n")
+    model = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1,
+             "batch_size": 8}
+    config = textual_config(tmp_path, model, store)
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    run = report.runs[0]
+    assert run.result.written == 3
+    assert {e.item_id: e.reason for e in run.result.errors} == {
+        "c": "the text is empty", "d": "the row has no text column value"}
+    bad_ids = {e.item_id: e.reason for e in report.input_errors["textual.items"]}
+    assert "duplicate id" in bad_ids["a"] and "separator" in bad_ids["../x"]
+    emb = ducho_fast.load(ducho_fast.export(config)[0].artifact.path)
+    folder = tmp_path.joinpath("out", "sentence_transformers", *minilm_dir.parts[1:], "1")
+    alone = emb.embed(["short"])  # unpadded, batch of one
+    np.testing.assert_allclose(np.load(folder / "a.npy"), alone, rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "x.npy").exists()

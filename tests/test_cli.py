@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ducho_fast.cli import ITEMS_FAILED_EXIT, app
+from tests.conftest import textual_config
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def text_config(tmp_path, store, texts_tsv, minilm_dir) -> Path:
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    data = textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
+                                     "output_layers": 1}, store)
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_export_inspect_extract(text_config: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", str(text_config)])
+    assert result.exit_code == 0, result.output
+    assert "all-MiniLM-L6-v2" in result.output
+    artifact = next(Path(yaml.safe_load(text_config.read_text())["store"]).glob("sentence_transformers-*"))
+    shown = runner.invoke(app, ["inspect", str(artifact)])
+    assert shown.exit_code == 0 and "passed" in shown.output and "dim 384" in shown.output
+    done = runner.invoke(app, ["extract", str(text_config), "--no-progress", "--set", "textual.items.model.0.batch_size=2"])
+    assert done.exit_code == 0, done.output
+    assert "textual.items" in done.output and "11" in done.output
+    resolved = yaml.safe_load((tmp_path / "out" / "ducho-fast.resolved.yml").read_text())
+    assert resolved["textual"]["items"]["model"][0]["batch_size"] == 2
+
+
+@pytest.mark.slow
+def test_failed_items_give_their_own_exit_code(text_config: Path, tmp_path: Path) -> None:
+    (tmp_path / "descriptions.tsv").unlink()
+    (tmp_path / "descriptions.tsv").write_text("item_id\tdescription\nok\tfine text\nbad\t \n")
+    assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
+    result = runner.invoke(app, ["extract", str(text_config), "--no-progress"])
+    assert result.exit_code == ITEMS_FAILED_EXIT
+    assert "1 item(s) failed" in result.output
+
+
+def test_config_error_exit_1_with_message(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("visual:\n  items:\n    input_path: i\n    output_path: o\n    modle: []\n")
+    result = runner.invoke(app, ["extract", str(path)])
+    assert result.exit_code == 1
+    assert "unknown key 'visual.items.modle'" in result.output and "Did you mean 'model'" in result.output
+
+
+def test_ducho_style_override_arguments(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("textual:\n  items:\n    input_path: d.tsv\n    output_path: o\n"
+                    "    model: [{model_name: m, backend: transformers}]\n")
+    result = runner.invoke(app, ["extract", str(path), "--textual.items.model.0.batch_size=zero"])
+    assert result.exit_code == 1
+    assert "'textual.items.model.0.batch_size' must be an integer, found a string 'zero'" in result.output
+    bad = runner.invoke(app, ["extract", str(path), "stray"])
+    assert bad.exit_code == 2
+
+
+@pytest.mark.slow
+def test_layers_lists_torch_and_transformers_layers(tiny_bert_dir: Path) -> None:
+    result = runner.invoke(app, ["layers", "torch", "resnet18"])
+    assert result.exit_code == 0 and "avgpool" in result.output and "layer4" in result.output
+    result = runner.invoke(app, ["layers", "transformers", str(tiny_bert_dir)])
+    assert result.exit_code == 0 and "pooler_output" in result.output
+    unknown = runner.invoke(app, ["layers", "torch", "resnet5O"])
+    assert unknown.exit_code == 1 and "Did you mean 'resnet50'" in unknown.output
+
+
+def test_doctor_reports_real_providers() -> None:
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0
+    assert "CPU session runs on: CPUExecutionProvider" in result.output
+    assert "CPUs this process may use:" in result.output
+
+
+@pytest.mark.slow
+def test_console_script_end_to_end(text_config: Path) -> None:
+    script = shutil.which("ducho-fast", path=str(Path(sys.executable).parent))
+    assert script, "the ducho-fast console script is not installed beside this Python"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for command in (["export"], ["extract", "--no-progress"]):
+        proc = subprocess.run([script, *command, str(text_config)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+    assert subprocess.run([sys.executable, "-m", "ducho_fast", "--version"], capture_output=True,
+                          text=True).stdout.startswith("ducho-fast ")
