@@ -37,8 +37,8 @@ demo: $(DEMO_MODELS)/.ready
 	@echo "Features written under data/demo/features/ (Ducho layout, one .npy per item)."
 
 lint: $(STAMP)
-	$(BIN)/ruff check ducho_fast tests benchmarks
-	$(BIN)/ruff format --check ducho_fast tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: $(STAMP) lint

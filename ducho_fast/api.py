@@ -149,7 +149,9 @@ def _save_errors(job: Job, report: ExtractReport) -> None:
         path.unlink(missing_ok=True)
         return
     lines = ["stage\titem_id\torigin\treason"]
-    lines += [f"{stage}\t{_cell(e.item_id)}\t{_cell(e.origin)}\t{_cell(e.reason)}" for stage, e in rows]
+    lines += [
+        f"{stage}\t{_cell(e.item_id)}\t{_cell(e.origin)}\t{_cell(e.reason)}" for stage, e in rows
+    ]
     write_text(path, "\n".join(lines) + "\n")
 
 

@@ -103,14 +103,20 @@ def export(
             f"{r.spec.key_path} {Path(r.spec.model_dir).name} "
             f"[{', '.join(map(str, r.spec.output_layers))}]: {status} -> {_rel(r.artifact.path)} "
             f"(parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
 
 
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Any]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(label, total=total, rate="")
 
@@ -134,11 +140,15 @@ def extract(
     import ducho_fast
 
     with _errors():
-        report = ducho_fast.extract(config, _overrides(ctx, set_), progress=_progress if progress else None)
+        report = ducho_fast.extract(
+            config, _overrides(ctx, set_), progress=_progress if progress else None
+        )
     _print_report(report)
     if report.failed:
-        err.print(f"[yellow]{report.failed} item(s) failed; see the ducho-fast.errors.tsv "
-                  "files beside the outputs.[/]")
+        err.print(
+            f"[yellow]{report.failed} item(s) failed; see the ducho-fast.errors.tsv "
+            "files beside the outputs.[/]"
+        )
         raise typer.Exit(ITEMS_FAILED_EXIT)
 
 
@@ -149,7 +159,8 @@ def _print_report(report: Any) -> None:
             f"{run.job} {Path(run.model).name}: {r.written} written, {len(r.errors)} failed, "
             f"{r.items_per_second:.1f} items/s on {run.provider.replace('ExecutionProvider', '')}"
             f" -> {', '.join(_rel(d) for d in run.output_dirs)}",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
     for job, bad in report.input_errors.items():
         if bad:
@@ -178,8 +189,10 @@ def _layer_names(backend: Backend, model: str, architecture: str | None, trust: 
     from ducho_fast.config.model import ModelSpec
 
     if backend is Backend.sentence_transformers:
-        return ["(any label: sentence-transformers models output their sentence embedding; "
-                "the output_layers value names the output folder, as in Ducho)"]
+        return [
+            "(any label: sentence-transformers models output their sentence embedding; "
+            "the output_layers value names the output folder, as in Ducho)"
+        ]
     if backend is Backend.transformers:
         from ducho_fast.exporters.hf import list_layers
 
@@ -188,10 +201,20 @@ def _layer_names(backend: Backend, model: str, architecture: str | None, trust: 
     from ducho_fast.exporters.pt import load_model
 
     cwd = Path.cwd()
-    spec = ModelSpec(modality="visual", origin="items", key_path="layers", model_name=model,
-                     backend="torch", backend_dir="torch", output_layers=(), batch_size=1,
-                     weights="none", architecture=architecture, trust=trust,
-                     local_path=find_local(model, cwd, cwd))
+    spec = ModelSpec(
+        modality="visual",
+        origin="items",
+        key_path="layers",
+        model_name=model,
+        backend="torch",
+        backend_dir="torch",
+        output_layers=(),
+        batch_size=1,
+        weights="none",
+        architecture=architecture,
+        trust=trust,
+        local_path=find_local(model, cwd, cwd),
+    )
     module, _ = load_model(spec)
     return torch_layer_names(module)
 
@@ -210,23 +233,34 @@ def inspect(
         out.print_json(json.dumps(manifest, default=str))
         return
     src = manifest["source"]
-    out.print(f"[bold]{manifest['slug']}[/]  ({manifest['modality']}, {manifest['precision']}, opset {manifest['opset']})")
+    out.print(
+        f"[bold]{manifest['slug']}[/]  ({manifest['modality']}, {manifest['precision']}, "
+        f"opset {manifest['opset']})"
+    )
     out.print(f"source: {src['backend']} {src['model_name']}  [{src.get('framework', '')}]")
     for o in manifest["outputs"]:
         kind = "per token" if o.get("per_token") else "per item"
         out.print(f"layer {o['layer']!s:>20}: dim {o['dim']} ({kind}) -> output '{o['name']}'")
-    out.print("inputs: " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in manifest["inputs"]))
+    out.print(
+        "inputs: " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in manifest["inputs"])
+    )
     out.print(f"preprocessing: {json.dumps(manifest['preprocessing'])}")
     parity = manifest["parity"]
-    out.print(f"parity vs {parity['reference']} on {parity['samples']} samples: "
-              f"{'passed' if parity['passed'] else 'FAILED'}")
+    out.print(
+        f"parity vs {parity['reference']} on {parity['samples']} samples: "
+        f"{'passed' if parity['passed'] else 'FAILED'}"
+    )
     for layer, r in parity["layers"].items():
-        out.print(f"  {layer}: min cosine {r['min_cosine']:.7f}, max rel diff {r['max_rel_diff']:.2e}")
+        out.print(
+            f"  {layer}: min cosine {r['min_cosine']:.7f}, max rel diff {r['max_rel_diff']:.2e}"
+        )
 
 
 @app.command()
 def doctor(
-    require_cuda: Annotated[bool, typer.Option(help="Fail unless a CUDA session really runs.")] = False,
+    require_cuda: Annotated[
+        bool, typer.Option(help="Fail unless a CUDA session really runs.")
+    ] = False,
 ) -> None:
     """Versions, execution providers that really work, and the CPU quota."""
     from ducho_fast.doctor import report
@@ -250,8 +284,11 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def main() -> None:

@@ -14,8 +14,17 @@ from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.session import CPU, CUDA, session_options
 
 PACKAGES = (
-    "onnxruntime", "onnxruntime-gpu", "numpy", "tokenizers", "pillow", "torch", "torchvision",
-    "transformers", "sentence-transformers", "tensorflow", "tensorflow-cpu",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "numpy",
+    "tokenizers",
+    "pillow",
+    "torch",
+    "torchvision",
+    "transformers",
+    "sentence-transformers",
+    "tensorflow",
+    "tensorflow-cpu",
 )
 
 
@@ -38,21 +47,27 @@ def probe(provider: str) -> str:
 
 def report() -> tuple[list[str], bool]:
     """Lines to print, and whether CUDA really runs."""
-    lines = [f"ducho-fast {__version__}, Python {platform.python_version()} on {platform.platform()}"]
+    lines = [
+        f"ducho-fast {__version__}, Python {platform.python_version()} on {platform.platform()}"
+    ]
     installed = [(p, _version(p)) for p in PACKAGES]
     lines += [f"  {p:<22} {v}" for p, v in installed if v]
     lines.append("  not installed: " + ", ".join(p for p, v in installed if not v))
     if _version("onnxruntime") and _version("onnxruntime-gpu"):
-        lines.append("WARNING: onnxruntime and onnxruntime-gpu are both installed; they share one "
-                     "module name. Uninstall both and install one.")
+        lines.append(
+            "WARNING: onnxruntime and onnxruntime-gpu are both installed; they share one "
+            "module name. Uninstall both and install one."
+        )
     available = ort.get_available_providers()
     lines.append(f"providers listed by onnxruntime: {', '.join(available)}")
     cuda_ok = False
     if CUDA in available:
         got = probe(CUDA)
         cuda_ok = got == CUDA
-        lines.append(f"CUDA session really runs on: {got}"
-                     + ("" if cuda_ok else "  (CUDA/cuDNN libraries missing: runs on CPU)"))
+        lines.append(
+            f"CUDA session really runs on: {got}"
+            + ("" if cuda_ok else "  (CUDA/cuDNN libraries missing: runs on CPU)")
+        )
     lines.append(f"CPU session runs on: {probe(CPU)}")
     lines.append(f"CPUs this process may use: {cpu_quota()}")
     return lines, cuda_ok

@@ -73,8 +73,12 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
 
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     target = tmp_path_factory.mktemp("models") / "tiny-bert"
     transformers.BertModel(config).save_pretrained(target)
@@ -97,7 +101,9 @@ def texts_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def write_image(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB", seed: int = 0) -> Path:
+def write_image(
+    path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB", seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(array).convert(mode).save(path)
@@ -108,7 +114,9 @@ def visual_config(data: Path, model: dict[str, Any], store: Path, **block: Any) 
     return {
         "dataset_path": str(data),
         "store": str(store),
-        "visual": {"items": {"input_path": "images", "output_path": "out", "model": [model], **block}},
+        "visual": {
+            "items": {"input_path": "images", "output_path": "out", "model": [model], **block}
+        },
     }
 
 
@@ -116,9 +124,16 @@ def textual_config(data: Path, model: dict[str, Any], store: Path, **block: Any)
     return {
         "dataset_path": str(data),
         "store": str(store),
-        "textual": {"items": {"input_path": "descriptions.tsv", "output_path": "out",
-                              "item_column": "item_id", "text_column": "description",
-                              "model": [model], **block}},
+        "textual": {
+            "items": {
+                "input_path": "descriptions.tsv",
+                "output_path": "out",
+                "item_column": "item_id",
+                "text_column": "description",
+                "model": [model],
+                **block,
+            }
+        },
     }
 
 

@@ -19,8 +19,11 @@ runner = CliRunner()
 @pytest.fixture
 def text_config(tmp_path, store, texts_tsv, minilm_dir) -> Path:
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
-    data = textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
-                                     "output_layers": 1}, store)
+    data = textual_config(
+        tmp_path,
+        {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1},
+        store,
+    )
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -31,10 +34,21 @@ def test_export_inspect_extract(text_config: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", str(text_config)])
     assert result.exit_code == 0, result.output
     assert "all-MiniLM-L6-v2" in result.output
-    artifact = next(Path(yaml.safe_load(text_config.read_text())["store"]).glob("sentence_transformers-*"))
+    artifact = next(
+        Path(yaml.safe_load(text_config.read_text())["store"]).glob("sentence_transformers-*")
+    )
     shown = runner.invoke(app, ["inspect", str(artifact)])
     assert shown.exit_code == 0 and "passed" in shown.output and "dim 384" in shown.output
-    done = runner.invoke(app, ["extract", str(text_config), "--no-progress", "--set", "textual.items.model.0.batch_size=2"])
+    done = runner.invoke(
+        app,
+        [
+            "extract",
+            str(text_config),
+            "--no-progress",
+            "--set",
+            "textual.items.model.0.batch_size=2",
+        ],
+    )
     assert done.exit_code == 0, done.output
     assert "textual.items" in done.output and "11" in done.output
     resolved = yaml.safe_load((tmp_path / "out" / "ducho-fast.resolved.yml").read_text())
@@ -56,16 +70,24 @@ def test_config_error_exit_1_with_message(tmp_path: Path) -> None:
     path.write_text("visual:\n  items:\n    input_path: i\n    output_path: o\n    modle: []\n")
     result = runner.invoke(app, ["extract", str(path)])
     assert result.exit_code == 1
-    assert "unknown key 'visual.items.modle'" in result.output and "Did you mean 'model'" in result.output
+    assert (
+        "unknown key 'visual.items.modle'" in result.output
+        and "Did you mean 'model'" in result.output
+    )
 
 
 def test_ducho_style_override_arguments(tmp_path: Path) -> None:
     path = tmp_path / "c.yml"
-    path.write_text("textual:\n  items:\n    input_path: d.tsv\n    output_path: o\n"
-                    "    model: [{model_name: m, backend: transformers}]\n")
+    path.write_text(
+        "textual:\n  items:\n    input_path: d.tsv\n    output_path: o\n"
+        "    model: [{model_name: m, backend: transformers}]\n"
+    )
     result = runner.invoke(app, ["extract", str(path), "--textual.items.model.0.batch_size=zero"])
     assert result.exit_code == 1
-    assert "'textual.items.model.0.batch_size' must be an integer, found a string 'zero'" in result.output
+    assert (
+        "'textual.items.model.0.batch_size' must be an integer, found a string 'zero'"
+        in result.output
+    )
     bad = runner.invoke(app, ["extract", str(path), "stray"])
     assert bad.exit_code == 2
 
@@ -93,7 +115,10 @@ def test_console_script_end_to_end(text_config: Path) -> None:
     assert script, "the ducho-fast console script is not installed beside this Python"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for command in (["export"], ["extract", "--no-progress"]):
-        proc = subprocess.run([script, *command, str(text_config)], capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [script, *command, str(text_config)], capture_output=True, text=True, env=env
+        )
         assert proc.returncode == 0, proc.stderr
-    assert subprocess.run([sys.executable, "-m", "ducho_fast", "--version"], capture_output=True,
-                          text=True).stdout.startswith("ducho-fast ")
+    assert subprocess.run(
+        [sys.executable, "-m", "ducho_fast", "--version"], capture_output=True, text=True
+    ).stdout.startswith("ducho-fast ")

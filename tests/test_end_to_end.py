@@ -7,7 +7,6 @@ encode_plus for Transformers; SentenceTransformer.encode.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +33,14 @@ def test_visual_torch_items(tmp_path, store, image_dir, resnet18_state_dict) -> 
     from ducho_fast.exporters.compat import import_torchvision
 
     (tmp_path / "images").symlink_to(image_dir)
-    model = {"model_name": "resnet18", "weights": str(resnet18_state_dict), "output_layers": ["avgpool", "layer4"],
-             "reshape": [96, 80], "preprocessing": "zscore", "batch_size": 4}
+    model = {
+        "model_name": "resnet18",
+        "weights": str(resnet18_state_dict),
+        "output_layers": ["avgpool", "layer4"],
+        "reshape": [96, 80],
+        "preprocessing": "zscore",
+        "batch_size": 4,
+    }
     report = run(visual_config(tmp_path, model, store))
     assert report.failed == 0 and report.runs[0].result.written == 10
 
@@ -45,8 +50,11 @@ def test_visual_torch_items(tmp_path, store, image_dir, resnet18_state_dict) -> 
     for image in sorted(image_dir.iterdir()):
         pil = Image.open(image)
         pil = pil.convert("RGB") if pil.mode != "RGB" else pil
-        x = TF.normalize(TF.to_tensor(pil.resize((96, 80), Image.Resampling.BICUBIC)),
-                         [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        x = TF.normalize(
+            TF.to_tensor(pil.resize((96, 80), Image.Resampling.BICUBIC)),
+            [0.485, 0.456, 0.406],
+            [0.229, 0.224, 0.225],
+        )
         with torch.no_grad():
             ref = body(x[None])
         stem = image.name.split(".")[0]
@@ -61,10 +69,16 @@ def test_visual_torch_items(tmp_path, store, image_dir, resnet18_state_dict) -> 
 
 def test_visual_model_dir_is_the_file_stem(tmp_path, store, image_dir, resnet18_state_dict) -> None:
     (tmp_path / "images").symlink_to(image_dir)
-    model = {"model_name": str(resnet18_state_dict), "architecture": "resnet18", "output_layers": "avgpool",
-             "reshape": [64, 64]}
+    model = {
+        "model_name": str(resnet18_state_dict),
+        "architecture": "resnet18",
+        "output_layers": "avgpool",
+        "reshape": [64, 64],
+    }
     run(visual_config(tmp_path, model, store))
-    files = sorted(p.name for p in (tmp_path / "out" / "torch" / "resnet18_seed0" / "avgpool").iterdir())
+    files = sorted(
+        p.name for p in (tmp_path / "out" / "torch" / "resnet18_seed0" / "avgpool").iterdir()
+    )
     assert files == [f"B{i:03d}.npy" for i in range(1, 11)]
 
 
@@ -72,8 +86,12 @@ def test_sentence_transformers_items_equal_encode(tmp_path, store, texts_tsv, mi
     from sentence_transformers import SentenceTransformer
 
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
-    model = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1,
-             "batch_size": 4}
+    model = {
+        "model_name": str(minilm_dir),
+        "backend": "sentence_transformers",
+        "output_layers": 1,
+        "batch_size": 4,
+    }
     report = run(textual_config(tmp_path, model, store))
     assert report.runs[0].result.written == 11
     st = SentenceTransformer(str(minilm_dir), device="cpu")
@@ -92,8 +110,12 @@ def test_transformers_items_unpadded_like_ducho(tmp_path, store, texts_tsv, tiny
     from ducho_fast.data.text.clean import clear_text
 
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
-    model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooler_output", "last_hidden_state", 1],
-             "clear_text": True, "batch_size": 3}
+    model = {
+        "model_name": str(tiny_bert_dir),
+        "output_layers": ["pooler_output", "last_hidden_state", 1],
+        "clear_text": True,
+        "batch_size": 3,
+    }
     run(textual_config(tmp_path, model, store))
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     net = AutoModel.from_pretrained(tiny_bert_dir).eval()
@@ -115,18 +137,28 @@ def test_transformers_items_unpadded_like_ducho(tmp_path, store, texts_tsv, tiny
 
 def test_squeeze_option_writes_1d(tmp_path, store, texts_tsv, minilm_dir) -> None:
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
-    config = textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
-                                       "output_layers": 1}, store)
+    config = textual_config(
+        tmp_path,
+        {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1},
+        store,
+    )
     config["output"] = {"squeeze": True}
     run(config)
     folder = tmp_path.joinpath("out", "sentence_transformers", *minilm_dir.parts[1:], "1")
     assert np.load(folder / "B001.npy").shape == (384,)
 
 
-def test_absolute_model_name_cannot_escape_the_output_folder(tmp_path, store, texts_tsv, minilm_dir) -> None:
+def test_absolute_model_name_cannot_escape_the_output_folder(
+    tmp_path, store, texts_tsv, minilm_dir
+) -> None:
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
-    run(textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
-                                  "output_layers": 1}, store))
+    run(
+        textual_config(
+            tmp_path,
+            {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1},
+            store,
+        )
+    )
     assert not (minilm_dir / "1").exists()
     assert all(p.is_relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*.npy"))
 
@@ -134,8 +166,16 @@ def test_absolute_model_name_cannot_escape_the_output_folder(tmp_path, store, te
 def test_extract_before_export_says_what_to_do(tmp_path, store, texts_tsv, minilm_dir) -> None:
     from ducho_fast.errors import ArtifactError
 
-    config = textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
-                                       "output_layers": 1, "max_length": 64}, tmp_path / "empty-store")
+    config = textual_config(
+        tmp_path,
+        {
+            "model_name": str(minilm_dir),
+            "backend": "sentence_transformers",
+            "output_layers": 1,
+            "max_length": 64,
+        },
+        tmp_path / "empty-store",
+    )
     with pytest.raises(ArtifactError, match=r"(?s)has not been exported.*ducho-fast export CONFIG"):
         ducho_fast.extract(config)
 
@@ -157,4 +197,7 @@ def test_demo_config_runs(tmp_path, store, effnet_weights, minilm_dir) -> None:
     report = ducho_fast.extract(config)
     assert [r.result.written for r in report.runs] == [10, 11] and report.failed == 0
     features = tmp_path / "data" / "demo" / "features"
-    assert np.load(features / "visual/torch/efficientnet_lite0/_avg_pooling/B002.npy").shape == (1, 1280)
+    assert np.load(features / "visual/torch/efficientnet_lite0/_avg_pooling/B002.npy").shape == (
+        1,
+        1280,
+    )

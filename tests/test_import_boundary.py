@@ -37,38 +37,62 @@ def test_cli_imports_without_frameworks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_extract_and_embed_without_frameworks(tmp_path, store, image_dir, texts_tsv, minilm_dir, resnet18_state_dict) -> None:
+def test_extract_and_embed_without_frameworks(
+    tmp_path, store, image_dir, texts_tsv, minilm_dir, resnet18_state_dict
+) -> None:
     (tmp_path / "images").symlink_to(image_dir)
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
-    config = visual_config(tmp_path, {"model_name": "resnet18", "weights": str(resnet18_state_dict),
-                                      "output_layers": "avgpool", "reshape": [64, 64]}, store)
-    config["textual"] = textual_config(tmp_path, {"model_name": str(minilm_dir), "backend": "sentence_transformers",
-                                                  "output_layers": 1}, store)["textual"]
+    config = visual_config(
+        tmp_path,
+        {
+            "model_name": "resnet18",
+            "weights": str(resnet18_state_dict),
+            "output_layers": "avgpool",
+            "reshape": [64, 64],
+        },
+        store,
+    )
+    config["textual"] = textual_config(
+        tmp_path,
+        {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1},
+        store,
+    )["textual"]
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
     artifacts = [r.artifact.path for r in ducho_fast.export(path)]
-    proc = run_blocked(f"""
+    proc = run_blocked(
+        f"""
         import ducho_fast
         report = ducho_fast.extract({str(path)!r})
         assert [r.result.written for r in report.runs] == [10, 11], report
         print(ducho_fast.load({str(artifacts[1])!r}).embed(["hello"]).shape)
         blocked = [m for m in sys.modules if m.split(".")[0] in Block.names]
         assert not blocked, blocked
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(1, 384)"
 
 
 def test_export_without_torch_gives_install_hint(tmp_path: Path) -> None:
     path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump(visual_config(tmp_path, {"model_name": "resnet18", "output_layers": "avgpool"},
-                                                 tmp_path / "store")))
-    proc = run_blocked(f"""
+    path.write_text(
+        yaml.safe_dump(
+            visual_config(
+                tmp_path, {"model_name": "resnet18", "output_layers": "avgpool"}, tmp_path / "store"
+            )
+        )
+    )
+    proc = run_blocked(
+        f"""
         import ducho_fast
         from ducho_fast.errors import MissingExtraError
         try:
             ducho_fast.export({str(path)!r})
         except MissingExtraError as e:
             print(e)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert "pip install 'ducho-fast[torch]'" in proc.stdout, proc.stderr

@@ -130,9 +130,7 @@ def _apply_gpu_list(runtime: RuntimeOptions, gpu_list: Any, name: str) -> Runtim
 
 def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
     device = runtime.device
-    ok = device in ("auto", "cpu", "cuda") or (
-        device.startswith("cuda:") and device[5:].isdigit()
-    )
+    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
     if not ok:
         raise ConfigError(
             f"{name}: key 'runtime.device' is {device!r}; allowed: auto, cpu, cuda, cuda:N."

@@ -39,7 +39,9 @@ class ModelSpec:
     def model_dir(self) -> str:
         """Ducho's ``<model dir>``: file stem for visual models, the name verbatim otherwise."""
         if self.modality == "visual":
-            return Path(self.model_name).stem if _looks_like_file(self.model_name) else self.model_name
+            return (
+                Path(self.model_name).stem if _looks_like_file(self.model_name) else self.model_name
+            )
         return self.model_name
 
 
@@ -49,7 +51,7 @@ def _looks_like_file(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Job:
-    """One modality block (``visual.items`` …): where the data is, where outputs go, which models."""
+    """One modality block (``visual.items`` …): its data, its outputs and its models."""
 
     modality: str
     origin: str

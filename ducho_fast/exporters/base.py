@@ -162,7 +162,9 @@ def to_onnx(built: Built, path: Path) -> None:
         raise ExportError(f"ONNX conversion failed: {type(e).__name__}: {e}") from e
 
 
-def check_parity(exporter: Exporter, spec: ModelSpec, built: Built, draft: Artifact) -> dict[str, Any]:
+def check_parity(
+    exporter: Exporter, spec: ModelSpec, built: Built, draft: Artifact
+) -> dict[str, Any]:
     """Run the graph through the ducho-fast runtime and compare with the source framework."""
     from ducho_fast.runtime.embedder import Embedder
 
@@ -194,10 +196,17 @@ def check_parity(exporter: Exporter, spec: ModelSpec, built: Built, draft: Artif
     return result
 
 
-def _compare(ours: list[dict[str, np.ndarray]], refs: list[dict[str, np.ndarray]], layer: str) -> dict[str, Any]:
+def _compare(
+    ours: list[dict[str, np.ndarray]], refs: list[dict[str, np.ndarray]], layer: str
+) -> dict[str, Any]:
     shapes_match = all(o[layer].shape == r[layer].shape for o, r in zip(ours, refs, strict=True))
     if not shapes_match:
-        return {"max_rel_diff": float("inf"), "min_cosine": -1.0, "shapes_match": False, "passed": False}
+        return {
+            "max_rel_diff": float("inf"),
+            "min_cosine": -1.0,
+            "shapes_match": False,
+            "passed": False,
+        }
     scale = max(float(np.abs(r[layer]).max()) for r in refs) or 1.0
     diff = max(float(np.abs(o[layer] - r[layer]).max()) for o, r in zip(ours, refs, strict=True))
     cosine = min(_cosine(o[layer], r[layer]) for o, r in zip(ours, refs, strict=True))

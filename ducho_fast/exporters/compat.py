@@ -10,6 +10,7 @@ imports normally (the CUDA image).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -50,10 +51,8 @@ def import_torchvision() -> Any:
 
 
 def import_transformers() -> Any:
-    try:
+    with contextlib.suppress(MissingExtraError):  # transformers works without torchvision
         import_torchvision()
-    except MissingExtraError:
-        pass  # transformers works without torchvision
     try:
         import transformers
     except ImportError as e:

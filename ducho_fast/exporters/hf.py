@@ -26,10 +26,11 @@ from ducho_fast.exporters.text_common import (
 )
 
 torch = import_torch()
+_Module: Any = torch.nn.Module  # torch is typed as Any here (imported lazily)
 transformers = import_transformers()
 
 
-class TextGraph(torch.nn.Module):  # type: ignore[misc]
+class TextGraph(_Module):
     """Calls the model with keyword arguments and returns the selected layers."""
 
     def __init__(self, model: Any, names: list[str], layers: list[str | int]) -> None:
@@ -109,7 +110,10 @@ class TransformersExporter(Exporter):
             outputs=[_output(i, spec.output_layers[i], s) for i, s in enumerate(shapes)],
             inputs=inputs,
             preprocessing=_preprocessing(tokenizer, limit),
-            source={"framework": f"transformers {transformers.__version__}", "class": type(model).__name__},
+            source={
+                "framework": f"transformers {transformers.__version__}",
+                "class": type(model).__name__,
+            },
             files={"tokenizer.json": save_tokenizer(fast_tokenizer(tokenizer, spec.key_path))},
             reference=(module, tokenizer, limit),
         )
@@ -120,7 +124,9 @@ class TransformersExporter(Exporter):
     def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
         module, tokenizer, limit = built.reference
         enc = tokenizer(payload, truncation=True, max_length=limit, return_tensors="pt")
-        values = module(*[enc[n] if n in enc else torch.zeros_like(enc["input_ids"]) for n in module.names])
+        values = module(
+            *[enc[n] if n in enc else torch.zeros_like(enc["input_ids"]) for n in module.names]
+        )
         return {o["layer"]: v[0].numpy() for o, v in zip(built.outputs, values, strict=True)}
 
 

@@ -22,6 +22,7 @@ from ducho_fast.exporters.compat import import_torch, import_torchvision
 from ducho_fast.exporters.layers import check_layers, torch_layer_names
 
 torch = import_torch()
+_Module: Any = torch.nn.Module  # torch is typed as Any here (imported lazily)
 torchvision = import_torchvision()
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 from torchvision.transforms import functional as TF  # noqa: E402
@@ -29,7 +30,7 @@ from torchvision.transforms import functional as TF  # noqa: E402
 TORCHSCRIPT_LAYER = "output"
 
 
-class VisualGraph(torch.nn.Module):  # type: ignore[misc]
+class VisualGraph(_Module):
     """uint8 NHWC in; ToTensor, then Ducho's zscore/minmax, then the truncated model."""
 
     def __init__(self, body: Any, keys: list[str], scaling: str | None, mean: Any, std: Any):
@@ -73,8 +74,18 @@ class TorchExporter(Exporter):
             example=example,
             input_names=["pixels"],
             dynamic_axes={"pixels": {0: "batch", 1: "height", 2: "width"}},
-            outputs=[_output(f"out{i}", layer, s) for i, (layer, s) in enumerate(zip(layers, shapes, strict=True))],
-            inputs=[{"name": "pixels", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", "height", "width", 3]}],
+            outputs=[
+                _output(f"out{i}", layer, s)
+                for i, (layer, s) in enumerate(zip(layers, shapes, strict=True))
+            ],
+            inputs=[
+                {
+                    "name": "pixels",
+                    "dtype": "uint8",
+                    "layout": "NHWC",
+                    "shape": ["batch", "height", "width", 3],
+                }
+            ],
             preprocessing=_preprocessing(spec),
             source=source,
             reference=module,
@@ -99,7 +110,9 @@ class TorchExporter(Exporter):
             x = (x - x.min()) / (x.max() - x.min())
         out = graph.body(x[None])
         values = [out[k] for k in graph.keys] if isinstance(out, dict) else [out]
-        return {o["layer"]: np.squeeze(v.numpy()) for o, v in zip(built.outputs, values, strict=True)}
+        return {
+            o["layer"]: np.squeeze(v.numpy()) for o, v in zip(built.outputs, values, strict=True)
+        }
 
 
 def _output(name: str, layer: str, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -146,7 +159,9 @@ def load_model(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     if path is not None and path.is_file():
         return _from_file(spec, path)
     if path is not None and path.is_dir():
-        raise ExportError(f"'{spec.key_path}.model_name' {path} is a folder; torch models are files.")
+        raise ExportError(
+            f"'{spec.key_path}.model_name' {path} is a folder; torch models are files."
+        )
     return _from_torchvision(spec)
 
 
@@ -189,7 +204,9 @@ def _from_file(spec: ModelSpec, path: Path) -> tuple[Any, dict[str, Any]]:
         load_state_dict(model, path)
         return model, _source(spec.architecture, str(path), path)
     try:
-        return torch.jit.load(str(path), map_location="cpu"), _source("torchscript", str(path), path)
+        return torch.jit.load(str(path), map_location="cpu"), _source(
+            "torchscript", str(path), path
+        )
     except RuntimeError:
         pass  # not TorchScript
     return _pickled_module(spec, path), _source("pickled module", str(path), path)

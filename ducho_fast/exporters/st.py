@@ -25,10 +25,11 @@ from ducho_fast.exporters.text_common import (
 )
 
 torch = import_torch()
+_Module: Any = torch.nn.Module  # torch is typed as Any here (imported lazily)
 sentence_transformers = import_sentence_transformers()
 
 
-class SentenceGraph(torch.nn.Module):  # type: ignore[misc]
+class SentenceGraph(_Module):
     def __init__(self, model: Any, names: list[str]) -> None:
         super().__init__()
         self.model = model
@@ -53,7 +54,14 @@ class SentenceTransformersExporter(Exporter):
         with torch.no_grad():
             dim = int(module(*example).shape[-1])
         outputs = [
-            {"name": "embedding", "layer": str(x), "dim": dim, "per_token": False, "squeeze": False, "pooling": "model"}
+            {
+                "name": "embedding",
+                "layer": str(x),
+                "dim": dim,
+                "per_token": False,
+                "squeeze": False,
+                "pooling": "model",
+            }
             for x in spec.output_layers
         ]
         return Built(

@@ -38,7 +38,9 @@ def max_length(requested: int | None, tokenizer: Any, positions: int | None) -> 
     return min(requested, natural) if requested else natural
 
 
-def text_io(names: list[str], torch: Any) -> tuple[tuple[Any, ...], dict[str, dict[int, str]], list[dict[str, Any]]]:
+def text_io(
+    names: list[str], torch: Any
+) -> tuple[tuple[Any, ...], dict[str, dict[int, str]], list[dict[str, Any]]]:
     """Example tensors, dynamic axes and manifest entries for int64 (batch, sequence) inputs."""
     # Token type 0 exists in every vocabulary; 1 does not (RoBERTa has one type).
     example = tuple(

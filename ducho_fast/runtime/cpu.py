@@ -29,7 +29,7 @@ def _cgroup_limit() -> float | None:
     quota_file = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
     period_file = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
     if quota_file.is_file() and period_file.is_file():
-        quota = int(quota_file.read_text())
-        if quota > 0:
-            return quota / int(period_file.read_text())
+        quota_us = int(quota_file.read_text())
+        if quota_us > 0:
+            return quota_us / int(period_file.read_text())
     return None

@@ -117,7 +117,10 @@ class Pipeline:
             raise
         except Exception:
             # One bad input can fail a whole batch; run items alone to find it.
-            return [self._infer_one(item, p) for item, p in zip(batch.items, batch.payloads)]
+            return [
+                self._infer_one(item, p)
+                for item, p in zip(batch.items, batch.payloads, strict=True)
+            ]
 
     def _infer_one(self, item: Item, payload: Any) -> ItemOutputs | None:
         try:

@@ -16,12 +16,20 @@ def write(tmp_path: Path, data: dict | str) -> Path:
 
 
 def visual(entry: dict, **extra) -> dict:
-    return {"dataset_path": ".", "visual": {"items": {"input_path": "images", "output_path": "out",
-                                                      "model": [entry]}}, **extra}
+    return {
+        "dataset_path": ".",
+        "visual": {"items": {"input_path": "images", "output_path": "out", "model": [entry]}},
+        **extra,
+    }
 
 
-RESNET = {"model_name": "ResNet50", "backend": "torch", "output_layers": "avgpool",
-          "reshape": [224, 224], "preprocessing": "zscore"}
+RESNET = {
+    "model_name": "ResNet50",
+    "backend": "torch",
+    "output_layers": "avgpool",
+    "reshape": [224, 224],
+    "preprocessing": "zscore",
+}
 
 
 def test_ducho_v2_config_resolves_with_defaults(tmp_path: Path) -> None:
@@ -60,72 +68,103 @@ textual:
 def test_unknown_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
     bad = {**RESNET, "output_layer": "avgpool"}
     path = write(tmp_path, visual(bad))
-    with pytest.raises(ConfigError, match=r"config\.yml: unknown key 'visual\.items\.model\.0\.output_layer'\. Did you mean 'output_layers'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.yml: unknown key 'visual\.items\.model\.0\.output_layer'\. "
+        r"Did you mean 'output_layers'",
+    ):
         load_config(path, cwd=tmp_path)
 
 
 def test_wrong_type_is_reported_with_what_was_found(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "batch_size": "big"}))
-    with pytest.raises(ConfigError, match=r"'visual\.items\.model\.0\.batch_size' must be an integer, found a string 'big'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'visual\.items\.model\.0\.batch_size' must be an integer, found a string 'big'",
+    ):
         load_config(path, cwd=tmp_path)
 
 
 def test_bool_is_not_an_integer(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "batch_size": True}))
-    with pytest.raises(ConfigError, match="must be an integer, found true/false"):
+    with pytest.raises(ConfigError, match=r"must be an integer, found true/false"):
         load_config(path, cwd=tmp_path)
 
 
 def test_bad_choice_lists_allowed_values(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "preprocessing": "zscor"}))
-    with pytest.raises(ConfigError, match=r"'zscor'; allowed: 'zscore', 'minmax', None\. Did you mean 'zscore'"):
+    with pytest.raises(
+        ConfigError, match=r"'zscor'; allowed: 'zscore', 'minmax', None\. Did you mean 'zscore'"
+    ):
         load_config(path, cwd=tmp_path)
 
 
 def test_mean_std_need_zscore_as_ducho(tmp_path: Path) -> None:
     model = {**RESNET, "preprocessing": "minmax", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-    with pytest.raises(ConfigError, match="only apply with preprocessing: zscore"):
+    with pytest.raises(ConfigError, match=r"only apply with preprocessing: zscore"):
         load_config(write(tmp_path, visual(model)), cwd=tmp_path)
 
 
 def test_torch_layer_index_is_refused_with_hint(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "output_layers": [3]}))
-    with pytest.raises(ConfigError, match=r"must name torch layers.*ducho-fast layers torch ResNet50"):
+    with pytest.raises(
+        ConfigError, match=r"must name torch layers.*ducho-fast layers torch ResNet50"
+    ):
         load_config(path, cwd=tmp_path)
 
 
 def test_missing_output_layers_for_torch(tmp_path: Path) -> None:
     model = {k: v for k, v in RESNET.items() if k != "output_layers"}
-    with pytest.raises(ConfigError, match=r"needs the key 'visual\.items\.model\.0\.output_layers'"):
+    with pytest.raises(
+        ConfigError, match=r"needs the key 'visual\.items\.model\.0\.output_layers'"
+    ):
         load_config(write(tmp_path, visual(model)), cwd=tmp_path)
 
 
 def test_transformers_layer_defaults_to_pooler_output(tmp_path: Path) -> None:
-    data = {"textual": {"items": {"input_path": "d.tsv", "output_path": "o",
-                                  "model": [{"model_name": "bert-base-uncased"}]}}}
+    data = {
+        "textual": {
+            "items": {
+                "input_path": "d.tsv",
+                "output_path": "o",
+                "model": [{"model_name": "bert-base-uncased"}],
+            }
+        }
+    }
     spec = load_config(write(tmp_path, data), cwd=tmp_path).models()[0]
     assert spec.backend == "transformers" and spec.output_layers == ("pooler_output",)
 
 
 @pytest.mark.parametrize(
     ("block", "origin"),
-    [("audio", "items"), ("visual_textual", "items"), ("textual", "interactions"), ("visual", "interactions")],
+    [
+        ("audio", "items"),
+        ("visual_textual", "items"),
+        ("textual", "interactions"),
+        ("visual", "interactions"),
+    ],
 )
 def test_later_blocks_say_not_supported_yet(tmp_path: Path, block: str, origin: str) -> None:
-    data = {block: {origin: {"input_path": "x", "output_path": "y", "model": [{"model_name": "m"}]}}}
-    with pytest.raises(NotSupportedYet, match=rf"'{block}\.{origin}' is understood but not supported yet"):
+    data = {
+        block: {origin: {"input_path": "x", "output_path": "y", "model": [{"model_name": "m"}]}}
+    }
+    with pytest.raises(
+        NotSupportedYet, match=rf"'{block}\.{origin}' is understood but not supported yet"
+    ):
         load_config(write(tmp_path, data), cwd=tmp_path)
 
 
 def test_tensorflow_backend_says_not_supported_yet(tmp_path: Path) -> None:
     model = {**RESNET, "backend": "tensorflow"}
-    with pytest.raises(NotSupportedYet, match="'tensorflow', which is not supported yet"):
+    with pytest.raises(NotSupportedYet, match=r"'tensorflow', which is not supported yet"):
         load_config(write(tmp_path, visual(model)), cwd=tmp_path)
 
 
 def test_backend_must_fit_modality(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not extract visual features"):
-        load_config(write(tmp_path, visual({**RESNET, "backend": "sentence_transformers"})), cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"does not extract visual features"):
+        load_config(
+            write(tmp_path, visual({**RESNET, "backend": "sentence_transformers"})), cwd=tmp_path
+        )
 
 
 def test_block_needs_paths_and_model(tmp_path: Path) -> None:
@@ -135,30 +174,36 @@ def test_block_needs_paths_and_model(tmp_path: Path) -> None:
 
 
 def test_empty_config_says_what_to_add(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nothing to extract"):
+    with pytest.raises(ConfigError, match=r"nothing to extract"):
         load_config(write(tmp_path, {"dataset_path": "."}), cwd=tmp_path)
 
 
 def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "nope.yml")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
         load_config(write(tmp_path, "visual: [unclosed"))
 
 
-@pytest.mark.parametrize(("gpu", "device"), [(-1, "cpu"), (0, "cuda:0"), ("1,2", "cuda:1"), ([3], "cuda:3")])
+@pytest.mark.parametrize(
+    ("gpu", "device"), [(-1, "cpu"), (0, "cuda:0"), ("1,2", "cuda:1"), ([3], "cuda:3")]
+)
 def test_ducho_gpu_list_sets_device(tmp_path: Path, gpu, device: str) -> None:
     cfg = load_config(write(tmp_path, visual(RESNET, **{"gpu list": gpu})), cwd=tmp_path)
     assert cfg.runtime.device == device
 
 
 def test_runtime_device_is_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'runtime\.device' is 'gpu'; allowed: auto, cpu, cuda, cuda:N"):
+    with pytest.raises(
+        ConfigError, match=r"'runtime\.device' is 'gpu'; allowed: auto, cpu, cuda, cuda:N"
+    ):
         load_config(write(tmp_path, visual(RESNET, runtime={"device": "gpu"})), cwd=tmp_path)
 
 
 def test_weights_file_must_exist(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'visual\.items\.model\.0\.weights' is 'w\.pth', which is neither"):
+    with pytest.raises(
+        ConfigError, match=r"'visual\.items\.model\.0\.weights' is 'w\.pth', which is neither"
+    ):
         load_config(write(tmp_path, visual({**RESNET, "weights": "w.pth"})), cwd=tmp_path)
 
 

@@ -7,9 +7,16 @@ from ducho_fast.config.overrides import apply_override, parse_override
 from ducho_fast.errors import ConfigError
 
 BASE = {
-    "textual": {"items": {"input_path": "d.tsv", "output_path": "o",
-                          "model": [{"model_name": "a", "backend": "transformers"},
-                                    {"model_name": "b", "backend": "transformers"}]}}
+    "textual": {
+        "items": {
+            "input_path": "d.tsv",
+            "output_path": "o",
+            "model": [
+                {"model_name": "a", "backend": "transformers"},
+                {"model_name": "b", "backend": "transformers"},
+            ],
+        }
+    }
 }
 
 
@@ -37,15 +44,18 @@ def test_override_creates_missing_sections() -> None:
 
 
 def test_overridden_values_are_validated() -> None:
-    with pytest.raises(ConfigError, match="unknown key 'runtime.thread'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'runtime.thread'"):
         load_config(BASE, ["runtime.thread=3"])
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("a.b", "has no '='"), ("a..b=1", "empty key"),
-     ("textual.items.model.5.batch_size=1", "index 5 is out of range"),
-     ("textual.items.model.x=1", "is a list; use an index")],
+    [
+        ("a.b", "has no '='"),
+        ("a..b=1", "empty key"),
+        ("textual.items.model.5.batch_size=1", "index 5 is out of range"),
+        ("textual.items.model.x=1", "is a list; use an index"),
+    ],
 )
 def test_bad_overrides(text: str, message: str) -> None:
     raw = {"textual": {"items": {"model": [{}]}}}

@@ -22,17 +22,21 @@ def ducho_clear_text(sample: str) -> str:
     sample = re.sub(r"\s{2,}", " ", sample)
     sample = re.sub(r"(\.|\s){7,}", " ... ", sample)
     sample = re.sub(r"(?<= )(\w \. )+(\w \.)", lambda x: x.group().replace(" ", ""), sample)
-    sample = re.sub(r"\'s", " \'s", sample)
-    sample = re.sub(r"\'ve", " \'ve", sample)
-    sample = re.sub(r"n\'t", " n\'t", sample)
-    sample = re.sub(r"\'re", " \'re", sample)
-    sample = re.sub(r"\'d", " \'d", sample)
-    sample = re.sub(r"\'m", " \'m", sample)
-    sample = re.sub(r"\'ll", " \'ll", sample)
+    sample = re.sub(r"\'s", " 's", sample)
+    sample = re.sub(r"\'ve", " 've", sample)
+    sample = re.sub(r"n\'t", " n't", sample)
+    sample = re.sub(r"\'re", " 're", sample)
+    sample = re.sub(r"\'d", " 'd", sample)
+    sample = re.sub(r"\'m", " 'm", sample)
+    sample = re.sub(r"\'ll", " 'll", sample)
     sample = re.sub(
         r"(?!(('(?=s\b))|('(?=ve\b))|('(?=re\b))|('(?=d\b))|('(?=ll\b))|('(?=m\b))|((?<=n\b)'(?=t\b))))'",
-        " ", sample)
-    for digit, word in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]):
+        " ",
+        sample,
+    )
+    for digit, word in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    ):
         sample = re.sub(f" {digit} ", f" {word} ", sample)
     sample = re.sub(r"\s{2,}", " ", sample)
     sample.strip().lower()  # Ducho discards this result

@@ -13,11 +13,19 @@ def test_safe_ids(item_id: str) -> None:
 
 @pytest.mark.parametrize(
     ("item_id", "reason"),
-    [("", "empty"), ("..", "empty"), ("../etc/passwd", "separator"), ("a/b", "separator"),
-     ("a\\b", "separator"), ("a\x00b", "control"), ("a\nb", "control"), ("x" * 252, "255 bytes"),
-     ("é" * 126, "255 bytes")],
+    [
+        ("", "empty"),
+        ("..", "empty"),
+        ("../etc/passwd", "separator"),
+        ("a/b", "separator"),
+        ("a\\b", "separator"),
+        ("a\x00b", "control"),
+        ("a\nb", "control"),
+        ("x" * 252, "255 bytes"),
+        ("é" * 126, "255 bytes"),
+    ],
 )
 def test_unsafe_ids(item_id: str, reason: str) -> None:
     assert reason in (unsafe_reason(item_id) or "")
-    with pytest.raises(DataError, match="cannot be a file name"):
+    with pytest.raises(DataError, match=r"cannot be a file name"):
         check_id(item_id)

@@ -33,7 +33,9 @@ def test_any_mode_becomes_rgb_uint8(tmp_path: Path, mode: str) -> None:
 
 def test_resize_is_pil_bicubic_width_height(tmp_path: Path) -> None:
     path = write_image(tmp_path / "x.png", size=(50, 20))
-    expected = np.asarray(Image.open(path).convert("RGB").resize((30, 10), Image.Resampling.BICUBIC))
+    expected = np.asarray(
+        Image.open(path).convert("RGB").resize((30, 10), Image.Resampling.BICUBIC)
+    )
     np.testing.assert_array_equal(load_image(path, (30, 10)), expected)
 
 
@@ -46,9 +48,9 @@ def test_truncated_and_fake_images_are_data_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     for path in (truncated, fake, empty):
-        with pytest.raises(DataError, match="not a readable image"):
+        with pytest.raises(DataError, match=r"not a readable image"):
             load_image(path, None)
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match=r"file not found"):
         load_image(tmp_path / "missing.jpg", None)
 
 
@@ -62,5 +64,5 @@ def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> No
 
 
 def test_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=r"does not exist"):
         list_images(tmp_path / "nope")

@@ -22,14 +22,16 @@ def test_ids_stay_strings_and_text_defaults_to_last_column(tmp_path: Path) -> No
 
 
 def test_named_columns(tmp_path: Path) -> None:
-    path = write(tmp_path, "desc\tasin\n\"quoted\ttab\"\tX1\n")
+    path = write(tmp_path, 'desc\tasin\n"quoted\ttab"\tX1\n')
     (item,) = read_text_items(path, "asin", "desc")
     assert item.item_id == "X1" and item.raw == "quoted\ttab"
 
 
 def test_missing_column_lists_header(tmp_path: Path) -> None:
     path = write(tmp_path, "id\tdesc\n1\ta\n")
-    with pytest.raises(DataError, match=r"no column 'asin' \(from 'item_column'\); the header has: id, desc"):
+    with pytest.raises(
+        DataError, match=r"no column 'asin' \(from 'item_column'\); the header has: id, desc"
+    ):
         read_text_items(path, "asin", None)
 
 
@@ -47,9 +49,9 @@ def test_short_rows_have_no_text(tmp_path: Path) -> None:
 def test_not_utf8_and_empty_files(tmp_path: Path) -> None:
     bad = tmp_path / "latin1.tsv"
     bad.write_bytes("id\tdesc\n1\tcaf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match="not UTF-8"):
+    with pytest.raises(DataError, match=r"not UTF-8"):
         read_text_items(bad, None, None)
-    with pytest.raises(DataError, match="the file is empty"):
+    with pytest.raises(DataError, match=r"the file is empty"):
         read_text_items(write(tmp_path, "", "empty.tsv"), None, None)
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=r"does not exist"):
         read_text_items(tmp_path / "nope.tsv", None, None)

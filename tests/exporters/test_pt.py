@@ -20,12 +20,22 @@ def export_one(data: Path, model: dict[str, Any], store: Path, **kw: Any) -> Any
 
 
 def resnet(weights: Path, **extra: Any) -> dict[str, Any]:
-    return {"model_name": "resnet18", "weights": str(weights), "output_layers": ["avgpool"],
-            "reshape": [64, 64], "preprocessing": "zscore", **extra}
+    return {
+        "model_name": "resnet18",
+        "weights": str(weights),
+        "output_layers": ["avgpool"],
+        "reshape": [64, 64],
+        "preprocessing": "zscore",
+        **extra,
+    }
 
 
-def test_torchvision_name_with_state_dict_several_layers(tmp_path, store, resnet18_state_dict) -> None:
-    result = export_one(tmp_path, resnet(resnet18_state_dict, output_layers=["avgpool", "layer4", "fc"]), store)
+def test_torchvision_name_with_state_dict_several_layers(
+    tmp_path, store, resnet18_state_dict
+) -> None:
+    result = export_one(
+        tmp_path, resnet(resnet18_state_dict, output_layers=["avgpool", "layer4", "fc"]), store
+    )
     manifest = result.artifact.manifest
     assert manifest["parity"]["passed"]
     assert set(manifest["parity"]["layers"]) == {"avgpool", "layer4", "fc"}
@@ -33,8 +43,12 @@ def test_torchvision_name_with_state_dict_several_layers(tmp_path, store, resnet
         assert layer["min_cosine"] >= 0.9999 and layer["max_rel_diff"] <= 1e-4
     dims = {o["layer"]: o["dim"] for o in manifest["outputs"]}
     assert dims == {"avgpool": 512, "layer4": 512 * 2 * 2, "fc": 1000}
-    assert manifest["inputs"][0] == {"name": "pixels", "dtype": "uint8", "layout": "NHWC",
-                                     "shape": ["batch", "height", "width", 3]}
+    assert manifest["inputs"][0] == {
+        "name": "pixels",
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "shape": ["batch", "height", "width", 3],
+    }
     assert manifest["source"]["weights_sha256"]
 
 
@@ -63,24 +77,40 @@ def test_without_reshape_graph_takes_any_size(tmp_path, store, resnet18_state_di
 
 
 def test_local_state_dict_with_architecture(tmp_path, store, resnet18_state_dict) -> None:
-    model = {"model_name": str(resnet18_state_dict), "architecture": "resnet18",
-             "output_layers": "avgpool", "reshape": [64, 64]}
+    model = {
+        "model_name": str(resnet18_state_dict),
+        "architecture": "resnet18",
+        "output_layers": "avgpool",
+        "reshape": [64, 64],
+    }
     result = export_one(tmp_path, model, store)
     assert result.artifact.manifest["source"]["architecture"] == "resnet18"
 
 
 def test_efficientnet_lite0_real_weights(tmp_path, store, effnet_weights) -> None:
-    model = {"model_name": str(effnet_weights), "architecture": "efficientnet_lite_pytorch:EfficientNet.from_name",
-             "architecture_kwargs": {"model_name": "efficientnet-lite0"}, "trust": True,
-             "output_layers": ["_avg_pooling"], "reshape": [224, 224], "preprocessing": "zscore"}
+    model = {
+        "model_name": str(effnet_weights),
+        "architecture": "efficientnet_lite_pytorch:EfficientNet.from_name",
+        "architecture_kwargs": {"model_name": "efficientnet-lite0"},
+        "trust": True,
+        "output_layers": ["_avg_pooling"],
+        "reshape": [224, 224],
+        "preprocessing": "zscore",
+    }
     manifest = export_one(tmp_path, model, store).artifact.manifest
     assert manifest["parity"]["passed"] and manifest["outputs"][0]["dim"] == 1280
 
 
 def test_module_callable_architecture_needs_trust(tmp_path, store, effnet_weights) -> None:
-    model = {"model_name": str(effnet_weights), "architecture": "efficientnet_lite_pytorch:EfficientNet.from_name",
-             "architecture_kwargs": {"model_name": "efficientnet-lite0"}, "output_layers": ["_avg_pooling"]}
-    with pytest.raises(ExportError, match="calls Python code named by the config. Set trust: true"):
+    model = {
+        "model_name": str(effnet_weights),
+        "architecture": "efficientnet_lite_pytorch:EfficientNet.from_name",
+        "architecture_kwargs": {"model_name": "efficientnet-lite0"},
+        "output_layers": ["_avg_pooling"],
+    }
+    with pytest.raises(
+        ExportError, match=r"calls Python code named by the config. Set trust: true"
+    ):
         export_one(tmp_path, model, store)
 
 
@@ -93,10 +123,16 @@ def test_torchscript_file(tmp_path, store) -> None:
     scripted = torch.jit.script(import_torchvision().models.resnet18(weights=None).eval())
     path = tmp_path / "resnet_ts.pt"
     scripted.save(str(path))
-    result = export_one(tmp_path, {"model_name": str(path), "output_layers": ["output"], "reshape": [64, 64]}, store)
+    result = export_one(
+        tmp_path, {"model_name": str(path), "output_layers": ["output"], "reshape": [64, 64]}, store
+    )
     assert result.artifact.manifest["parity"]["passed"]
-    with pytest.raises(ExportError, match="has no layer 'avgpool'"):
-        export_one(tmp_path, {"model_name": str(path), "output_layers": ["avgpool"], "reshape": [64, 64]}, store)
+    with pytest.raises(ExportError, match=r"has no layer 'avgpool'"):
+        export_one(
+            tmp_path,
+            {"model_name": str(path), "output_layers": ["avgpool"], "reshape": [64, 64]},
+            store,
+        )
 
 
 def test_pickled_module_needs_trust(tmp_path, store) -> None:
@@ -108,28 +144,42 @@ def test_pickled_module_needs_trust(tmp_path, store) -> None:
     path = tmp_path / "full_model.pt"
     torch.save(import_torchvision().models.resnet18(weights=None), path)
     model = {"model_name": str(path), "output_layers": ["avgpool"], "reshape": [64, 64]}
-    with pytest.raises(ExportError, match="pickled Python object .* Set trust: true"):
+    with pytest.raises(ExportError, match=r"pickled Python object .* Set trust: true"):
         export_one(tmp_path, model, store)
-    assert export_one(tmp_path, {**model, "trust": True}, store).artifact.manifest["parity"]["passed"]
+    assert export_one(tmp_path, {**model, "trust": True}, store).artifact.manifest["parity"][
+        "passed"
+    ]
 
 
-def test_state_dict_without_architecture_says_what_to_add(tmp_path, store, resnet18_state_dict) -> None:
+def test_state_dict_without_architecture_says_what_to_add(
+    tmp_path, store, resnet18_state_dict
+) -> None:
     model = {"model_name": str(resnet18_state_dict), "output_layers": ["avgpool"]}
-    with pytest.raises(ExportError, match="holds a state dict, not a model. Add architecture:"):
+    with pytest.raises(ExportError, match=r"holds a state dict, not a model. Add architecture:"):
         export_one(tmp_path, model, store)
 
 
-def test_unknown_layer_suggests_and_points_to_layers_command(tmp_path, store, resnet18_state_dict) -> None:
-    with pytest.raises(ExportError, match=r"(?s)no layer 'avgpol'\. Did you mean 'avgpool'.*ducho-fast layers torch resnet18"):
+def test_unknown_layer_suggests_and_points_to_layers_command(
+    tmp_path, store, resnet18_state_dict
+) -> None:
+    with pytest.raises(
+        ExportError,
+        match=r"(?s)no layer 'avgpol'\. Did you mean 'avgpool'.*ducho-fast layers torch resnet18",
+    ):
         export_one(tmp_path, resnet(resnet18_state_dict, output_layers=["avgpol"]), store)
 
 
 def test_unknown_model_name(tmp_path, store) -> None:
-    with pytest.raises(ExportError, match="neither a torchvision model nor an existing file.*Did you mean 'resnet50'"):
+    with pytest.raises(
+        ExportError,
+        match=r"neither a torchvision model nor an existing file.*Did you mean 'resnet50'",
+    ):
         export_one(tmp_path, {"model_name": "resnet5O", "output_layers": ["avgpool"]}, store)
 
 
-def test_default_weights_use_the_hub_path(tmp_path, store, monkeypatch, resnet18_state_dict) -> None:
+def test_default_weights_use_the_hub_path(
+    tmp_path, store, monkeypatch, resnet18_state_dict
+) -> None:
     """The download boundary is mocked; everything from torchvision's weights API on is real."""
     import torch
     import torchvision.models._api as api
@@ -141,7 +191,11 @@ def test_default_weights_use_the_hub_path(tmp_path, store, monkeypatch, resnet18
         return torch.load(resnet18_state_dict, weights_only=True)
 
     monkeypatch.setattr(api, "load_state_dict_from_url", fake_download)
-    result = export_one(tmp_path, {"model_name": "ResNet18", "output_layers": ["avgpool"], "reshape": [64, 64]}, store)
+    result = export_one(
+        tmp_path,
+        {"model_name": "ResNet18", "output_layers": ["avgpool"], "reshape": [64, 64]},
+        store,
+    )
     assert calls and "resnet18" in calls[0]
     assert result.artifact.manifest["source"]["weights"] == "default"
 
@@ -153,11 +207,15 @@ def test_offline_default_weights_give_a_clear_error(tmp_path, store, monkeypatch
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(ExportError, match="could not get the pretrained weights.*use weights: none"):
+    with pytest.raises(
+        ExportError, match=r"could not get the pretrained weights.*use weights: none"
+    ):
         export_one(tmp_path, {"model_name": "resnet34", "output_layers": ["avgpool"]}, store)
 
 
-def test_parity_failure_is_a_typed_error_listing_each_layer(tmp_path, store, resnet18_state_dict) -> None:
+def test_parity_failure_is_a_typed_error_listing_each_layer(
+    tmp_path, store, resnet18_state_dict
+) -> None:
     from ducho_fast.exporters.base import export_with
     from ducho_fast.exporters.pt import TorchExporter
 
@@ -165,7 +223,11 @@ def test_parity_failure_is_a_typed_error_listing_each_layer(tmp_path, store, res
         def reference(self, built: Any, payload: Any) -> dict[str, np.ndarray]:
             return {k: v * 1.01 for k, v in super().reference(built, payload).items()}
 
-    spec = load_config(visual_config(tmp_path, resnet(resnet18_state_dict, output_layers=["avgpool", "fc"]), store)).models()[0]
-    with pytest.raises(ParityError, match=r"(?s)disagrees with .*avgpool: max \|onnx - ref\|.*fc: max"):
+    spec = load_config(
+        visual_config(tmp_path, resnet(resnet18_state_dict, output_layers=["avgpool", "fc"]), store)
+    ).models()[0]
+    with pytest.raises(
+        ParityError, match=r"(?s)disagrees with .*avgpool: max \|onnx - ref\|.*fc: max"
+    ):
         export_with(Drifting(), spec, tmp_path / "other-store", force=True)
     assert not [p for p in (tmp_path / "other-store").iterdir() if not p.name.startswith(".")]

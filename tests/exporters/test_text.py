@@ -19,22 +19,31 @@ def export_one(data: Path, model: dict[str, Any], store: Path) -> Any:
 
 
 def test_transformers_ducho_layers(tmp_path, store, tiny_bert_dir) -> None:
-    model = {"model_name": str(tiny_bert_dir), "backend": "transformers",
-             "output_layers": ["pooler_output", "last_hidden_state", 0, 2]}
+    model = {
+        "model_name": str(tiny_bert_dir),
+        "backend": "transformers",
+        "output_layers": ["pooler_output", "last_hidden_state", 0, 2],
+    }
     manifest = export_one(tmp_path, model, store).artifact.manifest
     assert manifest["parity"]["passed"]
     outputs = {o["layer"]: o for o in manifest["outputs"]}
     assert not outputs["pooler_output"]["per_token"]
     assert outputs["last_hidden_state"]["per_token"] and outputs["2"]["per_token"]
     assert manifest["preprocessing"]["max_length"] == 128  # the model's position limit
-    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [i["name"] for i in manifest["inputs"]] == [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
 
 
 def test_transformers_unknown_layer(tmp_path, store, tiny_bert_dir) -> None:
     model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooled_output"]}
-    with pytest.raises(ExportError, match="no layer 'pooled_output'. Did you mean 'pooler_output'"):
+    with pytest.raises(
+        ExportError, match=r"no layer 'pooled_output'. Did you mean 'pooler_output'"
+    ):
         export_one(tmp_path, model, store)
-    with pytest.raises(ExportError, match="no layer '3'"):
+    with pytest.raises(ExportError, match=r"no layer '3'"):
         export_one(tmp_path, {**model, "output_layers": [3]}, store)
 
 
@@ -44,7 +53,11 @@ def test_real_minilm_through_transformers(tmp_path, store, minilm_dir) -> None:
 
 
 def test_sentence_transformers_pooling_and_norm_in_graph(tmp_path, store, minilm_dir) -> None:
-    model = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": [1]}
+    model = {
+        "model_name": str(minilm_dir),
+        "backend": "sentence_transformers",
+        "output_layers": [1],
+    }
     artifact = export_one(tmp_path, model, store).artifact
     assert artifact.manifest["parity"]["passed"]
     assert artifact.manifest["preprocessing"]["modules"] == ["Transformer", "Pooling", "Normalize"]
@@ -54,6 +67,13 @@ def test_sentence_transformers_pooling_and_norm_in_graph(tmp_path, store, minilm
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, store) -> None:
-    model = {"model_name": "no-such-org/no-such-model", "backend": "sentence_transformers", "output_layers": [1]}
-    with pytest.raises(ExportError, match="cannot load the sentence-transformers model 'no-such-org/no-such-model'"):
+    model = {
+        "model_name": "no-such-org/no-such-model",
+        "backend": "sentence_transformers",
+        "output_layers": [1],
+    }
+    with pytest.raises(
+        ExportError,
+        match=r"cannot load the sentence-transformers model 'no-such-org/no-such-model'",
+    ):
         export_one(tmp_path, model, store)

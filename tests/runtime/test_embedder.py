@@ -15,8 +15,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def resnet_artifact(tmp_path_factory, store, resnet18_state_dict) -> Path:
-    model = {"model_name": "resnet18", "weights": str(resnet18_state_dict), "output_layers": ["avgpool", "layer4"],
-             "reshape": [64, 64], "preprocessing": "zscore"}
+    model = {
+        "model_name": "resnet18",
+        "weights": str(resnet18_state_dict),
+        "output_layers": ["avgpool", "layer4"],
+        "reshape": [64, 64],
+        "preprocessing": "zscore",
+    }
     (result,) = ducho_fast.export(visual_config(tmp_path_factory.mktemp("d"), model, store))
     return result.artifact.path
 
@@ -35,18 +40,21 @@ def test_paths_arrays_and_pil_images_agree(resnet_artifact, image_dir) -> None:
 
 def test_bad_inputs(resnet_artifact) -> None:
     emb = ducho_fast.load(resnet_artifact)
-    with pytest.raises(DataError, match="has no layer 'fc'"):
+    with pytest.raises(DataError, match=r"has no layer 'fc'"):
         emb.embed([np.zeros((8, 8, 3), np.uint8)], layer="fc")
-    with pytest.raises(DataError, match="must be uint8"):
+    with pytest.raises(DataError, match=r"must be uint8"):
         emb.embed([np.zeros((8, 8, 3), np.float32)])
 
 
 def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_dir) -> None:
-    model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooler_output", "last_hidden_state"]}
+    model = {
+        "model_name": str(tiny_bert_dir),
+        "output_layers": ["pooler_output", "last_hidden_state"],
+    }
     (result,) = ducho_fast.export(textual_config(tmp_path, model, store))
     emb = ducho_fast.load(result.artifact.path)
     tokens = emb.embed(["one", "a somewhat longer sentence"], layer="last_hidden_state")
     assert isinstance(tokens, list) and [t.shape for t in tokens] == [(3, 32), (6, 32)]
     assert emb.embed(["one", "two"]).shape == (2, 32)
-    with pytest.raises(DataError, match="text inputs must be strings"):
+    with pytest.raises(DataError, match=r"text inputs must be strings"):
         emb.embed([3])  # type: ignore[list-item]

@@ -30,8 +30,14 @@ def messy_images(tmp_path: Path, image_dir: Path) -> Path:
 
 
 def resnet(weights: Path, **extra: Any) -> dict[str, Any]:
-    return {"model_name": "resnet18", "weights": str(weights), "output_layers": ["avgpool"],
-            "reshape": [64, 64], "preprocessing": "zscore", **extra}
+    return {
+        "model_name": "resnet18",
+        "weights": str(weights),
+        "output_layers": ["avgpool"],
+        "reshape": [64, 64],
+        "preprocessing": "zscore",
+        **extra,
+    }
 
 
 def read_errors(path: Path) -> list[dict[str, str]]:
@@ -39,7 +45,9 @@ def read_errors(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def test_bad_images_are_recorded_and_neighbours_extracted(tmp_path, store, messy_images, resnet18_state_dict) -> None:
+def test_bad_images_are_recorded_and_neighbours_extracted(
+    tmp_path, store, messy_images, resnet18_state_dict
+) -> None:
     config = visual_config(tmp_path, resnet(resnet18_state_dict, batch_size=3), store)
     ducho_fast.export(config)
     report = ducho_fast.extract(config)
@@ -56,11 +64,15 @@ def test_bad_images_are_recorded_and_neighbours_extracted(tmp_path, store, messy
     assert not list((tmp_path / "out").rglob(".tmp-*"))
 
 
-def test_on_error_fail_stops_naming_the_item(tmp_path, store, messy_images, resnet18_state_dict) -> None:
+def test_on_error_fail_stops_naming_the_item(
+    tmp_path, store, messy_images, resnet18_state_dict
+) -> None:
     config = visual_config(tmp_path, resnet(resnet18_state_dict), store)
     config["runtime"] = {"on_error": "fail"}
     ducho_fast.export(config)
-    with pytest.raises(DataError, match=r"(?s)item .C00\d. \(\S+\): not a readable image.*on_error: skip"):
+    with pytest.raises(
+        DataError, match=r"(?s)item .C00\d. \(\S+\): not a readable image.*on_error: skip"
+    ):
         ducho_fast.extract(config)
 
 
@@ -75,10 +87,14 @@ def test_nan_outputs_are_bad_items(tmp_path, store, resnet18_state_dict) -> None
     ducho_fast.export(config)
     run = ducho_fast.extract(config).runs[0]
     assert run.result.written == 1
-    assert [(e.item_id, e.reason) for e in run.result.errors] == [("flat", "the model returned NaN or infinite values")]
+    assert [(e.item_id, e.reason) for e in run.result.errors] == [
+        ("flat", "the model returned NaN or infinite values")
+    ]
 
 
-def test_same_outputs_for_any_batch_size_and_worker_count(tmp_path, store, image_dir, resnet18_state_dict) -> None:
+def test_same_outputs_for_any_batch_size_and_worker_count(
+    tmp_path, store, image_dir, resnet18_state_dict
+) -> None:
     results = []
     for batch_size, workers in [(1, 1), (3, 2), (32, 4)]:
         data = tmp_path / f"run{batch_size}"
@@ -97,18 +113,32 @@ def test_same_outputs_for_any_batch_size_and_worker_count(tmp_path, store, image
 
 
 def test_text_items_bad_rows_and_padding_independence(tmp_path, store, minilm_dir) -> None:
-    rows = ["item_id\tdescription", "a\tshort", "b\t" + "long text " * 60, "c\t   ", "d", "a\tdup",
-            "../x\tescape", "e\tmedium length sentence here"]
+    rows = [
+        "item_id\tdescription",
+        "a\tshort",
+        "b\t" + "long text " * 60,
+        "c\t   ",
+        "d",
+        "a\tdup",
+        "../x\tescape",
+        "e\tmedium length sentence here",
+    ]
     (tmp_path / "descriptions.tsv").write_text("\n".join(rows) + "\n")
-    model = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1,
-             "batch_size": 8}
+    model = {
+        "model_name": str(minilm_dir),
+        "backend": "sentence_transformers",
+        "output_layers": 1,
+        "batch_size": 8,
+    }
     config = textual_config(tmp_path, model, store)
     ducho_fast.export(config)
     report = ducho_fast.extract(config)
     run = report.runs[0]
     assert run.result.written == 3
     assert {e.item_id: e.reason for e in run.result.errors} == {
-        "c": "the text is empty", "d": "the row has no text column value"}
+        "c": "the text is empty",
+        "d": "the row has no text column value",
+    }
     bad_ids = {e.item_id: e.reason for e in report.input_errors["textual.items"]}
     assert "duplicate id" in bad_ids["a"] and "separator" in bad_ids["../x"]
     emb = ducho_fast.load(ducho_fast.export(config)[0].artifact.path)

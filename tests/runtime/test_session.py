@@ -36,7 +36,7 @@ def test_providers_asked_for() -> None:
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour where CUDA does not really run")
 def test_cuda_requested_but_not_active(caplog) -> None:
-    with pytest.raises(DeviceError, match="CUDA is not really active.*allow_fallback: true"):
+    with pytest.raises(DeviceError, match=r"CUDA is not really active.*allow_fallback: true"):
         make_session(PROBE, RuntimeOptions(device="cuda", allow_fallback=False))
     with caplog.at_level(logging.WARNING, logger="ducho_fast"):
         _, info = make_session(PROBE, RuntimeOptions(device="cuda", allow_fallback=True))

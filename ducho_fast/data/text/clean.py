@@ -24,7 +24,8 @@ _SUBS: list[tuple[str, str]] = [
 ]
 _CONTRACTIONS = ["'s", "'ve", "n't", "'re", "'d", "'m", "'ll"]
 _STRAY_QUOTE = (
-    r"(?!(('(?=s\b))|('(?=ve\b))|('(?=re\b))|('(?=d\b))|('(?=ll\b))|('(?=m\b))|((?<=n\b)'(?=t\b))))'"
+    r"(?!(('(?=s\b))|('(?=ve\b))|('(?=re\b))|('(?=d\b))|('(?=ll\b))|('(?=m\b))"
+    r"|((?<=n\b)'(?=t\b))))'"
 )
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -30,9 +30,7 @@ def resolve_tsv(path: Path) -> Path:
     raise DataError(f"text input {path} does not exist (check 'input_path').")
 
 
-def read_text_items(
-    path: Path, item_column: str | None, text_column: str | None
-) -> list[Item]:
+def read_text_items(path: Path, item_column: str | None, text_column: str | None) -> list[Item]:
     """Items ``(id, text)`` in file order; blank lines are skipped."""
     tsv = resolve_tsv(path)
     try:

@@ -43,8 +43,10 @@ def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
     return [Item(image_id(p), str(p), p) for p in images], others
 
 
-def load_image(source: Path | np.ndarray | Image.Image, reshape: tuple[int, int] | None) -> np.ndarray:
-    """Decode to an RGB uint8 (H, W, 3) array, resized bicubically to ``reshape`` (width, height)."""
+def load_image(
+    source: Path | np.ndarray | Image.Image, reshape: tuple[int, int] | None
+) -> np.ndarray:
+    """Decode to RGB uint8 (H, W, 3), resized bicubically to ``reshape`` (width, height)."""
     image = _open(source)
     if image.mode != "RGB":
         image = image.convert("RGB")
