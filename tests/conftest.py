@@ -144,3 +144,15 @@ def within_fp32_bounds(ours: np.ndarray, ref: np.ndarray) -> None:
     cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
     assert cosine >= 0.9999, cosine
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()
+
+
+def resnet18_entry(weights: Path, **extra: Any) -> dict[str, Any]:
+    """A config ``model`` entry: torchvision ResNet18 with the seeded state dict."""
+    return {
+        "model_name": "resnet18",
+        "weights": str(weights),
+        "output_layers": ["avgpool"],
+        "reshape": [64, 64],
+        "preprocessing": "zscore",
+        **extra,
+    }

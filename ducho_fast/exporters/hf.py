@@ -23,6 +23,7 @@ from ducho_fast.exporters.text_common import (
     save_tokenizer,
     text_inputs,
     text_io,
+    text_preprocessing,
 )
 
 torch = import_torch()
@@ -109,7 +110,7 @@ class TransformersExporter(Exporter):
             dynamic_axes=axes,
             outputs=[_output(i, spec.output_layers[i], s) for i, s in enumerate(shapes)],
             inputs=inputs,
-            preprocessing=_preprocessing(tokenizer, limit),
+            preprocessing=text_preprocessing(tokenizer, limit),
             source={
                 "framework": f"transformers {transformers.__version__}",
                 "class": type(model).__name__,
@@ -139,16 +140,6 @@ def _output(index: int, layer: str | int, shape: tuple[int, ...]) -> dict[str, A
         "per_token": per_token,
         "squeeze": False,
         "pooling": None,
-    }
-
-
-def _preprocessing(tokenizer: Any, limit: int) -> dict[str, Any]:
-    return {
-        "tokenizer": "tokenizer.json",
-        "max_length": limit,
-        "pad_id": int(tokenizer.pad_token_id or 0),
-        "padding": "dynamic (longest in batch)",
-        "truncation": True,
     }
 
 

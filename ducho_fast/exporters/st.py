@@ -22,6 +22,7 @@ from ducho_fast.exporters.text_common import (
     save_tokenizer,
     text_inputs,
     text_io,
+    text_preprocessing,
 )
 
 torch = import_torch()
@@ -71,14 +72,9 @@ class SentenceTransformersExporter(Exporter):
             dynamic_axes=axes,
             outputs=outputs,
             inputs=inputs,
-            preprocessing={
-                "tokenizer": "tokenizer.json",
-                "max_length": limit,
-                "pad_id": int(tokenizer.pad_token_id or 0),
-                "padding": "dynamic (longest in batch)",
-                "truncation": True,
-                "modules": [type(m).__name__ for m in model],
-            },
+            preprocessing=text_preprocessing(
+                tokenizer, limit, modules=[type(m).__name__ for m in model]
+            ),
             source={"framework": f"sentence-transformers {sentence_transformers.__version__}"},
             files={"tokenizer.json": save_tokenizer(fast_tokenizer(tokenizer, spec.key_path))},
             reference=model,

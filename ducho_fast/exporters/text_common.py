@@ -52,6 +52,18 @@ def text_io(
     return example, axes, spec
 
 
+def text_preprocessing(tokenizer: Any, limit: int, **extra: Any) -> dict[str, Any]:
+    """The manifest's text preprocessing: what the runtime's TextEncoder rebuilds."""
+    return {
+        "tokenizer": "tokenizer.json",
+        "max_length": limit,
+        "pad_id": int(tokenizer.pad_token_id or 0),
+        "padding": "dynamic (longest in batch)",
+        "truncation": True,
+        **extra,
+    }
+
+
 def save_tokenizer(backend: Any) -> Any:
     def write(path: Any) -> None:
         backend.save(str(path))

@@ -9,7 +9,7 @@ import pytest
 import ducho_fast
 from ducho_fast.config import load_config
 from ducho_fast.errors import ExportError, ParityError
-from tests.conftest import visual_config
+from tests.conftest import resnet18_entry, visual_config
 
 pytestmark = pytest.mark.slow
 
@@ -19,22 +19,13 @@ def export_one(data: Path, model: dict[str, Any], store: Path, **kw: Any) -> Any
     return result
 
 
-def resnet(weights: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "model_name": "resnet18",
-        "weights": str(weights),
-        "output_layers": ["avgpool"],
-        "reshape": [64, 64],
-        "preprocessing": "zscore",
-        **extra,
-    }
-
-
 def test_torchvision_name_with_state_dict_several_layers(
     tmp_path, store, resnet18_state_dict
 ) -> None:
     result = export_one(
-        tmp_path, resnet(resnet18_state_dict, output_layers=["avgpool", "layer4", "fc"]), store
+        tmp_path,
+        resnet18_entry(resnet18_state_dict, output_layers=["avgpool", "layer4", "fc"]),
+        store,
     )
     manifest = result.artifact.manifest
     assert manifest["parity"]["passed"]
@@ -53,24 +44,26 @@ def test_torchvision_name_with_state_dict_several_layers(
 
 
 def test_export_is_reused_until_something_changes(tmp_path, store, resnet18_state_dict) -> None:
-    first = export_one(tmp_path, resnet(resnet18_state_dict), store)
-    again = export_one(tmp_path, resnet(resnet18_state_dict), store)
+    first = export_one(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    again = export_one(tmp_path, resnet18_entry(resnet18_state_dict), store)
     assert again.reused and again.artifact.path == first.artifact.path
-    other = export_one(tmp_path, resnet(resnet18_state_dict, preprocessing="minmax"), store)
+    other = export_one(tmp_path, resnet18_entry(resnet18_state_dict, preprocessing="minmax"), store)
     assert not other.reused and other.artifact.path != first.artifact.path
-    forced = export_one(tmp_path, resnet(resnet18_state_dict), store, force=True)
+    forced = export_one(tmp_path, resnet18_entry(resnet18_state_dict), store, force=True)
     assert not forced.reused
 
 
 @pytest.mark.parametrize("preprocessing", [None, "minmax"])
 def test_parity_for_each_ducho_scaling(tmp_path, store, resnet18_state_dict, preprocessing) -> None:
-    result = export_one(tmp_path, resnet(resnet18_state_dict, preprocessing=preprocessing), store)
+    result = export_one(
+        tmp_path, resnet18_entry(resnet18_state_dict, preprocessing=preprocessing), store
+    )
     assert result.artifact.manifest["preprocessing"]["scaling"] == (preprocessing or "unit")
     assert result.artifact.manifest["parity"]["passed"]
 
 
 def test_without_reshape_graph_takes_any_size(tmp_path, store, resnet18_state_dict) -> None:
-    model = {k: v for k, v in resnet(resnet18_state_dict).items() if k != "reshape"}
+    model = {k: v for k, v in resnet18_entry(resnet18_state_dict).items() if k != "reshape"}
     manifest = export_one(tmp_path, model, store).artifact.manifest
     assert manifest["parity"]["samples"] == 5  # includes a second image size
     assert manifest["preprocessing"]["resize"] is None
@@ -166,7 +159,7 @@ def test_unknown_layer_suggests_and_points_to_layers_command(
         ExportError,
         match=r"(?s)no layer 'avgpol'\. Did you mean 'avgpool'.*ducho-fast layers torch resnet18",
     ):
-        export_one(tmp_path, resnet(resnet18_state_dict, output_layers=["avgpol"]), store)
+        export_one(tmp_path, resnet18_entry(resnet18_state_dict, output_layers=["avgpol"]), store)
 
 
 def test_unknown_model_name(tmp_path, store) -> None:
@@ -224,7 +217,9 @@ def test_parity_failure_is_a_typed_error_listing_each_layer(
             return {k: v * 1.01 for k, v in super().reference(built, payload).items()}
 
     spec = load_config(
-        visual_config(tmp_path, resnet(resnet18_state_dict, output_layers=["avgpool", "fc"]), store)
+        visual_config(
+            tmp_path, resnet18_entry(resnet18_state_dict, output_layers=["avgpool", "fc"]), store
+        )
     ).models()[0]
     with pytest.raises(
         ParityError, match=r"(?s)disagrees with .*avgpool: max \|onnx - ref\|.*fc: max"

@@ -3,7 +3,6 @@ from __future__ import annotations
 import csv
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 import ducho_fast
 from ducho_fast.api import ERRORS_FILE
 from ducho_fast.errors import DataError
-from tests.conftest import textual_config, visual_config, write_image
+from tests.conftest import resnet18_entry, textual_config, visual_config, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +28,6 @@ def messy_images(tmp_path: Path, image_dir: Path) -> Path:
     return folder
 
 
-def resnet(weights: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "model_name": "resnet18",
-        "weights": str(weights),
-        "output_layers": ["avgpool"],
-        "reshape": [64, 64],
-        "preprocessing": "zscore",
-        **extra,
-    }
-
-
 def read_errors(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f, delimiter="\t"))
@@ -48,7 +36,7 @@ def read_errors(path: Path) -> list[dict[str, str]]:
 def test_bad_images_are_recorded_and_neighbours_extracted(
     tmp_path, store, messy_images, resnet18_state_dict
 ) -> None:
-    config = visual_config(tmp_path, resnet(resnet18_state_dict, batch_size=3), store)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=3), store)
     ducho_fast.export(config)
     report = ducho_fast.extract(config)
     run = report.runs[0]
@@ -67,7 +55,7 @@ def test_bad_images_are_recorded_and_neighbours_extracted(
 def test_on_error_fail_stops_naming_the_item(
     tmp_path, store, messy_images, resnet18_state_dict
 ) -> None:
-    config = visual_config(tmp_path, resnet(resnet18_state_dict), store)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
     config["runtime"] = {"on_error": "fail"}
     ducho_fast.export(config)
     with pytest.raises(
@@ -83,7 +71,9 @@ def test_nan_outputs_are_bad_items(tmp_path, store, resnet18_state_dict) -> None
     from PIL import Image
 
     Image.new("RGB", (64, 64), (128, 128, 128)).save(folder / "flat.png")  # minmax divides by 0
-    config = visual_config(tmp_path, resnet(resnet18_state_dict, preprocessing="minmax"), store)
+    config = visual_config(
+        tmp_path, resnet18_entry(resnet18_state_dict, preprocessing="minmax"), store
+    )
     ducho_fast.export(config)
     run = ducho_fast.extract(config).runs[0]
     assert run.result.written == 1
@@ -100,7 +90,9 @@ def test_same_outputs_for_any_batch_size_and_worker_count(
         data = tmp_path / f"run{batch_size}"
         data.mkdir()
         (data / "images").symlink_to(image_dir)
-        config = visual_config(data, resnet(resnet18_state_dict, batch_size=batch_size), store)
+        config = visual_config(
+            data, resnet18_entry(resnet18_state_dict, batch_size=batch_size), store
+        )
         config["runtime"] = {"workers": workers, "prefetch": 1}
         ducho_fast.export(config)
         ducho_fast.extract(config)
