@@ -126,7 +126,7 @@ def _run_model(
         on_error=cfg.runtime.on_error,
     )
     pipeline = Pipeline(embedder, loader_for(spec), writer.write, options)
-    label = f"{job.name} {spec.model_name}"
+    label = f"{job.name} {Path(spec.model_name).name}"
     context = progress(label, len(items.good)) if progress else nullcontext(None)
     with context as tick:
         result = pipeline.run(items.good, tick)

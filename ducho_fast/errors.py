@@ -34,6 +34,10 @@ class ParityError(ExportError):
     """The exported graph disagrees with the source framework beyond tolerance."""
 
 
+class OutputError(DuchoError):
+    """An output cannot be written (permissions, full disk); the run stops."""
+
+
 class ArtifactError(DuchoError):
     """An artifact is missing, incomplete or does not match what the config asks for."""
 

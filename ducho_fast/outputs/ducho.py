@@ -13,6 +13,7 @@ import numpy as np
 
 from ducho_fast.config.model import Job, ModelSpec
 from ducho_fast.data.ids import check_id
+from ducho_fast.errors import OutputError
 from ducho_fast.outputs.atomic import save_npy
 
 
@@ -49,4 +50,11 @@ class DuchoWriter:
             if layer not in self._dirs:
                 continue
             array = value if self._squeeze else value[np.newaxis]
-            save_npy(self.path(layer, item_id), array.astype(np.float32, copy=False))
+            path = self.path(layer, item_id)
+            try:
+                save_npy(path, array.astype(np.float32, copy=False))
+            except OSError as e:
+                raise OutputError(
+                    f"cannot write {path}: {e.strerror or e}. Check that the output folder is "
+                    "writable and has free space; items already written are complete."
+                ) from e

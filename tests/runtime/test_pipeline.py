@@ -138,3 +138,23 @@ def test_text_items_bad_rows_and_padding_independence(tmp_path, store, minilm_di
     alone = emb.embed(["short"])  # unpadded, batch of one
     np.testing.assert_allclose(np.load(folder / "a.npy"), alone, rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_unwritable_output_stops_with_a_clear_error(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    import errno
+
+    from ducho_fast.errors import OutputError
+    from ducho_fast.outputs import ducho
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    ducho_fast.export(config)
+
+    def disk_full(path: Path, array: np.ndarray) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ducho, "save_npy", disk_full)
+    with pytest.raises(OutputError, match=r"cannot write .*B001\.npy: No space left on device"):
+        ducho_fast.extract(config)
