@@ -31,6 +31,7 @@ _DONE = object()
 class Batch:
     items: list[Item]
     payloads: list[Any]
+    skipped: int = 0  # items of this chunk that failed to load (for progress)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Pipeline:
         writer.start()
         try:
             for batch in _until_done(batches, reader):
-                if not _put_alive(writes, (batch.items, self._infer(batch)), writer):
+                outputs = self._infer(batch) if batch.items else []
+                if not _put_alive(writes, (batch, outputs), writer):
                     break
         finally:
             reader.stop()
@@ -99,8 +101,8 @@ class Pipeline:
                 chunk = items[begin : begin + size]
                 loaded = list(pool.map(self._load_one, chunk))
                 ok = [(it, p) for it, p in zip(chunk, loaded, strict=True) if p is not _FAILED]
-                if ok:
-                    _put(out, Batch([i for i, _ in ok], [p for _, p in ok]), stop)
+                batch = Batch([i for i, _ in ok], [p for _, p in ok], len(chunk) - len(ok))
+                _put(out, batch, stop)
         _put(out, _DONE, stop)
 
     def _load_one(self, item: Item) -> Any:
@@ -131,13 +133,13 @@ class Pipeline:
 
     def _drain(self, writes: queue.Queue[Any], progress: ProgressFn | None, _: Any) -> None:
         while (entry := writes.get()) is not _DONE:
-            items, outputs = entry
-            for item, out in zip(items, outputs, strict=True):
+            batch, outputs = entry
+            for item, out in zip(batch.items, outputs, strict=True):
                 if out is not None and self._write_one(item, out):
                     with self._lock:
                         self._result.written += 1
             if progress:
-                progress(len(items))
+                progress(len(batch.items) + batch.skipped)
 
     def _write_one(self, item: Item, out: ItemOutputs) -> bool:
         if not all(np.isfinite(v).all() for v in out.values()):

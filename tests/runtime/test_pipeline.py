@@ -158,3 +158,21 @@ def test_unwritable_output_stops_with_a_clear_error(
     monkeypatch.setattr(ducho, "save_npy", disk_full)
     with pytest.raises(OutputError, match=r"cannot write .*B001\.npy: No space left on device"):
         ducho_fast.extract(config)
+
+
+def test_progress_counts_every_item_bad_ones_too(
+    tmp_path, store, messy_images, resnet18_state_dict
+) -> None:
+    from contextlib import contextmanager
+
+    ticks: list[int] = []
+
+    @contextmanager
+    def progress(label: str, total: int):
+        ticks.append(-total)
+        yield ticks.append
+
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
+    ducho_fast.export(config)
+    ducho_fast.extract(config, progress=progress)
+    assert ticks[0] == -14 and sum(ticks[1:]) == 14
