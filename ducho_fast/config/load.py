@@ -179,10 +179,10 @@ def _model(
         raise ConfigError(f"{name}: '{where}' needs the key '{where}.model_name'.")
     backend_dir = m.get("backend") or _default_backend(modality)
     backend = backend_dir.replace("-", "_")
-    if backend == "tensorflow":
+    if backend == "tensorflow" or (modality, backend) == ("visual", "transformers"):
         raise NotSupportedYet(
-            f"{name}: '{where}.backend' is 'tensorflow', which is not supported yet by this "
-            "version of ducho-fast. Use backend: torch for visual models."
+            f"{name}: '{where}.backend' is '{backend}' for {modality} models, which is not "
+            "supported yet by this version of ducho-fast. Use backend: torch for visual models."
         )
     _check_backend_fits(backend, modality, where, name)
     layers = tuple(m.get("output_layers") or _default_layers(backend, where, name))

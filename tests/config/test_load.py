@@ -154,9 +154,12 @@ def test_later_blocks_say_not_supported_yet(tmp_path: Path, block: str, origin: 
         load_config(write(tmp_path, data), cwd=tmp_path)
 
 
-def test_tensorflow_backend_says_not_supported_yet(tmp_path: Path) -> None:
-    model = {**RESNET, "backend": "tensorflow"}
-    with pytest.raises(NotSupportedYet, match=r"'tensorflow', which is not supported yet"):
+@pytest.mark.parametrize("backend", ["tensorflow", "transformers"])
+def test_later_visual_backends_say_not_supported_yet(tmp_path: Path, backend: str) -> None:
+    model = {**RESNET, "backend": backend}
+    with pytest.raises(
+        NotSupportedYet, match=rf"'{backend}' for visual models, which is not supported yet"
+    ):
         load_config(write(tmp_path, visual(model)), cwd=tmp_path)
 
 
