@@ -20,6 +20,7 @@ import numpy as np
 from ducho_fast import __version__
 from ducho_fast.artifact import (
     MODEL_FILE,
+    SCHEMA_VERSION,
     Artifact,
     graph_key,
     load_artifact,
@@ -112,7 +113,7 @@ def _convert_and_check(
     for name, write in built.files.items():
         write(build_dir / name)
     manifest = _manifest(spec, built, slug)
-    draft = Artifact(build_dir, {**manifest, "schema_version": 1})
+    draft = Artifact(build_dir, {**manifest, "schema_version": SCHEMA_VERSION})
     manifest["parity"] = check_parity(exporter, spec, built, draft)
     return write_artifact(store, slug, build_dir, manifest)
 
