@@ -35,10 +35,14 @@ def graph_key(spec: ModelSpec) -> dict[str, Any]:
         "weights": _file_identity(spec.weights_path) if spec.weights_path else spec.weights,
         "architecture": spec.architecture,
         "architecture_kwargs": spec.architecture_kwargs,
-        "layers": [str(x) for x in spec.output_layers],
+        "layers": spec.layer_labels(),
         "precision": "fp32",
     }
-    if spec.modality == "visual":
+    if spec.tower is not None:
+        key["tower"] = spec.tower
+        key["image_processor"] = spec.image_processor
+        key["text"] = {"max_length": spec.max_length, "tokenizer": spec.tokenizer_name}
+    elif spec.modality == "visual":
         key["visual"] = {
             "reshape": spec.reshape,
             "preprocessing": spec.preprocessing,
@@ -64,7 +68,8 @@ def slug_for(spec: ModelSpec) -> str:
     digest = hashlib.sha256(json.dumps(graph_key(spec), sort_keys=True).encode()).hexdigest()
     stem = Path(spec.model_name.rstrip("/")).name or spec.model_name
     short = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:40] or "model"
-    return f"{spec.backend}-{short}-{digest[:12]}"
+    tower = f"-{spec.tower}" if spec.tower else ""
+    return f"{spec.backend}-{short}{tower}-{digest[:12]}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -101,7 +101,7 @@ def export(
         status = "reused" if r.reused else f"exported in {r.seconds:.1f}s"
         out.print(
             f"{r.spec.key_path} {Path(r.spec.model_dir).name} "
-            f"[{', '.join(map(str, r.spec.output_layers))}]: {status} -> {_rel(r.artifact.path)} "
+            f"[{', '.join(r.spec.layer_labels())}]: {status} -> {_rel(r.artifact.path)} "
             f"(parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
             highlight=False,
             soft_wrap=True,
@@ -155,10 +155,13 @@ def extract(
 def _print_report(report: Any) -> None:
     for run in report.runs:
         r = run.result
+        tower = f" [{run.tower}]" if run.tower else ""
         out.print(
-            f"{run.job} {Path(run.model).name}: {r.written} written, {len(r.errors)} failed, "
+            f"{run.job} {Path(run.model).name}{tower}: {r.written} written, "
+            f"{len(r.errors)} failed, "
             f"{r.items_per_second:.1f} items/s on {run.provider.replace('ExecutionProvider', '')}"
             f" -> {', '.join(_rel(d) for d in run.output_dirs)}",
+            markup=False,
             highlight=False,
             soft_wrap=True,
         )
@@ -168,6 +171,42 @@ def _print_report(report: Any) -> None:
     for job, files in report.ignored_files.items():
         if files:
             err.print(f"{job}: {len(files)} non-image file(s) ignored, e.g. {files[0].name}.")
+    for job, unpaired in report.unpaired.items():
+        if unpaired:
+            sample = ", ".join(repr(e.item_id) for e in unpaired[:5])
+            err.print(
+                f"{job}: {len(unpaired)} id(s) in only one modality skipped (e.g. {sample}); "
+                "listed in ducho-fast.errors.tsv."
+            )
+    _print_fusions(report.fusions)
+
+
+def _print_fusions(runs: list[Any]) -> None:
+    for run in runs:
+        for res in run.results:
+            missing = f", {len(res.missing)} id(s) not in every input" if res.missing else ""
+            out.print(
+                f"{run.key} fusion {run.mode}: {res.written} fused, {len(res.errors)} failed"
+                f"{missing} -> {_rel(res.output)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+@app.command(context_settings=_EXTRA)
+def fuse(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
+    """Fuse features CONFIG has already extracted (its fusion keys), without running models."""
+    import ducho_fast
+
+    with _errors():
+        runs = ducho_fast.fuse(config, _overrides(ctx, set_))
+    _print_fusions(runs)
+    if not runs:
+        err.print("nothing to fuse: the config has no 'fusion' keys.")
+    failed = sum(len(res.errors) for run in runs for res in run.results)
+    if failed:
+        err.print(f"[yellow]{failed} item(s) failed to fuse; see ducho-fast.errors.tsv.[/]")
+        raise typer.Exit(ITEMS_FAILED_EXIT)
 
 
 @app.command()

@@ -86,6 +86,64 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
     return target
 
 
+def _tiny_two_tower(kind: str, target: Path, minilm_dir: Path) -> Path:
+    """A tiny random two-tower model (seed 0) with the MiniLM tokenizer, saved as a local folder.
+
+    No CLIP/SigLIP weights ship in a PyPI package; the architecture, image processor and
+    tokenizer files are real, so the folder loads exactly as a downloaded one does.
+    """
+    from ducho_fast.exporters.compat import import_transformers
+
+    transformers = import_transformers()
+    import torch
+
+    torch.manual_seed(0)
+    text = {
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
+    if kind == "clip":
+        # The BERT vocabulary's [SEP] (102) ends a text, as <|endoftext|> does in CLIP's.
+        text.update(eos_token_id=102, bos_token_id=101, pad_token_id=0)
+        config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        model = transformers.CLIPModel(config)
+        processor = transformers.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+    else:
+        text["max_position_embeddings"] = 16
+        model = transformers.SiglipModel(
+            transformers.SiglipConfig(text_config=text, vision_config=vision)
+        )
+        processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    model.eval().save_pretrained(target)
+    processor.save_pretrained(target)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    return _tiny_two_tower("clip", tmp_path_factory.mktemp("models") / "tiny-clip", minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    return _tiny_two_tower("siglip", tmp_path_factory.mktemp("models") / "tiny-siglip", minilm_dir)
+
+
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the shipped demo images (RGB, grayscale, RGBA; JPEG and PNG)."""

@@ -12,13 +12,17 @@ from typing import Any
 
 from ducho_fast.config.schema import MODALITIES, ORIGINS
 
-_MODEL_RENAMES = {"name": "model_name"}
+_MODEL_RENAMES = {"name": "model_name", "image_processor_name": "image_processor"}
+# Lists whose mappings are separate entries, never merged into one.
+_LISTS_OF_MAPPINGS = ("model", "output_layers", "fusion")
 _BLOCK_RENAMES = {"interaction_column": "interaction_columns"}
 
 
 def normalize(raw: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of ``raw`` in ducho-fast's canonical spelling."""
     data = _flatten(raw)
+    if isinstance(data.get("fusion"), dict):
+        data["fusion"] = [data["fusion"]]
     for modality in MODALITIES:
         section = data.get(modality)
         if not isinstance(section, dict):
@@ -36,7 +40,7 @@ def _flatten(value: Any, key: str = "") -> Any:
         return {k: _flatten(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         items = [_flatten(v, key) for v in value]
-        if key != "model" and items and all(isinstance(v, dict) for v in items):
+        if key not in _LISTS_OF_MAPPINGS and items and all(isinstance(v, dict) for v in items):
             merged: dict[str, Any] = {}
             for v in items:
                 merged.update(v)

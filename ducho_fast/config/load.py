@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 
 from ducho_fast.config import compat
-from ducho_fast.config.model import Config, Job, ModelSpec, OutputOptions, RuntimeOptions
+from ducho_fast.config.fusion import fusion_specs
+from ducho_fast.config.model import Config, Job, Layer, ModelSpec, OutputOptions, RuntimeOptions
 from ducho_fast.config.overrides import apply_override
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
 from ducho_fast.errors import ConfigError, NotSupportedYet
 
-RUNS_NOW = {("visual", "items"), ("textual", "items")}
+RUNS_NOW = {("visual", "items"), ("textual", "items"), ("visual_textual", "items")}
 NEEDS_LAYERS = {"torch", "sentence_transformers"}
 
 
@@ -95,14 +96,16 @@ def _resolve(data: dict[str, Any], name: str, cwd: Path) -> Config:
         for o in ORIGINS
         if o in data[m]
     )
-    if not jobs:
+    if not jobs and not data.get("fusion"):
         raise ConfigError(
             f"{name}: nothing to extract. Add a block such as 'visual.items' or 'textual.items' "
             "with input_path, output_path and model."
         )
     runtime = RuntimeOptions(**data["runtime"])
     runtime = _apply_gpu_list(runtime, data.get("gpu list"), name)
+    fusions = fusion_specs(data.get("fusion") or [], jobs, name, dataset_path)
     return Config(
+        fusions=fusions,
         source=name,
         dataset_path=dataset_path,
         store=(cwd / data["store"]).resolve(),
@@ -153,10 +156,10 @@ def _job(
     if (modality, origin) not in RUNS_NOW:
         raise NotSupportedYet(
             f"{name}: '{where}' is understood but not supported yet by this version of "
-            "ducho-fast (it runs visual.items and textual.items). Remove the block to go on."
+            "ducho-fast (it runs visual.items, textual.items and visual_textual.items). "
+            "Remove the block to go on."
         )
-    if not isinstance(block["input_path"], str) or not isinstance(block["output_path"], str):
-        raise ConfigError(f"{name}: '{where}.input_path' and '.output_path' must be strings.")
+    paths = _paths(block, modality, where, name, dataset)
     models = tuple(
         _model(m, modality, origin, f"{where}.model.{i}", name, dataset, cwd)
         for i, m in enumerate(block["model"])
@@ -164,12 +167,45 @@ def _job(
     return Job(
         modality=modality,
         origin=origin,
-        input_path=(dataset / block["input_path"]).resolve(),
-        output_path=(dataset / block["output_path"]).resolve(),
         models=models,
         item_column=block.get("item_column"),
         text_column=block.get("text_column"),
+        unpaired=block.get("unpaired", "skip"),
+        **paths,
     )
+
+
+def _paths(
+    block: dict[str, Any], modality: str, where: str, name: str, dataset: Path
+) -> dict[str, Path]:
+    """Input and output paths; a visual_textual block gives ``{visual: …, textual: …}``."""
+    two = modality == "visual_textual"
+    for key in ("input_path", "output_path"):
+        value = block[key]
+        if two and not (isinstance(value, dict) and set(value) == {"visual", "textual"}):
+            raise ConfigError(
+                f"{name}: key '{where}.{key}' must map both modalities, e.g. "
+                f"{{visual: images, textual: descriptions.tsv}}; found {value!r}."
+            )
+        if two and not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{name}: the values of '{where}.{key}' must be strings.")
+        if not two and not isinstance(value, str):
+            raise ConfigError(
+                f"{name}: key '{where}.{key}' must be a string for {modality} blocks "
+                f"(a {{visual, textual}} mapping is for visual_textual blocks); found {value!r}."
+            )
+    if not two:
+        return {
+            "input_path": (dataset / block["input_path"]).resolve(),
+            "output_path": (dataset / block["output_path"]).resolve(),
+        }
+    inputs, outputs = block["input_path"], block["output_path"]
+    return {
+        "input_path": (dataset / inputs["visual"]).resolve(),
+        "output_path": (dataset / outputs["visual"]).resolve(),
+        "text_input_path": (dataset / inputs["textual"]).resolve(),
+        "text_output_path": (dataset / outputs["textual"]).resolve(),
+    }
 
 
 def _model(
@@ -185,7 +221,7 @@ def _model(
             "supported yet by this version of ducho-fast. Use backend: torch for visual models."
         )
     _check_backend_fits(backend, modality, where, name)
-    layers = tuple(m.get("output_layers") or _default_layers(backend, where, name))
+    layers = _layers(m.get("output_layers"), modality, backend, where, name)
     spec = ModelSpec(
         modality=modality,
         origin=origin,
@@ -208,6 +244,8 @@ def _model(
         max_length=m.get("max_length"),
         local_path=find_local(m["model_name"], dataset, cwd),
         weights_path=_weights_path(m.get("weights"), where, name, dataset, cwd),
+        fusion=m.get("fusion"),
+        image_processor=m.get("image_processor"),
     )
     _check_model(spec, m, name)
     return spec
@@ -215,16 +253,40 @@ def _model(
 
 def _default_backend(modality: str) -> str:
     # Ducho tries transformers first for text and torch for images.
-    return "transformers" if modality == "textual" else "torch"
+    return "torch" if modality == "visual" else "transformers"
 
 
 def _check_backend_fits(backend: str, modality: str, where: str, name: str) -> None:
-    fits = {"visual": ("torch", "tensorflow"), "textual": ("transformers", "sentence_transformers")}
+    fits = {
+        "visual": ("torch", "tensorflow"),
+        "textual": ("transformers", "sentence_transformers"),
+        "visual_textual": ("transformers",),
+    }
     if backend not in fits.get(modality, (backend,)):
         raise ConfigError(
             f"{name}: '{where}.backend' is '{backend}', which does not extract {modality} "
             f"features. Allowed for {modality}: {', '.join(fits[modality])}."
         )
+
+
+def _layers(
+    value: list[Any] | None, modality: str, backend: str, where: str, name: str
+) -> tuple[Layer, ...]:
+    if not value:
+        # Ducho's two-tower default: the projected embeddings.
+        return (1,) if modality == "visual_textual" else _default_layers(backend, where, name)
+    layers: list[Layer] = []
+    for i, layer in enumerate(value):
+        if not isinstance(layer, dict):
+            layers.append(layer)
+        elif modality != "visual_textual" or set(layer) != {"visual", "textual"}:
+            raise ConfigError(
+                f"{name}: key '{where}.output_layers.{i}' is a mapping {layer!r}; only "
+                "visual_textual models take one, with both keys: {visual: PATH, textual: PATH}."
+            )
+        else:
+            layers.append((layer["visual"], layer["textual"]))
+    return tuple(layers)
 
 
 def _default_layers(backend: str, where: str, name: str) -> tuple[str, ...]:
@@ -260,6 +322,13 @@ def _check_model(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
             f"(found {list(spec.output_layers)!r}). Hint: run "
             f"`ducho-fast layers torch {spec.model_name}`"
         )
+    if spec.modality == "visual_textual":
+        _check_two_tower(spec, raw, name)
+    elif spec.fusion is not None:
+        raise ConfigError(
+            f"{name}: key '{where}.fusion' only applies to visual_textual models. To fuse "
+            "separately extracted modalities, add a top-level 'fusion' entry (see the README)."
+        )
     if ("mean" in raw or "std" in raw) and spec.preprocessing != "zscore":
         raise ConfigError(
             f"{name}: '{where}' sets mean/std, which only apply with preprocessing: zscore "
@@ -269,6 +338,16 @@ def _check_model(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
         raise ConfigError(
             f"{name}: '{where}.mean' and '.std' need three values each, std without zeros."
         )
+
+
+def _check_two_tower(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
+    for key in ("reshape", "preprocessing", "mean", "std", "architecture", "weights"):
+        if raw.get(key) is not None:
+            raise ConfigError(
+                f"{name}: key '{spec.key_path}.{key}' does not apply to visual_textual models: "
+                "their image processor (resize, crop, normalization) comes with the model. "
+                "Remove the key, or name another processor with image_processor."
+            )
 
 
 def find_local(model_name: str, dataset: Path, cwd: Path) -> Path | None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-Layer = str | int
+Layer = str | int | tuple[str, str]  # a tuple: (image tower path, text tower path)
+TOWERS = ("image", "text")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ModelSpec:
     max_length: int | None = None
     local_path: Path | None = None
     weights_path: Path | None = None
+    fusion: str | None = None
+    image_processor: str | None = None
+    tower: str | None = None  # "image" | "text": one tower of a visual_textual model
 
     @property
     def model_dir(self) -> str:
@@ -43,6 +47,43 @@ class ModelSpec:
                 Path(self.model_name).stem if _looks_like_file(self.model_name) else self.model_name
             )
         return self.model_name
+
+    def towers(self) -> tuple[ModelSpec, ...]:
+        """The specs ``export`` and ``extract`` work on: each tower of a two-tower model."""
+        if self.modality != "visual_textual" or self.tower is not None:
+            return (self,)
+        return tuple(replace(self, tower=t) for t in TOWERS)
+
+    def layer_labels(self) -> list[str]:
+        """The ``<layer>`` folder names, one per ``output_layers`` entry."""
+        return [layer_label(layer, self.tower) for layer in self.output_layers]
+
+    def tower_layers(self) -> list[str]:
+        """This tower's ``output_layers`` as graph paths (two-tower models only)."""
+        return [tower_path(layer, self.tower or "image") for layer in self.output_layers]
+
+
+def layer_label(layer: Layer, tower: str | None = None) -> str:
+    """Ducho's ``<layer>`` folder name: ``str(output_layer)``; a pair names each tower's path."""
+    if isinstance(layer, tuple):
+        return layer[0] if tower == "image" else layer[1] if tower == "text" else "+".join(layer)
+    return str(layer)
+
+
+def tower_path(layer: Layer, tower: str) -> str:
+    """What a two-tower layer means for one tower.
+
+    An integer is the projected, normalized embedding (``image_embeds`` / ``text_embeds``); a
+    ``vision_model_output.X`` path implies ``text_model_output.X`` for the text tower and back.
+    """
+    if isinstance(layer, tuple):
+        return layer[0] if tower == "image" else layer[1]
+    if isinstance(layer, int) or layer in ("image_embeds", "text_embeds"):
+        return "image_embeds" if tower == "image" else "text_embeds"
+    head, _, rest = layer.partition(".")
+    if head in ("vision_model_output", "text_model_output"):
+        return f"{'vision' if tower == 'image' else 'text'}_model_output.{rest}"
+    return layer
 
 
 def _looks_like_file(name: str) -> bool:
@@ -60,10 +101,35 @@ class Job:
     models: tuple[ModelSpec, ...]
     item_column: str | None = None
     text_column: str | None = None
+    # visual_textual blocks: input_path/output_path above are the visual ones.
+    text_input_path: Path | None = None
+    text_output_path: Path | None = None
+    unpaired: str = "skip"
 
     @property
     def name(self) -> str:
         return f"{self.modality}.{self.origin}"
+
+
+@dataclass(frozen=True)
+class FusionInput:
+    """One side of a fusion: a folder of per-item ``.npy`` files, maybe a model's output."""
+
+    label: str
+    folder: Path | None  # None: the output folder of ``model_key``'s ``layer``
+    model_key: str | None = None  # ``visual.items.model.0`` when it names a config entry
+    layer: str | None = None
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """A ``fusion`` entry: features of separately extracted modalities, joined by item id."""
+
+    key_path: str
+    inputs: tuple[FusionInput, ...]
+    mode: str
+    normalize: bool
+    output_path: Path
 
 
 @dataclass(frozen=True)
@@ -92,6 +158,11 @@ class Config:
     runtime: RuntimeOptions
     output: OutputOptions
     resolved: dict[str, Any]
+    fusions: tuple[FusionSpec, ...] = ()
 
     def models(self) -> list[ModelSpec]:
         return [m for job in self.jobs for m in job.models]
+
+    def graphs(self) -> list[ModelSpec]:
+        """One spec per exported graph: two-tower models count twice."""
+        return [t for m in self.models() for t in m.towers()]

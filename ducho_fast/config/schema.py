@@ -14,6 +14,7 @@ from ducho_fast.errors import ConfigError, did_you_mean
 
 MODALITIES = ("visual", "textual", "audio", "visual_textual")
 ORIGINS = ("items", "interactions")
+FUSION_MODES = ("concat", "sum", "mul", "mean")
 BACKENDS = ("torch", "tensorflow", "transformers", "sentence_transformers")
 
 
@@ -33,7 +34,11 @@ _INT = Key((int,))
 _BOOL = Key((bool,))
 _NUM = Key((int, float))
 _NUM_LIST = Key((list,), item=_NUM)
-_LAYER = Key((str, int))
+_LAYER = Key(
+    (str, int, dict),
+    children={"visual": Key((str,)), "textual": Key((str,))},
+    doc="layer name or index; two-tower models: {visual: path, textual: path}",
+)
 
 MODEL_KEYS: dict[str, Key] = {
     "model_name": Key((str,), doc="torchvision name, local file or folder"),
@@ -45,7 +50,7 @@ MODEL_KEYS: dict[str, Key] = {
     "std": _NUM_LIST,
     "clear_text": _BOOL,
     "batch_size": _INT,
-    "fusion": Key((str,), choices=("concat", "sum", "mul", "mean")),
+    "fusion": Key((str,), choices=FUSION_MODES),
     "tokenizer_name": _STR,
     "image_processor": _STR,
     "task": _STR,
@@ -62,6 +67,7 @@ BLOCK_KEYS: dict[str, Key] = {
     "item_column": _STR,
     "text_column": _STR,
     "interaction_columns": Key((list,), item=_STR),
+    "unpaired": Key((str,), choices=("skip", "fail"), doc="visual_textual: ids in one modality"),
     "model": Key((list,), item=Key((dict,), children=MODEL_KEYS)),
 }
 
@@ -78,6 +84,15 @@ RUNTIME_KEYS: dict[str, Key] = {
 
 OUTPUT_KEYS: dict[str, Key] = {"squeeze": _BOOL}
 
+FUSION_KEYS: dict[str, Key] = {
+    "inputs": Key(
+        (list,), item=_STR, doc="model entries (visual.items.model.0[:layer]) or folders"
+    ),
+    "mode": Key((str,), choices=FUSION_MODES),
+    "normalize": _BOOL,
+    "output_path": _STR,
+}
+
 TOP_KEYS: dict[str, Key] = {
     "dataset_path": _STR,
     "gpu list": Key((str, int, list)),
@@ -85,6 +100,7 @@ TOP_KEYS: dict[str, Key] = {
     "runtime": Key((dict,), children=RUNTIME_KEYS),
     "output": Key((dict,), children=OUTPUT_KEYS),
     "model": Key((dict,), children=MODEL_KEYS, doc="defaults for every model entry"),
+    "fusion": Key((list,), item=Key((dict,), children=FUSION_KEYS)),
     **{m: Key((dict,), children=MODALITY_KEYS) for m in MODALITIES},
 }
 

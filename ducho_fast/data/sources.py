@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from ducho_fast.data.ids import unsafe_reason
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tsv import read_text_items
-from ducho_fast.data.visual.images import list_images, load_image
+from ducho_fast.data.visual.images import list_images, prepare_image
 from ducho_fast.errors import DataError
 
 
@@ -29,10 +30,11 @@ def job_items(job: Job) -> Items:
         listed, ignored = list_images(job.input_path)
     else:
         listed, ignored = read_text_items(job.input_path, job.item_column, job.text_column), []
-    return _check_ids(listed, ignored)
+    return check_ids(listed, ignored)
 
 
-def _check_ids(listed: list[Item], ignored: list[Path]) -> Items:
+def check_ids(listed: list[Item], ignored: list[Path]) -> Items:
+    """Unsafe and duplicate ids become bad items; the first of duplicates is kept."""
     out = Items(ignored=ignored)
     first_seen: dict[str, str] = {}
     for item in listed:
@@ -48,11 +50,13 @@ def _check_ids(listed: list[Item], ignored: list[Path]) -> Items:
 
 
 class ImageLoader:
-    def __init__(self, reshape: tuple[int, int] | None) -> None:
-        self.reshape = reshape
+    """Decodes and resizes as the artifact's manifest says (``preprocessing``)."""
+
+    def __init__(self, preprocessing: Mapping[str, Any]) -> None:
+        self.preprocessing = preprocessing
 
     def __call__(self, item: Item) -> Any:
-        return load_image(item.raw, self.reshape)
+        return prepare_image(item.raw, self.preprocessing)
 
 
 class TextLoader:
@@ -68,7 +72,8 @@ class TextLoader:
         return clear_text(text) if self.clean else text
 
 
-def loader_for(spec: ModelSpec) -> ImageLoader | TextLoader:
-    if spec.modality == "visual":
-        return ImageLoader(spec.reshape)
+def loader_for(spec: ModelSpec, manifest: Mapping[str, Any]) -> ImageLoader | TextLoader:
+    """The reader of one model's inputs, from its config entry and its artifact's manifest."""
+    if manifest["modality"] == "visual":
+        return ImageLoader(manifest["preprocessing"])
     return TextLoader(spec.clear_text)

@@ -13,9 +13,14 @@ from ducho_fast.exporters.base import ExportResult, export_with
 from ducho_fast.exporters.registry import get_exporter, list_backends
 
 
-def export_model(spec: ModelSpec, store: Path, *, force: bool = False) -> ExportResult:
-    """Export one config entry to a parity-checked artifact (reused when already valid)."""
-    return export_with(get_exporter(spec.backend), spec, store, force=force)
+def export_model(spec: ModelSpec, store: Path, *, force: bool = False) -> list[ExportResult]:
+    """Export one config entry to parity-checked artifacts (reused when already valid).
+
+    One artifact per graph: a two-tower model gives one per tower, from one loaded model.
+    """
+    backend = f"{spec.backend}_two_tower" if spec.modality == "visual_textual" else spec.backend
+    exporter = get_exporter(backend)
+    return [export_with(exporter, graph, store, force=force) for graph in spec.towers()]
 
 
 __all__ = ["ExportResult", "export_model", "list_backends"]

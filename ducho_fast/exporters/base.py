@@ -51,6 +51,7 @@ class Built:
     source: dict[str, Any]
     files: dict[str, Any] = field(default_factory=dict)  # name -> callable(path) writing it
     reference: Any = None  # whatever the adapter's reference() needs (the eager model)
+    modality: str | None = None  # the graph's input modality when not the spec's (towers)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ class Exporter(ABC):
     @abstractmethod
     def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
         """The source framework's per-item output ``{layer: array}`` for one input."""
+
+    def reference_item(self, built: Built, raw: Any, payload: Any) -> dict[str, np.ndarray]:
+        """The reference for one sample; adapters whose framework decodes ``raw`` itself
+        (an image processor's own resize) override this."""
+        return self.reference(built, payload)
 
 
 def export_with(exporter: Exporter, spec: ModelSpec, store: Path, *, force: bool) -> ExportResult:
@@ -122,10 +128,11 @@ def _manifest(spec: ModelSpec, built: Built, slug: str) -> dict[str, Any]:
     return {
         "ducho_fast_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "modality": spec.modality,
+        "modality": built.modality or spec.modality,
+        "tower": spec.tower,
         "source": {"backend": spec.backend, "model_name": spec.model_name, **built.source},
         "key": graph_key(spec),
-        "layers": [str(x) for x in spec.output_layers],
+        "layers": spec.layer_labels(),
         "inputs": built.inputs,
         "outputs": built.outputs,
         "preprocessing": built.preprocessing,
@@ -170,10 +177,11 @@ def check_parity(
     from ducho_fast.runtime.embedder import Embedder
 
     embedder = Embedder(draft)
-    payloads = [embedder.prepare(x) for x in exporter.samples(spec, built)]
+    raws = exporter.samples(spec, built)
+    payloads = [embedder.prepare(x) for x in raws]
     ours = embedder.run_prepared(payloads)
     with import_torch().no_grad():
-        refs = [exporter.reference(built, p) for p in payloads]
+        refs = [exporter.reference_item(built, r, p) for r, p in zip(raws, payloads, strict=True)]
     per_layer = {layer: _compare(ours, refs, layer) for layer in embedder.layers}
     passed = all(r["passed"] for r in per_layer.values())
     result = {

@@ -88,7 +88,7 @@ class TransformersExporter(Exporter):
         tokenizer = load_pretrained(
             transformers.AutoTokenizer, spec.tokenizer_name or source, spec, "tokenizer"
         )
-        layers = [_layer(x) for x in spec.output_layers]
+        layers = [_layer(x) for x in spec.layer_labels()]
         check_layers(
             [str(x) for x in layers],
             [str(x) for x in available_layers(model)],
@@ -108,7 +108,7 @@ class TransformersExporter(Exporter):
             example=example,
             input_names=names,
             dynamic_axes=axes,
-            outputs=[_output(i, spec.output_layers[i], s) for i, s in enumerate(shapes)],
+            outputs=[_output(i, layers[i], s) for i, s in enumerate(shapes)],
             inputs=inputs,
             preprocessing=text_preprocessing(tokenizer, limit),
             source={

@@ -34,3 +34,4 @@ def get_exporter(backend: str) -> Any:
 register("torch", "ducho_fast.exporters.pt:TorchExporter")
 register("transformers", "ducho_fast.exporters.hf:TransformersExporter")
 register("sentence_transformers", "ducho_fast.exporters.st:SentenceTransformersExporter")
+register("transformers_two_tower", "ducho_fast.exporters.hf_towers:TowersExporter")

@@ -28,14 +28,16 @@ def model_dir_parts(spec: ModelSpec) -> list[str]:
 
 
 def layer_dir(job: Job, spec: ModelSpec, layer: str | int) -> Path:
-    return job.output_path.joinpath(spec.backend_dir, *model_dir_parts(spec), str(layer))
+    root = job.text_output_path if spec.tower == "text" else job.output_path
+    assert root is not None
+    return root.joinpath(spec.backend_dir, *model_dir_parts(spec), str(layer))
 
 
 class DuchoWriter:
     """Writes one model's per-item outputs in Ducho's layout."""
 
     def __init__(self, job: Job, spec: ModelSpec, *, squeeze: bool) -> None:
-        self._dirs = {str(layer): layer_dir(job, spec, layer) for layer in spec.output_layers}
+        self._dirs = {label: layer_dir(job, spec, label) for label in spec.layer_labels()}
         self._squeeze = squeeze
 
     @property

@@ -20,7 +20,7 @@ from ducho_fast.artifact import Artifact, load_artifact
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import TextEncoder
-from ducho_fast.data.visual.images import load_image
+from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import DataError
 from ducho_fast.runtime.session import SessionInfo, make_session
 
@@ -52,15 +52,19 @@ class Embedder:
 
     def _make_encoder(self) -> TextEncoder:
         pre = self.manifest["preprocessing"]
-        return TextEncoder(self.artifact.tokenizer_path, pre["max_length"], pre["pad_id"])
+        return TextEncoder(
+            self.artifact.tokenizer_path,
+            pre["max_length"],
+            pre["pad_id"],
+            pad_to_max=pre.get("padding") == "max_length",
+        )
 
     # -- host-side preparation -------------------------------------------------------------
 
     def prepare(self, raw: Any) -> Any:
         """Decode one raw input (path, array, PIL image or text) as the pipeline's readers do."""
         if self.modality == "visual":
-            resize = self.manifest["preprocessing"].get("resize")
-            return load_image(raw, tuple(resize) if resize else None)
+            return prepare_image(raw, self.manifest["preprocessing"])
         if not isinstance(raw, str):
             raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
         return raw

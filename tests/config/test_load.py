@@ -139,7 +139,7 @@ def test_transformers_layer_defaults_to_pooler_output(tmp_path: Path) -> None:
     ("block", "origin"),
     [
         ("audio", "items"),
-        ("visual_textual", "items"),
+        ("visual_textual", "interactions"),
         ("textual", "interactions"),
         ("visual", "interactions"),
     ],

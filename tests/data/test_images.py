@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ducho_fast.data.sources import _check_ids
+from ducho_fast.data.sources import check_ids
 from ducho_fast.data.visual.images import list_images, load_image
 from ducho_fast.errors import DataError
 from tests.conftest import write_image
@@ -58,7 +58,7 @@ def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> No
     for name in ["a.jpg", "a.png", "b.jpg"]:
         write_image(tmp_path / name)
     items, _ = list_images(tmp_path)
-    checked = _check_ids(items, [])
+    checked = check_ids(items, [])
     assert [i.item_id for i in checked.good] == ["a", "b"]
     assert "duplicate id" in checked.bad[0].reason
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -43,16 +45,61 @@ def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
     return [Item(image_id(p), str(p), p) for p in images], others
 
 
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
 def load_image(
     source: Path | np.ndarray | Image.Image, reshape: tuple[int, int] | None
 ) -> np.ndarray:
     """Decode to RGB uint8 (H, W, 3), resized bicubically to ``reshape`` (width, height)."""
+    return prepare_image(source, {"resize": reshape})
+
+
+def prepare_image(source: Path | np.ndarray | Image.Image, pre: Mapping[str, Any]) -> np.ndarray:
+    """Decode and resize as an artifact's manifest says; the graph does the rest.
+
+    ``pre`` keys: ``resize`` [width, height], or ``resize_shortest_edge`` (aspect kept, as
+    Transformers image processors do); ``crop`` [width, height] (centred); ``interpolation``.
+    """
     image = _open(source)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if reshape is not None:
-        image = image.resize(reshape, resample=Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    resample = RESAMPLING[pre.get("interpolation") or "bicubic"]
+    if pre.get("resize"):
+        image = image.resize(tuple(pre["resize"]), resample=resample)
+    elif pre.get("resize_shortest_edge"):
+        size = shortest_edge_size(image.size, int(pre["resize_shortest_edge"]))
+        image = image.resize(size, resample=resample)
+    array = np.asarray(image, dtype=np.uint8)
+    return center_crop(array, tuple(pre["crop"])) if pre.get("crop") else array
+
+
+def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to ``edge``, the long one truncated."""
+    width, height = size
+    if width <= height:
+        return edge, int(edge * height / width)
+    return int(edge * width / height), edge
+
+
+def center_crop(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """The centred (width, height) window; zero padding where the image is smaller."""
+    width, height = int(size[0]), int(size[1])
+    h, w = array.shape[:2]
+    if h < height or w < width:
+        padded = np.zeros((max(h, height), max(w, width), 3), dtype=np.uint8)
+        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
+        padded[top : top + h, left : left + w] = array
+        array, h, w = padded, padded.shape[0], padded.shape[1]
+    top, left = (h - height) // 2, (w - width) // 2
+    return np.ascontiguousarray(array[top : top + height, left : left + width])
 
 
 def _open(source: Path | np.ndarray | Image.Image) -> Image.Image:

@@ -1,0 +1,269 @@
+"""Fusion of per-item features: ``concat | sum | mul | mean`` as Ducho 2.0, joined by item id.
+
+Inputs are folders of ``<id>.npy`` files (one modality's features each); the fused feature of
+an id is written only when every input has it, and ids missing from some input are reported.
+Ducho computes on its (1, D) arrays: concat along the feature axis, element-wise sum and
+product, and ``np.mean`` over the stacked inputs; the same numpy operations run here, for every
+batch size (Ducho writes the visual embedding unfused when a batch holds one item).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ducho_fast.artifact import Artifact
+from ducho_fast.config.model import (
+    Config,
+    FusionInput,
+    FusionSpec,
+    Job,
+    Layer,
+    ModelSpec,
+    layer_label,
+)
+from ducho_fast.data.items import ItemError
+from ducho_fast.errors import ConfigError, DataError, OutputError
+from ducho_fast.outputs.atomic import save_npy
+from ducho_fast.outputs.ducho import layer_dir, model_dir_parts
+
+ELEMENTWISE = ("sum", "mul", "mean")
+
+
+@dataclass
+class FusionResult:
+    """What one fusion wrote, and which ids it could not fuse (and why)."""
+
+    output: Path
+    written: int = 0
+    missing: list[ItemError] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+
+
+def check_dims(dims: Sequence[int], labels: Sequence[str], mode: str, where: str) -> None:
+    """Element-wise fusion needs one dimension; said before any work starts."""
+    if mode in ELEMENTWISE and len(set(dims)) > 1:
+        shown = ", ".join(f"{label} ({d})" for label, d in zip(labels, dims, strict=True))
+        raise ConfigError(
+            f"'{where}': fusion '{mode}' is element-wise and needs features of one dimension; "
+            f"found {shown}. Use fusion: concat, or choose layers of equal size."
+        )
+
+
+def fuse(vectors: Sequence[np.ndarray], mode: str, *, normalize: bool = False) -> np.ndarray:
+    """Fuse one item's features (each (D,) or (1, D)) into a (1, D') float32 array."""
+    rows = [_row(v) for v in vectors]
+    if normalize:
+        rows = [_unit(r) for r in rows]
+    if mode == "concat":
+        return np.concatenate(rows, axis=1)
+    if len({r.shape for r in rows}) > 1:
+        raise DataError(f"'{mode}' needs equal shapes, found {[r.shape[1] for r in rows]}")
+    stacked = np.stack(rows)
+    if mode == "sum":
+        return np.sum(stacked, axis=0)
+    if mode == "mul":
+        return np.prod(stacked, axis=0)
+    if mode == "mean":
+        return np.mean(stacked, axis=0)
+    raise ConfigError(f"unknown fusion mode {mode!r}; allowed: concat, sum, mul, mean.")
+
+
+def _row(value: np.ndarray) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float32)
+    if array.ndim == 0 or array.size != array.shape[-1]:
+        raise DataError(
+            f"fusion needs one vector per item, found an array of shape {array.shape} "
+            "(token- or patch-level features); fuse pooled layers instead"
+        )
+    return array.reshape(1, -1)
+
+
+def _unit(row: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(row))
+    return row / np.float32(norm) if norm > 0 else row
+
+
+def feature_ids(folder: Path) -> dict[str, Path]:
+    """``{id: file}`` for the ``.npy`` features in ``folder`` (temporary files skipped)."""
+    if not folder.is_dir():
+        raise DataError(
+            f"feature folder {folder} does not exist. Extract that modality first, or fix the "
+            "fusion input."
+        )
+    return {
+        p.name[: -len(".npy")]: p
+        for p in sorted(folder.iterdir())
+        if p.suffix == ".npy" and not p.name.startswith(".tmp-") and p.is_file()
+    }
+
+
+def fuse_folders(
+    folders: Sequence[Path],
+    output: Path,
+    mode: str,
+    *,
+    normalize: bool = False,
+    squeeze: bool = False,
+    where: str = "fusion",
+    order: Sequence[str] | None = None,
+) -> FusionResult:
+    """Fuse the features every folder has for an id into ``output/<id>.npy``.
+
+    Args:
+        order: ids in the order to write (by default the first folder's sorted order).
+    """
+    found = [feature_ids(f) for f in folders]
+    result = FusionResult(output)
+    ids = [i for i in (order or list(found[0])) if all(i in f for f in found)]
+    result.missing = _missing(found, folders, set(ids))
+    if ids:
+        first = [np.load(f[ids[0]]) for f in found]
+        check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
+    for item_id in ids:
+        try:
+            fused = fuse([np.load(f[item_id]) for f in found], mode, normalize=normalize)
+        except (DataError, ValueError, OSError) as e:
+            result.errors.append(ItemError(item_id, str(found[0][item_id]), str(e)))
+            continue
+        _save(output / f"{item_id}.npy", fused[0] if squeeze else fused)
+        result.written += 1
+    return result
+
+
+def _missing(
+    found: list[dict[str, Path]], folders: Sequence[Path], fused: set[str]
+) -> list[ItemError]:
+    missing = []
+    for index, features in enumerate(found):
+        for item_id, path in features.items():
+            if item_id in fused:
+                continue
+            absent = [str(folders[j]) for j, f in enumerate(found) if item_id not in f]
+            if absent and index == min(j for j, f in enumerate(found) if item_id in f):
+                reason = f"not fused: no feature in {', '.join(absent)}"
+                missing.append(ItemError(item_id, str(path), reason))
+    return missing
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    try:
+        save_npy(path, array.astype(np.float32, copy=False))
+    except OSError as e:
+        raise OutputError(
+            f"cannot write {path}: {e.strerror or e}. Check that the output folder is writable "
+            "and has free space."
+        ) from e
+
+
+# -- fusions a config asks for ---------------------------------------------------------------
+
+
+@dataclass
+class FusionRun:
+    """One configured fusion: a two-tower model's ``fusion`` key, or a ``fusion`` entry."""
+
+    key: str
+    mode: str
+    results: list[FusionResult] = field(default_factory=list)
+
+
+def fused_dir(job: Job, spec: ModelSpec, layer: Layer) -> Path:
+    """Ducho's ``<visual_out>_<textual_out>_<fusion>/<backend>/<model dir>/<layer>``."""
+    assert job.text_output_path is not None and spec.fusion is not None
+    name = f"{job.output_path.name}_{job.text_output_path.name}_{spec.fusion}"
+    root = job.output_path.parent / name
+    return root.joinpath(spec.backend_dir, *model_dir_parts(spec), layer_label(layer))
+
+
+def tower_fusion(
+    job: Job, spec: ModelSpec, *, squeeze: bool, ids: Sequence[str] | None = None
+) -> FusionRun:
+    """Fuse a two-tower model's image and text features, layer by layer."""
+    assert spec.fusion is not None
+    image, text = spec.towers()
+    run = FusionRun(spec.key_path, spec.fusion)
+    for layer in spec.output_layers:
+        folders = [
+            layer_dir(job, image, layer_label(layer, "image")),
+            layer_dir(job, text, layer_label(layer, "text")),
+        ]
+        out = fused_dir(job, spec, layer)
+        where = f"{spec.key_path}.fusion"
+        run.results.append(
+            fuse_folders(folders, out, spec.fusion, squeeze=squeeze, where=where, order=ids)
+        )
+    return run
+
+
+def section_fusion(cfg: Config, fusion: FusionSpec) -> FusionRun:
+    """Run one entry of the top-level ``fusion`` section over existing features."""
+    folders = [_folder(cfg, i) for i in fusion.inputs]
+    result = fuse_folders(
+        folders,
+        fusion.output_path,
+        fusion.mode,
+        normalize=fusion.normalize,
+        squeeze=cfg.output.squeeze,
+        where=fusion.key_path,
+    )
+    return FusionRun(fusion.key_path, fusion.mode, [result])
+
+
+def _folder(cfg: Config, source: FusionInput) -> Path:
+    if source.folder is not None:
+        return source.folder
+    job, spec = _entry(cfg, source)
+    assert source.layer is not None
+    return layer_dir(job, spec, source.layer)
+
+
+def _entry(cfg: Config, source: FusionInput) -> tuple[Job, ModelSpec]:
+    for job in cfg.jobs:
+        for spec in job.models:
+            if spec.key_path == source.model_key:
+                return job, spec
+    raise ConfigError(f"no model entry {source.model_key!r}")  # config loading checked this
+
+
+def check_fusion_dims(cfg: Config, artifacts: Mapping[str, Artifact]) -> None:
+    """Every configured fusion's dimensions, from the artifacts, before any work starts.
+
+    ``artifacts`` maps ``graph_name(spec)`` to the artifact exported for that graph.
+    """
+    for spec in cfg.models():
+        if spec.fusion is None:
+            continue
+        image, text = spec.towers()
+        for layer in spec.output_layers:
+            outs = [
+                artifacts[graph_name(image)].output(layer_label(layer, "image")),
+                artifacts[graph_name(text)].output(layer_label(layer, "text")),
+            ]
+            _check_outputs(outs, ["image tower", "text tower"], spec.fusion, spec.key_path)
+    for fusion in cfg.fusions:
+        refs = [i for i in fusion.inputs if i.model_key is not None]
+        if len(refs) < 2:
+            continue  # folders are checked on their first item, before anything is written
+        outs = [artifacts[graph_name(_entry(cfg, i)[1])].output(str(i.layer)) for i in refs]
+        _check_outputs(outs, [i.label for i in refs], fusion.mode, fusion.key_path)
+
+
+def _check_outputs(outs: list[dict[str, Any]], labels: list[str], mode: str, where: str) -> None:
+    for out, label in zip(outs, labels, strict=True):
+        shape = out.get("item_shape") or [out["dim"]]
+        if out.get("per_token") or sum(1 for d in shape if d != 1) > 1:
+            raise ConfigError(
+                f"'{where}': {label} layer '{out['layer']}' gives token- or patch-level "
+                f"features {shape}; fusion needs one vector per item. Fuse pooled layers."
+            )
+    check_dims([int(o["dim"]) for o in outs], labels, mode, where)
+
+
+def graph_name(spec: ModelSpec) -> str:
+    """A key for one graph of a config: the entry's key path, plus the tower if any."""
+    return f"{spec.key_path}[{spec.tower}]" if spec.tower else spec.key_path

@@ -1,0 +1,170 @@
+"""Fusion: each mode against Ducho's numpy, joins by id, and the fusion section end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.errors import ConfigError, DataError
+from ducho_fast.fusion import check_dims, fuse, fuse_folders
+from tests.conftest import resnet18_entry, write_image
+
+
+def rows(seed: int, dim: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(1, dim)).astype(np.float32)
+
+
+def test_modes_match_duchos_numpy() -> None:
+    a, b = rows(0), rows(1)
+    # Ducho 2.0's VisualTextualDataset on its (1, D) arrays:
+    np.testing.assert_array_equal(fuse([a, b], "concat"), np.concatenate((a, b), axis=1))
+    np.testing.assert_array_equal(fuse([a, b], "sum"), np.add(a, b))
+    np.testing.assert_array_equal(fuse([a, b], "mul"), np.multiply(a, b))
+    np.testing.assert_array_equal(fuse([a, b], "mean"), np.mean((a, b), axis=0))
+    assert fuse([a[0], b[0]], "concat").shape == (1, 16)  # (D,) inputs (squeezed) work too
+
+
+def test_three_inputs_and_normalization() -> None:
+    a, b, c = rows(0), rows(1), rows(2)
+    np.testing.assert_allclose(fuse([a, b, c], "sum"), a + b + c, rtol=1e-6)
+    fused = fuse([a * 10, b], "concat", normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(fused[:, :8]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fused[:, 8:]), 1.0, rtol=1e-6)
+
+
+def test_elementwise_needs_one_dimension() -> None:
+    with pytest.raises(ConfigError, match=r"'f': fusion 'sum' is element-wise.*a \(8\), b \(4\)"):
+        check_dims([8, 4], ["a", "b"], "sum", "f")
+    check_dims([8, 4], ["a", "b"], "concat", "f")  # concat takes any sizes
+
+
+def test_token_level_features_are_refused() -> None:
+    with pytest.raises(
+        DataError, match=r"one vector per item, found an array of shape \(1, 3, 8\)"
+    ):
+        fuse([np.zeros((1, 3, 8), np.float32), rows(0)], "concat")
+
+
+def write_features(folder: Path, ids: list[str], dim: int, seed: int) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True)
+    out = {}
+    for k, item_id in enumerate(ids):
+        out[item_id] = rows(seed * 100 + k, dim)
+        np.save(folder / f"{item_id}.npy", out[item_id])
+    return out
+
+
+def test_folders_join_by_id_and_report_the_rest(tmp_path: Path) -> None:
+    a = write_features(tmp_path / "a", ["x1", "x2", "x3"], 8, 1)
+    b = write_features(tmp_path / "b", ["x3", "x1", "x9"], 4, 2)
+    np.save(tmp_path / "a" / "bad.npy", np.zeros((1, 5, 8), np.float32))
+    np.save(tmp_path / "b" / "bad.npy", rows(7, 4))
+    (tmp_path / "a" / ".tmp-123.npy").write_bytes(b"partial")  # an interrupted write: ignored
+    result = fuse_folders(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "out", "concat", squeeze=True
+    )
+    assert result.written == 2
+    for item_id in ("x1", "x3"):
+        fused = np.load(tmp_path / "out" / f"{item_id}.npy")
+        np.testing.assert_array_equal(fused, np.concatenate([a[item_id], b[item_id]], axis=1)[0])
+    assert sorted(e.item_id for e in result.missing) == ["x2", "x9"]
+    assert [e.item_id for e in result.errors] == ["bad"]
+
+
+def test_missing_feature_folder_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"does not exist. Extract that modality first"):
+        fuse_folders([tmp_path / "none", tmp_path / "b"], tmp_path / "out", "sum")
+
+
+# -- the fusion section: separately extracted modalities -------------------------------------
+
+
+def cross_modal(data: Path, weights: Path, minilm: Path, **fusion: Any) -> dict[str, Any]:
+    entry = {
+        "inputs": ["visual.items.model.0", "textual.items.model.0"],
+        "output_path": "fused",
+        **fusion,
+    }
+    return {
+        "dataset_path": str(data),
+        "store": str(data / "store"),
+        "visual": {
+            "items": {
+                "input_path": "images",
+                "output_path": "v",
+                "model": [resnet18_entry(weights)],
+            }
+        },
+        "textual": {
+            "items": {
+                "input_path": "t.tsv",
+                "output_path": "t",
+                "model": [
+                    {
+                        "model_name": str(minilm),
+                        "output_layers": [1],
+                        "backend": "sentence_transformers",
+                    }
+                ],
+            }
+        },
+        "fusion": [entry],
+    }
+
+
+@pytest.fixture()
+def items(tmp_path: Path) -> Path:
+    (tmp_path / "images").mkdir()
+    for i in range(1, 4):
+        write_image(tmp_path / "images" / f"i{i}.png", seed=i)
+    (tmp_path / "t.tsv").write_text("id\ttext\ni2\tsecond\ni1\tfirst\ni7\tno image\n")
+    return tmp_path
+
+
+def test_visual_and_text_features_fused_by_id(
+    items: Path, resnet18_state_dict: Path, minilm_dir: Path
+) -> None:
+    cfg = cross_modal(items, resnet18_state_dict, minilm_dir, mode="concat", normalize=True)
+    ducho_fast.export(cfg)
+    report = ducho_fast.extract(cfg)
+    (run,) = report.fusions
+    (result,) = run.results
+    assert result.written == 2 and sorted(e.item_id for e in result.missing) == ["i3", "i7"]
+    for item_id in ("i1", "i2"):
+        v = np.load(items / "v/torch/resnet18/avgpool" / f"{item_id}.npy")
+        t = np.load(
+            items / f"t/sentence_transformers/{str(minilm_dir).lstrip('/')}/1/{item_id}.npy"
+        )
+        expected = np.concatenate([v / np.linalg.norm(v), t / np.linalg.norm(t)], axis=1)
+        np.testing.assert_allclose(np.load(items / "fused" / f"{item_id}.npy"), expected, rtol=1e-6)
+    assert "no feature in" in (items / "fused" / "ducho-fast.errors.tsv").read_text()
+
+
+def test_cross_modal_elementwise_size_mismatch_fails_before_work(
+    items: Path, resnet18_state_dict: Path, minilm_dir: Path
+) -> None:
+    cfg = cross_modal(items, resnet18_state_dict, minilm_dir, mode="sum")
+    ducho_fast.export(cfg)
+    with pytest.raises(
+        ConfigError, match=r"'fusion.0': fusion 'sum' is element-wise.*\(512\).*\(384\)"
+    ):
+        ducho_fast.extract(cfg)
+    assert not (items / "v").exists() and not (items / "fused").exists()
+
+
+def test_fusion_only_config_runs_without_models(tmp_path: Path) -> None:
+    write_features(tmp_path / "old/visual", ["a", "b"], 4, 1)
+    write_features(tmp_path / "old/audio", ["b", "a"], 4, 2)
+    cfg = {
+        "dataset_path": str(tmp_path),
+        "fusion": {"inputs": ["old/visual", "old/audio"], "mode": "mean", "output_path": "f"},
+    }
+    (run,) = ducho_fast.fuse(cfg)
+    assert run.results[0].written == 2 and sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        "a.npy",
+        "b.npy",
+    ]

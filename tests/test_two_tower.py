@@ -1,0 +1,157 @@
+"""A visual_textual block end to end: pairing by id, Ducho's folders, fusion, `fuse` alone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import ducho_fast
+from ducho_fast.cli import app
+from ducho_fast.errors import ConfigError, DataError
+from tests.conftest import within_fp32_bounds, write_image
+from tests.exporters.test_towers import hf_reference
+
+MODEL = "models/tiny-clip"  # a relative model name: Ducho's folders nest it verbatim
+# Rows in another order than the images, one text without an image (T9), one image without text.
+ROWS = [
+    ("A3", "A book about rivers"),
+    ("A1", "Running shoes, size 42"),
+    ("T9", "only a text"),
+    ("A4", "Garden hose, 20 m"),
+    ("A2", "A red kettle"),
+]
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path, tiny_clip_dir: Path) -> Path:
+    shutil.copytree(tiny_clip_dir, tmp_path / MODEL)
+    (tmp_path / "images").mkdir()
+    for i, size in enumerate([(40, 30), (64, 64), (30, 90), (50, 50), (33, 33)], start=1):
+        write_image(tmp_path / "images" / f"A{i}.jpg", size, seed=i)
+    lines = ["asin\tdescription"] + [f"{i}\t{t}" for i, t in ROWS]
+    (tmp_path / "meta.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def config(data: Path, **model: Any) -> dict[str, Any]:
+    entry = {"model_name": MODEL, "backend": "transformers", "output_layers": [1], **model}
+    block: dict[str, Any] = {
+        "input_path": {"visual": "images", "textual": "meta.tsv"},
+        "output_path": {"visual": "visual_embeddings", "textual": "textual_embeddings"},
+        "item_column": "asin",
+        "text_column": "description",
+        "model": [entry],
+    }
+    return {
+        "dataset_path": str(data),
+        "store": str(data / "store"),
+        "visual_textual": {"items": block},
+    }
+
+
+def folder(data: Path, root: str) -> Path:
+    return data / root / "transformers" / MODEL / "1"
+
+
+def test_towers_are_paired_by_id_and_match_transformers(dataset: Path) -> None:
+    cfg = config(dataset, fusion="concat")
+    ducho_fast.export(cfg)
+    report = ducho_fast.extract(cfg)
+    assert report.failed == 0
+    assert sorted(e.item_id for e in report.unpaired["visual_textual.items"]) == ["A5", "T9"]
+    texts = dict(ROWS)
+    for item_id in ["A1", "A2", "A3", "A4"]:
+        image = np.load(folder(dataset, "visual_embeddings") / f"{item_id}.npy")
+        text = np.load(folder(dataset, "textual_embeddings") / f"{item_id}.npy")
+        image_ref = hf_reference(
+            dataset / MODEL, Image.open(dataset / f"images/{item_id}.jpg"), None
+        )
+        text_ref = hf_reference(dataset / MODEL, None, texts[item_id])
+        within_fp32_bounds(image, image_ref.image_embeds.numpy())  # (1, D) as Ducho saves
+        within_fp32_bounds(text, text_ref.text_embeds.numpy())
+        fused = np.load(
+            folder(dataset, "visual_embeddings_textual_embeddings_concat") / f"{item_id}.npy"
+        )
+        np.testing.assert_array_equal(fused, np.concatenate([image, text], axis=1))
+    for root in ("visual_embeddings", "textual_embeddings"):
+        assert sorted(p.stem for p in folder(dataset, root).glob("*.npy")) == [
+            "A1",
+            "A2",
+            "A3",
+            "A4",
+        ]
+    errors = (dataset / "visual_embeddings" / "ducho-fast.errors.tsv").read_text()
+    assert "A5\t" in errors and "T9\t" in errors and "unpaired" in errors
+
+
+def test_unpaired_fail_stops_before_any_work(dataset: Path) -> None:
+    cfg = config(dataset)
+    cfg["visual_textual"]["items"]["unpaired"] = "fail"
+    ducho_fast.export(cfg)
+    with pytest.raises(DataError, match=r"2 id\(s\) are in only one modality \('A5', 'T9'\)"):
+        ducho_fast.extract(cfg)
+    assert not list((dataset / "visual_embeddings").rglob("*.npy"))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mul", "mean"])
+def test_fuse_reuses_features_without_models(dataset: Path, mode: str) -> None:
+    ducho_fast.export(config(dataset))
+    ducho_fast.extract(config(dataset))
+    shutil.rmtree(dataset / "store")  # no artifact, no model: fusion reads the features
+    (run,) = ducho_fast.fuse(config(dataset, fusion=mode))
+    assert run.results[0].written == 4
+    for item_id in ["A1", "A2", "A3", "A4"]:
+        a = np.load(folder(dataset, "visual_embeddings") / f"{item_id}.npy")
+        b = np.load(folder(dataset, "textual_embeddings") / f"{item_id}.npy")
+        expected = {"sum": np.add(a, b), "mul": np.multiply(a, b), "mean": np.mean((a, b), axis=0)}
+        fused = np.load(
+            folder(dataset, f"visual_embeddings_textual_embeddings_{mode}") / f"{item_id}.npy"
+        )
+        np.testing.assert_array_equal(fused, expected[mode])
+
+
+def test_elementwise_fusion_of_different_sizes_fails_before_work(dataset: Path) -> None:
+    pair = {
+        "visual": "vision_model_output.pooler_output",
+        "textual": "text_model_output.pooler_output",
+    }
+    layers = [pair, 1]
+    ducho_fast.export(config(dataset, output_layers=layers))
+    cfg = config(dataset, output_layers=layers, fusion="sum")
+    # CLIP's projected outputs are both 16-d here: no error; the [image] last_hidden_state is not.
+    ducho_fast.extract(cfg)
+    token_level = {
+        "visual": "vision_model_output.last_hidden_state",
+        "textual": "text_model_output.pooler_output",
+    }
+    ducho_fast.export(config(dataset, output_layers=[token_level]))
+    shutil.rmtree(dataset / "visual_embeddings")
+    with pytest.raises(ConfigError, match=r"token- or patch-level features \[17, 32\]"):
+        ducho_fast.extract(config(dataset, output_layers=[token_level], fusion="mean"))
+    assert not (dataset / "visual_embeddings").exists()
+
+
+def test_cli_reports_pairs_towers_and_fusion(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    path = dataset / "config.yml"
+    path.write_text(yaml.safe_dump(config(dataset, fusion="concat")))
+    monkeypatch.chdir(dataset)
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(path)]).exit_code == 0
+    result = runner.invoke(app, ["extract", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "tiny-clip [image]: 4 written" in result.output
+    assert "tiny-clip [text]: 4 written" in result.output
+    assert "2 id(s) in only one modality skipped (e.g. 'A5', 'T9')" in result.output
+    assert "fusion concat: 4 fused, 0 failed" in result.output
+    fused = runner.invoke(app, ["fuse", str(path)])
+    assert fused.exit_code == 0 and "fusion concat: 4 fused" in fused.output
