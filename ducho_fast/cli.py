@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ducho_fast import __version__
@@ -118,7 +119,7 @@ def _progress(label: str, total: int) -> Iterator[Any]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(label, total=total, rate="")
+        task = bar.add_task(escape(label), total=total, rate="")
 
         def tick(n: int) -> None:
             bar.advance(task, n)

@@ -122,6 +122,16 @@ def _tiny_two_tower(kind: str, target: Path, minilm_dir: Path) -> Path:
         processor = transformers.CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )
+    elif kind == "altclip":
+        # A RoBERTa text tower: positions start after the padding index.
+        text.update(max_position_embeddings=514, project_dim=16, pad_token_id=0)
+        config = transformers.AltCLIPConfig(
+            text_config=text, vision_config=vision, projection_dim=16
+        )
+        model = transformers.AltCLIPModel(config)
+        processor = transformers.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
     else:
         text["max_position_embeddings"] = 16
         model = transformers.SiglipModel(
@@ -137,6 +147,12 @@ def _tiny_two_tower(kind: str, target: Path, minilm_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     return _tiny_two_tower("clip", tmp_path_factory.mktemp("models") / "tiny-clip", minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_altclip_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    target = tmp_path_factory.mktemp("models") / "tiny-altclip"
+    return _tiny_two_tower("altclip", target, minilm_dir)
 
 
 @pytest.fixture(scope="session")

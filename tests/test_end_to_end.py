@@ -201,3 +201,7 @@ def test_demo_config_runs(tmp_path, store, effnet_weights, minilm_dir) -> None:
         1,
         1280,
     )
+    (fusion,) = report.fusions
+    (fused,) = fusion.results
+    assert fused.written == 10 and [e.item_id for e in fused.missing] == ["007"]
+    assert np.load(features / "visual_textual_concat/B002.npy").shape == (1, 1280 + 384)

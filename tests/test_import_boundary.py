@@ -38,7 +38,7 @@ def test_cli_imports_without_frameworks(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_extract_and_embed_without_frameworks(
-    tmp_path, store, image_dir, texts_tsv, minilm_dir, resnet18_state_dict
+    tmp_path, store, image_dir, texts_tsv, minilm_dir, resnet18_state_dict, tiny_clip_dir
 ) -> None:
     (tmp_path / "images").symlink_to(image_dir)
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
@@ -57,6 +57,20 @@ def test_extract_and_embed_without_frameworks(
         {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1},
         store,
     )["textual"]
+    config["visual_textual"] = {
+        "items": {
+            "input_path": {"visual": "images", "textual": "descriptions.tsv"},
+            "output_path": {"visual": "vis", "textual": "txt"},
+            "model": [{"model_name": str(tiny_clip_dir), "fusion": "mean"}],
+        }
+    }
+    config["fusion"] = [
+        {
+            "inputs": ["visual.items.model.0", "textual.items.model.0"],
+            "mode": "concat",
+            "output_path": "fused",
+        }
+    ]
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
     artifacts = [r.artifact.path for r in ducho_fast.export(path)]
@@ -64,7 +78,8 @@ def test_extract_and_embed_without_frameworks(
         f"""
         import ducho_fast
         report = ducho_fast.extract({str(path)!r})
-        assert [r.result.written for r in report.runs] == [10, 11], report
+        assert [r.result.written for r in report.runs] == [10, 11, 10, 10], report
+        assert [f.results[0].written for f in report.fusions] == [10, 10], report.fusions
         print(ducho_fast.load({str(artifacts[1])!r}).embed(["hello"]).shape)
         blocked = [m for m in sys.modules if m.split(".")[0] in Block.names]
         assert not blocked, blocked

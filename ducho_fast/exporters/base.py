@@ -180,8 +180,7 @@ def check_parity(
     raws = exporter.samples(spec, built)
     payloads = [embedder.prepare(x) for x in raws]
     ours = embedder.run_prepared(payloads)
-    with import_torch().no_grad():
-        refs = [exporter.reference_item(built, r, p) for r, p in zip(raws, payloads, strict=True)]
+    refs = _references(exporter, spec, built, raws, payloads)
     per_layer = {layer: _compare(ours, refs, layer) for layer in embedder.layers}
     passed = all(r["passed"] for r in per_layer.values())
     result = {
@@ -203,6 +202,30 @@ def check_parity(
             f"relative max diff <= {REL_DIFF_BOUND}):\n" + "\n".join(lines)
         )
     return result
+
+
+def _references(
+    exporter: Exporter, spec: ModelSpec, built: Built, raws: list[Any], payloads: list[Any]
+) -> list[dict[str, np.ndarray]]:
+    try:
+        with import_torch().no_grad():
+            refs = [
+                exporter.reference_item(built, r, p) for r, p in zip(raws, payloads, strict=True)
+            ]
+    except Exception as e:
+        raise ExportError(
+            f"'{spec.key_path}' ({spec.model_name}): {exporter.reference_name} failed on a parity "
+            f"sample ({type(e).__name__}: {e}). Check that the model loads and runs in its "
+            "own framework."
+        ) from e
+    for layer in refs[0] if refs else {}:
+        if not all(np.isfinite(r[layer]).all() for r in refs):
+            raise ExportError(
+                f"'{spec.key_path}' ({spec.model_name}): the source model itself returns NaN or "
+                f"infinite values for layer '{layer}' on the parity samples; nothing to check "
+                "the export against. Check the weights."
+            )
+    return refs
 
 
 def _compare(

@@ -146,4 +146,8 @@ def _output(index: int, layer: str | int, shape: tuple[int, ...]) -> dict[str, A
 def list_layers(model_name: str) -> list[str]:
     """Selectable ``output_layers`` of a Transformers model (loads its config and weights)."""
     model = transformers.AutoModel.from_pretrained(model_name)
+    from ducho_fast.exporters.hf_towers import FAMILIES, tower_layers
+
+    if type(model).__name__ in FAMILIES:
+        return tower_layers(model)
     return [str(x) for x in available_layers(model)]

@@ -339,3 +339,16 @@ def _size(processor: Any, key: str) -> dict[str, Any] | None:
     if isinstance(value, dict):
         return value
     return {k: getattr(value, k, None) for k in ("shortest_edge", "height", "width")}
+
+
+def tower_layers(model: Any) -> list[str]:
+    """What a two-tower model's ``output_layers`` can name (for ``ducho-fast layers``)."""
+    layers = ["1  (image_embeds / text_embeds: projected, normalized; the default)"]
+    for tower, config in (
+        ("vision", model.config.vision_config),
+        ("text", model.config.text_config),
+    ):
+        count = getattr(config, "num_hidden_layers", 0)
+        layers += [f"{tower}_model_output.{a}" for a in ("pooler_output", "last_hidden_state")]
+        layers.append(f"{tower}_model_output.hidden_states.N  (N = 0..{count})")
+    return layers

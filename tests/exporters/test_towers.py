@@ -53,7 +53,7 @@ def hf_reference(model_dir: Path, image: Image.Image | None, text: str | None) -
         )
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+@pytest.fixture(scope="module", params=["clip", "siglip", "altclip"])
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, list[Any]]:
@@ -131,3 +131,27 @@ def test_a_missing_attribute_names_what_exists(tiny_clip_dir: Path, tmp_path: Pa
 def test_a_single_tower_model_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"loads as BertModel, which is not a two-tower model"):
         ducho_fast.export(two_tower_config(tiny_bert_dir, tmp_path))
+
+
+def test_a_source_model_returning_nan_is_an_export_error(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ducho_fast.exporters.hf_towers import TowersExporter
+
+    def nan_reference(self: Any, built: Any, raw: Any, payload: Any) -> dict[str, np.ndarray]:
+        return {"1": np.full(16, np.nan, dtype=np.float32)}
+
+    monkeypatch.setattr(TowersExporter, "reference_item", nan_reference)
+    with pytest.raises(ExportError, match=r"the source model itself returns NaN"):
+        ducho_fast.export(two_tower_config(tiny_clip_dir, tmp_path))
+
+
+def test_layers_command_lists_tower_outputs(tiny_clip_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ducho_fast.cli import app
+
+    result = CliRunner().invoke(app, ["layers", "transformers", str(tiny_clip_dir)])
+    assert result.exit_code == 0, result.output
+    assert "vision_model_output.pooler_output" in result.output
+    assert "text_model_output.hidden_states.N  (N = 0..2)" in result.output
