@@ -100,7 +100,10 @@ class Pipeline:
                     break
                 chunk = items[begin : begin + size]
                 loaded = list(pool.map(self._load_one, chunk))
-                ok = [(it, p) for it, p in zip(chunk, loaded, strict=True) if p is not _FAILED]
+                for item, payload in zip(chunk, loaded, strict=True):
+                    if isinstance(payload, _Failed):  # recorded here, in input order
+                        self._fail(item, payload.reason)
+                ok = [(it, p) for it, p in zip(chunk, loaded, strict=True) if not _failed(p)]
                 batch = Batch([i for i, _ in ok], [p for _, p in ok], len(chunk) - len(ok))
                 _put(out, batch, stop)
         _put(out, _DONE, stop)
@@ -109,8 +112,7 @@ class Pipeline:
         try:
             return self._load(item)
         except DuchoError as e:
-            self._fail(item, str(e).removeprefix(f"{item.origin}: "))
-            return _FAILED
+            return _Failed(str(e).removeprefix(f"{item.origin}: "))
 
     def _infer(self, batch: Batch) -> list[ItemOutputs | None]:
         try:
@@ -163,7 +165,13 @@ class Pipeline:
             )
 
 
-_FAILED = object()
+@dataclass(frozen=True)
+class _Failed:
+    reason: str
+
+
+def _failed(payload: Any) -> bool:
+    return isinstance(payload, _Failed)
 
 
 class _Worker(threading.Thread):
