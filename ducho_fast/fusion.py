@@ -27,9 +27,8 @@ from ducho_fast.config.model import (
     layer_label,
 )
 from ducho_fast.data.items import ItemError
-from ducho_fast.errors import ConfigError, DataError, OutputError
-from ducho_fast.outputs.atomic import save_npy
-from ducho_fast.outputs.ducho import layer_dir, model_dir_parts
+from ducho_fast.errors import ConfigError, DataError
+from ducho_fast.outputs.ducho import layer_dir, model_dir_parts, save_feature
 
 ELEMENTWISE = ("sum", "mul", "mean")
 
@@ -130,7 +129,7 @@ def fuse_folders(
         except (DataError, ValueError, OSError) as e:
             result.errors.append(ItemError(item_id, str(found[0][item_id]), str(e)))
             continue
-        _save(output / f"{item_id}.npy", fused[0] if squeeze else fused)
+        save_feature(output / f"{item_id}.npy", fused[0] if squeeze else fused)
         result.written += 1
     return result
 
@@ -148,16 +147,6 @@ def _missing(
                 reason = f"not fused: no feature in {', '.join(absent)}"
                 missing.append(ItemError(item_id, str(path), reason))
     return missing
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    try:
-        save_npy(path, array.astype(np.float32, copy=False))
-    except OSError as e:
-        raise OutputError(
-            f"cannot write {path}: {e.strerror or e}. Check that the output folder is writable "
-            "and has free space."
-        ) from e
 
 
 # -- fusions a config asks for ---------------------------------------------------------------

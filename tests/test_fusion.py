@@ -168,3 +168,13 @@ def test_fusion_only_config_runs_without_models(tmp_path: Path) -> None:
         "a.npy",
         "b.npy",
     ]
+
+
+def test_unwritable_fusion_output_is_a_clear_error(tmp_path: Path) -> None:
+    from ducho_fast.errors import OutputError
+
+    write_features(tmp_path / "a", ["x1"], 4, 1)
+    write_features(tmp_path / "b", ["x1"], 4, 2)
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    with pytest.raises(OutputError, match=r"cannot write .*out/x1.npy"):
+        fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "sum")

@@ -52,11 +52,15 @@ class DuchoWriter:
             if layer not in self._dirs:
                 continue
             array = value if self._squeeze else value[np.newaxis]
-            path = self.path(layer, item_id)
-            try:
-                save_npy(path, array.astype(np.float32, copy=False))
-            except OSError as e:
-                raise OutputError(
-                    f"cannot write {path}: {e.strerror or e}. Check that the output folder is "
-                    "writable and has free space; items already written are complete."
-                ) from e
+            save_feature(self.path(layer, item_id), array)
+
+
+def save_feature(path: Path, array: np.ndarray) -> None:
+    """Write one item's float32 feature atomically; a failed write is an OutputError."""
+    try:
+        save_npy(path, array.astype(np.float32, copy=False))
+    except OSError as e:
+        raise OutputError(
+            f"cannot write {path}: {e.strerror or e}. Check that the output folder is "
+            "writable and has free space; items already written are complete."
+        ) from e
