@@ -277,7 +277,11 @@ def inspect(
         f"[bold]{manifest['slug']}[/]  ({manifest['modality']}, {manifest['precision']}, "
         f"opset {manifest['opset']})"
     )
-    out.print(f"source: {src['backend']} {src['model_name']}  [{src.get('framework', '')}]")
+    tower = f", {src['tower']} tower" if src.get("tower") else ""
+    out.print(
+        f"source: {src['backend']} {src['model_name']}{tower}  [{src.get('framework', '')}]",
+        markup=False,
+    )
     for o in manifest["outputs"]:
         kind = "per token" if o.get("per_token") else "per item"
         out.print(f"layer {o['layer']!s:>20}: dim {o['dim']} ({kind}) -> output '{o['name']}'")

@@ -39,6 +39,7 @@ def test_export_inspect_extract(text_config: Path, tmp_path: Path) -> None:
     )
     shown = runner.invoke(app, ["inspect", str(artifact)])
     assert shown.exit_code == 0 and "passed" in shown.output and "dim 384" in shown.output
+    assert "[sentence-transformers " in shown.output  # the framework, not eaten as markup
     done = runner.invoke(
         app,
         [
