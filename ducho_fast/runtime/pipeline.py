@@ -103,7 +103,11 @@ class Pipeline:
                 for item, payload in zip(chunk, loaded, strict=True):
                     if isinstance(payload, _Failed):  # recorded here, in input order
                         self._fail(item, payload.reason)
-                ok = [(it, p) for it, p in zip(chunk, loaded, strict=True) if not _failed(p)]
+                ok = [
+                    (it, p)
+                    for it, p in zip(chunk, loaded, strict=True)
+                    if not isinstance(p, _Failed)
+                ]
                 batch = Batch([i for i, _ in ok], [p for _, p in ok], len(chunk) - len(ok))
                 _put(out, batch, stop)
         _put(out, _DONE, stop)
@@ -168,10 +172,6 @@ class Pipeline:
 @dataclass(frozen=True)
 class _Failed:
     reason: str
-
-
-def _failed(payload: Any) -> bool:
-    return isinstance(payload, _Failed)
 
 
 class _Worker(threading.Thread):
