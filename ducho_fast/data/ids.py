@@ -29,6 +29,10 @@ def unsafe_reason(item_id: str, suffix: str = ".npy") -> str | None:
         return "it contains a path separator"
     if _CONTROL.search(item_id):
         return "it contains NUL or control characters"
+    try:
+        item_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
     if len((item_id + suffix).encode("utf-8")) > _MAX_NAME_BYTES:
         return f"the file name would exceed {_MAX_NAME_BYTES} bytes"
     return None

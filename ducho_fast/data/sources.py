@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ducho_fast.config.model import Job, ModelSpec
+from ducho_fast.config.model import InputOptions, Job, ModelSpec
 from ducho_fast.data.ids import unsafe_reason
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.text.clean import clear_text
-from ducho_fast.data.text.tsv import read_text_items
+from ducho_fast.data.text.tsv import BadText, read_text_items
 from ducho_fast.data.visual.images import list_images, prepare_image
 from ducho_fast.errors import DataError
 
@@ -52,11 +52,12 @@ def check_ids(listed: list[Item], ignored: list[Path]) -> Items:
 class ImageLoader:
     """Decodes and resizes as the artifact's manifest says (``preprocessing``)."""
 
-    def __init__(self, preprocessing: Mapping[str, Any]) -> None:
+    def __init__(self, preprocessing: Mapping[str, Any], options: InputOptions) -> None:
         self.preprocessing = preprocessing
+        self.options = options
 
     def __call__(self, item: Item) -> Any:
-        return prepare_image(item.raw, self.preprocessing)
+        return prepare_image(item.raw, self.preprocessing, self.options)
 
 
 class TextLoader:
@@ -65,6 +66,8 @@ class TextLoader:
 
     def __call__(self, item: Item) -> Any:
         text = item.raw
+        if isinstance(text, BadText):
+            raise DataError(text.reason)
         if text is None:
             raise DataError("the row has no text column value")
         if not text.strip():
@@ -72,8 +75,10 @@ class TextLoader:
         return clear_text(text) if self.clean else text
 
 
-def loader_for(spec: ModelSpec, manifest: Mapping[str, Any]) -> ImageLoader | TextLoader:
+def loader_for(
+    spec: ModelSpec, manifest: Mapping[str, Any], options: InputOptions | None = None
+) -> ImageLoader | TextLoader:
     """The reader of one model's inputs, from its config entry and its artifact's manifest."""
     if manifest["modality"] == "visual":
-        return ImageLoader(manifest["preprocessing"])
+        return ImageLoader(manifest["preprocessing"], options or InputOptions())
     return TextLoader(spec.clear_text)

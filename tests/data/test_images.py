@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ducho_fast.config.model import InputOptions
 from ducho_fast.data.sources import check_ids
-from ducho_fast.data.visual.images import list_images, load_image
+from ducho_fast.data.visual.images import list_images, load_image, prepare_image
 from ducho_fast.errors import DataError
 from tests.conftest import write_image
 
@@ -66,3 +67,59 @@ def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> No
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"does not exist"):
         list_images(tmp_path / "nope")
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    wide = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    array = load_image(tmp_path / "g16.png", None)
+    expected = np.rint(wide / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(array[..., 0], expected)
+    assert array[..., 0].min() == 0 and array[..., 0].max() == 255  # Pillow alone: all 255
+
+
+def exif_rotated(path: Path) -> Path:
+    """A 40 x 20 JPEG whose EXIF says: rotate 90 degrees clockwise to display."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    write_image(path, size=(40, 20))
+    Image.open(path).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_applied_or_ignored(tmp_path: Path) -> None:
+    path = exif_rotated(tmp_path / "phone.jpg")
+    applied = prepare_image(path, {}, InputOptions(exif_orientation="apply"))
+    ignored = prepare_image(path, {}, InputOptions(exif_orientation="ignore"))
+    assert applied.shape == (40, 20, 3) and ignored.shape == (20, 40, 3)
+    np.testing.assert_array_equal(applied, np.rot90(ignored, k=-1))
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "big.png", size=(40, 30))
+    with pytest.raises(DataError, match=r"40 x 30 = 1200 pixels, over the limit of 1000"):
+        prepare_image(path, {}, InputOptions(max_image_pixels=1000))
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(bomb)  # 400 M pixels in a small file
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(DataError, match=r"over the limit|decompression bomb"):
+        prepare_image(bomb, {"resize": (8, 8)})
+
+
+def test_huge_genuine_image_decodes(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "huge.jpg", size=(6000, 4000))
+    assert prepare_image(path, {"resize": (32, 32)}).shape == (32, 32, 3)
+
+
+def test_unreadable_file_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    # Simulated: tests run as root here, and root reads files whatever their mode.
+    from ducho_fast.data.visual import images
+
+    path = write_image(tmp_path / "locked.png")
+
+    def denied(source: Path) -> Image.Image:
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(images.Image, "open", denied)
+    with pytest.raises(DataError, match=r"locked.png: permission denied"):
+        prepare_image(path, {})

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ducho_fast.data.text.tsv import read_text_items
+from ducho_fast.data.text.tsv import BadText, read_text_items
 from ducho_fast.errors import DataError
 
 
@@ -46,11 +46,46 @@ def test_short_rows_have_no_text(tmp_path: Path) -> None:
     assert [(i.item_id, i.raw) for i in items] == [("1", None), ("2", "b")]
 
 
-def test_not_utf8_and_empty_files(tmp_path: Path) -> None:
-    bad = tmp_path / "latin1.tsv"
-    bad.write_bytes("id\tdesc\n1\tcaf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"not UTF-8"):
-        read_text_items(bad, None, None)
+def test_a_row_that_is_not_utf8_fails_alone(tmp_path: Path) -> None:
+    bad = tmp_path / "mixed.tsv"
+    bad.write_bytes("id\tdesc\n1\tcaf\xe9\n2\tfine\n".encode("latin-1"))
+    items = read_text_items(bad, None, None)
+    assert items[0].raw == BadText("the text is not valid UTF-8; re-encode the file as UTF-8")
+    assert (items[1].item_id, items[1].raw) == ("2", "fine")
+    header = tmp_path / "header.tsv"
+    header.write_bytes("id\tdescripci\xf3n\n1\ta\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"header row is not UTF-8"):
+        read_text_items(header, None, None)
+
+
+def test_pandas_missing_markers_are_missing_texts(tmp_path: Path) -> None:
+    path = write(tmp_path, "id\tdesc\n1\tNaN\n2\tnull\n3\tNaNa is fine\n4\t\n")
+    items = read_text_items(path, None, None)
+    assert isinstance(items[0].raw, BadText) and "'NaN'" in items[0].raw.reason
+    assert isinstance(items[1].raw, BadText)
+    assert items[2].raw == "NaNa is fine"
+    assert items[3].raw == ""  # empty: the loader reports "the text is empty"
+
+
+def test_quoting_embedded_tabs_and_newlines(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, 'id\tdesc\n1\t"tab\there and\nnewline"\n2\t5" screen, "best"\n3\ttoo\tmany\n'
+    )
+    items = read_text_items(path, None, None)
+    assert [i.item_id for i in items] == ["1", "2", "3"]
+    assert items[0].raw == "tab\there and\nnewline"
+    assert items[1].raw == '5" screen, "best"'  # quotes inside a cell are text
+    assert items[1].origin.endswith(":4")  # line numbers count the quoted newline
+    assert isinstance(items[2].raw, BadText) and "3 cells, the header 2" in items[2].raw.reason
+
+
+def test_unclosed_quote_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, 'id\tdesc\n1\tok\n2\t"never closed\n3\tlost\n')
+    with pytest.raises(DataError, match=r"d.tsv:3: the row starting on this line is badly"):
+        read_text_items(path, None, None)
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"the file is empty"):
         read_text_items(write(tmp_path, "", "empty.tsv"), None, None)
     with pytest.raises(DataError, match=r"does not exist"):

@@ -8,6 +8,7 @@ here every id is the exact string in the file. The text column defaults to the l
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 from ducho_fast.data.items import Item
@@ -30,27 +31,105 @@ def resolve_tsv(path: Path) -> Path:
     raise DataError(f"text input {path} does not exist (check 'input_path').")
 
 
+@dataclass(frozen=True)
+class BadText:
+    """A row whose text cannot be used; the item fails with ``reason`` in input order."""
+
+    reason: str
+
+
+# What pandas (and so Ducho) reads as a missing value: such a cell has no text to embed.
+MISSING_TEXT = frozenset(
+    {
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
+
+
 def read_text_items(path: Path, item_column: str | None, text_column: str | None) -> list[Item]:
-    """Items ``(id, text)`` in file order; blank lines are skipped."""
+    """Items ``(id, text)`` in file order; blank lines are skipped.
+
+    A row that cannot give a text (missing cell, a pandas missing-value marker such as ``NaN``,
+    bytes that are not UTF-8, more cells than the header) keeps its place as an item whose raw
+    value is a ``BadText``, so it is reported in order and the rows around it go on.
+    """
     tsv = resolve_tsv(path)
-    try:
-        with tsv.open("r", encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{tsv}: not UTF-8 text ({e}). Re-encode the file as UTF-8.") from e
+    rows = _rows(tsv)
     if not rows:
         raise DataError(f"{tsv}: the file is empty; it needs a header row.")
-    header = rows[0]
+    header = rows[0][1]
+    if any(_undecodable(h) for h in header):
+        raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
     id_at = _column(header, item_column, 0, "item_column", tsv)
     text_at = _column(header, text_column, len(header) - 1, "text_column", tsv)
     items = []
-    for line_no, row in enumerate(rows[1:], start=2):
+    for line_no, row in rows[1:]:
         if not row or row == [""]:
             continue
         id_value = row[id_at] if id_at < len(row) else ""
-        text = row[text_at] if text_at < len(row) else None
+        text = _text(row, text_at, len(header))
         items.append(Item(id_value, f"{tsv.name}:{line_no}", text))
     return items
+
+
+def _rows(tsv: Path) -> list[tuple[int, list[str]]]:
+    """``(first line, cells)`` per row; bytes that are not UTF-8 survive as surrogates."""
+    rows: list[tuple[int, list[str]]] = []
+    with tsv.open("r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", strict=True)
+        start = 1
+        try:
+            for row in reader:
+                rows.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(
+                f"{tsv}:{start}: the row starting on this line is badly quoted ({e}). A cell "
+                'that starts with " must end with " and write quotes inside it as "". Fix the '
+                "row, or remove the opening quote to keep quotes as plain text."
+            ) from e
+    return rows
+
+
+def _text(row: list[str], at: int, columns: int) -> str | BadText | None:
+    if len(row) > columns:
+        return BadText(
+            f"the row has {len(row)} cells, the header {columns}: a tab inside the text? "
+            'Put the text in quotes ("...") or replace its tabs.'
+        )
+    if at >= len(row):
+        return None
+    text = row[at]
+    if _undecodable(text):
+        return BadText("the text is not valid UTF-8; re-encode the file as UTF-8")
+    if text.strip() in MISSING_TEXT and text.strip():
+        return BadText(f"the text is a missing-value marker ({text.strip()!r}), as pandas reads it")
+    return text
+
+
+def _undecodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _column(header: list[str], name: str | None, default: int, key: str, tsv: Path) -> int:

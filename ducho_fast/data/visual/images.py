@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from ducho_fast.config.model import InputOptions
 from ducho_fast.data.items import Item
 from ducho_fast.errors import DataError
 
@@ -62,15 +63,22 @@ def load_image(
     return prepare_image(source, {"resize": reshape})
 
 
-def prepare_image(source: Path | np.ndarray | Image.Image, pre: Mapping[str, Any]) -> np.ndarray:
+def prepare_image(
+    source: Path | np.ndarray | Image.Image,
+    pre: Mapping[str, Any],
+    options: InputOptions | None = None,
+) -> np.ndarray:
     """Decode and resize as an artifact's manifest says; the graph does the rest.
 
     ``pre`` keys: ``resize`` [width, height], or ``resize_shortest_edge`` (aspect kept, as
     Transformers image processors do); ``crop`` [width, height] (centred); ``interpolation``.
+    ``options`` say whether EXIF orientation is applied and how many pixels are too many.
     """
-    image = _open(source)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    options = options or InputOptions()
+    image = _open(source, options.max_image_pixels)
+    if options.exif_orientation == "apply" and not isinstance(source, np.ndarray):
+        image = _exif_transposed(image)
+    image = to_rgb(image)
     resample = RESAMPLING[pre.get("interpolation") or "bicubic"]
     if pre.get("resize"):
         image = image.resize(tuple(pre["resize"]), resample=resample)
@@ -102,21 +110,57 @@ def center_crop(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(array[top : top + height, left : left + width])
 
 
-def _open(source: Path | np.ndarray | Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as Ducho's ``convert('RGB')``, except that 16- and 32-bit grayscale is scaled.
+
+    Pillow's own conversion clips those to 255, which turns almost every 16-bit photo white.
+    """
+    if image.mode in _WIDE_GRAY:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+_WIDE_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def _exif_transposed(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except (OSError, ValueError, SyntaxError):  # a broken EXIF block: keep the pixels as stored
+        return image
+
+
+def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
         return _from_array(source)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
+            _check_pixels(source, image, max_pixels)  # from the header, before decoding
             image.load()
         return image
     except FileNotFoundError as e:
         raise DataError(f"{source}: file not found.") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except PermissionError as e:
+        raise DataError(f"{source}: permission denied; make the file readable.") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{source}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{source}: not a readable image ({type(e).__name__}: {e}).") from e
+
+
+def _check_pixels(source: Path, image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DataError(
+            f"{source}: {width} x {height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} (a decompression bomb, or a huge image). Raise "
+            "input.max_image_pixels if the image is genuine."
+        )
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
