@@ -16,7 +16,7 @@ from ducho_fast.config.model import FusionSpec
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.pairs import paired_items
 from ducho_fast.data.sources import job_items, loader_for
-from ducho_fast.errors import ArtifactError
+from ducho_fast.errors import ArtifactError, ConfigError, DataError
 from ducho_fast.fusion import (
     FusionRun,
     check_fusion_dims,
@@ -25,7 +25,15 @@ from ducho_fast.fusion import (
     tower_fusion,
 )
 from ducho_fast.outputs.atomic import write_text
-from ducho_fast.outputs.ducho import DuchoWriter
+from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, layer_parts, output_root
+from ducho_fast.outputs.manifest import OutputFolder, check_folder, digest, open_folder
+from ducho_fast.outputs.matrix import (
+    FILE_NAMES,
+    MATRIX_DIR,
+    MatrixResult,
+    read_id_order,
+    write_matrix,
+)
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
 from ducho_fast.runtime.pipeline import Pipeline, PipelineOptions, ProgressFn, RunResult
@@ -71,6 +79,7 @@ class ModelRun:
     result: RunResult
     output_dirs: list[Path] = field(default_factory=list)
     tower: str | None = None
+    matrices: list[MatrixResult] = field(default_factory=list)
 
 
 @dataclass
@@ -80,13 +89,25 @@ class ExtractReport:
     ignored_files: dict[str, list[Path]] = field(default_factory=dict)
     unpaired: dict[str, list[ItemError]] = field(default_factory=dict)
     fusions: list[FusionRun] = field(default_factory=list)
+    matrix_errors: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
-        """Items that could not be extracted or fused (unpaired ids are reported, not failed)."""
+        """Items (and matrices) that could not be made; unpaired ids are reported, not failed."""
         item_level = sum(len(r.result.errors) for r in self.runs)
         fused = sum(len(res.errors) for f in self.fusions for res in f.results)
-        return item_level + fused + sum(len(v) for v in self.input_errors.values())
+        inputs = sum(len(v) for v in self.input_errors.values())
+        return item_level + fused + inputs + len(self.matrix_errors)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every model run of one ``extract`` shares."""
+
+    cfg: Config
+    artifacts: dict[str, Artifact]
+    id_order: list[str] | None
+    progress: ProgressFactory | None
 
 
 def extract(
@@ -95,50 +116,57 @@ def extract(
     *,
     progress: ProgressFactory | None = None,
 ) -> ExtractReport:
-    """Run every job of the config on its exported artifacts and write Ducho's layout."""
+    """Run every job of the config on its exported artifacts and write its layouts.
+
+    Items complete from an earlier run with the same settings are skipped
+    (``output.resume``); everything that can be checked is checked before any work starts.
+    """
     cfg = as_config(config, overrides)
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
     for graph in cfg.graphs():
         _check_layers(graph, artifacts[graph_name(graph)])
     check_fusion_dims(cfg, artifacts)
+    _check_matrix_layers(cfg, artifacts)
+    _check_output_folders(cfg, artifacts)
+    id_order = _id_order(cfg)
+    ctx = _Context(cfg, artifacts, id_order, progress)
     report = ExtractReport()
     for job in cfg.jobs:
         _save_resolved(cfg, job)
         if job.modality == "visual_textual":
-            _run_pairs(cfg, job, artifacts, report, progress)
+            _run_pairs(ctx, job, report)
         else:
             items = job_items(job)
             report.input_errors[job.name] = items.bad
             report.ignored_files[job.name] = items.ignored
             for spec in job.models:
-                run = _run_model(cfg, job, spec, artifacts[spec.key_path], items.good, progress)
-                report.runs.append(run)
+                report.runs.append(_run_model(ctx, job, spec, items.good, report))
         _save_errors(job, report)
-    report.fusions += [_section_fusion(cfg, f) for f in cfg.fusions]
+    report.fusions += [_section_fusion(cfg, f, id_order, report) for f in cfg.fusions]
     return report
 
 
 def fuse(config: ConfigLike, overrides: Iterable[str] = ()) -> list[FusionRun]:
     """Run the config's fusions over features already extracted; no model runs."""
     cfg = as_config(config, overrides)
+    id_order = _id_order(cfg)
+    report = ExtractReport()
     runs = [
-        tower_fusion(job, spec, squeeze=cfg.output.squeeze)
+        tower_fusion(job, spec, cfg.output)
         for job in cfg.jobs
         for spec in job.models
-        if spec.fusion is not None
+        if spec.fusion
     ]
     for run in runs:
         _save_fusion_errors(run)
-    return runs + [_section_fusion(cfg, f) for f in cfg.fusions]
+        _fusion_matrices(cfg, run, id_order, report)
+    runs += [_section_fusion(cfg, f, id_order, report) for f in cfg.fusions]
+    if report.matrix_errors:
+        raise DataError("\n".join(report.matrix_errors))
+    return runs
 
 
-def _run_pairs(
-    cfg: Config,
-    job: Job,
-    artifacts: dict[str, Artifact],
-    report: ExtractReport,
-    progress: ProgressFactory | None,
-) -> None:
+def _run_pairs(ctx: _Context, job: Job, report: ExtractReport) -> None:
     """A two-tower block: each tower over the paired ids, then the fusion if asked."""
     pairs = paired_items(job)
     report.input_errors[job.name] = pairs.bad
@@ -147,23 +175,110 @@ def _run_pairs(
     for spec in job.models:
         image, text = spec.towers()
         runs = [
-            _run_model(cfg, job, image, artifacts[graph_name(image)], pairs.images, progress),
-            _run_model(cfg, job, text, artifacts[graph_name(text)], pairs.texts, progress),
+            _run_model(ctx, job, image, pairs.images, report),
+            _run_model(ctx, job, text, pairs.texts, report),
         ]
         report.runs += runs
         if spec.fusion is None:
             continue
         failed = {e.item_id for run in runs for e in run.result.errors}
         ids = [i.item_id for i in pairs.images if i.item_id not in failed]
-        fusion = tower_fusion(job, spec, squeeze=cfg.output.squeeze, ids=ids)
+        fusion = tower_fusion(job, spec, ctx.cfg.output, ids=ids)
         _save_fusion_errors(fusion)
+        _fusion_matrices(ctx.cfg, fusion, ctx.id_order, report)
         report.fusions.append(fusion)
 
 
-def _section_fusion(cfg: Config, fusion: FusionSpec) -> FusionRun:
+def _section_fusion(
+    cfg: Config, fusion: FusionSpec, id_order: list[str] | None, report: ExtractReport
+) -> FusionRun:
     run = section_fusion(cfg, fusion)
     _save_fusion_errors(run)
+    _fusion_matrices(cfg, run, id_order, report)
     return run
+
+
+def _fusion_matrices(
+    cfg: Config, run: FusionRun, id_order: list[str] | None, report: ExtractReport
+) -> None:
+    if not cfg.output.matrix:
+        return
+    for res in run.results:
+        assert res.matrix_dir is not None
+        matrix = _matrix(res.output, res.matrix_dir, "fused", res.ids, cfg, id_order, report)
+        if matrix is not None:
+            res.matrix = matrix
+
+
+def _matrix(
+    parts: Path,
+    target: Path,
+    kind: str,
+    ids: list[str],
+    cfg: Config,
+    id_order: list[str] | None,
+    report: ExtractReport,
+) -> MatrixResult | None:
+    try:
+        return write_matrix(
+            parts, target, FILE_NAMES[kind], ids, id_order=id_order, dtype=cfg.output.dtype
+        )
+    except DataError as e:
+        report.matrix_errors.append(f"matrix {target}: {e}")
+        return None
+
+
+def _id_order(cfg: Config) -> list[str] | None:
+    if cfg.output.id_order is None or not cfg.output.matrix:
+        return None
+    return read_id_order(cfg.output.id_order)
+
+
+# -- checks before any work starts ------------------------------------------------------------
+
+
+def _check_matrix_layers(cfg: Config, artifacts: dict[str, Artifact]) -> None:
+    """A matrix needs one shape per item: token-level layers cannot form one."""
+    if not cfg.output.matrix:
+        return
+    for graph in cfg.graphs():
+        for label in graph.layer_labels():
+            out = artifacts[graph_name(graph)].output(label)
+            if out.get("per_token"):
+                raise ConfigError(
+                    f"'{graph.key_path}': layer '{label}' gives one vector per token, of a "
+                    "different length for every text; output.layouts 'matrix' needs one shape "
+                    "per item. Choose a pooled layer, or remove 'matrix' from output.layouts."
+                )
+
+
+def _check_output_folders(cfg: Config, artifacts: dict[str, Artifact]) -> None:
+    for job in cfg.jobs:
+        for spec in job.models:
+            for graph in spec.towers():
+                artifact = artifacts[graph_name(graph)]
+                for label in graph.layer_labels():
+                    key = _feature_key(cfg, graph, artifact, label)
+                    path = layer_dir(job, graph, label)
+                    check_folder(path, key, resume=cfg.output.resume, what=f"'{graph.key_path}'")
+
+
+def _feature_key(cfg: Config, spec: ModelSpec, artifact: Artifact, label: str) -> dict[str, Any]:
+    """Everything that determines the bytes of this layer's feature files."""
+    manifest = artifact.manifest
+    key: dict[str, Any] = {
+        "model_sha256": manifest["model_sha256"],
+        "layer": label,
+        "output": artifact.output(label).get("name"),
+        "preprocessing": manifest.get("preprocessing"),
+        "dtype": cfg.output.dtype,
+        "squeeze": cfg.output.squeeze,
+    }
+    if artifact.modality == "visual":
+        key["exif_orientation"] = cfg.input.exif_orientation
+    else:
+        key["clear_text"] = spec.clear_text
+    return key
 
 
 def _check_layers(spec: ModelSpec, artifact: Artifact) -> None:
@@ -177,30 +292,93 @@ def _check_layers(spec: ModelSpec, artifact: Artifact) -> None:
 
 
 def _run_model(
-    cfg: Config,
-    job: Job,
-    spec: ModelSpec,
-    artifact: Artifact,
-    items: list[Item],
-    progress: ProgressFactory | None,
+    ctx: _Context, job: Job, spec: ModelSpec, items: list[Item], report: ExtractReport
 ) -> ModelRun:
+    cfg, artifact = ctx.cfg, ctx.artifacts[graph_name(spec)]
+    folders = {
+        label: open_folder(
+            layer_dir(job, spec, label),
+            _feature_key(cfg, spec, artifact, label),
+            resume=cfg.output.resume,
+            what=f"'{spec.key_path}'",
+        )
+        for label in spec.layer_labels()
+    }
+    done = set.intersection(*(f.existing for f in folders.values()))
     embedder = Embedder(artifact, cfg.runtime)
-    writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze)
+    writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze, dtype=cfg.output.dtype)
     options = PipelineOptions(
         batch_size=spec.batch_size,
         prefetch=cfg.runtime.prefetch,
         workers=cfg.runtime.workers or cpu_quota(),
         on_error=cfg.runtime.on_error,
     )
-    pipeline = Pipeline(embedder, loader_for(spec, artifact.manifest), writer.write, options)
+    pipeline = Pipeline(
+        embedder, loader_for(spec, artifact.manifest, cfg.input), writer.write, options
+    )
     tower = f" [{spec.tower}]" if spec.tower else ""
     label = f"{job.name} {Path(spec.model_name).name}{tower}"
-    context = progress(label, len(items)) if progress else nullcontext(None)
+    context = ctx.progress(label, len(items)) if ctx.progress else nullcontext(None)
     with context as tick:
-        result = pipeline.run(items, tick)
-    layers = tuple(spec.layer_labels())
-    provider = embedder.info.provider
-    return ModelRun(job.name, spec.model_name, layers, provider, result, writer.dirs, spec.tower)
+        result = pipeline.run(items, tick, done)
+    run = ModelRun(
+        job.name,
+        spec.model_name,
+        tuple(spec.layer_labels()),
+        embedder.info.provider,
+        result,
+        writer.dirs,
+        spec.tower,
+    )
+    _finish_outputs(ctx, job, spec, run, folders, [i.item_id for i in items], report)
+    return run
+
+
+def _finish_outputs(
+    ctx: _Context,
+    job: Job,
+    spec: ModelSpec,
+    run: ModelRun,
+    folders: dict[str, OutputFolder],
+    ids: list[str],
+    report: ExtractReport,
+) -> None:
+    """Matrices from the complete per-item files, then each folder's manifest."""
+    r = run.result
+    counts = {"items": len(ids), "written": r.written, "reused": r.reused, "failed": len(r.errors)}
+    artifact = ctx.artifacts[graph_name(spec)]
+    for label, folder in folders.items():
+        extra: dict[str, Any] = {}
+        if ctx.cfg.output.matrix:
+            target = output_root(job, spec).joinpath(MATRIX_DIR, *layer_parts(spec, label))
+            kind = spec.tower or spec.modality
+            matrix = _matrix(folder.path, target, kind, ids, ctx.cfg, ctx.id_order, report)
+            if matrix is not None:
+                run.matrices.append(matrix)
+                extra["matrix"] = _matrix_record(matrix)
+        folder.finish(
+            counts,
+            config=ctx.cfg.source,
+            config_sha256=digest(ctx.cfg.resolved),
+            artifact={
+                "slug": artifact.path.name,
+                "model_sha256": artifact.manifest["model_sha256"],
+            },
+            model=spec.key_path,
+            seconds_extracting=round(r.seconds, 3),
+            items_per_second=round(r.items_per_second, 2),
+            errors_file=str(output_root(job, spec) / ERRORS_FILE) if r.errors else None,
+            **extra,
+        )
+
+
+def _matrix_record(matrix: MatrixResult) -> dict[str, Any]:
+    return {
+        "path": str(matrix.path),
+        "rows": matrix.rows,
+        "filled_with_mean": len(matrix.filled),
+        "left_out": len(matrix.dropped),
+    }
 
 
 def _save_resolved(cfg: Config, job: Job) -> None:

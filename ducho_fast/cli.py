@@ -136,14 +136,21 @@ def extract(
     config: ConfigArg,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    fresh: Annotated[
+        bool,
+        typer.Option("--fresh", help="Extract every item again (output.resume: false)."),
+    ] = False,
 ) -> None:
-    """Extract features for every block of CONFIG with its exported artifacts."""
+    """Extract features for every block of CONFIG with its exported artifacts.
+
+    Items already written by the same model and settings are skipped, so a killed run
+    started again finishes the work.
+    """
     import ducho_fast
 
+    overrides = _overrides(ctx, set_) + (["output.resume=false"] if fresh else [])
     with _errors():
-        report = ducho_fast.extract(
-            config, _overrides(ctx, set_), progress=_progress if progress else None
-        )
+        report = ducho_fast.extract(config, overrides, progress=_progress if progress else None)
     _print_report(report)
     if report.failed:
         err.print(
@@ -157,8 +164,9 @@ def _print_report(report: Any) -> None:
     for run in report.runs:
         r = run.result
         tower = f" [{run.tower}]" if run.tower else ""
+        reused = f"{r.reused} already done, " if r.reused else ""
         out.print(
-            f"{run.job} {Path(run.model).name}{tower}: {r.written} written, "
+            f"{run.job} {Path(run.model).name}{tower}: {r.written} written, {reused}"
             f"{len(r.errors)} failed, "
             f"{r.items_per_second:.1f} items/s on {run.provider.replace('ExecutionProvider', '')}"
             f" -> {', '.join(_rel(d) for d in run.output_dirs)}",
@@ -166,6 +174,15 @@ def _print_report(report: Any) -> None:
             highlight=False,
             soft_wrap=True,
         )
+        for matrix in run.matrices:
+            _print_matrix(matrix)
+    _print_inputs(report)
+    _print_fusions(report.fusions)
+    for message in report.matrix_errors:
+        err.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_inputs(report: Any) -> None:
     for job, bad in report.input_errors.items():
         if bad:
             err.print(f"{job}: {len(bad)} input item(s) skipped (bad or duplicate ids).")
@@ -179,7 +196,21 @@ def _print_report(report: Any) -> None:
                 f"{job}: {len(unpaired)} id(s) in only one modality skipped (e.g. {sample}); "
                 "listed in ducho-fast.errors.tsv."
             )
-    _print_fusions(report.fusions)
+
+
+def _print_matrix(matrix: Any) -> None:
+    notes = []
+    if matrix.filled:
+        notes.append(f"{len(matrix.filled)} missing row(s) filled with the mean")
+    if matrix.dropped:
+        notes.append(f"{len(matrix.dropped)} id(s) not in id_order left out")
+    note = f" ({'; '.join(notes)}, listed in missing.tsv)" if notes else ""
+    out.print(
+        f"  matrix {matrix.rows} rows -> {_rel(matrix.path)}{note}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_fusions(runs: list[Any]) -> None:
@@ -192,6 +223,8 @@ def _print_fusions(runs: list[Any]) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+            if res.matrix is not None:
+                _print_matrix(res.matrix)
 
 
 @app.command(context_settings=_EXTRA)

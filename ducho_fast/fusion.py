@@ -24,11 +24,14 @@ from ducho_fast.config.model import (
     Job,
     Layer,
     ModelSpec,
+    OutputOptions,
     layer_label,
 )
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import ConfigError, DataError
-from ducho_fast.outputs.ducho import layer_dir, model_dir_parts, save_feature
+from ducho_fast.outputs.ducho import layer_dir, layer_parts, save_feature
+from ducho_fast.outputs.manifest import check_complete, feature_files, open_folder, read_manifest
+from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
 
 ELEMENTWISE = ("sum", "mul", "mean")
 
@@ -39,6 +42,9 @@ class FusionResult:
 
     output: Path
     written: int = 0
+    ids: list[str] = field(default_factory=list)  # fused, in order
+    matrix_dir: Path | None = None  # where output.layouts 'matrix' puts this fusion's matrix
+    matrix: MatrixResult | None = None
     missing: list[ItemError] = field(default_factory=list)
     errors: list[ItemError] = field(default_factory=list)
 
@@ -88,17 +94,14 @@ def _unit(row: np.ndarray) -> np.ndarray:
 
 
 def feature_ids(folder: Path) -> dict[str, Path]:
-    """``{id: file}`` for the ``.npy`` features in ``folder`` (temporary files skipped)."""
+    """``{id: file}`` for the features of an input folder, refusing an unfinished run's."""
     if not folder.is_dir():
         raise DataError(
             f"feature folder {folder} does not exist. Extract that modality first, or fix the "
             "fusion input."
         )
-    return {
-        p.name[: -len(".npy")]: p
-        for p in sorted(folder.iterdir())
-        if p.suffix == ".npy" and not p.name.startswith(".tmp-") and p.is_file()
-    }
+    check_complete(folder)
+    return feature_files(folder)
 
 
 def fuse_folders(
@@ -107,15 +110,18 @@ def fuse_folders(
     mode: str,
     *,
     normalize: bool = False,
-    squeeze: bool = False,
+    options: OutputOptions | None = None,
     where: str = "fusion",
     order: Sequence[str] | None = None,
 ) -> FusionResult:
     """Fuse the features every folder has for an id into ``output/<id>.npy``.
 
+    Fused files are cheap to remake: every run writes them all again from the inputs.
+
     Args:
         order: ids in the order to write (by default the first folder's sorted order).
     """
+    options = options or OutputOptions()
     found = [feature_ids(f) for f in folders]
     result = FusionResult(output)
     ids = [i for i in (order or list(found[0])) if all(i in f for f in found)]
@@ -123,15 +129,38 @@ def fuse_folders(
     if ids:
         first = [np.load(f[ids[0]]) for f in found]
         check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
+    key = _fusion_key(folders, mode, normalize, options)
+    record = open_folder(output, key, resume=False, what=f"fusion '{where}'")
     for item_id in ids:
         try:
             fused = fuse([np.load(f[item_id]) for f in found], mode, normalize=normalize)
         except (DataError, ValueError, OSError) as e:
             result.errors.append(ItemError(item_id, str(found[0][item_id]), str(e)))
             continue
-        save_feature(output / f"{item_id}.npy", fused[0] if squeeze else fused)
+        save_feature(
+            output / f"{item_id}.npy", fused[0] if options.squeeze else fused, options.dtype
+        )
         result.written += 1
+        result.ids.append(item_id)
+    counts = {"fused": result.written, "failed": len(result.errors), "missing": len(result.missing)}
+    record.finish(counts, inputs=[str(f) for f in folders])
     return result
+
+
+def _fusion_key(
+    folders: Sequence[Path], mode: str, normalize: bool, options: OutputOptions
+) -> dict[str, Any]:
+    inputs = []
+    for folder in folders:
+        manifest = read_manifest(folder)
+        inputs.append({"folder": str(folder), "key": manifest and manifest.get("key_sha256")})
+    return {
+        "fusion": mode,
+        "normalize": normalize,
+        "inputs": inputs,
+        "dtype": options.dtype,
+        "squeeze": options.squeeze,
+    }
 
 
 def _missing(
@@ -161,16 +190,21 @@ class FusionRun:
     results: list[FusionResult] = field(default_factory=list)
 
 
+def fused_root(job: Job, spec: ModelSpec) -> Path:
+    """Ducho's ``<visual_out>_<textual_out>_<fusion>`` folder."""
+    assert job.text_output_path is not None and spec.fusion is not None
+    return (
+        job.output_path.parent / f"{job.output_path.name}_{job.text_output_path.name}_{spec.fusion}"
+    )
+
+
 def fused_dir(job: Job, spec: ModelSpec, layer: Layer) -> Path:
     """Ducho's ``<visual_out>_<textual_out>_<fusion>/<backend>/<model dir>/<layer>``."""
-    assert job.text_output_path is not None and spec.fusion is not None
-    name = f"{job.output_path.name}_{job.text_output_path.name}_{spec.fusion}"
-    root = job.output_path.parent / name
-    return root.joinpath(spec.backend_dir, *model_dir_parts(spec), layer_label(layer))
+    return fused_root(job, spec).joinpath(*layer_parts(spec, layer_label(layer)))
 
 
 def tower_fusion(
-    job: Job, spec: ModelSpec, *, squeeze: bool, ids: Sequence[str] | None = None
+    job: Job, spec: ModelSpec, options: OutputOptions, ids: Sequence[str] | None = None
 ) -> FusionRun:
     """Fuse a two-tower model's image and text features, layer by layer."""
     assert spec.fusion is not None
@@ -183,9 +217,10 @@ def tower_fusion(
         ]
         out = fused_dir(job, spec, layer)
         where = f"{spec.key_path}.fusion"
-        run.results.append(
-            fuse_folders(folders, out, spec.fusion, squeeze=squeeze, where=where, order=ids)
-        )
+        result = fuse_folders(folders, out, spec.fusion, options=options, where=where, order=ids)
+        parts = layer_parts(spec, layer_label(layer))
+        result.matrix_dir = fused_root(job, spec).joinpath(MATRIX_DIR, *parts)
+        run.results.append(result)
     return run
 
 
@@ -197,9 +232,10 @@ def section_fusion(cfg: Config, fusion: FusionSpec) -> FusionRun:
         fusion.output_path,
         fusion.mode,
         normalize=fusion.normalize,
-        squeeze=cfg.output.squeeze,
+        options=cfg.output,
         where=fusion.key_path,
     )
+    result.matrix_dir = fusion.output_path / MATRIX_DIR
     return FusionRun(fusion.key_path, fusion.mode, [result])
 
 

@@ -79,7 +79,7 @@ def test_visual_model_dir_is_the_file_stem(tmp_path, store, image_dir, resnet18_
     files = sorted(
         p.name for p in (tmp_path / "out" / "torch" / "resnet18_seed0" / "avgpool").iterdir()
     )
-    assert files == [f"B{i:03d}.npy" for i in range(1, 11)]
+    assert files == [f"B{i:03d}.npy" for i in range(1, 11)] + ["ducho-fast.manifest.json"]
 
 
 def test_sentence_transformers_items_equal_encode(tmp_path, store, texts_tsv, minilm_dir) -> None:
@@ -191,7 +191,7 @@ def test_demo_config_runs(tmp_path, store, effnet_weights, minilm_dir) -> None:
     models.mkdir(parents=True)
     (models / "efficientnet_lite0.pth").symlink_to(effnet_weights)
     (models / "all-MiniLM-L6-v2").symlink_to(minilm_dir)
-    shutil.copytree(DEMO, tmp_path / "data" / "demo")
+    shutil.copytree(DEMO, tmp_path / "data" / "demo", ignore=shutil.ignore_patterns("features"))
     config = load_config(REPO / "config" / "demo.yml", [f"store={store}"], cwd=tmp_path)
     ducho_fast.export(config)
     report = ducho_fast.extract(config)

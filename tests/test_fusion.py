@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ducho_fast
+from ducho_fast.config.model import OutputOptions
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.fusion import check_dims, fuse, fuse_folders
 from tests.conftest import resnet18_entry, write_image
@@ -64,8 +65,9 @@ def test_folders_join_by_id_and_report_the_rest(tmp_path: Path) -> None:
     np.save(tmp_path / "a" / "bad.npy", np.zeros((1, 5, 8), np.float32))
     np.save(tmp_path / "b" / "bad.npy", rows(7, 4))
     (tmp_path / "a" / ".tmp-123.npy").write_bytes(b"partial")  # an interrupted write: ignored
+    squeeze = OutputOptions(squeeze=True)
     result = fuse_folders(
-        [tmp_path / "a", tmp_path / "b"], tmp_path / "out", "concat", squeeze=True
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "out", "concat", options=squeeze
     )
     assert result.written == 2
     for item_id in ("x1", "x3"):
@@ -167,6 +169,7 @@ def test_fusion_only_config_runs_without_models(tmp_path: Path) -> None:
     assert run.results[0].written == 2 and sorted(p.name for p in (tmp_path / "f").iterdir()) == [
         "a.npy",
         "b.npy",
+        "ducho-fast.manifest.json",
     ]
 
 
@@ -176,5 +179,5 @@ def test_unwritable_fusion_output_is_a_clear_error(tmp_path: Path) -> None:
     write_features(tmp_path / "a", ["x1"], 4, 1)
     write_features(tmp_path / "b", ["x1"], 4, 2)
     (tmp_path / "out").write_text("a file where the output folder should be")
-    with pytest.raises(OutputError, match=r"cannot write .*out/x1.npy"):
+    with pytest.raises(OutputError, match=r"cannot write to the output folder .*out: File exists"):
         fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "sum")

@@ -16,7 +16,15 @@ import yaml
 
 from ducho_fast.config import compat
 from ducho_fast.config.fusion import fusion_specs
-from ducho_fast.config.model import Config, Job, Layer, ModelSpec, OutputOptions, RuntimeOptions
+from ducho_fast.config.model import (
+    Config,
+    InputOptions,
+    Job,
+    Layer,
+    ModelSpec,
+    OutputOptions,
+    RuntimeOptions,
+)
 from ducho_fast.config.overrides import apply_override
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
 from ducho_fast.errors import ConfigError, NotSupportedYet
@@ -76,7 +84,7 @@ def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     merged = load_defaults()
     model_defaults = {**merged.pop("model"), **raw.get("model", {})}
     for key, value in raw.items():
-        if key in ("runtime", "output"):
+        if key in ("runtime", "output", "input"):
             merged[key] = {**merged.get(key, {}), **value}
         elif key != "model":
             merged[key] = value
@@ -111,9 +119,34 @@ def _resolve(data: dict[str, Any], name: str, cwd: Path) -> Config:
         store=(cwd / data["store"]).resolve(),
         jobs=jobs,
         runtime=runtime,
-        output=OutputOptions(**data["output"]),
+        output=_output(data["output"], name, dataset_path),
+        input=_input(data["input"], name),
         resolved=data,
     )
+
+
+def _output(raw: dict[str, Any], name: str, dataset: Path) -> OutputOptions:
+    layouts = tuple(dict.fromkeys(raw["layouts"]))
+    if "ducho" not in layouts:
+        raise ConfigError(
+            f"{name}: key 'output.layouts' is {list(raw['layouts'])!r}; it must include 'ducho'. "
+            "The per-item files are the parts a matrix is assembled from and what a resumed "
+            "run skips. Use layouts: [ducho, matrix]."
+        )
+    id_order = raw.get("id_order")
+    return OutputOptions(
+        squeeze=raw["squeeze"],
+        layouts=layouts,
+        dtype=raw["dtype"],
+        id_order=(dataset / id_order).resolve() if id_order else None,
+        resume=raw["resume"],
+    )
+
+
+def _input(raw: dict[str, Any], name: str) -> InputOptions:
+    if raw["max_image_pixels"] < 1:
+        raise ConfigError(f"{name}: key 'input.max_image_pixels' must be >= 1.")
+    return InputOptions(**raw)
 
 
 def _apply_gpu_list(runtime: RuntimeOptions, gpu_list: Any, name: str) -> RuntimeOptions:

@@ -145,6 +145,20 @@ class RuntimeOptions:
 @dataclass(frozen=True)
 class OutputOptions:
     squeeze: bool = False
+    layouts: tuple[str, ...] = ("ducho",)
+    dtype: str = "float32"
+    id_order: Path | None = None
+    resume: bool = True
+
+    @property
+    def matrix(self) -> bool:
+        return "matrix" in self.layouts
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    exif_orientation: str = "apply"
+    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
 
 
 @dataclass(frozen=True)
@@ -159,6 +173,7 @@ class Config:
     output: OutputOptions
     resolved: dict[str, Any]
     fusions: tuple[FusionSpec, ...] = ()
+    input: InputOptions = InputOptions()
 
     def models(self) -> list[ModelSpec]:
         return [m for job in self.jobs for m in job.models]

@@ -16,6 +16,7 @@ MODALITIES = ("visual", "textual", "audio", "visual_textual")
 ORIGINS = ("items", "interactions")
 FUSION_MODES = ("concat", "sum", "mul", "mean")
 BACKENDS = ("torch", "tensorflow", "transformers", "sentence_transformers")
+LAYOUTS = ("ducho", "matrix")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,18 @@ RUNTIME_KEYS: dict[str, Key] = {
     "on_error": Key((str,), choices=("skip", "fail")),
 }
 
-OUTPUT_KEYS: dict[str, Key] = {"squeeze": _BOOL}
+OUTPUT_KEYS: dict[str, Key] = {
+    "squeeze": _BOOL,
+    "layouts": Key((list,), item=Key((str,), choices=LAYOUTS)),
+    "dtype": Key((str,), choices=("float32", "float16")),
+    "id_order": Key((str, type(None)), doc="file with one item id per line: matrix row order"),
+    "resume": _BOOL,
+}
+
+INPUT_KEYS: dict[str, Key] = {
+    "exif_orientation": Key((str,), choices=("apply", "ignore")),
+    "max_image_pixels": _INT,
+}
 
 FUSION_KEYS: dict[str, Key] = {
     "inputs": Key(
@@ -99,6 +111,7 @@ TOP_KEYS: dict[str, Key] = {
     "store": _STR,
     "runtime": Key((dict,), children=RUNTIME_KEYS),
     "output": Key((dict,), children=OUTPUT_KEYS),
+    "input": Key((dict,), children=INPUT_KEYS),
     "model": Key((dict,), children=MODEL_KEYS, doc="defaults for every model entry"),
     "fusion": Key((list,), item=Key((dict,), children=FUSION_KEYS)),
     **{m: Key((dict,), children=MODALITY_KEYS) for m in MODALITIES},

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+TMP_PREFIX = ".tmp-"  # a killed run's leftovers; never read, removed when a run starts
+
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` so that a reader never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npy", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
@@ -24,7 +26,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

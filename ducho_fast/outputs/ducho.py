@@ -27,18 +27,29 @@ def model_dir_parts(spec: ModelSpec) -> list[str]:
     return [p for p in parts if p not in ("/", ".", "..", "")] or ["model"]
 
 
-def layer_dir(job: Job, spec: ModelSpec, layer: str | int) -> Path:
+def output_root(job: Job, spec: ModelSpec) -> Path:
+    """The block's ``output_path`` this model writes under (a two-tower text tower: textual)."""
     root = job.text_output_path if spec.tower == "text" else job.output_path
     assert root is not None
-    return root.joinpath(spec.backend_dir, *model_dir_parts(spec), str(layer))
+    return root
+
+
+def layer_parts(spec: ModelSpec, layer: str | int) -> list[str]:
+    """``<backend>/<model dir>/<layer>`` as path parts."""
+    return [spec.backend_dir, *model_dir_parts(spec), str(layer)]
+
+
+def layer_dir(job: Job, spec: ModelSpec, layer: str | int) -> Path:
+    return output_root(job, spec).joinpath(*layer_parts(spec, layer))
 
 
 class DuchoWriter:
     """Writes one model's per-item outputs in Ducho's layout."""
 
-    def __init__(self, job: Job, spec: ModelSpec, *, squeeze: bool) -> None:
+    def __init__(self, job: Job, spec: ModelSpec, *, squeeze: bool, dtype: str = "float32") -> None:
         self._dirs = {label: layer_dir(job, spec, label) for label in spec.layer_labels()}
         self._squeeze = squeeze
+        self._dtype = dtype
 
     @property
     def dirs(self) -> list[Path]:
@@ -52,13 +63,13 @@ class DuchoWriter:
             if layer not in self._dirs:
                 continue
             array = value if self._squeeze else value[np.newaxis]
-            save_feature(self.path(layer, item_id), array)
+            save_feature(self.path(layer, item_id), array, self._dtype)
 
 
-def save_feature(path: Path, array: np.ndarray) -> None:
-    """Write one item's float32 feature atomically; a failed write is an OutputError."""
+def save_feature(path: Path, array: np.ndarray, dtype: str = "float32") -> None:
+    """Write one item's feature atomically (float32 or float16); a failed write stops the run."""
     try:
-        save_npy(path, array.astype(np.float32, copy=False))
+        save_npy(path, array.astype(dtype, copy=False))
     except OSError as e:
         raise OutputError(
             f"cannot write {path}: {e.strerror or e}. Check that the output folder is "

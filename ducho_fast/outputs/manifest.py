@@ -1,0 +1,171 @@
+"""Output manifests: what made the features of a folder, and how far the run got.
+
+Every folder of per-item features gets ``ducho-fast.manifest.json``. It is written with status
+``running`` before the first feature and ``complete`` at the end, and holds the *feature key*:
+everything that determines the bytes of a feature file (artifact, layer, host preprocessing,
+dtype, shape rule). A resumed run reuses files only under the same key; a different key is an
+error that says what changed, never a silent mix of old and new features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ducho_fast import __version__
+from ducho_fast.errors import DataError, OutputError
+from ducho_fast.outputs.atomic import TMP_PREFIX, write_text
+
+MANIFEST_FILE = "ducho-fast.manifest.json"
+SCHEMA_VERSION = 1
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OutputError(
+            f"{path} cannot be read ({e}). Delete it and run with --fresh to extract the folder "
+            "again."
+        ) from e
+    return data if isinstance(data, dict) else None
+
+
+def feature_files(folder: Path) -> dict[str, Path]:
+    """``{id: file}`` for the complete ``.npy`` features in ``folder``."""
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name[: -len(".npy")]: p
+        for p in sorted(folder.iterdir())
+        if p.suffix == ".npy" and not p.name.startswith(TMP_PREFIX) and p.is_file()
+    }
+
+
+@dataclass
+class OutputFolder:
+    """One folder of per-item features during a run; ``existing`` holds reusable ids."""
+
+    path: Path
+    key: dict[str, Any]
+    existing: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.time)
+
+    def finish(self, counts: dict[str, int], **extra: Any) -> None:
+        """Record the run as complete, with its counts and timing."""
+        seconds = time.time() - self.started
+        _write(self.path, self.key, "complete", counts=counts, seconds=round(seconds, 3), **extra)
+
+
+def check_folder(path: Path, key: dict[str, Any], *, resume: bool, what: str) -> None:
+    """Refuse, before any work starts, a folder whose features a resumed run cannot reuse."""
+    if resume and path.is_dir():
+        key = json.loads(json.dumps(key, default=str))
+        _reusable(path, key, read_manifest(path), feature_files(path), what)
+
+
+def open_folder(path: Path, key: dict[str, Any], *, resume: bool, what: str) -> OutputFolder:
+    """Make ``path`` ready for features made as ``key`` says; return the ids it can reuse.
+
+    With ``resume``, complete files written under the same key are kept and skipped; a folder
+    written under another key, or holding features no manifest describes, is an OutputError.
+    Without ``resume`` (``--fresh``), the files of an earlier ducho-fast run are removed.
+    Leftover temporary files of a killed run are removed either way.
+    """
+    key = json.loads(json.dumps(key, default=str))  # the form it takes on disk
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(path)
+        old = read_manifest(path)
+        files = feature_files(path)
+        existing = _reusable(path, key, old, files, what) if resume else set()
+        if not resume and old is not None:
+            for file in files.values():
+                file.unlink()
+        folder = OutputFolder(path, key, existing)
+        _write(path, key, "running", counts={"reusable": len(existing)})
+    except OSError as e:
+        raise OutputError(
+            f"cannot write to the output folder {path}: {e.strerror or e}. Check that it is "
+            "writable and that the disk has space."
+        ) from e
+    return folder
+
+
+def _reusable(
+    path: Path, key: dict[str, Any], old: dict[str, Any] | None, files: dict[str, Path], what: str
+) -> set[str]:
+    if old is None:
+        if files:
+            raise OutputError(
+                f"{path} holds {len(files)} .npy file(s) that no {MANIFEST_FILE} describes "
+                f"(written by Ducho or an older ducho-fast?), so {what} cannot tell whether they "
+                "were made by the same model and settings.\nHint: choose another output_path, "
+                "or run with --fresh (output.resume: false) to extract every item again."
+            )
+        return set()
+    if old.get("key") == key:
+        return set(files)
+    changed = _changes(old.get("key") or {}, key)
+    raise OutputError(
+        f"{path} holds features made with other settings ({changed}); resuming would mix old "
+        f"and new features.\nHint: choose another output_path, or run with --fresh "
+        "(output.resume: false) to replace them."
+    )
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(
+        f"{name}: {_short(old.get(name))} -> {_short(new.get(name))}" for name in names
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _remove_temporaries(path: Path) -> None:
+    for tmp in path.glob(f"{TMP_PREFIX}*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def _write(path: Path, key: dict[str, Any], status: str, **fields: Any) -> None:
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "ducho_fast_version": __version__,
+        "status": status,
+        "key": key,
+        "key_sha256": digest(key),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **fields,
+    }
+    write_text(path / MANIFEST_FILE, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def check_complete(folder: Path) -> dict[str, Any] | None:
+    """An input folder's manifest, refusing features of an unfinished run.
+
+    Folders without a manifest (Ducho's own outputs) are taken as they are.
+    """
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("status") != "complete":
+        raise DataError(
+            f"{folder} holds features of an unfinished run (status "
+            f"{manifest.get('status')!r} in its {MANIFEST_FILE}: interrupted, or still "
+            "running).\nHint: run `ducho-fast extract CONFIG` again to complete it first."
+        )
+    return manifest

@@ -1,0 +1,165 @@
+"""The matrix layout: one ``(N, D)`` array per model/layer, rows in a known id order.
+
+Drop-in for MMRec (``image_feat.npy`` / ``text_feat.npy``, row ``i`` = item ``i`` of the
+dataset's item order, given as an ``id_order`` file) and Cornac (``FeatureModality(features,
+ids)``). The matrix is assembled only from complete per-item files (each written atomically),
+so a killed run never leaves a matrix with half-written rows; it is written to a temporary file
+through a memory map and renamed, so N x D never has to fit in memory twice.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ducho_fast.data.items import ItemError
+from ducho_fast.errors import DataError, OutputError
+from ducho_fast.outputs.atomic import TMP_PREFIX, write_text
+from ducho_fast.outputs.manifest import feature_files
+
+MATRIX_DIR = "matrix"
+IDS_FILE = "ids.txt"
+MISSING_FILE = "missing.tsv"
+FILE_NAMES = {"visual": "image_feat", "image": "image_feat", "textual": "text_feat"}
+FILE_NAMES |= {"text": "text_feat", "audio": "audio_feat", "fused": "fused_feat"}
+
+
+@dataclass
+class MatrixResult:
+    """One assembled matrix: where, how many rows, and which ids were filled or left out."""
+
+    path: Path
+    rows: int = 0
+    filled: list[ItemError] = field(default_factory=list)
+    dropped: list[ItemError] = field(default_factory=list)
+
+
+def read_id_order(path: Path) -> list[str]:
+    """One id per line (blank lines skipped); duplicates are an error naming the line."""
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except FileNotFoundError as e:
+        raise DataError(f"id order file {path} does not exist (check 'output.id_order').") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"id order file {path} cannot be read as UTF-8 text ({e}).") from e
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        item_id = line.strip()
+        if not item_id:
+            continue
+        if item_id in seen:
+            raise DataError(
+                f"{path}:{number}: id {item_id!r} is listed twice (first at line "
+                f"{seen[item_id]}); matrix rows need one line per item."
+            )
+        seen[item_id] = number
+        ids.append(item_id)
+    if not ids:
+        raise DataError(f"id order file {path} lists no ids.")
+    return ids
+
+
+def write_matrix(
+    parts: Path,
+    target: Path,
+    name: str,
+    ids: Sequence[str],
+    *,
+    id_order: Sequence[str] | None = None,
+    dtype: str = "float32",
+) -> MatrixResult:
+    """Stack the per-item files of ``parts`` into ``target/<name>.npy`` with ``ids.txt``.
+
+    Args:
+        ids: the run's items in input order; rows follow it unless ``id_order`` is given.
+        id_order: every row's id. Ids with no feature get the mean of the others and are
+            listed in ``missing.tsv``; features of ids it does not list are left out and listed.
+    """
+    files = feature_files(parts)
+    present = [i for i in ids if i in files]
+    result = MatrixResult(target / f"{name}.npy")
+    if id_order is None:
+        rows: Sequence[str] = present
+    else:
+        rows = id_order
+        listed = set(id_order)
+        result.dropped = [
+            ItemError(i, str(files[i]), "not in the id_order file; left out of the matrix")
+            for i in present
+            if i not in listed
+        ]
+    if not present:
+        raise DataError(f"{parts}: no features to assemble a matrix from.")
+    shape = _item_shape(np.load(files[present[0]]))
+    missing = [i for i in rows if i not in files]
+    mean = _mean(files, [i for i in rows if i in files], shape) if missing else None
+    result.filled = [
+        ItemError(i, str(parts), "no feature (failed or not in the input); filled with the mean")
+        for i in missing
+    ]
+    try:
+        _save(result.path, files, rows, shape, mean, dtype)
+        write_text(target / IDS_FILE, "".join(f"{i}\n" for i in rows))
+        _save_missing(target / MISSING_FILE, result.filled + result.dropped)
+    except OSError as e:
+        raise OutputError(f"cannot write the matrix in {target}: {e.strerror or e}.") from e
+    result.rows = len(rows)
+    return result
+
+
+def _item_shape(array: np.ndarray) -> tuple[int, ...]:
+    # (1, D) per-item files (Ducho's shape) and squeezed (D,) ones give the same rows.
+    return tuple(array.shape[1:]) if array.ndim > 1 and array.shape[0] == 1 else array.shape
+
+
+def _load(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.load(path)
+    if _item_shape(array) != shape:
+        raise DataError(
+            f"{path} has shape {array.shape}, other items {shape}: per-item shapes differ "
+            "(token-level features?), so they cannot form one matrix. Use a pooled layer."
+        )
+    return array.reshape(shape)
+
+
+def _mean(files: dict[str, Path], ids: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
+    total = np.zeros(shape, dtype=np.float64)
+    for item_id in ids:
+        total += _load(files[item_id], shape)
+    return (total / max(len(ids), 1)).astype(np.float32)
+
+
+def _save(
+    path: Path,
+    files: dict[str, Path],
+    rows: Sequence[str],
+    shape: tuple[int, ...],
+    mean: np.ndarray | None,
+    dtype: str,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(rows), *shape))
+        for row, item_id in enumerate(rows):
+            out[row] = _load(files[item_id], shape) if item_id in files else mean
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_missing(path: Path, rows: list[ItemError]) -> None:
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    write_text(path, "item_id\treason\n" + "".join(f"{e.item_id}\t{e.reason}\n" for e in rows))

@@ -1,0 +1,126 @@
+"""The matrix layout end to end: MMRec's files in its item order, Cornac's ids, fused too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.errors import ConfigError
+from tests.conftest import resnet18_entry
+
+pytestmark = pytest.mark.slow
+
+
+def demo_config(tmp_path, store, image_dir, texts_tsv, weights, minilm_dir, **output):
+    (tmp_path / "images").symlink_to(image_dir)
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    text = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1}
+    return {
+        "dataset_path": str(tmp_path),
+        "store": str(store),
+        "output": {"layouts": ["ducho", "matrix"], **output},
+        "visual": {
+            "items": {
+                "input_path": "images",
+                "output_path": "v",
+                "model": [resnet18_entry(weights)],
+            }
+        },
+        "textual": {
+            "items": {
+                "input_path": "descriptions.tsv",
+                "output_path": "t",
+                "item_column": "item_id",
+                "text_column": "description",
+                "model": [text],
+            }
+        },
+        "fusion": [
+            {
+                "inputs": ["visual.items.model.0:avgpool", "textual.items.model.0:1"],
+                "mode": "concat",
+                "output_path": "fused",
+            }
+        ],
+    }
+
+
+def test_mmrec_matrices_follow_id_order(
+    tmp_path, store, image_dir, texts_tsv, resnet18_state_dict, minilm_dir
+) -> None:
+    order = ["B003", "007", "B001", "NEW1"] + [f"B{i:03d}" for i in (2, 4, 5, 6, 7, 8, 9, 10)]
+    (tmp_path / "item_order.txt").write_text("\n".join(order) + "\n")
+    config = demo_config(
+        tmp_path,
+        store,
+        image_dir,
+        texts_tsv,
+        resnet18_state_dict,
+        minilm_dir,
+        id_order="item_order.txt",
+    )
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert report.failed == 0
+
+    per_item = tmp_path / "v/torch/resnet18/avgpool"
+    image = np.load(tmp_path / "v/matrix/torch/resnet18/avgpool/image_feat.npy")
+    assert image.shape == (12, 512) and image.dtype == np.float32
+    have = {i: np.load(per_item / f"{i}.npy")[0] for i in order if (per_item / f"{i}.npy").exists()}
+    mean = np.mean(list(have.values()), axis=0)
+    for row, item_id in enumerate(order):
+        expected = have.get(item_id, mean)  # "007" has no image, NEW1 nothing at all
+        np.testing.assert_allclose(image[row], expected, rtol=1e-6, atol=1e-7)
+    missing = (tmp_path / "v/matrix/torch/resnet18/avgpool/missing.tsv").read_text()
+    assert "007\t" in missing and "NEW1\t" in missing
+    (run,) = [r for r in report.runs if r.job == "visual.items"]
+    assert [len(m.filled) for m in run.matrices] == [2]
+
+    text_dir = next((tmp_path / "t" / "matrix").rglob("text_feat.npy")).parent
+    text = np.load(text_dir / "text_feat.npy")
+    ids = (text_dir / "ids.txt").read_text().split()
+    assert ids == order and text.shape == (12, 384)
+    text_items = next(p for p in (tmp_path / "t").rglob("007.npy") if "matrix" not in p.parts)
+    np.testing.assert_array_equal(text[1], np.load(text_items)[0])
+
+    fused = np.load(tmp_path / "fused/matrix/fused_feat.npy")
+    assert fused.shape == (12, 512 + 384)
+    np.testing.assert_array_equal(fused[0], np.load(tmp_path / "fused/B003.npy")[0])
+
+
+def test_cornac_ids_without_id_order_and_token_layers_refused(
+    tmp_path, store, image_dir, texts_tsv, resnet18_state_dict, minilm_dir
+) -> None:
+    config = demo_config(tmp_path, store, image_dir, texts_tsv, resnet18_state_dict, minilm_dir)
+    ducho_fast.export(config)
+    ducho_fast.extract(config)
+    folder = tmp_path / "v/matrix/torch/resnet18/avgpool"
+    ids = (folder / "ids.txt").read_text().split()
+    assert ids == [f"B{i:03d}" for i in range(1, 11)]  # the input's order, as Cornac's ids
+    features = np.load(folder / "image_feat.npy")
+    for row, item_id in enumerate(ids):
+        per_item = np.load(tmp_path / f"v/torch/resnet18/avgpool/{item_id}.npy")
+        np.testing.assert_array_equal(features[row], per_item[0])
+
+    tokens = {
+        "model_name": str(minilm_dir),
+        "backend": "transformers",
+        "output_layers": ["last_hidden_state"],
+    }
+    config["textual"]["items"]["model"] = [tokens]
+    del config["fusion"]
+    ducho_fast.export(config)
+    with pytest.raises(ConfigError, match=r"one vector per token.*Choose a pooled layer"):
+        ducho_fast.extract(config)
+
+
+def test_layouts_must_keep_the_per_item_parts(tmp_path: Path) -> None:
+    from ducho_fast.config import load_config
+
+    config = {"dataset_path": str(tmp_path), "fusion": [], "output": {"layouts": ["matrix"]}}
+    config["fusion"] = [{"inputs": ["a", "b"], "mode": "concat", "output_path": "f"}]
+    with pytest.raises(ConfigError, match=r"must include 'ducho'"):
+        load_config(config)

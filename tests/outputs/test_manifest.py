@@ -1,0 +1,74 @@
+"""Output manifests: reuse only under the same feature key, clear errors otherwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ducho_fast.errors import DataError, OutputError
+from ducho_fast.outputs.manifest import (
+    MANIFEST_FILE,
+    check_complete,
+    check_folder,
+    feature_files,
+    open_folder,
+)
+
+KEY = {"model_sha256": "abc", "layer": "avgpool", "dtype": "float32", "squeeze": False}
+
+
+def features(folder: Path, ids: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item_id in ids:
+        np.save(folder / f"{item_id}.npy", np.zeros((1, 4), np.float32))
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def test_running_then_complete_then_reused(tmp_path: Path) -> None:
+    out = tmp_path / "avgpool"
+    folder = open_folder(out, KEY, resume=True, what="'m'")
+    assert folder.existing == set() and manifest(out)["status"] == "running"
+    with pytest.raises(DataError, match=r"unfinished run"):
+        check_complete(out)
+    features(out, ["a", "b"])
+    (out / ".tmp-123.npy").write_bytes(b"half a file")  # a killed write
+    folder.finish({"written": 2})
+    record = manifest(out)
+    assert record["status"] == "complete" and record["counts"] == {"written": 2}
+    assert record["key"] == KEY and len(record["key_sha256"]) == 64
+    again = open_folder(out, KEY, resume=True, what="'m'")
+    assert again.existing == {"a", "b"} and not (out / ".tmp-123.npy").exists()
+
+
+def test_other_settings_are_refused_naming_what_changed(tmp_path: Path) -> None:
+    out = tmp_path / "avgpool"
+    open_folder(out, KEY, resume=True, what="'m'").finish({})
+    features(out, ["a"])
+    changed = {**KEY, "dtype": "float16"}
+    with pytest.raises(OutputError, match=r'other settings \(dtype: "float32" -> "float16"\)'):
+        check_folder(out, changed, resume=True, what="'m'")
+    with pytest.raises(OutputError, match=r"--fresh"):
+        open_folder(out, changed, resume=True, what="'m'")
+    fresh = open_folder(out, changed, resume=False, what="'m'")
+    assert fresh.existing == set() and feature_files(out) == {}  # ours, so removed
+
+
+def test_features_no_manifest_describes_are_not_reused(tmp_path: Path) -> None:
+    out = tmp_path / "from-ducho"
+    features(out, ["a", "b"])
+    with pytest.raises(OutputError, match=r"2 .npy file\(s\) that no ducho-fast.manifest.json"):
+        open_folder(out, KEY, resume=True, what="'m'")
+    open_folder(out, KEY, resume=False, what="'m'")
+    assert set(feature_files(out)) == {"a", "b"}  # not ours: overwritten item by item, not removed
+
+
+def test_a_file_in_place_of_the_folder_is_an_output_error(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write to the output folder"):
+        open_folder(tmp_path / "out", KEY, resume=True, what="'m'")

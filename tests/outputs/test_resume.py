@@ -1,0 +1,161 @@
+"""Resume and atomicity end to end: killed, failed and changed runs.
+
+A run killed at any moment (SIGKILL included) and started again skips complete items and ends
+with features byte-identical to an uninterrupted run's; changed settings are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+import ducho_fast
+from ducho_fast.errors import OutputError
+from ducho_fast.outputs.manifest import MANIFEST_FILE
+from tests.conftest import REPO, resnet18_entry, textual_config, visual_config, write_image
+
+pytestmark = pytest.mark.slow
+
+
+def images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        write_image(folder / f"item{i}.jpg", size=(40 + i % 7 * 9, 30 + i % 5 * 11), seed=i)
+    return folder
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every feature, matrix and id file under ``root`` (manifests record timings: not bytes)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix in (".npy", ".txt", ".tsv") and "errors" not in p.name
+    }
+
+
+def config_for(data: Path, store: Path, weights: Path, out: str, **model: Any) -> dict[str, Any]:
+    entry = resnet18_entry(weights, **{"batch_size": 4, "reshape": [160, 160], **model})
+    config = visual_config(data, entry, store)
+    config["visual"]["items"]["output_path"] = out
+    config["output"] = {"layouts": ["ducho", "matrix"]}
+    return config
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    images(tmp_path / "images", 160)
+    return tmp_path
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(dataset, store, resnet18_state_dict):
+    reference = config_for(dataset, store, resnet18_state_dict, "ref")
+    ducho_fast.export(reference)
+    ducho_fast.extract(reference)
+    path = dataset / "killed.yml"
+    path.write_text(yaml.safe_dump(config_for(dataset, store, resnet18_state_dict, "out")))
+    folder = dataset / "out" / "torch" / "resnet18" / "avgpool"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ducho_fast", "extract", str(path), "--no-progress"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 120
+    while len(list(folder.glob("*.npy"))) < 30:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(list(folder.glob("item*.npy")))
+    assert 30 <= partial < 160, partial
+    assert json.loads((folder / MANIFEST_FILE).read_text())["status"] == "running"
+    assert not (dataset / "out" / "matrix").exists() or partial == 160
+
+    report = ducho_fast.extract(path)
+    result = report.runs[0].result
+    assert result.reused >= partial - 2 * 4 and result.reused + result.written == 160
+    assert snapshot(dataset / "out") == snapshot(dataset / "ref")
+    assert len(snapshot(dataset / "out")) == 160 + 2  # the files, image_feat.npy, ids.txt
+    assert json.loads((folder / MANIFEST_FILE).read_text())["status"] == "complete"
+
+
+def test_full_disk_stops_the_run_and_a_rerun_completes_it(
+    dataset, store, resnet18_state_dict, monkeypatch
+):
+    from ducho_fast.outputs import ducho
+
+    reference = config_for(dataset, store, resnet18_state_dict, "ref", reshape=[64, 64])
+    ducho_fast.export(reference)
+    ducho_fast.extract(reference)
+    config = config_for(dataset, store, resnet18_state_dict, "out", reshape=[64, 64])
+    real_save, writes = ducho.save_npy, []
+
+    def fills_up(path: Path, array: np.ndarray) -> None:
+        if len(writes) == 21:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(path)
+        real_save(path, array)
+
+    monkeypatch.setattr(ducho, "save_npy", fills_up)
+    with pytest.raises(OutputError, match=r"No space left on device.*items already written"):
+        ducho_fast.extract(config)
+    folder = dataset / "out" / "torch" / "resnet18" / "avgpool"
+    assert len(list(folder.glob("*.npy"))) == 21 and not list(folder.glob(".tmp-*"))
+    monkeypatch.setattr(ducho, "save_npy", real_save)  # space freed
+    report = ducho_fast.extract(config)
+    assert report.runs[0].result.reused == 20  # the complete batches; the 6th batch runs again
+    assert snapshot(dataset / "out") == snapshot(dataset / "ref")
+
+
+def test_changed_settings_are_refused_before_any_work(tmp_path, store, texts_tsv, minilm_dir):
+    from typer.testing import CliRunner
+
+    from ducho_fast.cli import app
+
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    entry = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1}
+    config = textual_config(tmp_path, entry, store)
+    ducho_fast.export(config)
+    ducho_fast.extract(config)
+    before = snapshot(tmp_path / "out")
+    again = ducho_fast.extract(config)
+    assert again.runs[0].result.reused == 11 and again.runs[0].result.written == 0
+    changed = textual_config(tmp_path, {**entry, "clear_text": True}, store)
+    with pytest.raises(OutputError, match=r"other settings \(clear_text: false -> true\)"):
+        ducho_fast.extract(changed)
+    assert snapshot(tmp_path / "out") == before
+    path = tmp_path / "changed.yml"
+    path.write_text(yaml.safe_dump(changed))
+    result = CliRunner().invoke(app, ["extract", str(path), "--fresh", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "11 written" in result.output
+    folder = next((tmp_path / "out").rglob(MANIFEST_FILE)).parent
+    assert json.loads((folder / MANIFEST_FILE).read_text())["key"]["clear_text"] is True
+
+
+def test_float16_squeezed_files(tmp_path, store, image_dir, resnet18_state_dict):
+    (tmp_path / "images").symlink_to(image_dir)
+    base = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    ducho_fast.export(base)
+    ducho_fast.extract(base)
+    half = {**base, "output": {"dtype": "float16", "squeeze": True}}
+    half["visual"] = {"items": {**base["visual"]["items"], "output_path": "half"}}
+    ducho_fast.extract(half)
+    for name in ("B001", "B007"):
+        full = np.load(tmp_path / "out/torch/resnet18/avgpool" / f"{name}.npy")
+        small = np.load(tmp_path / "half/torch/resnet18/avgpool" / f"{name}.npy")
+        assert full.shape == (1, 512) and small.shape == (512,) and small.dtype == np.float16
+        np.testing.assert_allclose(small.astype(np.float32), full[0], rtol=1e-3, atol=1e-3)
