@@ -423,4 +423,5 @@ def _write_errors(path: Path, rows: list[tuple[str, ItemError]]) -> None:
 
 
 def _cell(value: str) -> str:
-    return value.replace("\t", " ").replace("\n", " ").encode("unicode_escape").decode("ascii")
+    # Escaped, not replaced: an id with a tab or newline stays recognisable in the report.
+    return value.encode("unicode_escape").decode("ascii")

@@ -181,3 +181,14 @@ def test_unwritable_fusion_output_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("a file where the output folder should be")
     with pytest.raises(OutputError, match=r"cannot write to the output folder .*out: File exists"):
         fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "sum")
+
+
+def test_fuse_refuses_features_of_an_unfinished_run(tmp_path: Path) -> None:
+    from ducho_fast.outputs.manifest import open_folder
+
+    write_features(tmp_path / "a", ["x1"], 4, 1)
+    write_features(tmp_path / "b", ["x1"], 4, 2)
+    open_folder(tmp_path / "b", {"layer": "1"}, resume=False, what="test")  # killed mid-run
+    with pytest.raises(DataError, match=r"b holds features of an unfinished run"):
+        fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "sum")
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,11 @@ def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
         raise DataError(f"image folder {folder} does not exist (check 'input_path').")
     if folder.is_file():
         return [Item(image_id(folder), str(folder), folder)], []
-    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: human_key(p.name))
+    # A dangling link is listed: reading it reports the missing file instead of hiding it.
+    files = sorted(
+        (p for p in folder.iterdir() if p.is_file() or p.is_symlink()),
+        key=lambda p: human_key(p.name),
+    )
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     return [Item(image_id(p), str(p), p) for p in images], others
@@ -118,6 +122,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _WIDE_GRAY:
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the same RGB as converting directly, minus a warning
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -148,7 +154,9 @@ def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Ima
     except PermissionError as e:
         raise DataError(f"{source}: permission denied; make the file readable.") from e
     except Image.DecompressionBombError as e:
-        raise DataError(f"{source}: {e}") from e
+        raise DataError(
+            f"{source}: {e} Pillow refuses images this large whatever input.max_image_pixels says."
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{source}: not a readable image ({type(e).__name__}: {e}).") from e
 

@@ -1,0 +1,177 @@
+"""Fault injection: every kind of bad input mixed into good items, in one run per modality.
+
+Every good item is extracted exactly as it is when the bad ones are absent, every bad item is
+reported with its reason, and nothing is written outside the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ducho_fast
+from ducho_fast.api import ERRORS_FILE
+from tests.conftest import resnet18_entry, textual_config, visual_config, write_image
+
+pytestmark = pytest.mark.slow
+
+# file name -> what the errors file must say about it
+BAD_IMAGES = {
+    "zero.jpg": "not a readable image",
+    "cut.jpg": "not a readable image",
+    "cutpng.png": "not a readable image",
+    "fake.jpg": "not a readable image",
+    "gone.jpg": "file not found",
+    "bomb.png": "decompression bomb",
+    "new\nline.jpg": "control characters",
+    ".hidden.jpg": "empty",
+    "good03.png": "duplicate id",
+}
+ODD_BUT_GOOD = ["cmyk.jpg", "gray16.png", "gray.jpg", "rgba.png", "palette.png", "exif.jpg"]
+
+
+def good_images(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(10):
+        write_image(folder / f"good{i:02d}.jpg", size=(30 + 7 * i, 50 - 2 * i), seed=i)
+    write_image(folder / "cmyk.jpg", mode="CMYK", seed=20)
+    wide = (np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50).astype(np.uint16)
+    Image.fromarray(wide).save(folder / "gray16.png")
+    write_image(folder / "gray.jpg", mode="L", seed=21)
+    write_image(folder / "rgba.png", mode="RGBA", seed=22)
+    palette = Image.new("P", (30, 20), 3)
+    palette.info["transparency"] = 3
+    palette.save(folder / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    write_image(folder / "exif.jpg", size=(50, 20), seed=23)
+    Image.open(folder / "exif.jpg").save(folder / "exif.jpg", exif=exif.tobytes())
+    write_image(folder / "big.jpg", size=(3000, 2000), seed=24)
+
+
+def bad_images(folder: Path) -> None:
+    good = (folder / "good01.jpg").read_bytes()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "cut.jpg").write_bytes(good[: len(good) // 2])
+    png = write_image(folder / "full.png", seed=30).read_bytes()
+    (folder / "full.png").unlink()
+    (folder / "cutpng.png").write_bytes(png[: len(png) - 40])
+    (folder / "fake.jpg").write_text("<html>not an image</html>")
+    (folder / "gone.jpg").symlink_to(folder / "deleted-after-listing.jpg")
+    Image.new("1", (20_000, 20_000)).save(folder / "bomb.png")
+    write_image(folder / "new\nline.jpg", seed=31)
+    write_image(folder / ".hidden.jpg", seed=32)
+    write_image(folder / "good03.png", seed=33)
+    (folder / "notes.txt").write_text("not an input")
+
+
+def errors(folder: Path) -> dict[str, str]:
+    with (folder / ERRORS_FILE).open() as f:
+        return {row["origin"]: row["reason"] for row in csv.DictReader(f, delimiter="\t")}
+
+
+def files_outside(root: Path, inside: tuple[str, ...]) -> dict[str, float]:
+    return {
+        str(p): p.stat().st_mtime
+        for p in root.rglob("*")
+        if not p.is_symlink() and not any(part in inside for part in p.relative_to(root).parts)
+    }
+
+
+def test_images(tmp_path: Path, store: Path, resnet18_state_dict: Path) -> None:
+    good_images(tmp_path / "clean" / "images")
+    shutil.copytree(tmp_path / "clean", tmp_path / "messy")
+    bad_images(tmp_path / "messy" / "images")
+    entry = resnet18_entry(resnet18_state_dict, batch_size=4)
+    clean, messy = (visual_config(tmp_path / d, entry, store) for d in ("clean", "messy"))
+    ducho_fast.export(clean)
+    ducho_fast.extract(clean)
+    before = files_outside(tmp_path / "messy", ("out",))
+    report = ducho_fast.extract(messy)
+
+    assert files_outside(tmp_path / "messy", ("out",)) == before
+    reported = errors(tmp_path / "messy" / "out")
+    for name, reason in BAD_IMAGES.items():
+        shown = name.encode("unicode_escape").decode("ascii")  # as the errors file writes it
+        origin = next(o for o in reported if o.endswith(shown))
+        assert reason in reported[origin], (name, reported[origin])
+    assert len(reported) == len(BAD_IMAGES) and report.failed == len(BAD_IMAGES)
+    layer = Path("out/torch/resnet18/avgpool")
+    expected = sorted(p.name for p in (tmp_path / "clean" / layer).glob("*.npy"))
+    assert sorted(p.name for p in (tmp_path / "messy" / layer).glob("*.npy")) == expected
+    assert len(expected) == 10 + len(ODD_BUT_GOOD) + 1
+    for name in expected:  # the same features as without the bad items around them
+        a = np.load(tmp_path / "clean" / layer / name)
+        b = np.load(tmp_path / "messy" / layer / name)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    outputs = [p for p in (tmp_path / "messy" / "out").rglob("*") if p.is_file()]
+    assert all(p.resolve().is_relative_to(tmp_path / "messy" / "out") for p in outputs)
+
+
+GOOD_TEXTS = [(f"p{i}", f"Product {i}: a {'very ' * i}useful thing.") for i in range(8)]
+GOOD_TEXTS += [
+    ("long", "word " * 100_000),  # truncated to the model's max length
+    ("quoted", '"a tab\there, a newline\nthere, and ""quotes"""'),
+    ("inch", '5" screen, plain quotes in an unquoted cell'),
+]
+BAD_TEXTS = {
+    "empty": ("", "the text is empty"),
+    "spaces": ("   \u3000 ", "the text is empty"),
+    "nan": ("NaN", "missing-value marker"),
+    "p1": ("a second row for p1", "duplicate id"),
+    "../../escape": ("text", "path separator"),
+    "a/b": ("text", "path separator"),
+    "x" * 300: ("text", "exceed 255 bytes"),
+    "nul\x00id": ("text", "control characters"),
+    "extra": ("one\tcell too many", "the row has 3 cells, the header 2"),
+}
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]], latin1_row: bool = False) -> None:
+    with path.open("wb") as f:
+        f.write(b"item_id\tdescription\n")
+        for item_id, text in rows:
+            f.write(f"{item_id}\t{text}\n".encode())
+        if latin1_row:
+            f.write("latin1\tcaf\xe9 cr\xe8me\n".encode("latin-1"))
+            f.write(b"short\n")
+
+
+def test_texts(tmp_path: Path, store: Path, minilm_dir: Path) -> None:
+    entry = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1}
+    for name in ("clean", "messy"):
+        (tmp_path / name).mkdir()
+    write_tsv(tmp_path / "clean" / "descriptions.tsv", GOOD_TEXTS)
+    rows = GOOD_TEXTS[:4] + [(k, v[0]) for k, v in BAD_TEXTS.items()] + GOOD_TEXTS[4:]
+    write_tsv(tmp_path / "messy" / "descriptions.tsv", rows, latin1_row=True)
+    clean, messy = (
+        textual_config(tmp_path / d, {**entry, "batch_size": 3}, store) for d in ("clean", "messy")
+    )
+    ducho_fast.export(clean)
+    ducho_fast.extract(clean)
+    before = files_outside(tmp_path / "messy", ("out",))
+    report = ducho_fast.extract(messy)
+
+    assert files_outside(tmp_path / "messy", ("out",)) == before
+    with (tmp_path / "messy" / "out" / ERRORS_FILE).open() as f:
+        reported = list(csv.DictReader(f, delimiter="\t"))
+    reasons = {r["item_id"]: r["reason"] for r in reported}
+    for item_id, (_, reason) in BAD_TEXTS.items():
+        shown = item_id.encode("unicode_escape").decode("ascii")
+        assert reason in reasons[shown], (item_id, reasons[shown])
+    assert "not valid UTF-8" in reasons["latin1"] and "no text column" in reasons["short"]
+    assert len(reported) == len(BAD_TEXTS) + 2 == report.failed
+    clean_dir = next((tmp_path / "clean" / "out").rglob("p0.npy")).parent
+    messy_dir = Path(str(clean_dir).replace("/clean/", "/messy/"))
+    expected = sorted(p.name for p in clean_dir.glob("*.npy"))
+    assert len(expected) == len(GOOD_TEXTS)
+    assert sorted(p.name for p in messy_dir.glob("*.npy")) == expected
+    for name in expected:
+        np.testing.assert_allclose(
+            np.load(messy_dir / name), np.load(clean_dir / name), rtol=1e-5, atol=1e-6
+        )
