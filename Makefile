@@ -34,7 +34,7 @@ $(DEMO_MODELS)/.ready: $(STAMP)
 demo: $(DEMO_MODELS)/.ready
 	$(BIN)/ducho-fast export config/demo.yml
 	$(BIN)/ducho-fast extract config/demo.yml
-	@echo "Features written under data/demo/features/ (Ducho layout, one .npy per item)."
+	@echo "Features written under data/demo/features/ (Ducho layout, one .npy per item; matrix/ holds one array per model)."
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -168,7 +168,7 @@ def _print_report(report: Any) -> None:
         out.print(
             f"{run.job} {Path(run.model).name}{tower}: {r.written} written, {reused}"
             f"{len(r.errors)} failed, "
-            f"{r.items_per_second:.1f} items/s on {run.provider.replace('ExecutionProvider', '')}"
+            f"{_rate(r)} on {run.provider.replace('ExecutionProvider', '')}"
             f" -> {', '.join(_rel(d) for d in run.output_dirs)}",
             markup=False,
             highlight=False,
@@ -196,6 +196,10 @@ def _print_inputs(report: Any) -> None:
                 f"{job}: {len(unpaired)} id(s) in only one modality skipped (e.g. {sample}); "
                 "listed in ducho-fast.errors.tsv."
             )
+
+
+def _rate(result: Any) -> str:
+    return f"{result.items_per_second:.1f} items/s" if result.written else "nothing to run"
 
 
 def _print_matrix(matrix: Any) -> None:

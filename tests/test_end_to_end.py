@@ -205,3 +205,11 @@ def test_demo_config_runs(tmp_path, store, effnet_weights, minilm_dir) -> None:
     (fused,) = fusion.results
     assert fused.written == 10 and [e.item_id for e in fused.missing] == ["007"]
     assert np.load(features / "visual_textual_concat/B002.npy").shape == (1, 1280 + 384)
+    image = np.load(features / "visual/matrix/torch/efficientnet_lite0/_avg_pooling/image_feat.npy")
+    assert image.shape == (10, 1280)
+    np.testing.assert_array_equal(
+        image[1], np.load(features / "visual/torch/efficientnet_lite0/_avg_pooling/B002.npy")[0]
+    )
+    assert np.load(features / "visual_textual_concat/matrix/fused_feat.npy").shape == (10, 1664)
+    again = ducho_fast.extract(config)  # a second run resumes
+    assert [(r.result.written, r.result.reused) for r in again.runs] == [(0, 10), (0, 11)]
