@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ducho_fast.artifact import Artifact, find_artifact
+from ducho_fast.artifact import Artifact, find_artifact, varies_per_item
 from ducho_fast.config import Config, Job, ModelSpec, load_config
 from ducho_fast.config.model import FusionSpec
 from ducho_fast.data.items import Item, ItemError
@@ -244,11 +244,12 @@ def _check_matrix_layers(cfg: Config, artifacts: dict[str, Artifact]) -> None:
     for graph in cfg.graphs():
         for label in graph.layer_labels():
             out = artifacts[graph_name(graph)].output(label)
-            if out.get("per_token"):
+            if varies_per_item(out):
                 raise ConfigError(
-                    f"'{graph.key_path}': layer '{label}' gives one vector per token, of a "
-                    "different length for every text; output.layouts 'matrix' needs one shape "
-                    "per item. Choose a pooled layer, or remove 'matrix' from output.layouts."
+                    f"'{graph.key_path}': layer '{label}' gives one vector per token or audio "
+                    "frame, a different number for every item; output.layouts 'matrix' needs "
+                    "one shape per item. Choose a pooled layer (audio: pooling: mean), or "
+                    "remove 'matrix' from output.layouts."
                 )
 
 
@@ -276,7 +277,7 @@ def _feature_key(cfg: Config, spec: ModelSpec, artifact: Artifact, label: str) -
     }
     if artifact.modality == "visual":
         key["exif_orientation"] = cfg.input.exif_orientation
-    else:
+    elif artifact.modality == "textual":
         key["clear_text"] = spec.clear_text
     return key
 

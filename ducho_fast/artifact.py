@@ -42,6 +42,8 @@ def graph_key(spec: ModelSpec) -> dict[str, Any]:
         key["tower"] = spec.tower
         key["image_processor"] = spec.image_processor
         key["text"] = {"max_length": spec.max_length, "tokenizer": spec.tokenizer_name}
+    elif spec.modality == "audio":
+        key["audio"] = {"pooling": spec.pooling, "max_seconds": spec.max_seconds}
     elif spec.modality == "visual":
         key["visual"] = {
             "reshape": spec.reshape,
@@ -70,6 +72,11 @@ def slug_for(spec: ModelSpec) -> str:
     short = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:40] or "model"
     tower = f"-{spec.tower}" if spec.tower else ""
     return f"{spec.backend}-{short}{tower}-{digest[:12]}"
+
+
+def varies_per_item(output: dict[str, Any]) -> bool:
+    """Whether an output's length differs from item to item (tokens of a text, audio frames)."""
+    return bool(output.get("per_token") or output.get("per_frame"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -320,7 +320,9 @@ def inspect(
         markup=False,
     )
     for o in manifest["outputs"]:
-        kind = "per token" if o.get("per_token") else "per item"
+        kind = (
+            "per token" if o.get("per_token") else "per frame" if o.get("per_frame") else "per item"
+        )
         out.print(f"layer {o['layer']!s:>20}: dim {o['dim']} ({kind}) -> output '{o['name']}'")
     out.print(
         "inputs: " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in manifest["inputs"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ducho_fast.artifact import Artifact
+from ducho_fast.artifact import Artifact, varies_per_item
 from ducho_fast.config.model import (
     Config,
     FusionInput,
@@ -281,9 +281,9 @@ def check_fusion_dims(cfg: Config, artifacts: Mapping[str, Artifact]) -> None:
 def _check_outputs(outs: list[dict[str, Any]], labels: list[str], mode: str, where: str) -> None:
     for out, label in zip(outs, labels, strict=True):
         shape = out.get("item_shape") or [out["dim"]]
-        if out.get("per_token") or sum(1 for d in shape if d != 1) > 1:
+        if varies_per_item(out) or sum(1 for d in shape if d != 1) > 1:
             raise ConfigError(
-                f"'{where}': {label} layer '{out['layer']}' gives token- or patch-level "
+                f"'{where}': {label} layer '{out['layer']}' gives token-, frame- or patch-level "
                 f"features {shape}; fusion needs one vector per item. Fuse pooled layers."
             )
     check_dims([int(o["dim"]) for o in outs], labels, mode, where)

@@ -230,3 +230,77 @@ def resnet18_entry(weights: Path, **extra: Any) -> dict[str, Any]:
         "preprocessing": "zscore",
         **extra,
     }
+
+
+def _tiny_audio(kind: str, target: Path) -> Path:
+    """A tiny random waveform model (seed 0) with a real feature extractor config, saved as a
+    local folder: no wav2vec2/HuBERT weights ship in a PyPI package."""
+    from ducho_fast.exporters.compat import import_transformers
+
+    transformers = import_transformers()
+    import torch
+
+    torch.manual_seed(0)
+    shape = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "conv_dim": (16, 16, 16),
+        "conv_stride": (5, 4, 2),
+        "conv_kernel": (10, 4, 2),
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 2,
+        "vocab_size": 32,
+    }
+    if kind == "wav2vec2":
+        model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**shape))
+    else:
+        model = transformers.HubertModel(transformers.HubertConfig(**shape))
+    extractor = transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=16000,
+        padding_value=0.0,
+        do_normalize=kind == "wav2vec2",  # HuBERT base does not normalize
+        return_attention_mask=False,
+    )
+    model.eval().save_pretrained(target)
+    extractor.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_audio("wav2vec2", tmp_path_factory.mktemp("models") / "tiny-wav2vec2")
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_audio("hubert", tmp_path_factory.mktemp("models") / "tiny-hubert")
+
+
+def write_tone(
+    path: Path,
+    seconds: float = 0.5,
+    rate: int = 16000,
+    freq: float = 440.0,
+    channels: int = 1,
+    subtype: str | None = None,
+) -> Path:
+    """A sine tone (channel k at freq * (k + 1)), written with soundfile."""
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    wave = np.stack([0.4 * np.sin(2 * np.pi * freq * (k + 1) * t) for k in range(channels)], 1)
+    sf.write(str(path), wave.astype(np.float32), rate, subtype=subtype)
+    return path
+
+
+def audio_config(data: Path, model: dict[str, Any], store: Path, **block: Any) -> dict[str, Any]:
+    return {
+        "dataset_path": str(data),
+        "store": str(store),
+        "audio": {
+            "items": {"input_path": "audio", "output_path": "out", "model": [model], **block}
+        },
+    }

@@ -12,11 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from PIL import Image
 
 import ducho_fast
 from ducho_fast.api import ERRORS_FILE
-from tests.conftest import resnet18_entry, textual_config, visual_config, write_image
+from tests.conftest import (
+    audio_config,
+    resnet18_entry,
+    textual_config,
+    visual_config,
+    write_image,
+    write_tone,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +179,69 @@ def test_texts(tmp_path: Path, store: Path, minilm_dir: Path) -> None:
     expected = sorted(p.name for p in clean_dir.glob("*.npy"))
     assert len(expected) == len(GOOD_TEXTS)
     assert sorted(p.name for p in messy_dir.glob("*.npy")) == expected
+    for name in expected:
+        np.testing.assert_allclose(
+            np.load(messy_dir / name), np.load(clean_dir / name), rtol=1e-5, atol=1e-6
+        )
+
+
+BAD_AUDIO = {
+    "empty.wav": "the audio is empty",
+    "zero.wav": "not a readable audio file",
+    "fake.mp3": "not a readable audio file",
+    "cut.flac": "not a readable audio file",
+    "gone.wav": "file not found",
+    "long.wav": "over input.max_audio_seconds",
+    "blip.wav": "shorter than the model's smallest input",
+    "s1.x.wav": "duplicate id",
+}
+
+
+def good_audio(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for i in range(6):
+        write_tone(folder / f"s{i}.wav", seconds=0.3 + 0.1 * (i % 3), freq=200.0 + 50 * i)
+    write_tone(folder / "stereo.wav", seconds=0.4, channels=2)
+    write_tone(folder / "u8.wav", seconds=0.4, subtype="PCM_U8")
+    write_tone(folder / "odd_rate.wav", seconds=0.4, rate=22_050)
+    write_tone(folder / "hi_rate.flac", seconds=0.4, rate=48_000)
+    write_tone(folder / "vorbis.ogg", seconds=0.4)
+    sf.write(str(folder / "silence.wav"), np.zeros(6400, np.float32), 16_000)
+
+
+def bad_audio(folder: Path) -> None:
+    sf.write(str(folder / "empty.wav"), np.zeros(0, np.float32), 16_000)
+    (folder / "zero.wav").write_bytes(b"")
+    (folder / "fake.mp3").write_text("ID3 but not really")
+    (folder / "cut.flac").write_bytes(write_tone(folder / "cut.flac").read_bytes()[:60])
+    (folder / "gone.wav").symlink_to(folder / "deleted.wav")
+    write_tone(folder / "long.wav", seconds=3.0, rate=8000)
+    write_tone(folder / "blip.wav", seconds=0.001)
+    write_tone(folder / "s1.x.wav")  # id s1 again; s1.wav sorts first and is kept
+
+
+def test_audio(tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path) -> None:
+    good_audio(tmp_path / "clean" / "audio")
+    shutil.copytree(tmp_path / "clean", tmp_path / "messy")
+    bad_audio(tmp_path / "messy" / "audio")
+    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 4}
+    clean, messy = (audio_config(tmp_path / d, model, store) for d in ("clean", "messy"))
+    messy["input"] = clean["input"] = {"max_audio_seconds": 2}
+    ducho_fast.export(clean)
+    ducho_fast.extract(clean)
+    before = files_outside(tmp_path / "messy", ("out",))
+    report = ducho_fast.extract(messy)
+
+    assert files_outside(tmp_path / "messy", ("out",)) == before
+    reported = errors(tmp_path / "messy" / "out")
+    for name, reason in BAD_AUDIO.items():
+        origin = next(o for o in reported if o.endswith(name))
+        assert reason in reported[origin], (name, reported[origin])
+    assert len(reported) == len(BAD_AUDIO) == report.failed
+    clean_dir = next((tmp_path / "clean" / "out").rglob("s0.npy")).parent
+    messy_dir = Path(str(clean_dir).replace("/clean/", "/messy/"))
+    expected = sorted(p.name for p in clean_dir.glob("*.npy"))
+    assert len(expected) == 12 and sorted(p.name for p in messy_dir.glob("*.npy")) == expected
     for name in expected:
         np.testing.assert_allclose(
             np.load(messy_dir / name), np.load(clean_dir / name), rtol=1e-5, atol=1e-6

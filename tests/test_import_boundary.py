@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import ducho_fast
-from tests.conftest import textual_config, visual_config
+from tests.conftest import audio_config, textual_config, visual_config, write_tone
 
 BLOCKER = """
 import sys
@@ -38,9 +38,19 @@ def test_cli_imports_without_frameworks(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_extract_and_embed_without_frameworks(
-    tmp_path, store, image_dir, texts_tsv, minilm_dir, resnet18_state_dict, tiny_clip_dir
+    tmp_path,
+    store,
+    image_dir,
+    texts_tsv,
+    minilm_dir,
+    resnet18_state_dict,
+    tiny_clip_dir,
+    tiny_wav2vec2_dir,
 ) -> None:
     (tmp_path / "images").symlink_to(image_dir)
+    (tmp_path / "audio").mkdir()
+    write_tone(tmp_path / "audio" / "a1.wav", rate=22_050, channels=2)
+    write_tone(tmp_path / "audio" / "a2.flac", seconds=0.7)
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
     config = visual_config(
         tmp_path,
@@ -57,6 +67,12 @@ def test_extract_and_embed_without_frameworks(
         {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1},
         store,
     )["textual"]
+    config["audio"] = audio_config(
+        tmp_path,
+        {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "pooling": "mean"},
+        store,
+    )["audio"]
+    config["audio"]["items"]["output_path"] = "aud"
     config["visual_textual"] = {
         "items": {
             "input_path": {"visual": "images", "textual": "descriptions.tsv"},
@@ -78,7 +94,7 @@ def test_extract_and_embed_without_frameworks(
         f"""
         import ducho_fast
         report = ducho_fast.extract({str(path)!r})
-        assert [r.result.written for r in report.runs] == [10, 11, 10, 10], report
+        assert [r.result.written for r in report.runs] == [10, 11, 2, 10, 10], report
         assert [f.results[0].written for f in report.fusions] == [10, 10], report.fusions
         print(ducho_fast.load({str(artifacts[1])!r}).embed(["hello"]).shape)
         blocked = [m for m in sys.modules if m.split(".")[0] in Block.names]

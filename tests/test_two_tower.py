@@ -132,7 +132,7 @@ def test_elementwise_fusion_of_different_sizes_fails_before_work(dataset: Path) 
     }
     ducho_fast.export(config(dataset, output_layers=[token_level]))
     shutil.rmtree(dataset / "visual_embeddings")
-    with pytest.raises(ConfigError, match=r"token- or patch-level features \[17, 32\]"):
+    with pytest.raises(ConfigError, match=r"token-, frame- or patch-level features \[17, 32\]"):
         ducho_fast.extract(config(dataset, output_layers=[token_level], fusion="mean"))
     assert not (dataset / "visual_embeddings").exists()
 

@@ -29,8 +29,14 @@ from ducho_fast.config.overrides import apply_override
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
 from ducho_fast.errors import ConfigError, NotSupportedYet
 
-RUNS_NOW = {("visual", "items"), ("textual", "items"), ("visual_textual", "items")}
+RUNS_NOW = {
+    ("visual", "items"),
+    ("textual", "items"),
+    ("visual_textual", "items"),
+    ("audio", "items"),
+}
 NEEDS_LAYERS = {"torch", "sentence_transformers"}
+NOT_YET = {("visual", "transformers"), ("audio", "torch")}
 
 
 def load_defaults() -> dict[str, Any]:
@@ -146,6 +152,8 @@ def _output(raw: dict[str, Any], name: str, dataset: Path) -> OutputOptions:
 def _input(raw: dict[str, Any], name: str) -> InputOptions:
     if raw["max_image_pixels"] < 1:
         raise ConfigError(f"{name}: key 'input.max_image_pixels' must be >= 1.")
+    if raw["max_audio_seconds"] <= 0:
+        raise ConfigError(f"{name}: key 'input.max_audio_seconds' must be > 0.")
     return InputOptions(**raw)
 
 
@@ -189,7 +197,8 @@ def _job(
     if (modality, origin) not in RUNS_NOW:
         raise NotSupportedYet(
             f"{name}: '{where}' is understood but not supported yet by this version of "
-            "ducho-fast (it runs visual.items, textual.items and visual_textual.items). "
+            "ducho-fast (it runs visual.items, textual.items, audio.items and "
+            "visual_textual.items). "
             "Remove the block to go on."
         )
     paths = _paths(block, modality, where, name, dataset)
@@ -248,10 +257,12 @@ def _model(
         raise ConfigError(f"{name}: '{where}' needs the key '{where}.model_name'.")
     backend_dir = m.get("backend") or _default_backend(modality)
     backend = backend_dir.replace("-", "_")
-    if backend == "tensorflow" or (modality, backend) == ("visual", "transformers"):
+    if backend == "tensorflow" or (modality, backend) in NOT_YET:
+        use = "torch" if modality == "visual" else "transformers"
         raise NotSupportedYet(
             f"{name}: '{where}.backend' is '{backend}' for {modality} models, which is not "
-            "supported yet by this version of ducho-fast. Use backend: torch for visual models."
+            f"supported yet by this version of ducho-fast. Use backend: {use} for {modality} "
+            "models."
         )
     _check_backend_fits(backend, modality, where, name)
     layers = _layers(m.get("output_layers"), modality, backend, where, name)
@@ -279,6 +290,8 @@ def _model(
         weights_path=_weights_path(m.get("weights"), where, name, dataset, cwd),
         fusion=m.get("fusion"),
         image_processor=m.get("image_processor"),
+        pooling=None if m.get("pooling") in (None, "none") else m["pooling"],
+        max_seconds=float(m["max_seconds"]) if m.get("max_seconds") is not None else None,
     )
     _check_model(spec, m, name)
     return spec
@@ -294,6 +307,7 @@ def _check_backend_fits(backend: str, modality: str, where: str, name: str) -> N
         "visual": ("torch", "tensorflow"),
         "textual": ("transformers", "sentence_transformers"),
         "visual_textual": ("transformers",),
+        "audio": ("torch", "transformers"),
     }
     if backend not in fits.get(modality, (backend,)):
         raise ConfigError(
@@ -307,6 +321,8 @@ def _layers(
 ) -> tuple[Layer, ...]:
     if not value:
         # Ducho's two-tower default: the projected embeddings.
+        if modality == "audio":
+            return ("last_hidden_state",)
         return (1,) if modality == "visual_textual" else _default_layers(backend, where, name)
     layers: list[Layer] = []
     for i, layer in enumerate(value):
@@ -355,6 +371,12 @@ def _check_model(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
             f"(found {list(spec.output_layers)!r}). Hint: run "
             f"`ducho-fast layers torch {spec.model_name}`"
         )
+    if spec.modality != "audio" and ("pooling" in raw or "max_seconds" in raw):
+        raise ConfigError(
+            f"{name}: keys '{where}.pooling' and '.max_seconds' apply to audio models only."
+        )
+    if spec.max_seconds is not None and spec.max_seconds <= 0:
+        raise ConfigError(f"{name}: key '{where}.max_seconds' must be > 0.")
     if spec.modality == "visual_textual":
         _check_two_tower(spec, raw, name)
     elif spec.fusion is not None:

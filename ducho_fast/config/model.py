@@ -38,6 +38,8 @@ class ModelSpec:
     fusion: str | None = None
     image_processor: str | None = None
     tower: str | None = None  # "image" | "text": one tower of a visual_textual model
+    pooling: str | None = None  # audio: "mean" | "max" over time; None keeps the time axis
+    max_seconds: float | None = None  # audio: embed only the first seconds
 
     @property
     def model_dir(self) -> str:
@@ -159,6 +161,7 @@ class OutputOptions:
 class InputOptions:
     exif_orientation: str = "apply"
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    max_audio_seconds: float = 600.0  # longer files are bad items unless max_seconds crops them
 
 
 @dataclass(frozen=True)

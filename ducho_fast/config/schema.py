@@ -60,6 +60,8 @@ MODEL_KEYS: dict[str, Key] = {
     "architecture_kwargs": Key((dict,)),
     "trust": _BOOL,
     "max_length": _INT,
+    "pooling": Key((str, type(None)), choices=("mean", "max", "none", None)),
+    "max_seconds": Key((int, float, type(None)), doc="audio: embed only the first seconds"),
 }
 
 BLOCK_KEYS: dict[str, Key] = {
@@ -94,6 +96,7 @@ OUTPUT_KEYS: dict[str, Key] = {
 INPUT_KEYS: dict[str, Key] = {
     "exif_orientation": Key((str,), choices=("apply", "ignore")),
     "max_image_pixels": _INT,
+    "max_audio_seconds": _NUM,
 }
 
 FUSION_KEYS: dict[str, Key] = {

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ducho_fast.config.model import InputOptions, Job, ModelSpec
+from ducho_fast.data.audio.audio import list_audio, prepare_audio
 from ducho_fast.data.ids import unsafe_reason
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.text.clean import clear_text
@@ -28,6 +29,8 @@ class Items:
 def job_items(job: Job) -> Items:
     if job.modality == "visual":
         listed, ignored = list_images(job.input_path)
+    elif job.modality == "audio":
+        listed, ignored = list_audio(job.input_path)
     else:
         listed, ignored = read_text_items(job.input_path, job.item_column, job.text_column), []
     return check_ids(listed, ignored)
@@ -60,6 +63,17 @@ class ImageLoader:
         return prepare_image(item.raw, self.preprocessing, self.options)
 
 
+class AudioLoader:
+    """Decodes, down-mixes, resamples and crops as the artifact's manifest says."""
+
+    def __init__(self, preprocessing: Mapping[str, Any], options: InputOptions) -> None:
+        self.preprocessing = preprocessing
+        self.options = options
+
+    def __call__(self, item: Item) -> Any:
+        return prepare_audio(item.raw, self.preprocessing, self.options)
+
+
 class TextLoader:
     def __init__(self, clean: bool) -> None:
         self.clean = clean
@@ -77,8 +91,10 @@ class TextLoader:
 
 def loader_for(
     spec: ModelSpec, manifest: Mapping[str, Any], options: InputOptions | None = None
-) -> ImageLoader | TextLoader:
+) -> ImageLoader | AudioLoader | TextLoader:
     """The reader of one model's inputs, from its config entry and its artifact's manifest."""
     if manifest["modality"] == "visual":
         return ImageLoader(manifest["preprocessing"], options or InputOptions())
+    if manifest["modality"] == "audio":
+        return AudioLoader(manifest["preprocessing"], options or InputOptions())
     return TextLoader(spec.clear_text)

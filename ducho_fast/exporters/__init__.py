@@ -18,7 +18,8 @@ def export_model(spec: ModelSpec, store: Path, *, force: bool = False) -> list[E
 
     One artifact per graph: a two-tower model gives one per tower, from one loaded model.
     """
-    backend = f"{spec.backend}_two_tower" if spec.modality == "visual_textual" else spec.backend
+    suffix = {"visual_textual": "_two_tower", "audio": "_audio"}.get(spec.modality, "")
+    backend = spec.backend + suffix
     exporter = get_exporter(backend)
     return [export_with(exporter, graph, store, force=force) for graph in spec.towers()]
 

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ducho_fast.artifact import Artifact, load_artifact
+from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
 from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import TextEncoder
 from ducho_fast.data.visual.images import prepare_image
@@ -62,9 +63,14 @@ class Embedder:
     # -- host-side preparation -------------------------------------------------------------
 
     def prepare(self, raw: Any) -> Any:
-        """Decode one raw input (path, array, PIL image or text) as the pipeline's readers do."""
+        """Decode one raw input (path, array, PIL image, waveform or text) as the readers do.
+
+        Waveform arrays are taken at the model's sample rate.
+        """
         if self.modality == "visual":
             return prepare_image(raw, self.manifest["preprocessing"])
+        if self.modality == "audio":
+            return prepare_audio(raw, self.manifest["preprocessing"])
         if not isinstance(raw, str):
             raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
         return raw
@@ -76,18 +82,22 @@ class Embedder:
         if not payloads:
             return []
         if self.modality == "visual":
-            return self._run_images(payloads)
+            return self._run_same_shape(payloads, "pixels")
+        if self.modality == "audio":
+            return self._run_same_shape(payloads, "waveform")
         return self._run_texts(list(payloads))
 
-    def _run_images(self, images: Sequence[np.ndarray]) -> list[ItemOutputs]:
-        # Images of different sizes (no resize configured) run in same-size groups.
-        results: list[ItemOutputs | None] = [None] * len(images)
+    def _run_same_shape(self, arrays: Sequence[np.ndarray], name: str) -> list[ItemOutputs]:
+        # Inputs of different shapes (images without a resize, clips of different lengths)
+        # run in same-shape groups: padding would change what a convolution or a
+        # normalization over the clip sees, so results stay those of one item at a time.
+        results: list[ItemOutputs | None] = [None] * len(arrays)
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, image in enumerate(images):
-            groups.setdefault(image.shape, []).append(i)
+        for i, array in enumerate(arrays):
+            groups.setdefault(array.shape, []).append(i)
         for indices in groups.values():
-            batch = np.stack([images[i] for i in indices])
-            outputs = self._run({"pixels": batch})
+            batch = np.stack([arrays[i] for i in indices])
+            outputs = self._run({name: batch})
             for row, i in enumerate(indices):
                 results[i] = self._item(outputs, row, None)
         return [r for r in results if r is not None]
@@ -147,7 +157,7 @@ class Embedder:
             if clean:
                 chunk = [clear_text(t) for t in chunk]
             out.extend(item[key] for item in self.run_prepared(chunk))
-        token_level = any(o.get("per_token") and str(o["layer"]) == key for o in self._outputs)
+        token_level = any(varies_per_item(o) and str(o["layer"]) == key for o in self._outputs)
         return out if token_level else np.stack(out) if out else np.empty((0,), np.float32)
 
 

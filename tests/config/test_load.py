@@ -138,7 +138,7 @@ def test_transformers_layer_defaults_to_pooler_output(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("block", "origin"),
     [
-        ("audio", "items"),
+        ("audio", "interactions"),
         ("visual_textual", "interactions"),
         ("textual", "interactions"),
         ("visual", "interactions"),

@@ -36,8 +36,16 @@ def image_id(path: Path) -> str:
 
 def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
     """Items for every image file of ``folder`` in Ducho's order, and the other files skipped."""
+    return list_files(folder, IMAGE_SUFFIXES, "image")
+
+
+def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[Item], list[Path]]:
+    """Items for the files of ``folder`` with one of ``suffixes``, in Ducho's natural order.
+
+    Ids are Ducho's: the file name up to its first '.'. Other files are returned to be counted.
+    """
     if not folder.exists():
-        raise DataError(f"image folder {folder} does not exist (check 'input_path').")
+        raise DataError(f"{kind} folder {folder} does not exist (check 'input_path').")
     if folder.is_file():
         return [Item(image_id(folder), str(folder), folder)], []
     # A dangling link is listed: reading it reports the missing file instead of hiding it.
@@ -45,9 +53,9 @@ def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
         (p for p in folder.iterdir() if p.is_file() or p.is_symlink()),
         key=lambda p: human_key(p.name),
     )
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    return [Item(image_id(p), str(p), p) for p in images], others
+    chosen = [p for p in files if p.suffix.lower() in suffixes]
+    others = [p for p in files if p.suffix.lower() not in suffixes]
+    return [Item(image_id(p), str(p), p) for p in chosen], others
 
 
 RESAMPLING = {

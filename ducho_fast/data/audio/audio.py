@@ -1,0 +1,98 @@
+"""Audio items: a folder of sound files, decoded to mono float32 at the model's sample rate.
+
+soundfile decodes (wav, flac, ogg, mp3); channels are averaged to mono; soxr resamples (a real
+band-limited resampler, not linear interpolation); ``max_seconds`` crops from the start. The
+graph does the model's own normalization, so the host hands it the waveform as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from ducho_fast.config.model import InputOptions
+from ducho_fast.data.items import Item
+from ducho_fast.data.visual.images import list_files
+from ducho_fast.errors import DataError
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"})
+
+
+def list_audio(folder: Path) -> tuple[list[Item], list[Path]]:
+    """Items for every audio file of ``folder`` in Ducho's order, and the other files skipped."""
+    return list_files(folder, AUDIO_SUFFIXES, "audio")
+
+
+def prepare_audio(
+    source: Path | np.ndarray,
+    pre: Mapping[str, Any],
+    options: InputOptions | None = None,
+    source_rate: int | None = None,
+) -> np.ndarray:
+    """Mono float32 at ``pre['sample_rate']``, cropped to ``pre['max_seconds']`` if set.
+
+    Args:
+        source: a file, or a waveform array ((samples,) or (samples, channels)) at
+            ``source_rate`` (the model's rate when not given).
+    """
+    options = options or InputOptions()
+    rate = int(pre["sample_rate"])
+    crop = pre.get("max_seconds")
+    if isinstance(source, np.ndarray):
+        wave, have = _from_array(source), source_rate or rate
+    else:
+        wave, have = _read(source, options.max_audio_seconds, crop)
+    if wave.shape[0] == 0:
+        raise DataError(f"{source}: the audio is empty (0 samples).")
+    mono = wave.mean(axis=1, dtype=np.float32) if wave.shape[1] > 1 else wave[:, 0]
+    if not np.isfinite(mono).all():
+        raise DataError(f"{source}: the audio holds NaN or infinite samples.")
+    if have != rate:
+        mono = soxr.resample(mono, have, rate, quality="HQ").astype(np.float32, copy=False)
+    if crop:
+        mono = mono[: round(float(crop) * rate)]
+    if mono.shape[0] < int(pre.get("min_samples", 1)):
+        raise DataError(
+            f"{source}: {mono.shape[0]} samples at {rate} Hz is shorter than the model's "
+            f"smallest input ({pre['min_samples']} samples)."
+        )
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarray, int]:
+    if not Path(path).exists():  # libsndfile says only "System error"
+        raise DataError(f"{path}: file not found.")
+    try:
+        info = sf.info(str(path))
+        seconds = info.frames / info.samplerate if info.samplerate else 0.0
+        if crop is None and seconds > max_seconds:
+            raise DataError(
+                f"{path}: {seconds:.0f} s of audio, over input.max_audio_seconds "
+                f"({max_seconds:g} s). Set the model's max_seconds to embed its start, or raise "
+                "the limit."
+            )
+        frames = int(np.ceil(float(crop) * info.samplerate)) if crop else -1
+        wave, rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
+    except PermissionError as e:
+        raise DataError(f"{path}: permission denied; make the file readable.") from e
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable audio file ({type(e).__name__}: {e}).") from e
+    return wave, int(rate)
+
+
+def _from_array(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 1:
+        array = array[:, np.newaxis]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise DataError(
+            f"waveforms must be numeric (samples,) or (samples, channels); found {array.shape}."
+        )
+    if np.issubdtype(array.dtype, np.integer):
+        scale = float(np.iinfo(array.dtype).max) + 1.0
+        return (array.astype(np.float32) / np.float32(scale)).astype(np.float32)
+    return array.astype(np.float32, copy=False)

@@ -1,0 +1,96 @@
+"""Transformers audio models: parity with the eager model and its feature extractor, and
+extraction of a folder of files of every rate and channel count, as Ducho keeps them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.config import load_config
+from ducho_fast.data.audio.audio import prepare_audio
+from ducho_fast.errors import ConfigError, NotSupportedYet
+from ducho_fast.exporters import export_model
+from tests.conftest import audio_config, write_tone
+
+pytestmark = pytest.mark.slow
+
+
+def entry(model_dir: Path, **extra) -> dict:
+    return {"model_name": str(model_dir), "backend": "transformers", **extra}
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "hubert"])
+def test_parity_per_frame_and_pooled(kind, tmp_path, store, request) -> None:
+    model_dir = request.getfixturevalue(f"tiny_{kind}_dir")
+    for pooling, layers in ((None, [1, "last_hidden_state"]), ("mean", [2])):
+        config = audio_config(
+            tmp_path, entry(model_dir, output_layers=layers, pooling=pooling), store
+        )
+        (spec,) = load_config(config).models()
+        (result,) = export_model(spec, store)
+        manifest = result.artifact.manifest
+        assert manifest["modality"] == "audio" and manifest["parity"]["passed"]
+        for layer in manifest["parity"]["layers"].values():
+            assert layer["min_cosine"] >= 0.9999 and layer["max_rel_diff"] <= 1e-4
+        assert all(o["per_frame"] is (pooling is None) for o in manifest["outputs"])
+        assert manifest["preprocessing"]["sample_rate"] == 16000
+
+
+def test_folder_of_mixed_files_matches_the_eager_model(tmp_path, store, tiny_wav2vec2_dir) -> None:
+    import torch
+
+    from ducho_fast.exporters.compat import import_transformers
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    write_tone(folder / "a1.wav", seconds=0.5)
+    write_tone(folder / "a2.flac", seconds=0.8, rate=44100, channels=2)
+    write_tone(folder / "a3.wav", seconds=0.5, rate=8000, subtype="PCM_U8")
+    write_tone(folder / "a4.ogg", seconds=0.5, freq=220.0)  # same length as a1: one batch
+    config = audio_config(tmp_path, entry(tiny_wav2vec2_dir, output_layers=[1]), store)
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert report.failed == 0 and report.runs[0].result.written == 4
+
+    transformers = import_transformers()
+    model = transformers.Wav2Vec2Model.from_pretrained(tiny_wav2vec2_dir).eval()
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(tiny_wav2vec2_dir)
+    out = tmp_path / "out" / "transformers" / str(tiny_wav2vec2_dir).lstrip("/") / "1"
+    for path in sorted(folder.iterdir()):
+        wave = prepare_audio(path, {"sample_rate": 16000})
+        with torch.no_grad():
+            ref = (
+                model(
+                    **extractor(wave, sampling_rate=16000, return_tensors="pt"),
+                    output_hidden_states=True,
+                )
+                .hidden_states[1][0]
+                .numpy()
+            )
+        ours = np.load(out / f"{path.stem}.npy")
+        assert ours.shape == (1, *ref.shape)  # Ducho keeps the time axis: (1, frames, D)
+        np.testing.assert_allclose(ours[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_audio_config_rules(tmp_path, store) -> None:
+    torch_entry = {"model_name": "WAV2VEC2_BASE", "backend": "torch", "output_layers": [7]}
+    with pytest.raises(NotSupportedYet, match=r"'torch' for audio models.*backend: transformers"):
+        load_config(audio_config(tmp_path, torch_entry, store))
+    text = {
+        "dataset_path": str(tmp_path),
+        "textual": {
+            "items": {
+                "input_path": "t.tsv",
+                "output_path": "o",
+                "model": [{"model_name": "m", "pooling": "mean"}],
+            }
+        },
+    }
+    with pytest.raises(ConfigError, match=r"apply to audio models only"):
+        load_config(text)
+    bad = audio_config(tmp_path, {"model_name": "m", "max_seconds": 0}, store)
+    with pytest.raises(ConfigError, match=r"max_seconds' must be > 0"):
+        load_config(bad)
