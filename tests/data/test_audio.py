@@ -44,7 +44,9 @@ def test_stereo_is_the_mean_of_its_channels(tmp_path: Path) -> None:
     np.testing.assert_allclose(wave, both.mean(axis=1), atol=1e-6)
 
 
-@pytest.mark.parametrize(("name", "subtype"), [("u8.wav", "PCM_U8"), ("s16.wav", "PCM_16")])
+@pytest.mark.parametrize(
+    ("name", "subtype"), [("u8.wav", "PCM_U8"), ("s16.wav", "PCM_16"), ("s24.flac", "PCM_24")]
+)
 def test_integer_formats_read_as_float(tmp_path: Path, name: str, subtype: str) -> None:
     wave = prepare_audio(write_tone(tmp_path / name, subtype=subtype), PRE)
     reference = prepare_audio(write_tone(tmp_path / "f.wav", subtype="FLOAT"), PRE)
