@@ -16,7 +16,7 @@ import soundfile as sf
 from PIL import Image
 
 import ducho_fast
-from ducho_fast.api import ERRORS_FILE
+from ducho_fast.api import ERRORS_FILE, ExtractReport
 from tests.conftest import (
     audio_config,
     resnet18_entry,
@@ -91,32 +91,50 @@ def files_outside(root: Path, inside: tuple[str, ...]) -> dict[str, float]:
     }
 
 
+def extract_both(tmp_path: Path, clean: dict, messy: dict) -> ExtractReport:
+    """Extract the clean and the messy dataset; nothing outside messy/out may change."""
+    ducho_fast.export(clean)
+    ducho_fast.extract(clean)
+    before = files_outside(tmp_path / "messy", ("out",))
+    report = ducho_fast.extract(messy)
+    assert files_outside(tmp_path / "messy", ("out",)) == before
+    return report
+
+
+def assert_reasons_by_file(reported: dict[str, str], bad: dict[str, str]) -> None:
+    for name, reason in bad.items():
+        shown = name.encode("unicode_escape").decode("ascii")  # as the errors file writes it
+        origin = next(o for o in reported if o.endswith(shown))
+        assert reason in reported[origin], (name, reported[origin])
+
+
+def assert_same_features(tmp_path: Path, probe: str) -> list[str]:
+    """The messy run's features equal the clean run's: the bad items changed nothing."""
+    clean_dir = next((tmp_path / "clean" / "out").rglob(probe)).parent
+    messy_dir = tmp_path / "messy" / clean_dir.relative_to(tmp_path / "clean")
+    expected = sorted(p.name for p in clean_dir.glob("*.npy"))
+    assert sorted(p.name for p in messy_dir.glob("*.npy")) == expected
+    for name in expected:
+        np.testing.assert_allclose(
+            np.load(messy_dir / name), np.load(clean_dir / name), rtol=1e-5, atol=1e-6
+        )
+    return expected
+
+
 def test_images(tmp_path: Path, store: Path, resnet18_state_dict: Path) -> None:
     good_images(tmp_path / "clean" / "images")
     shutil.copytree(tmp_path / "clean", tmp_path / "messy")
     bad_images(tmp_path / "messy" / "images")
     entry = resnet18_entry(resnet18_state_dict, batch_size=4)
     clean, messy = (visual_config(tmp_path / d, entry, store) for d in ("clean", "messy"))
-    ducho_fast.export(clean)
-    ducho_fast.extract(clean)
-    before = files_outside(tmp_path / "messy", ("out",))
-    report = ducho_fast.extract(messy)
+    report = extract_both(tmp_path, clean, messy)
 
-    assert files_outside(tmp_path / "messy", ("out",)) == before
     reported = errors(tmp_path / "messy" / "out")
-    for name, reason in BAD_IMAGES.items():
-        shown = name.encode("unicode_escape").decode("ascii")  # as the errors file writes it
-        origin = next(o for o in reported if o.endswith(shown))
-        assert reason in reported[origin], (name, reported[origin])
+    assert_reasons_by_file(reported, BAD_IMAGES)
     assert len(reported) == len(BAD_IMAGES) and report.failed == len(BAD_IMAGES)
-    layer = Path("out/torch/resnet18/avgpool")
-    expected = sorted(p.name for p in (tmp_path / "clean" / layer).glob("*.npy"))
-    assert sorted(p.name for p in (tmp_path / "messy" / layer).glob("*.npy")) == expected
+    expected = assert_same_features(tmp_path, "good00.npy")
     assert len(expected) == 10 + len(ODD_BUT_GOOD) + 1
-    for name in expected:  # the same features as without the bad items around them
-        a = np.load(tmp_path / "clean" / layer / name)
-        b = np.load(tmp_path / "messy" / layer / name)
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "messy/out/torch/resnet18/avgpool/good00.npy").is_file()
     outputs = [p for p in (tmp_path / "messy" / "out").rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to(tmp_path / "messy" / "out") for p in outputs)
 
@@ -160,12 +178,8 @@ def test_texts(tmp_path: Path, store: Path, minilm_dir: Path) -> None:
     clean, messy = (
         textual_config(tmp_path / d, {**entry, "batch_size": 3}, store) for d in ("clean", "messy")
     )
-    ducho_fast.export(clean)
-    ducho_fast.extract(clean)
-    before = files_outside(tmp_path / "messy", ("out",))
-    report = ducho_fast.extract(messy)
+    report = extract_both(tmp_path, clean, messy)
 
-    assert files_outside(tmp_path / "messy", ("out",)) == before
     with (tmp_path / "messy" / "out" / ERRORS_FILE).open() as f:
         reported = list(csv.DictReader(f, delimiter="\t"))
     reasons = {r["item_id"]: r["reason"] for r in reported}
@@ -174,15 +188,7 @@ def test_texts(tmp_path: Path, store: Path, minilm_dir: Path) -> None:
         assert reason in reasons[shown], (item_id, reasons[shown])
     assert "not valid UTF-8" in reasons["latin1"] and "no text column" in reasons["short"]
     assert len(reported) == len(BAD_TEXTS) + 2 == report.failed
-    clean_dir = next((tmp_path / "clean" / "out").rglob("p0.npy")).parent
-    messy_dir = Path(str(clean_dir).replace("/clean/", "/messy/"))
-    expected = sorted(p.name for p in clean_dir.glob("*.npy"))
-    assert len(expected) == len(GOOD_TEXTS)
-    assert sorted(p.name for p in messy_dir.glob("*.npy")) == expected
-    for name in expected:
-        np.testing.assert_allclose(
-            np.load(messy_dir / name), np.load(clean_dir / name), rtol=1e-5, atol=1e-6
-        )
+    assert len(assert_same_features(tmp_path, "p0.npy")) == len(GOOD_TEXTS)
 
 
 BAD_AUDIO = {
@@ -227,22 +233,9 @@ def test_audio(tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path) -> None:
     model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 4}
     clean, messy = (audio_config(tmp_path / d, model, store) for d in ("clean", "messy"))
     messy["input"] = clean["input"] = {"max_audio_seconds": 2}
-    ducho_fast.export(clean)
-    ducho_fast.extract(clean)
-    before = files_outside(tmp_path / "messy", ("out",))
-    report = ducho_fast.extract(messy)
+    report = extract_both(tmp_path, clean, messy)
 
-    assert files_outside(tmp_path / "messy", ("out",)) == before
     reported = errors(tmp_path / "messy" / "out")
-    for name, reason in BAD_AUDIO.items():
-        origin = next(o for o in reported if o.endswith(name))
-        assert reason in reported[origin], (name, reported[origin])
+    assert_reasons_by_file(reported, BAD_AUDIO)
     assert len(reported) == len(BAD_AUDIO) == report.failed
-    clean_dir = next((tmp_path / "clean" / "out").rglob("s0.npy")).parent
-    messy_dir = Path(str(clean_dir).replace("/clean/", "/messy/"))
-    expected = sorted(p.name for p in clean_dir.glob("*.npy"))
-    assert len(expected) == 12 and sorted(p.name for p in messy_dir.glob("*.npy")) == expected
-    for name in expected:
-        np.testing.assert_allclose(
-            np.load(messy_dir / name), np.load(clean_dir / name), rtol=1e-5, atol=1e-6
-        )
+    assert len(assert_same_features(tmp_path, "s0.npy")) == 12

@@ -75,7 +75,8 @@ def available_layers(model: Any) -> list[str | int]:
     return layers + list(range(count + 1))
 
 
-def _layer(value: str | int) -> str | int:
+def layer_ref(value: str | int) -> str | int:
+    """A layer label as ``select`` takes it: digits name ``hidden_states[N]``."""
     return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
 
 
@@ -88,7 +89,7 @@ class TransformersExporter(Exporter):
         tokenizer = load_pretrained(
             transformers.AutoTokenizer, spec.tokenizer_name or source, spec, "tokenizer"
         )
-        layers = [_layer(x) for x in spec.layer_labels()]
+        layers = [layer_ref(x) for x in spec.layer_labels()]
         check_layers(
             [str(x) for x in layers],
             [str(x) for x in available_layers(model)],

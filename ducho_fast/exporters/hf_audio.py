@@ -17,7 +17,13 @@ from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_transformers
-from ducho_fast.exporters.hf import available_layers, load_pretrained, model_source, select
+from ducho_fast.exporters.hf import (
+    available_layers,
+    layer_ref,
+    load_pretrained,
+    model_source,
+    select,
+)
 from ducho_fast.exporters.layers import check_layers
 
 torch = import_torch()
@@ -57,10 +63,6 @@ class AudioGraph(_Module):
         return value
 
 
-def _layer(value: str | int) -> str | int:
-    return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
-
-
 class AudioExporter(Exporter):
     reference_name = "Transformers eager with its feature extractor (one clip at a time)"
 
@@ -76,7 +78,7 @@ class AudioExporter(Exporter):
                 f"feature extractor is {type(extractor).__name__}); ducho-fast runs waveform "
                 "models such as Wav2Vec2Model and HubertModel."
             )
-        layers = [_layer(x) for x in spec.layer_labels()]
+        layers = [layer_ref(x) for x in spec.layer_labels()]
         check_layers(
             [str(x) for x in layers],
             [str(x) for x in available_layers(model)],
