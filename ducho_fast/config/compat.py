@@ -1,8 +1,8 @@
 """Ducho v1/v2 spellings, rewritten to the one form the schema checks.
 
 Ducho accepts loose YAML: lists of one-key mappings where a mapping is meant, ``name`` for
-``model_name``, ``interaction_column`` for ``interaction_columns``, scalars where lists are
-meant. Each rewrite here is one of those, so any Ducho config passes through unchanged in
+``model_name``, ``interaction_column`` (Ducho's name for the review column) for
+``text_column``, scalars where lists are meant. Each rewrite here is one of those, so any Ducho config passes through unchanged in
 meaning.
 """
 
@@ -15,7 +15,6 @@ from ducho_fast.config.schema import MODALITIES, ORIGINS
 _MODEL_RENAMES = {"name": "model_name", "image_processor_name": "image_processor"}
 # Lists whose mappings are separate entries, never merged into one.
 _LISTS_OF_MAPPINGS = ("model", "output_layers", "fusion")
-_BLOCK_RENAMES = {"interaction_column": "interaction_columns"}
 
 
 def normalize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +49,11 @@ def _flatten(value: Any, key: str = "") -> Any:
 
 
 def _normalize_block(block: dict[str, Any]) -> dict[str, Any]:
-    out = {_BLOCK_RENAMES.get(k, k): v for k, v in block.items()}
+    out = dict(block)
+    if "interaction_column" in out:
+        # Ducho: the review column of textual.interactions; a list is our [user, item] spelling.
+        value = out.pop("interaction_column")
+        out["interaction_columns" if isinstance(value, list) else "text_column"] = value
     models = out.get("model")
     if isinstance(models, dict):
         models = [models]

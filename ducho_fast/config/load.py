@@ -34,6 +34,9 @@ RUNS_NOW = {
     ("textual", "items"),
     ("visual_textual", "items"),
     ("audio", "items"),
+    ("visual", "interactions"),
+    ("textual", "interactions"),
+    ("audio", "interactions"),
 }
 NEEDS_LAYERS = {"torch", "sentence_transformers"}
 NOT_YET = {("visual", "transformers"), ("audio", "torch")}
@@ -197,7 +200,7 @@ def _job(
     if (modality, origin) not in RUNS_NOW:
         raise NotSupportedYet(
             f"{name}: '{where}' is understood but not supported yet by this version of "
-            "ducho-fast (it runs visual.items, textual.items, audio.items and "
+            "ducho-fast (it runs items and interactions of visual, textual and audio, and "
             "visual_textual.items). "
             "Remove the block to go on."
         )
@@ -212,9 +215,34 @@ def _job(
         models=models,
         item_column=block.get("item_column"),
         text_column=block.get("text_column"),
+        interaction_columns=_interaction_columns(block, modality, origin, where, name),
         unpaired=block.get("unpaired", "skip"),
         **paths,
     )
+
+
+def _interaction_columns(
+    block: dict[str, Any], modality: str, origin: str, where: str, name: str
+) -> tuple[str, str] | None:
+    value = block.get("interaction_columns")
+    if origin == "interactions" and modality == "textual" and "item_column" in block:
+        raise ConfigError(
+            f"{name}: key '{where}.item_column' does not apply to interactions, whose id is "
+            "a (user, item) pair. Use interaction_columns: [USER_COLUMN, ITEM_COLUMN]."
+        )
+    if value is None:
+        return None
+    if (modality, origin) != ("textual", "interactions"):
+        raise ConfigError(
+            f"{name}: key '{where}.interaction_columns' applies to textual.interactions only; "
+            "visual and audio interactions take their ids from file names (<user>__<item>.ext)."
+        )
+    if len(value) != 2 or value[0] == value[1]:
+        raise ConfigError(
+            f"{name}: key '{where}.interaction_columns' is {value!r}; it must name two "
+            "different columns, the user's and the item's: [USER_COLUMN, ITEM_COLUMN]."
+        )
+    return (value[0], value[1])
 
 
 def _paths(

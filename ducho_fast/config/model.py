@@ -103,6 +103,8 @@ class Job:
     models: tuple[ModelSpec, ...]
     item_column: str | None = None
     text_column: str | None = None
+    # textual.interactions: the user and item id columns (None: the first two columns).
+    interaction_columns: tuple[str, str] | None = None
     # visual_textual blocks: input_path/output_path above are the visual ones.
     text_input_path: Path | None = None
     text_output_path: Path | None = None

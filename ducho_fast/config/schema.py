@@ -69,7 +69,7 @@ BLOCK_KEYS: dict[str, Key] = {
     "output_path": Key((str, dict)),
     "item_column": _STR,
     "text_column": _STR,
-    "interaction_columns": Key((list,), item=_STR),
+    "interaction_columns": Key((list,), item=_STR, doc="textual.interactions: [user, item]"),
     "unpaired": Key((str,), choices=("skip", "fail"), doc="visual_textual: ids in one modality"),
     "model": Key((list,), item=Key((dict,), children=MODEL_KEYS)),
 }

@@ -12,7 +12,7 @@ from ducho_fast.data.audio.audio import list_audio, prepare_audio
 from ducho_fast.data.ids import unsafe_reason
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.text.clean import clear_text
-from ducho_fast.data.text.tsv import BadText, read_text_items
+from ducho_fast.data.text.tsv import BadText, read_interaction_items, read_text_items
 from ducho_fast.data.visual.images import list_images, prepare_image
 from ducho_fast.errors import DataError
 
@@ -27,13 +27,36 @@ class Items:
 
 
 def job_items(job: Job) -> Items:
+    interactions = job.origin == "interactions"
     if job.modality == "visual":
         listed, ignored = list_images(job.input_path)
     elif job.modality == "audio":
         listed, ignored = list_audio(job.input_path)
+    elif interactions:
+        columns = job.interaction_columns
+        listed, ignored = read_interaction_items(job.input_path, columns, job.text_column), []
     else:
         listed, ignored = read_text_items(job.input_path, job.item_column, job.text_column), []
-    return check_ids(listed, ignored)
+    items = check_ids(listed, ignored)
+    if interactions and job.modality != "textual":
+        items = _interaction_names(items)
+    return items
+
+
+def _interaction_names(items: Items) -> Items:
+    """Ducho's rule for image and audio interactions: the file is ``<user>__<item>.<ext>``."""
+    out = Items(bad=items.bad, ignored=items.ignored)
+    for item in items.good:
+        user, sep, rest = item.item_id.partition("__")
+        if sep and user and rest:
+            out.good.append(item)
+            continue
+        reason = (
+            "bad id: an interaction file is named <user>__<item>.<extension> (two underscores "
+            f"between the ids); rename {Path(item.origin).name!r}"
+        )
+        out.bad.append(ItemError(item.item_id, item.origin, reason))
+    return out
 
 
 def check_ids(listed: list[Item], ignored: list[Path]) -> Items:

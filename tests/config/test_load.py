@@ -135,15 +135,7 @@ def test_transformers_layer_defaults_to_pooler_output(tmp_path: Path) -> None:
     assert spec.backend == "transformers" and spec.output_layers == ("pooler_output",)
 
 
-@pytest.mark.parametrize(
-    ("block", "origin"),
-    [
-        ("audio", "interactions"),
-        ("visual_textual", "interactions"),
-        ("textual", "interactions"),
-        ("visual", "interactions"),
-    ],
-)
+@pytest.mark.parametrize(("block", "origin"), [("visual_textual", "interactions")])
 def test_later_blocks_say_not_supported_yet(tmp_path: Path, block: str, origin: str) -> None:
     data = {
         block: {origin: {"input_path": "x", "output_path": "y", "model": [{"model_name": "m"}]}}

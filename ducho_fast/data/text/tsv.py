@@ -70,6 +70,54 @@ def read_text_items(path: Path, item_column: str | None, text_column: str | None
     bytes that are not UTF-8, more cells than the header) keeps its place as an item whose raw
     value is a ``BadText``, so it is reported in order and the rows around it go on.
     """
+    tsv, header, rows = _table(path)
+    id_at = _column(header, item_column, 0, "item_column", tsv)
+    text_at = _column(header, text_column, len(header) - 1, "text_column", tsv)
+    items = []
+    for line_no, row in rows:
+        id_value = row[id_at] if id_at < len(row) else ""
+        text = _text(row, text_at, len(header))
+        items.append(Item(id_value, f"{tsv.name}:{line_no}", text))
+    return items
+
+
+def read_interaction_items(
+    path: Path, columns: tuple[str, str] | None, text_column: str | None
+) -> list[Item]:
+    """Interactions ``(<user>__<item>, review)`` in file order, Ducho's output naming.
+
+    The user and item columns default to the first two, the text to the last. A row with an
+    empty user or item cell is a bad item; the rows around it go on.
+    """
+    tsv, header, rows = _table(path)
+    if columns is None and len(header) < 3:
+        raise DataError(
+            f"{tsv}: interactions need a user, an item and a text column; the header has "
+            f"{len(header)} ({', '.join(header)}). Name them with interaction_columns: "
+            "[USER, ITEM] and text_column."
+        )
+    user_name, item_name = columns if columns else (None, None)
+    user_at = _column(header, user_name, 0, "interaction_columns", tsv)
+    item_at = _column(header, item_name, 1, "interaction_columns", tsv)
+    text_at = _column(header, text_column, len(header) - 1, "text_column", tsv)
+    if text_at in (user_at, item_at):
+        raise DataError(
+            f"{tsv}: the text column '{header[text_at]}' is also an id column; set text_column."
+        )
+    items = []
+    for line_no, row in rows:
+        user = row[user_at] if user_at < len(row) else ""
+        item = row[item_at] if item_at < len(row) else ""
+        text = _text(row, text_at, len(header))
+        if not user.strip() or not item.strip():
+            which = "user" if not user.strip() else "item"
+            text = BadText(f"the {which} cell is empty; an interaction needs both ids")
+        items.append(Item(f"{user}__{item}", f"{tsv.name}:{line_no}", text))
+    return items
+
+
+def _table(path: Path) -> tuple[Path, list[str], list[tuple[int, list[str]]]]:
+    """The TSV, its checked header and its non-blank data rows with their first lines."""
     tsv = resolve_tsv(path)
     rows = _rows(tsv)
     if not rows:
@@ -77,16 +125,7 @@ def read_text_items(path: Path, item_column: str | None, text_column: str | None
     header = rows[0][1]
     if any(_undecodable(h) for h in header):
         raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
-    id_at = _column(header, item_column, 0, "item_column", tsv)
-    text_at = _column(header, text_column, len(header) - 1, "text_column", tsv)
-    items = []
-    for line_no, row in rows[1:]:
-        if not row or row == [""]:
-            continue
-        id_value = row[id_at] if id_at < len(row) else ""
-        text = _text(row, text_at, len(header))
-        items.append(Item(id_value, f"{tsv.name}:{line_no}", text))
-    return items
+    return tsv, header, [(n, row) for n, row in rows[1:] if row and row != [""]]
 
 
 def _rows(tsv: Path) -> list[tuple[int, list[str]]]:
