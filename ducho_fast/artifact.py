@@ -43,7 +43,11 @@ def graph_key(spec: ModelSpec) -> dict[str, Any]:
         key["image_processor"] = spec.image_processor
         key["text"] = {"max_length": spec.max_length, "tokenizer": spec.tokenizer_name}
     elif spec.modality == "audio":
-        key["audio"] = {"pooling": spec.pooling, "max_seconds": spec.max_seconds}
+        key["audio"] = {
+            "pooling": spec.pooling,
+            "max_seconds": spec.max_seconds,
+            "sample_rate": spec.sample_rate,
+        }
     elif spec.modality == "visual":
         key["visual"] = {
             "reshape": spec.reshape,

@@ -278,6 +278,10 @@ def _layer_names(backend: Backend, model: str, architecture: str | None, trust: 
     from ducho_fast.exporters.pt import load_model
 
     cwd = Path.cwd()
+    if model.isupper() and find_local(model, cwd, cwd) is None:
+        from ducho_fast.exporters.pt_audio import bundle_layer_names
+
+        return bundle_layer_names(model)
     spec = ModelSpec(
         modality="visual",
         origin="items",

@@ -2,8 +2,8 @@
 
 Ducho accepts loose YAML: lists of one-key mappings where a mapping is meant, ``name`` for
 ``model_name``, ``interaction_column`` (Ducho's name for the review column) for
-``text_column``, scalars where lists are meant. Each rewrite here is one of those, so any Ducho config passes through unchanged in
-meaning.
+``text_column``, scalars where lists are meant. Each rewrite here is one of those, so any
+Ducho config passes through unchanged in meaning.
 """
 
 from __future__ import annotations

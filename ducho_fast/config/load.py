@@ -39,7 +39,7 @@ RUNS_NOW = {
     ("audio", "interactions"),
 }
 NEEDS_LAYERS = {"torch", "sentence_transformers"}
-NOT_YET = {("visual", "transformers"), ("audio", "torch")}
+NOT_YET = {("visual", "transformers")}
 
 
 def load_defaults() -> dict[str, Any]:
@@ -320,6 +320,7 @@ def _model(
         image_processor=m.get("image_processor"),
         pooling=None if m.get("pooling") in (None, "none") else m["pooling"],
         max_seconds=float(m["max_seconds"]) if m.get("max_seconds") is not None else None,
+        sample_rate=m.get("sample_rate"),
     )
     _check_model(spec, m, name)
     return spec
@@ -349,8 +350,13 @@ def _layers(
 ) -> tuple[Layer, ...]:
     if not value:
         # Ducho's two-tower default: the projected embeddings.
-        if modality == "audio":
+        if modality == "audio" and backend == "transformers":
             return ("last_hidden_state",)
+        if modality == "audio":
+            raise ConfigError(
+                f"{name}: '{where}' needs the key '{where}.output_layers' (for example "
+                "output_layers: [12], Ducho's extract_features(num_layers=12))."
+            )
         return (1,) if modality == "visual_textual" else _default_layers(backend, where, name)
     layers: list[Layer] = []
     for i, layer in enumerate(value):
@@ -393,15 +399,22 @@ def _check_model(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
         raise ConfigError(f"{name}: key '{where}.batch_size' must be >= 1.")
     if spec.max_length is not None and spec.max_length < 2:
         raise ConfigError(f"{name}: key '{where}.max_length' must be >= 2.")
-    if spec.backend == "torch" and any(isinstance(x, int) for x in spec.output_layers):
+    numbered = any(isinstance(x, int) for x in spec.output_layers)
+    if spec.backend == "torch" and spec.modality == "visual" and numbered:
         raise ConfigError(
             f"{name}: key '{where}.output_layers' must name torch layers, not indices "
             f"(found {list(spec.output_layers)!r}). Hint: run "
             f"`ducho-fast layers torch {spec.model_name}`"
         )
-    if spec.modality != "audio" and ("pooling" in raw or "max_seconds" in raw):
+    if spec.modality != "audio" and ({"pooling", "max_seconds", "sample_rate"} & set(raw)):
         raise ConfigError(
-            f"{name}: keys '{where}.pooling' and '.max_seconds' apply to audio models only."
+            f"{name}: keys '{where}.pooling', '.max_seconds' and '.sample_rate' apply to audio "
+            "models only."
+        )
+    if spec.sample_rate is not None and (spec.sample_rate < 1 or spec.backend != "torch"):
+        raise ConfigError(
+            f"{name}: key '{where}.sample_rate' must be >= 1 and is for torch audio model "
+            "files only (Transformers models and torchaudio bundles know their rate)."
         )
     if spec.max_seconds is not None and spec.max_seconds <= 0:
         raise ConfigError(f"{name}: key '{where}.max_seconds' must be > 0.")

@@ -40,6 +40,7 @@ class ModelSpec:
     tower: str | None = None  # "image" | "text": one tower of a visual_textual model
     pooling: str | None = None  # audio: "mean" | "max" over time; None keeps the time axis
     max_seconds: float | None = None  # audio: embed only the first seconds
+    sample_rate: int | None = None  # audio torch files: the rate the model expects
 
     @property
     def model_dir(self) -> str:

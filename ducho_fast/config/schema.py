@@ -62,6 +62,7 @@ MODEL_KEYS: dict[str, Key] = {
     "max_length": _INT,
     "pooling": Key((str, type(None)), choices=("mean", "max", "none", None)),
     "max_seconds": Key((int, float, type(None)), doc="audio: embed only the first seconds"),
+    "sample_rate": Key((int, type(None)), doc="audio torch files: the model's rate (16000)"),
 }
 
 BLOCK_KEYS: dict[str, Key] = {

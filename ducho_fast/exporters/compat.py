@@ -51,8 +51,12 @@ def import_torchvision() -> Any:
 
 
 def import_transformers() -> Any:
-    with contextlib.suppress(MissingExtraError):  # transformers works without torchvision
+    # transformers imports torchvision and torchaudio when they are installed: both must be
+    # importable first; it works without either.
+    with contextlib.suppress(MissingExtraError):
         import_torchvision()
+    with contextlib.suppress(MissingExtraError):
+        import_torchaudio()
     try:
         import transformers
     except ImportError as e:
@@ -71,3 +75,51 @@ def import_sentence_transformers() -> Any:
             "sentence-transformers", "hf", "Exporting sentence-transformers models"
         ) from e
     return sentence_transformers
+
+
+def import_torchaudio() -> Any:
+    """Import torchaudio's Python models even where its C++ extension cannot load.
+
+    The PyPI torchaudio wheel is a CUDA build: beside the CPU torch, loading
+    ``_torchaudio.abi3.so`` fails (``libc10_cuda.so`` is missing) and so does ``import
+    torchaudio``. torchaudio already has a code path for builds without the extension (its
+    ``_load_lib`` returns False when the library is absent, as in pex deployments): this loads
+    its ``_extension.utils`` first with a ``_load_lib`` that takes that path when the library
+    cannot load. The models (wav2vec2, HuBERT, WavLM …) and pipeline bundles then work; the
+    C++-only features (alignment, CTC decoders) do not. A no-op where it imports normally.
+    """
+    import_torch()
+    try:
+        import torchaudio
+    except ImportError as e:
+        raise MissingExtraError("torchaudio", "torch", "Exporting torchaudio models") from e
+    except OSError as e:
+        if "torchaudio" not in str(e):
+            raise
+        for name in [m for m in sys.modules if m.startswith("torchaudio")]:
+            del sys.modules[name]
+        _without_extension()
+        import torchaudio
+    return torchaudio
+
+
+def _without_extension() -> None:
+    import importlib.util
+
+    found = importlib.util.find_spec("torchaudio")
+    assert found is not None and found.submodule_search_locations is not None
+    path = f"{next(iter(found.submodule_search_locations))}/_extension/utils.py"
+    spec = importlib.util.spec_from_file_location("torchaudio._extension.utils", path)
+    assert spec is not None and spec.loader is not None
+    utils: Any = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = utils
+    spec.loader.exec_module(utils)
+    load_lib = utils._load_lib
+
+    def load_or_skip(lib: str) -> bool:
+        try:
+            return bool(load_lib(lib))
+        except OSError:
+            return False
+
+    utils._load_lib = load_or_skip

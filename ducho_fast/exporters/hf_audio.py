@@ -15,6 +15,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError
+from ducho_fast.exporters.audio_common import audio_output, audio_samples
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_transformers
 from ducho_fast.exporters.hf import (
@@ -96,7 +97,7 @@ class AudioExporter(Exporter):
             example=example,
             input_names=["waveform"],
             dynamic_axes={"waveform": {0: "batch", 1: "samples"}},
-            outputs=[_output(i, layers[i], s) for i, s in enumerate(shapes)],
+            outputs=[audio_output(i, layers[i], s) for i, s in enumerate(shapes)],
             inputs=[{"name": "waveform", "dtype": "float32", "shape": ["batch", "samples"]}],
             preprocessing={
                 "sample_rate": rate,
@@ -116,17 +117,7 @@ class AudioExporter(Exporter):
         )
 
     def samples(self, spec: ModelSpec, built: Built) -> list[Any]:
-        """Clips of several lengths: a tone, speech-like noise bursts, near silence."""
-        rate = int(built.preprocessing["sample_rate"])
-        rng = np.random.default_rng(0)
-        t = np.arange(int(rate * 0.9)) / rate
-        tone = 0.3 * np.sin(2 * np.pi * 440.0 * t)
-        bursts = (
-            rng.standard_normal(int(rate * 0.55))
-            * np.repeat(rng.random(11), rate // 20 + 1)[: int(rate * 0.55)]
-        )
-        quiet = 1e-3 * rng.standard_normal(int(rate * 0.4))
-        return [w.astype(np.float32) for w in (tone, bursts, quiet)]
+        return audio_samples(int(built.preprocessing["sample_rate"]))
 
     def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
         model, extractor, layers, pooling = built.reference
@@ -155,15 +146,3 @@ def _receptive_field(model: Any) -> int:
         size += (kernel - 1) * jump
         jump *= stride
     return int(size)
-
-
-def _output(index: int, layer: str | int, shape: tuple[int, ...]) -> dict[str, Any]:
-    per_frame = len(shape) == 3
-    return {
-        "name": f"out{index}",
-        "layer": str(layer),
-        "dim": int(shape[-1]),
-        "per_frame": per_frame,
-        "squeeze": False,
-        "pooling": None if per_frame else "in graph",
-    }

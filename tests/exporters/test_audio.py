@@ -11,7 +11,7 @@ import pytest
 import ducho_fast
 from ducho_fast.config import load_config
 from ducho_fast.data.audio.audio import prepare_audio
-from ducho_fast.errors import ConfigError, NotSupportedYet
+from ducho_fast.errors import ConfigError
 from ducho_fast.exporters import export_model
 from tests.conftest import audio_config, write_tone
 
@@ -76,9 +76,12 @@ def test_folder_of_mixed_files_matches_the_eager_model(tmp_path, store, tiny_wav
 
 
 def test_audio_config_rules(tmp_path, store) -> None:
-    torch_entry = {"model_name": "WAV2VEC2_BASE", "backend": "torch", "output_layers": [7]}
-    with pytest.raises(NotSupportedYet, match=r"'torch' for audio models.*backend: transformers"):
+    torch_entry = {"model_name": "WAV2VEC2_BASE", "backend": "torch"}
+    with pytest.raises(ConfigError, match=r"needs the key .*output_layers.*num_layers=12"):
         load_config(audio_config(tmp_path, torch_entry, store))
+    hf_rate = {"model_name": "m", "sample_rate": 8000}
+    with pytest.raises(ConfigError, match=r"sample_rate' must be >= 1 and is for torch audio"):
+        load_config(audio_config(tmp_path, hf_rate, store))
     text = {
         "dataset_path": str(tmp_path),
         "textual": {
