@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[torch,hf,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[torch,hf,tf,test]'
 	touch $@
 
 $(DEMO_MODELS)/.ready: $(STAMP)

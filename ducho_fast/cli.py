@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ducho_fast import __version__
 from ducho_fast.errors import DuchoError
+
+if TYPE_CHECKING:
+    from ducho_fast.config.model import ModelSpec
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -43,6 +46,7 @@ SetOpt = Annotated[
 
 class Backend(str, Enum):
     torch = "torch"
+    tensorflow = "tensorflow"
     transformers = "transformers"
     sentence_transformers = "sentence_transformers"
 
@@ -263,7 +267,6 @@ def layers(
 
 def _layer_names(backend: Backend, model: str, architecture: str | None, trust: bool) -> list[str]:
     from ducho_fast.config.load import find_local
-    from ducho_fast.config.model import ModelSpec
 
     if backend is Backend.sentence_transformers:
         return [
@@ -274,21 +277,36 @@ def _layer_names(backend: Backend, model: str, architecture: str | None, trust: 
         from ducho_fast.exporters.hf import list_layers
 
         return list_layers(model)
+    cwd = Path.cwd()
+    if backend is Backend.tensorflow:
+        from ducho_fast.exporters.tf import keras_layer_names
+
+        return keras_layer_names(_layers_spec(model, "tensorflow", None, trust, cwd))
     from ducho_fast.exporters.layers import torch_layer_names
     from ducho_fast.exporters.pt import load_model
 
-    cwd = Path.cwd()
     if model.isupper() and find_local(model, cwd, cwd) is None:
         from ducho_fast.exporters.pt_audio import bundle_layer_names
 
         return bundle_layer_names(model)
-    spec = ModelSpec(
+    module, _ = load_model(_layers_spec(model, "torch", architecture, trust, cwd))
+    return torch_layer_names(module)
+
+
+def _layers_spec(
+    model: str, backend: str, architecture: str | None, trust: bool, cwd: Path
+) -> ModelSpec:
+    """A config entry for listing layers: no weights are downloaded."""
+    from ducho_fast.config.load import find_local
+    from ducho_fast.config.model import ModelSpec
+
+    return ModelSpec(
         modality="visual",
         origin="items",
         key_path="layers",
         model_name=model,
-        backend="torch",
-        backend_dir="torch",
+        backend=backend,
+        backend_dir=backend,
         output_layers=(),
         batch_size=1,
         weights="none",
@@ -296,8 +314,6 @@ def _layer_names(backend: Backend, model: str, architecture: str | None, trust: 
         trust=trust,
         local_path=find_local(model, cwd, cwd),
     )
-    module, _ = load_model(spec)
-    return torch_layer_names(module)
 
 
 @app.command()

@@ -285,7 +285,7 @@ def _model(
         raise ConfigError(f"{name}: '{where}' needs the key '{where}.model_name'.")
     backend_dir = m.get("backend") or _default_backend(modality)
     backend = backend_dir.replace("-", "_")
-    if backend == "tensorflow" or (modality, backend) in NOT_YET:
+    if (modality, backend) in NOT_YET:
         use = "torch" if modality == "visual" else "transformers"
         raise NotSupportedYet(
             f"{name}: '{where}.backend' is '{backend}' for {modality} models, which is not "
@@ -424,6 +424,12 @@ def _check_model(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
         raise ConfigError(
             f"{name}: key '{where}.fusion' only applies to visual_textual models. To fuse "
             "separately extracted modalities, add a top-level 'fusion' entry (see the README)."
+        )
+    keras_only = ("caffe", "tf", "torch", "raw", "unit")
+    if spec.preprocessing in keras_only and spec.backend != "tensorflow":
+        raise ConfigError(
+            f"{name}: key '{where}.preprocessing' is '{spec.preprocessing}', a Keras scheme for "
+            "backend: tensorflow. Torch models take zscore, minmax or nothing (x / 255)."
         )
     if ("mean" in raw or "std" in raw) and spec.preprocessing != "zscore":
         raise ConfigError(

@@ -46,7 +46,11 @@ MODEL_KEYS: dict[str, Key] = {
     "backend": Key((str,), choices=(*BACKENDS, "sentence-transformers")),
     "output_layers": Key((list,), item=_LAYER),
     "reshape": Key((list,), item=_INT, doc="[width, height] for PIL's bicubic resize"),
-    "preprocessing": Key((str, type(None)), choices=("zscore", "minmax", None)),
+    "preprocessing": Key(
+        (str, type(None)),
+        choices=("zscore", "minmax", "caffe", "tf", "torch", "raw", "unit", None),
+        doc="caffe|tf|torch|raw|unit: tensorflow models only",
+    ),
     "mean": _NUM_LIST,
     "std": _NUM_LIST,
     "clear_text": _BOOL,

@@ -79,6 +79,10 @@ class Exporter(ABC):
     def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
         """The source framework's per-item output ``{layer: array}`` for one input."""
 
+    def convert(self, built: Built, path: Path) -> None:
+        """Write the ONNX model; torch adapters share :func:`to_onnx`."""
+        to_onnx(built, path)
+
     def reference_item(self, built: Built, raw: Any, payload: Any) -> dict[str, np.ndarray]:
         """The reference for one sample; adapters whose framework decodes ``raw`` itself
         (an image processor's own resize) override this."""
@@ -115,7 +119,7 @@ def _valid_existing(path: Path) -> Artifact | None:
 def _convert_and_check(
     exporter: Exporter, spec: ModelSpec, built: Built, build_dir: Path, slug: str, store: Path
 ) -> Artifact:
-    to_onnx(built, build_dir / MODEL_FILE)
+    exporter.convert(built, build_dir / MODEL_FILE)
     for name, write in built.files.items():
         write(build_dir / name)
     manifest = _manifest(spec, built, slug)

@@ -123,3 +123,16 @@ def _without_extension() -> None:
             return False
 
     utils._load_lib = load_or_skip
+
+
+def import_keras() -> tuple[Any, Any]:
+    """TensorFlow and Keras 3, with TensorFlow's start-up logging quieted."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import keras
+        import tensorflow as tf
+    except ImportError as e:
+        raise MissingExtraError("tensorflow-cpu", "tf", "Exporting TensorFlow/Keras models") from e
+    return tf, keras
