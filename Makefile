@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean
+.PHONY: demo demo-audio demo-reviews test lint install clean
 
 install: $(STAMP)
 
@@ -36,6 +36,16 @@ demo: $(DEMO_MODELS)/.ready
 	$(BIN)/ducho-fast extract config/demo.yml
 	@echo "Features written under data/demo/features/ (Ducho layout, one .npy per item; matrix/ holds one array per model)."
 
+# Ducho's other two demos (README, "Demos").
+demo-audio: $(DEMO_MODELS)/.ready
+	$(BIN)/python data/demo_audio/generate.py $(DEMO_MODELS)/hubert_4.pth
+	$(BIN)/ducho-fast export config/demo_audio.yml
+	$(BIN)/ducho-fast extract config/demo_audio.yml
+
+demo-reviews: $(DEMO_MODELS)/.ready
+	$(BIN)/ducho-fast export config/demo_reviews.yml
+	$(BIN)/ducho-fast extract config/demo_reviews.yml
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -45,4 +55,5 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) local data/demo/features
+	rm -rf $(VENV) local data/demo/features data/demo_audio/tracks data/demo_audio/features \
+		data/demo_reviews/features

@@ -213,3 +213,54 @@ def test_demo_config_runs(tmp_path, store, effnet_weights, minilm_dir) -> None:
     assert np.load(features / "visual_textual_concat/matrix/fused_feat.npy").shape == (10, 1664)
     again = ducho_fast.extract(config)  # a second run resumes
     assert [(r.result.written, r.result.reused) for r in again.runs] == [(0, 10), (0, 11)]
+
+
+def test_audio_demo_config_runs(tmp_path, store, minilm_dir) -> None:
+    """config/demo_audio.yml as `make demo-audio` runs it: generated tracks and model."""
+    import runpy
+    import shutil
+
+    from ducho_fast.config import load_config
+    from tests.conftest import REPO
+
+    models = tmp_path / "local" / "demo" / "models"
+    models.mkdir(parents=True)
+    (models / "all-MiniLM-L6-v2").symlink_to(minilm_dir)
+    data = tmp_path / "data" / "demo_audio"
+    data.mkdir(parents=True)
+    shutil.copy(REPO / "data" / "demo_audio" / "generate.py", data)
+    shutil.copy(REPO / "data" / "demo_audio" / "tracks.tsv", data)
+    generate = runpy.run_path(str(data / "generate.py"))
+    generate["tracks"]()
+    generate["model"](models / "hubert_4.pth")
+    config = load_config(REPO / "config" / "demo_audio.yml", [f"store={store}"], cwd=tmp_path)
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert [r.result.written for r in report.runs] == [6, 6] and report.failed == 0
+    features = data / "features"
+    assert np.load(features / "audio/torch/HUBERT_BASE/4/T02.npy").shape == (1, 768)
+    assert np.load(features / "audio_textual_concat/matrix/fused_feat.npy").shape == (6, 768 + 384)
+
+
+def test_reviews_demo_config_runs(tmp_path, store, minilm_dir) -> None:
+    """config/demo_reviews.yml as `make demo-reviews` runs it: items and reviews."""
+    import shutil
+
+    from ducho_fast.config import load_config
+    from tests.conftest import REPO
+
+    models = tmp_path / "local" / "demo" / "models"
+    models.mkdir(parents=True)
+    (models / "all-MiniLM-L6-v2").symlink_to(minilm_dir)
+    for name in ("demo", "demo_reviews"):
+        shutil.copytree(
+            REPO / "data" / name,
+            tmp_path / "data" / name,
+            ignore=shutil.ignore_patterns("features"),  # a local `make demo` run's outputs
+        )
+    config = load_config(REPO / "config" / "demo_reviews.yml", [f"store={store}"], cwd=tmp_path)
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert [r.result.written for r in report.runs] == [11, 9] and report.failed == 0
+    reviews = next((tmp_path / "data" / "demo_reviews" / "features" / "reviews").rglob("1"))
+    assert sorted(p.stem for p in reviews.glob("*.npy"))[:2] == ["U01__B001", "U01__B002"]
