@@ -2,9 +2,10 @@
 
 ``model_name`` is a ``keras.applications`` class name exactly as Ducho spells it
 (``ResNet50``, ``VGG19``, ``Xception``, ``MobileNetV2``, ``EfficientNetB0`` …; ``weights``
-``imagenet`` downloads, ``none`` is random, a file is a weights file), or a user's ``.keras`` /
-``.h5`` model file. Layers are Keras layer names (``avg_pool``, ``fc2``, ``predictions``, any
-mid-network layer), truncated as ``keras.Model(inputs, layer.output)``.
+``imagenet`` downloads, ``none`` is random, a file is a weights file), a user's ``.keras`` /
+``.h5`` model file, or a SavedModel folder (its layers: the serving signature's outputs).
+Layers are Keras layer names (``avg_pool``, ``fc2``, ``predictions``, any mid-network
+layer), truncated as ``keras.Model(inputs, layer.output)``.
 
 The graph takes uint8 NHWC at the model's input size and applies the family's own
 ``preprocess_input`` inside. The scheme is found by probing that function (so every family is
@@ -268,10 +269,7 @@ def load_keras_model(spec: ModelSpec) -> tuple[Any, dict[str, Any], str | None]:
 
 def _from_file(spec: ModelSpec, path: Path) -> Any:
     if path.is_dir():
-        raise ExportError(
-            f"'{spec.key_path}.model_name' {path} is a folder (a SavedModel?). Keras 3 loads "
-            "models from .keras or .h5 files: save yours with model.save('model.keras')."
-        )
+        return _saved_model(spec, path)
     if path.suffix.lower() not in MODEL_FILES:
         raise ExportError(
             f"'{spec.key_path}.model_name' {path}: TensorFlow models are .keras or .h5 files."
@@ -286,6 +284,36 @@ def _from_file(spec: ModelSpec, path: Path) -> Any:
                 "that code. Set trust: true for this model if you trust the file."
             ) from e
         raise ExportError(f"'{spec.key_path}': cannot load {path} ({e}).") from e
+
+
+def _saved_model(spec: ModelSpec, path: Path) -> Any:
+    """A SavedModel folder as a functional model whose layers are its serving outputs.
+
+    Its internals are a compiled TensorFlow function, not Keras layers: the layers that
+    output_layers can name are the serving signature's outputs (``output_0`` …).
+    """
+    if not (path / "saved_model.pb").is_file():
+        raise ExportError(
+            f"'{spec.key_path}.model_name' {path} is a folder without saved_model.pb; a "
+            "TensorFlow model is a .keras / .h5 file or a SavedModel folder."
+        )
+    try:
+        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    except (KeyError, OSError, ValueError) as e:
+        raise ExportError(
+            f"'{spec.key_path}': cannot read the serving_default signature of {path} ({e})."
+        ) from e
+    specs = list(signature.structured_input_signature[1].values())
+    if len(specs) != 1:
+        raise ExportError(
+            f"'{spec.key_path}': {path} takes {len(specs)} inputs; ducho-fast runs SavedModels "
+            "with one image input."
+        )
+    inputs = keras.Input(tuple(specs[0].shape[1:]), dtype=specs[0].dtype.name)
+    served = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")(inputs)
+    served = served if isinstance(served, dict) else {"output_0": served}
+    outputs = [keras.layers.Identity(name=key)(value) for key, value in sorted(served.items())]
+    return keras.Model(inputs, outputs)
 
 
 def _family_module(family: str) -> Any:

@@ -183,6 +183,25 @@ def test_lambda_layers_need_trust(tmp_path: Path, store: Path) -> None:
     assert ducho_fast.export(trusted)[0].artifact.manifest["parity"]["passed"]
 
 
+def test_saved_model_folder_outputs_are_its_layers(tmp_path: Path, store: Path) -> None:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((40, 40, 3))
+    x = keras.layers.Conv2D(8, 3, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    model.export(tmp_path / "exported")  # a SavedModel folder
+    files = images(tmp_path / "images")
+    config = visual_config(tmp_path, entry(str(tmp_path / "exported"), ["output_0"]), store)
+    with pytest.raises(ExportError, match=r"has no layer 'gap'.*"):
+        bad = visual_config(tmp_path, entry(str(tmp_path / "exported"), ["gap"]), store)
+        ducho_fast.export(bad)
+    assert ducho_fast.export(config)[0].artifact.manifest["parity"]["passed"]
+    ducho_fast.extract(config)
+    saved = np.load(next((tmp_path / "out").rglob(f"output_0/{files[0].stem}.npy")))
+    image = Image.open(files[0]).convert("RGB").resize((40, 40), Image.Resampling.BICUBIC)
+    x = np.asarray(image, np.float32)[None]
+    within_fp32_bounds(saved, keras.ops.convert_to_numpy(model(x)))
+
+
 def test_layers_command_lists_keras_names() -> None:
     result = CliRunner().invoke(app, ["layers", "tensorflow", "ResNet50"])
     assert result.exit_code == 0, result.output
