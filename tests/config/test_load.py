@@ -94,7 +94,7 @@ def test_bool_is_not_an_integer(tmp_path: Path) -> None:
 def test_bad_choice_lists_allowed_values(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "preprocessing": "zscor"}))
     with pytest.raises(
-        ConfigError, match=r"'zscor'; allowed: 'zscore', 'minmax', None\. Did you mean 'zscore'"
+        ConfigError, match=r"'zscor'; allowed: 'zscore', 'minmax', .*None\. Did you mean 'zscore'"
     ):
         load_config(path, cwd=tmp_path)
 
@@ -146,7 +146,7 @@ def test_later_blocks_say_not_supported_yet(tmp_path: Path, block: str, origin: 
         load_config(write(tmp_path, data), cwd=tmp_path)
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "transformers"])
+@pytest.mark.parametrize("backend", ["transformers"])
 def test_later_visual_backends_say_not_supported_yet(tmp_path: Path, backend: str) -> None:
     model = {**RESNET, "backend": backend}
     with pytest.raises(
