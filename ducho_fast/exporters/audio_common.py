@@ -1,10 +1,59 @@
-"""What every audio exporter shares: its parity clips and its output records."""
+"""What every audio exporter shares: pooling, the waveform graph's record, parity clips."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
+from ducho_fast.config.model import ModelSpec
+from ducho_fast.exporters.base import Built
+from ducho_fast.exporters.compat import import_torch
+
+
+def pool_frames(value: Any, pooling: str | None) -> Any:
+    """``mean``/``max`` over the frames of a ``(batch, frames, D)`` output; others as they are."""
+    if value.dim() == 3 and pooling == "mean":
+        return value.mean(dim=1)
+    if value.dim() == 3 and pooling == "max":
+        return value.amax(dim=1)
+    return value
+
+
+def waveform_built(
+    module: Any,
+    layers: list[Any],
+    spec: ModelSpec,
+    *,
+    rate: int,
+    min_samples: int,
+    normalize: str | None,
+    source: dict[str, Any],
+    reference: Any,
+) -> Built:
+    """A waveform graph (float32 ``(batch, samples)`` at ``rate``) ready for conversion."""
+    torch = import_torch()
+    example = (torch.randn(2, rate // 2, generator=torch.Generator().manual_seed(0)),)
+    with torch.no_grad():
+        shapes = [tuple(o.shape) for o in module(*example)]
+    return Built(
+        module=module,
+        example=example,
+        input_names=["waveform"],
+        dynamic_axes={"waveform": {0: "batch", 1: "samples"}},
+        outputs=[audio_output(i, layers[i], s) for i, s in enumerate(shapes)],
+        inputs=[{"name": "waveform", "dtype": "float32", "shape": ["batch", "samples"]}],
+        preprocessing={
+            "sample_rate": rate,
+            "channels": "mono (mean of channels)",
+            "resampler": "soxr HQ",
+            "max_seconds": spec.max_seconds,
+            "min_samples": min_samples,
+            "normalize": normalize,
+        },
+        source=source,
+        reference=reference,
+    )
 
 
 def audio_samples(rate: int) -> list[np.ndarray]:

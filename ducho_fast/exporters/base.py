@@ -7,6 +7,7 @@ item, and what to write into the manifest. Everything else lives here, once.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 import warnings
@@ -87,6 +88,20 @@ class Exporter(ABC):
         """The reference for one sample; adapters whose framework decodes ``raw`` itself
         (an image processor's own resize) override this."""
         return self.reference(built, payload)
+
+
+def image_output(name: str, layer: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The manifest record of one image-model output; saved squeezed, as Ducho does."""
+    squeezed = [d for d in shape if d != 1]
+    return {
+        "name": name,
+        "layer": layer,
+        "item_shape": list(shape),
+        "dim": int(math.prod(squeezed)),
+        "squeeze": True,
+        "per_token": False,
+        "pooling": None,
+    }
 
 
 def export_with(exporter: Exporter, spec: ModelSpec, store: Path, *, force: bool) -> ExportResult:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError
-from ducho_fast.exporters.audio_common import audio_output, audio_samples
+from ducho_fast.exporters.audio_common import audio_samples, pool_frames, waveform_built
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_transformers
 from ducho_fast.exporters.hf import (
@@ -54,14 +54,7 @@ class AudioGraph(_Module):
             var = ((x - mean) ** 2).mean(dim=1, keepdim=True)
             x = (x - mean) / torch.sqrt(var + NORM_EPS)
         out = self.model(input_values=x, output_hidden_states=self.hidden, return_dict=True)
-        return tuple(self._pool(select(out, layer)) for layer in self.layers)
-
-    def _pool(self, value: Any) -> Any:
-        if self.pooling == "mean":
-            return value.mean(dim=1)
-        if self.pooling == "max":
-            return value.amax(dim=1)
-        return value
+        return tuple(pool_frames(select(out, layer), self.pooling) for layer in self.layers)
 
 
 class AudioExporter(Exporter):
@@ -88,27 +81,13 @@ class AudioExporter(Exporter):
         )
         normalize = bool(getattr(extractor, "do_normalize", False))
         module = AudioGraph(model, layers, normalize, spec.pooling).eval()
-        rate = int(extractor.sampling_rate)
-        example = (torch.randn(2, rate // 2, generator=torch.Generator().manual_seed(0)),)
-        with torch.no_grad():
-            shapes = [tuple(o.shape) for o in module(*example)]
-        return Built(
-            module=module,
-            example=example,
-            input_names=["waveform"],
-            dynamic_axes={"waveform": {0: "batch", 1: "samples"}},
-            outputs=[audio_output(i, layers[i], s) for i, s in enumerate(shapes)],
-            inputs=[{"name": "waveform", "dtype": "float32", "shape": ["batch", "samples"]}],
-            preprocessing={
-                "sample_rate": rate,
-                "channels": "mono (mean of channels)",
-                "resampler": "soxr HQ",
-                "max_seconds": spec.max_seconds,
-                "min_samples": _receptive_field(model),
-                "normalize": "zero mean, unit variance per item (in the graph)"
-                if normalize
-                else None,
-            },
+        return waveform_built(
+            module,
+            layers,
+            spec,
+            rate=int(extractor.sampling_rate),
+            min_samples=_receptive_field(model),
+            normalize="zero mean, unit variance per item (in the graph)" if normalize else None,
             source={
                 "framework": f"transformers {transformers.__version__}",
                 "class": type(model).__name__,

@@ -8,7 +8,6 @@ with ``trust: true``). The graph takes uint8 NHWC and does ToTensor + Normalize 
 from __future__ import annotations
 
 import importlib
-import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
-from ducho_fast.exporters.base import Built, Exporter
+from ducho_fast.exporters.base import Built, Exporter, image_output
 from ducho_fast.exporters.compat import import_torch, import_torchvision
 from ducho_fast.exporters.layers import check_layers, torch_layer_names
 
@@ -75,7 +74,7 @@ class TorchExporter(Exporter):
             input_names=["pixels"],
             dynamic_axes={"pixels": {0: "batch", 1: "height", 2: "width"}},
             outputs=[
-                _output(f"out{i}", layer, s)
+                image_output(f"out{i}", layer, s)
                 for i, (layer, s) in enumerate(zip(layers, shapes, strict=True))
             ],
             inputs=[
@@ -113,19 +112,6 @@ class TorchExporter(Exporter):
         return {
             o["layer"]: np.squeeze(v.numpy()) for o, v in zip(built.outputs, values, strict=True)
         }
-
-
-def _output(name: str, layer: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    squeezed = [d for d in shape if d != 1]
-    return {
-        "name": name,
-        "layer": layer,
-        "item_shape": list(shape),
-        "dim": int(math.prod(squeezed)),
-        "squeeze": True,
-        "per_token": False,
-        "pooling": None,
-    }
 
 
 def _preprocessing(spec: ModelSpec) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
-from ducho_fast.exporters.audio_common import audio_output, audio_samples
+from ducho_fast.exporters.audio_common import audio_samples, pool_frames, waveform_built
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_torchaudio
 from ducho_fast.exporters.layers import check_layers, torch_layer_names
@@ -58,7 +58,7 @@ class TorchAudioGraph(_Module):
             mean = x.mean(dim=1, keepdim=True)
             var = ((x - mean) ** 2).mean(dim=1, keepdim=True)
             x = (x - mean) / torch.sqrt(var + LAYER_NORM_EPS)
-        return tuple(self._pool(v) for v in self._layers(x))
+        return tuple(pool_frames(v, self.pooling) for v in self._layers(x))
 
     def _layers(self, x: Any) -> list[Any]:
         if all(isinstance(layer, int) for layer in self.layers):
@@ -69,13 +69,6 @@ class TorchAudioGraph(_Module):
         if isinstance(out, dict):
             return [out[str(layer)] for layer in self.layers]
         return [out[0] if isinstance(out, tuple | list) else out]
-
-    def _pool(self, value: Any) -> Any:
-        if value.dim() == 3 and self.pooling == "mean":
-            return value.mean(dim=1)
-        if value.dim() == 3 and self.pooling == "max":
-            return value.amax(dim=1)
-        return value
 
 
 class TorchAudioExporter(Exporter):
@@ -89,24 +82,13 @@ class TorchAudioExporter(Exporter):
         if not all(isinstance(x, int) for x in layers) and layers != [OUTPUT]:
             body = create_feature_extractor(model, return_nodes={str(x): str(x) for x in layers})
         module = TorchAudioGraph(body, layers, normalize, spec.pooling).eval()
-        example = (torch.randn(2, rate // 2, generator=torch.Generator().manual_seed(0)),)
-        with torch.no_grad():
-            shapes = [tuple(o.shape) for o in module(*example)]
-        return Built(
-            module=module,
-            example=example,
-            input_names=["waveform"],
-            dynamic_axes={"waveform": {0: "batch", 1: "samples"}},
-            outputs=[audio_output(i, layers[i], s) for i, s in enumerate(shapes)],
-            inputs=[{"name": "waveform", "dtype": "float32", "shape": ["batch", "samples"]}],
-            preprocessing={
-                "sample_rate": rate,
-                "channels": "mono (mean of channels)",
-                "resampler": "soxr HQ",
-                "max_seconds": spec.max_seconds,
-                "min_samples": _receptive_field(model),
-                "normalize": "layer norm per item (in the graph)" if normalize else None,
-            },
+        return waveform_built(
+            module,
+            layers,
+            spec,
+            rate=rate,
+            min_samples=_receptive_field(model),
+            normalize="layer norm per item (in the graph)" if normalize else None,
             source=source,
             reference=(model, layers, normalize, spec.pooling),
         )

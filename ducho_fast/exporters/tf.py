@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
-from ducho_fast.exporters.base import OPSET, Built, Exporter
+from ducho_fast.exporters.base import OPSET, Built, Exporter, image_output
 from ducho_fast.exporters.compat import import_keras
 from ducho_fast.exporters.layers import check_layers
 
@@ -90,7 +89,7 @@ class KerasExporter(Exporter):
             input_names=["pixels"],
             dynamic_axes={"pixels": {0: "batch"}},
             outputs=[
-                _output(f"out{i}", n, s)
+                image_output(f"out{i}", n, s)
                 for i, (n, s) in enumerate(zip(layers, shapes, strict=True))
             ],
             inputs=[
@@ -189,19 +188,6 @@ def _rename_outputs(model: Any, names: list[str]) -> None:
         node.input[:] = [renames.get(x, x) for x in node.input]
     for output in model.graph.output:
         output.name = renames[output.name]
-
-
-def _output(name: str, layer: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    squeezed = [d for d in shape if d != 1]
-    return {
-        "name": name,
-        "layer": layer,
-        "item_shape": list(shape),
-        "dim": int(math.prod(squeezed)),
-        "squeeze": True,
-        "per_token": False,
-        "pooling": None,
-    }
 
 
 def _input_size(model: Any, spec: ModelSpec) -> tuple[int, int]:
