@@ -12,6 +12,8 @@ import shutil
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,11 @@ from ducho_fast.artifact import (
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ArtifactError, DuchoError, ExportError, ParityError
 from ducho_fast.exporters.compat import import_torch
+from ducho_fast.exporters.precision import MIN_COSINE, apply_precision
+from ducho_fast.runtime.embedder import Embedder
 
 OPSET = 17
-COSINE_BOUND = 0.9999
-REL_DIFF_BOUND = 1e-4
+REL_DIFF_BOUND = 1e-4  # fp32 only; reduced precisions are bounded by cosine alone
 
 
 @dataclass
@@ -79,6 +82,11 @@ class Exporter(ABC):
     @abstractmethod
     def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
         """The source framework's per-item output ``{layer: array}`` for one input."""
+
+    def calibration(self, spec: ModelSpec, built: Built) -> list[Any]:
+        """Raw inputs that int8 calibrates on; text adapters give their own, apart from
+        the parity samples."""
+        return self.samples(spec, built)
 
     def convert(self, built: Built, path: Path) -> None:
         """Write the ONNX model; torch adapters share :func:`to_onnx`."""
@@ -138,6 +146,14 @@ def _convert_and_check(
     for name, write in built.files.items():
         write(build_dir / name)
     manifest = _manifest(spec, built, slug)
+
+    def calibration() -> list[dict[str, np.ndarray]]:
+        fp32 = Embedder(Artifact(build_dir, {**manifest, "schema_version": SCHEMA_VERSION}))
+        return [fp32.feeds(fp32.prepare(x)) for x in exporter.calibration(spec, built)]
+
+    reduced = apply_precision(build_dir / MODEL_FILE, spec.precision, calibration)
+    if reduced:
+        manifest["precision_details"] = reduced
     draft = Artifact(build_dir, {**manifest, "schema_version": SCHEMA_VERSION})
     manifest["parity"] = check_parity(exporter, spec, built, draft)
     return write_artifact(store, slug, build_dir, manifest)
@@ -156,7 +172,7 @@ def _manifest(spec: ModelSpec, built: Built, slug: str) -> dict[str, Any]:
         "outputs": built.outputs,
         "preprocessing": built.preprocessing,
         "opset": OPSET,
-        "precision": "fp32",
+        "precision": spec.precision,
     }
 
 
@@ -165,7 +181,7 @@ def to_onnx(built: Built, path: Path) -> None:
     torch = import_torch()
     names = sorted({o["name"] for o in built.outputs}, key=[o["name"] for o in built.outputs].index)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), eager_attention(built.module):
             warnings.simplefilter("ignore")
             module = built.module
             if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
@@ -189,23 +205,49 @@ def to_onnx(built: Built, path: Path) -> None:
         raise ExportError(f"ONNX conversion failed: {type(e).__name__}: {e}") from e
 
 
+@contextmanager
+def eager_attention(module: Any) -> Iterator[None]:
+    """Trace Transformers models with their plain ("eager") attention, then switch back.
+
+    The SDPA path traces into masking ops (Where, IsNaN) that ONNX Runtime cannot fuse; the
+    eager one gives MatMul-Softmax-MatMul, which ORT's CPU and CUDA fusions recognise.
+    Measured on all-MiniLM-L6-v2 (2 cores): 114 -> 184 texts/s, same outputs within 1.2e-7.
+    The parity check compares the result with the source model as it was loaded.
+    """
+    switched: list[tuple[Any, str]] = []
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if current == "sdpa" and hasattr(sub, "set_attn_implementation"):
+            try:
+                sub.set_attn_implementation("eager")
+            except (ValueError, ImportError, AttributeError):
+                continue
+            switched.append((sub, current))
+    try:
+        yield
+    finally:
+        for sub, previous in reversed(switched):
+            sub.set_attn_implementation(previous)
+
+
 def check_parity(
     exporter: Exporter, spec: ModelSpec, built: Built, draft: Artifact
 ) -> dict[str, Any]:
     """Run the graph through the ducho-fast runtime and compare with the source framework."""
-    from ducho_fast.runtime.embedder import Embedder
-
     embedder = Embedder(draft)
     raws = exporter.samples(spec, built)
     payloads = [embedder.prepare(x) for x in raws]
     ours = embedder.run_prepared(payloads)
     refs = _references(exporter, spec, built, raws, payloads)
-    per_layer = {layer: _compare(ours, refs, layer) for layer in embedder.layers}
+    bounds = parity_bounds(spec.precision)
+    per_layer = {layer: _compare(ours, refs, layer, bounds) for layer in embedder.layers}
     passed = all(r["passed"] for r in per_layer.values())
     result = {
         "reference": exporter.reference_name,
+        "precision": spec.precision,
         "samples": len(payloads),
-        "bounds": {"min_cosine": COSINE_BOUND, "max_rel_diff": REL_DIFF_BOUND},
+        "bounds": bounds,
         "layers": per_layer,
         "passed": passed,
     }
@@ -215,12 +257,32 @@ def check_parity(
             f"min cosine = {r['min_cosine']:.6f}, shapes ok = {r['shapes_match']}"
             for layer, r in per_layer.items()
         ]
+        hint = (
+            ""
+            if spec.precision == "fp32"
+            else f"\nHint: precision {spec.precision} loses too much on this model; use a "
+            "higher precision (fp16 on GPUs, fp32 on CPUs)."
+        )
         raise ParityError(
-            f"'{spec.key_path}' ({spec.model_name}): the ONNX graph disagrees with "
-            f"{exporter.reference_name} beyond the fp32 bounds (cosine >= {COSINE_BOUND}, "
-            f"relative max diff <= {REL_DIFF_BOUND}):\n" + "\n".join(lines)
+            f"'{spec.key_path}' ({spec.model_name}): the {spec.precision} ONNX graph disagrees "
+            f"with {exporter.reference_name} beyond its bounds ({_bounds_text(bounds)}):\n"
+            + "\n".join(lines)
+            + hint
         )
     return result
+
+
+def parity_bounds(precision: str) -> dict[str, float | None]:
+    """fp32: cosine and relative max diff; fp16 and int8: cosine against the fp32 source."""
+    rel = REL_DIFF_BOUND if precision == "fp32" else None
+    return {"min_cosine": MIN_COSINE[precision], "max_rel_diff": rel}
+
+
+def _bounds_text(bounds: dict[str, float | None]) -> str:
+    text = f"cosine >= {bounds['min_cosine']}"
+    if bounds["max_rel_diff"] is not None:
+        text += f", relative max diff <= {bounds['max_rel_diff']}"
+    return text
 
 
 def _references(
@@ -248,7 +310,10 @@ def _references(
 
 
 def _compare(
-    ours: list[dict[str, np.ndarray]], refs: list[dict[str, np.ndarray]], layer: str
+    ours: list[dict[str, np.ndarray]],
+    refs: list[dict[str, np.ndarray]],
+    layer: str,
+    bounds: dict[str, float | None],
 ) -> dict[str, Any]:
     shapes_match = all(o[layer].shape == r[layer].shape for o, r in zip(ours, refs, strict=True))
     if not shapes_match:
@@ -267,7 +332,10 @@ def _compare(
         "max_rel_diff": rel,
         "min_cosine": cosine,
         "shapes_match": True,
-        "passed": bool(rel <= REL_DIFF_BOUND and cosine >= COSINE_BOUND),
+        "passed": bool(
+            cosine >= (bounds["min_cosine"] or 0.0)
+            and (bounds["max_rel_diff"] is None or rel <= bounds["max_rel_diff"])
+        ),
     }
 
 
