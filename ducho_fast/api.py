@@ -313,6 +313,7 @@ def _run_model(
         prefetch=cfg.runtime.prefetch,
         workers=cfg.runtime.workers or cpu_quota(),
         on_error=cfg.runtime.on_error,
+        token_budget=cfg.runtime.token_budget,
     )
     pipeline = Pipeline(
         embedder, loader_for(spec, artifact.manifest, cfg.input), writer.write, options

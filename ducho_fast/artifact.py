@@ -36,7 +36,7 @@ def graph_key(spec: ModelSpec) -> dict[str, Any]:
         "architecture": spec.architecture,
         "architecture_kwargs": spec.architecture_kwargs,
         "layers": spec.layer_labels(),
-        "precision": "fp32",
+        "precision": spec.precision,
     }
     if spec.tower is not None:
         key["tower"] = spec.tower

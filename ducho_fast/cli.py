@@ -51,6 +51,10 @@ class Backend(str, Enum):
     sentence_transformers = "sentence_transformers"
 
 
+def _precision(precision: str) -> str:
+    return "" if precision == "fp32" else f"{precision}, "
+
+
 def _rel(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -107,7 +111,7 @@ def export(
         out.print(
             f"{r.spec.key_path} {Path(r.spec.model_dir).name} "
             f"[{', '.join(r.spec.layer_labels())}]: {status} -> {_rel(r.artifact.path)} "
-            f"(parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
+            f"({_precision(r.spec.precision)}parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
             highlight=False,
             soft_wrap=True,
         )

@@ -182,7 +182,7 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
         raise ConfigError(
             f"{name}: key 'runtime.device' is {device!r}; allowed: auto, cpu, cuda, cuda:N."
         )
-    for key in ("threads", "workers"):
+    for key in ("threads", "workers", "token_budget"):
         if getattr(runtime, key) < 0:
             raise ConfigError(f"{name}: key 'runtime.{key}' must be >= 0 (0 = automatic).")
     if runtime.prefetch < 1:
@@ -321,6 +321,7 @@ def _model(
         pooling=None if m.get("pooling") in (None, "none") else m["pooling"],
         max_seconds=float(m["max_seconds"]) if m.get("max_seconds") is not None else None,
         sample_rate=m.get("sample_rate"),
+        precision=m.get("precision", "fp32"),
     )
     _check_model(spec, m, name)
     return spec

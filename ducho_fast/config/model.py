@@ -41,6 +41,7 @@ class ModelSpec:
     pooling: str | None = None  # audio: "mean" | "max" over time; None keeps the time axis
     max_seconds: float | None = None  # audio: embed only the first seconds
     sample_rate: int | None = None  # audio torch files: the rate the model expects
+    precision: str = "fp32"  # fp32 | fp16 | int8: the exported graph's weights and math
 
     @property
     def model_dir(self) -> str:
@@ -144,6 +145,7 @@ class RuntimeOptions:
     threads: int = 0
     prefetch: int = 4
     workers: int = 0
+    token_budget: int = 0  # text: max rows x padded length per batch; 0: batch_size x 64
     on_error: str = "skip"
 
 

@@ -67,6 +67,9 @@ MODEL_KEYS: dict[str, Key] = {
     "pooling": Key((str, type(None)), choices=("mean", "max", "none", None)),
     "max_seconds": Key((int, float, type(None)), doc="audio: embed only the first seconds"),
     "sample_rate": Key((int, type(None)), doc="audio torch files: the model's rate (16000)"),
+    "precision": Key(
+        (str,), choices=("fp32", "fp16", "int8"), doc="exported graph precision (fp32)"
+    ),
 }
 
 BLOCK_KEYS: dict[str, Key] = {
@@ -87,6 +90,7 @@ RUNTIME_KEYS: dict[str, Key] = {
     "threads": _INT,
     "prefetch": _INT,
     "workers": _INT,
+    "token_budget": Key((int,), doc="text: tokens per batch (rows x padded length); 0 = auto"),
     "on_error": Key((str,), choices=("skip", "fail")),
 }
 

@@ -17,6 +17,7 @@ from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_transformers
 from ducho_fast.exporters.layers import check_layers
 from ducho_fast.exporters.text_common import (
+    CALIBRATION_TEXTS,
     SAMPLE_TEXTS,
     fast_tokenizer,
     max_length,
@@ -122,6 +123,9 @@ class TransformersExporter(Exporter):
 
     def samples(self, spec: ModelSpec, built: Built) -> list[Any]:
         return list(SAMPLE_TEXTS)
+
+    def calibration(self, spec: ModelSpec, built: Built) -> list[Any]:
+        return list(CALIBRATION_TEXTS)
 
     def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
         module, tokenizer, limit = built.reference

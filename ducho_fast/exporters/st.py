@@ -16,6 +16,7 @@ from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_sentence_transformers, import_torch
 from ducho_fast.exporters.hf import model_source
 from ducho_fast.exporters.text_common import (
+    CALIBRATION_TEXTS,
     SAMPLE_TEXTS,
     fast_tokenizer,
     max_length,
@@ -82,6 +83,9 @@ class SentenceTransformersExporter(Exporter):
 
     def samples(self, spec: ModelSpec, built: Built) -> list[Any]:
         return list(SAMPLE_TEXTS)
+
+    def calibration(self, spec: ModelSpec, built: Built) -> list[Any]:
+        return list(CALIBRATION_TEXTS)
 
     def reference(self, built: Built, payload: Any) -> dict[str, np.ndarray]:
         vector = built.reference.encode([payload], convert_to_numpy=True)[0]

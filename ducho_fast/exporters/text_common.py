@@ -15,6 +15,20 @@ SAMPLE_TEXTS = [
     "Great value. " * 40,
 ]
 
+# What int8 calibrates on (SmoothQuant's activation peaks): apart from the parity samples, so
+# the parity check measures text the calibration has not seen.
+CALIBRATION_TEXTS = [
+    "yes",
+    "Men's running shoes, breathable mesh, size 42.",
+    "Wireless noise-cancelling headphones with 30 hours of battery life and a carrying case.",
+    "Hand-made ceramic mug",
+    "Ce roman policier se déroule à Marseille dans les années 1950; une enquête haletante.",
+    "Ergonomic office chair with lumbar support, adjustable armrests and breathable back. "
+    "Assembly takes about 15 minutes; all tools are included in the box.",
+    "4K",
+    "Organic green tea, 100 bags. Smooth, slightly sweet taste.",
+]
+
 
 def fast_tokenizer(tokenizer: Any, where: str) -> Any:
     """The Rust tokenizer behind a Transformers tokenizer; the runtime needs its JSON."""

@@ -20,7 +20,7 @@ from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
-from ducho_fast.data.text.tokenize import TextEncoder
+from ducho_fast.data.text.tokenize import TextEncoder, Tokens, length_batches
 from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import DataError
 from ducho_fast.runtime.session import SessionInfo, make_session
@@ -71,9 +71,45 @@ class Embedder:
             return prepare_image(raw, self.manifest["preprocessing"])
         if self.modality == "audio":
             return prepare_audio(raw, self.manifest["preprocessing"])
-        if not isinstance(raw, str):
+        if not isinstance(raw, str | Tokens):
             raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
         return raw
+
+    def feeds(self, payload: Any) -> dict[str, np.ndarray]:
+        """The graph's inputs for one decoded item, as a batch of one."""
+        if self.modality == "visual":
+            return {"pixels": np.asarray(payload)[None]}
+        if self.modality == "audio":
+            return {"waveform": np.asarray(payload)[None]}
+        assert self._encoder is not None
+        return self._encoder([payload])
+
+    # -- batch assembly --------------------------------------------------------------------
+
+    @property
+    def sorts_by_length(self) -> bool:
+        """Whether batch assembly sorts a window of items by length (texts)."""
+        return self._encoder is not None
+
+    def tokenize(self, payloads: Sequence[Any]) -> list[Any]:
+        """Texts to :class:`Tokens` (readers do this off the model's thread); others as is."""
+        if self._encoder is None:
+            return list(payloads)
+        texts = [p for p in payloads if isinstance(p, str)]
+        tokens = iter(self._encoder.tokenize(texts) if texts else [])
+        return [next(tokens) if isinstance(p, str) else p for p in payloads]
+
+    def plan(self, payloads: Sequence[Any], batch_size: int, token_budget: int) -> list[list[int]]:
+        """Positions of ``payloads`` per batch: consecutive for images and audio, length
+        buckets within a token budget for tokenized texts."""
+        if self._encoder is None:
+            return [
+                list(range(b, min(b + batch_size, len(payloads))))
+                for b in range(0, len(payloads), batch_size)
+            ]
+        padded = self._encoder.max_length if self._encoder.pad_to_max else None
+        lengths = [len(p) for p in payloads]
+        return length_batches(lengths, batch_size, token_budget, padded)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -102,9 +138,9 @@ class Embedder:
                 results[i] = self._item(outputs, row, None)
         return [r for r in results if r is not None]
 
-    def _run_texts(self, texts: list[str]) -> list[ItemOutputs]:
+    def _run_texts(self, texts: list[str | Tokens]) -> list[ItemOutputs]:
         assert self._encoder is not None
-        feeds = self._encoder(texts)
+        feeds = self._encoder.pad(self.tokenize(texts))
         lengths = feeds["attention_mask"].sum(axis=1)
         outputs = self._run({k: v for k, v in feeds.items() if k in self._input_names})
         return [self._item(outputs, row, int(lengths[row])) for row in range(len(texts))]

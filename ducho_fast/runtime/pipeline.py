@@ -4,9 +4,12 @@ Readers decode a batch on a thread pool (PIL and tokenizers release the GIL) whi
 runs the previous one; the writer saves a batch while the model runs the next. A bad item is
 recorded and skipped (or, with ``on_error: fail``, stops the run); the items around it go on.
 
-Batches are cut at fixed positions of the full item list. A resumed run skips the batches
-whose items are all complete and runs the others whole, so every feature comes from the same
-batch an uninterrupted run would have put it in: the files end byte-identical.
+Items are read in windows cut at fixed positions of the full item list: one batch for images
+and audio, ``TEXT_WINDOW_BATCHES`` batches for texts, which are tokenized by the readers and
+sorted by length inside their window into batches within a token budget (dynamic padding
+wastes little). A resumed run skips the windows whose items are all complete and runs the
+others whole, so every feature comes from the same batch an uninterrupted run would have put
+it in: the files end byte-identical.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +61,13 @@ class PipelineOptions:
     prefetch: int
     workers: int
     on_error: str
+    token_budget: int = 0  # text: rows x padded length per batch; 0: batch_size x 64
+
+
+# Texts are sorted by length within windows of this many batches, cut at fixed positions of the
+# item list: long enough that buckets fill, short enough that the first batch comes quickly.
+TEXT_WINDOW_BATCHES = 16
+AUTO_TOKENS_PER_ROW = 64
 
 
 class Pipeline:
@@ -69,7 +79,8 @@ class Pipeline:
         self._embedder = embedder
         self._load = load
         self._write = write
-        self._opts = options
+        budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
+        self._opts = replace(options, token_budget=budget)
         self._result = RunResult()
         self._lock = threading.Lock()
         self._done: Set[str] = frozenset()
@@ -107,28 +118,38 @@ class Pipeline:
 
     def _read(self, items: Sequence[Item], out: queue.Queue[Any], stop: threading.Event) -> None:
         size = self._opts.batch_size
+        window = size * TEXT_WINDOW_BATCHES if self._embedder.sorts_by_length else size
         with ThreadPoolExecutor(max_workers=self._opts.workers) as pool:
-            for begin in range(0, len(items), size):
+            for begin in range(0, len(items), window):
                 if stop.is_set():
                     break
-                chunk = items[begin : begin + size]
+                chunk = items[begin : begin + window]
                 if all(item.item_id in self._done for item in chunk):
                     with self._lock:
                         self._result.reused += len(chunk)
                     _put(out, Batch([], [], len(chunk)), stop)
                     continue
-                loaded = list(pool.map(self._load_one, chunk))
-                for item, payload in zip(chunk, loaded, strict=True):
-                    if isinstance(payload, _Failed):  # recorded here, in input order
-                        self._fail(item, payload.reason)
-                ok = [
-                    (it, p)
-                    for it, p in zip(chunk, loaded, strict=True)
-                    if not isinstance(p, _Failed)
-                ]
-                batch = Batch([i for i, _ in ok], [p for _, p in ok], len(chunk) - len(ok))
-                _put(out, batch, stop)
+                for batch in self._assemble(chunk, pool):
+                    _put(out, batch, stop)
         _put(out, _DONE, stop)
+
+    def _assemble(self, chunk: Sequence[Item], pool: ThreadPoolExecutor) -> list[Batch]:
+        """Decode a window of items in parallel and cut it into batches as the model wants."""
+        loaded = list(pool.map(self._load_one, chunk))
+        ok: list[tuple[Item, Any]] = []
+        for item, payload in zip(chunk, loaded, strict=True):
+            if isinstance(payload, _Failed):  # recorded here, in input order
+                self._fail(item, payload.reason)
+            else:
+                ok.append((item, payload))
+        payloads = self._embedder.tokenize([p for _, p in ok])
+        plan = self._embedder.plan(payloads, self._opts.batch_size, self._opts.token_budget)
+        batches = [Batch([ok[i][0] for i in idx], [payloads[i] for i in idx]) for idx in plan]
+        failed = len(chunk) - len(ok)
+        if not batches:
+            return [Batch([], [], failed)]
+        batches[0].skipped = failed
+        return batches
 
     def _load_one(self, item: Item) -> Any:
         try:
