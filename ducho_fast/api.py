@@ -306,7 +306,7 @@ def _run_model(
         for label in spec.layer_labels()
     }
     done = set.intersection(*(f.existing for f in folders.values()))
-    embedder = Embedder(artifact, cfg.runtime)
+    embedder = Embedder(artifact, cfg.runtime, readers=True)
     writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze, dtype=cfg.output.dtype)
     options = PipelineOptions(
         batch_size=spec.batch_size,

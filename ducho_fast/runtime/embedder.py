@@ -31,10 +31,15 @@ ItemOutputs = dict[str, np.ndarray]
 class Embedder:
     """Runs one exported model on batches of decoded images or texts."""
 
-    def __init__(self, artifact: Artifact, options: RuntimeOptions | None = None) -> None:
+    def __init__(
+        self, artifact: Artifact, options: RuntimeOptions | None = None, *, readers: bool = False
+    ) -> None:
+        """``readers``: a pipeline's decoding threads share the CPUs with the session."""
         self.artifact = artifact
         self.manifest = artifact.manifest
-        self.session, self.info = make_session(artifact.model_path, options or RuntimeOptions())
+        self.session, self.info = make_session(
+            artifact.model_path, options or RuntimeOptions(), readers=readers
+        )
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._outputs = list(self.manifest["outputs"])
         self._encoder = self._make_encoder() if self.modality == "textual" else None

@@ -34,12 +34,18 @@ class SessionInfo:
     note: str = ""
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOptions:
+    """Throughput settings: every graph optimization (ORT's fusions), one intra-op thread per
+    usable CPU, and spin-waiting off when reader threads share those CPUs (a spinning
+    worker burns the core a decoder needs between two batches)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -53,14 +59,19 @@ def requested_providers(device: str) -> list[Any]:
     return [(CUDA, {"device_id": device_id}), CPU]
 
 
-def make_session(model: Path, options: RuntimeOptions) -> tuple[ort.InferenceSession, SessionInfo]:
+def make_session(
+    model: Path, options: RuntimeOptions, *, readers: bool = False
+) -> tuple[ort.InferenceSession, SessionInfo]:
+    """A checked session; ``readers``: decoding threads run beside it on the same CPUs."""
     threads = options.threads or cpu_quota()
     providers = requested_providers(options.device)
     with warnings.catch_warnings():
         # ORT warns when CUDA is not available; _check says so in the project's own words.
         warnings.simplefilter("ignore", UserWarning)
         session = ort.InferenceSession(
-            str(model), sess_options=session_options(threads), providers=providers
+            str(model),
+            sess_options=session_options(threads, spinning=not readers),
+            providers=providers,
         )
     return session, _check(session, options, threads)
 

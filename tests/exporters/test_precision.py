@@ -1,0 +1,101 @@
+"""precision: fp16 and int8 variants, parity against the fp32 source recorded and enforced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.errors import ConfigError, ExportError, ParityError
+from ducho_fast.exporters import precision as precision_module
+from tests.conftest import resnet18_entry, textual_config, visual_config
+
+pytestmark = pytest.mark.slow
+
+
+def _minilm(minilm_dir: Path, precision: str) -> dict[str, object]:
+    return {
+        "model_name": str(minilm_dir),
+        "backend": "sentence_transformers",
+        "output_layers": 1,
+        "precision": precision,
+    }
+
+
+def test_int8_and_fp16_minilm_within_bounds_and_recorded(
+    tmp_path: Path, store: Path, minilm_dir: Path
+) -> None:
+    texts = ["ok", "A waterproof jacket with taped seams.", "Great value. " * 30]
+    vectors = {}
+    for precision in ("fp32", "fp16", "int8"):
+        config = textual_config(tmp_path, _minilm(minilm_dir, precision), store)
+        (result,) = ducho_fast.export(config)
+        manifest = result.artifact.manifest
+        assert manifest["precision"] == precision
+        parity = manifest["parity"]
+        assert parity["precision"] == precision and parity["passed"]
+        bound = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}[precision]
+        assert parity["bounds"]["min_cosine"] == bound
+        assert parity["layers"]["1"]["min_cosine"] >= bound
+        vectors[precision] = ducho_fast.load(result.artifact.path).embed(texts)
+    details = ducho_fast.export(textual_config(tmp_path, _minilm(minilm_dir, "int8"), store))
+    info = details[0].artifact.manifest["precision_details"]
+    assert info["quantized_nodes"] == 30 and len(info["kept_fp32_nodes"]) == 6  # FFN outputs
+    assert info["smoothquant"]["activations"] > 0
+    for precision in ("fp16", "int8"):
+        cos = (vectors[precision] * vectors["fp32"]).sum(1)  # unit vectors
+        assert cos.min() >= {"fp16": 0.999, "int8": 0.99}[precision]
+        assert not np.array_equal(vectors[precision], vectors["fp32"])  # really another graph
+    # Three variants, three artifacts: the precision is part of the slug.
+    slugs = {
+        ducho_fast.export(textual_config(tmp_path, _minilm(minilm_dir, p), store))[0].artifact.path
+        for p in ("fp32", "fp16", "int8")
+    }
+    assert len(slugs) == 3
+
+
+def test_int8_below_its_bound_is_refused(
+    tmp_path: Path, store: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without SmoothQuant and with every weight product quantized, short texts fall to a
+    # cosine near 0.98: the bound must catch it.
+    monkeypatch.setattr(precision_module, "smooth", lambda *a, **k: 0)
+    real = precision_module.int8_nodes
+
+    def everything(graph):  # type: ignore[no-untyped-def]
+        chosen, kept = real(graph)
+        return chosen + kept, []
+
+    monkeypatch.setattr(precision_module, "int8_nodes", everything)
+    config = textual_config(tmp_path, _minilm(minilm_dir, "int8"), store / "refused")
+    with pytest.raises(ParityError, match=r"int8 ONNX graph disagrees.*cosine >= 0.99"):
+        ducho_fast.export(config)
+    assert not list((store / "refused").glob("sentence_transformers-*"))  # nothing kept
+
+
+def test_int8_of_a_convolutional_model_says_what_to_do(
+    tmp_path: Path, store: Path, image_dir: Path, resnet18_state_dict: Path
+) -> None:
+    entry = resnet18_entry(resnet18_state_dict, output_layers=["avgpool"], precision="int8")
+    (tmp_path / "images").symlink_to(image_dir)
+    with pytest.raises(ExportError, match=r"no matrix product with weights.*precision: fp32"):
+        ducho_fast.export(visual_config(tmp_path, entry, store))
+
+
+def test_fp16_image_model(
+    tmp_path: Path, store: Path, image_dir: Path, resnet18_state_dict: Path
+) -> None:
+    entry = resnet18_entry(resnet18_state_dict, output_layers=["avgpool"], precision="fp16")
+    (tmp_path / "images").symlink_to(image_dir)
+    (result,) = ducho_fast.export(visual_config(tmp_path, entry, store))
+    assert result.artifact.manifest["parity"]["layers"]["avgpool"]["min_cosine"] >= 0.999
+    assert "BatchNormalization" not in result.artifact.manifest["precision_details"].get(
+        "kept_fp32_ops", []
+    )  # folded into the convolutions at export
+
+
+def test_unknown_precision_is_a_config_error(tmp_path: Path, store: Path, minilm_dir) -> None:
+    with pytest.raises(ConfigError, match=r"precision.*allowed: .fp32., .fp16., .int8."):
+        ducho_fast.export(textual_config(tmp_path, _minilm(minilm_dir, "bf16"), store))
