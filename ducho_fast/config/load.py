@@ -187,7 +187,26 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
             raise ConfigError(f"{name}: key 'runtime.{key}' must be >= 0 (0 = automatic).")
     if runtime.prefetch < 1:
         raise ConfigError(f"{name}: key 'runtime.prefetch' must be >= 1.")
+    for key in runtime.cuda_options:
+        if key not in CUDA_OPTIONS:
+            raise ConfigError(
+                f"{name}: key 'runtime.cuda_options.{key}' is not a CUDA provider option "
+                f"ducho-fast passes on; allowed: {', '.join(sorted(CUDA_OPTIONS))}."
+            )
     return runtime
+
+
+# The CUDA execution provider's options (onnxruntime docs, "CUDA Execution Provider").
+CUDA_OPTIONS = {
+    "cudnn_conv_algo_search",  # EXHAUSTIVE | HEURISTIC | DEFAULT
+    "cudnn_conv_use_max_workspace",
+    "arena_extend_strategy",  # kNextPowerOfTwo | kSameAsRequested
+    "gpu_mem_limit",
+    "do_copy_in_default_stream",
+    "tunable_op_enable",
+    "tunable_op_tuning_enable",
+    "use_tf32",
+}
 
 
 def _job(

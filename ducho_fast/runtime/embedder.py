@@ -23,7 +23,8 @@ from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import TextEncoder, Tokens, length_batches
 from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import DataError
-from ducho_fast.runtime.session import SessionInfo, make_session
+from ducho_fast.runtime.binding import IOBinder
+from ducho_fast.runtime.session import CUDA, SessionInfo, cuda_device_id, make_session
 
 ItemOutputs = dict[str, np.ndarray]
 
@@ -41,6 +42,7 @@ class Embedder:
             artifact.model_path, options or RuntimeOptions(), readers=readers
         )
         self._input_names = {i.name for i in self.session.get_inputs()}
+        self._binder = _binder(self.session, self.info, options or RuntimeOptions())
         self._outputs = list(self.manifest["outputs"])
         self._encoder = self._make_encoder() if self.modality == "textual" else None
 
@@ -153,7 +155,8 @@ class Embedder:
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         # Several layer labels may name one graph output (sentence-transformers).
         names = list(dict.fromkeys(o["name"] for o in self._outputs))
-        values = dict(zip(names, self.session.run(names, feeds), strict=True))
+        run = self._binder.run if self._binder is not None else self.session.run
+        values = dict(zip(names, run(names, feeds), strict=True))
         return [np.asarray(values[o["name"]]) for o in self._outputs]
 
     def _item(self, outputs: list[np.ndarray], row: int, length: int | None) -> ItemOutputs:
@@ -200,6 +203,16 @@ class Embedder:
             out.extend(item[key] for item in self.run_prepared(chunk))
         token_level = any(varies_per_item(o) and str(o["layer"]) == key for o in self._outputs)
         return out if token_level else np.stack(out) if out else np.empty((0,), np.float32)
+
+
+def _binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IOBinder | None:
+    """I/O binding: on for CUDA sessions unless ``io_binding: off``; ``on`` forces it on CPU
+    too (what the tests use to run its logic without a GPU)."""
+    if options.io_binding == "off":
+        return None
+    if info.provider == CUDA:
+        return IOBinder(session, "cuda", cuda_device_id(options.device))
+    return IOBinder(session, "cpu") if options.io_binding == "on" else None
 
 
 def load(path: str | Path, options: RuntimeOptions | None = None) -> Embedder:

@@ -49,14 +49,19 @@ def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOption
     return opts
 
 
-def requested_providers(device: str) -> list[Any]:
-    """Providers to ask for: CUDA (with its device id) before CPU, or CPU alone."""
+def requested_providers(device: str, cuda_options: dict[str, Any] | None = None) -> list[Any]:
+    """Providers to ask for: CUDA (with its device id and options) before CPU, or CPU alone."""
     if device == "cpu":
         return [CPU]
-    if device == "auto":
-        return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
-    device_id = int(device.split(":")[1]) if ":" in device else 0
-    return [(CUDA, {"device_id": device_id}), CPU]
+    if device == "auto" and CUDA not in ort.get_available_providers():
+        return [CPU]
+    options = {k: str(v) for k, v in (cuda_options or {}).items()}
+    options["device_id"] = str(cuda_device_id(device))
+    return [(CUDA, options), CPU]
+
+
+def cuda_device_id(device: str) -> int:
+    return int(device.split(":")[1]) if ":" in device else 0
 
 
 def make_session(
@@ -64,7 +69,7 @@ def make_session(
 ) -> tuple[ort.InferenceSession, SessionInfo]:
     """A checked session; ``readers``: decoding threads run beside it on the same CPUs."""
     threads = options.threads or cpu_quota()
-    providers = requested_providers(options.device)
+    providers = requested_providers(options.device, options.cuda_options)
     with warnings.catch_warnings():
         # ORT warns when CUDA is not available; _check says so in the project's own words.
         warnings.simplefilter("ignore", UserWarning)

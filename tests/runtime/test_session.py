@@ -4,12 +4,14 @@ import logging
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DeviceError
 from ducho_fast.runtime import cpu
+from ducho_fast.runtime.binding import IOBinder
 from ducho_fast.runtime.session import CUDA, make_session, requested_providers
 
 PROBE = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
@@ -31,7 +33,12 @@ def test_explicit_threads_win() -> None:
 
 def test_providers_asked_for() -> None:
     assert requested_providers("cpu") == ["CPUExecutionProvider"]
-    assert requested_providers("cuda:1")[0] == (CUDA, {"device_id": 1})
+    assert requested_providers("cuda:1")[0] == (CUDA, {"device_id": "1"})
+    options = {"cudnn_conv_algo_search": "HEURISTIC", "gpu_mem_limit": 2**30}
+    assert requested_providers("cuda", options)[0] == (
+        CUDA,
+        {"cudnn_conv_algo_search": "HEURISTIC", "gpu_mem_limit": "1073741824", "device_id": "0"},
+    )
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour where CUDA does not really run")
@@ -51,3 +58,60 @@ def test_cuda_session_really_runs_on_cuda() -> None:
         pytest.skip("no real CUDAExecutionProvider session on this machine")
     _, info = make_session(PROBE, RuntimeOptions(device="cuda", allow_fallback=False))
     assert info.provider == CUDA
+
+
+def test_io_binding_logic_on_cpu_same_outputs_buffers_kept_per_shape() -> None:
+    session, _ = make_session(PROBE, RuntimeOptions(device="cpu"))
+    binder = IOBinder(session, "cpu")
+    name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(0)
+    shapes = [(2, *_probe_shape(session)), (3, *_probe_shape(session)), (2, *_probe_shape(session))]
+    for shape in shapes:
+        feeds = {name: rng.standard_normal(shape).astype(np.float32)}
+        for ours, plain in zip(
+            binder.run(outputs, feeds), session.run(outputs, feeds), strict=True
+        ):
+            np.testing.assert_array_equal(ours, plain)
+    assert binder.allocations == 2  # the third batch reused the first one's buffer
+
+
+def test_embedder_io_binding_switch(tmp_path: Path) -> None:
+    from ducho_fast.runtime.embedder import _binder
+
+    session, info = make_session(PROBE, RuntimeOptions(device="cpu"))
+    assert _binder(session, info, RuntimeOptions(device="cpu")) is None  # auto: CUDA only
+    forced = _binder(session, info, RuntimeOptions(device="cpu", io_binding="on"))
+    assert forced is not None and forced.device == "cpu"
+    assert _binder(session, info, RuntimeOptions(io_binding="off")) is None
+
+
+def test_unknown_cuda_option_is_a_config_error(tmp_path: Path) -> None:
+    from ducho_fast.config import load_config
+    from ducho_fast.errors import ConfigError
+
+    from tests.conftest import textual_config
+
+    raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
+    raw["runtime"] = {"cuda_options": {"conv_search": "x"}}
+    with pytest.raises(ConfigError, match=r"cuda_options.conv_search.*cudnn_conv_algo_search"):
+        load_config(raw)
+
+
+def _probe_shape(session: ort.InferenceSession) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else 4 for d in session.get_inputs()[0].shape[1:])
+
+
+@pytest.mark.gpu
+def test_io_binding_on_cuda_matches_plain_run() -> None:
+    from ducho_fast.doctor import probe
+
+    if probe(CUDA) != CUDA:
+        pytest.skip("no real CUDAExecutionProvider session on this machine")
+    session, _ = make_session(PROBE, RuntimeOptions(device="cuda", allow_fallback=False))
+    binder = IOBinder(session, "cuda", 0)
+    name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    feeds = {name: np.ones((2, *_probe_shape(session)), np.float32)}
+    for ours, plain in zip(binder.run(outputs, feeds), session.run(outputs, feeds), strict=True):
+        np.testing.assert_allclose(ours, plain, rtol=1e-6)
