@@ -89,7 +89,6 @@ def test_embedder_io_binding_switch(tmp_path: Path) -> None:
 def test_unknown_cuda_option_is_a_config_error(tmp_path: Path) -> None:
     from ducho_fast.config import load_config
     from ducho_fast.errors import ConfigError
-
     from tests.conftest import textual_config
 
     raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
