@@ -163,9 +163,7 @@ def bare_rate(artifact: Any, texts: list[str], batch_size: int, budget: int) -> 
     for begin in range(0, len(texts), window):
         tokens = embedder.tokenize(texts[begin : begin + window])
         for idx in embedder.plan(tokens, batch_size, budget):
-            feeds.append(embedder._encoder.pad([tokens[i] for i in idx]))  # type: ignore[union-attr]
-    names = {i.name for i in embedder.session.get_inputs()}
-    feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+            feeds.append(embedder.batch_feeds([tokens[i] for i in idx]))
     embedder.session.run(None, feeds[0])  # warm-up
     seconds, _ = timed(lambda: [embedder.session.run(None, f) for f in feeds])
     return len(texts) / seconds

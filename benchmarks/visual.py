@@ -176,11 +176,10 @@ def bare_rate(artifact: Any, paths: list[Path], batch_size: int, repeats: int) -
 
     embedder = Embedder(artifact)
     decoded = [embedder.prepare(p) for p in paths]
-    batches = [np.stack(decoded[b : b + batch_size]) for b in range(0, len(paths), batch_size)]
-    embedder.session.run(None, {"pixels": batches[0]})  # warm-up
-    seconds, _ = best_of(
-        repeats, lambda: [embedder.session.run(None, {"pixels": b}) for b in batches]
-    )
+    step = range(0, len(paths), batch_size)
+    batches = [embedder.batch_feeds(decoded[b : b + batch_size]) for b in step]
+    embedder.session.run(None, batches[0])  # warm-up
+    seconds, _ = best_of(repeats, lambda: [embedder.session.run(None, b) for b in batches])
     return len(paths) / seconds
 
 

@@ -149,7 +149,7 @@ def _convert_and_check(
 
     def calibration() -> list[dict[str, np.ndarray]]:
         fp32 = Embedder(Artifact(build_dir, {**manifest, "schema_version": SCHEMA_VERSION}))
-        return [fp32.feeds(fp32.prepare(x)) for x in exporter.calibration(spec, built)]
+        return [fp32.batch_feeds([fp32.prepare(x)]) for x in exporter.calibration(spec, built)]
 
     reduced = apply_precision(build_dir / MODEL_FILE, spec.precision, calibration)
     if reduced:

@@ -82,14 +82,15 @@ class Embedder:
             raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
         return raw
 
-    def feeds(self, payload: Any) -> dict[str, np.ndarray]:
-        """The graph's inputs for one decoded item, as a batch of one."""
+    def batch_feeds(self, payloads: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The graph's inputs for decoded items of one shape (texts: tokenized, padded)."""
         if self.modality == "visual":
-            return {"pixels": np.asarray(payload)[None]}
+            return {"pixels": np.stack(payloads)}
         if self.modality == "audio":
-            return {"waveform": np.asarray(payload)[None]}
+            return {"waveform": np.stack(payloads)}
         assert self._encoder is not None
-        return self._encoder([payload])
+        feeds = self._encoder.pad(self.tokenize(payloads))
+        return {k: v for k, v in feeds.items() if k in self._input_names}
 
     # -- batch assembly --------------------------------------------------------------------
 
@@ -124,13 +125,11 @@ class Embedder:
         """Per-item outputs ``{layer: array}`` for decoded images or texts, in input order."""
         if not payloads:
             return []
-        if self.modality == "visual":
-            return self._run_same_shape(payloads, "pixels")
-        if self.modality == "audio":
-            return self._run_same_shape(payloads, "waveform")
+        if self.modality in ("visual", "audio"):
+            return self._run_same_shape(payloads)
         return self._run_texts(list(payloads))
 
-    def _run_same_shape(self, arrays: Sequence[np.ndarray], name: str) -> list[ItemOutputs]:
+    def _run_same_shape(self, arrays: Sequence[np.ndarray]) -> list[ItemOutputs]:
         # Inputs of different shapes (images without a resize, clips of different lengths)
         # run in same-shape groups: padding would change what a convolution or a
         # normalization over the clip sees, so results stay those of one item at a time.
@@ -139,18 +138,15 @@ class Embedder:
         for i, array in enumerate(arrays):
             groups.setdefault(array.shape, []).append(i)
         for indices in groups.values():
-            batch = np.stack([arrays[i] for i in indices])
-            outputs = self._run({name: batch})
+            outputs = self._run(self.batch_feeds([arrays[i] for i in indices]))
             for row, i in enumerate(indices):
                 results[i] = self._item(outputs, row, None)
         return [r for r in results if r is not None]
 
     def _run_texts(self, texts: list[str | Tokens]) -> list[ItemOutputs]:
-        assert self._encoder is not None
-        feeds = self._encoder.pad(self.tokenize(texts))
-        lengths = feeds["attention_mask"].sum(axis=1)
-        outputs = self._run({k: v for k, v in feeds.items() if k in self._input_names})
-        return [self._item(outputs, row, int(lengths[row])) for row in range(len(texts))]
+        tokens = self.tokenize(texts)
+        outputs = self._run(self.batch_feeds(tokens))
+        return [self._item(outputs, row, len(t)) for row, t in enumerate(tokens)]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         # Several layer labels may name one graph output (sentence-transformers).
