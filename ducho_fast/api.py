@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from ducho_fast.outputs.matrix import (
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
 from ducho_fast.runtime.pipeline import Pipeline, PipelineOptions, ProgressFn, RunResult
+from ducho_fast.runtime.shard import Shard
 
 ConfigLike = str | Path | dict[str, Any] | Config
 # Given a label and a total, returns a context manager yielding a progress callback.
@@ -90,6 +93,7 @@ class ExtractReport:
     unpaired: dict[str, list[ItemError]] = field(default_factory=dict)
     fusions: list[FusionRun] = field(default_factory=list)
     matrix_errors: list[str] = field(default_factory=list)
+    shard: Shard | None = None  # a job array's task: matrices, fusions, manifests deferred
 
     @property
     def failed(self) -> int:
@@ -108,6 +112,7 @@ class _Context:
     artifacts: dict[str, Artifact]
     id_order: list[str] | None
     progress: ProgressFactory | None
+    shard: Shard | None = None
 
 
 def extract(
@@ -115,13 +120,19 @@ def extract(
     overrides: Iterable[str] = (),
     *,
     progress: ProgressFactory | None = None,
+    shard: Shard | str | None = None,
 ) -> ExtractReport:
     """Run every job of the config on its exported artifacts and write its layouts.
 
     Items complete from an earlier run with the same settings are skipped
     (``output.resume``); everything that can be checked is checked before any work starts.
+
+    ``shard`` (``"i/N"``): embed only this job-array task's part of every job's items (see
+    :mod:`ducho_fast.runtime.shard`). Matrices, fusions and complete manifests need every
+    item: a plain run after all shards have finished writes them, reusing every item.
     """
     cfg = as_config(config, overrides)
+    part = _shard(shard, cfg)
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
     for graph in cfg.graphs():
         _check_layers(graph, artifacts[graph_name(graph)])
@@ -129,21 +140,40 @@ def extract(
     _check_matrix_layers(cfg, artifacts)
     _check_output_folders(cfg, artifacts)
     id_order = _id_order(cfg)
-    ctx = _Context(cfg, artifacts, id_order, progress)
-    report = ExtractReport()
+    ctx = _Context(cfg, artifacts, id_order, progress, part)
+    report = ExtractReport(shard=part)
     for job in cfg.jobs:
         _save_resolved(cfg, job)
         if job.modality == "visual_textual":
             _run_pairs(ctx, job, report)
         else:
             items = job_items(job)
-            report.input_errors[job.name] = items.bad
-            report.ignored_files[job.name] = items.ignored
+            report.input_errors[job.name] = _own_inputs(items.bad, part)
+            report.ignored_files[job.name] = _own_inputs(items.ignored, part)
             for spec in job.models:
                 report.runs.append(_run_model(ctx, job, spec, items.good, report))
         _save_errors(job, report)
-    report.fusions += [_section_fusion(cfg, f, id_order, report) for f in cfg.fusions]
+    if part is None:
+        report.fusions += [_section_fusion(cfg, f, id_order, report) for f in cfg.fusions]
     return report
+
+
+def _shard(shard: Shard | str | None, cfg: Config) -> Shard | None:
+    part = Shard.parse(shard) if isinstance(shard, str) else shard
+    if part is None or part.count == 1:
+        return None
+    if not cfg.output.resume:
+        raise ConfigError(
+            f"--shard {part} with --fresh (output.resume: false): each task would delete the "
+            "features the other tasks write. Empty the output folders once before starting "
+            "the job array instead."
+        )
+    return part
+
+
+def _own_inputs(found: list[Any], part: Shard | None) -> list[Any]:
+    """Bad inputs and ignored files belong to the job, not to a window: shard 0 reports them."""
+    return found if part is None or part.index == 0 else []
 
 
 def fuse(config: ConfigLike, overrides: Iterable[str] = ()) -> list[FusionRun]:
@@ -169,9 +199,9 @@ def fuse(config: ConfigLike, overrides: Iterable[str] = ()) -> list[FusionRun]:
 def _run_pairs(ctx: _Context, job: Job, report: ExtractReport) -> None:
     """A two-tower block: each tower over the paired ids, then the fusion if asked."""
     pairs = paired_items(job)
-    report.input_errors[job.name] = pairs.bad
-    report.unpaired[job.name] = pairs.unpaired
-    report.ignored_files[job.name] = pairs.ignored
+    report.input_errors[job.name] = _own_inputs(pairs.bad, ctx.shard)
+    report.unpaired[job.name] = _own_inputs(pairs.unpaired, ctx.shard)
+    report.ignored_files[job.name] = _own_inputs(pairs.ignored, ctx.shard)
     for spec in job.models:
         image, text = spec.towers()
         runs = [
@@ -179,7 +209,7 @@ def _run_pairs(ctx: _Context, job: Job, report: ExtractReport) -> None:
             _run_model(ctx, job, text, pairs.texts, report),
         ]
         report.runs += runs
-        if spec.fusion is None:
+        if spec.fusion is None or ctx.shard is not None:
             continue
         failed = {e.item_id for run in runs for e in run.result.errors}
         ids = [i.item_id for i in pairs.images if i.item_id not in failed]
@@ -302,6 +332,7 @@ def _run_model(
             _feature_key(cfg, spec, artifact, label),
             resume=cfg.output.resume,
             what=f"'{spec.key_path}'",
+            alone=ctx.shard is None,
         )
         for label in spec.layer_labels()
     }
@@ -314,13 +345,16 @@ def _run_model(
         workers=cfg.runtime.workers or cpu_quota(),
         on_error=cfg.runtime.on_error,
         token_budget=cfg.runtime.token_budget,
+        shard=ctx.shard,
     )
     pipeline = Pipeline(
         embedder, loader_for(spec, artifact.manifest, cfg.input), writer.write, options
     )
     tower = f" [{spec.tower}]" if spec.tower else ""
-    label = f"{job.name} {Path(spec.model_name).name}{tower}"
-    context = ctx.progress(label, len(items)) if ctx.progress else nullcontext(None)
+    shard = f" (shard {ctx.shard})" if ctx.shard else ""
+    label = f"{job.name} {Path(spec.model_name).name}{tower}{shard}"
+    total = pipeline.size(len(items))
+    context = ctx.progress(label, total) if ctx.progress else nullcontext(None)
     with context as tick:
         result = pipeline.run(items, tick, done)
     run = ModelRun(
@@ -332,8 +366,26 @@ def _run_model(
         writer.dirs,
         spec.tower,
     )
-    _finish_outputs(ctx, job, spec, run, folders, [i.item_id for i in items], report)
+    if ctx.shard is None:
+        _finish_outputs(ctx, job, spec, run, folders, [i.item_id for i in items], report)
+    else:
+        _record_shard(ctx.shard, folders, total, result)
     return run
+
+
+def _record_shard(shard: Shard, folders: dict[str, OutputFolder], total: int, r: RunResult) -> None:
+    """What one task did, beside the folder's manifest (which a plain run completes)."""
+    record = {
+        "shard": str(shard),
+        "items": total,
+        "written": r.written,
+        "reused": r.reused,
+        "failed": len(r.errors),
+        "seconds_extracting": round(r.seconds, 3),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for folder in folders.values():
+        write_text(folder.path / f"ducho-fast.{shard.tag}.json", json.dumps(record, indent=2))
 
 
 def _finish_outputs(
@@ -396,11 +448,22 @@ def _job_folders(job: Job) -> list[Path]:
 
 
 def _save_errors(job: Job, report: ExtractReport) -> None:
+    """The job's errors file; a shard writes its own, which a plain run's file replaces."""
     rows = [("input", e) for e in report.input_errors.get(job.name, [])]
     rows += [("pairing", e) for e in report.unpaired.get(job.name, [])]
     rows += [(_stage(r), e) for r in report.runs if r.job == job.name for e in r.result.errors]
     for folder in _job_folders(job):
+        if report.shard is not None:
+            _write_errors(folder / errors_file(report.shard), rows)
+            continue
         _write_errors(folder / ERRORS_FILE, rows)
+        for stale in folder.glob("ducho-fast.errors.shard-*.tsv"):
+            stale.unlink(missing_ok=True)
+
+
+def errors_file(shard: Shard | None) -> str:
+    """``ducho-fast.errors.tsv``, or a shard's ``ducho-fast.errors.shard-0-of-4.tsv``."""
+    return ERRORS_FILE if shard is None else f"ducho-fast.errors.{shard.tag}.tsv"
 
 
 def _stage(run: ModelRun) -> str:

@@ -148,6 +148,15 @@ def extract(
         bool,
         typer.Option("--fresh", help="Extract every item again (output.resume: false)."),
     ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="INDEX/COUNT (0-based): this job-array task's part of every job, e.g. "
+            "$SLURM_ARRAY_TASK_ID/4. Run once more without it after all tasks to write "
+            "matrices, fusions and manifests.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Extract features for every block of CONFIG with its exported artifacts.
 
@@ -158,8 +167,19 @@ def extract(
 
     overrides = _overrides(ctx, set_) + (["output.resume=false"] if fresh else [])
     with _errors():
-        report = ducho_fast.extract(config, overrides, progress=_progress if progress else None)
+        report = ducho_fast.extract(
+            config, overrides, progress=_progress if progress else None, shard=shard
+        )
     _print_report(report)
+    if report.shard is not None:
+        err.print(
+            f"shard {report.shard} done. Once every shard has finished, run "
+            f"`ducho-fast extract {config}` (no --shard) to write the matrices, fusions and "
+            "complete manifests; it reuses every item the shards wrote.",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     if report.failed:
         err.print(
             f"[yellow]{report.failed} item(s) failed; see the ducho-fast.errors.tsv "

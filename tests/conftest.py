@@ -304,3 +304,32 @@ def audio_config(data: Path, model: dict[str, Any], store: Path, **block: Any) -
             "items": {"input_path": "audio", "output_path": "out", "model": [model], **block}
         },
     }
+
+
+def two_job_config(data: Path, store: Path, resnet18: Path, tiny_bert: Path) -> dict[str, Any]:
+    """A visual and a textual job over generated data, each with one bad item, matrices on: what
+    the scale-out tests split across shards or Ray actors. Several windows per job."""
+    images = data / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(22):
+        write_image(images / f"img{i:02d}.jpg", size=(40 + i, 30 + 2 * i), seed=i)
+    (images / "img05.jpg").write_bytes(b"not a jpeg")
+    words = ["red", "soft", "cotton", "shirt", "with", "long", "sleeves", "and", "a", "zip"]
+    rng = np.random.default_rng(1)
+    rows = [" ".join(rng.choice(words, rng.integers(1, 40))) for _ in range(70)]
+    rows[9] = " "
+    (data / "descriptions.tsv").write_text(
+        "item_id\tdescription\n" + "".join(f"t{i:03d}\t{t}\n" for i, t in enumerate(rows))
+    )
+    config = visual_config(data, resnet18_entry(resnet18, batch_size=3), store)
+    text_model = {"model_name": str(tiny_bert), "output_layers": ["pooler_output"], "batch_size": 2}
+    config["textual"] = textual_config(data, text_model, store)["textual"]
+    config["textual"]["items"]["output_path"] = "text_out"
+    config["output"] = {"layouts": ["ducho", "matrix"]}
+    config["runtime"] = {"workers": 2}
+    return config
+
+
+def npy_bytes(folder: Path) -> dict[str, bytes]:
+    """Every .npy file under ``folder``, by relative path: to compare runs byte for byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.npy"))}

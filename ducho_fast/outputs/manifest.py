@@ -75,18 +75,22 @@ def check_folder(path: Path, key: dict[str, Any], *, resume: bool, what: str) ->
         _reusable(path, key, read_manifest(path), feature_files(path), what)
 
 
-def open_folder(path: Path, key: dict[str, Any], *, resume: bool, what: str) -> OutputFolder:
+def open_folder(
+    path: Path, key: dict[str, Any], *, resume: bool, what: str, alone: bool = True
+) -> OutputFolder:
     """Make ``path`` ready for features made as ``key`` says; return the ids it can reuse.
 
     With ``resume``, complete files written under the same key are kept and skipped; a folder
     written under another key, or holding features no manifest describes, is an OutputError.
     Without ``resume`` (``--fresh``), the files of an earlier ducho-fast run are removed.
-    Leftover temporary files of a killed run are removed either way.
+    Leftover temporary files of a killed run are removed either way, unless other runs may be
+    writing the folder now (not ``alone``: a shard of a job array).
     """
     key = json.loads(json.dumps(key, default=str))  # the form it takes on disk
     try:
         path.mkdir(parents=True, exist_ok=True)
-        _remove_temporaries(path)
+        if alone:
+            _remove_temporaries(path)
         old = read_manifest(path)
         files = feature_files(path)
         existing = _reusable(path, key, old, files, what) if resume else set()

@@ -27,6 +27,7 @@ import numpy as np
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.errors import DataError, DuchoError
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs
+from ducho_fast.runtime.shard import Shard
 
 LoadFn = Callable[[Item], Any]
 WriteFn = Callable[[str, ItemOutputs], None]
@@ -62,6 +63,7 @@ class PipelineOptions:
     workers: int
     on_error: str
     token_budget: int = 0  # text: rows x padded length per batch; 0: batch_size x 64
+    shard: Shard | None = None  # a job array's task: only its windows
 
 
 # Texts are sorted by length within windows of this many batches, cut at fixed positions of the
@@ -84,6 +86,17 @@ class Pipeline:
         self._result = RunResult()
         self._lock = threading.Lock()
         self._done: Set[str] = frozenset()
+
+    @property
+    def window(self) -> int:
+        """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
+        size = self._opts.batch_size
+        return size * TEXT_WINDOW_BATCHES if self._embedder.sorts_by_length else size
+
+    def size(self, total: int) -> int:
+        """How many of ``total`` items this run embeds (all, or its shard's)."""
+        shard = self._opts.shard
+        return total if shard is None else shard.size(total, self.window)
 
     def run(
         self,
@@ -117,12 +130,13 @@ class Pipeline:
     # -- stages ----------------------------------------------------------------------------
 
     def _read(self, items: Sequence[Item], out: queue.Queue[Any], stop: threading.Event) -> None:
-        size = self._opts.batch_size
-        window = size * TEXT_WINDOW_BATCHES if self._embedder.sorts_by_length else size
+        window, shard = self.window, self._opts.shard
         with ThreadPoolExecutor(max_workers=self._opts.workers) as pool:
-            for begin in range(0, len(items), window):
+            for w, begin in enumerate(range(0, len(items), window)):
                 if stop.is_set():
                     break
+                if shard is not None and not shard.owns(w):
+                    continue
                 chunk = items[begin : begin + window]
                 if all(item.item_id in self._done for item in chunk):
                     with self._lock:

@@ -1,0 +1,117 @@
+"""``--shard i/N``: disjoint, complete, resumable, and byte-identical to one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ducho_fast
+from ducho_fast.cli import app
+from ducho_fast.errors import ConfigError
+from ducho_fast.runtime.shard import Shard
+from tests.conftest import npy_bytes, two_job_config
+
+
+def test_parse() -> None:
+    assert Shard.parse("0/4") == Shard(0, 4)
+    assert Shard.parse(" 3 / 4 ") == Shard(3, 4)
+    assert Shard.parse("2/4").tag == "shard-2-of-4"
+    with pytest.raises(ConfigError, match=r"0-based.*\$SLURM_ARRAY_TASK_ID/4"):
+        Shard.parse("1of4")
+    with pytest.raises(ConfigError, match="must be 0 to 3 for 4"):
+        Shard.parse("4/4")
+    with pytest.raises(ConfigError, match="shard"):
+        Shard.parse("0/0")
+
+
+@pytest.mark.parametrize("total", [0, 1, 7, 64, 65, 1000])
+@pytest.mark.parametrize("window", [1, 3, 64])
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+def test_windows_split_disjoint_and_complete(total: int, window: int, count: int) -> None:
+    owned: list[int] = []
+    for index in range(count):
+        shard = Shard(index, count)
+        mine = [
+            p
+            for w, start in enumerate(range(0, total, window))
+            if shard.owns(w)
+            for p in range(start, min(start + window, total))
+        ]
+        assert len(mine) == shard.size(total, window)
+        owned += mine
+    assert sorted(owned) == list(range(total))  # each position exactly once
+
+
+def _extract(config: dict, **kwargs) -> ducho_fast.api.ExtractReport:
+    return ducho_fast.extract(config, **kwargs)
+
+
+@pytest.mark.slow
+def test_shards_make_the_files_of_one_run(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    one = two_job_config(tmp_path / "one", store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(one)
+    assert _extract(one).failed == 2  # the bad image and the empty text
+    split = two_job_config(tmp_path / "split", store, resnet18_state_dict, tiny_bert_dir)
+
+    written = {"visual": 0, "textual": 0}
+    for index in range(3):
+        report = _extract(split, shard=f"{index}/3")
+        assert report.shard == Shard(index, 3)
+        for run in report.runs:
+            written[run.job.split(".")[0]] += run.result.written
+        # Only the task whose windows hold them reports the bad items.
+        assert {e.item_id for r in report.runs for e in r.result.errors} <= {"img05", "t009"}
+    assert written == {"visual": 21, "textual": 69}  # disjoint: nothing written twice
+    per_item = {k: v for k, v in npy_bytes(tmp_path / "one").items() if "matrix" not in k}
+    assert npy_bytes(tmp_path / "split") == per_item  # complete, and byte for byte the same
+
+    # Matrices and manifests wait for the plain run after the shards.
+    assert not list((tmp_path / "split").rglob("matrix"))
+    folder = tmp_path / "split/out/torch/resnet18/avgpool"
+    assert json.loads((folder / "ducho-fast.manifest.json").read_text())["status"] == "running"
+    record = json.loads((folder / "ducho-fast.shard-1-of-3.json").read_text())
+    assert record["shard"] == "1/3" and record["written"] + record["failed"] == record["items"]
+    assert list((tmp_path / "split/out").glob("ducho-fast.errors.shard-*.tsv"))
+
+    # A task started again runs only the window of its failed item (img03 to img05), whole.
+    again = _extract(split, shard="1/3")
+    assert sum(r.result.written for r in again.runs) == 2
+    assert [e.item_id for r in again.runs for e in r.result.errors] == ["img05"]
+
+    # The plain run after the shards reuses every window without a failed item; it runs the
+    # two with one again (3 images, 32 texts) and gets the same bytes.
+    final = _extract(split)
+    assert sum(r.result.written for r in final.runs) == 2 + 31
+    assert sum(r.result.reused for r in final.runs) == 92 - 3 - 32
+    assert json.loads((folder / "ducho-fast.manifest.json").read_text())["status"] == "complete"
+    assert not list((tmp_path / "split/out").glob("ducho-fast.errors.shard-*.tsv"))
+    assert "img05" in (tmp_path / "split/out/ducho-fast.errors.tsv").read_text()
+    assert npy_bytes(tmp_path / "split") == npy_bytes(tmp_path / "one")  # matrices too
+
+
+@pytest.mark.slow
+def test_shard_refuses_fresh_and_bad_values(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    config = two_job_config(tmp_path, store, resnet18_state_dict, tiny_bert_dir)
+    with pytest.raises(ConfigError, match=r"--fresh.*delete the features the other tasks write"):
+        ducho_fast.extract(config, ["output.resume=false"], shard="0/2")
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["extract", str(path), "--shard", "2/2"])
+    assert result.exit_code == 1 and "must be 0 to 1 for 2" in result.output
+
+
+@pytest.mark.slow
+def test_one_shard_of_one_is_a_plain_run(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    config = two_job_config(tmp_path, store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config, shard="0/1")
+    assert report.shard is None and list(tmp_path.rglob("matrix"))
