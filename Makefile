@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[torch,hf,tf,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[cpu,scale,torch,hf,tf,test]'
 	touch $@
 
 $(DEMO_MODELS)/.ready: $(STAMP)
@@ -50,6 +50,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile.cuda
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

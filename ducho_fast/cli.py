@@ -386,17 +386,27 @@ def inspect(
 @app.command()
 def doctor(
     require_cuda: Annotated[
-        bool, typer.Option(help="Fail unless a CUDA session really runs.")
+        bool,
+        typer.Option(
+            envvar="DUCHO_FAST_REQUIRE_CUDA",
+            help="Fail unless a CUDA session really runs (the CUDA image's health check).",
+        ),
     ] = False,
 ) -> None:
-    """Versions, execution providers that really work, and the CPU quota."""
+    """Versions, execution providers that really work, and the CPU quota.
+
+    Exits 1 when the install is broken (both onnxruntime packages) or when CUDA is required
+    and a real session does not run on it.
+    """
     from ducho_fast.doctor import report
 
-    lines, cuda_ok = report()
-    for line in lines:
+    health = report()
+    for line in health.lines:
         out.print(line, highlight=False)
-    if require_cuda and not cuda_ok:
-        err.print("[bold red]error:[/] CUDA was required but no CUDA session really runs.")
+    failures = health.failures(require_cuda)
+    for failure in failures:
+        err.print(f"[bold red]error:[/] {escape(failure)}", soft_wrap=True)
+    if failures:
         raise typer.Exit(1)
 
 

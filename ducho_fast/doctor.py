@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -25,6 +26,7 @@ PACKAGES = (
     "sentence-transformers",
     "tensorflow",
     "tensorflow-cpu",
+    "ray",
 )
 
 
@@ -45,29 +47,58 @@ def probe(provider: str) -> str:
     return str(session.get_providers()[0])
 
 
-def report() -> tuple[list[str], bool]:
-    """Lines to print, and whether CUDA really runs."""
-    lines = [
+@dataclass
+class Health:
+    """What ``doctor`` found: lines to print, and what would make a health check fail."""
+
+    lines: list[str] = field(default_factory=list)
+    cuda_ok: bool = False
+    cuda_why: str = ""  # why CUDA does not really run, when it does not
+    conflict: bool = False  # onnxruntime and onnxruntime-gpu both installed
+
+    def failures(self, require_cuda: bool) -> list[str]:
+        out = []
+        if self.conflict:
+            out.append(
+                "onnxruntime and onnxruntime-gpu are both installed; they install the same "
+                "module, so which one runs is an accident. Uninstall both, then install one: "
+                "pip install 'ducho-fast[gpu]' (CUDA) or 'ducho-fast[cpu]'."
+            )
+        if require_cuda and not self.cuda_ok:
+            out.append(f"CUDA was required but no CUDA session really runs: {self.cuda_why}")
+        return out
+
+
+def report() -> Health:
+    """Versions, the providers a real session gets, and the CPU quota."""
+    health = Health()
+    lines = health.lines
+    lines.append(
         f"ducho-fast {__version__}, Python {platform.python_version()} on {platform.platform()}"
-    ]
+    )
     installed = [(p, _version(p)) for p in PACKAGES]
     lines += [f"  {p:<22} {v}" for p, v in installed if v]
     lines.append("  not installed: " + ", ".join(p for p, v in installed if not v))
-    if _version("onnxruntime") and _version("onnxruntime-gpu"):
-        lines.append(
-            "WARNING: onnxruntime and onnxruntime-gpu are both installed; they share one "
-            "module name. Uninstall both and install one."
-        )
+    health.conflict = bool(_version("onnxruntime") and _version("onnxruntime-gpu"))
     available = ort.get_available_providers()
     lines.append(f"providers listed by onnxruntime: {', '.join(available)}")
-    cuda_ok = False
     if CUDA in available:
         got = probe(CUDA)
-        cuda_ok = got == CUDA
+        health.cuda_ok = got == CUDA
+        if not health.cuda_ok:
+            health.cuda_why = (
+                f"onnxruntime lists {CUDA}, but a session asked for it runs on {got} (the "
+                "CUDA/cuDNN libraries it needs are missing, or no GPU is visible: run the "
+                "container with --gpus all)."
+            )
         lines.append(
-            f"CUDA session really runs on: {got}"
-            + ("" if cuda_ok else "  (CUDA/cuDNN libraries missing: runs on CPU)")
+            f"CUDA session really runs on: {got}" + ("" if health.cuda_ok else "  (not CUDA)")
+        )
+    else:
+        health.cuda_why = (
+            f"this onnxruntime build has no {CUDA}; install onnxruntime-gpu instead of "
+            "onnxruntime (pip install 'ducho-fast[gpu]')."
         )
     lines.append(f"CPU session runs on: {probe(CPU)}")
     lines.append(f"CPUs this process may use: {cpu_quota()}")
-    return lines, cuda_ok
+    return health

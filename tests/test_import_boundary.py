@@ -36,6 +36,16 @@ def test_cli_imports_without_frameworks(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+def test_without_onnxruntime_the_error_names_the_extras(tmp_path: Path) -> None:
+    code = "import sys; sys.modules['onnxruntime'] = None; import ducho_fast"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 1
+    assert "pip install 'ducho-fast[cpu]'" in proc.stderr
+    assert "pip install 'ducho-fast[gpu]'" in proc.stderr and "Never both" in proc.stderr
+
+
 @pytest.mark.slow
 def test_extract_and_embed_without_frameworks(
     tmp_path,
