@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -41,11 +41,15 @@ from ducho_fast.runtime.embedder import Embedder
 from ducho_fast.runtime.pipeline import Pipeline, PipelineOptions, ProgressFn, RunResult
 from ducho_fast.runtime.shard import Shard
 
+if TYPE_CHECKING:
+    from ducho_fast.runtime.raydata import RayOptions, RayPipeline
+
 ConfigLike = str | Path | dict[str, Any] | Config
 # Given a label and a total, returns a context manager yielding a progress callback.
 ProgressFactory = Callable[[str, int], AbstractContextManager[ProgressFn]]
 
 RESOLVED_CONFIG = "ducho-fast.resolved.yml"
+ENGINES = ("local", "ray")
 ERRORS_FILE = "ducho-fast.errors.tsv"
 
 
@@ -113,6 +117,7 @@ class _Context:
     id_order: list[str] | None
     progress: ProgressFactory | None
     shard: Shard | None = None
+    ray: RayOptions | None = None  # extract --engine ray
 
 
 def extract(
@@ -121,6 +126,8 @@ def extract(
     *,
     progress: ProgressFactory | None = None,
     shard: Shard | str | None = None,
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> ExtractReport:
     """Run every job of the config on its exported artifacts and write its layouts.
 
@@ -130,9 +137,19 @@ def extract(
     ``shard`` (``"i/N"``): embed only this job-array task's part of every job's items (see
     :mod:`ducho_fast.runtime.shard`). Matrices, fusions and complete manifests need every
     item: a plain run after all shards have finished writes them, reusing every item.
+
+    ``engine="ray"`` runs each model across a Ray cluster (``ray``: where, and how many
+    actors) instead of in this process; the files are the same.
     """
     cfg = as_config(config, overrides)
     part = _shard(shard, cfg)
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}.")
+    if engine == "ray":
+        from ducho_fast.runtime.raydata import RayOptions, import_ray
+
+        import_ray()  # the install hint before any work
+        ray = ray or RayOptions()
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
     for graph in cfg.graphs():
         _check_layers(graph, artifacts[graph_name(graph)])
@@ -140,7 +157,7 @@ def extract(
     _check_matrix_layers(cfg, artifacts)
     _check_output_folders(cfg, artifacts)
     id_order = _id_order(cfg)
-    ctx = _Context(cfg, artifacts, id_order, progress, part)
+    ctx = _Context(cfg, artifacts, id_order, progress, part, ray)
     report = ExtractReport(shard=part)
     for job in cfg.jobs:
         _save_resolved(cfg, job)
@@ -337,7 +354,6 @@ def _run_model(
         for label in spec.layer_labels()
     }
     done = set.intersection(*(f.existing for f in folders.values()))
-    embedder = Embedder(artifact, cfg.runtime, readers=True)
     writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze, dtype=cfg.output.dtype)
     options = PipelineOptions(
         batch_size=spec.batch_size,
@@ -347,9 +363,16 @@ def _run_model(
         token_budget=cfg.runtime.token_budget,
         shard=ctx.shard,
     )
-    pipeline = Pipeline(
-        embedder, loader_for(spec, artifact.manifest, cfg.input), writer.write, options
-    )
+    loader = loader_for(spec, artifact.manifest, cfg.input)
+    pipeline: Pipeline | RayPipeline
+    if ctx.ray is None:
+        pipeline = Pipeline(
+            Embedder(artifact, cfg.runtime, readers=True), loader, writer.write, options
+        )
+    else:
+        from ducho_fast.runtime.raydata import RayPipeline
+
+        pipeline = RayPipeline(artifact, cfg.runtime, loader, writer.write, options, ctx.ray)
     tower = f" [{spec.tower}]" if spec.tower else ""
     shard = f" (shard {ctx.shard})" if ctx.shard else ""
     label = f"{job.name} {Path(spec.model_name).name}{tower}{shard}"
@@ -361,7 +384,7 @@ def _run_model(
         job.name,
         spec.model_name,
         tuple(spec.layer_labels()),
-        embedder.info.provider,
+        pipeline.provider,
         result,
         writer.dirs,
         spec.tower,

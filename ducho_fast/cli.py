@@ -44,6 +44,11 @@ SetOpt = Annotated[
 ]
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Backend(str, Enum):
     torch = "torch"
     tensorflow = "tensorflow"
@@ -157,6 +162,20 @@ def extract(
             show_default=False,
         ),
     ] = None,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="local: this process, pipelined. ray: decode in Ray tasks and run the models "
+            "in Ray actors (RAY_ADDRESS or --ray-address, else a local Ray instance).",
+        ),
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None, typer.Option(help="A running Ray cluster, e.g. ray://head:10001.")
+    ] = None,
+    ray_actors: Annotated[
+        int,
+        typer.Option(min=0, help="Model actors per model (0: one per GPU on CUDA, else one)."),
+    ] = 0,
 ) -> None:
     """Extract features for every block of CONFIG with its exported artifacts.
 
@@ -166,9 +185,19 @@ def extract(
     import ducho_fast
 
     overrides = _overrides(ctx, set_) + (["output.resume=false"] if fresh else [])
+    ray = None
+    if engine is Engine.ray:
+        from ducho_fast.runtime.raydata import RayOptions
+
+        ray = RayOptions(actors=ray_actors, address=ray_address)
     with _errors():
         report = ducho_fast.extract(
-            config, overrides, progress=_progress if progress else None, shard=shard
+            config,
+            overrides,
+            progress=_progress if progress else None,
+            shard=shard,
+            engine=engine.value,
+            ray=ray,
         )
     _print_report(report)
     if report.shard is not None:

@@ -20,9 +20,10 @@ from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
-from ducho_fast.data.text.tokenize import TextEncoder, Tokens, length_batches
+from ducho_fast.data.text.tokenize import Tokens
 from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import DataError
+from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.binding import IOBinder
 from ducho_fast.runtime.session import CUDA, SessionInfo, cuda_device_id, make_session
 
@@ -41,10 +42,9 @@ class Embedder:
         self.session, self.info = make_session(
             artifact.model_path, options or RuntimeOptions(), readers=readers
         )
-        self._input_names = {i.name for i in self.session.get_inputs()}
         self._binder = _binder(self.session, self.info, options or RuntimeOptions())
         self._outputs = list(self.manifest["outputs"])
-        self._encoder = self._make_encoder() if self.modality == "textual" else None
+        self.batcher = Batcher(artifact)
 
     @property
     def modality(self) -> str:
@@ -57,15 +57,6 @@ class Embedder:
     @property
     def session_info(self) -> SessionInfo:
         return self.info
-
-    def _make_encoder(self) -> TextEncoder:
-        pre = self.manifest["preprocessing"]
-        return TextEncoder(
-            self.artifact.tokenizer_path,
-            pre["max_length"],
-            pre["pad_id"],
-            pad_to_max=pre.get("padding") == "max_length",
-        )
 
     # -- host-side preparation -------------------------------------------------------------
 
@@ -84,40 +75,19 @@ class Embedder:
 
     def batch_feeds(self, payloads: Sequence[Any]) -> dict[str, np.ndarray]:
         """The graph's inputs for decoded items of one shape (texts: tokenized, padded)."""
-        if self.modality == "visual":
-            return {"pixels": np.stack(payloads)}
-        if self.modality == "audio":
-            return {"waveform": np.stack(payloads)}
-        assert self._encoder is not None
-        feeds = self._encoder.pad(self.tokenize(payloads))
-        return {k: v for k, v in feeds.items() if k in self._input_names}
+        return self.batcher.feeds(payloads)
 
-    # -- batch assembly --------------------------------------------------------------------
+    # -- batch assembly (see :class:`Batcher`) ------------------------------------------------
 
     @property
     def sorts_by_length(self) -> bool:
-        """Whether batch assembly sorts a window of items by length (texts)."""
-        return self._encoder is not None
+        return self.batcher.sorts_by_length
 
     def tokenize(self, payloads: Sequence[Any]) -> list[Any]:
-        """Texts to :class:`Tokens` (readers do this off the model's thread); others as is."""
-        if self._encoder is None:
-            return list(payloads)
-        texts = [p for p in payloads if isinstance(p, str)]
-        tokens = iter(self._encoder.tokenize(texts) if texts else [])
-        return [next(tokens) if isinstance(p, str) else p for p in payloads]
+        return self.batcher.tokenize(payloads)
 
     def plan(self, payloads: Sequence[Any], batch_size: int, token_budget: int) -> list[list[int]]:
-        """Positions of ``payloads`` per batch: consecutive for images and audio, length
-        buckets within a token budget for tokenized texts."""
-        if self._encoder is None:
-            return [
-                list(range(b, min(b + batch_size, len(payloads))))
-                for b in range(0, len(payloads), batch_size)
-            ]
-        padded = self._encoder.max_length if self._encoder.pad_to_max else None
-        lengths = [len(p) for p in payloads]
-        return length_batches(lengths, batch_size, token_budget, padded)
+        return self.batcher.plan(payloads, batch_size, token_budget)
 
     # -- running ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.errors import DataError, DuchoError
+from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs
 from ducho_fast.runtime.shard import Shard
 
@@ -79,6 +80,7 @@ class Pipeline:
         self, embedder: Embedder, load: LoadFn, write: WriteFn, options: PipelineOptions
     ) -> None:
         self._embedder = embedder
+        self._batcher = embedder.batcher
         self._load = load
         self._write = write
         budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
@@ -88,15 +90,16 @@ class Pipeline:
         self._done: Set[str] = frozenset()
 
     @property
+    def provider(self) -> str:
+        """What the session really runs on."""
+        return self._embedder.info.provider
+
+    @property
     def window(self) -> int:
-        """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
-        size = self._opts.batch_size
-        return size * TEXT_WINDOW_BATCHES if self._embedder.sorts_by_length else size
+        return window_size(self._batcher, self._opts.batch_size)
 
     def size(self, total: int) -> int:
-        """How many of ``total`` items this run embeds (all, or its shard's)."""
-        shard = self._opts.shard
-        return total if shard is None else shard.size(total, self.window)
+        return items_in_run(total, self.window, self._opts.shard)
 
     def run(
         self,
@@ -149,46 +152,18 @@ class Pipeline:
 
     def _assemble(self, chunk: Sequence[Item], pool: ThreadPoolExecutor) -> list[Batch]:
         """Decode a window of items in parallel and cut it into batches as the model wants."""
-        loaded = list(pool.map(self._load_one, chunk))
-        ok: list[tuple[Item, Any]] = []
-        for item, payload in zip(chunk, loaded, strict=True):
-            if isinstance(payload, _Failed):  # recorded here, in input order
-                self._fail(item, payload.reason)
-            else:
-                ok.append((item, payload))
-        payloads = self._embedder.tokenize([p for _, p in ok])
-        plan = self._embedder.plan(payloads, self._opts.batch_size, self._opts.token_budget)
-        batches = [Batch([ok[i][0] for i in idx], [payloads[i] for i in idx]) for idx in plan]
-        failed = len(chunk) - len(ok)
-        if not batches:
-            return [Batch([], [], failed)]
-        batches[0].skipped = failed
+        loaded = list(pool.map(lambda item: load_one(self._load, item), chunk))
+        batches, failures = assemble(chunk, loaded, self._batcher, self._opts)
+        for item, reason in failures:  # recorded here, in input order
+            self._fail(item, reason)
         return batches
 
-    def _load_one(self, item: Item) -> Any:
-        try:
-            return self._load(item)
-        except DuchoError as e:
-            return _Failed(str(e).removeprefix(f"{item.origin}: "))
-
     def _infer(self, batch: Batch) -> list[ItemOutputs | None]:
-        try:
-            return list(self._embedder.run_prepared(batch.payloads))
-        except DuchoError:
-            raise
-        except Exception:
-            # One bad input can fail a whole batch; run items alone to find it.
-            return [
-                self._infer_one(item, p)
-                for item, p in zip(batch.items, batch.payloads, strict=True)
-            ]
-
-    def _infer_one(self, item: Item, payload: Any) -> ItemOutputs | None:
-        try:
-            return self._embedder.run_prepared([payload])[0]
-        except Exception as e:
-            self._fail(item, f"the model failed on this item: {type(e).__name__}: {e}")
-            return None
+        outputs = infer(self._embedder, batch)
+        for item, out in zip(batch.items, outputs, strict=True):
+            if isinstance(out, str):
+                self._fail(item, out)
+        return [None if isinstance(out, str) else out for out in outputs]
 
     def _drain(self, writes: queue.Queue[Any], progress: ProgressFn | None, _: Any) -> None:
         while (entry := writes.get()) is not _DONE:
@@ -201,30 +176,93 @@ class Pipeline:
                 progress(len(batch.items) + batch.skipped)
 
     def _write_one(self, item: Item, out: ItemOutputs) -> bool:
-        if not all(np.isfinite(v).all() for v in out.values()):
-            self._fail(item, "the model returned NaN or infinite values")
-            return False
-        try:
-            self._write(item.item_id, out)
-        except DataError as e:
-            self._fail(item, str(e))
-            return False
-        return True
+        reason = write_checked(self._write, item, out)
+        if reason is not None:
+            self._fail(item, reason)
+        return reason is None
 
     def _fail(self, item: Item, reason: str) -> None:
-        error = ItemError(item.item_id, item.origin, reason)
         with self._lock:
-            self._result.errors.append(error)
-        if self._opts.on_error == "fail":
-            raise DataError(
-                f"item {item.item_id!r} ({item.origin}): {reason}\n"
-                "Hint: set runtime.on_error: skip to record bad items and go on."
-            )
+            record_failure(self._result, item, reason, self._opts.on_error)
+
+
+def window_size(batcher: Batcher, batch_size: int) -> int:
+    """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
+    return batch_size * TEXT_WINDOW_BATCHES if batcher.sorts_by_length else batch_size
+
+
+def items_in_run(total: int, window: int, shard: Shard | None) -> int:
+    """How many of ``total`` items a run embeds: all, or its shard's."""
+    return total if shard is None else shard.size(total, window)
+
+
+def write_checked(write: WriteFn, item: Item, out: ItemOutputs) -> str | None:
+    """Write one item's outputs; the reason when they are not finite or cannot be written."""
+    if not all(np.isfinite(v).all() for v in out.values()):
+        return "the model returned NaN or infinite values"
+    try:
+        write(item.item_id, out)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def record_failure(result: RunResult, item: Item, reason: str, on_error: str) -> None:
+    """Count a bad item; with ``on_error: fail`` the run stops here."""
+    result.errors.append(ItemError(item.item_id, item.origin, reason))
+    if on_error == "fail":
+        raise DataError(
+            f"item {item.item_id!r} ({item.origin}): {reason}\n"
+            "Hint: set runtime.on_error: skip to record bad items and go on."
+        )
 
 
 @dataclass(frozen=True)
-class _Failed:
+class Failed:
+    """An item its loader could not decode, and why."""
+
     reason: str
+
+
+def load_one(load: LoadFn, item: Item) -> Any:
+    """The decoded item, or :class:`Failed` with the reason."""
+    try:
+        return load(item)
+    except DuchoError as e:
+        return Failed(str(e).removeprefix(f"{item.origin}: "))
+
+
+def assemble(
+    chunk: Sequence[Item], loaded: Sequence[Any], batcher: Batcher, options: PipelineOptions
+) -> tuple[list[Batch], list[tuple[Item, str]]]:
+    """A decoded window cut into batches as the model wants, and its items that failed."""
+    ok = [(i, p) for i, p in zip(chunk, loaded, strict=True) if not isinstance(p, Failed)]
+    failures = [(i, p.reason) for i, p in zip(chunk, loaded, strict=True) if isinstance(p, Failed)]
+    payloads = batcher.tokenize([p for _, p in ok])
+    plan = batcher.plan(payloads, options.batch_size, options.token_budget)
+    batches = [Batch([ok[i][0] for i in idx], [payloads[i] for i in idx]) for idx in plan]
+    if not batches:
+        return [Batch([], [], len(failures))], failures
+    batches[0].skipped = len(failures)
+    return batches, failures
+
+
+def infer(embedder: Embedder, batch: Batch) -> list[ItemOutputs | str]:
+    """Per-item outputs of one batch; a string is why the model failed on that item."""
+    try:
+        return list(embedder.run_prepared(batch.payloads))
+    except DuchoError:
+        raise
+    except Exception:
+        # One bad input can fail a whole batch; run items alone to find it.
+        return [_infer_one(embedder, p) for p in batch.payloads]
+
+
+def _infer_one(embedder: Embedder, payload: Any) -> ItemOutputs | str:
+    try:
+        return embedder.run_prepared([payload])[0]
+    except Exception as e:
+        return f"the model failed on this item: {type(e).__name__}: {e}"
 
 
 class _Worker(threading.Thread):

@@ -1,0 +1,65 @@
+"""How decoded items become batches, without a session: what readers and Ray tasks run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ducho_fast.artifact import Artifact
+from ducho_fast.data.text.tokenize import TextEncoder, length_batches
+
+
+class Batcher:
+    """Tokenizes texts, plans batches and builds a batch's graph inputs for one artifact."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.modality = artifact.modality
+        self.encoder = _encoder(artifact) if self.modality == "textual" else None
+        self._input_names = {str(i["name"]) for i in artifact.manifest["inputs"]}
+
+    @property
+    def sorts_by_length(self) -> bool:
+        """Whether batch assembly sorts a window of items by length (texts)."""
+        return self.encoder is not None
+
+    def tokenize(self, payloads: Sequence[Any]) -> list[Any]:
+        """Texts to :class:`Tokens` (readers do this off the model's thread); others as is."""
+        if self.encoder is None:
+            return list(payloads)
+        texts = [p for p in payloads if isinstance(p, str)]
+        tokens = iter(self.encoder.tokenize(texts) if texts else [])
+        return [next(tokens) if isinstance(p, str) else p for p in payloads]
+
+    def plan(self, payloads: Sequence[Any], batch_size: int, token_budget: int) -> list[list[int]]:
+        """Positions of ``payloads`` per batch: consecutive for images and audio, length
+        buckets within a token budget for tokenized texts."""
+        if self.encoder is None:
+            return [
+                list(range(b, min(b + batch_size, len(payloads))))
+                for b in range(0, len(payloads), batch_size)
+            ]
+        padded = self.encoder.max_length if self.encoder.pad_to_max else None
+        lengths = [len(p) for p in payloads]
+        return length_batches(lengths, batch_size, token_budget, padded)
+
+    def feeds(self, payloads: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The graph's inputs for decoded items of one shape (texts: tokenized, padded)."""
+        if self.modality == "visual":
+            return {"pixels": np.stack(payloads)}
+        if self.modality == "audio":
+            return {"waveform": np.stack(payloads)}
+        assert self.encoder is not None
+        feeds = self.encoder.pad(self.tokenize(payloads))
+        return {k: v for k, v in feeds.items() if k in self._input_names}
+
+
+def _encoder(artifact: Artifact) -> TextEncoder:
+    pre = artifact.manifest["preprocessing"]
+    return TextEncoder(
+        artifact.tokenizer_path,
+        pre["max_length"],
+        pre["pad_id"],
+        pad_to_max=pre.get("padding") == "max_length",
+    )

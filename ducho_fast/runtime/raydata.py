@@ -1,0 +1,309 @@
+"""Ray Data: a callable class for ``Dataset.map_batches``, and ``extract --engine ray``.
+
+``RayEmbedder`` is for users' own Ray pipelines: it builds the ONNX Runtime session once per
+actor and embeds batches they have already decoded. ``RayPipeline`` runs one model of an
+``extract`` across a Ray cluster: windows of items go to CPU tasks that decode and cut them into
+batches exactly as the local pipeline does, the batches go to model actors (``num_gpus`` when
+the session is on CUDA), and the driver writes the features. Batches are the local pipeline's,
+so the files are byte-identical to a single-process run's.
+
+Needs the ``scale`` extra (``pip install 'ducho-fast[scale]'``); ``ray`` is imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ducho_fast.artifact import Artifact, load_artifact
+from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.data.items import Item
+from ducho_fast.errors import ConfigError, DataError
+from ducho_fast.runtime.batcher import Batcher
+from ducho_fast.runtime.embedder import Embedder
+from ducho_fast.runtime.pipeline import (
+    AUTO_TOKENS_PER_ROW,
+    Batch,
+    LoadFn,
+    PipelineOptions,
+    ProgressFn,
+    RunResult,
+    WriteFn,
+    assemble,
+    infer,
+    items_in_run,
+    load_one,
+    record_failure,
+    window_size,
+    write_checked,
+)
+
+DECODE_TASK_MEMORY = 256 * 2**20  # bytes reserved per decode task: one window, decoded
+INPUT_COLUMNS = {"visual": "image", "textual": "text", "audio": "waveform"}
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError("the Ray engine needs Ray Data: pip install 'ducho-fast[scale]'") from e
+    return ray
+
+
+# -- for users' own pipelines -------------------------------------------------------------------
+
+
+class RayEmbedder:
+    """``ds.map_batches(RayEmbedder, fn_constructor_args=(artifact_dir,), concurrency=2)``.
+
+    The session is built once per actor. A batch holds decoded inputs in one column, ``image``
+    (uint8 N x H x W x 3, as :meth:`Embedder.prepare` gives), ``text`` (strings) or
+    ``waveform`` (float32 at the model's rate), and any other columns (ids), which are passed
+    through. One float32 column is added per layer (``layers`` picks them; all by default), and
+    ``error``: empty, or why the model failed on that row, whose values are then NaN. A batch
+    in which every row fails raises :class:`DataError` naming them.
+    """
+
+    def __init__(
+        self,
+        artifact: str | Path,
+        runtime: RuntimeOptions | Mapping[str, Any] | None = None,
+        layers: Sequence[str | int] | None = None,
+    ) -> None:
+        options = runtime if isinstance(runtime, RuntimeOptions) else _options(runtime)
+        self.embedder = Embedder(load_artifact(Path(artifact)), options)
+        self.column = INPUT_COLUMNS[self.embedder.modality]
+        self.layers = [str(x) for x in layers] if layers is not None else self.embedder.layers
+        unknown = [x for x in self.layers if x not in self.embedder.layers]
+        if unknown:
+            raise ConfigError(f"{artifact}: no layer(s) {unknown}; it has {self.embedder.layers}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.column not in batch:
+            raise DataError(
+                f"RayEmbedder for a {self.embedder.modality} model needs a column "
+                f"{self.column!r}; the batch has {sorted(batch)}."
+            )
+        values = batch[self.column]
+        payloads = [str(v) for v in values] if self.column == "text" else list(values)
+        outputs = infer(self.embedder, Batch([], payloads))
+        good = [o for o in outputs if not isinstance(o, str)]
+        if not good:
+            raise DataError(
+                "the model failed on every row of a batch: "
+                + "; ".join(sorted(set(str(o) for o in outputs)))
+            )
+        out = dict(batch)
+        for layer in self.layers:
+            nan = np.full_like(good[0][layer], np.nan)
+            rows = [nan if isinstance(o, str) else o[layer] for o in outputs]
+            out[layer] = _column(rows)
+        out["error"] = np.array([o if isinstance(o, str) else "" for o in outputs], dtype=object)
+        return out
+
+
+def _column(rows: list[np.ndarray]) -> np.ndarray:
+    if len({r.shape for r in rows}) == 1:
+        return np.stack(rows)
+    column = np.empty(len(rows), dtype=object)  # per-token layers: one length per row
+    column[:] = rows
+    return column
+
+
+def _options(runtime: Mapping[str, Any] | None) -> RuntimeOptions:
+    return RuntimeOptions(**dict(runtime or {}))
+
+
+# -- extract --engine ray -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How ``extract --engine ray`` places work: ``actors`` model actors per model (0: one per
+    GPU on CUDA, else one), each with ``actor_cpus`` CPUs (0: ``runtime.threads``, else 1),
+    which its session uses as threads."""
+
+    actors: int = 0
+    actor_cpus: int = 0
+    address: str | None = None  # a running cluster; None: RAY_ADDRESS, else a local instance
+
+
+class RayPipeline:
+    """One model over one list of items on a Ray cluster, in the local pipeline's batches."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        runtime: RuntimeOptions,
+        load: LoadFn,
+        write: WriteFn,
+        options: PipelineOptions,
+        ray_options: RayOptions | None = None,
+    ) -> None:
+        budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
+        self._opts = replace(options, token_budget=budget)
+        self._artifact = artifact
+        self._runtime = runtime
+        self._batcher = Batcher(artifact)
+        self._load = load
+        self._write = write
+        self._ray = ray_options or RayOptions()
+        self.provider = "ray"  # and what the actors' sessions really run on, after run()
+
+    @property
+    def window(self) -> int:
+        return window_size(self._batcher, self._opts.batch_size)
+
+    def size(self, total: int) -> int:
+        return items_in_run(total, self.window, self._opts.shard)
+
+    def run(
+        self,
+        items: Sequence[Item],
+        progress: ProgressFn | None = None,
+        done: Set[str] = frozenset(),
+    ) -> RunResult:
+        start = time.perf_counter()
+        result = RunResult()
+        windows = self._windows(items, done, result, progress)
+        if windows:
+            for row in self._dataset(windows).iter_rows():
+                self._collect(pickle.loads(row["result"]), result, progress)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _windows(
+        self, items: Sequence[Item], done: Set[str], result: RunResult, progress: ProgressFn | None
+    ) -> list[dict[str, Any]]:
+        rows = []
+        shard = self._opts.shard
+        for w, begin in enumerate(range(0, len(items), self.window)):
+            if shard is not None and not shard.owns(w):
+                continue
+            chunk = list(items[begin : begin + self.window])
+            if all(item.item_id in done for item in chunk):
+                result.reused += len(chunk)
+                if progress:
+                    progress(len(chunk))
+                continue
+            rows.append({"window": w, "items": pickle.dumps(chunk)})
+        return rows
+
+    def _dataset(self, windows: list[dict[str, Any]]) -> Any:
+        ray = start_ray(self._ray)
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # errors in input order
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        device = self._runtime.device
+        cuda = device.startswith("cuda") or (device == "auto" and gpus > 0)
+        if cuda and not gpus:
+            raise ConfigError(
+                "runtime.device asks for CUDA but the Ray cluster has no GPU. Hint: "
+                "runtime.device: cpu, or start Ray workers with GPUs."
+            )
+        actors = self._ray.actors or (gpus if cuda else 1)
+        cpus = self._ray.actor_cpus or self._runtime.threads or 1
+        total = int(ray.cluster_resources().get("CPU", 0))
+        if actors * cpus >= total:
+            # Actors hold their CPUs for the whole run: decode tasks would never get one.
+            raise ConfigError(
+                f"{actors} model actor(s) x {cpus} CPU(s) take all {total} CPUs of the Ray "
+                "cluster, leaving none for the decode tasks. Hint: fewer actors "
+                "(--ray-actors), fewer CPUs each (runtime.threads), or a bigger cluster."
+            )
+        # The session's threads are the CPUs Ray reserves for its actor, not the whole node's.
+        runtime = replace(self._runtime, threads=max(1, int(cpus)))
+        decode = _DecodeWindow(self._load, self._batcher, self._opts)
+        return (
+            ray.data.from_items(windows, override_num_blocks=len(windows))
+            # Decoding runs as CPU tasks, each holding a decoded window in memory; a reservation
+            # unlike the actors' also keeps Ray from fusing it into them.
+            .map_batches(decode, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)
+            .map_batches(
+                _ModelActor,
+                fn_constructor_args=(str(self._artifact.path), runtime),
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=cpus,
+                num_gpus=1 if cuda else 0,
+            )
+        )
+
+    def _collect(self, result: Any, run: RunResult, progress: ProgressFn | None) -> None:
+        provider, items, outputs, failures = result
+        self.provider = f"ray: {provider}"
+        for item, reason in failures:
+            record_failure(run, item, reason, self._opts.on_error)
+        for item, out in zip(items, outputs, strict=True):
+            if isinstance(out, str):
+                record_failure(run, item, out, self._opts.on_error)
+                continue
+            reason = write_checked(self._write, item, out)
+            if reason is None:
+                run.written += 1
+            else:
+                record_failure(run, item, reason, self._opts.on_error)
+        if progress:
+            progress(len(items) + len(failures))
+
+
+class _DecodeWindow:
+    """A CPU task: one window of items, decoded and cut into the local pipeline's batches."""
+
+    def __init__(self, load: LoadFn, batcher: Batcher, options: PipelineOptions) -> None:
+        self._load = load
+        self._batcher = batcher
+        self._opts = options
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for blob in rows["items"]:
+            chunk = pickle.loads(blob)
+            loaded = [load_one(self._load, item) for item in chunk]
+            batches, failures = assemble(chunk, loaded, self._batcher, self._opts)
+            for j, batch in enumerate(batches):
+                out.append(pickle.dumps((batch, failures if j == 0 else [])))
+        return {"batch": np.array(out, dtype=object)}
+
+
+class _ModelActor:
+    """A model actor: the session is built once; each row is one batch."""
+
+    def __init__(self, artifact: str, runtime: RuntimeOptions) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._embedder = Embedder(load_artifact(Path(artifact)), runtime)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for blob in rows["batch"]:
+            batch, failures = pickle.loads(blob)
+            outputs = infer(self._embedder, batch) if batch.items else []
+            provider = self._embedder.info.provider
+            out.append(pickle.dumps((provider, batch.items, outputs, failures)))
+        return {"result": np.array(out, dtype=object)}
+
+
+def start_ray(options: RayOptions) -> Any:
+    """Connect to ``options.address`` (or ``RAY_ADDRESS``), else start a local instance."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = options.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
+        ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
+    # ducho-fast shows its own progress; Ray Data's bars and plans would interleave with it.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray

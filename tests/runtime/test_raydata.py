@@ -1,0 +1,92 @@
+"""Ray Data on a local instance (2 CPUs): ``extract --engine ray`` writes the files of a local run,
+and ``RayEmbedder`` works in ``Dataset.map_batches``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.errors import ConfigError, DataError
+from ducho_fast.runtime.raydata import RayEmbedder, RayOptions
+from tests.conftest import npy_bytes, two_job_config, write_image
+
+ray = pytest.importorskip("ray", reason="the scale extra (ray[data]) is not installed")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_engine_ray_writes_the_files_of_a_local_run(
+    local_ray, tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    local = two_job_config(tmp_path / "local", store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(local)
+    expected = ducho_fast.extract(local)
+    on_ray = two_job_config(tmp_path / "ray", store, resnet18_state_dict, tiny_bert_dir)
+    report = ducho_fast.extract(on_ray, engine="ray", ray=RayOptions(actors=1))
+    with pytest.raises(ConfigError, match="take all 2 CPUs of the Ray cluster"):
+        ducho_fast.extract(on_ray, engine="ray", ray=RayOptions(actors=2))
+
+    assert [r.provider for r in report.runs] == ["ray: CPUExecutionProvider"] * 2
+    assert [r.result.written for r in report.runs] == [21, 69]
+    errors = [(e.item_id, e.reason) for r in report.runs for e in r.result.errors]
+    assert errors == [
+        (e.item_id, e.reason.replace("/local/", "/ray/"))
+        for r in expected.runs
+        for e in r.result.errors
+    ]
+    assert {i for i, _ in errors} == {"img05", "t009"}
+    # Byte for byte, matrices included: the batches are the local pipeline's.
+    assert npy_bytes(tmp_path / "ray") == npy_bytes(tmp_path / "local")
+
+    # Resumable like a local run: only the windows holding a failed item run again.
+    again = ducho_fast.extract(on_ray, engine="ray")
+    assert [r.result.written for r in again.runs] == [2, 31]
+    half = two_job_config(tmp_path / "half", store, resnet18_state_dict, tiny_bert_dir)
+    shard = ducho_fast.extract(half, engine="ray", shard="1/2")
+    # Windows 1, 3, 5, 7 of the images (3 + 3 + 3 + 1, img05 among them) and 1 of the texts.
+    assert [r.result.written for r in shard.runs] == [10 - 1, 32]
+    assert [e.item_id for r in shard.runs for e in r.result.errors] == ["img05"]
+
+
+def test_ray_embedder_in_map_batches(local_ray, store: Path, resnet18_state_dict: Path, tmp_path):
+    from tests.conftest import resnet18_entry, visual_config
+
+    (tmp_path / "images").mkdir()
+    paths = [write_image(tmp_path / "images" / f"{i}.png", (32 + i, 40), seed=i) for i in range(7)]
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    artifact = ducho_fast.export(config)[0].artifact.path
+    embedder = ducho_fast.load(artifact)
+    rows = [{"id": p.stem, "image": embedder.prepare(p)} for p in paths]
+
+    ds = ray.data.from_items(rows).map_batches(
+        RayEmbedder, fn_constructor_args=(artifact,), batch_size=3, concurrency=1
+    )
+    out = sorted(ds.take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in out] == [p.stem for p in paths]
+    assert all(r["error"] == "" for r in out)
+    np.testing.assert_allclose(
+        np.stack([r["avgpool"] for r in out]), embedder.embed(paths), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_ray_embedder_says_which_column_it_needs(store: Path, resnet18_state_dict, tmp_path):
+    from tests.conftest import resnet18_entry, visual_config
+
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    artifact = ducho_fast.export(config)[0].artifact.path
+    stage = RayEmbedder(artifact)
+    with pytest.raises(DataError, match=r"needs a column 'image'; the batch has \['id', 'path'\]"):
+        stage({"id": np.array(["a"]), "path": np.array(["a.jpg"])})
+    with pytest.raises(Exception, match=r"no layer\(s\) \['fc'\]"):
+        RayEmbedder(artifact, layers=["fc"])
