@@ -9,6 +9,7 @@ Needs the package index (pip downloads about 260 MB).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +21,38 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _run(
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, env=env, cwd=REPO, timeout=900
+        [str(a) for a in args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
     )
 
 
 @pytest.fixture(scope="module")
-def gpu_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What Dockerfile.cuda copies into the image (its build context, less the rest)."""
+    target = tmp_path_factory.mktemp("context")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(REPO / name, target / name)
+    for name in ("ducho_fast", "docker"):
+        shutil.copytree(REPO / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def gpu_venv(tmp_path_factory: pytest.TempPathFactory, context: Path) -> Path:
     venv = tmp_path_factory.mktemp("gpu-venv") / "venv"
     assert _run(sys.executable, "-m", "venv", venv).returncode == 0
     python = venv / "bin" / "python"
-    proc = _run("sh", "docker/install.sh", ".", env={**os.environ, "PYTHON": str(python)})
+    proc = _install(context, python)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return venv
+
+
+def _install(context: Path, python: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": str(python)}
+    return _run("sh", "docker/install.sh", ".", env=env, cwd=context)
 
 
 def _packages(venv: Path) -> set[str]:
@@ -61,13 +80,13 @@ def test_doctor_health_check_fails_when_cuda_required_but_inactive(gpu_venv: Pat
     assert "no CUDA session really runs" in required.stderr and "--gpus all" in required.stderr
 
 
-def test_install_script_refuses_both_onnxruntime_packages(gpu_venv: Path, tmp_path: Path) -> None:
+def test_install_script_refuses_both_onnxruntime_packages(gpu_venv: Path, context: Path) -> None:
     python = gpu_venv / "bin" / "python"
     assert _run(python, "-m", "pip", "install", "--no-deps", "onnxruntime").returncode == 0
     try:
         doctor = _run(gpu_venv / "bin" / "ducho-fast", "doctor")
         assert doctor.returncode == 1 and "both installed" in doctor.stderr
-        again = _run("sh", "docker/install.sh", ".", env={**os.environ, "PYTHON": str(python)})
+        again = _install(context, python)
         assert again.returncode == 1
         assert "onnxruntime was installed beside onnxruntime-gpu" in again.stderr
     finally:
