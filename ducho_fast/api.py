@@ -150,6 +150,8 @@ def extract(
 
         import_ray()  # the install hint before any work
         ray = ray or RayOptions()
+    else:
+        ray = None  # options for the Ray engine mean nothing to the local one
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
     for graph in cfg.graphs():
         _check_layers(graph, artifacts[graph_name(graph)])

@@ -114,7 +114,8 @@ def _column(rows: list[np.ndarray]) -> np.ndarray:
     if len({r.shape for r in rows}) == 1:
         return np.stack(rows)
     column = np.empty(len(rows), dtype=object)  # per-token layers: one length per row
-    column[:] = rows
+    for i, row in enumerate(rows):  # one by one: numpy would try to broadcast a list of arrays
+        column[i] = row
     return column
 
 

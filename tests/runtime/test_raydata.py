@@ -90,3 +90,18 @@ def test_ray_embedder_says_which_column_it_needs(store: Path, resnet18_state_dic
         stage({"id": np.array(["a"]), "path": np.array(["a.jpg"])})
     with pytest.raises(Exception, match=r"no layer\(s\) \['fc'\]"):
         RayEmbedder(artifact, layers=["fc"])
+
+
+def test_ray_embedder_token_layers_keep_each_length(store: Path, tiny_bert_dir: Path, tmp_path):
+    from tests.conftest import textual_config
+
+    model = {"model_name": str(tiny_bert_dir), "output_layers": ["last_hidden_state"]}
+    artifact = ducho_fast.export(textual_config(tmp_path, model, store))[0].artifact.path
+    texts = ["red", "a soft cotton shirt with long sleeves"]
+    out = RayEmbedder(artifact)({"id": np.array(["a", "b"]), "text": np.array(texts)})
+    expected = ducho_fast.load(artifact).embed(texts)
+    assert [r.shape for r in out["last_hidden_state"]] == [e.shape for e in expected]
+    assert expected[0].shape[0] != expected[1].shape[0]
+    for row, ref in zip(out["last_hidden_state"], expected, strict=True):
+        np.testing.assert_allclose(row, ref, rtol=1e-5, atol=1e-6)
+    assert list(out["id"]) == ["a", "b"] and list(out["error"]) == ["", ""]
