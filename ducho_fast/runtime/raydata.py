@@ -30,19 +30,17 @@ from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder
 from ducho_fast.runtime.pipeline import (
-    AUTO_TOKENS_PER_ROW,
     Batch,
     LoadFn,
     PipelineOptions,
     ProgressFn,
     RunResult,
+    WindowedRun,
     WriteFn,
     assemble,
     infer,
-    items_in_run,
     load_one,
     record_failure,
-    window_size,
     write_checked,
 )
 
@@ -137,7 +135,7 @@ class RayOptions:
     address: str | None = None  # a running cluster; None: RAY_ADDRESS, else a local instance
 
 
-class RayPipeline:
+class RayPipeline(WindowedRun):
     """One model over one list of items on a Ray cluster, in the local pipeline's batches."""
 
     def __init__(
@@ -149,22 +147,11 @@ class RayPipeline:
         options: PipelineOptions,
         ray_options: RayOptions | None = None,
     ) -> None:
-        budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
-        self._opts = replace(options, token_budget=budget)
+        super().__init__(Batcher(artifact), load, write, options)
         self._artifact = artifact
         self._runtime = runtime
-        self._batcher = Batcher(artifact)
-        self._load = load
-        self._write = write
         self._ray = ray_options or RayOptions()
         self.provider = "ray"  # and what the actors' sessions really run on, after run()
-
-    @property
-    def window(self) -> int:
-        return window_size(self._batcher, self._opts.batch_size)
-
-    def size(self, total: int) -> int:
-        return items_in_run(total, self.window, self._opts.shard)
 
     def run(
         self,
@@ -185,17 +172,13 @@ class RayPipeline:
         self, items: Sequence[Item], done: Set[str], result: RunResult, progress: ProgressFn | None
     ) -> list[dict[str, Any]]:
         rows = []
-        shard = self._opts.shard
-        for w, begin in enumerate(range(0, len(items), self.window)):
-            if shard is not None and not shard.owns(w):
-                continue
-            chunk = list(items[begin : begin + self.window])
+        for chunk in self.windows(items):
             if all(item.item_id in done for item in chunk):
                 result.reused += len(chunk)
                 if progress:
                     progress(len(chunk))
                 continue
-            rows.append({"window": w, "items": pickle.dumps(chunk)})
+            rows.append({"items": pickle.dumps(list(chunk))})
         return rows
 
     def _dataset(self, windows: list[dict[str, Any]]) -> Any:
