@@ -17,7 +17,7 @@ from ducho_fast.config import Config, Job, ModelSpec, load_config
 from ducho_fast.config.model import FusionSpec
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.pairs import paired_items
-from ducho_fast.data.sources import job_items, loader_for
+from ducho_fast.data.sources import Loader, job_items, loader_for
 from ducho_fast.errors import ArtifactError, ConfigError, DataError
 from ducho_fast.fusion import (
     FusionRun,
@@ -38,7 +38,7 @@ from ducho_fast.outputs.matrix import (
 )
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
-from ducho_fast.runtime.pipeline import Pipeline, PipelineOptions, ProgressFn, RunResult
+from ducho_fast.runtime.pipeline import Member, Pipeline, PipelineOptions, ProgressFn, RunResult
 from ducho_fast.runtime.shard import Shard
 
 if TYPE_CHECKING:
@@ -169,8 +169,7 @@ def extract(
             items = job_items(job)
             report.input_errors[job.name] = _own_inputs(items.bad, part)
             report.ignored_files[job.name] = _own_inputs(items.ignored, part)
-            for spec in job.models:
-                report.runs.append(_run_model(ctx, job, spec, items.good, report))
+            report.runs += _run_models(ctx, job, list(job.models), items.good, report)
         _save_errors(job, report)
     if part is None:
         report.fusions += [_section_fusion(cfg, f, id_order, report) for f in cfg.fusions]
@@ -224,8 +223,8 @@ def _run_pairs(ctx: _Context, job: Job, report: ExtractReport) -> None:
     for spec in job.models:
         image, text = spec.towers()
         runs = [
-            _run_model(ctx, job, image, pairs.images, report),
-            _run_model(ctx, job, text, pairs.texts, report),
+            *_run_models(ctx, job, [image], pairs.images, report),
+            *_run_models(ctx, job, [text], pairs.texts, report),
         ]
         report.runs += runs
         if spec.fusion is None or ctx.shard is not None:
@@ -341,9 +340,47 @@ def _check_layers(spec: ModelSpec, artifact: Artifact) -> None:
         )
 
 
-def _run_model(
-    ctx: _Context, job: Job, spec: ModelSpec, items: list[Item], report: ExtractReport
-) -> ModelRun:
+@dataclass
+class _Planned:
+    """One model's part of a run: its artifact, where it writes, what is already there."""
+
+    spec: ModelSpec
+    artifact: Artifact
+    folders: dict[str, OutputFolder]
+    writer: DuchoWriter
+    loader: Loader
+
+    @property
+    def done(self) -> set[str]:
+        """Ids complete in every layer folder, from an earlier run."""
+        return set.intersection(*(f.existing for f in self.folders.values()))
+
+
+def _run_models(
+    ctx: _Context, job: Job, specs: list[ModelSpec], items: list[Item], report: ExtractReport
+) -> list[ModelRun]:
+    """Models over the same items. Those with the same batch size whose inputs decode alike
+    (all texts; images with the same EXIF and size settings; audio with the same crop) run in
+    one pipeline that reads and decodes each item once. Runs come back in ``specs``' order."""
+    planned = [_plan(ctx, job, spec) for spec in specs]
+    groups: dict[Any, list[_Planned]] = {}
+    for i, p in enumerate(planned):
+        shared = (p.loader.decode_key, p.spec.batch_size) if ctx.ray is None else i
+        groups.setdefault(shared, []).append(p)
+    runs: dict[int, ModelRun] = {}
+    for group in groups.values():
+        total, group_runs = _run_group(ctx, job, group, items)
+        for p, run in zip(group, group_runs, strict=True):
+            runs[id(p)] = run
+            if ctx.shard is None:
+                ids = [i.item_id for i in items]
+                _finish_outputs(ctx, job, p.spec, run, p.folders, ids, report)
+            else:
+                _record_shard(ctx.shard, p.folders, total, run.result)
+    return [runs[id(p)] for p in planned]
+
+
+def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
     cfg, artifact = ctx.cfg, ctx.artifacts[graph_name(spec)]
     folders = {
         label: open_folder(
@@ -355,47 +392,65 @@ def _run_model(
         )
         for label in spec.layer_labels()
     }
-    done = set.intersection(*(f.existing for f in folders.values()))
     writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze, dtype=cfg.output.dtype)
+    loader = loader_for(spec, artifact.manifest, cfg.input)
+    return _Planned(spec, artifact, folders, writer, loader)
+
+
+def _run_group(
+    ctx: _Context, job: Job, group: list[_Planned], items: list[Item]
+) -> tuple[int, list[ModelRun]]:
+    """The items this run embeds (all, or its shard's) and each model's run."""
+    cfg = ctx.cfg
     options = PipelineOptions(
-        batch_size=spec.batch_size,
+        batch_size=group[0].spec.batch_size,
         prefetch=cfg.runtime.prefetch,
         workers=cfg.runtime.workers or cpu_quota(),
         on_error=cfg.runtime.on_error,
         token_budget=cfg.runtime.token_budget,
         shard=ctx.shard,
     )
-    loader = loader_for(spec, artifact.manifest, cfg.input)
     pipeline: Pipeline | RayPipeline
     if ctx.ray is None:
-        pipeline = Pipeline(
-            Embedder(artifact, cfg.runtime, readers=True), loader, writer.write, options
-        )
+        members = [
+            Member(
+                Embedder(p.artifact, cfg.runtime, readers=True), p.loader, p.writer.write, p.done
+            )
+            for p in group
+        ]
+        pipeline = Pipeline(members, options)
     else:
         from ducho_fast.runtime.raydata import RayPipeline
 
-        pipeline = RayPipeline(artifact, cfg.runtime, loader, writer.write, options, ctx.ray)
-    tower = f" [{spec.tower}]" if spec.tower else ""
-    shard = f" (shard {ctx.shard})" if ctx.shard else ""
-    label = f"{job.name} {Path(spec.model_name).name}{tower}{shard}"
-    total = pipeline.size(len(items))
-    context = ctx.progress(label, total) if ctx.progress else nullcontext(None)
-    with context as tick:
-        result = pipeline.run(items, tick, done)
-    run = ModelRun(
-        job.name,
-        spec.model_name,
-        tuple(spec.layer_labels()),
-        pipeline.provider,
-        result,
-        writer.dirs,
-        spec.tower,
+        (only,) = group
+        pipeline = RayPipeline(
+            only.artifact, cfg.runtime, only.loader, only.writer.write, options, ctx.ray
+        )
+    names = " + ".join(
+        Path(p.spec.model_name).name + (f" [{p.spec.tower}]" if p.spec.tower else "") for p in group
     )
-    if ctx.shard is None:
-        _finish_outputs(ctx, job, spec, run, folders, [i.item_id for i in items], report)
-    else:
-        _record_shard(ctx.shard, folders, total, result)
-    return run
+    shard = f" (shard {ctx.shard})" if ctx.shard else ""
+    total = pipeline.size(len(items))
+    context = (
+        ctx.progress(f"{job.name} {names}{shard}", total) if ctx.progress else nullcontext(None)
+    )
+    with context as tick:
+        if isinstance(pipeline, Pipeline):
+            results, providers = pipeline.run(items, tick), pipeline.providers
+        else:
+            results, providers = [pipeline.run(items, tick, group[0].done)], [pipeline.provider]
+    return total, [
+        ModelRun(
+            job.name,
+            p.spec.model_name,
+            tuple(p.spec.layer_labels()),
+            provider,
+            result,
+            p.writer.dirs,
+            p.spec.tower,
+        )
+        for p, result, provider in zip(group, results, providers, strict=True)
+    ]
 
 
 def _record_shard(shard: Shard, folders: dict[str, OutputFolder], total: int, r: RunResult) -> None:

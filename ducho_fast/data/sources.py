@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ducho_fast.config.model import InputOptions, Job, ModelSpec
-from ducho_fast.data.audio.audio import list_audio, prepare_audio
+from ducho_fast.data.audio.audio import decode_audio, finish_audio, list_audio
 from ducho_fast.data.ids import unsafe_reason
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tsv import BadText, read_interaction_items, read_text_items
-from ducho_fast.data.visual.images import list_images, prepare_image
+from ducho_fast.data.visual.images import decode_image, finish_image, list_images
 from ducho_fast.errors import DataError
 
 
@@ -75,33 +75,65 @@ def check_ids(listed: list[Item], ignored: list[Path]) -> Items:
     return out
 
 
-class ImageLoader:
+class Loader:
+    """Reads one item for one model in two steps: ``decode`` (read the file, decode it), which
+    models with the same ``decode_key`` share, then ``finish`` (resize, resample, clean) for
+    this model; models with the same ``finish_key`` share that too."""
+
+    decode_key: Hashable = None
+    finish_key: Hashable = None
+
+    def decode(self, item: Item) -> Any:
+        raise NotImplementedError
+
+    def finish(self, decoded: Any, item: Item) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, item: Item) -> Any:
+        return self.finish(self.decode(item), item)
+
+
+class ImageLoader(Loader):
     """Decodes and resizes as the artifact's manifest says (``preprocessing``)."""
 
     def __init__(self, preprocessing: Mapping[str, Any], options: InputOptions) -> None:
         self.preprocessing = preprocessing
         self.options = options
+        self.decode_key = ("image", options.exif_orientation, options.max_image_pixels)
+        self.finish_key = _frozen(preprocessing)
 
-    def __call__(self, item: Item) -> Any:
-        return prepare_image(item.raw, self.preprocessing, self.options)
+    def decode(self, item: Item) -> Any:
+        return decode_image(item.raw, self.options)
+
+    def finish(self, decoded: Any, item: Item) -> Any:
+        return finish_image(decoded, self.preprocessing)
 
 
-class AudioLoader:
+class AudioLoader(Loader):
     """Decodes, down-mixes, resamples and crops as the artifact's manifest says."""
 
     def __init__(self, preprocessing: Mapping[str, Any], options: InputOptions) -> None:
         self.preprocessing = preprocessing
         self.options = options
+        self.crop = preprocessing.get("max_seconds")
+        self.decode_key = ("audio", self.crop, options.max_audio_seconds)
+        self.finish_key = _frozen(preprocessing)
 
-    def __call__(self, item: Item) -> Any:
-        return prepare_audio(item.raw, self.preprocessing, self.options)
+    def decode(self, item: Item) -> Any:
+        return decode_audio(item.raw, self.crop, self.options)
+
+    def finish(self, decoded: Any, item: Item) -> Any:
+        wave, rate = decoded
+        return finish_audio(wave, rate, self.preprocessing, item.raw)
 
 
-class TextLoader:
+class TextLoader(Loader):
     def __init__(self, clean: bool) -> None:
         self.clean = clean
+        self.decode_key = ("text",)
+        self.finish_key = clean
 
-    def __call__(self, item: Item) -> Any:
+    def decode(self, item: Item) -> Any:
         text = item.raw
         if isinstance(text, BadText):
             raise DataError(text.reason)
@@ -109,12 +141,24 @@ class TextLoader:
             raise DataError("the row has no text column value")
         if not text.strip():
             raise DataError("the text is empty")
-        return clear_text(text) if self.clean else text
+        return text
+
+    def finish(self, decoded: Any, item: Item) -> Any:
+        return clear_text(decoded) if self.clean else decoded
+
+
+def _frozen(value: Any) -> Hashable:
+    """A hashable copy of a manifest's preprocessing (equal settings, equal keys)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def loader_for(
     spec: ModelSpec, manifest: Mapping[str, Any], options: InputOptions | None = None
-) -> ImageLoader | AudioLoader | TextLoader:
+) -> Loader:
     """The reader of one model's inputs, from its config entry and its artifact's manifest."""
     if manifest["modality"] == "visual":
         return ImageLoader(manifest["preprocessing"], options or InputOptions())

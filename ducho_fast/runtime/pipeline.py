@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.data.items import Item, ItemError
+from ducho_fast.data.sources import Loader
 from ducho_fast.errors import DataError, DuchoError
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs
@@ -41,6 +42,7 @@ class Batch:
     items: list[Item]
     payloads: list[Any]
     skipped: int = 0  # items of this chunk that failed to load (for progress)
+    counted: bool = True  # whether writing it moves the progress (once per window's items)
 
 
 @dataclass
@@ -74,21 +76,18 @@ AUTO_TOKENS_PER_ROW = 64
 
 
 class WindowedRun:
-    """What both engines share: a model's items read in windows at fixed positions of the
-    item list (all of them, or a shard's), decoded by ``load``, written by ``write``."""
+    """What both engines share: items read in windows at fixed positions of the item list
+    (all of them, or a shard's), batched as ``batcher`` says."""
 
-    def __init__(self, batcher: Batcher, load: LoadFn, write: WriteFn, options: PipelineOptions):
+    def __init__(self, batcher: Batcher, options: PipelineOptions):
         self._batcher = batcher
-        self._load = load
-        self._write = write
         budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
         self._opts = replace(options, token_budget=budget)
 
     @property
     def window(self) -> int:
         """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
-        size = self._opts.batch_size
-        return size * TEXT_WINDOW_BATCHES if self._batcher.sorts_by_length else size
+        return window_size(self._batcher, self._opts.batch_size)
 
     def size(self, total: int) -> int:
         """How many of ``total`` items this run embeds: all, or its shard's."""
@@ -103,32 +102,52 @@ class WindowedRun:
                 yield items[begin : begin + self.window]
 
 
-class Pipeline(WindowedRun):
-    """One model over one list of items, with decode, model and write overlapped."""
+def window_size(batcher: Batcher, batch_size: int) -> int:
+    """Items per window for a model: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
+    return batch_size * TEXT_WINDOW_BATCHES if batcher.sorts_by_length else batch_size
 
-    def __init__(
-        self, embedder: Embedder, load: LoadFn, write: WriteFn, options: PipelineOptions
-    ) -> None:
-        super().__init__(embedder.batcher, load, write, options)
-        self._embedder = embedder
-        self._result = RunResult()
+
+@dataclass
+class Member:
+    """One model of a :class:`Pipeline`: its session, how its inputs are read, its writer."""
+
+    embedder: Embedder
+    loader: Loader
+    write: WriteFn
+    done: Set[str] = frozenset()  # ids complete from an earlier run
+    result: RunResult = field(default_factory=RunResult)
+
+
+class Pipeline(WindowedRun):
+    """Models over one list of items, with decode, model and write overlapped.
+
+    The models of one pipeline share their windows (same batch size, same modality) and
+    their decoding: each item is read and decoded once (``Loader.decode``), then finished
+    (resized, resampled, cleaned) once per distinct ``Loader.finish_key``. Each model gets
+    the batches it would get alone, so the files are those of separate runs.
+    """
+
+    def __init__(self, members: Sequence[Member], options: PipelineOptions) -> None:
+        if not members:
+            raise ValueError("a pipeline needs at least one model")
+        first = members[0].embedder.batcher
+        super().__init__(first, options)
+        windows = {window_size(m.embedder.batcher, options.batch_size) for m in members}
+        keys = {m.loader.decode_key for m in members}
+        if len(windows) != 1 or len(keys) != 1:
+            raise ValueError("the models of one pipeline must share their windows and decoding")
+        self.members = list(members)
         self._lock = threading.Lock()
-        self._done: Set[str] = frozenset()
 
     @property
-    def provider(self) -> str:
-        """What the session really runs on."""
-        return self._embedder.info.provider
+    def providers(self) -> list[str]:
+        """What each model's session really runs on."""
+        return [m.embedder.info.provider for m in self.members]
 
-    def run(
-        self,
-        items: Sequence[Item],
-        progress: ProgressFn | None = None,
-        done: Set[str] = frozenset(),
-    ) -> RunResult:
-        """Embed and write ``items``; batches whose ids are all in ``done`` are skipped."""
+    def run(self, items: Sequence[Item], progress: ProgressFn | None = None) -> list[RunResult]:
+        """Embed and write ``items`` with every model; per model, windows whose ids are all
+        in its ``done`` are skipped. Progress counts items once, however many models."""
         start = time.perf_counter()
-        self._done = done
         batches: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         writes: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         reader = _Worker(self._read, items, batches)
@@ -136,9 +155,9 @@ class Pipeline(WindowedRun):
         reader.start()
         writer.start()
         try:
-            for batch in _until_done(batches, reader):
-                outputs = self._infer(batch) if batch.items else []
-                if not _put_alive(writes, (batch, outputs), writer):
+            for member, batch in _until_done(batches, reader):
+                outputs = self._infer(member, batch) if batch.items else []
+                if not _put_alive(writes, (member, batch, outputs), writer):
                     break
         finally:
             reader.stop()
@@ -146,8 +165,10 @@ class Pipeline(WindowedRun):
             writer.join()
             reader.join()
         writer.reraise()
-        self._result.seconds = time.perf_counter() - start
-        return self._result
+        seconds = time.perf_counter() - start
+        for member in self.members:
+            member.result.seconds = seconds
+        return [m.result for m in self.members]
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -156,49 +177,65 @@ class Pipeline(WindowedRun):
             for chunk in self.windows(items):
                 if stop.is_set():
                     break
-                if all(item.item_id in self._done for item in chunk):
-                    with self._lock:
-                        self._result.reused += len(chunk)
-                    _put(out, Batch([], [], len(chunk)), stop)
+                needed = []
+                for member in self.members:
+                    if all(item.item_id in member.done for item in chunk):
+                        with self._lock:
+                            member.result.reused += len(chunk)
+                    else:
+                        needed.append(member)
+                if not needed:
+                    _put(out, (self.members[0], Batch([], [], len(chunk))), stop)
                     continue
-                for batch in self._assemble(chunk, pool):
-                    _put(out, batch, stop)
+                for member, batch in self._assemble(chunk, needed, pool):
+                    _put(out, (member, batch), stop)
         _put(out, _DONE, stop)
 
-    def _assemble(self, chunk: Sequence[Item], pool: ThreadPoolExecutor) -> list[Batch]:
-        """Decode a window of items in parallel and cut it into batches as the model wants."""
-        loaded = list(pool.map(lambda item: load_one(self._load, item), chunk))
-        batches, failures = assemble(chunk, loaded, self._batcher, self._opts)
-        for item, reason in failures:  # recorded here, in input order
-            self._fail(item, reason)
-        return batches
+    def _assemble(
+        self, chunk: Sequence[Item], needed: list[Member], pool: ThreadPoolExecutor
+    ) -> list[tuple[Member, Batch]]:
+        """Decode a window once, then cut it into batches as each model wants.
 
-    def _infer(self, batch: Batch) -> list[ItemOutputs | None]:
-        outputs = infer(self._embedder, batch)
+        The last model's batches carry the window's progress (its items and failures)."""
+        loaders = [m.loader for m in needed]
+        loaded = list(pool.map(lambda item: load_each(loaders, item), chunk))
+        out = []
+        for k, member in enumerate(needed):
+            payloads = [row[k] for row in loaded]
+            batches, failures = assemble(chunk, payloads, member.embedder.batcher, self._opts)
+            for item, reason in failures:  # recorded here, in input order
+                self._fail(member, item, reason)
+            if k < len(needed) - 1:
+                batches = [replace(b, counted=False) for b in batches]
+            out += [(member, b) for b in batches]
+        return out
+
+    def _infer(self, member: Member, batch: Batch) -> list[ItemOutputs | None]:
+        outputs = infer(member.embedder, batch)
         for item, out in zip(batch.items, outputs, strict=True):
             if isinstance(out, str):
-                self._fail(item, out)
+                self._fail(member, item, out)
         return [None if isinstance(out, str) else out for out in outputs]
 
     def _drain(self, writes: queue.Queue[Any], progress: ProgressFn | None, _: Any) -> None:
         while (entry := writes.get()) is not _DONE:
-            batch, outputs = entry
+            member, batch, outputs = entry
             for item, out in zip(batch.items, outputs, strict=True):
-                if out is not None and self._write_one(item, out):
+                if out is not None and self._write_one(member, item, out):
                     with self._lock:
-                        self._result.written += 1
-            if progress:
+                        member.result.written += 1
+            if progress and batch.counted:
                 progress(len(batch.items) + batch.skipped)
 
-    def _write_one(self, item: Item, out: ItemOutputs) -> bool:
-        reason = write_checked(self._write, item, out)
+    def _write_one(self, member: Member, item: Item, out: ItemOutputs) -> bool:
+        reason = write_checked(member.write, item, out)
         if reason is not None:
-            self._fail(item, reason)
+            self._fail(member, item, reason)
         return reason is None
 
-    def _fail(self, item: Item, reason: str) -> None:
+    def _fail(self, member: Member, item: Item, reason: str) -> None:
         with self._lock:
-            record_failure(self._result, item, reason, self._opts.on_error)
+            record_failure(member.result, item, reason, self._opts.on_error)
 
 
 def write_checked(write: WriteFn, item: Item, out: ItemOutputs) -> str | None:
@@ -234,7 +271,28 @@ def load_one(load: LoadFn, item: Item) -> Any:
     try:
         return load(item)
     except DuchoError as e:
-        return Failed(str(e).removeprefix(f"{item.origin}: "))
+        return _failed(item, e)
+
+
+def load_each(loaders: Sequence[Loader], item: Item) -> list[Any]:
+    """``item`` for each of ``loaders`` (which share their ``decode_key``), decoded once and
+    finished once per distinct ``finish_key``; a :class:`Failed` where it could not be."""
+    try:
+        decoded = loaders[0].decode(item)
+    except DuchoError as e:
+        return [_failed(item, e)] * len(loaders)
+    finished: dict[Any, Any] = {}
+    for loader in loaders:
+        if loader.finish_key not in finished:
+            try:
+                finished[loader.finish_key] = loader.finish(decoded, item)
+            except DuchoError as e:
+                finished[loader.finish_key] = _failed(item, e)
+    return [finished[loader.finish_key] for loader in loaders]
+
+
+def _failed(item: Item, error: DuchoError) -> Failed:
+    return Failed(str(error).removeprefix(f"{item.origin}: "))
 
 
 def assemble(
@@ -316,7 +374,7 @@ def _put_alive(q: queue.Queue[Any], value: Any, consumer: threading.Thread) -> b
     return False
 
 
-def _until_done(batches: queue.Queue[Any], reader: _Worker) -> Iterator[Batch]:
-    while (batch := batches.get()) is not _DONE:
-        yield batch
+def _until_done(batches: queue.Queue[Any], reader: _Worker) -> Iterator[tuple[Member, Batch]]:
+    while (entry := batches.get()) is not _DONE:
+        yield entry
     reader.reraise()

@@ -147,7 +147,9 @@ class RayPipeline(WindowedRun):
         options: PipelineOptions,
         ray_options: RayOptions | None = None,
     ) -> None:
-        super().__init__(Batcher(artifact), load, write, options)
+        super().__init__(Batcher(artifact), options)
+        self._load = load
+        self._write = write
         self._artifact = artifact
         self._runtime = runtime
         self._ray = ray_options or RayOptions()

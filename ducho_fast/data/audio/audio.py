@@ -40,13 +40,26 @@ def prepare_audio(
         source: a file, or a waveform array ((samples,) or (samples, channels)) at
             ``source_rate`` (the model's rate when not given).
     """
-    options = options or InputOptions()
     rate = int(pre["sample_rate"])
-    crop = pre.get("max_seconds")
     if isinstance(source, np.ndarray):
         wave, have = _from_array(source), source_rate or rate
     else:
-        wave, have = _read(source, options.max_audio_seconds, crop)
+        wave, have = decode_audio(source, pre.get("max_seconds"), options)
+    return finish_audio(wave, have, pre, source)
+
+
+def decode_audio(
+    path: Path, crop: float | None, options: InputOptions | None = None
+) -> tuple[np.ndarray, int]:
+    """The file's (samples, channels) float32 waveform and its rate; read up to ``crop``
+    seconds when set. What models of a job with the same crop share."""
+    return _read(path, (options or InputOptions()).max_audio_seconds, crop)
+
+
+def finish_audio(wave: np.ndarray, have: int, pre: Mapping[str, Any], source: Any) -> np.ndarray:
+    """A decoded waveform at rate ``have`` made mono, resampled and cropped for one model."""
+    rate = int(pre["sample_rate"])
+    crop = pre.get("max_seconds")
     if wave.shape[0] == 0:
         raise DataError(f"{source}: the audio is empty (0 samples).")
     mono = wave.mean(axis=1, dtype=np.float32) if wave.shape[1] > 1 else wave[:, 0]

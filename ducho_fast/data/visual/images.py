@@ -86,11 +86,22 @@ def prepare_image(
     Transformers image processors do); ``crop`` [width, height] (centred); ``interpolation``.
     ``options`` say whether EXIF orientation is applied and how many pixels are too many.
     """
+    return finish_image(decode_image(source, options), pre)
+
+
+def decode_image(
+    source: Path | np.ndarray | Image.Image, options: InputOptions | None = None
+) -> Image.Image:
+    """Read and decode to RGB, EXIF orientation applied: what every model of a job shares."""
     options = options or InputOptions()
     image = _open(source, options.max_image_pixels)
     if options.exif_orientation == "apply" and not isinstance(source, np.ndarray):
         image = _exif_transposed(image)
-    image = to_rgb(image)
+    return to_rgb(image)
+
+
+def finish_image(image: Image.Image, pre: Mapping[str, Any]) -> np.ndarray:
+    """A decoded RGB image resized and cropped as one artifact's manifest says."""
     resample = RESAMPLING[pre.get("interpolation") or "bicubic"]
     if pre.get("resize"):
         image = image.resize(tuple(pre["resize"]), resample=resample)
