@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,3 +55,8 @@ def report(rows: list[tuple[str, float, str]], summary: dict[str, Any]) -> None:
     for name, rate, note in rows:
         print(f"  {name:<{width}}  {rate:8.1f} items/s  {note}")
     print(json.dumps(summary, sort_keys=True))
+
+
+def npy_files(folder: Path) -> dict[str, bytes]:
+    """Every .npy file under ``folder`` by relative path: to check runs wrote the same bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.npy"))}

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
+from common import npy_files, report
 from visual import lite_entry, write_jpegs
 
 CLI = str(Path(sys.executable).parent / "ducho-fast")
@@ -60,10 +60,6 @@ def wait(*procs: subprocess.Popen[bytes]) -> None:
         _, err = proc.communicate()
         if proc.returncode != 0:
             sys.exit(f"a ducho-fast process failed:\n{err.decode()}")
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.npy"))}
 
 
 def main() -> None:
@@ -142,8 +138,8 @@ def main() -> None:
                 capture_output=True,
             )
 
-        reference = files(work / "local")
-        same = all(files(work / name) == reference for name in ("shards", "ray"))
+        reference = npy_files(work / "local")
+        same = all(npy_files(work / name) == reference for name in ("shards", "ray"))
         if not same or len(reference) != args.n + 1:
             sys.exit("the systems wrote different files")
     n = args.n

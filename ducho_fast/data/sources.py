@@ -75,6 +75,11 @@ def check_ids(listed: list[Item], ignored: list[Path]) -> Items:
     return out
 
 
+# The manifest keys that finishing reads (the rest, normalization, happens in the graph).
+IMAGE_FINISH = ("resize", "resize_shortest_edge", "crop", "interpolation")
+AUDIO_FINISH = ("sample_rate", "max_seconds", "min_samples")
+
+
 class Loader:
     """Reads one item for one model in two steps: ``decode`` (read the file, decode it), which
     models with the same ``decode_key`` share, then ``finish`` (resize, resample, clean) for
@@ -100,7 +105,7 @@ class ImageLoader(Loader):
         self.preprocessing = preprocessing
         self.options = options
         self.decode_key = ("image", options.exif_orientation, options.max_image_pixels)
-        self.finish_key = _frozen(preprocessing)
+        self.finish_key = _frozen([preprocessing.get(k) for k in IMAGE_FINISH])
 
     def decode(self, item: Item) -> Any:
         return decode_image(item.raw, self.options)
@@ -117,7 +122,7 @@ class AudioLoader(Loader):
         self.options = options
         self.crop = preprocessing.get("max_seconds")
         self.decode_key = ("audio", self.crop, options.max_audio_seconds)
-        self.finish_key = _frozen(preprocessing)
+        self.finish_key = _frozen([preprocessing.get(k) for k in AUDIO_FINISH])
 
     def decode(self, item: Item) -> Any:
         return decode_audio(item.raw, self.crop, self.options)

