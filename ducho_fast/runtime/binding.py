@@ -1,57 +1,171 @@
-"""Device I/O for CUDA sessions: ONNX Runtime I/O binding with input buffers kept per shape.
+"""Device I/O for CUDA sessions: ONNX Runtime I/O binding in three steps on three threads.
 
-``session.run`` with numpy feeds allocates device memory for every input of every batch and
-copies outputs back through a temporary. An :class:`IOBinder` allocates each input's device
-buffer once per (name, shape, dtype) and copies the batch into it, binds outputs to the
-device, and copies them back after the run. Batches of a run mostly share a few shapes
-(images: one; texts: one per bucket length), so allocation stops after the first batches.
+``session.run`` with numpy feeds allocates device memory for every input of every batch,
+copies it in, runs, and copies the outputs back before it returns: the GPU idles during both
+copies. An :class:`IOBinder` splits that so the pipeline can overlap it:
 
-The device-specific calls are the three ORT ones (``ortvalue_from_shape_and_type``,
-``update_inplace``, ``bind_output``); the device is a parameter, so the same logic runs on the
-CPU in the test suite and on CUDA where there is one.
+- :meth:`IOBinder.stage` (a reader thread): copies a batch's inputs into device buffers taken
+  from a pool kept per (name, shape, dtype), through page-locked ("pinned") host buffers when
+  the CUDA runtime can pin memory, while the model runs the previous batch;
+- :meth:`IOBinder.run` (the model thread): binds the staged inputs and device outputs, runs,
+  and gives the input buffers back to the pool; the outputs stay on the device;
+- :meth:`IOBinder.fetch` (the writer thread): copies the outputs back while the model runs
+  the next batch.
+
+Batches of a run mostly share a few shapes (images: one; texts: one per bucket length), so
+after the first batches nothing is allocated: a pool holds as many buffers per shape as
+batches are in flight at once (the prefetch queue's, plus one staging, plus one running).
+
+The device-specific calls are ORT's (``ortvalue_from_shape_and_type``, ``update_inplace``,
+``bind_output``, ``OrtValue.numpy``) and ``cudaHostRegister``; the device is a parameter, so
+the same logic runs on the CPU in the test suite and on CUDA where there is one.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+log = logging.getLogger("ducho_fast")
+
+Key = tuple[str, tuple[int, ...], str]
+PinFn = Callable[[np.ndarray], bool]  # page-locks an array's memory in place; False: could not
+CUDA_RUNTIMES = ("cudart", "libcudart.so.13", "libcudart.so.12", "libcudart.so")
+
+
+@dataclass
+class Slot:
+    """One input's device buffer, and the pinned host buffer it is copied from (if any)."""
+
+    device: Any  # OrtValue on the binder's device
+    host: np.ndarray | None = None
+
+
+@dataclass
+class Staged:
+    """A batch's inputs on the device, bound by :meth:`IOBinder.run`, which frees them."""
+
+    slots: dict[str, tuple[Key, Slot]] = field(default_factory=dict)
 
 
 class IOBinder:
     """Runs one session with bound inputs and outputs on ``device`` (``cuda`` or ``cpu``)."""
 
     def __init__(
-        self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0
+        self,
+        session: ort.InferenceSession,
+        device: str = "cuda",
+        device_id: int = 0,
+        pin: PinFn | None = None,
     ) -> None:
+        """``pin``: how host staging buffers are page-locked; none: copy from the batch."""
         self.session = session
         self.device = device
         self.device_id = device_id
-        self.buffers: dict[tuple[str, tuple[int, ...], str], Any] = {}
+        self.pin = pin
         self.allocations = 0
+        self._free: dict[Key, list[Slot]] = {}
+        self._lock = threading.Lock()
 
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Like ``session.run(names, feeds)``, through device buffers."""
-        binding = self.session.io_binding()
+    def stage(self, feeds: dict[str, np.ndarray]) -> Staged:
+        """Copy a batch's inputs to the device (any thread); :meth:`run` binds them."""
+        staged = Staged()
         for name, array in feeds.items():
-            buffer = self._buffer(name, np.ascontiguousarray(array))
-            binding.bind_ortvalue_input(name, buffer)
-        for name in names:
-            binding.bind_output(name, self.device, self.device_id)
-        binding.synchronize_inputs()
-        self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        return [np.asarray(v) for v in binding.copy_outputs_to_cpu()]
+            array = np.ascontiguousarray(array)
+            key = (name, tuple(array.shape), array.dtype.str)
+            slot = self._take(key, array)
+            if slot.host is not None:
+                np.copyto(slot.host, array)  # into page-locked memory: the copy is a DMA
+                array = slot.host
+            slot.device.update_inplace(array)  # host -> device copy into the kept buffer
+            staged.slots[name] = (key, slot)
+        return staged
 
-    def _buffer(self, name: str, array: np.ndarray) -> Any:
-        key = (name, tuple(array.shape), array.dtype.str)
-        buffer = self.buffers.get(key)
-        if buffer is None:
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(
-                array.shape, array.dtype, self.device, self.device_id
-            )
-            self.buffers[key] = buffer
+    def run(self, names: list[str], staged: Staged) -> list[Any]:
+        """Run on staged inputs (the model's thread); outputs stay on the device."""
+        binding = self.session.io_binding()
+        try:
+            for name, (_, slot) in staged.slots.items():
+                binding.bind_ortvalue_input(name, slot.device)
+            for name in names:
+                binding.bind_output(name, self.device, self.device_id)
+            binding.synchronize_inputs()
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            return list(binding.get_outputs())
+        finally:
+            self._give_back(staged)
+
+    def fetch(self, values: list[Any]) -> list[np.ndarray]:
+        """Outputs of :meth:`run` copied to host memory (the writer's thread)."""
+        return [np.asarray(v.numpy()) for v in values]
+
+    def run_feeds(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Like ``session.run(names, feeds)``, through device buffers, in one call."""
+        return self.fetch(self.run(names, self.stage(feeds)))
+
+    def _take(self, key: Key, array: np.ndarray) -> Slot:
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if free:
+                return free.pop()
             self.allocations += 1
-        buffer.update_inplace(array)  # host -> device copy into the kept buffer
-        return buffer
+        device = ort.OrtValue.ortvalue_from_shape_and_type(
+            array.shape, array.dtype, self.device, self.device_id
+        )
+        host = None
+        if self.pin is not None:
+            host = np.empty_like(array)
+            if not self.pin(host):
+                host = None
+        return Slot(device, host)
+
+    def _give_back(self, staged: Staged) -> None:
+        with self._lock:
+            for key, slot in staged.slots.values():
+                self._free[key].append(slot)
+        staged.slots.clear()
+
+
+def cuda_pinning() -> PinFn | None:
+    """``cudaHostRegister`` from the CUDA runtime that onnxruntime-gpu loads; None without it.
+
+    Memory stays page-locked for the life of its array (the pool keeps its buffers as long
+    as the session) and is unregistered before it is freed.
+    """
+    for name in CUDA_RUNTIMES:
+        path = ctypes.util.find_library(name) if "." not in name else name
+        if not path:
+            continue
+        try:
+            cudart = ctypes.CDLL(path)
+            register = cudart.cudaHostRegister
+        except (OSError, AttributeError):
+            continue
+        register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        register.restype = ctypes.c_int
+        unregister = cudart.cudaHostUnregister
+        unregister.argtypes = [ctypes.c_void_p]
+        unregister.restype = ctypes.c_int
+        return _pinner(register, unregister)
+    log.info("the CUDA runtime library was not found: input batches are copied unpinned")
+    return None
+
+
+def _pinner(register: Any, unregister: Any) -> PinFn:
+    def pin(array: np.ndarray) -> bool:
+        if array.nbytes == 0 or int(register(array.ctypes.data, array.nbytes, 0)) != 0:
+            return False  # not cudaSuccess: the slot copies unpinned
+        weakref.finalize(array, unregister, array.ctypes.data)  # before the memory is freed
+        return True
+
+    return pin

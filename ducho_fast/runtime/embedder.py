@@ -10,6 +10,7 @@ with nothing but the core install: no files written, no framework imported.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,28 @@ from ducho_fast.data.text.tokenize import Tokens
 from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import DataError
 from ducho_fast.runtime.batcher import Batcher
-from ducho_fast.runtime.binding import IOBinder
+from ducho_fast.runtime.binding import IOBinder, cuda_pinning
 from ducho_fast.runtime.session import CUDA, SessionInfo, cuda_device_id, make_session
 
 ItemOutputs = dict[str, np.ndarray]
+
+
+@dataclass
+class Prepared:
+    """A batch's graph inputs: per same-shape group, its positions and its feeds (numpy, or
+    staged on the device); per item, its token count (texts) for per-token outputs."""
+
+    parts: list[tuple[list[int], Any]]
+    lengths: list[int | None]
+
+
+@dataclass
+class Launched:
+    """A batch the session has run: per group, its positions and its outputs (numpy, or
+    still on the device)."""
+
+    parts: list[tuple[list[int], list[Any]]]
+    lengths: list[int | None]
 
 
 class Embedder:
@@ -44,6 +63,8 @@ class Embedder:
         )
         self._binder = _binder(self.session, self.info, options or RuntimeOptions())
         self._outputs = list(self.manifest["outputs"])
+        # Several layer labels may name one graph output (sentence-transformers).
+        self._names = list(dict.fromkeys(str(o["name"]) for o in self._outputs))
         self.batcher = Batcher(artifact)
 
     @property
@@ -89,41 +110,53 @@ class Embedder:
     def plan(self, payloads: Sequence[Any], batch_size: int, token_budget: int) -> list[list[int]]:
         return self.batcher.plan(payloads, batch_size, token_budget)
 
-    # -- running ---------------------------------------------------------------------------
+    # -- running: prepare (reader thread), launch (model thread), collect (writer thread) ----
+
+    def prepare_batch(self, payloads: Sequence[Any]) -> Prepared:
+        """A batch's graph inputs, built (and with I/O binding, copied to the device) off the
+        model's thread. Images or clips of different shapes form same-shape groups: padding
+        would change what a convolution or a normalization over the clip sees."""
+        if self.modality in ("visual", "audio"):
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, array in enumerate(payloads):
+                groups.setdefault(array.shape, []).append(i)
+            parts = [(idx, self.batch_feeds([payloads[i] for i in idx])) for idx in groups.values()]
+            lengths: list[int | None] = [None] * len(payloads)
+        else:
+            tokens = self.tokenize(payloads)
+            parts = [(list(range(len(tokens))), self.batch_feeds(tokens))]
+            lengths = [len(t) for t in tokens]
+        if self._binder is None:
+            return Prepared(parts, lengths)
+        return Prepared([(idx, self._binder.stage(feeds)) for idx, feeds in parts], lengths)
+
+    def launch(self, prepared: Prepared) -> Launched:
+        """Run the session on a prepared batch; with I/O binding the outputs stay on the device."""
+        names = self._names
+        ran = []
+        for idx, feeds in prepared.parts:
+            if self._binder is None:
+                ran.append((idx, self.session.run(names, feeds)))
+            else:
+                ran.append((idx, self._binder.run(names, feeds)))
+        return Launched(ran, prepared.lengths)
+
+    def collect(self, launched: Launched) -> list[ItemOutputs]:
+        """Per-item outputs ``{layer: array}`` of a launched batch, in input order."""
+        results: list[ItemOutputs | None] = [None] * len(launched.lengths)
+        for idx, values in launched.parts:
+            arrays = self._binder.fetch(values) if self._binder is not None else values
+            by_name = dict(zip(self._names, arrays, strict=True))
+            outputs = [np.asarray(by_name[o["name"]]) for o in self._outputs]
+            for row, i in enumerate(idx):
+                results[i] = self._item(outputs, row, launched.lengths[i])
+        return [r for r in results if r is not None]
 
     def run_prepared(self, payloads: Sequence[Any]) -> list[ItemOutputs]:
         """Per-item outputs ``{layer: array}`` for decoded images or texts, in input order."""
         if not payloads:
             return []
-        if self.modality in ("visual", "audio"):
-            return self._run_same_shape(payloads)
-        return self._run_texts(list(payloads))
-
-    def _run_same_shape(self, arrays: Sequence[np.ndarray]) -> list[ItemOutputs]:
-        # Inputs of different shapes (images without a resize, clips of different lengths)
-        # run in same-shape groups: padding would change what a convolution or a
-        # normalization over the clip sees, so results stay those of one item at a time.
-        results: list[ItemOutputs | None] = [None] * len(arrays)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, array in enumerate(arrays):
-            groups.setdefault(array.shape, []).append(i)
-        for indices in groups.values():
-            outputs = self._run(self.batch_feeds([arrays[i] for i in indices]))
-            for row, i in enumerate(indices):
-                results[i] = self._item(outputs, row, None)
-        return [r for r in results if r is not None]
-
-    def _run_texts(self, texts: list[str | Tokens]) -> list[ItemOutputs]:
-        tokens = self.tokenize(texts)
-        outputs = self._run(self.batch_feeds(tokens))
-        return [self._item(outputs, row, len(t)) for row, t in enumerate(tokens)]
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        # Several layer labels may name one graph output (sentence-transformers).
-        names = list(dict.fromkeys(o["name"] for o in self._outputs))
-        run = self._binder.run if self._binder is not None else self.session.run
-        values = dict(zip(names, run(names, feeds), strict=True))
-        return [np.asarray(values[o["name"]]) for o in self._outputs]
+        return self.collect(self.launch(self.prepare_batch(payloads)))
 
     def _item(self, outputs: list[np.ndarray], row: int, length: int | None) -> ItemOutputs:
         item: ItemOutputs = {}
@@ -177,7 +210,7 @@ def _binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IOBinde
     if options.io_binding == "off":
         return None
     if info.provider == CUDA:
-        return IOBinder(session, "cuda", cuda_device_id(options.device))
+        return IOBinder(session, "cuda", cuda_device_id(options.device), pin=cuda_pinning())
     return IOBinder(session, "cpu") if options.io_binding == "on" else None
 
 

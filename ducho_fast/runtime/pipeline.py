@@ -28,7 +28,7 @@ from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import DataError, DuchoError
 from ducho_fast.runtime.batcher import Batcher
-from ducho_fast.runtime.embedder import Embedder, ItemOutputs
+from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
 from ducho_fast.runtime.shard import Shard
 
 LoadFn = Callable[[Item], Any]
@@ -43,6 +43,7 @@ class Batch:
     payloads: list[Any]
     skipped: int = 0  # items of this chunk that failed to load (for progress)
     counted: bool = True  # whether writing it moves the progress (once per window's items)
+    prepared: Prepared | None = None  # graph inputs built (and staged) by the reader
 
 
 @dataclass
@@ -156,8 +157,8 @@ class Pipeline(WindowedRun):
         writer.start()
         try:
             for member, batch in _until_done(batches, reader):
-                outputs = self._infer(member, batch) if batch.items else []
-                if not _put_alive(writes, (member, batch, outputs), writer):
+                ran = launch(member.embedder, batch) if batch.items else []
+                if not _put_alive(writes, (member, batch, ran), writer):
                     break
         finally:
             reader.stop()
@@ -207,21 +208,18 @@ class Pipeline(WindowedRun):
                 self._fail(member, item, reason)
             if k < len(needed) - 1:
                 batches = [replace(b, counted=False) for b in batches]
+            for batch in batches:
+                batch.prepared = _prepare(member.embedder, batch)
             out += [(member, b) for b in batches]
         return out
 
-    def _infer(self, member: Member, batch: Batch) -> list[ItemOutputs | None]:
-        outputs = infer(member.embedder, batch)
-        for item, out in zip(batch.items, outputs, strict=True):
-            if isinstance(out, str):
-                self._fail(member, item, out)
-        return [None if isinstance(out, str) else out for out in outputs]
-
     def _drain(self, writes: queue.Queue[Any], progress: ProgressFn | None, _: Any) -> None:
         while (entry := writes.get()) is not _DONE:
-            member, batch, outputs = entry
-            for item, out in zip(batch.items, outputs, strict=True):
-                if out is not None and self._write_one(member, item, out):
+            member, batch, ran = entry
+            for item, out in zip(batch.items, collect(member.embedder, batch, ran), strict=True):
+                if isinstance(out, str):
+                    self._fail(member, item, out)
+                elif self._write_one(member, item, out):
                     with self._lock:
                         member.result.written += 1
             if progress and batch.counted:
@@ -308,6 +306,45 @@ def assemble(
         return [Batch([], [], len(failures))], failures
     batches[0].skipped = len(failures)
     return batches, failures
+
+
+def _prepare(embedder: Embedder, batch: Batch) -> Prepared | None:
+    """The batch's graph inputs, built by the reader; None: the model thread finds out why."""
+    if not batch.items:
+        return None
+    try:
+        return embedder.prepare_batch(batch.payloads)
+    except Exception:
+        return None  # launch() runs it through infer(), which names the bad items
+
+
+def launch(embedder: Embedder, batch: Batch) -> Launched | list[ItemOutputs | str]:
+    """Run a batch on the model's thread. Launched: the writer collects its outputs (from the
+    device, with I/O binding) while the next batch runs. Otherwise the batch failed as a whole
+    and was run again item by item: each item's outputs, or why it failed."""
+    if batch.prepared is not None:
+        try:
+            return embedder.launch(batch.prepared)
+        except DuchoError:
+            raise
+        except Exception:
+            pass  # infer() below finds the item at fault
+    return infer(embedder, batch)
+
+
+def collect(
+    embedder: Embedder, batch: Batch, ran: Launched | list[ItemOutputs | str]
+) -> list[ItemOutputs | str]:
+    """Per-item outputs of what :func:`launch` returned (on the writer's thread)."""
+    if not isinstance(ran, Launched):
+        return ran
+    try:
+        return list(embedder.collect(ran))
+    except DuchoError:
+        raise
+    except Exception as e:
+        reason = f"copying the model's outputs back failed: {type(e).__name__}: {e}"
+        return [reason] * len(batch.items)
 
 
 def infer(embedder: Embedder, batch: Batch) -> list[ItemOutputs | str]:

@@ -176,3 +176,29 @@ def test_progress_counts_every_item_bad_ones_too(
     ducho_fast.export(config)
     ducho_fast.extract(config, progress=progress)
     assert ticks[0] == -14 and sum(ticks[1:]) == 14
+
+
+def test_staged_device_path_writes_the_same_files(
+    tmp_path, store, messy_images, resnet18_state_dict, tiny_bert_dir
+) -> None:
+    """io_binding: on runs the CUDA path's logic on the CPU: inputs staged by the reader,
+    outputs fetched by the writer. Same files, same bad items, as the plain session path."""
+    from tests.conftest import npy_bytes, two_job_config
+
+    written = []
+    for mode in ("off", "on"):
+        data = tmp_path / mode
+        config = two_job_config(data, store, resnet18_state_dict, tiny_bert_dir)
+        shutil.copytree(messy_images, data / "images", dirs_exist_ok=True)
+        config["runtime"] = {"io_binding": mode, "prefetch": 2}
+        ducho_fast.export(config)
+        report = ducho_fast.extract(config)
+        assert sorted(e.item_id for r in report.runs for e in r.result.errors) == [
+            "C001",
+            "C002",
+            "C003",
+            "img05",
+            "t009",
+        ]
+        written.append(npy_bytes(data))
+    assert len(written[0]) == 21 + 11 + 69 + 2 and written[0] == written[1]  # + 2 matrices

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -70,10 +71,59 @@ def test_io_binding_logic_on_cpu_same_outputs_buffers_kept_per_shape() -> None:
     for shape in shapes:
         feeds = {name: rng.standard_normal(shape).astype(np.float32)}
         for ours, plain in zip(
-            binder.run(outputs, feeds), session.run(outputs, feeds), strict=True
+            binder.run_feeds(outputs, feeds), session.run(outputs, feeds), strict=True
         ):
             np.testing.assert_array_equal(ours, plain)
     assert binder.allocations == 2  # the third batch reused the first one's buffer
+
+
+def test_staged_batches_overlap_across_threads_and_buffers_come_back() -> None:
+    """The pipeline's use: stage on a reader thread, run on the model's, fetch on the writer's;
+    pinned host buffers (a stand-in for cudaHostRegister) are what the device copies from."""
+    import threading
+
+    session, _ = make_session(PROBE, RuntimeOptions(device="cpu"))
+    pinned: list[np.ndarray] = []
+
+    def pin(array: np.ndarray) -> bool:
+        pinned.append(array)
+        return True
+
+    binder = IOBinder(session, "cpu", pin=pin)
+    name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(1)
+    shape = (2, *_probe_shape(session))
+    feeds = [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(5)]
+    staged: list[Any] = []
+    reader = threading.Thread(target=lambda: staged.extend(binder.stage(f) for f in feeds[:3]))
+    reader.start()
+    reader.join()
+    assert binder.allocations == 3  # three batches in flight at once: three buffers
+    assert [slot.host is not None for s in staged for _, slot in s.slots.values()] == [True] * 3
+    ran = [binder.run(outputs, s) for s in staged]  # each run gives its buffers back
+    fetched: list[list[np.ndarray]] = []
+    writer = threading.Thread(target=lambda: fetched.extend(binder.fetch(r) for r in ran))
+    writer.start()
+    writer.join()
+    fetched += [binder.run_feeds(outputs, f) for f in feeds[3:]]
+    assert binder.allocations == 3 and len(pinned) == 3  # batches 4 and 5 reused them
+    for ours, f in zip(fetched, feeds, strict=True):
+        for a, b in zip(ours, session.run(outputs, f), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_unpinnable_host_memory_is_copied_from_the_batch() -> None:
+    session, _ = make_session(PROBE, RuntimeOptions(device="cpu"))
+    binder = IOBinder(session, "cpu", pin=lambda array: False)
+    name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    feeds = {name: np.ones((1, *_probe_shape(session)), np.float32)}
+    staged = binder.stage(feeds)
+    assert all(slot.host is None for _, slot in staged.slots.values())
+    ours = binder.fetch(binder.run(outputs, staged))
+    for a, b in zip(ours, session.run(outputs, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_embedder_io_binding_switch(tmp_path: Path) -> None:
@@ -112,5 +162,7 @@ def test_io_binding_on_cuda_matches_plain_run() -> None:
     name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
     feeds = {name: np.ones((2, *_probe_shape(session)), np.float32)}
-    for ours, plain in zip(binder.run(outputs, feeds), session.run(outputs, feeds), strict=True):
+    for ours, plain in zip(
+        binder.run_feeds(outputs, feeds), session.run(outputs, feeds), strict=True
+    ):
         np.testing.assert_allclose(ours, plain, rtol=1e-6)
