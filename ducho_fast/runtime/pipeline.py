@@ -1,8 +1,10 @@
 """The batch pipeline: readers -> bounded queue -> ONNX Runtime -> writer thread.
 
-Readers decode a batch on a thread pool (PIL and tokenizers release the GIL) while the model
-runs the previous one; the writer saves a batch while the model runs the next. A bad item is
-recorded and skipped (or, with ``on_error: fail``, stops the run); the items around it go on.
+Readers decode a batch on a thread pool (PIL and tokenizers release the GIL) and build its
+graph inputs (on CUDA: staged on the device) while the model runs the previous one; the writer
+copies a batch's outputs back and saves them while the model runs the next. Several models
+over the same items share the readers: each item is decoded once. A bad item is recorded and
+skipped (or, with ``on_error: fail``, stops the run); the items around it go on.
 
 Items are read in windows cut at fixed positions of the full item list: one batch for images
 and audio, ``TEXT_WINDOW_BATCHES`` batches for texts, which are tokenized by the readers and
