@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,12 +180,24 @@ def test_progress_counts_every_item_bad_ones_too(
 
 
 def test_staged_device_path_writes_the_same_files(
-    tmp_path, store, messy_images, resnet18_state_dict, tiny_bert_dir
+    tmp_path, store, messy_images, resnet18_state_dict, tiny_bert_dir, monkeypatch
 ) -> None:
     """io_binding: on runs the CUDA path's logic on the CPU: inputs staged by the reader,
     outputs fetched by the writer. Same files, same bad items, as the plain session path."""
+    import threading
+
+    from ducho_fast.runtime.binding import IOBinder
     from tests.conftest import npy_bytes, two_job_config
 
+    threads: dict[str, set[str]] = {"stage": set(), "run": set(), "fetch": set()}
+    for step in threads:
+        real = getattr(IOBinder, step)
+
+        def spy(self: Any, *args: Any, _real: Any = real, _step: str = step) -> Any:
+            threads[_step].add(threading.current_thread().name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(IOBinder, step, spy)
     written = []
     for mode in ("off", "on"):
         data = tmp_path / mode
@@ -202,3 +215,9 @@ def test_staged_device_path_writes_the_same_files(
         ]
         written.append(npy_bytes(data))
     assert len(written[0]) == 21 + 11 + 69 + 2 and written[0] == written[1]  # + 2 matrices
+    # Three steps on three threads: the model's thread (main) only runs.
+    main = threading.main_thread().name
+    assert threads["run"] == {main}
+    assert threads["stage"] and main not in threads["stage"]
+    assert threads["fetch"] and main not in threads["fetch"]
+    assert threads["stage"].isdisjoint(threads["fetch"])
