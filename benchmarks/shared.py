@@ -24,22 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, npy_files, report
-from visual import lite_entry, write_jpegs
-
-
-def config(work: Path, entries: list[dict[str, Any]], output: str, batch: int) -> dict[str, Any]:
-    return {
-        "dataset_path": str(work),
-        "store": str(work / "store"),
-        "output": {"resume": False},
-        "visual": {
-            "items": {
-                "input_path": "images",
-                "output_path": output,
-                "model": [{**e, "reshape": [224, 224], "batch_size": batch} for e in entries],
-            }
-        },
-    }
+from visual import config_for, lite_entry, write_jpegs
 
 
 def main() -> None:
@@ -73,8 +58,8 @@ def main() -> None:
             "preprocessing": "zscore",
         },
     ]
-    together = config(work, entries, "together", args.batch_size)
-    apart = [config(work, [e], "apart", args.batch_size) for e in entries]
+    together = config_for(work, entries, "together", args.batch_size)
+    apart = [config_for(work, [e], "apart", args.batch_size) for e in entries]
     print(f"{args.n} JPEGs, batch size {args.batch_size}, {cpu_quota()} CPUs, in {work}")
     api.export(together)
     api.extract(together)  # warm-up: page cache, sessions

@@ -156,23 +156,29 @@ def torch_eager(spec: dict[str, Any], paths: list[Path], batch_size: int) -> np.
     return np.concatenate(out)
 
 
-def write_config(work: Path, name: str, entry: dict[str, Any], batch_size: int) -> Path:
-    import yaml
-
-    config = {
+def config_for(
+    work: Path, entries: list[dict[str, Any]], output: str, batch_size: int
+) -> dict[str, Any]:
+    """A fresh-run config: ``work/images`` through the models at 224 x 224 into ``output``."""
+    return {
         "dataset_path": str(work),
         "store": str(work / "store"),
         "output": {"resume": False},
         "visual": {
             "items": {
                 "input_path": "images",
-                "output_path": f"features_{name}",
-                "model": [{**entry, "reshape": [224, 224], "batch_size": batch_size}],
+                "output_path": output,
+                "model": [{**e, "reshape": [224, 224], "batch_size": batch_size} for e in entries],
             }
         },
     }
+
+
+def write_config(work: Path, name: str, entry: dict[str, Any], batch_size: int) -> Path:
+    import yaml
+
     path = work / f"visual_{name}.yml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config_for(work, [entry], f"features_{name}", batch_size)))
     return path
 
 
