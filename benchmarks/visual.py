@@ -39,6 +39,8 @@ GFLOP_PER_IMAGE = {"efficientnet_lite0": 2 * 0.40, "resnet50": 2 * 4.09}
 def write_jpegs(folder: Path, n: int, seed: int) -> list[Path]:
     """Deterministic photos-like JPEGs (smooth colour fields plus texture), 240 to 1200 px."""
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.jpg"):  # a reused --work folder: exactly N images, no leftovers
+        old.unlink()
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
