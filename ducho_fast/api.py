@@ -36,9 +36,18 @@ from ducho_fast.outputs.matrix import (
     read_id_order,
     write_matrix,
 )
+from ducho_fast.runtime.batcher import sorts_by_length
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
-from ducho_fast.runtime.pipeline import Member, Pipeline, PipelineOptions, ProgressFn, RunResult
+from ducho_fast.runtime.pipeline import (
+    Member,
+    Pipeline,
+    PipelineOptions,
+    ProgressFn,
+    RunResult,
+    shared_window,
+    window_size,
+)
 from ducho_fast.runtime.shard import Shard
 
 if TYPE_CHECKING:
@@ -359,16 +368,20 @@ class _Planned:
 def _run_models(
     ctx: _Context, job: Job, specs: list[ModelSpec], items: list[Item], report: ExtractReport
 ) -> list[ModelRun]:
-    """Models over the same items. Those with the same batch size whose inputs decode alike
-    (all texts; images with the same EXIF and size settings; audio with the same crop) run in
-    one pipeline that reads and decodes each item once. Runs come back in ``specs``' order."""
+    """Models over the same items. Those whose inputs decode alike (all texts; images with
+    the same EXIF and size settings; audio with the same crop) and whose batch sizes fit one
+    window (:func:`shared_window`) run in one pipeline that reads and decodes each item once.
+    Runs come back in ``specs``' order."""
     planned = [_plan(ctx, job, spec) for spec in specs]
-    groups: dict[Any, list[_Planned]] = {}
-    for i, p in enumerate(planned):
-        shared = (p.loader.decode_key, p.spec.batch_size) if ctx.ray is None else i
-        groups.setdefault(shared, []).append(p)
+    groups: list[list[_Planned]] = []
+    for p in planned:
+        group = next((g for g in groups if ctx.ray is None and _shares(g, p)), None)
+        if group is None:
+            groups.append([p])
+        else:
+            group.append(p)
     runs: dict[int, ModelRun] = {}
-    for group in groups.values():
+    for group in groups:
         total, group_runs = _run_group(ctx, job, group, items)
         for p, run in zip(group, group_runs, strict=True):
             runs[id(p)] = run
@@ -378,6 +391,14 @@ def _run_models(
             else:
                 _record_shard(ctx.shard, p.folders, total, run.result)
     return [runs[id(p)] for p in planned]
+
+
+def _shares(group: list[_Planned], p: _Planned) -> bool:
+    """Whether ``p`` can join ``group``'s pipeline: same decoding, and a shared window."""
+    windows = [
+        window_size(sorts_by_length(q.artifact.modality), q.spec.batch_size) for q in [*group, p]
+    ]
+    return group[0].loader.decode_key == p.loader.decode_key and shared_window(windows) is not None
 
 
 def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
@@ -414,7 +435,11 @@ def _run_group(
     if ctx.ray is None:
         members = [
             Member(
-                Embedder(p.artifact, cfg.runtime, readers=True), p.loader, p.writer.write, p.done
+                Embedder(p.artifact, cfg.runtime, readers=True),
+                p.loader,
+                p.writer.write,
+                p.done,
+                batch_size=p.spec.batch_size,
             )
             for p in group
         ]

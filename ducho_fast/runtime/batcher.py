@@ -22,7 +22,7 @@ class Batcher:
     @property
     def sorts_by_length(self) -> bool:
         """Whether batch assembly sorts a window of items by length (texts)."""
-        return self.encoder is not None
+        return sorts_by_length(self.modality)
 
     def tokenize(self, payloads: Sequence[Any]) -> list[Any]:
         """Texts to :class:`Tokens` (readers do this off the model's thread); others as is."""
@@ -53,6 +53,11 @@ class Batcher:
         assert self.encoder is not None
         feeds = self.encoder.pad(self.tokenize(payloads))
         return {k: v for k, v in feeds.items() if k in self._input_names}
+
+
+def sorts_by_length(modality: str) -> bool:
+    """Whether a model of ``modality`` has its windows of items sorted by length (texts)."""
+    return modality == "textual"
 
 
 def _encoder(artifact: Artifact) -> TextEncoder:

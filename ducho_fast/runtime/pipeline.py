@@ -3,8 +3,9 @@
 Readers decode a batch on a thread pool (PIL and tokenizers release the GIL) and build its
 graph inputs (on CUDA: staged on the device) while the model runs the previous one; the writer
 copies a batch's outputs back and saves them while the model runs the next. Several models
-over the same items share the readers: each item is decoded once. A bad item is recorded and
-skipped (or, with ``on_error: fail``, stops the run); the items around it go on.
+over the same items share the readers: each item is decoded once, in windows that hold a whole
+number of each model's windows. A bad item is recorded and skipped (or, with
+``on_error: fail``, stops the run); the items around it go on.
 
 Items are read in windows cut at fixed positions of the full item list: one batch for images
 and audio, ``TEXT_WINDOW_BATCHES`` batches for texts, which are tokenized by the readers and
@@ -16,6 +17,7 @@ it in: the files end byte-identical.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -44,7 +46,7 @@ class Batch:
     items: list[Item]
     payloads: list[Any]
     skipped: int = 0  # items of this chunk that failed to load (for progress)
-    counted: bool = True  # whether writing it moves the progress (once per window's items)
+    ticks: int | None = None  # how far writing it moves the progress; None: items + skipped
     prepared: Prepared | None = None  # graph inputs built (and staged) by the reader
 
 
@@ -76,6 +78,10 @@ class PipelineOptions:
 # item list: long enough that buckets fill, short enough that the first batch comes quickly.
 TEXT_WINDOW_BATCHES = 16
 AUTO_TOKENS_PER_ROW = 64
+# Models share decoding when a window holding a whole number of each one's windows (their
+# least common multiple) is at most this many times the largest: batch sizes 32 and 64 share
+# windows of 64; 7 and 9 (63 > 4 x 9) run apart.
+SHARED_WINDOW_FACTOR = 4
 
 
 class WindowedRun:
@@ -84,13 +90,12 @@ class WindowedRun:
 
     def __init__(self, batcher: Batcher, options: PipelineOptions):
         self._batcher = batcher
-        budget = options.token_budget or options.batch_size * AUTO_TOKENS_PER_ROW
-        self._opts = replace(options, token_budget=budget)
+        self._opts = _own_options(options, options.batch_size)
 
     @property
     def window(self) -> int:
         """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
-        return window_size(self._batcher, self._opts.batch_size)
+        return window_size(self._batcher.sorts_by_length, self._opts.batch_size)
 
     def size(self, total: int) -> int:
         """How many of ``total`` items this run embeds: all, or its shard's."""
@@ -105,9 +110,18 @@ class WindowedRun:
                 yield items[begin : begin + self.window]
 
 
-def window_size(batcher: Batcher, batch_size: int) -> int:
-    """Items per window for a model: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
-    return batch_size * TEXT_WINDOW_BATCHES if batcher.sorts_by_length else batch_size
+def window_size(sorts_by_length: bool, batch_size: int) -> int:
+    """Items per window for a model: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts
+    (``sorts_by_length``)."""
+    return batch_size * TEXT_WINDOW_BATCHES if sorts_by_length else batch_size
+
+
+def shared_window(windows: Sequence[int]) -> int | None:
+    """The window of models whose own windows are ``windows``: the smallest that holds a
+    whole number of each, so every model gets the batches it would get alone; None when that
+    is over ``SHARED_WINDOW_FACTOR`` times the largest (they run apart)."""
+    common = math.lcm(*windows)
+    return common if common <= SHARED_WINDOW_FACTOR * max(windows) else None
 
 
 @dataclass
@@ -119,28 +133,41 @@ class Member:
     write: WriteFn
     done: Set[str] = frozenset()  # ids complete from an earlier run
     result: RunResult = field(default_factory=RunResult)
+    batch_size: int = 0  # 0: the pipeline's
 
 
 class Pipeline(WindowedRun):
     """Models over one list of items, with decode, model and write overlapped.
 
-    The models of one pipeline share their windows (same batch size, same modality) and
-    their decoding: each item is read and decoded once (``Loader.decode``), then finished
-    (resized, resampled, cleaned) once per distinct ``Loader.finish_key``. Each model gets
-    the batches it would get alone, so the files are those of separate runs.
+    The models of one pipeline share their decoding: items are read in windows holding a
+    whole number of each model's own windows (:func:`shared_window`); each item is read and
+    decoded once (``Loader.decode``), then finished (resized, resampled, cleaned) once per
+    distinct ``Loader.finish_key``. Each model cuts the window into its own windows and
+    batches, so it gets the batches it would get alone and writes the files of a separate run.
     """
 
     def __init__(self, members: Sequence[Member], options: PipelineOptions) -> None:
         if not members:
             raise ValueError("a pipeline needs at least one model")
-        first = members[0].embedder.batcher
-        super().__init__(first, options)
-        windows = {window_size(m.embedder.batcher, options.batch_size) for m in members}
-        keys = {m.loader.decode_key for m in members}
-        if len(windows) != 1 or len(keys) != 1:
+        super().__init__(members[0].embedder.batcher, options)
+        self._member_opts = [
+            _own_options(options, m.batch_size or options.batch_size) for m in members
+        ]
+        self._member_windows = [
+            window_size(m.embedder.batcher.sorts_by_length, o.batch_size)
+            for m, o in zip(members, self._member_opts, strict=True)
+        ]
+        shared = shared_window(self._member_windows)
+        if shared is None or len({m.loader.decode_key for m in members}) != 1:
             raise ValueError("the models of one pipeline must share their windows and decoding")
+        self._shared_window = shared
         self.members = list(members)
         self._lock = threading.Lock()
+
+    @property
+    def window(self) -> int:
+        """Items per window: a whole number of each model's windows."""
+        return self._shared_window
 
     @property
     def providers(self) -> list[str]:
@@ -180,38 +207,59 @@ class Pipeline(WindowedRun):
             for chunk in self.windows(items):
                 if stop.is_set():
                     break
-                needed = []
-                for member in self.members:
-                    if all(item.item_id in member.done for item in chunk):
-                        with self._lock:
-                            member.result.reused += len(chunk)
-                    else:
-                        needed.append(member)
-                if not needed:
-                    _put(out, (self.members[0], Batch([], [], len(chunk))), stop)
-                    continue
-                for member, batch in self._assemble(chunk, needed, pool):
+                for member, batch in self._assemble(chunk, self._needed(chunk), pool):
                     _put(out, (member, batch), stop)
         _put(out, _DONE, stop)
 
-    def _assemble(
-        self, chunk: Sequence[Item], needed: list[Member], pool: ThreadPoolExecutor
-    ) -> list[tuple[Member, Batch]]:
-        """Decode a window once, then cut it into batches as each model wants.
+    def _needed(self, chunk: Sequence[Item]) -> list[tuple[int, int, Sequence[Item]]]:
+        """Each model's own windows within ``chunk`` that it still needs, as (model, start,
+        items); those whose ids are all complete from an earlier run are counted as reused."""
+        needed = []
+        for k, (member, size) in enumerate(zip(self.members, self._member_windows, strict=True)):
+            for start in range(0, len(chunk), size):
+                own = chunk[start : start + size]
+                if all(item.item_id in member.done for item in own):
+                    with self._lock:
+                        member.result.reused += len(own)
+                else:
+                    needed.append((k, start, own))
+        return needed
 
-        The last model's batches carry the window's progress (its items and failures)."""
-        loaders = [m.loader for m in needed]
-        loaded = list(pool.map(lambda item: load_each(loaders, item), chunk))
-        out = []
-        for k, member in enumerate(needed):
-            payloads = [row[k] for row in loaded]
-            batches, failures = assemble(chunk, payloads, member.embedder.batcher, self._opts)
+    def _assemble(
+        self,
+        chunk: Sequence[Item],
+        needed: list[tuple[int, int, Sequence[Item]]],
+        pool: ThreadPoolExecutor,
+    ) -> list[tuple[Member, Batch]]:
+        """Decode a window once for the models that need its items, then cut each model's
+        windows into batches as it wants. An item moves the progress once: with the batch of
+        the last model that needs it (or at once when none does)."""
+        users: list[list[int]] = [[] for _ in chunk]
+        for k, start, own in needed:
+            for position in range(start, start + len(own)):
+                users[position].append(k)
+
+        def load(position: int) -> dict[int, Any]:
+            ks = users[position]
+            loaders = [self.members[k].loader for k in ks]
+            return dict(zip(ks, load_each(loaders, chunk[position]) if ks else [], strict=True))
+
+        loaded = list(pool.map(load, range(len(chunk))))
+        last = {id(item): max(ks, default=-1) for item, ks in zip(chunk, users, strict=True)}
+        unused = sum(1 for ks in users if not ks)
+        out = [(self.members[0], Batch([], [], ticks=unused))] if unused else []
+        for k, start, own in needed:
+            member, options = self.members[k], self._member_opts[k]
+            payloads = [loaded[start + i][k] for i in range(len(own))]
+            batches, failures = assemble(own, payloads, member.embedder.batcher, options)
             for item, reason in failures:  # recorded here, in input order
                 self._fail(member, item, reason)
-            if k < len(needed) - 1:
-                batches = [replace(b, counted=False) for b in batches]
             for batch in batches:
+                batch.ticks = sum(last[id(item)] == k for item in batch.items)
                 batch.prepared = _prepare(member.embedder, batch)
+            batches[0].ticks = (batches[0].ticks or 0) + sum(
+                last[id(item)] == k for item, _ in failures
+            )
             out += [(member, b) for b in batches]
         return out
 
@@ -224,8 +272,9 @@ class Pipeline(WindowedRun):
                 elif self._write_one(member, item, out):
                     with self._lock:
                         member.result.written += 1
-            if progress and batch.counted:
-                progress(len(batch.items) + batch.skipped)
+            ticks = len(batch.items) + batch.skipped if batch.ticks is None else batch.ticks
+            if progress and ticks:
+                progress(ticks)
 
     def _write_one(self, member: Member, item: Item, out: ItemOutputs) -> bool:
         reason = write_checked(member.write, item, out)
@@ -236,6 +285,13 @@ class Pipeline(WindowedRun):
     def _fail(self, member: Member, item: Item, reason: str) -> None:
         with self._lock:
             record_failure(member.result, item, reason, self._opts.on_error)
+
+
+def _own_options(options: PipelineOptions, batch_size: int) -> PipelineOptions:
+    """A model's options in a shared pipeline: its batch size, and the token budget that
+    goes with it when none is set."""
+    budget = options.token_budget or batch_size * AUTO_TOKENS_PER_ROW
+    return replace(options, batch_size=batch_size, token_budget=budget)
 
 
 def write_checked(write: WriteFn, item: Item, out: ItemOutputs) -> str | None:

@@ -15,8 +15,15 @@ from ducho_fast.api import ERRORS_FILE
 from ducho_fast.data import sources
 from ducho_fast.data.items import Item
 from ducho_fast.errors import DataError
-from ducho_fast.runtime.pipeline import Failed, load_each
-from tests.conftest import npy_bytes, resnet18_entry, visual_config, write_image
+from ducho_fast.runtime import pipeline
+from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES, Failed, load_each, shared_window
+from tests.conftest import (
+    npy_bytes,
+    resnet18_entry,
+    two_job_config,
+    visual_config,
+    write_image,
+)
 from tests.runtime.test_pipeline import read_errors
 
 
@@ -153,22 +160,135 @@ def test_resume_decodes_only_for_the_model_that_still_needs_the_items(
     assert decodes == {"p3.jpg": 1, "p4.jpg": 1, "p5.jpg": 1}
 
 
+def counting_progress() -> tuple[list[int], Any]:
+    """A progress factory for ``extract`` and the ticks it saw: -total, then each step."""
+    ticks: list[int] = []
+
+    @contextmanager
+    def progress(label: str, total: int):
+        ticks.append(-total)
+        yield ticks.append
+
+    return ticks, progress
+
+
 @pytest.mark.slow
-def test_models_with_different_batch_sizes_run_apart_with_the_same_results(
+def test_models_with_different_batch_sizes_share_a_window_holding_both_of_theirs(
+    tmp_path, store, images, resnet18_state_dict, decodes
+) -> None:
+    # Batch sizes 3 and 2 share windows of 6: each model cuts them into its own batches.
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 2))
+    ducho_fast.export(config)
+    ticks, progress = counting_progress()
+    report = ducho_fast.extract(config, progress=progress)
+    assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
+    assert ticks[0] == -7 and sum(ticks[1:]) == 7  # one bar, items counted once
+    assert [r.result.written for r in report.runs] == [6, 6]
+    assert [[e.item_id for e in r.result.errors] for r in report.runs] == [["p3"], ["p3"]]
+    for k, model in enumerate(config["visual"]["items"]["model"]):
+        alone = tmp_path / f"alone{k}"
+        shutil.copytree(images, alone / "images")
+        ducho_fast.extract(visual_config(alone, model, store))
+    assert npy_bytes(tmp_path / "data" / "out") == {
+        **npy_bytes(tmp_path / "alone0" / "out"),
+        **npy_bytes(tmp_path / "alone1" / "out"),
+    }
+
+
+@pytest.mark.slow
+def test_resume_with_different_batch_sizes_decodes_what_either_model_still_needs(
     tmp_path, store, images, resnet18_state_dict, decodes
 ) -> None:
     config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 2))
     ducho_fast.export(config)
+    first_only = visual_config(tmp_path / "data", config["visual"]["items"]["model"][0], store)
+    ducho_fast.extract(first_only)
+    decodes.clear()
     report = ducho_fast.extract(config)
-    assert decodes == {f"p{i}.jpg": 2 for i in range(7)}  # windows differ: one pipeline each
+    assert [(r.result.reused, r.result.written) for r in report.runs] == [(4, 2), (0, 6)]
+    assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
+    decodes.clear()
+    ticks, progress = counting_progress()
+    report = ducho_fast.extract(config, progress=progress)
+    # Each model reruns its own window holding the bad p3: p3-p5 (batches of 3) and p2-p3
+    # (batches of 2). The items of either are decoded once; the others not at all.
+    assert [(r.result.reused, r.result.written) for r in report.runs] == [(4, 2), (5, 1)]
+    assert decodes == {"p2.jpg": 1, "p3.jpg": 1, "p4.jpg": 1, "p5.jpg": 1}
+    assert ticks[0] == -7 and sum(ticks[1:]) == 7
+
+
+@pytest.mark.slow
+def test_models_whose_windows_do_not_fit_together_run_apart_with_the_same_results(
+    tmp_path, store, images, resnet18_state_dict, decodes
+) -> None:
+    # 5 and 7 would need windows of 35, over 4 x 7: one pipeline each.
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, (5, 7))
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert decodes == {f"p{i}.jpg": 2 for i in range(7)}
     assert [r.result.written for r in report.runs] == [6, 6]
 
 
 @pytest.mark.slow
-def test_shards_of_a_two_model_job_write_what_one_run_writes(
-    tmp_path, store, images, resnet18_state_dict, decodes
+def test_text_models_with_different_batch_sizes_sort_their_own_windows(
+    tmp_path, store, resnet18_state_dict, tiny_bert_dir, monkeypatch
 ) -> None:
-    config = two_models(tmp_path / "data", store, resnet18_state_dict, (2, 2))
+    # Windows of 16 batches: 32 and 64 texts, shared as 64. The model with batches of 2 sorts
+    # each half on its own, as alone: the files are those of separate runs.
+    data = tmp_path / "data"
+    config = two_job_config(data, store, resnet18_state_dict, tiny_bert_dir)
+    textual = config["textual"]
+    second = {**textual["items"]["model"][0], "output_layers": ["last_hidden_state"]}
+    textual["items"]["model"].append({**second, "batch_size": 4})
+    config = {"dataset_path": str(data), "store": str(store), "textual": textual}
+    ducho_fast.export(config)
+    batches: dict[int, list[tuple[str, ...]]] = {2: [], 4: []}  # by batch size: ids per batch
+    real = pipeline.assemble
+
+    def spy(chunk: Any, loaded: Any, batcher: Any, options: Any) -> Any:
+        made = real(chunk, loaded, batcher, options)
+        batches[options.batch_size] += [tuple(i.item_id for i in b.items) for b in made[0]]
+        return made
+
+    monkeypatch.setattr(pipeline, "assemble", spy)
+    ticks, progress = counting_progress()
+    report = ducho_fast.extract(config, progress=progress)
+    together = {k: list(v) for k, v in batches.items()}
+    assert ticks[0] == -70 and sum(ticks[1:]) == 70  # one bar
+    assert [r.result.written for r in report.runs] == [69, 69]
+    assert [[e.item_id for e in r.result.errors] for r in report.runs] == [["t009"], ["t009"]]
+    for k, model in enumerate(textual["items"]["model"]):
+        alone = tmp_path / f"alone{k}"
+        alone.mkdir()
+        shutil.copy(data / "descriptions.tsv", alone)
+        batches[model["batch_size"]].clear()
+        ducho_fast.extract({**config, "dataset_path": str(alone)} | _only(textual, model))
+    assert batches == together
+    assert npy_bytes(data / "text_out") == {
+        **npy_bytes(tmp_path / "alone0" / "text_out"),
+        **npy_bytes(tmp_path / "alone1" / "text_out"),
+    }
+
+
+def _only(textual: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    return {"textual": {"items": {**textual["items"], "model": [model]}}}
+
+
+def test_shared_window_holds_a_whole_number_of_each_models_window() -> None:
+    assert shared_window([32]) == 32
+    assert shared_window([32, 64, 16]) == 64
+    assert shared_window([3, 2]) == 6
+    assert shared_window([24, 32]) == 96
+    assert shared_window([5, 7]) is None  # 35 > 4 x 7
+    assert shared_window([32 * TEXT_WINDOW_BATCHES, 64 * TEXT_WINDOW_BATCHES]) == 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [(2, 2), (3, 2)])
+def test_shards_of_a_two_model_job_write_what_one_run_writes(
+    tmp_path, store, images, resnet18_state_dict, decodes, batch
+) -> None:
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, batch)
     ducho_fast.export(config)
     one = tmp_path / "one"
     shutil.copytree(images, one / "images")
