@@ -208,6 +208,9 @@ class Pipeline(WindowedRun):
                 if stop.is_set():
                     break
                 for member, batch in self._assemble(chunk, self._needed(chunk), pool):
+                    # Built (on CUDA: staged on the device) just before it is queued, so at
+                    # most ``prefetch`` + 1 batches hold inputs, however long the window.
+                    batch.prepared = _prepare(member.embedder, batch)
                     _put(out, (member, batch), stop)
         _put(out, _DONE, stop)
 
@@ -256,7 +259,6 @@ class Pipeline(WindowedRun):
                 self._fail(member, item, reason)
             for batch in batches:
                 batch.ticks = sum(last[id(item)] == k for item in batch.items)
-                batch.prepared = _prepare(member.embedder, batch)
             batches[0].ticks = (batches[0].ticks or 0) + sum(
                 last[id(item)] == k for item, _ in failures
             )

@@ -221,3 +221,40 @@ def test_staged_device_path_writes_the_same_files(
     assert threads["stage"] and main not in threads["stage"]
     assert threads["fetch"] and main not in threads["fetch"]
     assert threads["stage"].isdisjoint(threads["fetch"])
+
+
+def test_batches_hold_inputs_only_near_the_queue_however_long_the_window(
+    tmp_path, store, resnet18_state_dict, tiny_bert_dir, monkeypatch
+) -> None:
+    """A text window is 16 batches; only those queued or running hold built (on CUDA:
+    device-staged) inputs: prefetch + 1 at the reader, 1 running, prefetch + 1 at the writer."""
+    import threading
+
+    from ducho_fast.runtime import pipeline
+    from tests.conftest import two_job_config
+
+    live, peak, lock = [0], [0], threading.Lock()
+    real_prepare, real_collect = pipeline._prepare, pipeline.collect
+
+    def prepare(embedder: Any, batch: Any) -> Any:
+        prepared = real_prepare(embedder, batch)
+        with lock:
+            live[0] += prepared is not None
+            peak[0] = max(peak[0], live[0])
+        return prepared
+
+    def collect(embedder: Any, batch: Any, ran: Any) -> Any:
+        out = real_collect(embedder, batch, ran)
+        with lock:
+            live[0] -= batch.prepared is not None
+        return out
+
+    monkeypatch.setattr(pipeline, "_prepare", prepare)
+    monkeypatch.setattr(pipeline, "collect", collect)
+    config = two_job_config(tmp_path / "data", store, resnet18_state_dict, tiny_bert_dir)
+    config = {**config, "visual": None, "runtime": {"prefetch": 1}}
+    del config["visual"]
+    ducho_fast.export(config)
+    report = ducho_fast.extract(config)
+    assert report.runs[0].result.written == 69  # 35 batches of 2, in windows of 16
+    assert live[0] == 0 and 2 <= peak[0] <= 2 * 1 + 3
