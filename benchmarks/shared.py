@@ -1,15 +1,15 @@
 """Two models over the same images: one extract that decodes each image once vs one per model.
 
-    python benchmarks/shared.py --n 128 --batch-size 32
+    python benchmarks/shared.py --n 128 --batch-size 32 [--resnet-batch-size 16]
 
 N generated JPEGs (240 to 1200 px, as benchmarks/visual.py), EfficientNet-Lite0 (real
 weights, offline package) cut at ``_avg_pooling`` and torchvision ResNet18 (random weights,
-seed 0) cut at ``avgpool``, both at 224 x 224 and batch size ``--batch-size``, on this
-machine's CPU:
+seed 0) cut at ``avgpool``, both at 224 x 224 and batch size ``--batch-size`` (ResNet18:
+``--resnet-batch-size`` if given), on this machine's CPU:
 - ``together``: one ``ducho_fast.extract`` of a config naming both models: each image is read,
   decoded, converted and resized once;
-- ``apart``: two ``ducho_fast.extract`` runs, one model each (what a run does when the models'
-  batch sizes differ): every image decoded twice.
+- ``apart``: two ``ducho_fast.extract`` runs, one model each (what a run does when the models
+  decode differently, or their windows do not fit together): every image decoded twice.
 Items/s is images / seconds for all models' features. Each runs ``--repeats`` times, best
 counts; the files of both are checked byte-identical.
 """
@@ -31,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=128, help="images (default 128)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--resnet-batch-size", type=int, default=0, help="default: --batch-size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="best of (default 2)")
     parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
@@ -56,11 +57,13 @@ def main() -> None:
             "weights": str(resnet),
             "output_layers": ["avgpool"],
             "preprocessing": "zscore",
+            "batch_size": args.resnet_batch_size or args.batch_size,
         },
     ]
     together = config_for(work, entries, "together", args.batch_size)
     apart = [config_for(work, [e], "apart", args.batch_size) for e in entries]
-    print(f"{args.n} JPEGs, batch size {args.batch_size}, {cpu_quota()} CPUs, in {work}")
+    sizes = f"{args.batch_size} and {args.resnet_batch_size or args.batch_size}"
+    print(f"{args.n} JPEGs, batch sizes {sizes}, {cpu_quota()} CPUs, in {work}")
     api.export(together)
     api.extract(together)  # warm-up: page cache, sessions
 
@@ -78,6 +81,7 @@ def main() -> None:
             "benchmark": "shared",
             "n": args.n,
             "batch_size": args.batch_size,
+            "resnet_batch_size": args.resnet_batch_size or args.batch_size,
             "cpus": cpu_quota(),
             "items_per_second": {k: round(v, 1) for k, v in rates.items()},
             "ratios": {"together_vs_apart": round(rates["together"] / rates["apart"], 3)},

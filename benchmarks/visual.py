@@ -161,7 +161,8 @@ def torch_eager(spec: dict[str, Any], paths: list[Path], batch_size: int) -> np.
 def config_for(
     work: Path, entries: list[dict[str, Any]], output: str, batch_size: int
 ) -> dict[str, Any]:
-    """A fresh-run config: ``work/images`` through the models at 224 x 224 into ``output``."""
+    """A fresh-run config: ``work/images`` through the models at 224 x 224 into ``output``,
+    at ``batch_size`` unless an entry names its own."""
     return {
         "dataset_path": str(work),
         "store": str(work / "store"),
@@ -170,7 +171,7 @@ def config_for(
             "items": {
                 "input_path": "images",
                 "output_path": output,
-                "model": [{**e, "reshape": [224, 224], "batch_size": batch_size} for e in entries],
+                "model": [{"batch_size": batch_size, **e, "reshape": [224, 224]} for e in entries],
             }
         },
     }
