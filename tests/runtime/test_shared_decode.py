@@ -101,12 +101,8 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     return counts
 
 
-@pytest.mark.slow
-def test_two_models_decode_each_image_once_and_write_what_separate_runs_write(
-    tmp_path, store, images, resnet18_state_dict, decodes
-) -> None:
-    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 3))
-    ducho_fast.export(config)
+def counting_progress() -> tuple[list[int], Any]:
+    """A progress factory for ``extract`` and the ticks it saw: -total, then each step."""
     ticks: list[int] = []
 
     @contextmanager
@@ -114,6 +110,27 @@ def test_two_models_decode_each_image_once_and_write_what_separate_runs_write(
         ticks.append(-total)
         yield ticks.append
 
+    return ticks, progress
+
+
+def alone_bytes(tmp_path: Path, images: Path, config: dict[str, Any], store: Path) -> Any:
+    """The files of each model of ``config`` run alone, over a copy of the images."""
+    files = {}
+    for k, model in enumerate(config["visual"]["items"]["model"]):
+        alone = tmp_path / f"alone{k}"
+        shutil.copytree(images, alone / "images")
+        ducho_fast.extract(visual_config(alone, model, store))
+        files.update(npy_bytes(alone / "out"))
+    return files
+
+
+@pytest.mark.slow
+def test_two_models_decode_each_image_once_and_write_what_separate_runs_write(
+    tmp_path, store, images, resnet18_state_dict, decodes
+) -> None:
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 3))
+    ducho_fast.export(config)
+    ticks, progress = counting_progress()
     report = ducho_fast.extract(config, progress=progress)
     assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
     assert ticks[0] == -7 and sum(ticks[1:]) == 7  # one bar, items counted once
@@ -125,51 +142,9 @@ def test_two_models_decode_each_image_once_and_write_what_separate_runs_write(
         ("p3", True),
         ("p3", True),
     ]
-
-    # Each model alone, over a copy of the images: the same bytes.
-    for k, model in enumerate(config["visual"]["items"]["model"]):
-        alone = tmp_path / f"alone{k}"
-        shutil.copytree(images, alone / "images")
-        ducho_fast.extract(visual_config(alone, model, store))
     together = npy_bytes(tmp_path / "data" / "out")
     assert len(together) == 12
-    assert together == {
-        **npy_bytes(tmp_path / "alone0" / "out"),
-        **npy_bytes(tmp_path / "alone1" / "out"),
-    }
-
-
-@pytest.mark.slow
-def test_resume_decodes_only_for_the_model_that_still_needs_the_items(
-    tmp_path, store, images, resnet18_state_dict, decodes
-) -> None:
-    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 3))
-    ducho_fast.export(config)
-    first_only = visual_config(tmp_path / "data", config["visual"]["items"]["model"][0], store)
-    ducho_fast.extract(first_only)
-    decodes.clear()
-    report = ducho_fast.extract(config)
-    # The first model has every good item; it runs again only the window holding the bad
-    # one (p3-p5, as with one model), and the items are decoded once for both.
-    assert [(r.result.reused, r.result.written) for r in report.runs] == [(4, 2), (0, 6)]
-    assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
-    decodes.clear()
-    report = ducho_fast.extract(config)
-    # Only the window holding the bad image runs again (as with one model), decoded once.
-    assert [r.result.written for r in report.runs] == [2, 2]
-    assert decodes == {"p3.jpg": 1, "p4.jpg": 1, "p5.jpg": 1}
-
-
-def counting_progress() -> tuple[list[int], Any]:
-    """A progress factory for ``extract`` and the ticks it saw: -total, then each step."""
-    ticks: list[int] = []
-
-    @contextmanager
-    def progress(label: str, total: int):
-        ticks.append(-total)
-        yield ticks.append
-
-    return ticks, progress
+    assert together == alone_bytes(tmp_path, images, config, store)
 
 
 @pytest.mark.slow
@@ -185,35 +160,38 @@ def test_models_with_different_batch_sizes_share_a_window_holding_both_of_theirs
     assert ticks[0] == -7 and sum(ticks[1:]) == 7  # one bar, items counted once
     assert [r.result.written for r in report.runs] == [6, 6]
     assert [[e.item_id for e in r.result.errors] for r in report.runs] == [["p3"], ["p3"]]
-    for k, model in enumerate(config["visual"]["items"]["model"]):
-        alone = tmp_path / f"alone{k}"
-        shutil.copytree(images, alone / "images")
-        ducho_fast.extract(visual_config(alone, model, store))
-    assert npy_bytes(tmp_path / "data" / "out") == {
-        **npy_bytes(tmp_path / "alone0" / "out"),
-        **npy_bytes(tmp_path / "alone1" / "out"),
-    }
+    assert npy_bytes(tmp_path / "data" / "out") == alone_bytes(tmp_path, images, config, store)
 
 
 @pytest.mark.slow
-def test_resume_with_different_batch_sizes_decodes_what_either_model_still_needs(
-    tmp_path, store, images, resnet18_state_dict, decodes
+@pytest.mark.parametrize(
+    ("batch", "rerun", "decoded"),
+    [
+        # Only the window holding the bad p3 runs again (as with one model), decoded once.
+        ((3, 3), [(4, 2), (4, 2)], ["p3", "p4", "p5"]),
+        # Each model reruns its own window holding p3: p3-p5 (batches of 3) and p2-p3
+        # (batches of 2). The items of either are decoded once; the others not at all.
+        ((3, 2), [(4, 2), (5, 1)], ["p2", "p3", "p4", "p5"]),
+    ],
+)
+def test_resume_decodes_only_what_a_model_still_needs(
+    tmp_path, store, images, resnet18_state_dict, decodes, batch, rerun, decoded
 ) -> None:
-    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 2))
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, batch)
     ducho_fast.export(config)
     first_only = visual_config(tmp_path / "data", config["visual"]["items"]["model"][0], store)
     ducho_fast.extract(first_only)
     decodes.clear()
     report = ducho_fast.extract(config)
+    # The first model has every good item; it runs again only the window holding the bad
+    # one (p3-p5, as with one model), and the items are decoded once for both.
     assert [(r.result.reused, r.result.written) for r in report.runs] == [(4, 2), (0, 6)]
     assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
     decodes.clear()
     ticks, progress = counting_progress()
     report = ducho_fast.extract(config, progress=progress)
-    # Each model reruns its own window holding the bad p3: p3-p5 (batches of 3) and p2-p3
-    # (batches of 2). The items of either are decoded once; the others not at all.
-    assert [(r.result.reused, r.result.written) for r in report.runs] == [(4, 2), (5, 1)]
-    assert decodes == {"p2.jpg": 1, "p3.jpg": 1, "p4.jpg": 1, "p5.jpg": 1}
+    assert [(r.result.reused, r.result.written) for r in report.runs] == rerun
+    assert decodes == {f"{name}.jpg": 1 for name in decoded}
     assert ticks[0] == -7 and sum(ticks[1:]) == 7
 
 
