@@ -44,16 +44,72 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return best, value
 
 
+def rounds(
+    repeats: int, systems: dict[str, Callable[[], Any]]
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Every system timed once per round, ``repeats`` rounds, the order rotated each round.
+
+    This machine's speed drifts by up to 25% within minutes; timing the systems side by
+    side, round after round, lets that drift fall on all of them alike, so ratios are taken
+    within a round (:func:`paired`). Returns the seconds per round of each system, and the
+    value of each system's last run.
+    """
+    names = list(systems)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[str, Any] = {}
+    for r in range(max(1, repeats)):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            took, values[name] = timed(systems[name])
+            seconds[name].append(took)
+    return seconds, values
+
+
+def paired(seconds: dict[str, list[float]], fast: str, slow: str) -> dict[str, float]:
+    """How many times faster ``fast`` ran than ``slow`` within each round: the median and
+    the range over the rounds."""
+    ratios = [b / a for a, b in zip(seconds[fast], seconds[slow], strict=True)]
+    return {
+        "median": float(np.median(ratios)),
+        "min": float(min(ratios)),
+        "max": float(max(ratios)),
+    }
+
+
+def ratio_summary(ratios: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The JSON line's ratios: each median, and each range over the rounds."""
+    return {
+        "ratios": {k: round(v["median"], 3) for k, v in ratios.items()},
+        "ratio_ranges": {k: [round(v["min"], 3), round(v["max"], 3)] for k, v in ratios.items()},
+    }
+
+
+def median_rates(items: int, seconds: dict[str, list[float]]) -> dict[str, float]:
+    """Items per second of each system in its median round."""
+    return {name: items / float(np.median(s)) for name, s in seconds.items()}
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(b64, axis=1)
 
 
-def report(rows: list[tuple[str, float, str]], summary: dict[str, Any]) -> None:
-    """A human table, then one JSON line (the last line of output) with every figure."""
+def report(
+    rows: list[tuple[str, float, str]],
+    summary: dict[str, Any],
+    ratios: dict[str, dict[str, float]] | None = None,
+) -> None:
+    """A human table and the ratios from :func:`paired` (median of the rounds, and their
+    range), then one JSON line (the last line of output) with every figure."""
     width = max(len(r[0]) for r in rows)
     for name, rate, note in rows:
         print(f"  {name:<{width}}  {rate:8.1f} items/s  {note}")
+    if not ratios:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    print("ratios (median over rounds, range):")
+    width = max(len(name) for name in ratios)
+    for name, r in ratios.items():
+        print(f"  {name:<{width}}  {r['median']:6.3f}  ({r['min']:.3f} to {r['max']:.3f})")
     print(json.dumps(summary, sort_keys=True))
 
 

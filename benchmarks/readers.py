@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, report
+from common import median_rates, paired, ratio_summary, report, rounds
 from visual import write_jpegs
 
 PRE = {"resize": [224, 224], "interpolation": "bicubic"}
@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=256, help="images (default 256)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="best of (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
     args = parser.parse_args()
 
@@ -57,30 +57,40 @@ def main() -> None:
     workers = cpu_quota()
     print(f"{args.n} JPEGs to 224 x 224, {workers} workers, in {work}")
     reference = [load(p) for p in paths]  # warm-up: page cache
-    rates: dict[str, float] = {}
-    seconds, _ = best_of(args.repeats, lambda: [load(p) for p in paths])
-    rates["serial"] = args.n / seconds
-    agree = True
     with ThreadPoolExecutor(workers) as threads, ProcessPoolExecutor(workers) as processes:
         list(processes.map(load, paths[:workers]))  # start the workers, import everything
-        for name, pool, chunk in (("threads", threads, 1), ("processes", processes, 4)):
-            seconds, arrays = best_of(args.repeats, mapped(pool, paths, chunk))
-            rates[name] = args.n / seconds
-            agree &= all(np.array_equal(a, b) for a, b in zip(arrays, reference, strict=True))
+        seconds, values = rounds(
+            args.repeats,
+            {
+                "serial": lambda: [load(p) for p in paths],
+                "threads": mapped(threads, paths, 1),
+                "processes": mapped(processes, paths, 4),
+            },
+        )
+    agree = all(
+        np.array_equal(a, b)
+        for name in ("threads", "processes")
+        for a, b in zip(values[name], reference, strict=True)
+    )
+    rates = median_rates(args.n, seconds)
+    pairs = {
+        "threads_vs_serial": ("threads", "serial"),
+        "processes_vs_serial": ("processes", "serial"),
+        "threads_vs_processes": ("threads", "processes"),
+    }
+    ratios = {k: paired(seconds, *pair) for k, pair in pairs.items()}
     report(
         [(k, v, "") for k, v in rates.items()],
         {
             "benchmark": "readers",
             "n": args.n,
             "workers": workers,
+            "rounds": args.repeats,
             "items_per_second": {k: round(v, 1) for k, v in rates.items()},
-            "ratios": {
-                "threads_vs_serial": round(rates["threads"] / rates["serial"], 3),
-                "processes_vs_serial": round(rates["processes"] / rates["serial"], 3),
-                "threads_vs_processes": round(rates["threads"] / rates["processes"], 3),
-            },
+            **ratio_summary(ratios),
             "outputs_agree": agree,
         },
+        ratios,
     )
     if not agree:
         sys.exit("decoded arrays differ")

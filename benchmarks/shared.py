@@ -10,8 +10,9 @@ seed 0) cut at ``avgpool``, both at 224 x 224 and batch size ``--batch-size`` (R
   decoded, converted and resized once;
 - ``apart``: two ``ducho_fast.extract`` runs, one model each (what a run does when the models
   decode differently, or their windows do not fit together): every image decoded twice.
-Items/s is images / seconds for all models' features. Each runs ``--repeats`` times, best
-counts; the files of both are checked byte-identical.
+Items/s is images / seconds for all models' features, in each system's median round of
+``--repeats`` (the two run side by side, once per round); the ratio is the median of the
+ratios within a round. The files of both are checked byte-identical.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, npy_files, report
+from common import median_rates, npy_files, paired, ratio_summary, report, rounds
 from visual import config_for, lite_entry, write_jpegs
 
 
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--resnet-batch-size", type=int, default=0, help="default: --batch-size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2, help="best of (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds (default 2)")
     parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
     args = parser.parse_args()
 
@@ -70,10 +71,12 @@ def main() -> None:
     def run_apart() -> list[Any]:
         return [api.extract(c) for c in apart]
 
-    together_s, _ = best_of(args.repeats, lambda: api.extract(together))
-    apart_s, _ = best_of(args.repeats, run_apart)
+    seconds, _ = rounds(
+        args.repeats, {"together": lambda: api.extract(together), "apart": run_apart}
+    )
     same = npy_files(work / "together") == npy_files(work / "apart")
-    rates = {"together": args.n / together_s, "apart": args.n / apart_s}
+    rates = median_rates(args.n, seconds)
+    ratios = {"together_vs_apart": paired(seconds, "together", "apart")}
     print("\nimages/s, both models' features written:")
     report(
         [(k, v, "") for k, v in rates.items()],
@@ -84,9 +87,11 @@ def main() -> None:
             "resnet_batch_size": args.resnet_batch_size or args.batch_size,
             "cpus": cpu_quota(),
             "items_per_second": {k: round(v, 1) for k, v in rates.items()},
-            "ratios": {"together_vs_apart": round(rates["together"] / rates["apart"], 3)},
+            "rounds": args.repeats,
+            **ratio_summary(ratios),
             "outputs_agree": same,
         },
+        ratios,
     )
     if not same:
         sys.exit("the files differ; the ratio above is not comparable")

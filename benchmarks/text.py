@@ -9,9 +9,10 @@ descriptions of varied length, all on this machine's CPU, in one process:
   length buckets, ONNX Runtime, write one .npy per item), fp32 and int8;
 - ``bare``: the same artifacts' ORT sessions alone on pre-tokenized batches, built as
   ``extract`` builds them (so ``extract / bare`` is the pipeline efficiency).
-Each system runs ``--repeats`` times and its best time counts (this machine is shared and
-noisy: the same loop varies by up to 25% between runs). Outputs are checked: fp32 against
-encode (cosine >= 0.9999), int8 against fp32 (>= 0.99).
+The systems run side by side in ``--repeats`` rounds, each once per round (this machine is
+shared and its speed drifts by up to 25% within minutes): items/s are each system's median
+round, and each ratio is the median of the ratios within a round, printed with their range.
+Outputs are checked: fp32 against encode (cosine >= 0.9999), int8 against fp32 (>= 0.99).
 The FLOP fraction is items/s x FLOPs per text (its own tokens: 24 L h^2 + 4 L^2 h per
 layer) / the sgemm GFLOP/s measured in this run.
 """
@@ -23,13 +24,15 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, cosines, report, sgemm_gflops, timed
+from common import cosines, median_rates, paired, ratio_summary, report, rounds, sgemm_gflops
 
 BRANDS = ["Nordvik", "Acme", "Lumen", "Terra", "Kite & Co", "Hallberg", "Maru", "Orbit"]
 PRODUCTS = [
@@ -152,7 +155,7 @@ def read_features(work: Path, precision: str, ids: list[str]) -> np.ndarray:
     return np.stack([np.load(folder / f"{i}.npy").reshape(-1) for i in ids])
 
 
-def bare_rate(artifact: Any, texts: list[str], batch_size: int, budget: int) -> float:
+def bare_runner(artifact: Any, texts: list[str], batch_size: int, budget: int) -> Callable[[], Any]:
     """The artifact's session alone, on the batches extract builds (tokenized beforehand)."""
     from ducho_fast.runtime.embedder import Embedder
     from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES
@@ -165,8 +168,7 @@ def bare_rate(artifact: Any, texts: list[str], batch_size: int, budget: int) -> 
         for idx in embedder.plan(tokens, batch_size, budget):
             feeds.append(embedder.batch_feeds([tokens[i] for i in idx]))
     embedder.session.run(None, feeds[0])  # warm-up
-    seconds, _ = timed(lambda: [embedder.session.run(None, f) for f in feeds])
-    return len(texts) / seconds
+    return lambda: [embedder.session.run(None, f) for f in feeds]
 
 
 def main() -> None:
@@ -174,7 +176,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1024, help="descriptions (default 1024)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="best of (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
     args = parser.parse_args()
 
@@ -204,12 +206,9 @@ def main() -> None:
     )
 
     st.encode(texts[:64], batch_size=args.batch_size)  # warm-up
-    encode_s, reference = best_of(
-        args.repeats, lambda: st.encode(texts, batch_size=args.batch_size)
-    )
-    rates: dict[str, float] = {"encode": args.n / encode_s}
-    checks: dict[str, float] = {}
-    outputs: dict[str, np.ndarray] = {}
+    systems: dict[str, Callable[[], Any]] = {
+        "encode": lambda: st.encode(texts, batch_size=args.batch_size)
+    }
     budget = args.batch_size * AUTO_TOKENS_PER_ROW
     for precision in ("fp32", "int8"):
         config = write_config(work, model, precision, args.batch_size, args.n)
@@ -217,13 +216,15 @@ def main() -> None:
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
         api.extract(config)  # warm-up: page cache, first session
-        seconds, result = best_of(args.repeats, lambda config=config: api.extract(config))
-        assert result.failed == 0, result
-        rates[f"extract_{precision}"] = args.n / seconds
-        rates[f"bare_{precision}"] = max(
-            bare_rate(artifact, texts, args.batch_size, budget) for _ in range(args.repeats)
-        )
+        systems[f"extract_{precision}"] = partial(api.extract, config)
+        systems[f"bare_{precision}"] = bare_runner(artifact, texts, args.batch_size, budget)
+    seconds, values = rounds(args.repeats, systems)
+    reference = values["encode"]
+    outputs: dict[str, np.ndarray] = {}
+    for precision in ("fp32", "int8"):
+        assert values[f"extract_{precision}"].failed == 0, values[f"extract_{precision}"]
         outputs[precision] = read_features(work, precision, ids)
+    checks: dict[str, float] = {}
     checks["fp32_min_cosine_vs_encode"] = float(cosines(outputs["fp32"], reference).min())
     checks["fp32_max_abs_diff_vs_encode"] = float(np.abs(outputs["fp32"] - reference).max())
     int8 = cosines(outputs["int8"], outputs["fp32"])
@@ -231,12 +232,14 @@ def main() -> None:
     checks["int8_mean_cosine_vs_fp32"] = float(int8.mean())
 
     ok = checks["fp32_min_cosine_vs_encode"] >= 0.9999 and checks["int8_min_cosine_vs_fp32"] >= 0.99
-    ratios = {
-        "extract_fp32_vs_encode": rates["extract_fp32"] / rates["encode"],
-        "extract_int8_vs_encode": rates["extract_int8"] / rates["encode"],
-        "pipeline_efficiency_fp32": rates["extract_fp32"] / rates["bare_fp32"],
-        "pipeline_efficiency_int8": rates["extract_int8"] / rates["bare_int8"],
+    rates = median_rates(args.n, seconds)
+    pairs = {
+        "extract_fp32_vs_encode": ("extract_fp32", "encode"),
+        "extract_int8_vs_encode": ("extract_int8", "encode"),
+        "pipeline_efficiency_fp32": ("extract_fp32", "bare_fp32"),
+        "pipeline_efficiency_int8": ("extract_int8", "bare_int8"),
     }
+    ratios = {name: paired(seconds, fast, slow) for name, (fast, slow) in pairs.items()}
     fraction = {k: v * flops / (gflops * 1e9) for k, v in rates.items()}
     print(
         "\nitems/s (fraction of the sgemm FLOP limit; int8 runs integer kernels, so its "
@@ -251,11 +254,13 @@ def main() -> None:
             "cpus": cpu_quota(),
             "sgemm_gflops": round(gflops, 1),
             "items_per_second": {k: round(v, 1) for k, v in rates.items()},
-            "ratios": {k: round(v, 3) for k, v in ratios.items()},
+            "rounds": args.repeats,
+            **ratio_summary(ratios),
             "flop_fraction": {k: round(v, 3) for k, v in fraction.items()},
             "checks": {k: float(f"{v:.6g}") for k, v in checks.items()},
             "outputs_agree": ok,
         },
+        ratios,
     )
     if not ok:
         sys.exit("outputs disagree beyond the bounds; the ratios above are not comparable")

