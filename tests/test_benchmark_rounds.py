@@ -1,0 +1,43 @@
+"""The benchmarks' side-by-side timing: systems alternate within rounds, ratios are paired."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+COMMON = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
+
+
+@pytest.fixture(scope="module")
+def common():
+    spec = importlib.util.spec_from_file_location("bench_common", COMMON)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_round_runs_every_system_once_in_a_rotated_order(common):
+    calls: list[str] = []
+    systems = {name: (lambda name=name: calls.append(name) or name) for name in "abc"}
+    seconds, values = common.rounds(4, systems)
+    assert calls == list("abcbcacababc")
+    assert {k: len(v) for k, v in seconds.items()} == {"a": 4, "b": 4, "c": 4}
+    assert values == {"a": "a", "b": "b", "c": "c"}
+
+
+def test_ratios_are_taken_within_rounds_not_across_them(common):
+    # Within the rounds "fast" ran 4x, 1.5x and 1.2x faster; the best of each would say 3x
+    # (3 s / 1 s) and the ratio of the medians 2x (4 s / 2 s).
+    seconds = {"fast": [1.0, 2.0, 10.0], "slow": [4.0, 3.0, 12.0]}
+    assert common.paired(seconds, "fast", "slow") == {"median": 1.5, "min": 1.2, "max": 4.0}
+    assert common.median_rates(100, seconds) == {"fast": 50.0, "slow": 25.0}
+
+
+def test_the_json_line_keeps_the_median_and_the_range(common):
+    ratios = {"x": {"median": 1.23456, "min": 1.0, "max": 1.5}}
+    assert common.ratio_summary(ratios) == {
+        "ratios": {"x": 1.235},
+        "ratio_ranges": {"x": [1.0, 1.5]},
+    }
