@@ -264,15 +264,15 @@ def main() -> None:
             "extract_vs_torch": ("extract", "torch"),
             "pipeline_efficiency": ("extract", "bare"),
         }
-        ratios = {f"{name} {k}": paired(seconds, *pair) for k, pair in pairs.items()}
-        all_ratios.update(ratios)
+        ratios = {k: paired(seconds, *pair) for k, pair in pairs.items()}
+        all_ratios.update({f"{name} {k}": r for k, r in ratios.items()})
         cos = float(cosines(ours, reference).min())
         ok = ok and cos >= 0.9999
         flop = {k: v * GFLOP_PER_IMAGE[name] / gflops for k, v in rates.items()}
         rows += [(f"{name} {k}", v, f"({flop[k]:.2f} of FLOP limit)") for k, v in rates.items()]
         summary["models"][name] = {
             "items_per_second": {k: round(v, 2) for k, v in rates.items()},
-            **ratio_summary({k: ratios[f"{name} {k}"] for k in pairs}),
+            **ratio_summary(ratios),
             "flop_fraction": {k: round(v, 3) for k, v in flop.items()},
             "min_cosine_vs_torch": float(f"{cos:.7g}"),
         }

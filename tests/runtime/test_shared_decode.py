@@ -125,10 +125,16 @@ def alone_bytes(tmp_path: Path, images: Path, config: dict[str, Any], store: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "batch_sizes",
+    # (3, 2): windows of 6, each model cuts them into its own batches.
+    [(3, 3), (3, 2)],
+    ids=["same-batch-size", "batch-sizes-3-and-2"],
+)
 def test_two_models_decode_each_image_once_and_write_what_separate_runs_write(
-    tmp_path, store, images, resnet18_state_dict, decodes
+    tmp_path, store, images, resnet18_state_dict, decodes, batch_sizes
 ) -> None:
-    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 3))
+    config = two_models(tmp_path / "data", store, resnet18_state_dict, batch_sizes)
     ducho_fast.export(config)
     ticks, progress = counting_progress()
     report = ducho_fast.extract(config, progress=progress)
@@ -145,22 +151,6 @@ def test_two_models_decode_each_image_once_and_write_what_separate_runs_write(
     together = npy_bytes(tmp_path / "data" / "out")
     assert len(together) == 12
     assert together == alone_bytes(tmp_path, images, config, store)
-
-
-@pytest.mark.slow
-def test_models_with_different_batch_sizes_share_a_window_holding_both_of_theirs(
-    tmp_path, store, images, resnet18_state_dict, decodes
-) -> None:
-    # Batch sizes 3 and 2 share windows of 6: each model cuts them into its own batches.
-    config = two_models(tmp_path / "data", store, resnet18_state_dict, (3, 2))
-    ducho_fast.export(config)
-    ticks, progress = counting_progress()
-    report = ducho_fast.extract(config, progress=progress)
-    assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
-    assert ticks[0] == -7 and sum(ticks[1:]) == 7  # one bar, items counted once
-    assert [r.result.written for r in report.runs] == [6, 6]
-    assert [[e.item_id for e in r.result.errors] for r in report.runs] == [["p3"], ["p3"]]
-    assert npy_bytes(tmp_path / "data" / "out") == alone_bytes(tmp_path, images, config, store)
 
 
 @pytest.mark.slow
