@@ -7,6 +7,8 @@ word; ``<model dir>`` the visual model's file stem or the text model's name as n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -14,7 +16,7 @@ import numpy as np
 from ducho_fast.config.model import Job, ModelSpec
 from ducho_fast.data.ids import check_id
 from ducho_fast.errors import OutputError
-from ducho_fast.outputs.atomic import save_npy
+from ducho_fast.outputs.atomic import NpyFiles, save_npy
 
 
 def model_dir_parts(spec: ModelSpec) -> list[str]:
@@ -50,6 +52,8 @@ class DuchoWriter:
         self._dirs = {label: layer_dir(job, spec, label) for label in spec.layer_labels()}
         self._squeeze = squeeze
         self._dtype = dtype
+        self._files = NpyFiles()
+        self._made: set[Path] = set()
 
     @property
     def dirs(self) -> list[Path]:
@@ -63,13 +67,24 @@ class DuchoWriter:
             if layer not in self._dirs:
                 continue
             array = value if self._squeeze else value[np.newaxis]
-            save_feature(self.path(layer, item_id), array, self._dtype)
+            path = self.path(layer, item_id)
+            with _writing(path):
+                if path.parent not in self._made:  # once per folder, not per item
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._made.add(path.parent)
+                self._files.save(path, array.astype(self._dtype, copy=False))
 
 
 def save_feature(path: Path, array: np.ndarray, dtype: str = "float32") -> None:
     """Write one item's feature atomically (float32 or float16); a failed write stops the run."""
-    try:
+    with _writing(path):
         save_npy(path, array.astype(dtype, copy=False))
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    try:
+        yield
     except OSError as e:
         raise OutputError(
             f"cannot write {path}: {e.strerror or e}. Check that the output folder is "

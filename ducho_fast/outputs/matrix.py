@@ -10,7 +10,6 @@ through a memory map and renamed, so N x D never has to fit in memory twice.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import DataError, OutputError
-from ducho_fast.outputs.atomic import TMP_PREFIX, write_text
+from ducho_fast.outputs.atomic import open_temp, write_text
 from ducho_fast.outputs.manifest import feature_files
 
 MATRIX_DIR = "matrix"
@@ -144,7 +143,7 @@ def _save(
     dtype: str,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npy", dir=path.parent)
+    fd, tmp = open_temp(path.parent, ".npy")
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(rows), *shape))

@@ -73,7 +73,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(dataset, store, resnet18_
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     deadline = time.monotonic() + 120
-    while len(list(folder.glob("*.npy"))) < 30:
+    while len(list(folder.glob("item*.npy"))) < 30:
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
@@ -95,26 +95,26 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(dataset, store, resnet18_
 def test_full_disk_stops_the_run_and_a_rerun_completes_it(
     dataset, store, resnet18_state_dict, monkeypatch
 ):
-    from ducho_fast.outputs import ducho
+    from ducho_fast.outputs.atomic import NpyFiles
 
     reference = config_for(dataset, store, resnet18_state_dict, "ref", reshape=[64, 64])
     ducho_fast.export(reference)
     ducho_fast.extract(reference)
     config = config_for(dataset, store, resnet18_state_dict, "out", reshape=[64, 64])
-    real_save, writes = ducho.save_npy, []
+    real_save, writes = NpyFiles.save, []
 
-    def fills_up(path: Path, array: np.ndarray) -> None:
+    def fills_up(self: NpyFiles, path: Path, array: np.ndarray) -> None:
         if len(writes) == 21:
             raise OSError(errno.ENOSPC, "No space left on device")
         writes.append(path)
-        real_save(path, array)
+        real_save(self, path, array)
 
-    monkeypatch.setattr(ducho, "save_npy", fills_up)
+    monkeypatch.setattr(NpyFiles, "save", fills_up)
     with pytest.raises(OutputError, match=r"No space left on device.*items already written"):
         ducho_fast.extract(config)
     folder = dataset / "out" / "torch" / "resnet18" / "avgpool"
     assert len(list(folder.glob("*.npy"))) == 21 and not list(folder.glob(".tmp-*"))
-    monkeypatch.setattr(ducho, "save_npy", real_save)  # space freed
+    monkeypatch.setattr(NpyFiles, "save", real_save)  # space freed
     report = ducho_fast.extract(config)
     assert report.runs[0].result.reused == 20  # the complete batches; the 6th batch runs again
     assert snapshot(dataset / "out") == snapshot(dataset / "ref")

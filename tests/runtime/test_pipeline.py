@@ -147,16 +147,16 @@ def test_unwritable_output_stops_with_a_clear_error(
     import errno
 
     from ducho_fast.errors import OutputError
-    from ducho_fast.outputs import ducho
+    from ducho_fast.outputs.atomic import NpyFiles
 
     (tmp_path / "images").symlink_to(image_dir)
     config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
     ducho_fast.export(config)
 
-    def disk_full(path: Path, array: np.ndarray) -> None:
+    def disk_full(self: NpyFiles, path: Path, array: np.ndarray) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ducho, "save_npy", disk_full)
+    monkeypatch.setattr(NpyFiles, "save", disk_full)
     with pytest.raises(OutputError, match=r"cannot write .*B001\.npy: No space left on device"):
         ducho_fast.extract(config)
 
