@@ -92,6 +92,7 @@ RUNTIME_KEYS: dict[str, Key] = {
     "workers": _INT,
     "token_budget": Key((int,), doc="text: tokens per batch (rows x padded length); 0 = auto"),
     "io_binding": Key((str,), choices=("auto", "on", "off"), doc="auto: on for CUDA sessions"),
+    "spin_wait": Key((bool,), doc="CPU: ORT's threads spin between ops; false on busy shared CPUs"),
     "cuda_options": Key((dict,), doc="CUDA provider options, e.g. cudnn_conv_algo_search"),
     "on_error": Key((str,), choices=("skip", "fail")),
 }

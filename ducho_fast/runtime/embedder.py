@@ -52,15 +52,10 @@ class Launched:
 class Embedder:
     """Runs one exported model on batches of decoded images or texts."""
 
-    def __init__(
-        self, artifact: Artifact, options: RuntimeOptions | None = None, *, readers: bool = False
-    ) -> None:
-        """``readers``: a pipeline's decoding threads share the CPUs with the session."""
+    def __init__(self, artifact: Artifact, options: RuntimeOptions | None = None) -> None:
         self.artifact = artifact
         self.manifest = artifact.manifest
-        self.session, self.info = make_session(
-            artifact.model_path, options or RuntimeOptions(), readers=readers
-        )
+        self.session, self.info = make_session(artifact.model_path, options or RuntimeOptions())
         self._binder = _binder(self.session, self.info, options or RuntimeOptions())
         self._outputs = list(self.manifest["outputs"])
         # Several layer labels may name one graph output (sentence-transformers).

@@ -11,7 +11,6 @@ import pytest
 import ducho_fast
 from ducho_fast.data.text.tokenize import length_batches
 from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES
-from ducho_fast.runtime.session import session_options
 from tests.conftest import textual_config
 
 
@@ -35,14 +34,6 @@ def test_length_batches_edge_cases() -> None:
     assert length_batches([4, 4, 4], 8, 1000) == [[0, 1, 2]]  # ties keep input order
     # Fixed-length models: every row costs the padded length.
     assert length_batches([1, 2, 3, 4], 8, 64, padded=32) == [[0, 1], [2, 3]]
-
-
-def test_session_spinning_off_when_readers_share_cores() -> None:
-    spinning = session_options(2).get_session_config_entry  # type: ignore[attr-defined]
-    with pytest.raises(Exception):  # noqa: B017 (unset keys raise in ORT)
-        spinning("session.intra_op.allow_spinning")
-    quiet = session_options(2, spinning=False)
-    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def _texts(n: int) -> list[str]:

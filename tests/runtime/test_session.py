@@ -126,6 +126,20 @@ def test_unpinnable_host_memory_is_copied_from_the_batch() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def test_spin_wait_switch_reaches_the_session(tmp_path: Path) -> None:
+    from ducho_fast.config import load_config
+    from tests.conftest import textual_config
+
+    key = "session.intra_op.allow_spinning"
+    spinning, _ = make_session(PROBE, RuntimeOptions(device="cpu"))
+    with pytest.raises(Exception):  # noqa: B017 (unset: ORT's default, spinning; unset keys raise)
+        spinning.get_session_options().get_session_config_entry(key)
+    raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
+    raw["runtime"] = {"spin_wait": False, "device": "cpu"}
+    quiet, _ = make_session(PROBE, load_config(raw).runtime)
+    assert quiet.get_session_options().get_session_config_entry(key) == "0"
+
+
 def test_embedder_io_binding_switch(tmp_path: Path) -> None:
     from ducho_fast.runtime.embedder import _binder
 
