@@ -8,7 +8,8 @@ descriptions of varied length, all on this machine's CPU, in one process:
 - ``extract``: ``ducho_fast.extract`` end to end (read the TSV, tokenize in reader threads,
   length buckets, ONNX Runtime, write one .npy per item), fp32 and int8;
 - ``bare``: the same artifacts' ORT sessions alone on pre-tokenized batches, built as
-  ``extract`` builds them (so ``extract / bare`` is the pipeline efficiency).
+  ``extract`` builds them, threads spinning between ops (as extract's do for text), so
+  ``extract / bare`` is the pipeline efficiency.
 The systems run side by side in ``--repeats`` rounds, each once per round (this machine is
 shared and its speed drifts by up to 25% within minutes): items/s are each system's median
 round, and each ratio is the median of the ratios within a round, printed with their range.
@@ -157,10 +158,11 @@ def read_features(work: Path, precision: str, ids: list[str]) -> np.ndarray:
 
 def bare_runner(artifact: Any, texts: list[str], batch_size: int, budget: int) -> Callable[[], Any]:
     """The artifact's session alone, on the batches extract builds (tokenized beforehand)."""
+    from ducho_fast.config.model import RuntimeOptions
     from ducho_fast.runtime.embedder import Embedder
     from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES
 
-    embedder = Embedder(artifact)
+    embedder = Embedder(artifact, RuntimeOptions(spin_wait="on"))
     window = batch_size * TEXT_WINDOW_BATCHES
     feeds = []
     for begin in range(0, len(texts), window):

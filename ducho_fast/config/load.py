@@ -118,7 +118,7 @@ def _resolve(data: dict[str, Any], name: str, cwd: Path) -> Config:
             f"{name}: nothing to extract. Add a block such as 'visual.items' or 'textual.items' "
             "with input_path, output_path and model."
         )
-    runtime = RuntimeOptions(**data["runtime"])
+    runtime = RuntimeOptions(**_switches(data["runtime"]))
     runtime = _apply_gpu_list(runtime, data.get("gpu list"), name)
     fusions = fusion_specs(data.get("fusion") or [], jobs, name, dataset_path)
     return Config(
@@ -173,6 +173,15 @@ def _apply_gpu_list(runtime: RuntimeOptions, gpu_list: Any, name: str) -> Runtim
     else:
         raise ConfigError(f"{name}: key 'gpu list' is {gpu_list!r}; use -1 for CPU or GPU ids.")
     return _check_device(RuntimeOptions(**{**runtime.__dict__, "device": device}), name)
+
+
+def _switches(runtime: dict[str, Any]) -> dict[str, Any]:
+    """``io_binding`` and ``spin_wait`` as words: YAML reads a bare ``on``/``off`` as a bool."""
+    words = {True: "on", False: "off"}
+    return {
+        k: words[v] if k in ("io_binding", "spin_wait") and isinstance(v, bool) else v
+        for k, v in runtime.items()
+    }
 
 
 def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:

@@ -33,6 +33,8 @@ class Key:
 _STR = Key((str,))
 _INT = Key((int,))
 _BOOL = Key((bool,))
+# auto | on | off; YAML 1.1 reads a bare on/off as true/false, so those are taken as well.
+_SWITCH = ("auto", "on", "off", True, False)
 _NUM = Key((int, float))
 _NUM_LIST = Key((list,), item=_NUM)
 _LAYER = Key(
@@ -91,8 +93,8 @@ RUNTIME_KEYS: dict[str, Key] = {
     "prefetch": _INT,
     "workers": _INT,
     "token_budget": Key((int,), doc="text: tokens per batch (rows x padded length); 0 = auto"),
-    "io_binding": Key((str,), choices=("auto", "on", "off"), doc="auto: on for CUDA sessions"),
-    "spin_wait": Key((bool,), doc="CPU: ORT's threads spin between ops; false on busy shared CPUs"),
+    "io_binding": Key((str, bool), choices=_SWITCH, doc="auto: on for CUDA sessions"),
+    "spin_wait": Key((str, bool), choices=_SWITCH, doc="CPU: ORT's threads spin; auto: for text"),
     "cuda_options": Key((dict,), doc="CUDA provider options, e.g. cudnn_conv_algo_search"),
     "on_error": Key((str,), choices=("skip", "fail")),
 }

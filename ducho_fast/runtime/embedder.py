@@ -26,7 +26,7 @@ from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import DataError
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.binding import IOBinder, cuda_pinning
-from ducho_fast.runtime.session import CUDA, SessionInfo, cuda_device_id, make_session
+from ducho_fast.runtime.session import CUDA, SessionInfo, cuda_device_id, make_session, spins
 
 ItemOutputs = dict[str, np.ndarray]
 
@@ -55,8 +55,11 @@ class Embedder:
     def __init__(self, artifact: Artifact, options: RuntimeOptions | None = None) -> None:
         self.artifact = artifact
         self.manifest = artifact.manifest
-        self.session, self.info = make_session(artifact.model_path, options or RuntimeOptions())
-        self._binder = _binder(self.session, self.info, options or RuntimeOptions())
+        options = options or RuntimeOptions()
+        self.session, self.info = make_session(
+            artifact.model_path, options, spinning=spins(options, artifact.modality)
+        )
+        self._binder = _binder(self.session, self.info, options)
         self._outputs = list(self.manifest["outputs"])
         # Several layer labels may name one graph output (sentence-transformers).
         self._names = list(dict.fromkeys(str(o["name"]) for o in self._outputs))

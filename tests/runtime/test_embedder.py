@@ -58,3 +58,23 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
     assert emb.embed(["one", "two"]).shape == (2, 32)
     with pytest.raises(DataError, match=r"text inputs must be strings"):
         emb.embed([3])  # type: ignore[list-item]
+
+
+def test_sessions_spin_for_text_models_only(
+    resnet_artifact, tmp_path, store, tiny_bert_dir
+) -> None:
+    """``runtime.spin_wait: auto``: text readers only tokenize; image decoders need the CPUs."""
+    from ducho_fast.config.model import RuntimeOptions
+
+    (text,) = ducho_fast.export(textual_config(tmp_path, {"model_name": str(tiny_bert_dir)}, store))
+
+    def spinning(path: Path, spin_wait: str = "auto") -> bool:
+        session = ducho_fast.load(path, RuntimeOptions(spin_wait=spin_wait)).session
+        config = session.get_session_options()
+        try:
+            return config.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except Exception:  # unset: ORT's default, spinning
+            return True
+
+    assert spinning(text.artifact.path) and not spinning(resnet_artifact)
+    assert spinning(resnet_artifact, "on") and not spinning(text.artifact.path, "off")

@@ -13,7 +13,7 @@ from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DeviceError
 from ducho_fast.runtime import cpu
 from ducho_fast.runtime.binding import IOBinder
-from ducho_fast.runtime.session import CUDA, make_session, requested_providers
+from ducho_fast.runtime.session import CUDA, make_session, requested_providers, spins
 
 PROBE = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -126,18 +126,44 @@ def test_unpinnable_host_memory_is_copied_from_the_batch() -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_spin_wait_switch_reaches_the_session(tmp_path: Path) -> None:
-    from ducho_fast.config import load_config
-    from tests.conftest import textual_config
+@pytest.mark.parametrize(
+    ("spin_wait", "textual", "visual"),
+    [("auto", True, False), ("on", True, True), ("off", False, False)],
+)
+def test_spin_wait_by_modality(spin_wait: str, textual: bool, visual: bool) -> None:
+    options = RuntimeOptions(spin_wait=spin_wait)
+    assert (spins(options, "textual"), spins(options, "visual"), spins(options, "audio")) == (
+        textual,
+        visual,
+        visual,
+    )
 
+
+def test_spinning_reaches_the_session() -> None:
     key = "session.intra_op.allow_spinning"
-    spinning, _ = make_session(PROBE, RuntimeOptions(device="cpu"))
+    spinning, _ = make_session(PROBE, RuntimeOptions(device="cpu"), spinning=True)
     with pytest.raises(Exception):  # noqa: B017 (unset: ORT's default, spinning; unset keys raise)
         spinning.get_session_options().get_session_config_entry(key)
-    raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
-    raw["runtime"] = {"spin_wait": False, "device": "cpu"}
-    quiet, _ = make_session(PROBE, load_config(raw).runtime)
+    quiet, _ = make_session(PROBE, RuntimeOptions(device="cpu"), spinning=False)
     assert quiet.get_session_options().get_session_config_entry(key) == "0"
+
+
+@pytest.mark.parametrize("key", ["io_binding", "spin_wait"])
+def test_switches_take_yaml_on_and_off(tmp_path: Path, key: str) -> None:
+    """YAML 1.1 reads a bare on/off as true/false; the switches take them as the words."""
+    import yaml
+
+    from ducho_fast.config import load_config
+    from ducho_fast.errors import ConfigError
+    from tests.conftest import textual_config
+
+    raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
+    for text, word in [("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto")]:
+        raw["runtime"] = yaml.safe_load(f"{key}: {text}")
+        assert getattr(load_config(raw).runtime, key) == word
+    raw["runtime"] = {key: "sometimes"}
+    with pytest.raises(ConfigError, match=rf"runtime.{key}' is 'sometimes'; allowed: 'auto'"):
+        load_config(raw)
 
 
 def test_embedder_io_binding_switch(tmp_path: Path) -> None:
