@@ -435,7 +435,7 @@ def _run_group(
     if ctx.ray is None:
         members = [
             Member(
-                Embedder(p.artifact, cfg.runtime),
+                Embedder(p.artifact, cfg.runtime, readers=True),
                 p.loader,
                 p.writer.write,
                 p.done,

@@ -94,7 +94,9 @@ RUNTIME_KEYS: dict[str, Key] = {
     "workers": _INT,
     "token_budget": Key((int,), doc="text: tokens per batch (rows x padded length); 0 = auto"),
     "io_binding": Key((str, bool), choices=_SWITCH, doc="auto: on for CUDA sessions"),
-    "spin_wait": Key((str, bool), choices=_SWITCH, doc="CPU: ORT's threads spin; auto: for text"),
+    "spin_wait": Key(
+        (str, bool), choices=_SWITCH, doc="CPU: ORT's threads spin; auto: not beside decoders"
+    ),
     "cuda_options": Key((dict,), doc="CUDA provider options, e.g. cudnn_conv_algo_search"),
     "on_error": Key((str,), choices=("skip", "fail")),
 }

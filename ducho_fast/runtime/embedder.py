@@ -52,13 +52,15 @@ class Launched:
 class Embedder:
     """Runs one exported model on batches of decoded images or texts."""
 
-    def __init__(self, artifact: Artifact, options: RuntimeOptions | None = None) -> None:
+    def __init__(
+        self, artifact: Artifact, options: RuntimeOptions | None = None, *, readers: bool = False
+    ) -> None:
+        """``readers``: a pipeline's decoding threads share the CPUs with the session."""
         self.artifact = artifact
         self.manifest = artifact.manifest
         options = options or RuntimeOptions()
-        self.session, self.info = make_session(
-            artifact.model_path, options, spinning=spins(options, artifact.modality)
-        )
+        spinning = spins(options, artifact.modality, readers=readers)
+        self.session, self.info = make_session(artifact.model_path, options, spinning=spinning)
         self._binder = _binder(self.session, self.info, options)
         self._outputs = list(self.manifest["outputs"])
         # Several layer labels may name one graph output (sentence-transformers).

@@ -64,14 +64,14 @@ def cuda_device_id(device: str) -> int:
     return int(device.split(":")[1]) if ":" in device else 0
 
 
-def spins(options: RuntimeOptions, modality: str) -> bool:
-    """Whether ORT's CPU threads spin between ops. ``spin_wait: auto`` spins for text models,
-    whose readers only tokenize, and not for images and audio, whose decoders need the same
-    CPUs. Measured in rounds here (spinning vs not, extract end to end): MiniLM fp32 1.11x
-    (every one of 8 rounds faster), int8 1.05x; EfficientNet-Lite0 0.94x (14 rounds), ResNet50
-    1.05x (6 rounds, 0.80-1.10)."""
+def spins(options: RuntimeOptions, modality: str, *, readers: bool) -> bool:
+    """Whether ORT's CPU threads spin between ops (``readers``: a pipeline's decoding threads
+    share the CPUs). ``spin_wait: auto`` spins unless readers decode images or audio for the
+    model; text readers only tokenize. Measured in rounds here (spinning vs not, extract end
+    to end): MiniLM fp32 1.11x (every one of 8 rounds faster), int8 1.05x; EfficientNet-Lite0
+    0.94x (14 rounds), ResNet50 1.05x (6 rounds, 0.80-1.10)."""
     if options.spin_wait == "auto":
-        return modality == "textual"
+        return not readers or modality == "textual"
     return options.spin_wait == "on"
 
 

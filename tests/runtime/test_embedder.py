@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import ducho_fast
+from ducho_fast.artifact import load_artifact
 from ducho_fast.errors import DataError
 from tests.conftest import textual_config, visual_config
 
@@ -60,16 +61,19 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
         emb.embed([3])  # type: ignore[list-item]
 
 
-def test_sessions_spin_for_text_models_only(
+def test_sessions_spin_unless_readers_decode_images(
     resnet_artifact, tmp_path, store, tiny_bert_dir
 ) -> None:
-    """``runtime.spin_wait: auto``: text readers only tokenize; image decoders need the CPUs."""
+    """``runtime.spin_wait: auto``: text readers only tokenize; image decoders need the CPUs.
+    Without readers (the embedding API), sessions spin."""
     from ducho_fast.config.model import RuntimeOptions
+    from ducho_fast.runtime.embedder import Embedder
 
     (text,) = ducho_fast.export(textual_config(tmp_path, {"model_name": str(tiny_bert_dir)}, store))
 
-    def spinning(path: Path, spin_wait: str = "auto") -> bool:
-        session = ducho_fast.load(path, RuntimeOptions(spin_wait=spin_wait)).session
+    def spinning(path: Path, spin_wait: str = "auto", readers: bool = True) -> bool:
+        options = RuntimeOptions(spin_wait=spin_wait)
+        session = Embedder(load_artifact(path), options, readers=readers).session
         config = session.get_session_options()
         try:
             return config.get_session_config_entry("session.intra_op.allow_spinning") != "0"
@@ -77,4 +81,5 @@ def test_sessions_spin_for_text_models_only(
             return True
 
     assert spinning(text.artifact.path) and not spinning(resnet_artifact)
+    assert spinning(resnet_artifact, readers=False)
     assert spinning(resnet_artifact, "on") and not spinning(text.artifact.path, "off")

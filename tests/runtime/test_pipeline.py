@@ -258,3 +258,26 @@ def test_batches_hold_inputs_only_near_the_queue_however_long_the_window(
     report = ducho_fast.extract(config)
     assert report.runs[0].result.written == 69  # 35 batches of 2, in windows of 16
     assert live[0] == 0 and 2 <= peak[0] <= 2 * 1 + 3
+
+
+def test_extract_sessions_sleep_while_readers_decode_images(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """``runtime.spin_wait: auto`` in extract: the image decoders share the CPUs, so the
+    session's threads do not spin; ``on`` makes them."""
+    from ducho_fast.runtime import embedder
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    ducho_fast.export(config)
+    asked: list[bool] = []
+    real = embedder.make_session
+
+    def recording(model: Path, options: Any, *, spinning: bool) -> Any:
+        asked.append(spinning)
+        return real(model, options, spinning=spinning)
+
+    monkeypatch.setattr(embedder, "make_session", recording)
+    ducho_fast.extract(config)
+    ducho_fast.extract(config, ["runtime.spin_wait=on"])
+    assert asked == [False, True]

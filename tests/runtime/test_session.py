@@ -127,16 +127,19 @@ def test_unpinnable_host_memory_is_copied_from_the_batch() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spin_wait", "textual", "visual"),
-    [("auto", True, False), ("on", True, True), ("off", False, False)],
+    ("spin_wait", "alone", "text_readers", "image_readers"),
+    [("auto", True, True, False), ("on", True, True, True), ("off", False, False, False)],
 )
-def test_spin_wait_by_modality(spin_wait: str, textual: bool, visual: bool) -> None:
+def test_spin_wait_by_modality_and_readers(
+    spin_wait: str, alone: bool, text_readers: bool, image_readers: bool
+) -> None:
+    """auto: no spinning only where readers decode images or audio beside the session."""
     options = RuntimeOptions(spin_wait=spin_wait)
-    assert (spins(options, "textual"), spins(options, "visual"), spins(options, "audio")) == (
-        textual,
-        visual,
-        visual,
-    )
+    for modality in ("textual", "visual", "audio"):
+        assert spins(options, modality, readers=False) is alone
+    assert spins(options, "textual", readers=True) is text_readers
+    assert spins(options, "visual", readers=True) is image_readers
+    assert spins(options, "audio", readers=True) is image_readers
 
 
 def test_spinning_reaches_the_session() -> None:
