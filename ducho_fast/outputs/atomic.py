@@ -6,6 +6,8 @@ import io
 import itertools
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +29,28 @@ def open_temp(folder: Path, suffix: str = "") -> tuple[int, str]:
     return os.open(tmp, flags, 0o666), tmp
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` so that a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = open_temp(path.parent, ".npy")
+@contextmanager
+def replacing(path: Path, suffix: str = "") -> Iterator[int]:
+    """A temp file in ``path``'s folder, written through the yielded descriptor (file objects
+    over it take ``closefd=False``), then closed and renamed over ``path``; removed when the
+    block fails."""
+    fd, tmp = open_temp(path.parent, suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` so that a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path, ".npy") as fd, os.fdopen(fd, "wb", closefd=False) as f:
+        np.save(f, array, allow_pickle=False)
 
 
 class NpyFiles:
@@ -57,16 +70,8 @@ class NpyFiles:
         header = self._headers.get(key)
         if header is None:
             header = self._headers[key] = _npy_header(array)
-        fd, tmp = open_temp(path.parent, ".npy")
-        try:
-            try:
-                _write_all(fd, header + array.tobytes())
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(path, ".npy") as fd:
+            _write_all(fd, header + array.tobytes())
 
 
 def _npy_header(array: np.ndarray) -> bytes:
@@ -84,11 +89,5 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = open_temp(path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as fd, os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
+        f.write(text)

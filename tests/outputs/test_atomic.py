@@ -112,3 +112,22 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
         "b.npy": 0o644,
         "c.txt": 0o644,
     }
+
+
+@pytest.mark.parametrize("writer", ["npy_files", "save_npy", "write_text"])
+def test_a_failed_rename_leaves_neither_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    def refused(src: str, dst: Path) -> None:
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refused)
+    array = np.zeros(3, np.float32)
+    write = {
+        "npy_files": lambda: NpyFiles().save(tmp_path / "a.npy", array),
+        "save_npy": lambda: save_npy(tmp_path / "a.npy", array),
+        "write_text": lambda: write_text(tmp_path / "a.txt", "x"),
+    }[writer]
+    with pytest.raises(OSError, match="Permission denied"):
+        write()
+    assert list(tmp_path.iterdir()) == []
