@@ -9,12 +9,14 @@ with nothing but the core install: no files written, no framework imported.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image
 
 from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
@@ -26,7 +28,14 @@ from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import DataError
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.binding import IOBinder, cuda_pinning
-from ducho_fast.runtime.session import CUDA, SessionInfo, cuda_device_id, make_session, spins
+from ducho_fast.runtime.session import (
+    CUDA,
+    PendingSession,
+    SessionInfo,
+    cuda_device_id,
+    make_session,
+    spins,
+)
 
 ItemOutputs = dict[str, np.ndarray]
 
@@ -38,6 +47,13 @@ class Prepared:
 
     parts: list[tuple[list[int], Any]]
     lengths: list[int | None]
+
+
+@dataclass(frozen=True)
+class _Ready:
+    session: ort.InferenceSession
+    info: SessionInfo
+    binder: IOBinder | None
 
 
 @dataclass
@@ -53,19 +69,63 @@ class Embedder:
     """Runs one exported model on batches of decoded images or texts."""
 
     def __init__(
-        self, artifact: Artifact, options: RuntimeOptions | None = None, *, readers: bool = False
+        self,
+        artifact: Artifact,
+        options: RuntimeOptions | None = None,
+        *,
+        readers: bool = False,
+        pending: PendingSession | None = None,
     ) -> None:
-        """``readers``: a pipeline's decoding threads share the CPUs with the session."""
+        """``readers``: a pipeline's decoding threads share the CPUs with the session.
+        ``pending``: this artifact's session, already being created with the same spinning;
+        the embedder waits for it when first used, or in :meth:`ready`."""
         self.artifact = artifact
         self.manifest = artifact.manifest
-        options = options or RuntimeOptions()
-        spinning = spins(options, artifact.modality, readers=readers)
-        self.session, self.info = make_session(artifact.model_path, options, spinning=spinning)
-        self._binder = _binder(self.session, self.info, options)
+        self._options = options = options or RuntimeOptions()
+        self.spinning = spins(options, artifact.modality, readers=readers)
+        if pending is not None and (pending.model, pending.spinning) != (
+            artifact.model_path,
+            self.spinning,
+        ):
+            raise ValueError(f"{pending.model} is not the session {artifact.path} needs")
+        self._pending = pending
+        self._ready: _Ready | None = None
+        self._lock = threading.Lock()
+        if pending is None:
+            self.ready()
         self._outputs = list(self.manifest["outputs"])
         # Several layer labels may name one graph output (sentence-transformers).
         self._names = list(dict.fromkeys(str(o["name"]) for o in self._outputs))
         self.batcher = Batcher(artifact)
+
+    def ready(self) -> None:
+        """Wait for the session; an error creating it is raised here."""
+        self._made()
+
+    def _made(self) -> _Ready:
+        if self._ready is None:
+            with self._lock:
+                if self._ready is None:
+                    if self._pending is None:
+                        model, spinning = self.artifact.model_path, self.spinning
+                        made = make_session(model, self._options, spinning=spinning)
+                    else:
+                        made = self._pending.result()
+                    session, info = made
+                    self._ready = _Ready(session, info, _make_binder(session, info, self._options))
+        return self._ready
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self._made().session
+
+    @property
+    def info(self) -> SessionInfo:
+        return self._made().info
+
+    @property
+    def _binder(self) -> IOBinder | None:
+        return self._made().binder
 
     @property
     def modality(self) -> str:
@@ -204,7 +264,7 @@ class Embedder:
         return out if token_level else np.stack(out) if out else np.empty((0,), np.float32)
 
 
-def _binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IOBinder | None:
+def _make_binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IOBinder | None:
     """I/O binding: on for CUDA sessions unless ``io_binding: off``; ``on`` forces it on CPU
     too (what the tests use to run its logic without a GPU)."""
     if options.io_binding == "off":

@@ -185,6 +185,9 @@ class Pipeline(WindowedRun):
         reader.start()
         writer.start()
         try:
+            for member in self.members:
+                # A session created ahead of the run fails here, not as a failed batch.
+                member.embedder.ready()
             for member, batch in _until_done(batches, reader):
                 ran = launch(member.embedder, batch) if batch.items else []
                 if not _put_alive(writes, (member, batch, ran), writer):

@@ -8,7 +8,9 @@ the CUDA libraries are missing and the session silently runs on CPU; only a real
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,33 @@ def make_session(
             providers=providers,
         )
     return session, _check(session, options, threads)
+
+
+class PendingSession:
+    """A session being created in a background thread, so that a run checks its artifacts and
+    reads its first items meanwhile: ONNX Runtime releases the GIL while it optimizes the
+    graph, most of the 0.2 s it takes for all-MiniLM-L6-v2 here. ``result`` waits for it and
+    raises what creating it raised."""
+
+    def __init__(self, model: Path, options: RuntimeOptions, *, spinning: bool) -> None:
+        self.model = model
+        self.spinning = spinning
+        self._future: Future[tuple[ort.InferenceSession, SessionInfo]] = Future()
+        # A daemon: a run that stops at a bad input does not wait for the session at exit.
+        threading.Thread(
+            target=self._create, args=(options,), name="ducho-session", daemon=True
+        ).start()
+
+    def _create(self, options: RuntimeOptions) -> None:
+        try:
+            made = make_session(self.model, options, spinning=self.spinning)
+        except BaseException as e:  # handed to whoever waits; nothing else would see it
+            self._future.set_exception(e)
+        else:
+            self._future.set_result(made)
+
+    def result(self) -> tuple[ort.InferenceSession, SessionInfo]:
+        return self._future.result()
 
 
 def _check(session: ort.InferenceSession, options: RuntimeOptions, threads: int) -> SessionInfo:

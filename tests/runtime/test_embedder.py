@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
@@ -83,3 +84,29 @@ def test_sessions_spin_unless_readers_decode_images(
     assert spinning(text.artifact.path) and not spinning(resnet_artifact)
     assert spinning(resnet_artifact, readers=False)
     assert spinning(resnet_artifact, "on") and not spinning(text.artifact.path, "off")
+
+
+def test_embedder_waits_for_the_session_created_ahead(resnet_artifact) -> None:
+    """A pending session is used as it is (not created again) and checked to be the one the
+    embedder needs; its error comes from ``ready``, not from the constructor."""
+    from ducho_fast.config.model import RuntimeOptions
+    from ducho_fast.errors import DeviceError
+    from ducho_fast.runtime.embedder import Embedder
+    from ducho_fast.runtime.session import CUDA, PendingSession
+
+    artifact = load_artifact(resnet_artifact)
+    options = RuntimeOptions(device="cpu")
+    pending = PendingSession(artifact.model_path, options, spinning=False)
+    emb = Embedder(artifact, options, readers=True, pending=pending)
+    assert emb.session is pending.result()[0]
+    assert emb.embed([np.zeros((40, 30, 3), np.uint8)]).shape[0] == 1
+    with pytest.raises(ValueError, match="is not the session"):
+        Embedder(artifact, options, readers=False, pending=pending)  # readers=False spins
+
+    if CUDA in ort.get_available_providers():
+        return  # the error below is for machines where CUDA does not run
+    cuda = RuntimeOptions(device="cuda", allow_fallback=False)
+    failing = PendingSession(artifact.model_path, cuda, spinning=False)
+    emb = Embedder(artifact, cuda, readers=True, pending=failing)
+    with pytest.raises(DeviceError, match="CUDA is not really active"):
+        emb.ready()

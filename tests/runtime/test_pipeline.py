@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -265,19 +266,57 @@ def test_extract_sessions_sleep_while_readers_decode_images(
 ) -> None:
     """``runtime.spin_wait: auto`` in extract: the image decoders share the CPUs, so the
     session's threads do not spin; ``on`` makes them."""
-    from ducho_fast.runtime import embedder
-
     (tmp_path / "images").symlink_to(image_dir)
     config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
     ducho_fast.export(config)
-    asked: list[bool] = []
-    real = embedder.make_session
+    asked = _record_sessions(monkeypatch)
+    ducho_fast.extract(config)
+    ducho_fast.extract(config, ["runtime.spin_wait=on"])
+    assert [spinning for _, spinning in asked] == [False, True]
+
+
+def test_extract_creates_the_first_session_while_it_checks_and_reads(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """The first model's session is made once, in the background; a second model's when its
+    turn comes. A session that fails there stops the run with its error: its items are not
+    run one by one and reported as failed."""
+    (tmp_path / "images").symlink_to(image_dir)
+    first = resnet18_entry(resnet18_state_dict)
+    config = visual_config(tmp_path, first, store)
+    config["visual"]["items"]["model"].append({**first, "output_layers": ["layer3"]})
+    ducho_fast.export(config)
+    asked = _record_sessions(monkeypatch)
+    report = ducho_fast.extract(config)
+    assert [thread for thread, _ in asked] == ["ducho-session", "MainThread"]
+    assert all(run.result.written > 0 and not run.result.errors for run in report.runs)
+
+    from ducho_fast.runtime import session
+
+    def failing(model: Path, options: Any, *, spinning: bool) -> Any:
+        raise RuntimeError("no session here")
+
+    from ducho_fast.runtime import pipeline
+
+    one_by_one: list[Any] = []
+    monkeypatch.setattr(session, "make_session", failing)
+    monkeypatch.setattr(pipeline, "infer", lambda *a: one_by_one.append(a) or [])
+    with pytest.raises(RuntimeError, match="no session here"):
+        ducho_fast.extract(config, ["output.resume=false"])
+    assert not one_by_one
+
+
+def _record_sessions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Each session an extract creates: the thread that made it and whether it spins."""
+    from ducho_fast.runtime import embedder, session
+
+    asked: list[tuple[str, bool]] = []
+    real = session.make_session
 
     def recording(model: Path, options: Any, *, spinning: bool) -> Any:
-        asked.append(spinning)
+        asked.append((threading.current_thread().name, spinning))
         return real(model, options, spinning=spinning)
 
     monkeypatch.setattr(embedder, "make_session", recording)
-    ducho_fast.extract(config)
-    ducho_fast.extract(config, ["runtime.spin_wait=on"])
-    assert asked == [False, True]
+    monkeypatch.setattr(session, "make_session", recording)
+    return asked

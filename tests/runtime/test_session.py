@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -170,13 +171,13 @@ def test_switches_take_yaml_on_and_off(tmp_path: Path, key: str) -> None:
 
 
 def test_embedder_io_binding_switch(tmp_path: Path) -> None:
-    from ducho_fast.runtime.embedder import _binder
+    from ducho_fast.runtime.embedder import _make_binder
 
     session, info = make_session(PROBE, RuntimeOptions(device="cpu"))
-    assert _binder(session, info, RuntimeOptions(device="cpu")) is None  # auto: CUDA only
-    forced = _binder(session, info, RuntimeOptions(device="cpu", io_binding="on"))
+    assert _make_binder(session, info, RuntimeOptions(device="cpu")) is None  # auto: CUDA only
+    forced = _make_binder(session, info, RuntimeOptions(device="cpu", io_binding="on"))
     assert forced is not None and forced.device == "cpu"
-    assert _binder(session, info, RuntimeOptions(io_binding="off")) is None
+    assert _make_binder(session, info, RuntimeOptions(io_binding="off")) is None
 
 
 def test_unknown_cuda_option_is_a_config_error(tmp_path: Path) -> None:
@@ -209,3 +210,36 @@ def test_io_binding_on_cuda_matches_plain_run() -> None:
         binder.run_feeds(outputs, feeds), session.run(outputs, feeds), strict=True
     ):
         np.testing.assert_allclose(ours, plain, rtol=1e-6)
+
+
+def test_pending_session_is_created_in_a_background_thread(monkeypatch) -> None:
+    from ducho_fast.runtime import session as session_module
+    from ducho_fast.runtime.session import PendingSession
+
+    threads: list[str] = []
+    real = session_module.make_session
+
+    def recording(model: Path, options: Any, *, spinning: bool) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(model, options, spinning=spinning)
+
+    monkeypatch.setattr(session_module, "make_session", recording)
+    pending = PendingSession(PROBE, RuntimeOptions(device="cpu"), spinning=False)
+    made, info = pending.result()
+    assert threads == ["ducho-session"] and info.provider == "CPUExecutionProvider"
+    assert pending.result()[0] is made  # created once, however often it is asked for
+    assert (
+        made.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        == "0"
+    )
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour where CUDA does not really run")
+def test_pending_session_raises_its_error_when_waited_for() -> None:
+    from ducho_fast.runtime.session import PendingSession
+
+    pending = PendingSession(
+        PROBE, RuntimeOptions(device="cuda", allow_fallback=False), spinning=True
+    )
+    with pytest.raises(DeviceError, match=r"CUDA is not really active"):
+        pending.result()
