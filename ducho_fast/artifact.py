@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,16 @@ def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, 
 
 
 def new_build_dir(store: Path) -> Path:
-    """A temporary directory inside the store, so the final move is a same-disk rename."""
+    """A temporary directory inside the store, so the final move is a same-disk rename.
+
+    Made with 0777 less the umask, as the store itself: ``tempfile.mkdtemp`` makes it 0700,
+    which the rename would keep, hiding the artifact from everyone else sharing the store.
+    """
     store.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".building-", dir=store))
+    while True:
+        path = store / f".building-{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
