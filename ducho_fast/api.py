@@ -484,9 +484,14 @@ def _run_group(
     )
     shard = f" (shard {ctx.shard})" if ctx.shard else ""
     total = pipeline.size(len(items))
-    context = (
-        ctx.progress(f"{job.name} {names}{shard}", total) if ctx.progress else nullcontext(None)
-    )
+    if isinstance(pipeline, Pipeline):
+        todo = pipeline.todo(items)
+    else:
+        todo = pipeline.todo(items, group[0].done)
+    # The bar and its rate count the items embedded now, not those an earlier run wrote.
+    before = f" ({total - todo} of {total} done before)" if todo < total else ""
+    label = f"{job.name} {names}{shard}{before}"
+    context = ctx.progress(label, todo) if ctx.progress else nullcontext(None)
     with context as tick:
         if isinstance(pipeline, Pipeline):
             results, providers = pipeline.run(items, tick), pipeline.providers

@@ -217,18 +217,38 @@ class Pipeline(WindowedRun):
                     _put(out, (member, batch), stop)
         _put(out, _DONE, stop)
 
-    def _needed(self, chunk: Sequence[Item]) -> list[tuple[int, int, Sequence[Item]]]:
-        """Each model's own windows within ``chunk`` that it still needs, as (model, start,
-        items); those whose ids are all complete from an earlier run are counted as reused."""
-        needed = []
+    def todo(self, items: Sequence[Item]) -> int:
+        """How many of this run's items some model still embeds: the progress counts these,
+        not the items complete from an earlier run."""
+        count = 0
+        for chunk in self.windows(items):
+            used = [False] * len(chunk)
+            for _, start, own, needed in self._own_windows(chunk):
+                if needed:
+                    used[start : start + len(own)] = [True] * len(own)
+            count += sum(used)
+        return count
+
+    def _own_windows(
+        self, chunk: Sequence[Item]
+    ) -> Iterator[tuple[int, int, Sequence[Item], bool]]:
+        """Each model's own windows within ``chunk``: (model, start, items, still needed);
+        a window whose ids are all complete from an earlier run is not needed."""
         for k, (member, size) in enumerate(zip(self.members, self._member_windows, strict=True)):
             for start in range(0, len(chunk), size):
                 own = chunk[start : start + size]
-                if all(item.item_id in member.done for item in own):
-                    with self._lock:
-                        member.result.reused += len(own)
-                else:
-                    needed.append((k, start, own))
+                yield k, start, own, not all(item.item_id in member.done for item in own)
+
+    def _needed(self, chunk: Sequence[Item]) -> list[tuple[int, int, Sequence[Item]]]:
+        """Each model's own windows within ``chunk`` that it still needs, as (model, start,
+        items); the others are counted as reused."""
+        needed = []
+        for k, start, own, still in self._own_windows(chunk):
+            if still:
+                needed.append((k, start, own))
+            else:
+                with self._lock:
+                    self.members[k].result.reused += len(own)
         return needed
 
     def _assemble(
@@ -239,7 +259,7 @@ class Pipeline(WindowedRun):
     ) -> list[tuple[Member, Batch]]:
         """Decode a window once for the models that need its items, then cut each model's
         windows into batches as it wants. An item moves the progress once: with the batch of
-        the last model that needs it (or at once when none does)."""
+        the last model that needs it (not at all when none does, see :meth:`todo`)."""
         users: list[list[int]] = [[] for _ in chunk]
         for k, start, own in needed:
             for position in range(start, start + len(own)):
@@ -252,8 +272,7 @@ class Pipeline(WindowedRun):
 
         loaded = list(pool.map(load, range(len(chunk))))
         last = {id(item): max(ks, default=-1) for item, ks in zip(chunk, users, strict=True)}
-        unused = sum(1 for ks in users if not ks)
-        out = [(self.members[0], Batch([], [], ticks=unused))] if unused else []
+        out: list[tuple[Member, Batch]] = []
         for k, start, own in needed:
             member, options = self.members[k], self._member_opts[k]
             payloads = [loaded[start + i][k] for i in range(len(own))]

@@ -163,22 +163,28 @@ class RayPipeline(WindowedRun):
     ) -> RunResult:
         start = time.perf_counter()
         result = RunResult()
-        windows = self._windows(items, done, result, progress)
+        windows = self._windows(items, done, result)
         if windows:
             for row in self._dataset(windows).iter_rows():
                 self._collect(pickle.loads(row["result"]), result, progress)
         result.seconds = time.perf_counter() - start
         return result
 
+    def todo(self, items: Sequence[Item], done: Set[str]) -> int:
+        """How many of this run's items are embedded: those of windows not all in ``done``."""
+        return sum(
+            len(chunk)
+            for chunk in self.windows(items)
+            if not all(item.item_id in done for item in chunk)
+        )
+
     def _windows(
-        self, items: Sequence[Item], done: Set[str], result: RunResult, progress: ProgressFn | None
+        self, items: Sequence[Item], done: Set[str], result: RunResult
     ) -> list[dict[str, Any]]:
         rows = []
         for chunk in self.windows(items):
             if all(item.item_id in done for item in chunk):
-                result.reused += len(chunk)
-                if progress:
-                    progress(len(chunk))
+                result.reused += len(chunk)  # not in the progress (see todo)
                 continue
             rows.append({"items": pickle.dumps(list(chunk))})
         return rows

@@ -180,6 +180,34 @@ def test_progress_counts_every_item_bad_ones_too(
     assert ticks[0] == -14 and sum(ticks[1:]) == 14
 
 
+def test_progress_of_a_resumed_run_counts_only_what_it_embeds(
+    tmp_path, store, image_dir, resnet18_state_dict
+) -> None:
+    """Items complete from an earlier run are named in the label, not counted by the bar:
+    counting them would show a rate and a time left that the run never reaches."""
+    from contextlib import contextmanager
+
+    bars: list[tuple[str, int, list[int]]] = []
+
+    @contextmanager
+    def progress(label: str, total: int):
+        ticks: list[int] = []
+        bars.append((label, total, ticks))
+        yield ticks.append
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
+    ducho_fast.export(config)
+    first = ducho_fast.extract(config, progress=progress).runs[0].result
+    n = first.written
+    next(iter(sorted((tmp_path / "out").rglob("*.npy")))).unlink()
+    again = ducho_fast.extract(config, progress=progress).runs[0].result
+    (label1, total1, ticks1), (label2, total2, ticks2) = bars
+    assert total1 == sum(ticks1) == n and "done before" not in label1
+    assert total2 == sum(ticks2) == again.written == 2  # the window of the missing file
+    assert again.reused == n - 2 and label2.endswith(f"({n - 2} of {n} done before)")
+
+
 def test_staged_device_path_writes_the_same_files(
     tmp_path, store, messy_images, resnet18_state_dict, tiny_bert_dir, monkeypatch
 ) -> None:

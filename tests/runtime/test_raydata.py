@@ -4,7 +4,10 @@ and ``RayEmbedder`` works in ``Dataset.map_batches``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,9 +52,18 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     # Byte for byte, matrices included: the batches are the local pipeline's.
     assert npy_bytes(tmp_path / "ray") == npy_bytes(tmp_path / "local")
 
-    # Resumable like a local run: only the windows holding a failed item run again.
-    again = ducho_fast.extract(on_ray, engine="ray")
+    # Resumable like a local run: only the windows holding a failed item run again, and
+    # the progress counts only them.
+    bars: list[tuple[int, list[int]]] = []
+
+    @contextmanager
+    def progress(label: str, total: int) -> Iterator[Any]:
+        bars.append((total, []))
+        yield bars[-1][1].append
+
+    again = ducho_fast.extract(on_ray, engine="ray", progress=progress)
     assert [r.result.written for r in again.runs] == [2, 31]
+    assert [(total, sum(ticks)) for total, ticks in bars] == [(3, 3), (32, 32)]
     half = two_job_config(tmp_path / "half", store, resnet18_state_dict, tiny_bert_dir)
     shard = ducho_fast.extract(half, engine="ray", shard="1/2")
     # Windows 1, 3, 5, 7 of the images (3 + 3 + 3 + 1, img05 among them) and 1 of the texts.
