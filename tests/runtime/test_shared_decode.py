@@ -182,7 +182,8 @@ def test_resume_decodes_only_what_a_model_still_needs(
     report = ducho_fast.extract(config, progress=progress)
     assert [(r.result.reused, r.result.written) for r in report.runs] == rerun
     assert decodes == {f"{name}.jpg": 1 for name in decoded}
-    assert ticks[0] == -7 and sum(ticks[1:]) == 7
+    # The bar counts the items some model embeds again, each once.
+    assert ticks[0] == -len(decoded) and sum(ticks[1:]) == len(decoded)
 
 
 @pytest.mark.slow
