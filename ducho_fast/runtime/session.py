@@ -96,17 +96,19 @@ def make_session(
 
 class PendingSession:
     """A session being created in a background thread, so that a run checks its artifacts and
-    reads its first items meanwhile: ONNX Runtime releases the GIL while it optimizes the
-    graph, most of the 0.2 s it takes for all-MiniLM-L6-v2 here. ``result`` waits for it and
-    raises what creating it raised."""
+    reads its first items meanwhile: ONNX Runtime releases the GIL for most of the 0.2 s it
+    takes to create all-MiniLM-L6-v2's session here. ``result`` waits for it and raises what
+    creating it raised."""
 
     def __init__(self, model: Path, options: RuntimeOptions, *, spinning: bool) -> None:
         self.model = model
         self.spinning = spinning
         self._future: Future[tuple[ort.InferenceSession, SessionInfo]] = Future()
-        # A daemon: a run that stops at a bad input does not wait for the session at exit.
+        # Not a daemon: the interpreter must not exit while ONNX Runtime is creating the
+        # session (a run stopped by a bad config aborted or crashed that way), so an early
+        # exit waits for it instead.
         threading.Thread(
-            target=self._create, args=(options,), name="ducho-session", daemon=True
+            target=self._create, args=(options,), name="ducho-session", daemon=False
         ).start()
 
     def _create(self, options: RuntimeOptions) -> None:

@@ -243,3 +243,34 @@ def test_pending_session_raises_its_error_when_waited_for() -> None:
     )
     with pytest.raises(DeviceError, match=r"CUDA is not really active"):
         pending.result()
+
+
+def test_the_interpreter_waits_for_a_pending_session_before_it_exits(tmp_path) -> None:
+    """A run stopped by a bad config right after its session began must not exit while ONNX
+    Runtime is still creating it: that aborted the process ('terminate called without an
+    active exception') instead of exiting with the error. The session thread is waited for."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "created"
+    script = f"""
+import time
+from pathlib import Path
+from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.runtime import session
+
+real = session.make_session
+
+def slow(model, options, *, spinning):
+    time.sleep(0.5)
+    made = real(model, options, spinning=spinning)
+    Path({str(marker)!r}).write_text("done")
+    return made
+
+session.make_session = slow
+session.PendingSession(Path({str(PROBE)!r}), RuntimeOptions(device="cpu"), spinning=True)
+raise SystemExit(1)  # the run's error, at once
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert marker.read_text() == "done"
