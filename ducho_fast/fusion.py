@@ -29,7 +29,7 @@ from ducho_fast.config.model import (
 )
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import ConfigError, DataError
-from ducho_fast.outputs.ducho import layer_dir, layer_parts, save_feature
+from ducho_fast.outputs.ducho import layer_dir, layer_parts, load_feature, save_feature
 from ducho_fast.outputs.manifest import check_complete, feature_files, open_folder, read_manifest
 from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
 
@@ -127,13 +127,13 @@ def fuse_folders(
     ids = [i for i in (order or list(found[0])) if all(i in f for f in found)]
     result.missing = _missing(found, folders, set(ids))
     if ids:
-        first = [np.load(f[ids[0]]) for f in found]
+        first = [load_feature(f[ids[0]]) for f in found]
         check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
     key = _fusion_key(folders, mode, normalize, options)
     record = open_folder(output, key, resume=False, what=f"fusion '{where}'")
     for item_id in ids:
         try:
-            fused = fuse([np.load(f[item_id]) for f in found], mode, normalize=normalize)
+            fused = fuse([load_feature(f[item_id]) for f in found], mode, normalize=normalize)
         except (DataError, ValueError, OSError) as e:
             result.errors.append(ItemError(item_id, str(found[0][item_id]), str(e)))
             continue

@@ -15,7 +15,7 @@ import numpy as np
 
 from ducho_fast.config.model import Job, ModelSpec
 from ducho_fast.data.ids import check_id
-from ducho_fast.errors import OutputError
+from ducho_fast.errors import DataError, OutputError
 from ducho_fast.outputs.atomic import NpyFiles, save_npy
 
 
@@ -73,6 +73,17 @@ class DuchoWriter:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self._made.add(path.parent)
                 self._files.save(path, array.astype(self._dtype, copy=False))
+
+
+def load_feature(path: Path) -> np.ndarray:
+    """One per-item feature file, or a DataError that names it and says how to remake it."""
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError) as e:  # EOFError: numpy's word for an empty file
+        raise DataError(
+            f"{path} is not a readable .npy feature ({type(e).__name__}: {e}): truncated or "
+            "overwritten? Delete it and run extract again; its item is embedded anew."
+        ) from e
 
 
 def save_feature(path: Path, array: np.ndarray, dtype: str = "float32") -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,15 +43,27 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+# The smallest .npy holding data: np.save pads its header to 128 bytes for any array here.
+# An empty or header-only file is what a power loss can leave of a write that was renamed
+# but never synced; it is not complete (the stat is already made, so the check is free).
+MIN_NPY_BYTES = 129
+
+
 def feature_files(folder: Path) -> dict[str, Path]:
     """``{id: file}`` for the complete ``.npy`` features in ``folder``."""
     if not folder.is_dir():
         return {}
-    return {
-        p.name[: -len(".npy")]: p
-        for p in sorted(folder.iterdir())
-        if p.suffix == ".npy" and not p.name.startswith(TMP_PREFIX) and p.is_file()
-    }
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix != ".npy" or path.name.startswith(TMP_PREFIX):
+            continue
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if stat.S_ISREG(info.st_mode) and info.st_size >= MIN_NPY_BYTES:
+            found[path.name[: -len(".npy")]] = path
+    return found
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import DataError, OutputError
 from ducho_fast.outputs.atomic import open_temp, write_text
+from ducho_fast.outputs.ducho import load_feature
 from ducho_fast.outputs.manifest import feature_files
 
 MATRIX_DIR = "matrix"
@@ -95,7 +96,7 @@ def write_matrix(
         ]
     if not present:
         raise DataError(f"{parts}: no features to assemble a matrix from.")
-    shape = _item_shape(np.load(files[present[0]]))
+    shape = _item_shape(load_feature(files[present[0]]))
     missing = [i for i in rows if i not in files]
     mean = _mean(files, [i for i in rows if i in files], shape) if missing else None
     result.filled = [
@@ -118,7 +119,7 @@ def _item_shape(array: np.ndarray) -> tuple[int, ...]:
 
 
 def _load(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    array = np.load(path)
+    array = load_feature(path)
     if _item_shape(array) != shape:
         raise DataError(
             f"{path} has shape {array.shape}, other items {shape}: per-item shapes differ "

@@ -72,3 +72,16 @@ def test_a_file_in_place_of_the_folder_is_an_output_error(tmp_path: Path) -> Non
     (tmp_path / "out").write_text("x")
     with pytest.raises(OutputError, match=r"cannot write to the output folder"):
         open_folder(tmp_path / "out", KEY, resume=True, what="'m'")
+
+
+def test_empty_and_header_only_files_are_not_complete(tmp_path: Path) -> None:
+    """What a power loss can leave of a write that was renamed but never synced: resume
+    embeds those items again instead of reusing them."""
+    out = tmp_path / "avgpool"
+    features(out, ["a", "b", "c"])
+    (out / "b.npy").write_bytes(b"")
+    header_only = (out / "c.npy").read_bytes()[:128]
+    (out / "c.npy").write_bytes(header_only)
+    (out / "d.npy").symlink_to(out / "gone.npy")  # dangling
+    assert set(feature_files(out)) == {"a"}
+    assert (out / "a.npy").stat().st_size == 144  # the smallest real feature is larger

@@ -68,3 +68,16 @@ def test_id_order_file(tmp_path: Path) -> None:
         read_id_order(path)
     with pytest.raises(DataError, match=r"does not exist \(check 'output.id_order'\)"):
         read_id_order(tmp_path / "none.txt")
+
+
+@pytest.mark.parametrize("damage", ["zeros", "text"])
+def test_an_unreadable_feature_file_is_named(tmp_path: Path, damage: str) -> None:
+    """numpy's own errors (a ValueError here; an EOFError for an empty file, which Click
+    reports as just 'Aborted.') become a DataError that names the file and how to remake it."""
+    a, b = vectors(2)
+    parts(tmp_path / "p", {"a": a, "b": b})
+    size = (tmp_path / "p" / "b.npy").stat().st_size
+    garbage = bytes(size) if damage == "zeros" else b"x" * size
+    (tmp_path / "p" / "b.npy").write_bytes(garbage)
+    with pytest.raises(DataError, match=r"p/b\.npy is not a readable \.npy feature.*Delete it"):
+        write_matrix(tmp_path / "p", tmp_path / "m", "image_feat", ["a", "b"])

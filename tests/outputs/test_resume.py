@@ -120,6 +120,21 @@ def test_full_disk_stops_the_run_and_a_rerun_completes_it(
     assert snapshot(dataset / "out") == snapshot(dataset / "ref")
 
 
+def test_an_emptied_feature_file_is_embedded_again(tmp_path, store, image_dir, resnet18_state_dict):
+    """A feature file a power loss emptied (renamed, never synced) is not reused: resume
+    embeds its batch again and the matrix is built, where it stopped with 'Aborted.'."""
+    (tmp_path / "images").symlink_to(image_dir)
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    ducho_fast.export(config)
+    ducho_fast.extract(config)
+    before = snapshot(tmp_path / "out")
+    emptied = sorted((tmp_path / "out" / "torch" / "resnet18" / "avgpool").glob("*.npy"))[0]
+    emptied.write_bytes(b"")
+    report = ducho_fast.extract(config)
+    assert report.runs[0].result.written == 4  # the batch holding it
+    assert snapshot(tmp_path / "out") == before
+
+
 def test_changed_settings_are_refused_before_any_work(tmp_path, store, texts_tsv, minilm_dir):
     from typer.testing import CliRunner
 
