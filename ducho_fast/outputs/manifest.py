@@ -59,8 +59,8 @@ def feature_files(folder: Path) -> dict[str, Path]:
             continue
         try:
             info = path.stat()
-        except FileNotFoundError:
-            continue  # removed meanwhile
+        except OSError:
+            continue  # removed meanwhile, or a dangling or looping link: not a feature
         if stat.S_ISREG(info.st_mode) and info.st_size >= MIN_NPY_BYTES:
             found[path.name[: -len(".npy")]] = path
     return found

@@ -83,5 +83,6 @@ def test_empty_and_header_only_files_are_not_complete(tmp_path: Path) -> None:
     header_only = (out / "c.npy").read_bytes()[:128]
     (out / "c.npy").write_bytes(header_only)
     (out / "d.npy").symlink_to(out / "gone.npy")  # dangling
+    (out / "e.npy").symlink_to(out / "e.npy")  # a loop
     assert set(feature_files(out)) == {"a"}
     assert (out / "a.npy").stat().st_size == 144  # the smallest real feature is larger
