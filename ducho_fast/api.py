@@ -208,7 +208,7 @@ def _embedder(ctx: _Context, artifact: Artifact) -> Embedder:
     """A pipeline's embedder, on the session created ahead when it is this artifact's."""
     pending = ctx.ahead.pop() if ctx.ahead else None
     spinning = spins(ctx.cfg.runtime, artifact.modality, readers=True)
-    if pending is not None and (pending.model, pending.spinning) != (artifact.model_path, spinning):
+    if pending is not None and not pending.serves(artifact.model_path, spinning=spinning):
         pending = None
     return Embedder(artifact, ctx.cfg.runtime, readers=True, pending=pending)
 

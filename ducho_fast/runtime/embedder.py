@@ -83,10 +83,7 @@ class Embedder:
         self.manifest = artifact.manifest
         self._options = options = options or RuntimeOptions()
         self.spinning = spins(options, artifact.modality, readers=readers)
-        if pending is not None and (pending.model, pending.spinning) != (
-            artifact.model_path,
-            self.spinning,
-        ):
+        if pending is not None and not pending.serves(artifact.model_path, spinning=self.spinning):
             raise ValueError(f"{pending.model} is not the session {artifact.path} needs")
         self._pending = pending
         self._ready: _Ready | None = None

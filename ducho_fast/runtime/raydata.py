@@ -172,18 +172,14 @@ class RayPipeline(WindowedRun):
 
     def todo(self, items: Sequence[Item], done: Set[str]) -> int:
         """How many of this run's items are embedded: those of windows not all in ``done``."""
-        return sum(
-            len(chunk)
-            for chunk in self.windows(items)
-            if not all(item.item_id in done for item in chunk)
-        )
+        return sum(len(chunk) for chunk in self.windows(items) if not _all_done(chunk, done))
 
     def _windows(
         self, items: Sequence[Item], done: Set[str], result: RunResult
     ) -> list[dict[str, Any]]:
         rows = []
         for chunk in self.windows(items):
-            if all(item.item_id in done for item in chunk):
+            if _all_done(chunk, done):
                 result.reused += len(chunk)  # not in the progress (see todo)
                 continue
             rows.append({"items": pickle.dumps(list(chunk))})
@@ -299,3 +295,8 @@ def start_ray(options: RayOptions) -> Any:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+def _all_done(chunk: Sequence[Item], done: Set[str]) -> bool:
+    """Whether every item of a window is complete from an earlier run (the window is reused)."""
+    return all(item.item_id in done for item in chunk)

@@ -119,6 +119,10 @@ class PendingSession:
         else:
             self._future.set_result(made)
 
+    def serves(self, model: Path, *, spinning: bool) -> bool:
+        """Whether this is the session a model at ``model`` with this spinning needs."""
+        return (self.model, self.spinning) == (model, spinning)
+
     def result(self) -> tuple[ort.InferenceSession, SessionInfo]:
         return self._future.result()
 
