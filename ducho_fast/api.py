@@ -17,7 +17,7 @@ from ducho_fast.config import Config, Job, ModelSpec, load_config
 from ducho_fast.config.model import FusionSpec
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.pairs import paired_items
-from ducho_fast.data.sources import Loader, job_items, loader_for
+from ducho_fast.data.sources import Loader, check_inputs, job_items, loader_for
 from ducho_fast.errors import ArtifactError, ConfigError, DataError
 from ducho_fast.fusion import (
     FusionRun,
@@ -170,6 +170,7 @@ def extract(
     check_fusion_dims(cfg, artifacts)
     _check_matrix_layers(cfg, artifacts)
     _check_output_folders(cfg, artifacts)
+    check_inputs(cfg.jobs)
     id_order = _id_order(cfg)
     ctx = _Context(cfg, artifacts, id_order, progress, part, ray, [ahead] if ahead else [])
     report = ExtractReport(shard=part)

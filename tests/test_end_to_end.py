@@ -264,3 +264,33 @@ def test_reviews_demo_config_runs(tmp_path, store, minilm_dir) -> None:
     assert [r.result.written for r in report.runs] == [11, 9] and report.failed == 0
     reviews = next((tmp_path / "data" / "demo_reviews" / "features" / "reviews").rglob("1"))
     assert sorted(p.stem for p in reviews.glob("*.npy"))[:2] == ["U01__B001", "U01__B002"]
+
+
+def test_every_input_is_checked_before_any_job_runs(
+    tmp_path, store, resnet18_state_dict, tiny_bert_dir
+) -> None:
+    """An empty last input stops the run before the first job has written anything, and
+    each job at fault is named."""
+    from ducho_fast.errors import DataError
+    from tests.conftest import two_job_config
+
+    data = tmp_path / "data"
+    config = two_job_config(data, store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(config)
+    (data / "descriptions.tsv").write_text("item_id\tdescription\n\n")
+    with pytest.raises(DataError) as caught:
+        ducho_fast.extract(config)
+    assert str(caught.value).startswith("textual.items: ") and "no data rows" in str(caught.value)
+    assert not list(data.rglob("*.npy"))
+    for image in (data / "images").iterdir():
+        image.rename(image.with_suffix(".txt"))
+    with pytest.raises(
+        DataError,
+        match=r"(?s)^visual\.items: image folder .* are not image "
+        r"files.*\ntextual\.items: .*no data rows",
+    ):
+        ducho_fast.extract(config)
+    (data / "descriptions.tsv").write_text("item_id\tdescription\nt1\tred shirt\n")
+    (data / "images" / "img00.txt").rename(data / "images" / "img00.jpg")
+    report = ducho_fast.extract(config)
+    assert [r.result.written for r in report.runs] == [1, 1] and report.failed == 0

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ducho_fast.config.model import InputOptions, Job, ModelSpec
-from ducho_fast.data.audio.audio import decode_audio, finish_audio, list_audio
+from ducho_fast.data.audio.audio import AUDIO_SUFFIXES, decode_audio, finish_audio, list_audio
 from ducho_fast.data.ids import unsafe_reason
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.text.clean import clear_text
-from ducho_fast.data.text.tsv import BadText, read_interaction_items, read_text_items
-from ducho_fast.data.visual.images import decode_image, finish_image, list_images
+from ducho_fast.data.text.tsv import (
+    BadText,
+    check_text_table,
+    read_interaction_items,
+    read_text_items,
+)
+from ducho_fast.data.visual.images import (
+    IMAGE_SUFFIXES,
+    check_files,
+    decode_image,
+    finish_image,
+    list_images,
+)
 from ducho_fast.errors import DataError
 
 
@@ -41,6 +52,37 @@ def job_items(job: Job) -> Items:
     if interactions and job.modality != "textual":
         items = _interaction_names(items)
     return items
+
+
+def check_inputs(jobs: Sequence[Job]) -> None:
+    """Raise one DataError naming every job whose input is missing, unreadable as a table
+    (header, columns) or holds nothing to extract, before any job runs: a typo in the last
+    job's path is found in seconds, not after the first jobs' hours of work. Only the start
+    of each input is read; a bad row or file deep inside is found when its job runs."""
+    problems = []
+    for job in jobs:
+        try:
+            _check_input(job)
+        except DataError as e:
+            problems.append(f"{job.name}: {e}")
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def _check_input(job: Job) -> None:
+    if job.modality in ("visual", "visual_textual"):
+        check_files(job.input_path, IMAGE_SUFFIXES, "image")
+    elif job.modality == "audio":
+        check_files(job.input_path, AUDIO_SUFFIXES, "audio")
+    if job.modality == "visual_textual":
+        assert job.text_input_path is not None
+        check_text_table(job.text_input_path, job.item_column, job.text_column)
+    elif job.modality == "textual":
+        interactions = job.origin == "interactions"
+        columns = job.interaction_columns
+        check_text_table(
+            job.input_path, job.item_column, job.text_column, columns, interactions=interactions
+        )
 
 
 def _interaction_names(items: Items) -> Items:

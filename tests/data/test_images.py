@@ -8,7 +8,13 @@ from PIL import Image
 
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.sources import check_ids
-from ducho_fast.data.visual.images import list_images, load_image, prepare_image
+from ducho_fast.data.visual.images import (
+    IMAGE_SUFFIXES,
+    check_files,
+    list_images,
+    load_image,
+    prepare_image,
+)
 from ducho_fast.errors import DataError
 from tests.conftest import write_image
 
@@ -67,6 +73,26 @@ def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> No
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"does not exist"):
         list_images(tmp_path / "nope")
+    with pytest.raises(DataError, match=r"image folder .*nope does not exist"):
+        check_files(tmp_path / "nope", IMAGE_SUFFIXES, "image")
+
+
+def test_check_refuses_a_folder_with_no_image_files(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"images holds nothing to extract: it has no files\."):
+        check_files(folder, IMAGE_SUFFIXES, "image")
+    (folder / "sub.jpg").mkdir()  # a folder is not an image file
+    for i in (10, 2, 1, 3):
+        (folder / f"notes{i}.txt").write_text("x")
+    with pytest.raises(
+        DataError,
+        match=r"its 4 file\(s\) \(notes1\.txt, notes2\.txt, notes3\.txt, \.\.\.\) are not",
+    ):
+        check_files(folder, IMAGE_SUFFIXES, "image")
+    write_image(folder / "a.JPG")
+    check_files(folder, IMAGE_SUFFIXES, "image")
+    check_files(folder / "a.JPG", IMAGE_SUFFIXES, "image")  # one file as the input
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:

@@ -90,3 +90,40 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         read_text_items(write(tmp_path, "", "empty.tsv"), None, None)
     with pytest.raises(DataError, match=r"does not exist"):
         read_text_items(tmp_path / "nope.tsv", None, None)
+
+
+def test_check_refuses_a_table_with_no_data_rows(tmp_path: Path) -> None:
+    from ducho_fast.data.text.tsv import check_text_table
+
+    for text in ("id\tdesc\n", "id\tdesc\n\n\n"):
+        path = write(tmp_path, text)
+        with pytest.raises(DataError, match=r"d\.tsv: the file has a header row but no data"):
+            check_text_table(path, None, None)
+    with pytest.raises(DataError, match=r"the file is empty; it needs a header row"):
+        check_text_table(write(tmp_path, ""), None, None)
+
+
+def test_check_names_bad_columns_as_reading_would(tmp_path: Path) -> None:
+    from ducho_fast.data.text.tsv import check_text_table, read_interaction_items
+
+    path = write(tmp_path, "id\tdesc\n1\ta\n")
+    check_text_table(path, "id", "desc")
+    with pytest.raises(DataError, match=r"no column 'asin' \(from 'item_column'\)"):
+        check_text_table(path, "asin", None)
+    with pytest.raises(DataError, match=r"interactions need a user, an item and a text column"):
+        check_text_table(path, None, None, interactions=True)
+    with pytest.raises(DataError, match=r"no column 'user' \(from 'interaction_columns'\)"):
+        check_text_table(path, None, "desc", ("user", "id"), interactions=True)
+    reviews = write(tmp_path, "user\titem\treview\nu1\ti1\tgood\n", "r.tsv")
+    check_text_table(reviews, None, None, interactions=True)
+    assert [i.item_id for i in read_interaction_items(reviews, None, None)] == ["u1__i1"]
+
+
+def test_check_reads_only_up_to_the_first_data_row(tmp_path: Path) -> None:
+    """A bad row further down is found when the job reads the table, not by the check."""
+    from ducho_fast.data.text.tsv import check_text_table
+
+    path = write(tmp_path, 'id\tdesc\n1\tfine\n2\t"never closed\n')
+    check_text_table(path, None, None)
+    with pytest.raises(DataError, match=r"d\.tsv:3: the row starting on this line is badly"):
+        read_text_items(path, None, None)

@@ -8,6 +8,8 @@ here every id is the exact string in the file. The text column defaults to the l
 from __future__ import annotations
 
 import csv
+from collections.abc import Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +73,7 @@ def read_text_items(path: Path, item_column: str | None, text_column: str | None
     value is a ``BadText``, so it is reported in order and the rows around it go on.
     """
     tsv, header, rows = _table(path)
-    id_at = _column(header, item_column, 0, "item_column", tsv)
-    text_at = _column(header, text_column, len(header) - 1, "text_column", tsv)
+    id_at, text_at = _text_columns(tsv, header, item_column, text_column)
     items = []
     for line_no, row in rows:
         id_value = row[id_at] if id_at < len(row) else ""
@@ -90,6 +91,95 @@ def read_interaction_items(
     empty user or item cell is a bad item; the rows around it go on.
     """
     tsv, header, rows = _table(path)
+    user_at, item_at, text_at = _interaction_columns(tsv, header, columns, text_column)
+    items = []
+    for line_no, row in rows:
+        user = row[user_at] if user_at < len(row) else ""
+        item = row[item_at] if item_at < len(row) else ""
+        text = _text(row, text_at, len(header))
+        if not user.strip() or not item.strip():
+            which = "user" if not user.strip() else "item"
+            text = BadText(f"the {which} cell is empty; an interaction needs both ids")
+        items.append(Item(f"{user}__{item}", f"{tsv.name}:{line_no}", text))
+    return items
+
+
+def check_text_table(
+    path: Path,
+    item_column: str | None,
+    text_column: str | None,
+    interaction_columns: tuple[str, str] | None = None,
+    *,
+    interactions: bool = False,
+) -> None:
+    """Raise the DataError that reading the table would raise for its file, header or
+    columns, or one saying it has no data rows: what a run checks of every job before any
+    work. Reading stops at the first data row."""
+    tsv = resolve_tsv(path)
+    with closing(_rows(tsv)) as rows:
+        header = _header(tsv, rows)
+        if interactions:
+            _interaction_columns(tsv, header, interaction_columns, text_column)
+        else:
+            _text_columns(tsv, header, item_column, text_column)
+        if not any(_is_data(row) for _, row in rows):
+            raise DataError(
+                f"{tsv}: the file has a header row but no data rows, so there is nothing to "
+                "extract. Check 'input_path'."
+            )
+
+
+def _table(path: Path) -> tuple[Path, list[str], list[tuple[int, list[str]]]]:
+    """The TSV, its checked header and its non-blank data rows with their first lines."""
+    tsv = resolve_tsv(path)
+    with closing(_rows(tsv)) as rows:
+        header = _header(tsv, rows)
+        return tsv, header, [(n, row) for n, row in rows if _is_data(row)]
+
+
+def _header(tsv: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{tsv}: the file is empty; it needs a header row.")
+    header = first[1]
+    if any(_undecodable(h) for h in header):
+        raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
+    return header
+
+
+def _is_data(row: list[str]) -> bool:
+    return bool(row) and row != [""]
+
+
+def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
+    """``(first line, cells)`` per row; bytes that are not UTF-8 survive as surrogates."""
+    with tsv.open("r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", strict=True)
+        start = 1
+        try:
+            for row in reader:
+                yield start, row
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(
+                f"{tsv}:{start}: the row starting on this line is badly quoted ({e}). A cell "
+                'that starts with " must end with " and write quotes inside it as "". Fix the '
+                "row, or remove the opening quote to keep quotes as plain text."
+            ) from e
+
+
+def _text_columns(
+    tsv: Path, header: list[str], item_column: str | None, text_column: str | None
+) -> tuple[int, int]:
+    """Positions of the id and the text columns."""
+    id_at = _column(header, item_column, 0, "item_column", tsv)
+    return id_at, _column(header, text_column, len(header) - 1, "text_column", tsv)
+
+
+def _interaction_columns(
+    tsv: Path, header: list[str], columns: tuple[str, str] | None, text_column: str | None
+) -> tuple[int, int, int]:
+    """Positions of the user, the item and the text columns."""
     if columns is None and len(header) < 3:
         raise DataError(
             f"{tsv}: interactions need a user, an item and a text column; the header has "
@@ -104,47 +194,7 @@ def read_interaction_items(
         raise DataError(
             f"{tsv}: the text column '{header[text_at]}' is also an id column; set text_column."
         )
-    items = []
-    for line_no, row in rows:
-        user = row[user_at] if user_at < len(row) else ""
-        item = row[item_at] if item_at < len(row) else ""
-        text = _text(row, text_at, len(header))
-        if not user.strip() or not item.strip():
-            which = "user" if not user.strip() else "item"
-            text = BadText(f"the {which} cell is empty; an interaction needs both ids")
-        items.append(Item(f"{user}__{item}", f"{tsv.name}:{line_no}", text))
-    return items
-
-
-def _table(path: Path) -> tuple[Path, list[str], list[tuple[int, list[str]]]]:
-    """The TSV, its checked header and its non-blank data rows with their first lines."""
-    tsv = resolve_tsv(path)
-    rows = _rows(tsv)
-    if not rows:
-        raise DataError(f"{tsv}: the file is empty; it needs a header row.")
-    header = rows[0][1]
-    if any(_undecodable(h) for h in header):
-        raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
-    return tsv, header, [(n, row) for n, row in rows[1:] if row and row != [""]]
-
-
-def _rows(tsv: Path) -> list[tuple[int, list[str]]]:
-    """``(first line, cells)`` per row; bytes that are not UTF-8 survive as surrogates."""
-    rows: list[tuple[int, list[str]]] = []
-    with tsv.open("r", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", strict=True)
-        start = 1
-        try:
-            for row in reader:
-                rows.append((start, row))
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise DataError(
-                f"{tsv}:{start}: the row starting on this line is badly quoted ({e}). A cell "
-                'that starts with " must end with " and write quotes inside it as "". Fix the '
-                "row, or remove the opening quote to keep quotes as plain text."
-            ) from e
-    return rows
+    return user_at, item_at, text_at
 
 
 def _text(row: list[str], at: int, columns: int) -> str | BadText | None:

@@ -6,6 +6,7 @@ happen inside the graph, so a batch travels as uint8 NHWC.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[
     Ids are Ducho's: the file name up to its first '.'. Other files are returned to be counted.
     """
     if not folder.exists():
-        raise DataError(f"{kind} folder {folder} does not exist (check 'input_path').")
+        raise DataError(_missing(folder, kind))
     if folder.is_file():
         return [Item(image_id(folder), str(folder), folder)], []
     # A dangling link is listed: reading it reports the missing file instead of hiding it.
@@ -56,6 +57,38 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[
     chosen = [p for p in files if p.suffix.lower() in suffixes]
     others = [p for p in files if p.suffix.lower() not in suffixes]
     return [Item(image_id(p), str(p), p) for p in chosen], others
+
+
+def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
+    """Raise a DataError naming ``folder`` if it is missing or holds no file with one of
+    ``suffixes``: what a run checks of every job before any work. Scanning stops at the
+    first such file, so a large folder costs little."""
+    if not folder.exists():
+        raise DataError(_missing(folder, kind))
+    if folder.is_file():
+        return
+    others = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not (entry.is_file() or entry.is_symlink()):
+                continue
+            if Path(entry.name).suffix.lower() in suffixes:
+                return
+            others.append(entry.name)
+    found = (
+        f"its {len(others)} file(s) ({', '.join(sorted(others, key=human_key)[:3])}"
+        f"{', ...' if len(others) > 3 else ''}) are not {kind} files"
+        if others
+        else "it has no files"
+    )
+    raise DataError(
+        f"{kind} folder {folder} holds nothing to extract: {found}. {kind.capitalize()} files "
+        f"end in {', '.join(sorted(suffixes))}. Check 'input_path'."
+    )
+
+
+def _missing(folder: Path, kind: str) -> str:
+    return f"{kind} folder {folder} does not exist (check 'input_path')."
 
 
 RESAMPLING = {
