@@ -111,11 +111,16 @@ class ExtractReport:
 
     @property
     def failed(self) -> int:
-        """Items (and matrices) that could not be made; unpaired ids are reported, not failed."""
+        """Items and matrices that could not be made; unpaired ids are reported, not failed."""
+        return self.failed_items + len(self.matrix_errors)
+
+    @property
+    def failed_items(self) -> int:
+        """Items that could not be embedded or fused, and input items with bad ids."""
         item_level = sum(len(r.result.errors) for r in self.runs)
         fused = sum(len(res.errors) for f in self.fusions for res in f.results)
         inputs = sum(len(v) for v in self.input_errors.values())
-        return item_level + fused + inputs + len(self.matrix_errors)
+        return item_level + fused + inputs
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ app = typer.Typer(
     add_completion=False,
     help="Export feature extractors to ONNX and extract multimodal features with ONNX Runtime.",
 )
-err = Console(stderr=True)
-out = Console()
+# Markup only where a call asks for it: paths, ids, layer lists ("[avgpool]") and error
+# messages ("[ducho, matrix]") hold square brackets that rich would take for tags.
+err = Console(stderr=True, markup=False)
+out = Console(markup=False)
 
 ITEMS_FAILED_EXIT = 3
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -91,7 +93,8 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except DuchoError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        message = f"[bold red]error:[/] {escape(str(e))}"
+        err.print(message, highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from e
 
 
@@ -209,11 +212,16 @@ def extract(
             markup=False,
             soft_wrap=True,
         )
-    if report.failed:
+    if report.failed_items:
         err.print(
-            f"[yellow]{report.failed} item(s) failed; see the ducho-fast.errors.tsv "
-            "files beside the outputs.[/]"
+            f"[yellow]{report.failed_items} item(s) failed; see the ducho-fast.errors.tsv "
+            "files beside the outputs.[/]",
+            markup=True,
         )
+    if report.matrix_errors:
+        count = len(report.matrix_errors)
+        err.print(f"[yellow]{count} matrix file(s) not written (see above).[/]", markup=True)
+    if report.failed:
         raise typer.Exit(ITEMS_FAILED_EXIT)
 
 
@@ -300,7 +308,9 @@ def fuse(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
         err.print("nothing to fuse: the config has no 'fusion' keys.")
     failed = sum(len(res.errors) for run in runs for res in run.results)
     if failed:
-        err.print(f"[yellow]{failed} item(s) failed to fuse; see ducho-fast.errors.tsv.[/]")
+        err.print(
+            f"[yellow]{failed} item(s) failed to fuse; see ducho-fast.errors.tsv.[/]", markup=True
+        )
         raise typer.Exit(ITEMS_FAILED_EXIT)
 
 
@@ -384,8 +394,9 @@ def inspect(
         return
     src = manifest["source"]
     out.print(
-        f"[bold]{manifest['slug']}[/]  ({manifest['modality']}, {manifest['precision']}, "
-        f"opset {manifest['opset']})"
+        f"[bold]{escape(manifest['slug'])}[/]  ({manifest['modality']}, {manifest['precision']}, "
+        f"opset {manifest['opset']})",
+        markup=True,
     )
     tower = f", {src['tower']} tower" if src.get("tower") else ""
     out.print(
@@ -434,7 +445,7 @@ def doctor(
         out.print(line, highlight=False)
     failures = health.failures(require_cuda)
     for failure in failures:
-        err.print(f"[bold red]error:[/] {escape(failure)}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(failure)}", markup=True, soft_wrap=True)
     if failures:
         raise typer.Exit(1)
 

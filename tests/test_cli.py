@@ -123,3 +123,39 @@ def test_console_script_end_to_end(text_config: Path) -> None:
     assert subprocess.run(
         [sys.executable, "-m", "ducho_fast", "--version"], capture_output=True, text=True
     ).stdout.startswith("ducho-fast ")
+
+
+@pytest.mark.slow
+def test_a_matrix_not_written_is_not_counted_as_an_item(text_config: Path, tmp_path: Path) -> None:
+    """Every text blank: the items fail, so the matrix cannot be assembled; each is said."""
+    (tmp_path / "descriptions.tsv").unlink()
+    (tmp_path / "descriptions.tsv").write_text("item_id\tdescription\na\t \nb\t\t\n")
+    assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
+    layouts = "output.layouts=[ducho, matrix]"
+    result = runner.invoke(app, ["extract", str(text_config), "--no-progress", "--set", layouts])
+    assert result.exit_code == ITEMS_FAILED_EXIT, result.output
+    assert "2 item(s) failed" in result.output
+    assert "1 matrix file(s) not written" in result.output
+
+
+def test_messages_keep_their_square_brackets(tmp_path: Path) -> None:
+    """rich took "[ducho, matrix]" in an error message for a markup tag and dropped it."""
+    path = tmp_path / "c.yml"
+    data = textual_config(tmp_path, {"model_name": "m", "output_layers": 1}, tmp_path / "store")
+    path.write_text(yaml.safe_dump({**data, "output": {"layouts": ["matrix"]}}))
+    result = runner.invoke(app, ["extract", str(path)])
+    assert result.exit_code == 1
+    assert "Use layouts: [ducho, matrix]." in result.output
+
+
+@pytest.mark.slow
+def test_export_lists_the_layers(tmp_path: Path, store: Path, resnet18_state_dict: Path) -> None:
+    from tests.conftest import resnet18_entry, visual_config
+
+    path = tmp_path / "c.yml"
+    path.write_text(
+        yaml.safe_dump(visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store))
+    )
+    result = runner.invoke(app, ["export", str(path)])
+    assert result.exit_code == 0, result.output
+    assert " [avgpool]: " in result.output
