@@ -497,7 +497,8 @@ def _run_group(
     # The bar and its rate count the items embedded now, not those an earlier run wrote.
     before = f" ({total - todo} of {total} done before)" if todo < total else ""
     label = f"{job.name} {names}{shard}{before}"
-    context = ctx.progress(label, todo) if ctx.progress else nullcontext(None)
+    # Nothing to embed (all done before, or an empty shard): the summary line says so, no bar.
+    context = ctx.progress(label, todo) if ctx.progress and todo else nullcontext(None)
     with context as tick:
         if isinstance(pipeline, Pipeline):
             results, providers = pipeline.run(items, tick), pipeline.providers

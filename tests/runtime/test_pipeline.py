@@ -206,6 +206,8 @@ def test_progress_of_a_resumed_run_counts_only_what_it_embeds(
     assert total1 == sum(ticks1) == n and "done before" not in label1
     assert total2 == sum(ticks2) == again.written == 2  # the window of the missing file
     assert again.reused == n - 2 and label2.endswith(f"({n - 2} of {n} done before)")
+    done = ducho_fast.extract(config, progress=progress).runs[0].result
+    assert done.reused == n and len(bars) == 2  # nothing to embed: no empty 0/0 bar
 
 
 def test_staged_device_path_writes_the_same_files(
