@@ -17,7 +17,14 @@ from ducho_fast.config import Config, Job, ModelSpec, load_config
 from ducho_fast.config.model import FusionSpec
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.pairs import paired_items
-from ducho_fast.data.sources import Loader, check_inputs, job_items, loader_for
+from ducho_fast.data.sources import (
+    Loader,
+    changed_files,
+    check_inputs,
+    job_items,
+    loader_for,
+    table_changed_after,
+)
 from ducho_fast.errors import ArtifactError, ConfigError, DataError
 from ducho_fast.fusion import (
     FusionRun,
@@ -97,6 +104,7 @@ class ModelRun:
     output_dirs: list[Path] = field(default_factory=list)
     tower: str | None = None
     matrices: list[MatrixResult] = field(default_factory=list)
+    changed: int = 0  # items embedded again: their input file changed after their feature
 
 
 @dataclass
@@ -107,6 +115,7 @@ class ExtractReport:
     unpaired: dict[str, list[ItemError]] = field(default_factory=dict)
     fusions: list[FusionRun] = field(default_factory=list)
     matrix_errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     shard: Shard | None = None  # a job array's task: matrices, fusions, manifests deferred
 
     @property
@@ -392,11 +401,30 @@ class _Planned:
     folders: dict[str, OutputFolder]
     writer: DuchoWriter
     loader: Loader
+    changed: int = 0
 
     @property
     def done(self) -> set[str]:
         """Ids complete in every layer folder, from an earlier run."""
         return set.intersection(*(f.existing for f in self.folders.values()))
+
+    def forget_changed(self, job: Job, items: list[Item], report: ExtractReport) -> None:
+        """Reuse no feature older than its input. An image or audio file modified after its
+        feature was written is embedded again; a TSV modified after every reused feature
+        gets a warning, as it cannot say which rows changed."""
+        done = self.done
+        written = {i: min(f.written[i] for f in self.folders.values()) for i in done}
+        changed = changed_files(items, written)
+        for folder in self.folders.values():
+            folder.existing -= changed
+        self.changed = len(changed)
+        tsv = table_changed_after(job, written) if self.artifact.modality == "textual" else None
+        if tsv is not None:
+            report.warnings.append(
+                f"{self.spec.key_path}: {tsv} was modified after the {len(done)} feature(s) "
+                "this run reuses were written. Their ids are not embedded again; if texts "
+                "changed under the same ids, run with --fresh."
+            )
 
 
 def _run_models(
@@ -407,6 +435,8 @@ def _run_models(
     window (:func:`shared_window`) run in one pipeline that reads and decodes each item once.
     Runs come back in ``specs``' order."""
     planned = [_plan(ctx, job, spec) for spec in specs]
+    for p in planned:
+        p.forget_changed(job, items, report)
     groups: list[list[_Planned]] = []
     for p in planned:
         group = next((g for g in groups if ctx.ray is None and _shares(g, p)), None)
@@ -513,6 +543,7 @@ def _run_group(
             result,
             p.writer.dirs,
             p.spec.tower,
+            changed=p.changed,
         )
         for p, result, provider in zip(group, results, providers, strict=True)
     ]

@@ -239,12 +239,20 @@ def _print_report(report: Any) -> None:
             highlight=False,
             soft_wrap=True,
         )
+        if run.changed:
+            owner = ", each by the shard that owns it" if report.shard else ""
+            out.print(
+                f"  {run.changed} input file(s) modified after their features were written: "
+                f"embedded again{owner}",
+                highlight=False,
+                soft_wrap=True,
+            )
         for matrix in run.matrices:
             _print_matrix(matrix)
     _print_inputs(report)
     _print_fusions(report.fusions)
-    for message in report.matrix_errors:
-        err.print(message, markup=False, highlight=False, soft_wrap=True)
+    for message in [*report.matrix_errors, *report.warnings]:
+        err.print(message, highlight=False, soft_wrap=True)
 
 
 def _print_inputs(report: Any) -> None:

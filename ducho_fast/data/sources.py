@@ -17,6 +17,7 @@ from ducho_fast.data.text.tsv import (
     check_text_table,
     read_interaction_items,
     read_text_items,
+    resolve_tsv,
 )
 from ducho_fast.data.visual.images import (
     IMAGE_SUFFIXES,
@@ -83,6 +84,36 @@ def _check_input(job: Job) -> None:
         check_text_table(
             job.input_path, job.item_column, job.text_column, columns, interactions=interactions
         )
+
+
+def changed_files(items: Sequence[Item], written: Mapping[str, int]) -> set[str]:
+    """Ids of ``written`` (id: when its feature was written, st_mtime_ns) whose input file
+    was modified after that: an image or clip edited in place, whose feature is stale. A file
+    that cannot be stat'ed is left to the reader, which names the problem."""
+    changed = set()
+    for item in items:
+        at = written.get(item.item_id)
+        if at is None or not isinstance(item.raw, Path):
+            continue
+        try:
+            if item.raw.stat().st_mtime_ns > at:
+                changed.add(item.item_id)
+        except OSError:
+            continue
+    return changed
+
+
+def table_changed_after(job: Job, written: Mapping[str, int]) -> Path | None:
+    """The job's TSV if it was modified after every feature of ``written`` was: a table does
+    not say which rows changed, so a text edited under the same id cannot be found."""
+    path = job.text_input_path if job.modality == "visual_textual" else job.input_path
+    if path is None or not written:
+        return None
+    try:
+        tsv = resolve_tsv(path)
+        return tsv if tsv.stat().st_mtime_ns > max(written.values()) else None
+    except (OSError, DataError):
+        return None
 
 
 def _interaction_names(items: Items) -> Items:

@@ -4,7 +4,8 @@ Every folder of per-item features gets ``ducho-fast.manifest.json``. It is writt
 ``running`` before the first feature and ``complete`` at the end, and holds the *feature key*:
 everything that determines the bytes of a feature file (artifact, layer, host preprocessing,
 dtype, shape rule). A resumed run reuses files only under the same key; a different key is an
-error that says what changed, never a silent mix of old and new features.
+error that says what changed, never a silent mix of old and new features. ``OutputFolder``
+also keeps when each reusable feature was written, so an input modified since is embedded again.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ MIN_NPY_BYTES = 129
 
 def feature_files(folder: Path) -> dict[str, Path]:
     """``{id: file}`` for the complete ``.npy`` features in ``folder``."""
+    return {item_id: path for item_id, (path, _) in _features(folder).items()}
+
+
+def _features(folder: Path) -> dict[str, tuple[Path, int]]:
+    """``{id: (file, modification time in ns)}`` for the complete features in ``folder``."""
     if not folder.is_dir():
         return {}
     found = {}
@@ -62,7 +68,7 @@ def feature_files(folder: Path) -> dict[str, Path]:
         except OSError:
             continue  # removed meanwhile, or a dangling or looping link: not a feature
         if stat.S_ISREG(info.st_mode) and info.st_size >= MIN_NPY_BYTES:
-            found[path.name[: -len(".npy")]] = path
+            found[path.name[: -len(".npy")]] = (path, info.st_mtime_ns)
     return found
 
 
@@ -74,6 +80,8 @@ class OutputFolder:
     key: dict[str, Any]
     existing: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.time)
+    # When each reusable feature was written (st_mtime_ns): an input changed since is stale.
+    written: dict[str, int] = field(default_factory=dict)
 
     def finish(self, counts: dict[str, int], **extra: Any) -> None:
         """Record the run as complete, with its counts and timing."""
@@ -105,12 +113,14 @@ def open_folder(
         if alone:
             _remove_temporaries(path)
         old = read_manifest(path)
-        files = feature_files(path)
+        found = _features(path)
+        files = {item_id: file for item_id, (file, _) in found.items()}
         existing = _reusable(path, key, old, files, what) if resume else set()
         if not resume and old is not None:
             for file in files.values():
                 file.unlink()
-        folder = OutputFolder(path, key, existing)
+        written = {item_id: found[item_id][1] for item_id in existing}
+        folder = OutputFolder(path, key, existing, written=written)
         _write(path, key, "running", counts={"reusable": len(existing)})
     except OSError as e:
         raise OutputError(

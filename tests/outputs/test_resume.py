@@ -174,3 +174,59 @@ def test_float16_squeezed_files(tmp_path, store, image_dir, resnet18_state_dict)
         small = np.load(tmp_path / "half/torch/resnet18/avgpool" / f"{name}.npy")
         assert full.shape == (1, 512) and small.shape == (512,) and small.dtype == np.float16
         np.testing.assert_allclose(small.astype(np.float32), full[0], rtol=1e-3, atol=1e-3)
+
+
+def test_an_image_edited_in_place_is_embedded_again(tmp_path, store, resnet18_state_dict):
+    """A feature is reused only if its input file was not modified after it was written: the
+    resumed run ends with the files a fresh run writes on the edited images."""
+    images(tmp_path / "images", 10)
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    ducho_fast.export(config)
+    ducho_fast.extract(config)
+    old = snapshot(tmp_path / "out")
+    edited = write_image(tmp_path / "images" / "item3.jpg", size=(50, 50), seed=99)
+    written = next((tmp_path / "out").rglob("item3.npy")).stat().st_mtime_ns
+    os.utime(edited, ns=(written + 1000, written + 1000))  # coarse clocks: 1 us after it
+    report = ducho_fast.extract(config)
+    assert report.runs[0].changed == 1 and report.runs[0].result.written == 4  # its batch
+    fresh = config_for(tmp_path, store, resnet18_state_dict, "fresh", reshape=[64, 64])
+    ducho_fast.extract(fresh)
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "fresh") != old
+    again = ducho_fast.extract(config).runs[0]
+    assert again.changed == 0 and again.result.reused == 10
+
+
+def test_a_table_modified_after_its_features_gets_a_warning(tmp_path, store, texts_tsv, minilm_dir):
+    """A TSV cannot say which rows changed: the run reuses the features and says so."""
+    tsv = tmp_path / "descriptions.tsv"
+    tsv.write_bytes(texts_tsv.read_bytes())
+    entry = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1}
+    config = textual_config(tmp_path, entry, store)
+    ducho_fast.export(config)
+    assert not ducho_fast.extract(config).warnings
+    assert not ducho_fast.extract(config).warnings
+    later = time.time_ns() + 10**9
+    os.utime(tsv, ns=(later, later))
+    report = ducho_fast.extract(config)
+    assert report.runs[0].result.reused == 11 and report.runs[0].changed == 0
+    (warning,) = report.warnings
+    assert f"{tsv} was modified after the 11 feature(s)" in warning and "--fresh" in warning
+
+
+def test_changed_files_compares_each_input_file_with_its_feature(tmp_path):
+    from ducho_fast.data.items import Item
+    from ducho_fast.data.sources import changed_files
+
+    old, new = write_image(tmp_path / "old.jpg"), write_image(tmp_path / "new.jpg")
+    os.utime(old, ns=(1000, 1000))
+    os.utime(new, ns=(3000, 3000))
+    items = [
+        Item("old", "old.jpg", old),
+        Item("new", "new.jpg", new),
+        Item("gone", "gone.jpg", tmp_path / "gone.jpg"),  # the reader reports it
+        Item("text", "d.tsv:2", "a text"),
+        Item("fresh", "fresh.jpg", new),  # not written before
+    ]
+    written = {"old": 2000, "new": 2000, "gone": 2000, "text": 2000}
+    assert changed_files(items, written) == {"new"}
+    assert changed_files(items, {"new": 3000}) == set()  # same time: not after
