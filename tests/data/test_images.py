@@ -149,3 +149,21 @@ def test_unreadable_file_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(images.Image, "open", denied)
     with pytest.raises(DataError, match=r"locked.png: permission denied"):
         prepare_image(path, {})
+
+
+def test_an_unlistable_folder_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    def denied(path: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", denied)  # root lists any folder: simulate the denial
+    monkeypatch.setattr(os, "listdir", denied)
+    for listing in (
+        lambda: list_images(tmp_path),
+        lambda: check_files(tmp_path, IMAGE_SUFFIXES, "image"),
+    ):
+        with pytest.raises(
+            DataError, match=r"image folder .* cannot be listed \(Permission denied\)"
+        ):
+            listing()

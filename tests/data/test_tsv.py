@@ -127,3 +127,20 @@ def test_check_reads_only_up_to_the_first_data_row(tmp_path: Path) -> None:
     check_text_table(path, None, None)
     with pytest.raises(DataError, match=r"d\.tsv:3: the row starting on this line is badly"):
         read_text_items(path, None, None)
+
+
+def test_an_unreadable_table_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    from ducho_fast.data.text.tsv import check_text_table
+
+    path = write(tmp_path, "id\tdesc\n1\ta\n")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", denied)  # root reads any file: simulate the denial
+    for read in (
+        lambda: read_text_items(path, None, None),
+        lambda: check_text_table(path, None, None),
+    ):
+        with pytest.raises(DataError, match=r"d\.tsv: cannot be read \(Permission denied\); check"):
+            read()

@@ -153,7 +153,11 @@ def _is_data(row: list[str]) -> bool:
 
 def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
     """``(first line, cells)`` per row; bytes that are not UTF-8 survive as surrogates."""
-    with tsv.open("r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+    try:
+        opened = tsv.open("r", encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as e:
+        raise DataError(f"{tsv}: cannot be read ({e.strerror or e}); check its permissions.") from e
+    with opened as f:
         reader = csv.reader(f, delimiter="\t", strict=True)
         start = 1
         try:

@@ -50,10 +50,13 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[
     if folder.is_file():
         return [Item(image_id(folder), str(folder), folder)], []
     # A dangling link is listed: reading it reports the missing file instead of hiding it.
-    files = sorted(
-        (p for p in folder.iterdir() if p.is_file() or p.is_symlink()),
-        key=lambda p: human_key(p.name),
-    )
+    try:
+        files = sorted(
+            (p for p in folder.iterdir() if p.is_file() or p.is_symlink()),
+            key=lambda p: human_key(p.name),
+        )
+    except OSError as e:
+        raise DataError(_unlisted(folder, kind, e)) from e
     chosen = [p for p in files if p.suffix.lower() in suffixes]
     others = [p for p in files if p.suffix.lower() not in suffixes]
     return [Item(image_id(p), str(p), p) for p in chosen], others
@@ -68,13 +71,16 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
     if folder.is_file():
         return
     others = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if not (entry.is_file() or entry.is_symlink()):
-                continue
-            if Path(entry.name).suffix.lower() in suffixes:
-                return
-            others.append(entry.name)
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not (entry.is_file() or entry.is_symlink()):
+                    continue
+                if Path(entry.name).suffix.lower() in suffixes:
+                    return
+                others.append(entry.name)
+    except OSError as e:
+        raise DataError(_unlisted(folder, kind, e)) from e
     found = (
         f"its {len(others)} file(s) ({', '.join(sorted(others, key=human_key)[:3])}"
         f"{', ...' if len(others) > 3 else ''}) are not {kind} files"
@@ -89,6 +95,11 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
 
 def _missing(folder: Path, kind: str) -> str:
     return f"{kind} folder {folder} does not exist (check 'input_path')."
+
+
+def _unlisted(folder: Path, kind: str, error: OSError) -> str:
+    reason = error.strerror or error
+    return f"{kind} folder {folder} cannot be listed ({reason}); check its permissions."
 
 
 RESAMPLING = {
