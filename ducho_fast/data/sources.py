@@ -167,6 +167,11 @@ class Loader:
     def finish(self, decoded: Any, item: Item) -> Any:
         raise NotImplementedError
 
+    def check_listed(self, item: Item) -> None:
+        """Raise the error that reading ``item`` would raise where the listing alone tells
+        (a TSV row with no text), so a resumed run need not read its window again just to
+        fail it; images and audio must be read to tell."""
+
     def __call__(self, item: Item) -> Any:
         return self.finish(self.decode(item), item)
 
@@ -223,6 +228,9 @@ class TextLoader(Loader):
 
     def finish(self, decoded: Any, item: Item) -> Any:
         return clear_text(decoded) if self.clean else decoded
+
+    def check_listed(self, item: Item) -> None:
+        self.decode(item)  # the text is in the listing: decoding reads nothing
 
 
 def _frozen(value: Any) -> Hashable:

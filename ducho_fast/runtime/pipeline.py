@@ -210,7 +210,7 @@ class Pipeline(WindowedRun):
             for chunk in self.windows(items):
                 if stop.is_set():
                     break
-                for member, batch in self._assemble(chunk, self._needed(chunk), pool):
+                for member, batch in self._assemble(chunk, list(self._own_windows(chunk)), pool):
                     # Built (on CUDA: staged on the device) just before it is queued, so at
                     # most ``prefetch`` + 1 batches hold inputs, however long the window.
                     batch.prepared = _prepare(member.embedder, batch)
@@ -223,47 +223,32 @@ class Pipeline(WindowedRun):
         count = 0
         for chunk in self.windows(items):
             used = [False] * len(chunk)
-            for _, start, own, needed in self._own_windows(chunk):
-                if needed:
+            for _, start, own, settled in self._own_windows(chunk):
+                if settled is None:
                     used[start : start + len(own)] = [True] * len(own)
             count += sum(used)
         return count
 
-    def _own_windows(
-        self, chunk: Sequence[Item]
-    ) -> Iterator[tuple[int, int, Sequence[Item], bool]]:
-        """Each model's own windows within ``chunk``: (model, start, items, still needed);
-        a window whose ids are all complete from an earlier run is not needed."""
+    def _own_windows(self, chunk: Sequence[Item]) -> Iterator[OwnWindow]:
+        """Each model's own windows within ``chunk``: (model, start, items, settled), where
+        settled is None for a window the model still needs (see :func:`settled`)."""
         for k, (member, size) in enumerate(zip(self.members, self._member_windows, strict=True)):
             for start in range(0, len(chunk), size):
                 own = chunk[start : start + size]
-                yield k, start, own, not all(item.item_id in member.done for item in own)
-
-    def _needed(self, chunk: Sequence[Item]) -> list[tuple[int, int, Sequence[Item]]]:
-        """Each model's own windows within ``chunk`` that it still needs, as (model, start,
-        items); the others are counted as reused."""
-        needed = []
-        for k, start, own, still in self._own_windows(chunk):
-            if still:
-                needed.append((k, start, own))
-            else:
-                with self._lock:
-                    self.members[k].result.reused += len(own)
-        return needed
+                yield k, start, own, settled(own, member.done, member.loader)
 
     def _assemble(
-        self,
-        chunk: Sequence[Item],
-        needed: list[tuple[int, int, Sequence[Item]]],
-        pool: ThreadPoolExecutor,
+        self, chunk: Sequence[Item], windows: list[OwnWindow], pool: ThreadPoolExecutor
     ) -> list[tuple[Member, Batch]]:
         """Decode a window once for the models that need its items, then cut each model's
         windows into batches as it wants. An item moves the progress once: with the batch of
-        the last model that needs it (not at all when none does, see :meth:`todo`)."""
+        the last model that needs it (not at all when none does, see :meth:`todo`). A model's
+        settled windows are not read: their items count as reused or fail as they did."""
         users: list[list[int]] = [[] for _ in chunk]
-        for k, start, own in needed:
-            for position in range(start, start + len(own)):
-                users[position].append(k)
+        for k, start, own, known in windows:
+            if known is None:
+                for position in range(start, start + len(own)):
+                    users[position].append(k)
 
         def load(position: int) -> dict[int, Any]:
             ks = users[position]
@@ -273,11 +258,17 @@ class Pipeline(WindowedRun):
         loaded = list(pool.map(load, range(len(chunk))))
         last = {id(item): max(ks, default=-1) for item, ks in zip(chunk, users, strict=True)}
         out: list[tuple[Member, Batch]] = []
-        for k, start, own in needed:
+        for k, start, own, known in windows:  # failures recorded in input order
             member, options = self.members[k], self._member_opts[k]
+            if known is not None:
+                with self._lock:
+                    member.result.reused += len(own) - len(known)
+                for item, reason in known:
+                    self._fail(member, item, reason)
+                continue
             payloads = [loaded[start + i][k] for i in range(len(own))]
             batches, failures = assemble(own, payloads, member.embedder.batcher, options)
-            for item, reason in failures:  # recorded here, in input order
+            for item, reason in failures:
                 self._fail(member, item, reason)
             for batch in batches:
                 batch.ticks = sum(last[id(item)] == k for item in batch.items)
@@ -309,6 +300,30 @@ class Pipeline(WindowedRun):
     def _fail(self, member: Member, item: Item, reason: str) -> None:
         with self._lock:
             record_failure(member.result, item, reason, self._opts.on_error)
+
+
+# A model's own window within a shared one: (model, start, items, settled).
+OwnWindow = tuple[int, int, Sequence[Item], list[tuple[Item, str]] | None]
+
+
+def settled(
+    window: Sequence[Item], done: Set[str], loader: Loader
+) -> list[tuple[Item, str]] | None:
+    """None if the window must be read and run; else it is settled: each item is complete
+    from an earlier run, or fails whatever is read (``Loader.check_listed``: a row with no
+    text), and those are returned with why. Without this, one blank text among 512 made every
+    resumed run embed its window again."""
+    known = []
+    for item in window:
+        if item.item_id in done:
+            continue
+        try:
+            loader.check_listed(item)
+        except DuchoError as e:
+            known.append((item, _failed(item, e).reason))
+            continue
+        return None
+    return known
 
 
 def _own_options(options: PipelineOptions, batch_size: int) -> PipelineOptions:

@@ -26,6 +26,7 @@ import numpy as np
 from ducho_fast.artifact import Artifact, load_artifact
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.items import Item
+from ducho_fast.data.sources import Loader
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder
@@ -41,6 +42,7 @@ from ducho_fast.runtime.pipeline import (
     infer,
     load_one,
     record_failure,
+    settled,
     write_checked,
 )
 
@@ -142,13 +144,13 @@ class RayPipeline(WindowedRun):
         self,
         artifact: Artifact,
         runtime: RuntimeOptions,
-        load: LoadFn,
+        loader: Loader,
         write: WriteFn,
         options: PipelineOptions,
         ray_options: RayOptions | None = None,
     ) -> None:
         super().__init__(Batcher(artifact), options)
-        self._load = load
+        self._loader = loader
         self._write = write
         self._artifact = artifact
         self._runtime = runtime
@@ -171,18 +173,26 @@ class RayPipeline(WindowedRun):
         return result
 
     def todo(self, items: Sequence[Item], done: Set[str]) -> int:
-        """How many of this run's items are embedded: those of windows not all in ``done``."""
-        return sum(len(chunk) for chunk in self.windows(items) if not _all_done(chunk, done))
+        """How many of this run's items are embedded: those of windows not settled (see
+        :func:`settled`: all in ``done``, or failing whatever is read)."""
+        return sum(
+            len(chunk)
+            for chunk in self.windows(items)
+            if settled(chunk, done, self._loader) is None
+        )
 
     def _windows(
         self, items: Sequence[Item], done: Set[str], result: RunResult
     ) -> list[dict[str, Any]]:
         rows = []
         for chunk in self.windows(items):
-            if _all_done(chunk, done):
-                result.reused += len(chunk)  # not in the progress (see todo)
+            known = settled(chunk, done, self._loader)
+            if known is None:
+                rows.append({"items": pickle.dumps(list(chunk))})
                 continue
-            rows.append({"items": pickle.dumps(list(chunk))})
+            result.reused += len(chunk) - len(known)  # not in the progress (see todo)
+            for item, reason in known:
+                record_failure(result, item, reason, self._opts.on_error)
         return rows
 
     def _dataset(self, windows: list[dict[str, Any]]) -> Any:
@@ -209,7 +219,7 @@ class RayPipeline(WindowedRun):
             )
         # The session's threads are the CPUs Ray reserves for its actor, not the whole node's.
         runtime = replace(self._runtime, threads=max(1, int(cpus)))
-        decode = _DecodeWindow(self._load, self._batcher, self._opts)
+        decode = _DecodeWindow(self._loader, self._batcher, self._opts)
         return (
             ray.data.from_items(windows, override_num_blocks=len(windows))
             # Decoding runs as CPU tasks, each holding a decoded window in memory; a reservation
@@ -295,8 +305,3 @@ def start_ray(options: RayOptions) -> Any:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
-
-
-def _all_done(chunk: Sequence[Item], done: Set[str]) -> bool:
-    """Whether every item of a window is complete from an earlier run (the window is reused)."""
-    return all(item.item_id in done for item in chunk)

@@ -350,3 +350,42 @@ def _record_sessions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
     monkeypatch.setattr(embedder, "make_session", recording)
     monkeypatch.setattr(session, "make_session", recording)
     return asked
+
+
+def test_a_resumed_run_does_not_rerun_windows_whose_texts_fail_from_the_listing(
+    tmp_path, store, resnet18_state_dict, tiny_bert_dir
+) -> None:
+    """A blank text fails whatever is read: its window is settled once its other items are
+    complete. The resumed run embeds only the window that lost a file, reports every bad text
+    in input order as before, and leaves the files as they were."""
+    from ducho_fast.config.model import InputOptions
+    from ducho_fast.data.items import Item
+    from ducho_fast.data.sources import ImageLoader, TextLoader
+    from ducho_fast.runtime.pipeline import settled
+    from tests.conftest import npy_bytes, two_job_config
+
+    config = two_job_config(tmp_path / "data", store, resnet18_state_dict, tiny_bert_dir)
+    del config["visual"]
+    tsv = tmp_path / "data" / "descriptions.tsv"
+    rows = tsv.read_text().splitlines()
+    rows[1 + 40] = "t040\tNaN"  # a second bad text, in the second window of 32
+    tsv.write_text("\n".join(rows) + "\n")
+    ducho_fast.export(config)
+    first = ducho_fast.extract(config).runs[0].result
+    assert [e.item_id for e in first.errors] == ["t009", "t040"] and first.written == 68
+    before = npy_bytes(tmp_path / "data")
+    next((tmp_path / "data").rglob("t001.npy")).unlink()
+    again = ducho_fast.extract(config).runs[0].result
+    assert again.written == 31 and again.reused == 68 - 31  # only the first window ran
+    assert [(e.item_id, e.reason) for e in again.errors] == [
+        (e.item_id, e.reason) for e in first.errors
+    ]
+    assert npy_bytes(tmp_path / "data") == before
+
+    texts = TextLoader(clean=False)
+    ok, blank = Item("a", "d.tsv:2", "text"), Item("b", "d.tsv:3", "  ")
+    assert settled([ok, blank], {"a"}, texts) == [(blank, "the text is empty")]
+    assert settled([ok, blank], set(), texts) is None  # "a" must be embedded
+    assert settled([ok], {"a"}, texts) == []
+    image = Item("img", "img.jpg", tmp_path / "missing.jpg")  # must be read to fail
+    assert settled([image], set(), ImageLoader({}, InputOptions())) is None

@@ -52,8 +52,9 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     # Byte for byte, matrices included: the batches are the local pipeline's.
     assert npy_bytes(tmp_path / "ray") == npy_bytes(tmp_path / "local")
 
-    # Resumable like a local run: only the windows holding a failed item run again, and
-    # the progress counts only them.
+    # Resumable like a local run: only the window holding the bad image runs again, and
+    # the progress counts only it. The blank text fails from the listing alone, so its
+    # window is not run again (no bar: nothing to embed), and it is still reported.
     bars: list[tuple[int, list[int]]] = []
 
     @contextmanager
@@ -62,8 +63,10 @@ def test_engine_ray_writes_the_files_of_a_local_run(
         yield bars[-1][1].append
 
     again = ducho_fast.extract(on_ray, engine="ray", progress=progress)
-    assert [r.result.written for r in again.runs] == [2, 31]
-    assert [(total, sum(ticks)) for total, ticks in bars] == [(3, 3), (32, 32)]
+    assert [r.result.written for r in again.runs] == [2, 0]
+    assert [r.result.reused for r in again.runs] == [19, 69]
+    assert [e.item_id for r in again.runs for e in r.result.errors] == ["img05", "t009"]
+    assert [(total, sum(ticks)) for total, ticks in bars] == [(3, 3)]
     half = two_job_config(tmp_path / "half", store, resnet18_state_dict, tiny_bert_dir)
     shard = ducho_fast.extract(half, engine="ray", shard="1/2")
     # Windows 1, 3, 5, 7 of the images (3 + 3 + 3 + 1, img05 among them) and 1 of the texts.
