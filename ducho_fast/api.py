@@ -177,6 +177,7 @@ def extract(
         ray = ray or RayOptions()
     else:
         ray = None  # options for the Ray engine mean nothing to the local one
+    check_inputs(cfg.jobs)  # first: reads only the start of each input, and a typo needs no session
     ahead = _session_ahead(cfg) if ray is None else None
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
     for graph in cfg.graphs():
@@ -184,7 +185,6 @@ def extract(
     check_fusion_dims(cfg, artifacts)
     _check_matrix_layers(cfg, artifacts)
     _check_output_folders(cfg, artifacts)
-    check_inputs(cfg.jobs)
     id_order = _id_order(cfg)
     ctx = _Context(cfg, artifacts, id_order, progress, part, ray, [ahead] if ahead else [])
     report = ExtractReport(shard=part)

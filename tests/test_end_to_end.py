@@ -267,16 +267,19 @@ def test_reviews_demo_config_runs(tmp_path, store, minilm_dir) -> None:
 
 
 def test_every_input_is_checked_before_any_job_runs(
-    tmp_path, store, resnet18_state_dict, tiny_bert_dir
+    tmp_path, store, resnet18_state_dict, tiny_bert_dir, monkeypatch
 ) -> None:
     """An empty last input stops the run before the first job has written anything, and
-    each job at fault is named."""
+    before a session is created; each job at fault is named."""
+    from ducho_fast import api
     from ducho_fast.errors import DataError
     from tests.conftest import two_job_config
 
     data = tmp_path / "data"
     config = two_job_config(data, store, resnet18_state_dict, tiny_bert_dir)
     ducho_fast.export(config)
+    ahead = api._session_ahead
+    monkeypatch.setattr(api, "_session_ahead", lambda cfg: pytest.fail("a session was started"))
     (data / "descriptions.tsv").write_text("item_id\tdescription\n\n")
     with pytest.raises(DataError) as caught:
         ducho_fast.extract(config)
@@ -292,5 +295,6 @@ def test_every_input_is_checked_before_any_job_runs(
         ducho_fast.extract(config)
     (data / "descriptions.tsv").write_text("item_id\tdescription\nt1\tred shirt\n")
     (data / "images" / "img00.txt").rename(data / "images" / "img00.jpg")
+    monkeypatch.setattr(api, "_session_ahead", ahead)
     report = ducho_fast.extract(config)
     assert [r.result.written for r in report.runs] == [1, 1] and report.failed == 0
