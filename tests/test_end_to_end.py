@@ -166,6 +166,7 @@ def test_absolute_model_name_cannot_escape_the_output_folder(
 def test_extract_before_export_says_what_to_do(tmp_path, store, texts_tsv, minilm_dir) -> None:
     from ducho_fast.errors import ArtifactError
 
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
     config = textual_config(
         tmp_path,
         {

@@ -168,9 +168,10 @@ class Loader:
         raise NotImplementedError
 
     def check_listed(self, item: Item) -> None:
-        """Raise the error that reading ``item`` would raise where the listing alone tells
-        (a TSV row with no text), so a resumed run need not read its window again just to
-        fail it; images and audio must be read to tell."""
+        """Raise the error that reading ``item`` would raise where that costs no reading (a
+        TSV row with no text, an image or audio file that is gone or empty), so a resumed
+        run need not read its window again just to fail it. Other bad files must be read
+        to tell, and may have been fixed since."""
 
     def __call__(self, item: Item) -> Any:
         return self.finish(self.decode(item), item)
@@ -188,6 +189,10 @@ class ImageLoader(Loader):
     def decode(self, item: Item) -> Any:
         return decode_image(item.raw, self.options)
 
+    def check_listed(self, item: Item) -> None:
+        if _nothing_to_read(item.raw):
+            self.decode(item)
+
     def finish(self, decoded: Any, item: Item) -> Any:
         return finish_image(decoded, self.preprocessing)
 
@@ -204,6 +209,10 @@ class AudioLoader(Loader):
 
     def decode(self, item: Item) -> Any:
         return decode_audio(item.raw, self.crop, self.options)
+
+    def check_listed(self, item: Item) -> None:
+        if _nothing_to_read(item.raw):
+            self.decode(item)
 
     def finish(self, decoded: Any, item: Item) -> Any:
         wave, rate = decoded
@@ -231,6 +240,17 @@ class TextLoader(Loader):
 
     def check_listed(self, item: Item) -> None:
         self.decode(item)  # the text is in the listing: decoding reads nothing
+
+
+def _nothing_to_read(raw: Any) -> bool:
+    """A file that is gone or empty (a failed download): decoding it reads nothing and fails
+    the same way each time, so a resumed run can fail it without reading its window."""
+    if not isinstance(raw, Path):
+        return False
+    try:
+        return raw.stat().st_size == 0
+    except OSError:
+        return True
 
 
 def _frozen(value: Any) -> Hashable:

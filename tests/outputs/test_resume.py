@@ -230,3 +230,27 @@ def test_changed_files_compares_each_input_file_with_its_feature(tmp_path):
     written = {"old": 2000, "new": 2000, "gone": 2000, "text": 2000}
     assert changed_files(items, written) == {"new"}
     assert changed_files(items, {"new": 3000}) == set()  # same time: not after
+
+
+def test_empty_and_missing_images_do_not_make_their_window_run_again(
+    tmp_path, store, resnet18_state_dict
+):
+    """A zero-byte image (a failed download) or a dangling link fails without reading a
+    byte, so a resumed run reports it again without running its window; once the file is
+    there, its window runs."""
+    folder = images(tmp_path / "images", 10)
+    (folder / "item3.jpg").write_bytes(b"")
+    (folder / "item9.jpg").unlink()
+    (folder / "item9.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    ducho_fast.export(config)
+    first = ducho_fast.extract(config).runs[0].result
+    assert first.written == 8 and [e.item_id for e in first.errors] == ["item3", "item9"]
+    again = ducho_fast.extract(config).runs[0].result
+    assert (again.written, again.reused) == (0, 8)
+    assert [(e.item_id, e.reason) for e in again.errors] == [
+        (e.item_id, e.reason) for e in first.errors
+    ]
+    write_image(folder / "item3.jpg", seed=3)
+    fixed = ducho_fast.extract(config).runs[0].result
+    assert fixed.written == 4 and [e.item_id for e in fixed.errors] == ["item9"]

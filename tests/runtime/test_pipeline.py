@@ -387,5 +387,26 @@ def test_a_resumed_run_does_not_rerun_windows_whose_texts_fail_from_the_listing(
     assert settled([ok, blank], {"a"}, texts) == [(blank, "the text is empty")]
     assert settled([ok, blank], set(), texts) is None  # "a" must be embedded
     assert settled([ok], {"a"}, texts) == []
-    image = Item("img", "img.jpg", tmp_path / "missing.jpg")  # must be read to fail
-    assert settled([image], set(), ImageLoader({}, InputOptions())) is None
+    images = ImageLoader({}, InputOptions())
+    gone, empty = tmp_path / "gone.jpg", tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    failed = settled([Item("g", "gone.jpg", gone), Item("e", "empty.jpg", empty)], set(), images)
+    assert failed is not None and [(i.item_id, r) for i, r in failed] == [
+        ("g", f"{gone}: file not found."),
+        ("e", f"{empty}: not a readable image ({_unidentified(empty)})."),
+    ]
+    # A damaged file must be read to fail (and may be fixed); a good one must be embedded.
+    assert settled([Item("b", "bad.jpg", tmp_path / "bad.jpg")], set(), images) is None
+    good = Item("ok", "ok.jpg", write_image(tmp_path / "ok.jpg"))
+    assert settled([good], set(), images) is None
+
+
+def _unidentified(path: Path) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        Image.open(path)
+    except UnidentifiedImageError as e:
+        return f"UnidentifiedImageError: {e}"
+    raise AssertionError(f"{path} opened")
