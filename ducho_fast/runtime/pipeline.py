@@ -223,8 +223,8 @@ class Pipeline(WindowedRun):
         count = 0
         for chunk in self.windows(items):
             used = [False] * len(chunk)
-            for _, start, own, settled in self._own_windows(chunk):
-                if settled is None:
+            for _, start, own, known in self._own_windows(chunk):
+                if known is None:
                     used[start : start + len(own)] = [True] * len(own)
             count += sum(used)
         return count
@@ -310,9 +310,9 @@ def settled(
     window: Sequence[Item], done: Set[str], loader: Loader
 ) -> list[tuple[Item, str]] | None:
     """None if the window must be read and run; else it is settled: each item is complete
-    from an earlier run, or fails whatever is read (``Loader.check_listed``: a row with no
-    text), and those are returned with why. Without this, one blank text among 512 made every
-    resumed run embed its window again."""
+    from an earlier run, or fails without reading anything (``Loader.check_listed``: a row
+    with no text, an empty or missing file), and those are returned with why. Without this,
+    one blank text among 512 made every resumed run embed its window again."""
     known = []
     for item in window:
         if item.item_id in done:
