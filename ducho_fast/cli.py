@@ -294,8 +294,10 @@ def _print_fusions(runs: list[Any]) -> None:
     for run in runs:
         for res in run.results:
             missing = f", {len(res.missing)} id(s) not in every input" if res.missing else ""
+            reused = f"{res.reused} already done, " if res.reused else ""
             out.print(
-                f"{run.key} fusion {run.mode}: {res.written} fused, {len(res.errors)} failed"
+                f"{run.key} fusion {run.mode}: {res.written} fused, {reused}"
+                f"{len(res.errors)} failed"
                 f"{missing} -> {_rel(res.output)}",
                 highlight=False,
                 soft_wrap=True,

@@ -9,6 +9,7 @@ batch size (Ducho writes the visual embedding unfused when a batch holds one ite
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from ducho_fast.config.model import (
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.outputs.ducho import layer_dir, layer_parts, load_feature, save_feature
-from ducho_fast.outputs.manifest import check_complete, feature_files, open_folder, read_manifest
+from ducho_fast.outputs.manifest import check_complete, features, open_folder, read_manifest
 from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
 
 ELEMENTWISE = ("sum", "mul", "mean")
@@ -42,7 +43,8 @@ class FusionResult:
 
     output: Path
     written: int = 0
-    ids: list[str] = field(default_factory=list)  # fused, in order
+    reused: int = 0  # fused by an earlier run from the same input features
+    ids: list[str] = field(default_factory=list)  # fused (now or before), in order
     matrix_dir: Path | None = None  # where output.layouts 'matrix' puts this fusion's matrix
     matrix: MatrixResult | None = None
     missing: list[ItemError] = field(default_factory=list)
@@ -93,15 +95,16 @@ def _unit(row: np.ndarray) -> np.ndarray:
     return row / np.float32(norm) if norm > 0 else row
 
 
-def feature_ids(folder: Path) -> dict[str, Path]:
-    """``{id: file}`` for the features of an input folder, refusing an unfinished run's."""
+def feature_ids(folder: Path) -> dict[str, tuple[Path, int]]:
+    """``{id: (file, when written)}`` for the features of an input folder, refusing an
+    unfinished run's."""
     if not folder.is_dir():
         raise DataError(
             f"feature folder {folder} does not exist. Extract that modality first, or fix the "
             "fusion input."
         )
     check_complete(folder)
-    return feature_files(folder)
+    return features(folder)
 
 
 def fuse_folders(
@@ -116,7 +119,9 @@ def fuse_folders(
 ) -> FusionResult:
     """Fuse the features every folder has for an id into ``output/<id>.npy``.
 
-    Fused files are cheap to remake: every run writes them all again from the inputs.
+    A fused file is reused when an earlier run made it with the same fusion settings from the
+    same input folders and settings, after every input feature it reads was written (an input
+    embedded again is fused again); other settings remake every file.
 
     Args:
         order: ids in the order to write (by default the first folder's sorted order).
@@ -127,24 +132,40 @@ def fuse_folders(
     ids = [i for i in (order or list(found[0])) if all(i in f for f in found)]
     result.missing = _missing(found, folders, set(ids))
     if ids:
-        first = [load_feature(f[ids[0]]) for f in found]
+        first = [load_feature(f[ids[0]][0]) for f in found]
         check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
     key = _fusion_key(folders, mode, normalize, options)
-    record = open_folder(output, key, resume=False, what=f"fusion '{where}'")
+    record = open_folder(output, key, resume=_same_key(output, key), what=f"fusion '{where}'")
     for item_id in ids:
+        inputs = [f[item_id] for f in found]
+        if record.written.get(item_id, -1) >= max(written for _, written in inputs):
+            result.reused += 1
+            result.ids.append(item_id)
+            continue
         try:
-            fused = fuse([load_feature(f[item_id]) for f in found], mode, normalize=normalize)
+            fused = fuse([load_feature(path) for path, _ in inputs], mode, normalize=normalize)
         except (DataError, ValueError, OSError) as e:
-            result.errors.append(ItemError(item_id, str(found[0][item_id]), str(e)))
+            result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
             continue
         save_feature(
             output / f"{item_id}.npy", fused[0] if options.squeeze else fused, options.dtype
         )
         result.written += 1
         result.ids.append(item_id)
-    counts = {"fused": result.written, "failed": len(result.errors), "missing": len(result.missing)}
+    counts = {
+        "fused": result.written,
+        "reused": result.reused,
+        "failed": len(result.errors),
+        "missing": len(result.missing),
+    }
     record.finish(counts, inputs=[str(f) for f in folders])
     return result
+
+
+def _same_key(output: Path, key: dict[str, Any]) -> bool:
+    """Whether ``output`` holds fused files an earlier run made under ``key``."""
+    old = read_manifest(output)
+    return old is not None and old.get("key") == json.loads(json.dumps(key, default=str))
 
 
 def _fusion_key(
@@ -164,11 +185,11 @@ def _fusion_key(
 
 
 def _missing(
-    found: list[dict[str, Path]], folders: Sequence[Path], fused: set[str]
+    found: list[dict[str, tuple[Path, int]]], folders: Sequence[Path], fused: set[str]
 ) -> list[ItemError]:
     missing = []
-    for index, features in enumerate(found):
-        for item_id, path in features.items():
+    for index, present in enumerate(found):
+        for item_id, (path, _) in present.items():
             if item_id in fused:
                 continue
             absent = [str(folders[j]) for j, f in enumerate(found) if item_id not in f]

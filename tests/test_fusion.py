@@ -192,3 +192,27 @@ def test_fuse_refuses_features_of_an_unfinished_run(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"b holds features of an unfinished run"):
         fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "sum")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_fusion_reuses_what_its_inputs_still_give(tmp_path: Path) -> None:
+    """Fused files are remade only for inputs written since, or under other settings."""
+    import os
+
+    a = write_features(tmp_path / "a", ["x1", "x2", "x3"], 8, 1)
+    write_features(tmp_path / "b", ["x1", "x2", "x3"], 8, 2)
+    folders, out = [tmp_path / "a", tmp_path / "b"], tmp_path / "out"
+    first = fuse_folders(folders, out, "sum", order=["x3", "x1", "x2"])
+    assert (first.written, first.reused) == (3, 0)
+    before = {p.name: p.read_bytes() for p in out.glob("*.npy")}
+    again = fuse_folders(folders, out, "sum", order=["x3", "x1", "x2"])
+    assert (again.written, again.reused, again.ids) == (0, 3, ["x3", "x1", "x2"])
+    assert {p.name: p.read_bytes() for p in out.glob("*.npy")} == before
+    a["x2"] = rows(99, 8)  # x2's image embedded again by a later extract
+    np.save(tmp_path / "a" / "x2.npy", a["x2"])
+    fused = (out / "x2.npy").stat().st_mtime_ns
+    os.utime(tmp_path / "a" / "x2.npy", ns=(fused + 1000, fused + 1000))
+    changed = fuse_folders(folders, out, "sum")
+    assert (changed.written, changed.reused) == (1, 2)
+    np.testing.assert_array_equal(np.load(out / "x2.npy"), a["x2"] + np.load(tmp_path / "b/x2.npy"))
+    other = fuse_folders(folders, out, "mean")  # other settings: every file remade
+    assert (other.written, other.reused) == (3, 0)

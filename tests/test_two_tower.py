@@ -154,4 +154,5 @@ def test_cli_reports_pairs_towers_and_fusion(
     assert "2 id(s) in only one modality skipped (e.g. 'A5', 'T9')" in result.output
     assert "fusion concat: 4 fused, 0 failed" in result.output
     fused = runner.invoke(app, ["fuse", str(path)])
-    assert fused.exit_code == 0 and "fusion concat: 4 fused" in fused.output
+    # `fuse` again: the inputs are unchanged, so the fused files are reused.
+    assert fused.exit_code == 0 and "fusion concat: 0 fused, 4 already done" in fused.output

@@ -52,10 +52,10 @@ MIN_NPY_BYTES = 129
 
 def feature_files(folder: Path) -> dict[str, Path]:
     """``{id: file}`` for the complete ``.npy`` features in ``folder``."""
-    return {item_id: path for item_id, (path, _) in _features(folder).items()}
+    return {item_id: path for item_id, (path, _) in features(folder).items()}
 
 
-def _features(folder: Path) -> dict[str, tuple[Path, int]]:
+def features(folder: Path) -> dict[str, tuple[Path, int]]:
     """``{id: (file, modification time in ns)}`` for the complete features in ``folder``."""
     if not folder.is_dir():
         return {}
@@ -113,7 +113,7 @@ def open_folder(
         if alone:
             _remove_temporaries(path)
         old = read_manifest(path)
-        found = _features(path)
+        found = features(path)
         files = {item_id: file for item_id, (file, _) in found.items()}
         existing = _reusable(path, key, old, files, what) if resume else set()
         if not resume and old is not None:
