@@ -9,7 +9,6 @@ batch size (Ducho writes the visual embedding unfused when a batch holds one ite
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,13 @@ from ducho_fast.config.model import (
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.outputs.ducho import layer_dir, layer_parts, load_feature, save_feature
-from ducho_fast.outputs.manifest import check_complete, features, open_folder, read_manifest
+from ducho_fast.outputs.manifest import (
+    check_complete,
+    features,
+    open_folder,
+    read_manifest,
+    written_under,
+)
 from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
 
 ELEMENTWISE = ("sum", "mul", "mean")
@@ -135,7 +140,7 @@ def fuse_folders(
         first = [load_feature(f[ids[0]][0]) for f in found]
         check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
     key = _fusion_key(folders, mode, normalize, options)
-    record = open_folder(output, key, resume=_same_key(output, key), what=f"fusion '{where}'")
+    record = open_folder(output, key, resume=written_under(output, key), what=f"fusion '{where}'")
     for item_id in ids:
         inputs = [f[item_id] for f in found]
         if record.written.get(item_id, -1) >= max(written for _, written in inputs):
@@ -160,12 +165,6 @@ def fuse_folders(
     }
     record.finish(counts, inputs=[str(f) for f in folders])
     return result
-
-
-def _same_key(output: Path, key: dict[str, Any]) -> bool:
-    """Whether ``output`` holds fused files an earlier run made under ``key``."""
-    old = read_manifest(output)
-    return old is not None and old.get("key") == json.loads(json.dumps(key, default=str))
 
 
 def _fusion_key(

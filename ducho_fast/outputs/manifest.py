@@ -92,8 +92,19 @@ class OutputFolder:
 def check_folder(path: Path, key: dict[str, Any], *, resume: bool, what: str) -> None:
     """Refuse, before any work starts, a folder whose features a resumed run cannot reuse."""
     if resume and path.is_dir():
-        key = json.loads(json.dumps(key, default=str))
+        key = _on_disk(key)
         _reusable(path, key, read_manifest(path), feature_files(path), what)
+
+
+def written_under(path: Path, key: dict[str, Any]) -> bool:
+    """Whether ``path``'s manifest says its files were made under ``key``."""
+    old = read_manifest(path)
+    return old is not None and old.get("key") == _on_disk(key)
+
+
+def _on_disk(key: dict[str, Any]) -> Any:
+    """``key`` in the form it takes in a manifest (paths and other objects as strings)."""
+    return json.loads(json.dumps(key, default=str))
 
 
 def open_folder(
@@ -107,7 +118,7 @@ def open_folder(
     Leftover temporary files of a killed run are removed either way, unless other runs may be
     writing the folder now (not ``alone``: a shard of a job array).
     """
-    key = json.loads(json.dumps(key, default=str))  # the form it takes on disk
+    key = _on_disk(key)
     try:
         path.mkdir(parents=True, exist_ok=True)
         if alone:
