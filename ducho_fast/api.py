@@ -43,6 +43,7 @@ from ducho_fast.outputs.matrix import (
     read_id_order,
     write_matrix,
 )
+from ducho_fast.outputs.unreadable import forget_unreadable, load_unreadable, save_unreadable
 from ducho_fast.runtime.batcher import sorts_by_length
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
@@ -449,6 +450,8 @@ def _run_models(
         total, group_runs = _run_group(ctx, job, group, items)
         for p, run in zip(group, group_runs, strict=True):
             runs[id(p)] = run
+            paths = [f.path for f in p.folders.values()]
+            save_unreadable(paths, ctx.shard, repr(p.loader.decode_key), run.result.errors)
             if ctx.shard is None:
                 ids = [i.item_id for i in items]
                 _finish_outputs(ctx, job, p.spec, run, p.folders, ids, report)
@@ -479,6 +482,12 @@ def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
     }
     writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze, dtype=cfg.output.dtype)
     loader = loader_for(spec, artifact.manifest, cfg.input)
+    paths = [f.path for f in folders.values()]
+    if cfg.output.resume:
+        loader.unreadable = load_unreadable(paths, repr(loader.decode_key))
+    else:
+        for path in paths:
+            forget_unreadable(path)
     return _Planned(spec, artifact, folders, writer, loader)
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ducho_fast.data.items import FileStamp
 
 
 class DuchoError(Exception):
@@ -24,6 +28,28 @@ class NotSupportedYet(ConfigError):
 
 class DataError(DuchoError):
     """Input data (a folder, a TSV, an item) cannot be read as configured."""
+
+
+class UnreadableFile(DataError):
+    """An input file read whole whose content does not decode (not an image, truncated): it
+    fails the same way until it changes, which ``stamp`` (taken before reading) tells."""
+
+    def __init__(self, message: str, stamp: FileStamp) -> None:
+        super().__init__(message)
+        self.stamp = stamp
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.stamp)
+
+
+def decode_error(message: str, error: BaseException, stamp: FileStamp | None) -> DataError:
+    """The error for a file that did not decode: :class:`UnreadableFile` when its content is
+    at fault, a plain DataError when the system failed to read it (an OSError with an errno:
+    an I/O error of a disk or a network file system), which may pass on the next try."""
+    system = isinstance(error, OSError) and error.errno is not None
+    if stamp is None or system:
+        return DataError(message)
+    return UnreadableFile(message, stamp)
 
 
 class ExportError(DuchoError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -16,9 +18,30 @@ class Item:
 
 
 @dataclass(frozen=True)
+class FileStamp:
+    """What tells that a file changed: its size, modification and change times, inode. A file
+    replaced by a rename, rewritten, or given other permissions gets another stamp."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp:
+        info = os.stat(path)
+        return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
+@dataclass(frozen=True)
 class ItemError:
-    """A bad item: recorded, counted and reported; the items around it go on."""
+    """A bad item: recorded, counted and reported; the items around it go on.
+
+    ``stamp`` is set for an input file that was read and does not decode (``UnreadableFile``):
+    the file as it was before reading, so a resumed run can fail it unread while it is the same.
+    """
 
     item_id: str
     origin: str
     reason: str
+    stamp: FileStamp | None = None

@@ -10,7 +10,7 @@ from typing import Any
 from ducho_fast.config.model import InputOptions, Job, ModelSpec
 from ducho_fast.data.audio.audio import AUDIO_SUFFIXES, decode_audio, finish_audio, list_audio
 from ducho_fast.data.ids import unsafe_reason
-from ducho_fast.data.items import Item, ItemError
+from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tsv import (
     BadText,
@@ -26,7 +26,7 @@ from ducho_fast.data.visual.images import (
     finish_image,
     list_images,
 )
-from ducho_fast.errors import DataError
+from ducho_fast.errors import DataError, UnreadableFile
 
 
 @dataclass
@@ -160,6 +160,9 @@ class Loader:
 
     decode_key: Hashable = None
     finish_key: Hashable = None
+    # Files an earlier run read and could not decode with this ``decode_key``: (origin, the
+    # file's stamp then) -> why. One with the same stamp now fails unread (``check_listed``).
+    unreadable: Mapping[tuple[str, FileStamp], str] = {}
 
     def decode(self, item: Item) -> Any:
         raise NotImplementedError
@@ -169,9 +172,9 @@ class Loader:
 
     def check_listed(self, item: Item) -> None:
         """Raise the error that reading ``item`` would raise where that costs no reading (a
-        TSV row with no text, an image or audio file that is gone or empty), so a resumed
-        run need not read its window again just to fail it. Other bad files must be read
-        to tell, and may have been fixed since."""
+        TSV row with no text, an image or audio file that is gone or empty, or one in
+        ``unreadable`` and unchanged since), so a resumed run need not read its window again
+        just to fail it. Other bad files must be read to tell."""
 
     def __call__(self, item: Item) -> Any:
         return self.finish(self.decode(item), item)
@@ -190,8 +193,7 @@ class ImageLoader(Loader):
         return decode_image(item.raw, self.options)
 
     def check_listed(self, item: Item) -> None:
-        if _nothing_to_read(item.raw):
-            self.decode(item)
+        _check_file(self, item)
 
     def finish(self, decoded: Any, item: Item) -> Any:
         return finish_image(decoded, self.preprocessing)
@@ -211,8 +213,7 @@ class AudioLoader(Loader):
         return decode_audio(item.raw, self.crop, self.options)
 
     def check_listed(self, item: Item) -> None:
-        if _nothing_to_read(item.raw):
-            self.decode(item)
+        _check_file(self, item)
 
     def finish(self, decoded: Any, item: Item) -> Any:
         wave, rate = decoded
@@ -242,15 +243,22 @@ class TextLoader(Loader):
         self.decode(item)  # the text is in the listing: decoding reads nothing
 
 
-def _nothing_to_read(raw: Any) -> bool:
-    """A file that is gone or empty (a failed download): decoding it reads nothing and fails
-    the same way each time, so a resumed run can fail it without reading its window."""
-    if not isinstance(raw, Path):
-        return False
+def _check_file(loader: Loader, item: Item) -> None:
+    """``Loader.check_listed`` for a file. One that is gone or empty (a failed download)
+    fails as decoding it would, reading nothing; one recorded as unreadable with the stamp it
+    has now fails with the recorded reason."""
+    if not isinstance(item.raw, Path):
+        return
     try:
-        return raw.stat().st_size == 0
+        stamp = FileStamp.of(item.raw)
     except OSError:
-        return True
+        loader.decode(item)
+        return
+    if stamp.size == 0:
+        loader.decode(item)
+    reason = loader.unreadable.get((item.origin, stamp))
+    if reason is not None:
+        raise UnreadableFile(f"{item.origin}: {reason}", stamp)
 
 
 def _frozen(value: Any) -> Hashable:

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ducho_fast.data.items import Item, ItemError
+from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.sources import Loader
-from ducho_fast.errors import DataError, DuchoError
+from ducho_fast.errors import DataError, DuchoError, UnreadableFile
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
 from ducho_fast.runtime.shard import Shard
@@ -263,13 +263,13 @@ class Pipeline(WindowedRun):
             if known is not None:
                 with self._lock:
                     member.result.reused += len(own) - len(known)
-                for item, reason in known:
-                    self._fail(member, item, reason)
+                for item, failed in known:
+                    self._fail(member, item, failed.reason, failed.stamp)
                 continue
             payloads = [loaded[start + i][k] for i in range(len(own))]
             batches, failures = assemble(own, payloads, member.embedder.batcher, options)
-            for item, reason in failures:
-                self._fail(member, item, reason)
+            for item, failed in failures:
+                self._fail(member, item, failed.reason, failed.stamp)
             for batch in batches:
                 batch.ticks = sum(last[id(item)] == k for item in batch.items)
             batches[0].ticks = (batches[0].ticks or 0) + sum(
@@ -297,22 +297,21 @@ class Pipeline(WindowedRun):
             self._fail(member, item, reason)
         return reason is None
 
-    def _fail(self, member: Member, item: Item, reason: str) -> None:
+    def _fail(
+        self, member: Member, item: Item, reason: str, stamp: FileStamp | None = None
+    ) -> None:
         with self._lock:
-            record_failure(member.result, item, reason, self._opts.on_error)
-
-
-# A model's own window within a shared one: (model, start, items, settled).
-OwnWindow = tuple[int, int, Sequence[Item], list[tuple[Item, str]] | None]
+            record_failure(member.result, item, reason, self._opts.on_error, stamp)
 
 
 def settled(
     window: Sequence[Item], done: Set[str], loader: Loader
-) -> list[tuple[Item, str]] | None:
+) -> list[tuple[Item, Failed]] | None:
     """None if the window must be read and run; else it is settled: each item is complete
     from an earlier run, or fails without reading anything (``Loader.check_listed``: a row
-    with no text, an empty or missing file), and those are returned with why. Without this,
-    one blank text among 512 made every resumed run embed its window again."""
+    with no text, an empty or missing file, a file recorded as unreadable and unchanged since),
+    and those are returned with why. Without this, one blank text among 512 made every resumed
+    run embed its window again."""
     known = []
     for item in window:
         if item.item_id in done:
@@ -320,7 +319,7 @@ def settled(
         try:
             loader.check_listed(item)
         except DuchoError as e:
-            known.append((item, _failed(item, e).reason))
+            known.append((item, _failed(item, e)))
             continue
         return None
     return known
@@ -344,9 +343,12 @@ def write_checked(write: WriteFn, item: Item, out: ItemOutputs) -> str | None:
     return None
 
 
-def record_failure(result: RunResult, item: Item, reason: str, on_error: str) -> None:
-    """Count a bad item; with ``on_error: fail`` the run stops here."""
-    result.errors.append(ItemError(item.item_id, item.origin, reason))
+def record_failure(
+    result: RunResult, item: Item, reason: str, on_error: str, stamp: FileStamp | None = None
+) -> None:
+    """Count a bad item (``stamp``: an unreadable file's, see :class:`ItemError`); with
+    ``on_error: fail`` the run stops here."""
+    result.errors.append(ItemError(item.item_id, item.origin, reason, stamp))
     if on_error == "fail":
         raise DataError(
             f"item {item.item_id!r} ({item.origin}): {reason}\n"
@@ -356,9 +358,14 @@ def record_failure(result: RunResult, item: Item, reason: str, on_error: str) ->
 
 @dataclass(frozen=True)
 class Failed:
-    """An item its loader could not decode, and why."""
+    """An item its loader could not decode, and why; ``stamp`` for an unreadable file."""
 
     reason: str
+    stamp: FileStamp | None = None
+
+
+# A model's own window within a shared one: (model, start, items, settled).
+OwnWindow = tuple[int, int, Sequence[Item], list[tuple[Item, Failed]] | None]
 
 
 def load_one(load: LoadFn, item: Item) -> Any:
@@ -387,15 +394,16 @@ def load_each(loaders: Sequence[Loader], item: Item) -> list[Any]:
 
 
 def _failed(item: Item, error: DuchoError) -> Failed:
-    return Failed(str(error).removeprefix(f"{item.origin}: "))
+    stamp = error.stamp if isinstance(error, UnreadableFile) else None
+    return Failed(str(error).removeprefix(f"{item.origin}: "), stamp)
 
 
 def assemble(
     chunk: Sequence[Item], loaded: Sequence[Any], batcher: Batcher, options: PipelineOptions
-) -> tuple[list[Batch], list[tuple[Item, str]]]:
+) -> tuple[list[Batch], list[tuple[Item, Failed]]]:
     """A decoded window cut into batches as the model wants, and its items that failed."""
     ok = [(i, p) for i, p in zip(chunk, loaded, strict=True) if not isinstance(p, Failed)]
-    failures = [(i, p.reason) for i, p in zip(chunk, loaded, strict=True) if isinstance(p, Failed)]
+    failures = [(i, p) for i, p in zip(chunk, loaded, strict=True) if isinstance(p, Failed)]
     payloads = batcher.tokenize([p for _, p in ok])
     plan = batcher.plan(payloads, options.batch_size, options.token_budget)
     batches = [Batch([ok[i][0] for i in idx], [payloads[i] for i in idx]) for idx in plan]

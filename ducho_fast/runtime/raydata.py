@@ -191,8 +191,8 @@ class RayPipeline(WindowedRun):
                 rows.append({"items": pickle.dumps(list(chunk))})
                 continue
             result.reused += len(chunk) - len(known)  # not in the progress (see todo)
-            for item, reason in known:
-                record_failure(result, item, reason, self._opts.on_error)
+            for item, failed in known:
+                record_failure(result, item, failed.reason, self._opts.on_error, failed.stamp)
         return rows
 
     def _dataset(self, windows: list[dict[str, Any]]) -> Any:
@@ -238,8 +238,8 @@ class RayPipeline(WindowedRun):
     def _collect(self, result: Any, run: RunResult, progress: ProgressFn | None) -> None:
         provider, items, outputs, failures = result
         self.provider = f"ray: {provider}"
-        for item, reason in failures:
-            record_failure(run, item, reason, self._opts.on_error)
+        for item, failed in failures:
+            record_failure(run, item, failed.reason, self._opts.on_error, failed.stamp)
         for item, out in zip(items, outputs, strict=True):
             if isinstance(out, str):
                 record_failure(run, item, out, self._opts.on_error)

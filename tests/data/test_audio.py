@@ -10,7 +10,8 @@ import soundfile as sf
 
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.audio.audio import list_audio, prepare_audio
-from ducho_fast.errors import DataError
+from ducho_fast.data.items import FileStamp
+from ducho_fast.errors import DataError, UnreadableFile
 from tests.conftest import write_tone
 
 PRE = {"sample_rate": 16000}
@@ -69,8 +70,21 @@ def test_bad_files_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"empty.wav: the audio is empty"):
         prepare_audio(tmp_path / "empty.wav", PRE)
     for name in ("zero.wav", "fake.mp3", "cut.flac"):
-        with pytest.raises(DataError, match=rf"{name}: not a readable audio file"):
+        with pytest.raises(UnreadableFile, match=rf"{name}: not a readable audio file") as caught:
             prepare_audio(tmp_path / name, PRE)
+        assert caught.value.stamp == FileStamp.of(tmp_path / name)
+
+
+def test_a_system_error_of_libsndfile_is_not_an_unreadable_file(tmp_path, monkeypatch) -> None:
+    path = write_tone(tmp_path / "good.wav")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise sf.LibsndfileError(2, "Error opening: ")  # SF_ERR_SYSTEM: "System error."
+
+    monkeypatch.setattr(sf, "info", fail)
+    with pytest.raises(DataError, match=r"good.wav: not a readable audio file") as caught:
+        prepare_audio(path, PRE)
+    assert not isinstance(caught.value, UnreadableFile)
     with pytest.raises(DataError, match=r"file not found"):
         prepare_audio(tmp_path / "none.wav", PRE)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ducho_fast.config.model import InputOptions
+from ducho_fast.data.items import FileStamp
 from ducho_fast.data.sources import check_ids
 from ducho_fast.data.visual.images import (
     IMAGE_SUFFIXES,
@@ -15,7 +17,7 @@ from ducho_fast.data.visual.images import (
     load_image,
     prepare_image,
 )
-from ducho_fast.errors import DataError
+from ducho_fast.errors import DataError, UnreadableFile
 from tests.conftest import write_image
 
 
@@ -55,10 +57,25 @@ def test_truncated_and_fake_images_are_data_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     for path in (truncated, fake, empty):
-        with pytest.raises(DataError, match=r"not a readable image"):
+        with pytest.raises(UnreadableFile, match=r"not a readable image") as caught:
             load_image(path, None)
+        assert caught.value.stamp == FileStamp.of(path)  # recorded, so not read again
     with pytest.raises(DataError, match=r"file not found"):
         load_image(tmp_path / "missing.jpg", None)
+
+
+def test_a_failed_read_of_the_disk_is_not_an_unreadable_file(tmp_path, monkeypatch) -> None:
+    """An OSError with an errno (EIO of a disk, a network file system) may pass next time:
+    a plain DataError, which no run records as unreadable."""
+    path = write_image(tmp_path / "good.jpg")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Image, "open", fail)
+    with pytest.raises(DataError, match=r"good.jpg: not a readable image \(OSError") as caught:
+        load_image(path, None)
+    assert not isinstance(caught.value, UnreadableFile)
 
 
 def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> None:

@@ -254,3 +254,54 @@ def test_empty_and_missing_images_do_not_make_their_window_run_again(
     write_image(folder / "item3.jpg", seed=3)
     fixed = ducho_fast.extract(config).runs[0].result
     assert fixed.written == 4 and [e.item_id for e in fixed.errors] == ["item9"]
+
+
+def test_damaged_images_are_not_read_again_while_unchanged(tmp_path, store, resnet18_state_dict):
+    """A damaged image (a saved error page, a cut download) has to be read to fail. The run
+    records it with its stamp, so a resumed run fails it unread, without running its window,
+    until the file changes (replaced, or only touched) or the decoding settings do."""
+    folder = images(tmp_path / "images", 10)
+    (folder / "item5.jpg").write_bytes(b"<html>404 Not Found</html>")
+    whole = (folder / "item2.jpg").read_bytes()
+    (folder / "item2.jpg").write_bytes(whole[: len(whole) // 2])  # truncated JPEG
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    ducho_fast.export(config)
+    first = ducho_fast.extract(config).runs[0].result
+    assert first.written == 8 and [e.item_id for e in first.errors] == ["item2", "item5"]
+    reasons = [(e.item_id, e.reason) for e in first.errors]
+    assert "truncated" in reasons[0][1] and "cannot identify" in reasons[1][1]
+    again = ducho_fast.extract(config).runs[0].result
+    assert (again.written, again.reused) == (0, 8)  # neither window ran
+    assert [(e.item_id, e.reason) for e in again.errors] == reasons
+
+    write_image(folder / "item5.jpg", seed=5)  # fixed: its window runs
+    fixed = ducho_fast.extract(config).runs[0].result
+    assert fixed.written == 4 and [e.item_id for e in fixed.errors] == ["item2"]
+    os.utime(folder / "item2.jpg", ns=(time.time_ns(), time.time_ns()))  # touched: read again
+    touched = ducho_fast.extract(config).runs[0].result
+    assert (touched.written, [(e.item_id, e.reason) for e in touched.errors]) == (3, reasons[:1])
+    assert ducho_fast.extract(config).runs[0].result.written == 0
+    config["input"] = {"max_image_pixels": 10**7}  # decoded otherwise: read again
+    other = ducho_fast.extract(config).runs[0].result
+    assert (other.written, [e.item_id for e in other.errors]) == (3, ["item2"])
+    fresh = ducho_fast.extract(config, ["output.resume=false"]).runs[0].result
+    assert fresh.written == 9 and ducho_fast.extract(config).runs[0].result.written == 0
+
+
+def test_shards_record_damaged_images_for_the_final_run(tmp_path, store, resnet18_state_dict):
+    """Each shard records the damaged images of its windows; the final plain run fails them
+    unread, so it runs no window, and its one record replaces the shards' records."""
+    folder = images(tmp_path / "images", 12)
+    for name in ("item1.jpg", "item6.jpg", "item10.jpg"):
+        (folder / name).write_bytes(b"GIF89a garbage")
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    ducho_fast.export(config)
+    shards = [ducho_fast.extract(config, shard=f"{i}/2").runs[0].result for i in range(2)]
+    assert [e.item_id for s in shards for e in s.errors] == ["item1", "item10", "item6"]
+    final = ducho_fast.extract(config).runs[0].result
+    assert (final.written, final.reused) == (0, 9)
+    assert [e.item_id for e in final.errors] == ["item1", "item6", "item10"]
+    features = next(p.parent for p in (tmp_path / "out").rglob("item0.npy"))
+    assert sorted(p.name for p in features.glob("ducho-fast.unreadable*")) == [
+        "ducho-fast.unreadable.json"
+    ]

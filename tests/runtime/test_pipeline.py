@@ -359,9 +359,9 @@ def test_a_resumed_run_does_not_rerun_windows_whose_texts_fail_from_the_listing(
     complete. The resumed run embeds only the window that lost a file, reports every bad text
     in input order as before, and leaves the files as they were."""
     from ducho_fast.config.model import InputOptions
-    from ducho_fast.data.items import Item
+    from ducho_fast.data.items import FileStamp, Item
     from ducho_fast.data.sources import ImageLoader, TextLoader
-    from ducho_fast.runtime.pipeline import settled
+    from ducho_fast.runtime.pipeline import Failed, settled
     from tests.conftest import npy_bytes, two_job_config
 
     config = two_job_config(tmp_path / "data", store, resnet18_state_dict, tiny_bert_dir)
@@ -384,7 +384,7 @@ def test_a_resumed_run_does_not_rerun_windows_whose_texts_fail_from_the_listing(
 
     texts = TextLoader(clean=False)
     ok, blank = Item("a", "d.tsv:2", "text"), Item("b", "d.tsv:3", "  ")
-    assert settled([ok, blank], {"a"}, texts) == [(blank, "the text is empty")]
+    assert settled([ok, blank], {"a"}, texts) == [(blank, Failed("the text is empty"))]
     assert settled([ok, blank], set(), texts) is None  # "a" must be embedded
     assert settled([ok], {"a"}, texts) == []
     images = ImageLoader({}, InputOptions())
@@ -392,14 +392,24 @@ def test_a_resumed_run_does_not_rerun_windows_whose_texts_fail_from_the_listing(
     empty.write_bytes(b"")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     failed = settled([Item("g", "gone.jpg", gone), Item("e", "empty.jpg", empty)], set(), images)
-    assert failed is not None and [(i.item_id, r) for i, r in failed] == [
+    assert failed is not None and [(i.item_id, f.reason) for i, f in failed] == [
         ("g", f"{gone}: file not found."),
         ("e", f"{empty}: not a readable image ({_unidentified(empty)})."),
     ]
     # A damaged file must be read to fail (and may be fixed); a good one must be embedded.
-    assert settled([Item("b", "bad.jpg", tmp_path / "bad.jpg")], set(), images) is None
+    bad = Item("b", "bad.jpg", tmp_path / "bad.jpg")
+    assert settled([bad], set(), images) is None
     good = Item("ok", "ok.jpg", write_image(tmp_path / "ok.jpg"))
     assert settled([good], set(), images) is None
+    # ... unless an earlier run read it and recorded it unreadable, and it is the same file.
+    stamp = FileStamp.of(bad.raw)
+    images.unreadable = {("bad.jpg", stamp): "not a readable image (as before)."}
+    assert settled([bad], set(), images) == [
+        (bad, Failed("not a readable image (as before).", stamp))
+    ]
+    assert settled([good], set(), images) is None
+    bad.raw.write_bytes(b"not a jpeg either")  # rewritten: another size and mtime
+    assert settled([bad], set(), images) is None
 
 
 def _unidentified(path: Path) -> str:

@@ -36,9 +36,9 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     ducho_fast.export(local)
     expected = ducho_fast.extract(local)
     on_ray = two_job_config(tmp_path / "ray", store, resnet18_state_dict, tiny_bert_dir)
-    report = ducho_fast.extract(on_ray, engine="ray", ray=RayOptions(actors=1))
     with pytest.raises(ConfigError, match="take all 2 CPUs of the Ray cluster"):
         ducho_fast.extract(on_ray, engine="ray", ray=RayOptions(actors=2))
+    report = ducho_fast.extract(on_ray, engine="ray", ray=RayOptions(actors=1))
 
     assert [r.provider for r in report.runs] == ["ray: CPUExecutionProvider"] * 2
     assert [r.result.written for r in report.runs] == [21, 69]
@@ -52,9 +52,10 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     # Byte for byte, matrices included: the batches are the local pipeline's.
     assert npy_bytes(tmp_path / "ray") == npy_bytes(tmp_path / "local")
 
-    # Resumable like a local run: only the window holding the bad image runs again, and
-    # the progress counts only it. The blank text fails from the listing alone, so its
-    # window is not run again (no bar: nothing to embed), and it is still reported.
+    # Resumable like a local run. The bad image was read and recorded as unreadable, and the
+    # blank text fails from the listing alone: neither window runs again (no bar), and both
+    # are still reported. Touched, the image is read again: only its window runs, and the
+    # progress counts only it.
     bars: list[tuple[int, list[int]]] = []
 
     @contextmanager
@@ -62,6 +63,10 @@ def test_engine_ray_writes_the_files_of_a_local_run(
         bars.append((total, []))
         yield bars[-1][1].append
 
+    settled = ducho_fast.extract(on_ray, engine="ray", progress=progress)
+    assert [r.result.written for r in settled.runs] == [0, 0] and bars == []
+    assert [e.item_id for r in settled.runs for e in r.result.errors] == ["img05", "t009"]
+    os.utime(tmp_path / "ray" / "images" / "img05.jpg")
     again = ducho_fast.extract(on_ray, engine="ray", progress=progress)
     assert [r.result.written for r in again.runs] == [2, 0]
     assert [r.result.reused for r in again.runs] == [19, 69]

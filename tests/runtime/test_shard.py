@@ -78,18 +78,22 @@ def test_shards_make_the_files_of_one_run(
     assert record["shard"] == "1/3" and record["written"] + record["failed"] == record["items"]
     assert list((tmp_path / "split/out").glob("ducho-fast.errors.shard-*.tsv"))
 
-    # A task started again runs only the window of its failed item (img03 to img05), whole.
+    # The task whose window holds the bad image recorded it as unreadable.
+    assert [p.name for p in folder.glob("ducho-fast.unreadable*")] == [
+        "ducho-fast.unreadable.shard-1-of-3.json"
+    ]
+    # A task started again runs nothing: its bad image is the file it recorded.
     again = _extract(split, shard="1/3")
-    assert sum(r.result.written for r in again.runs) == 2
+    assert sum(r.result.written for r in again.runs) == 0
     assert [e.item_id for r in again.runs for e in r.result.errors] == ["img05"]
 
-    # The plain run after the shards reuses every window without a failed item; it runs the
-    # one with the bad image again (3 images) and gets the same bytes. The blank text fails
-    # from the listing alone: its window is not run again, and it is still reported.
+    # The plain run after the shards reuses every window: the bad image fails from the
+    # shard's record and the blank text from the listing, unread, and both are reported.
     final = _extract(split)
-    assert sum(r.result.written for r in final.runs) == 2
-    assert sum(r.result.reused for r in final.runs) == 92 - 3 - 1
+    assert sum(r.result.written for r in final.runs) == 0
+    assert sum(r.result.reused for r in final.runs) == 92 - 2
     assert [e.item_id for r in final.runs for e in r.result.errors] == ["img05", "t009"]
+    assert [p.name for p in folder.glob("ducho-fast.unreadable*")] == ["ducho-fast.unreadable.json"]
     assert json.loads((folder / "ducho-fast.manifest.json").read_text())["status"] == "complete"
     assert not list((tmp_path / "split/out").glob("ducho-fast.errors.shard-*.tsv"))
     assert "img05" in (tmp_path / "split/out/ducho-fast.errors.tsv").read_text()

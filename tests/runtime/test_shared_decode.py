@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from contextlib import contextmanager
@@ -172,18 +173,24 @@ def test_resume_decodes_only_what_a_model_still_needs(
     first_only = visual_config(tmp_path / "data", config["visual"]["items"]["model"][0], store)
     ducho_fast.extract(first_only)
     decodes.clear()
+    os.utime(images / "p3.jpg")  # touched: no longer the file recorded as unreadable
     report = ducho_fast.extract(config)
     # The first model has every good item; it runs again only the window holding the bad
     # one (p3-p5, as with one model), and the items are decoded once for both.
     assert [(r.result.reused, r.result.written) for r in report.runs] == [(4, 2), (0, 6)]
     assert decodes == {f"p{i}.jpg": 1 for i in range(7)}
     decodes.clear()
+    os.utime(images / "p3.jpg")
     ticks, progress = counting_progress()
     report = ducho_fast.extract(config, progress=progress)
     assert [(r.result.reused, r.result.written) for r in report.runs] == rerun
     assert decodes == {f"{name}.jpg": 1 for name in decoded}
     # The bar counts the items some model embeds again, each once.
     assert ticks[0] == -len(decoded) and sum(ticks[1:]) == len(decoded)
+    decodes.clear()  # p3 unchanged since both models recorded it: nothing is read
+    report = ducho_fast.extract(config)
+    assert [r.result.written for r in report.runs] == [0, 0] and not decodes
+    assert [[e.item_id for e in r.result.errors] for r in report.runs] == [["p3"], ["p3"]]
 
 
 @pytest.mark.slow

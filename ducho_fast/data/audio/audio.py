@@ -16,10 +16,11 @@ import soundfile as sf
 import soxr
 
 from ducho_fast.config.model import InputOptions
-from ducho_fast.data.items import Item
+from ducho_fast.data.items import FileStamp, Item
 from ducho_fast.data.visual.images import list_files
-from ducho_fast.errors import DataError
+from ducho_fast.errors import DataError, decode_error
 
+SF_ERR_SYSTEM = 2  # libsndfile's code for a failed system call (sndfile.h)
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"})
 
 
@@ -80,7 +81,9 @@ def finish_audio(wave: np.ndarray, have: int, pre: Mapping[str, Any], source: An
 def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarray, int]:
     if not Path(path).exists():  # libsndfile says only "System error"
         raise DataError(f"{path}: file not found.")
+    stamp = None
     try:
+        stamp = FileStamp.of(path)  # before reading: a file changed meanwhile gets another
         info = sf.info(str(path))
         seconds = info.frames / info.samplerate if info.samplerate else 0.0
         if crop is None and seconds > max_seconds:
@@ -94,7 +97,10 @@ def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarra
     except PermissionError as e:
         raise DataError(f"{path}: permission denied; make the file readable.") from e
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable audio file ({type(e).__name__}: {e}).") from e
+        message = f"{path}: not a readable audio file ({type(e).__name__}: {e})."
+        if isinstance(e, sf.LibsndfileError) and e.code == SF_ERR_SYSTEM:
+            stamp = None  # the system failed to read it, as an OSError with an errno
+        raise decode_error(message, e, stamp) from e
     return wave, int(rate)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ducho_fast.config.model import InputOptions
-from ducho_fast.data.items import Item
-from ducho_fast.errors import DataError
+from ducho_fast.data.items import FileStamp, Item
+from ducho_fast.errors import DataError, decode_error
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -205,7 +205,9 @@ def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Ima
         return source
     if isinstance(source, np.ndarray):
         return _from_array(source)
+    stamp = None
     try:
+        stamp = FileStamp.of(source)  # before reading: a file changed meanwhile gets another
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
@@ -221,7 +223,8 @@ def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Ima
             f"{source}: {e} Pillow refuses images this large whatever input.max_image_pixels says."
         ) from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{source}: not a readable image ({type(e).__name__}: {e}).") from e
+        message = f"{source}: not a readable image ({type(e).__name__}: {e})."
+        raise decode_error(message, e, stamp) from e
 
 
 def _check_pixels(source: Path, image: Image.Image, max_pixels: int) -> None:
