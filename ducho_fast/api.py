@@ -617,6 +617,7 @@ def _matrix_record(matrix: MatrixResult) -> dict[str, Any]:
         "rows": matrix.rows,
         "filled_with_mean": len(matrix.filled),
         "left_out": len(matrix.dropped),
+        "reused": matrix.reused,
     }
 
 

@@ -282,8 +282,9 @@ def _print_matrix(matrix: Any) -> None:
     if matrix.dropped:
         notes.append(f"{len(matrix.dropped)} id(s) not in id_order left out")
     note = f" ({'; '.join(notes)}, listed in missing.tsv)" if notes else ""
+    kept = ", kept: no feature written since" if matrix.reused else ""
     out.print(
-        f"  matrix {matrix.rows} rows -> {_rel(matrix.path)}{note}",
+        f"  matrix {matrix.rows} rows{kept} -> {_rel(matrix.path)}{note}",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -54,6 +54,12 @@ def test_export_inspect_extract(text_config: Path, tmp_path: Path) -> None:
     assert "textual.items" in done.output and "11" in done.output
     resolved = yaml.safe_load((tmp_path / "out" / "ducho-fast.resolved.yml").read_text())
     assert resolved["textual"]["items"]["model"][0]["batch_size"] == 2
+    # Again with the matrix layout: made once, then kept while no feature changes.
+    matrix = ["--set", "output.layouts=[ducho, matrix]", "--no-progress"]
+    made = runner.invoke(app, ["extract", str(text_config), *matrix])
+    assert "matrix 11 rows ->" in made.output, made.output
+    kept = runner.invoke(app, ["extract", str(text_config), *matrix])
+    assert "matrix 11 rows, kept: no feature written since ->" in kept.output, kept.output
 
 
 @pytest.mark.slow

@@ -4,27 +4,32 @@ Drop-in for MMRec (``image_feat.npy`` / ``text_feat.npy``, row ``i`` = item ``i`
 dataset's item order, given as an ``id_order`` file) and Cornac (``FeatureModality(features,
 ids)``). The matrix is assembled only from complete per-item files (each written atomically),
 so a killed run never leaves a matrix with half-written rows; it is written to a temporary file
-through a memory map and renamed, so N x D never has to fit in memory twice.
+through a memory map and renamed, so N x D never has to fit in memory twice. A matrix made from
+the same rows, none of whose features was written since, is kept (``ducho-fast.matrix.json``
+says what it was made from): a rerun does not read a million per-item files again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ducho_fast.data.items import ItemError
+from ducho_fast.data.items import FileStamp, ItemError
 from ducho_fast.errors import DataError, OutputError
 from ducho_fast.outputs.atomic import open_temp, write_text
 from ducho_fast.outputs.ducho import load_feature
-from ducho_fast.outputs.manifest import feature_files
+from ducho_fast.outputs.manifest import digest, features
 
 MATRIX_DIR = "matrix"
 IDS_FILE = "ids.txt"
 MISSING_FILE = "missing.tsv"
+RECORD_FILE = "ducho-fast.matrix.json"
 FILE_NAMES = {"visual": "image_feat", "image": "image_feat", "textual": "text_feat"}
 FILE_NAMES |= {"text": "text_feat", "audio": "audio_feat", "fused": "fused_feat"}
 
@@ -37,6 +42,7 @@ class MatrixResult:
     rows: int = 0
     filled: list[ItemError] = field(default_factory=list)
     dropped: list[ItemError] = field(default_factory=list)
+    reused: bool = False  # kept from an earlier run: same rows, no feature written since
 
 
 def read_id_order(path: Path) -> list[str]:
@@ -81,7 +87,8 @@ def write_matrix(
         id_order: every row's id. Ids with no feature get the mean of the others and are
             listed in ``missing.tsv``; features of ids it does not list are left out and listed.
     """
-    files = feature_files(parts)
+    found = features(parts)
+    files = {item_id: path for item_id, (path, _) in found.items()}
     present = [i for i in ids if i in files]
     result = MatrixResult(target / f"{name}.npy")
     if id_order is None:
@@ -96,21 +103,55 @@ def write_matrix(
         ]
     if not present:
         raise DataError(f"{parts}: no features to assemble a matrix from.")
-    shape = _item_shape(load_feature(files[present[0]]))
     missing = [i for i in rows if i not in files]
-    mean = _mean(files, [i for i in rows if i in files], shape) if missing else None
     result.filled = [
         ItemError(i, str(parts), "no feature (failed or not in the input); filled with the mean")
         for i in missing
     ]
+    result.rows = len(rows)
+    made_from = {
+        "parts": str(parts),
+        "dtype": dtype,
+        "rows_sha256": digest(list(rows)),
+        "missing_sha256": digest(missing),
+        "left_out_sha256": digest([e.item_id for e in result.dropped]),
+        # Rewriting a feature gives it a later time: then the matrix is made again.
+        "newest_feature_ns": max(found[i][1] for i in rows if i in files),
+    }
+    if _unchanged(target, result.path, made_from):
+        result.reused = True
+        return result
+    shape = _item_shape(load_feature(files[present[0]]))
+    mean = _mean(files, [i for i in rows if i in files], shape) if missing else None
     try:
         _save(result.path, files, rows, shape, mean, dtype)
         write_text(target / IDS_FILE, "".join(f"{i}\n" for i in rows))
         _save_missing(target / MISSING_FILE, result.filled + result.dropped)
+        record = {**made_from, "matrix": _stamp(result.path), "ids": _stamp(target / IDS_FILE)}
+        write_text(target / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     except OSError as e:
         raise OutputError(f"cannot write the matrix in {target}: {e.strerror or e}.") from e
-    result.rows = len(rows)
     return result
+
+
+def _unchanged(target: Path, matrix: Path, made_from: dict[str, Any]) -> bool:
+    """Whether ``matrix`` (and its ids file) are the ones an earlier run made as
+    ``made_from`` says, untouched since."""
+    try:
+        record = json.loads((target / RECORD_FILE).read_text(encoding="utf-8"))
+        return (
+            isinstance(record, dict)
+            and {k: record.get(k) for k in made_from} == made_from
+            and record.get("matrix") == _stamp(matrix)
+            and record.get("ids") == _stamp(target / IDS_FILE)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _stamp(path: Path) -> list[int]:
+    stamp = FileStamp.of(path)
+    return [stamp.size, stamp.mtime_ns, stamp.inode]
 
 
 def _item_shape(array: np.ndarray) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,77 @@ def test_an_unreadable_feature_file_is_named(tmp_path: Path, damage: str) -> Non
     (tmp_path / "p" / "b.npy").write_bytes(garbage)
     with pytest.raises(DataError, match=r"p/b\.npy is not a readable \.npy feature.*Delete it"):
         write_matrix(tmp_path / "p", tmp_path / "m", "image_feat", ["a", "b"])
+
+
+def test_a_matrix_is_kept_until_its_rows_or_a_feature_change(tmp_path: Path) -> None:
+    """A rerun keeps the matrix when it would make the same one: same rows, gaps and dtype,
+    no feature written since, matrix and ids file untouched. Any change makes it again."""
+    a, b, c, b2 = vectors(4)
+    parts(tmp_path / "p", {"a": a, "b": b, "c": c})
+    matrix = tmp_path / "m" / "image_feat.npy"
+
+    def make(ids: list[str], **kwargs: object) -> bool:
+        result = write_matrix(tmp_path / "p", tmp_path / "m", "image_feat", ids, **kwargs)
+        assert (tmp_path / "m" / "ids.txt").read_text() == "".join(f"{i}\n" for i in ids)
+        return result.reused
+
+    assert not make(["a", "b", "c"])
+    made = matrix.stat()
+    assert make(["a", "b", "c"])
+    assert (matrix.stat().st_mtime_ns, matrix.stat().st_ino) == (made.st_mtime_ns, made.st_ino)
+
+    np.save(tmp_path / "p" / "b.npy", b2)  # embedded again: a later time
+    later = made.st_mtime_ns + 10**9
+    os.utime(tmp_path / "p" / "b.npy", ns=(later, later))
+    assert not make(["a", "b", "c"])
+    np.testing.assert_array_equal(np.load(matrix), np.concatenate([a, b2, c]))
+    assert make(["a", "b", "c"])
+    assert not make(["c", "b", "a"])  # other rows
+    assert not make(["c", "b", "a"], dtype="float16")
+    (tmp_path / "m" / "ids.txt").unlink()
+    assert not make(["c", "b", "a"], dtype="float16")
+    np.save(matrix, np.zeros((3, 3), np.float16))  # replaced by hand
+    assert not make(["c", "b", "a"], dtype="float16")
+    assert make(["c", "b", "a"], dtype="float16")
+    (tmp_path / "p" / "a.npy").unlink()  # a failed this time: filled with the mean
+    result = write_matrix(
+        tmp_path / "p",
+        tmp_path / "m",
+        "image_feat",
+        ["c", "b"],
+        id_order=["c", "b", "a"],
+        dtype="float16",
+    )
+    assert not result.reused and [e.item_id for e in result.filled] == ["a"]
+
+
+def test_a_half_made_matrix_is_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while it makes a matrix again leaves no record that would keep it."""
+    from ducho_fast.outputs import matrix as module
+
+    a, b = vectors(2)
+    parts(tmp_path / "p", {"a": a, "b": b})
+    write_matrix(tmp_path / "p", tmp_path / "m", "image_feat", ["a", "b"])
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_save_missing", killed)  # after the matrix, before the record
+    with pytest.raises(KeyboardInterrupt):
+        write_matrix(tmp_path / "p", tmp_path / "m", "image_feat", ["b", "a"])
+    monkeypatch.undo()
+    # The matrix holds rows b, a now; the first run's record (rows a, b) must not keep it.
+    again = write_matrix(tmp_path / "p", tmp_path / "m", "image_feat", ["a", "b"])
+    assert not again.reused
+    np.testing.assert_array_equal(np.load(tmp_path / "m/image_feat.npy"), np.concatenate([a, b]))
+
+
+def test_the_gaps_list_is_remade_when_a_left_out_feature_goes(tmp_path: Path) -> None:
+    a, b, x = vectors(3)
+    parts(tmp_path / "p", {"a": a, "b": b, "x": x})
+    order = ["a", "b"]
+    first = write_matrix(tmp_path / "p", tmp_path / "m", "f", ["a", "b", "x"], id_order=order)
+    assert [e.item_id for e in first.dropped] == ["x"] and (tmp_path / "m/missing.tsv").exists()
+    (tmp_path / "p" / "x.npy").unlink()
+    again = write_matrix(tmp_path / "p", tmp_path / "m", "f", ["a", "b"], id_order=order)
+    assert not again.reused and not (tmp_path / "m/missing.tsv").exists()
