@@ -43,6 +43,7 @@ from ducho_fast.outputs.matrix import (
     read_id_order,
     write_matrix,
 )
+from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
 from ducho_fast.outputs.unreadable import forget_unreadable, load_unreadable, save_unreadable
 from ducho_fast.runtime.batcher import sorts_by_length
 from ducho_fast.runtime.cpu import cpu_quota
@@ -105,7 +106,7 @@ class ModelRun:
     output_dirs: list[Path] = field(default_factory=list)
     tower: str | None = None
     matrices: list[MatrixResult] = field(default_factory=list)
-    changed: int = 0  # items embedded again: their input file changed after their feature
+    changed: int = 0  # items embedded again: their input file or text changed since
 
 
 @dataclass
@@ -403,29 +404,62 @@ class _Planned:
     writer: DuchoWriter
     loader: Loader
     changed: int = 0
+    # Reused features with no record of their text: id -> when written (st_mtime_ns).
+    unknown: dict[str, int] = field(default_factory=dict)
 
     @property
     def done(self) -> set[str]:
         """Ids complete in every layer folder, from an earlier run."""
         return set.intersection(*(f.existing for f in self.folders.values()))
 
-    def forget_changed(self, job: Job, items: list[Item], report: ExtractReport) -> None:
+    def forget_changed(
+        self, job: Job, items: list[Item], texts: dict[str, str], report: ExtractReport
+    ) -> None:
         """Reuse no feature older than its input. An image or audio file modified after its
-        feature was written is embedded again; a TSV modified after every reused feature
-        gets a warning, as it cannot say which rows changed."""
-        done = self.done
-        written = {i: min(f.written[i] for f in self.folders.values()) for i in done}
+        feature was written is embedded again, and so is a text whose digest (``texts``)
+        differs from the one recorded with its feature; their stale files are removed first.
+        Features with no record of their text get a warning when the TSV was modified after
+        them all."""
+        written = {i: min(f.written[i] for f in self.folders.values()) for i in self.done}
         changed = changed_files(items, written)
+        unknown = written
+        if texts:
+            recorded = recorded_texts(self.paths, written)
+            # A text emptied since (no digest now) has changed too; ids no longer listed not.
+            listed = {i.item_id for i in items}
+            changed |= {i for i, d in recorded.items() if i in listed and texts.get(i) != d}
+            unknown = {i: at for i, at in written.items() if i not in recorded}
+            self.unknown = unknown
         for folder in self.folders.values():
-            folder.existing -= changed
+            folder.forget(changed)
         self.changed = len(changed)
-        tsv = table_changed_after(job, written) if self.artifact.modality == "textual" else None
+        tsv = table_changed_after(job, unknown) if self.artifact.modality == "textual" else None
         if tsv is not None:
             report.warnings.append(
-                f"{self.spec.key_path}: {tsv} was modified after the {len(done)} feature(s) "
-                "this run reuses were written. Their ids are not embedded again; if texts "
+                f"{self.spec.key_path}: {tsv} was modified after the {len(unknown)} feature(s) "
+                "this run reuses with no record of their texts (from an older ducho-fast, or "
+                "a killed run) were written. Their ids are not embedded again; if texts "
                 "changed under the same ids, run with --fresh."
             )
+
+    @property
+    def paths(self) -> list[Path]:
+        return [f.path for f in self.folders.values()]
+
+    def still_unknown(self) -> set[str]:
+        """The ids of ``unknown`` whose feature this run did not write again: what made it
+        is still not known, so no record vouches for it."""
+        still = set()
+        for item_id, at in self.unknown.items():
+            try:
+                when = [
+                    (f.path / f"{item_id}.npy").stat().st_mtime_ns for f in self.folders.values()
+                ]
+            except OSError:
+                continue
+            if min(when) == at:
+                still.add(item_id)
+        return still
 
 
 def _run_models(
@@ -436,8 +470,9 @@ def _run_models(
     window (:func:`shared_window`) run in one pipeline that reads and decodes each item once.
     Runs come back in ``specs``' order."""
     planned = [_plan(ctx, job, spec) for spec in specs]
+    texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
     for p in planned:
-        p.forget_changed(job, items, report)
+        p.forget_changed(job, items, texts, report)
     groups: list[list[_Planned]] = []
     for p in planned:
         group = next((g for g in groups if ctx.ray is None and _shares(g, p)), None)
@@ -447,11 +482,16 @@ def _run_models(
             group.append(p)
     runs: dict[int, ModelRun] = {}
     for group in groups:
-        total, group_runs = _run_group(ctx, job, group, items)
+        scope, group_runs = _run_group(ctx, job, group, items)
+        total = len(scope)
         for p, run in zip(group, group_runs, strict=True):
             runs[id(p)] = run
-            paths = [f.path for f in p.folders.values()]
-            save_unreadable(paths, ctx.shard, repr(p.loader.decode_key), run.result.errors)
+            save_unreadable(p.paths, ctx.shard, repr(p.loader.decode_key), run.result.errors)
+            if texts:
+                # Only the ids with a feature count (see recorded_texts): failures need no care.
+                unknown = p.still_unknown()
+                made = {i.item_id: texts[i.item_id] for i in scope if i.item_id in texts}
+                save_texts(p.paths, ctx.shard, {k: v for k, v in made.items() if k not in unknown})
             if ctx.shard is None:
                 ids = [i.item_id for i in items]
                 _finish_outputs(ctx, job, p.spec, run, p.folders, ids, report)
@@ -493,8 +533,8 @@ def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
 
 def _run_group(
     ctx: _Context, job: Job, group: list[_Planned], items: list[Item]
-) -> tuple[int, list[ModelRun]]:
-    """The items this run embeds (all, or its shard's) and each model's run."""
+) -> tuple[list[Item], list[ModelRun]]:
+    """The items this run embeds (all, or its shard's windows') and each model's run."""
     cfg = ctx.cfg
     options = PipelineOptions(
         batch_size=group[0].spec.batch_size,
@@ -528,7 +568,8 @@ def _run_group(
         Path(p.spec.model_name).name + (f" [{p.spec.tower}]" if p.spec.tower else "") for p in group
     )
     shard = f" (shard {ctx.shard})" if ctx.shard else ""
-    total = pipeline.size(len(items))
+    scope = [item for chunk in pipeline.windows(items) for item in chunk]
+    total = len(scope)
     if isinstance(pipeline, Pipeline):
         todo = pipeline.todo(items)
     else:
@@ -543,7 +584,7 @@ def _run_group(
             results, providers = pipeline.run(items, tick), pipeline.providers
         else:
             results, providers = [pipeline.run(items, tick, group[0].done)], [pipeline.provider]
-    return total, [
+    return scope, [
         ModelRun(
             job.name,
             p.spec.model_name,

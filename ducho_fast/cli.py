@@ -242,8 +242,8 @@ def _print_report(report: Any) -> None:
         if run.changed:
             owner = ", each by the shard that owns it" if report.shard else ""
             out.print(
-                f"  {run.changed} input file(s) modified after their features were written: "
-                f"embedded again{owner}",
+                f"  {run.changed} input(s) changed after their features were written (a file "
+                f"modified, a text edited): embedded again{owner}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -14,6 +14,7 @@ import hashlib
 import json
 import stat
 import time
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,21 @@ class OutputFolder:
     started: float = field(default_factory=time.time)
     # When each reusable feature was written (st_mtime_ns): an input changed since is stale.
     written: dict[str, int] = field(default_factory=dict)
+
+    def forget(self, stale: Set[str]) -> None:
+        """Reuse none of ``stale`` and remove their files, so that nothing (a matrix, a
+        fusion) reads them when their items fail now or the run is killed before they are
+        written again."""
+        self.existing -= stale
+        for item_id in sorted(stale):
+            path = self.path / f"{item_id}.npy"
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise OutputError(
+                    f"cannot remove the stale feature {path}: {e.strerror or e}. Check that "
+                    "the folder is writable."
+                ) from e
 
     def finish(self, counts: dict[str, int], **extra: Any) -> None:
         """Record the run as complete, with its counts and timing."""

@@ -97,11 +97,6 @@ class WindowedRun:
         """Items per window: one batch, or ``TEXT_WINDOW_BATCHES`` batches of texts."""
         return window_size(self._batcher.sorts_by_length, self._opts.batch_size)
 
-    def size(self, total: int) -> int:
-        """How many of ``total`` items this run embeds: all, or its shard's."""
-        shard = self._opts.shard
-        return total if shard is None else shard.size(total, self.window)
-
     def windows(self, items: Sequence[Item]) -> Iterator[Sequence[Item]]:
         """This run's windows of ``items``, in order."""
         shard = self._opts.shard

@@ -78,6 +78,11 @@ def test_shards_make_the_files_of_one_run(
     assert record["shard"] == "1/3" and record["written"] + record["failed"] == record["items"]
     assert list((tmp_path / "split/out").glob("ducho-fast.errors.shard-*.tsv"))
 
+    # Each task recorded the texts of its own windows; together, every listed text.
+    records = sorted((tmp_path / "split").rglob("ducho-fast.texts.shard-*.json"))
+    assert [r.name for r in records] == [f"ducho-fast.texts.shard-{i}-of-3.json" for i in range(3)]
+    texts = [set(json.loads(r.read_text())["texts"]) for r in records]
+    assert sum(map(len, texts)) == len(set.union(*texts)) == 70  # disjoint
     # The task whose window holds the bad image recorded it as unreadable.
     assert [p.name for p in folder.glob("ducho-fast.unreadable*")] == [
         "ducho-fast.unreadable.shard-1-of-3.json"
@@ -94,6 +99,9 @@ def test_shards_make_the_files_of_one_run(
     assert sum(r.result.reused for r in final.runs) == 92 - 2
     assert [e.item_id for r in final.runs for e in r.result.errors] == ["img05", "t009"]
     assert [p.name for p in folder.glob("ducho-fast.unreadable*")] == ["ducho-fast.unreadable.json"]
+    (record,) = (tmp_path / "split").rglob("ducho-fast.texts*.json")
+    assert record.name == "ducho-fast.texts.json"
+    assert set(json.loads(record.read_text())["texts"]) == set.union(*texts)
     assert json.loads((folder / "ducho-fast.manifest.json").read_text())["status"] == "complete"
     assert not list((tmp_path / "split/out").glob("ducho-fast.errors.shard-*.tsv"))
     assert "img05" in (tmp_path / "split/out/ducho-fast.errors.tsv").read_text()

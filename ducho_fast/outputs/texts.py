@@ -1,0 +1,87 @@
+"""Which text each feature was made from, so a resumed run finds texts edited in the TSV.
+
+A run writes ``ducho-fast.texts.json`` in each feature folder of a text model (a shard:
+``ducho-fast.texts.shard-i-of-N.json``): for each id with a feature, a short digest of the
+text as listed (before cleaning, whose setting is in the feature key). A resumed run embeds
+again the ids whose text digest changed. A record vouches only for features written before it
+was saved: a feature written after it (by a run that was killed before saving its own record)
+is unknown, as are features of versions that kept no record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ducho_fast.errors import OutputError
+from ducho_fast.outputs.atomic import write_text
+
+if TYPE_CHECKING:
+    from ducho_fast.runtime.shard import Shard
+
+TEXTS_FILE = "ducho-fast.texts.json"
+_RECORDS = "ducho-fast.texts*.json"
+SCHEMA_VERSION = 1
+
+
+def text_digest(text: str) -> str:
+    """A 64-bit digest of a text: enough to tell an edit, short for a million ids."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def record_name(shard: Shard | None) -> str:
+    """``ducho-fast.texts.json``, or a shard's ``ducho-fast.texts.shard-0-of-4.json``."""
+    return TEXTS_FILE if shard is None else f"ducho-fast.texts.{shard.tag}.json"
+
+
+def recorded_texts(folders: Iterable[Path], written: Mapping[str, int]) -> dict[str, str]:
+    """``{id: digest}`` for the features of ``written`` (id: st_mtime_ns of the feature, the
+    oldest over a model's layer folders) that a record of every one of ``folders`` vouches for:
+    saved after the feature was written."""
+    known: dict[str, str] | None = None
+    for folder in folders:
+        mine = _vouched(folder, written)
+        known = mine if known is None else {k: v for k, v in known.items() if mine.get(k) == v}
+    return known or {}
+
+
+def save_texts(folders: Iterable[Path], shard: Shard | None, digests: Mapping[str, str]) -> None:
+    """Record ``digests`` (the ids this run has features for, and their texts) in each folder;
+    a plain run covers every window, so its record replaces the shards' records."""
+    text = json.dumps({"schema_version": SCHEMA_VERSION, "texts": dict(digests)}) + "\n"
+    for folder in folders:
+        path = folder / record_name(shard)
+        try:
+            if shard is None:
+                for old in folder.glob(_RECORDS):
+                    old.unlink(missing_ok=True)
+            if digests:
+                write_text(path, text)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as e:
+            raise OutputError(
+                f"cannot write {path}: {e.strerror or e}. The features are written; check that "
+                "the folder is writable and that the disk has space, then run again."
+            ) from e
+
+
+def _vouched(folder: Path, written: Mapping[str, int]) -> dict[str, str]:
+    known: dict[str, str] = {}
+    for path in sorted(folder.glob(_RECORDS)):
+        try:
+            saved = path.stat().st_mtime_ns
+            record: Any = json.loads(path.read_text(encoding="utf-8"))
+            texts = record["texts"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no readable record: its features are unknown, as before records
+        if not isinstance(texts, dict):
+            continue
+        for item_id, digest in texts.items():
+            at = written.get(item_id)
+            if at is not None and at <= saved and isinstance(digest, str):
+                known[item_id] = digest
+    return known
