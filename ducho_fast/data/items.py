@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 
@@ -28,7 +27,7 @@ class FileStamp:
     inode: int
 
     @classmethod
-    def of(cls, path: Path) -> FileStamp:
+    def of(cls, path: str | os.PathLike[str]) -> FileStamp:
         info = os.stat(path)
         return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 

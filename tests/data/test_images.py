@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import io
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,18 @@ def test_truncated_and_fake_images_are_data_errors(tmp_path: Path) -> None:
         assert caught.value.stamp == FileStamp.of(path)  # recorded, so not read again
     with pytest.raises(DataError, match=r"file not found"):
         load_image(tmp_path / "missing.jpg", None)
+
+
+def test_file_objects_decode_and_fail_as_plain_data_errors() -> None:
+    """Callers of the runtime may pass an open file or bytes in memory, as Pillow allows: they
+    have no stamp, so they are never recorded as unreadable."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((6, 8, 3), 7, np.uint8)).save(buffer, "PNG")
+    buffer.seek(0)
+    assert load_image(buffer, None).shape == (6, 8, 3)
+    with pytest.raises(DataError, match=r"not a readable image") as caught:
+        load_image(io.BytesIO(b"<html>"), None)
+    assert not isinstance(caught.value, UnreadableFile)
 
 
 def test_a_failed_read_of_the_disk_is_not_an_unreadable_file(tmp_path, monkeypatch) -> None:

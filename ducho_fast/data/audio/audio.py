@@ -83,7 +83,7 @@ def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarra
         raise DataError(f"{path}: file not found.")
     stamp = None
     try:
-        stamp = FileStamp.of(path)  # before reading: a file changed meanwhile gets another
+        stamp = FileStamp.of(path)  # before reading: a file changed meanwhile differs
         info = sf.info(str(path))
         seconds = info.frames / info.samplerate if info.samplerate else 0.0
         if crop is None and seconds > max_seconds:

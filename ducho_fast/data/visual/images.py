@@ -207,7 +207,8 @@ def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Ima
         return _from_array(source)
     stamp = None
     try:
-        stamp = FileStamp.of(source)  # before reading: a file changed meanwhile gets another
+        if isinstance(source, str | os.PathLike):  # not a file object a caller passed
+            stamp = FileStamp.of(source)  # before reading: a file changed meanwhile differs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
