@@ -302,6 +302,10 @@ def start_ray(options: RayOptions) -> Any:
         }
         ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
     # ducho-fast shows its own progress; Ray Data's bars and plans would interleave with it.
+    # Ray Data configures its loggers again as each dataset starts, taking the level from
+    # RAY_DATA_LOG_LEVEL (a user's own setting wins): setting the logger alone held only
+    # from the second dataset on.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray

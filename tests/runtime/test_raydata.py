@@ -4,6 +4,8 @@ and ``RayEmbedder`` works in ``Dataset.map_batches``."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 import ducho_fast
 from ducho_fast.errors import ConfigError, DataError
@@ -77,6 +80,35 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     # Windows 1, 3, 5, 7 of the images (3 + 3 + 3 + 1, img05 among them) and 1 of the texts.
     assert [r.result.written for r in shard.runs] == [10 - 1, 32]
     assert [e.item_id for r in shard.runs for e in r.result.errors] == ["img05"]
+
+
+def test_a_cli_run_on_ray_keeps_ray_data_notices_off_the_console(
+    local_ray, tmp_path: Path, store: Path, resnet18_state_dict: Path
+) -> None:
+    """Ray Data's execution plans and notices would interleave with the progress bars. In a
+    separate driver process, as a user runs it: in this one, pytest's capture hides them."""
+    from tests.conftest import resnet18_entry, visual_config
+
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        write_image(tmp_path / "images" / f"{i}.jpg", seed=i)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    ducho_fast.export(config)
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    address = local_ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOG_LEVEL"}
+    command = [sys.executable, "-m", "ducho_fast", "extract", str(path), "--engine", "ray"]
+    done = subprocess.run(
+        [*command, "--ray-address", address, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "4 written" in done.stdout, done.stdout + done.stderr
+    for notice in ("streaming_executor", "Progress bars disabled"):
+        assert notice not in done.stderr, done.stderr
 
 
 def test_ray_embedder_in_map_batches(local_ray, store: Path, resnet18_state_dict: Path, tmp_path):
