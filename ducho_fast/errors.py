@@ -31,8 +31,9 @@ class DataError(DuchoError):
 
 
 class UnreadableFile(DataError):
-    """An input file read whole whose content does not decode (not an image, truncated): it
-    fails the same way until it changes, which ``stamp`` (taken before reading) tells."""
+    """An input file that cannot be decoded for a reason that stays while the file and the
+    decoding settings do: its content (not an image, truncated) or a limit it is over (too
+    many pixels, too long). ``stamp`` (taken before reading) tells whether it changed."""
 
     def __init__(self, message: str, stamp: FileStamp) -> None:
         super().__init__(message)
@@ -47,9 +48,12 @@ def decode_error(message: str, error: BaseException, stamp: FileStamp | None) ->
     at fault, a plain DataError when the system failed to read it (an OSError with an errno:
     an I/O error of a disk or a network file system), which may pass on the next try."""
     system = isinstance(error, OSError) and error.errno is not None
-    if stamp is None or system:
-        return DataError(message)
-    return UnreadableFile(message, stamp)
+    return DataError(message) if system else stamped(message, stamp)
+
+
+def stamped(message: str, stamp: FileStamp | None) -> DataError:
+    """:class:`UnreadableFile` for a file with a stamp, else a plain DataError."""
+    return DataError(message) if stamp is None else UnreadableFile(message, stamp)
 
 
 class ExportError(DuchoError):

@@ -36,8 +36,9 @@ class FileStamp:
 class ItemError:
     """A bad item: recorded, counted and reported; the items around it go on.
 
-    ``stamp`` is set for an input file that was read and does not decode (``UnreadableFile``):
-    the file as it was before reading, so a resumed run can fail it unread while it is the same.
+    ``stamp`` is set for an input file that cannot be decoded while it stays the same
+    (``UnreadableFile``): the file as it was before reading, so a resumed run can fail it
+    unread while it is the same.
     """
 
     item_id: str

@@ -1,12 +1,13 @@
-"""Input files that were read and did not decode, recorded beside the features.
+"""Input files that did not decode (damaged, or over a limit), recorded beside the features.
 
 A run writes ``ducho-fast.unreadable.json`` in each feature folder of a model (a shard:
 ``ducho-fast.unreadable.shard-i-of-N.json``): for each such file, its path, its stamp before
 reading (size, times, inode) and why it failed. A resumed run fails a recorded file unread
 while its stamp is the same, so a window with a broken download among good files is not read
 and run again on every resume; a file replaced or rewritten since is read again. Records are
-taken only from runs that decoded alike (``decoding``), and only files whose content was at
-fault are recorded (not a failed read of the disk, not a limit of the config).
+taken only from runs that decoded alike (``decoding``, which holds the limits), and only
+failures that last while the file does are recorded: its content, or a limit it is over (not a
+failed read of the disk, not a permission).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def test_a_system_error_of_libsndfile_is_not_an_unreadable_file(tmp_path, monkey
 
 def test_long_audio_needs_a_crop(tmp_path: Path) -> None:
     path = write_tone(tmp_path / "long.wav", seconds=3.0, rate=8000)
-    with pytest.raises(DataError, match=r"3 s of audio, over input.max_audio_seconds \(2 s\)"):
+    with pytest.raises(UnreadableFile, match=r"3 s of audio, over input.max_audio_seconds \(2 s\)"):
         prepare_audio(path, PRE, InputOptions(max_audio_seconds=2))
     cropped = prepare_audio(path, {**PRE, "max_seconds": 1.5}, InputOptions(max_audio_seconds=2))
     assert len(cropped) == 24000

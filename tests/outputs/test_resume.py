@@ -342,3 +342,22 @@ def test_shards_record_damaged_images_for_the_final_run(tmp_path, store, resnet1
     assert sorted(p.name for p in features.glob("ducho-fast.unreadable*")) == [
         "ducho-fast.unreadable.json"
     ]
+
+
+def test_an_image_over_the_pixel_limit_is_not_read_again_until_the_limit_changes(
+    tmp_path, store, resnet18_state_dict
+):
+    """Over input.max_image_pixels is as lasting as a damaged file while the limit (part of
+    the decoding) stays: a resumed run fails it from the record; a higher limit reads it."""
+    folder = images(tmp_path / "images", 8)
+    write_image(folder / "item6.jpg", size=(300, 200), seed=6)
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    config["input"] = {"max_image_pixels": 50_000}
+    ducho_fast.export(config)
+    first = ducho_fast.extract(config).runs[0].result
+    assert first.written == 7 and "over the limit of 50000" in first.errors[0].reason
+    again = ducho_fast.extract(config).runs[0].result
+    assert (again.written, [e.reason for e in again.errors]) == (0, [first.errors[0].reason])
+    config["input"] = {"max_image_pixels": 100_000}
+    raised = ducho_fast.extract(config).runs[0].result
+    assert (raised.written, raised.errors) == (4, [])

@@ -18,7 +18,7 @@ import soxr
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.items import FileStamp, Item
 from ducho_fast.data.visual.images import list_files
-from ducho_fast.errors import DataError, decode_error
+from ducho_fast.errors import DataError, decode_error, stamped
 
 SF_ERR_SYSTEM = 2  # libsndfile's code for a failed system call (sndfile.h)
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"})
@@ -87,10 +87,11 @@ def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarra
         info = sf.info(str(path))
         seconds = info.frames / info.samplerate if info.samplerate else 0.0
         if crop is None and seconds > max_seconds:
-            raise DataError(
+            raise stamped(
                 f"{path}: {seconds:.0f} s of audio, over input.max_audio_seconds "
                 f"({max_seconds:g} s). Set the model's max_seconds to embed its start, or raise "
-                "the limit."
+                "the limit.",
+                stamp,
             )
         frames = int(np.ceil(float(crop) * info.samplerate)) if crop else -1
         wave, rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.items import FileStamp, Item
-from ducho_fast.errors import DataError, decode_error
+from ducho_fast.errors import DataError, decode_error, stamped
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -212,7 +212,7 @@ def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Ima
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
-            _check_pixels(source, image, max_pixels)  # from the header, before decoding
+            _check_pixels(source, image, max_pixels, stamp)  # from the header, not decoded
             image.load()
         return image
     except FileNotFoundError as e:
@@ -220,21 +220,25 @@ def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Ima
     except PermissionError as e:
         raise DataError(f"{source}: permission denied; make the file readable.") from e
     except Image.DecompressionBombError as e:
-        raise DataError(
+        message = (
             f"{source}: {e} Pillow refuses images this large whatever input.max_image_pixels says."
-        ) from e
+        )
+        raise stamped(message, stamp) from e
     except (OSError, SyntaxError, ValueError) as e:
         message = f"{source}: not a readable image ({type(e).__name__}: {e})."
         raise decode_error(message, e, stamp) from e
 
 
-def _check_pixels(source: Path, image: Image.Image, max_pixels: int) -> None:
+def _check_pixels(
+    source: Path, image: Image.Image, max_pixels: int, stamp: FileStamp | None
+) -> None:
     width, height = image.size
     if width * height > max_pixels:
-        raise DataError(
+        raise stamped(
             f"{source}: {width} x {height} = {width * height} pixels, over the limit of "
             f"{max_pixels} (a decompression bomb, or a huge image). Raise "
-            "input.max_image_pixels if the image is genuine."
+            "input.max_image_pixels if the image is genuine.",
+            stamp,
         )
 
 
