@@ -452,9 +452,7 @@ class _Planned:
         still = set()
         for item_id, at in self.unknown.items():
             try:
-                when = [
-                    (f.path / f"{item_id}.npy").stat().st_mtime_ns for f in self.folders.values()
-                ]
+                when = [f.feature(item_id).stat().st_mtime_ns for f in self.folders.values()]
             except OSError:
                 continue
             if min(when) == at:
@@ -522,13 +520,13 @@ def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
     }
     writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze, dtype=cfg.output.dtype)
     loader = loader_for(spec, artifact.manifest, cfg.input)
-    paths = [f.path for f in folders.values()]
+    planned = _Planned(spec, artifact, folders, writer, loader)
     if cfg.output.resume:
-        loader.unreadable = load_unreadable(paths, repr(loader.decode_key))
+        loader.unreadable = load_unreadable(planned.paths, repr(loader.decode_key))
     else:
-        for path in paths:
+        for path in planned.paths:
             forget_unreadable(path)
-    return _Planned(spec, artifact, folders, writer, loader)
+    return planned
 
 
 def _run_group(

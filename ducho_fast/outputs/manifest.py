@@ -84,13 +84,17 @@ class OutputFolder:
     # When each reusable feature was written (st_mtime_ns): an input changed since is stale.
     written: dict[str, int] = field(default_factory=dict)
 
+    def feature(self, item_id: str) -> Path:
+        """Where ``item_id``'s feature file is (see :func:`features`)."""
+        return self.path / f"{item_id}.npy"
+
     def forget(self, stale: Set[str]) -> None:
         """Reuse none of ``stale`` and remove their files, so that nothing (a matrix, a
         fusion) reads them when their items fail now or the run is killed before they are
         written again."""
         self.existing -= stale
         for item_id in sorted(stale):
-            path = self.path / f"{item_id}.npy"
+            path = self.feature(item_id)
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:

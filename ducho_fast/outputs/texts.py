@@ -16,25 +16,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ducho_fast.errors import OutputError
-from ducho_fast.outputs.atomic import write_text
+from ducho_fast.outputs.records import record_files, save_record
 
 if TYPE_CHECKING:
     from ducho_fast.runtime.shard import Shard
 
-TEXTS_FILE = "ducho-fast.texts.json"
-_RECORDS = "ducho-fast.texts*.json"
+KIND = "texts"
 SCHEMA_VERSION = 1
 
 
 def text_digest(text: str) -> str:
     """A 64-bit digest of a text: enough to tell an edit, short for a million ids."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-
-
-def record_name(shard: Shard | None) -> str:
-    """``ducho-fast.texts.json``, or a shard's ``ducho-fast.texts.shard-0-of-4.json``."""
-    return TEXTS_FILE if shard is None else f"ducho-fast.texts.{shard.tag}.json"
 
 
 def recorded_texts(folders: Iterable[Path], written: Mapping[str, int]) -> dict[str, str]:
@@ -52,26 +45,12 @@ def save_texts(folders: Iterable[Path], shard: Shard | None, digests: Mapping[st
     """Record ``digests`` (the ids this run has features for, and their texts) in each folder;
     a plain run covers every window, so its record replaces the shards' records."""
     text = json.dumps({"schema_version": SCHEMA_VERSION, "texts": dict(digests)}) + "\n"
-    for folder in folders:
-        path = folder / record_name(shard)
-        try:
-            if shard is None:
-                for old in folder.glob(_RECORDS):
-                    old.unlink(missing_ok=True)
-            if digests:
-                write_text(path, text)
-            else:
-                path.unlink(missing_ok=True)
-        except OSError as e:
-            raise OutputError(
-                f"cannot write {path}: {e.strerror or e}. The features are written; check that "
-                "the folder is writable and that the disk has space, then run again."
-            ) from e
+    save_record(folders, KIND, shard, text if digests else None)
 
 
 def _vouched(folder: Path, written: Mapping[str, int]) -> dict[str, str]:
     known: dict[str, str] = {}
-    for path in sorted(folder.glob(_RECORDS)):
+    for path in record_files(folder, KIND):
         try:
             saved = path.stat().st_mtime_ns
             record: Any = json.loads(path.read_text(encoding="utf-8"))

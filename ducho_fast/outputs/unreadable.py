@@ -19,22 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ducho_fast.data.items import FileStamp, ItemError
-from ducho_fast.errors import OutputError
-from ducho_fast.outputs.atomic import write_text
+from ducho_fast.outputs.records import forget_records, record_files, save_record
 
 if TYPE_CHECKING:
     from ducho_fast.runtime.shard import Shard
 
-UNREADABLE_FILE = "ducho-fast.unreadable.json"
-_RECORDS = "ducho-fast.unreadable*.json"
+KIND = "unreadable"
 SCHEMA_VERSION = 1
 
 Unreadable = dict[tuple[str, FileStamp], str]  # (origin, stamp) -> why it failed
-
-
-def record_name(shard: Shard | None) -> str:
-    """``ducho-fast.unreadable.json``, or a shard's ``…unreadable.shard-0-of-4.json``."""
-    return UNREADABLE_FILE if shard is None else f"ducho-fast.unreadable.{shard.tag}.json"
 
 
 def load_unreadable(folders: Iterable[Path], decoding: str) -> Unreadable:
@@ -58,31 +51,17 @@ def save_unreadable(
         if e.stamp is not None
     ]
     record = {"schema_version": SCHEMA_VERSION, "decoding": decoding, "files": files}
-    for folder in folders:
-        path = folder / record_name(shard)
-        try:
-            if shard is None:
-                forget_unreadable(folder)
-            if files:
-                write_text(path, json.dumps(record, indent=1) + "\n")
-            else:
-                path.unlink(missing_ok=True)
-        except OSError as e:
-            raise OutputError(
-                f"cannot write {path}: {e.strerror or e}. The features are written; check that "
-                "the folder is writable and that the disk has space, then run again."
-            ) from e
+    save_record(folders, KIND, shard, json.dumps(record, indent=1) + "\n" if files else None)
 
 
 def forget_unreadable(folder: Path) -> None:
     """Remove ``folder``'s records (a fresh run reads every file again)."""
-    for path in folder.glob(_RECORDS):
-        path.unlink(missing_ok=True)
+    forget_records(folder, KIND)
 
 
 def _load_folder(folder: Path, decoding: str) -> Unreadable:
     known: Unreadable = {}
-    for path in sorted(folder.glob(_RECORDS)):
+    for path in record_files(folder, KIND):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

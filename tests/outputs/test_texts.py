@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ducho_fast.errors import OutputError
-from ducho_fast.outputs import texts as module
+from ducho_fast.outputs import records
 from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
 from ducho_fast.runtime.shard import Shard
 
@@ -60,6 +60,6 @@ def test_a_record_that_cannot_be_written_is_an_output_error(tmp_path, monkeypatc
     def full(path: Path, text: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(module, "write_text", full)
+    monkeypatch.setattr(records, "write_text", full)
     with pytest.raises(OutputError, match=r"ducho-fast.texts.json: No space left on device"):
         save_texts([tmp_path], None, {"a": "1"})

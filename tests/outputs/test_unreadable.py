@@ -9,7 +9,7 @@ import pytest
 
 from ducho_fast.data.items import FileStamp, ItemError
 from ducho_fast.errors import OutputError
-from ducho_fast.outputs import unreadable
+from ducho_fast.outputs import records
 from ducho_fast.outputs.unreadable import load_unreadable, save_unreadable
 from ducho_fast.runtime.shard import Shard
 
@@ -75,6 +75,6 @@ def test_a_record_that_cannot_be_written_is_an_output_error(tmp_path, monkeypatc
     def full(path: Path, text: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(unreadable, "write_text", full)
+    monkeypatch.setattr(records, "write_text", full)
     with pytest.raises(OutputError, match=r"ducho-fast.unreadable.json: No space left on device"):
         save_unreadable([tmp_path], None, DECODING, [_error(tmp_path, "a.jpg")])
