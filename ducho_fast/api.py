@@ -606,6 +606,7 @@ def _record_shard(shard: Shard, folders: dict[str, OutputFolder], total: int, r:
         "reused": r.reused,
         "failed": len(r.errors),
         "seconds_extracting": round(r.seconds, 3),
+        **_timing_record(r),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     for folder in folders.values():
@@ -645,9 +646,22 @@ def _finish_outputs(
             model=spec.key_path,
             seconds_extracting=round(r.seconds, 3),
             items_per_second=round(r.items_per_second, 2),
+            **_timing_record(r),
             errors_file=str(output_root(job, spec) / ERRORS_FILE) if r.errors else None,
             **extra,
         )
+
+
+def _timing_record(r: RunResult) -> dict[str, float]:
+    """Where the run's time went (local engine), for a manifest: see :class:`Timing`."""
+    if r.timing is None:
+        return {}
+    return {
+        "seconds_to_first_batch": round(r.timing.first_batch, 3),
+        "seconds_in_model": round(r.timing.model, 3),
+        "seconds_waiting_for_inputs": round(r.timing.inputs, 3),
+        "seconds_waiting_for_writer": round(r.timing.writer, 3),
+    }
 
 
 def _matrix_record(matrix: MatrixResult) -> dict[str, Any]:

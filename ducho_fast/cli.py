@@ -239,6 +239,7 @@ def _print_report(report: Any) -> None:
             highlight=False,
             soft_wrap=True,
         )
+        _print_timing(r)
         if run.changed:
             owner = ", each by the shard that owns it" if report.shard else ""
             out.print(
@@ -269,6 +270,33 @@ def _print_inputs(report: Any) -> None:
                 f"{job}: {len(unpaired)} id(s) in only one modality skipped (e.g. {sample}); "
                 "listed in ducho-fast.errors.tsv."
             )
+
+
+# The model waited on its readers this much of the run, and this long: say so.
+INPUT_BOUND = 0.25
+INPUT_BOUND_MIN_SECONDS = 1.0
+
+
+def _print_timing(result: Any) -> None:
+    """Where the run's time went, when the local engine measured it."""
+    t = result.timing
+    if t is None or not result.written or result.seconds <= 0:
+        return
+    out.print(
+        f"  model busy {t.model / result.seconds:.0%} of {result.seconds:.1f}s (first batch "
+        f"after {t.first_batch:.1f}s); then waited {t.inputs:.1f}s for inputs, "
+        f"{t.writer:.1f}s for the writer",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if t.inputs >= max(INPUT_BOUND * result.seconds, INPUT_BOUND_MIN_SECONDS):
+        out.print(
+            f"  the model waited for its inputs {t.inputs / result.seconds:.0%} of the run: "
+            "reading and decoding are slower than the model here. More decode threads "
+            "(runtime.workers) help where CPUs are free.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _rate(result: Any) -> str:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -60,6 +62,42 @@ def test_export_inspect_extract(text_config: Path, tmp_path: Path) -> None:
     assert "matrix 11 rows ->" in made.output, made.output
     kept = runner.invoke(app, ["extract", str(text_config), *matrix])
     assert "matrix 11 rows, kept: no feature written since ->" in kept.output, kept.output
+
+
+@pytest.mark.slow
+def test_the_summary_says_when_the_model_waited_for_its_inputs(
+    text_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from ducho_fast import cli
+    from ducho_fast.runtime import pipeline
+
+    assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
+    extract = ["extract", str(text_config), "--no-progress", "--fresh"]
+    quick = runner.invoke(app, [*extract, "--set", "textual.items.model.0.batch_size=2"])
+    assert quick.exit_code == 0, quick.output
+    assert re.search(
+        r"model busy \d+% of [\d.]+s \(first batch after [\d.]+s\); then waited "
+        r"[\d.]+s for inputs, [\d.]+s for the writer",
+        quick.output,
+    ), quick.output
+    assert "waited for its inputs" not in quick.output
+    real_prepare = pipeline._prepare
+
+    def slow_prepare(embedder: Any, batch: Any) -> Any:
+        time.sleep(0.1)
+        return real_prepare(embedder, batch)
+
+    monkeypatch.setattr(pipeline, "_prepare", slow_prepare)
+    monkeypatch.setattr(cli, "INPUT_BOUND_MIN_SECONDS", 0.2)
+    slow = runner.invoke(app, [*extract, "--set", "textual.items.model.0.batch_size=2"])
+    assert slow.exit_code == 0, slow.output
+    assert re.search(
+        r"the model waited for its inputs \d+% of the run: reading and decoding "
+        r"are slower than the model here\. More decode threads \(runtime\.workers\)",
+        slow.output,
+    ), slow.output
 
 
 @pytest.mark.slow

@@ -51,6 +51,18 @@ class Batch:
 
 
 @dataclass
+class Timing:
+    """Where a local pipeline's time went, in seconds: until its first batch ran (the
+    session made, the first window read), in one model's runs, and waiting after that for the
+    readers (reading, decoding, tokenizing) or the writer. The rest is the last writes."""
+
+    first_batch: float = 0.0
+    model: float = 0.0
+    inputs: float = 0.0
+    writer: float = 0.0
+
+
+@dataclass
 class RunResult:
     """What one model's run over one input did."""
 
@@ -58,6 +70,7 @@ class RunResult:
     reused: int = 0  # complete from an earlier run, skipped
     errors: list[ItemError] = field(default_factory=list)
     seconds: float = 0.0
+    timing: Timing | None = None  # None where not measured (Ray runs models in actors)
 
     @property
     def items_per_second(self) -> float:
@@ -179,14 +192,28 @@ class Pipeline(WindowedRun):
         writer = _Worker(self._drain, writes, progress)
         reader.start()
         writer.start()
+        waits = Timing()
+        model = [0.0] * len(self.members)
+        index = {id(m): k for k, m in enumerate(self.members)}
         try:
             for member in self.members:
                 # A session created ahead of the run fails here, not as a failed batch.
                 member.embedder.ready()
+            mark = None
             for member, batch in _until_done(batches, reader):
+                began = time.perf_counter()
+                if mark is None:
+                    waits.first_batch = began - start
+                else:
+                    waits.inputs += began - mark
                 ran = launch(member.embedder, batch) if batch.items else []
+                mark = time.perf_counter()
+                model[index[id(member)]] += mark - began
                 if not _put_alive(writes, (member, batch, ran), writer):
                     break
+                now = time.perf_counter()
+                waits.writer += now - mark
+                mark = now
         finally:
             reader.stop()
             _put_alive(writes, _DONE, writer)
@@ -194,8 +221,9 @@ class Pipeline(WindowedRun):
             reader.join()
         writer.reraise()
         seconds = time.perf_counter() - start
-        for member in self.members:
+        for member, busy in zip(self.members, model, strict=True):
             member.result.seconds = seconds
+            member.result.timing = replace(waits, model=busy)
         return [m.result for m in self.members]
 
     # -- stages ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +421,48 @@ def _unidentified(path: Path) -> str:
     except UnidentifiedImageError as e:
         return f"UnidentifiedImageError: {e}"
     raise AssertionError(f"{path} opened")
+
+
+def test_timing_says_where_the_model_threads_time_went(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """To the first batch, in the model, then waiting: a slow reader shows as waits for
+    inputs, a slow writer as waits for the writer; the manifest records them."""
+    import json
+
+    from ducho_fast.runtime import pipeline
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
+    config["runtime"] = {"prefetch": 1, "workers": 1}
+    ducho_fast.export(config)
+    real_prepare, real_collect = pipeline._prepare, pipeline.collect
+
+    def slow_prepare(embedder: Any, batch: Any) -> Any:
+        time.sleep(0.2)
+        return real_prepare(embedder, batch)
+
+    def slow_collect(embedder: Any, batch: Any, ran: Any) -> Any:
+        time.sleep(0.2)
+        return real_collect(embedder, batch, ran)
+
+    def timed(patch: str, slow: Any) -> Any:
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, patch, slow)
+            result = ducho_fast.extract(config, ["output.resume=false"]).runs[0].result
+        assert result.written == 10 and result.timing is not None  # 5 batches of 2
+        t = result.timing
+        assert t.model > 0 and t.first_batch + t.model + t.inputs + t.writer <= result.seconds
+        return t
+
+    reading = timed("_prepare", slow_prepare)
+    assert reading.first_batch >= 0.2
+    assert reading.inputs >= 0.4 > reading.writer  # 4 more batches, each read in 0.2 s
+    writing = timed("collect", slow_collect)
+    assert writing.writer >= 0.4 > writing.inputs  # 5 batches, each written in 0.2 s
+    manifest = json.loads(
+        (tmp_path / "out/torch/resnet18/avgpool/ducho-fast.manifest.json").read_text()
+    )
+    assert manifest["seconds_waiting_for_writer"] == round(writing.writer, 3)
+    assert manifest["seconds_in_model"] == round(writing.model, 3)
+    assert manifest["seconds_to_first_batch"] == round(writing.first_batch, 3)
