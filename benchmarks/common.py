@@ -88,6 +88,37 @@ def median_rates(items: int, seconds: dict[str, list[float]]) -> dict[str, float
     return {name: items / float(np.median(s)) for name, s in seconds.items()}
 
 
+def recorded(fn: Callable[[], Any], into: list[Any]) -> Callable[[], Any]:
+    """``fn``, keeping what each call returns in ``into`` (one entry per round)."""
+
+    def call() -> Any:
+        value = fn()
+        into.append(value)
+        return value
+
+    return call
+
+
+def efficiency_factors(
+    reports: list[Any], extract_seconds: list[float], bare_seconds: list[float]
+) -> dict[str, float]:
+    """The pipeline efficiency (bare / extract seconds) of each round as the product of three
+    factors, each the median over the rounds: ``bare_vs_model`` (the bare session's time /
+    the model's time inside extract: below 1 where readers and writer share the CPUs),
+    ``model_busy`` (the model's time / the pipeline's, whose rest is start-up and waits) and
+    ``pipeline_share`` (the pipeline's time / extract's, whose rest is checking the config
+    and artifacts, listing inputs, manifests and matrices). ``reports`` are extract's, one per
+    round, of a single model."""
+    rows = []
+    for report, wall, bare in zip(reports, extract_seconds, bare_seconds, strict=True):
+        (run,) = report.runs
+        r = run.result
+        rows.append((bare / r.timing.model, r.timing.model / r.seconds, r.seconds / wall))
+    medians = np.median(np.array(rows), axis=0)
+    names = ("bare_vs_model", "model_busy", "pipeline_share")
+    return {k: round(float(v), 3) for k, v in zip(names, medians, strict=True)}
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(b64, axis=1)

@@ -14,6 +14,9 @@ The systems run side by side in ``--repeats`` rounds, each once per round (this 
 shared and its speed drifts by up to 25% within minutes): items/s are each system's median
 round, and each ratio is the median of the ratios within a round, printed with their range.
 Outputs are checked: fp32 against encode (cosine >= 0.9999), int8 against fp32 (>= 0.99).
+Each pipeline efficiency is also split into three factors (``common.efficiency_factors``):
+the bare session's time / the model's time inside extract, the model's share of the pipeline
+(``RunResult.timing``), and the pipeline's share of the extract call.
 The FLOP fraction is items/s x FLOPs per text (its own tokens: 24 L h^2 + 4 L^2 h per
 layer) / the sgemm GFLOP/s measured in this run.
 """
@@ -33,7 +36,17 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cosines, median_rates, paired, ratio_summary, report, rounds, sgemm_gflops
+from common import (
+    cosines,
+    efficiency_factors,
+    median_rates,
+    paired,
+    ratio_summary,
+    recorded,
+    report,
+    rounds,
+    sgemm_gflops,
+)
 
 BRANDS = ["Nordvik", "Acme", "Lumen", "Terra", "Kite & Co", "Hallberg", "Maru", "Orbit"]
 PRODUCTS = [
@@ -212,13 +225,14 @@ def main() -> None:
         "encode": lambda: st.encode(texts, batch_size=args.batch_size)
     }
     budget = args.batch_size * AUTO_TOKENS_PER_ROW
+    reports: dict[str, list[Any]] = {"fp32": [], "int8": []}
     for precision in ("fp32", "int8"):
         config = write_config(work, model, precision, args.batch_size, args.n)
         api.export(config)
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
         api.extract(config)  # warm-up: page cache, first session
-        systems[f"extract_{precision}"] = partial(api.extract, config)
+        systems[f"extract_{precision}"] = recorded(partial(api.extract, config), reports[precision])
         systems[f"bare_{precision}"] = bare_runner(artifact, texts, args.batch_size, budget)
     seconds, values = rounds(args.repeats, systems)
     reference = values["encode"]
@@ -243,6 +257,13 @@ def main() -> None:
     }
     ratios = {name: paired(seconds, fast, slow) for name, (fast, slow) in pairs.items()}
     fraction = {k: v * flops / (gflops * 1e9) for k, v in rates.items()}
+    factors = {
+        p: efficiency_factors(reports[p], seconds[f"extract_{p}"], seconds[f"bare_{p}"])
+        for p in reports
+    }
+    print("\npipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians):")
+    for p, f in factors.items():
+        print(f"  {p}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()))
     print(
         "\nitems/s (fraction of the sgemm FLOP limit; int8 runs integer kernels, so its "
         "fraction can exceed 1):"
@@ -259,6 +280,7 @@ def main() -> None:
             "rounds": args.repeats,
             **ratio_summary(ratios),
             "flop_fraction": {k: round(v, 3) for k, v in fraction.items()},
+            "efficiency_factors": factors,
             "checks": {k: float(f"{v:.6g}") for k, v in checks.items()},
             "outputs_agree": ok,
         },

