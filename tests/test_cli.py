@@ -75,7 +75,8 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
 
     assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
     extract = ["extract", str(text_config), "--no-progress", "--fresh"]
-    quick = runner.invoke(app, [*extract, "--set", "textual.items.model.0.batch_size=2"])
+    extract += ["--set", "textual.items.model.0.batch_size=2"]
+    quick = runner.invoke(app, extract)
     assert quick.exit_code == 0, quick.output
     assert re.search(
         r"model busy \d+% of [\d.]+s \(first batch after [\d.]+s\); then waited "
@@ -91,7 +92,7 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
 
     monkeypatch.setattr(pipeline, "_prepare", slow_prepare)
     monkeypatch.setattr(cli, "INPUT_BOUND_MIN_SECONDS", 0.2)
-    slow = runner.invoke(app, [*extract, "--set", "textual.items.model.0.batch_size=2"])
+    slow = runner.invoke(app, extract)
     assert slow.exit_code == 0, slow.output
     assert re.search(
         r"the model waited for its inputs \d+% of the run: reading and decoding "

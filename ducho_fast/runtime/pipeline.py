@@ -193,8 +193,7 @@ class Pipeline(WindowedRun):
         reader.start()
         writer.start()
         waits = Timing()
-        model = [0.0] * len(self.members)
-        index = {id(m): k for k, m in enumerate(self.members)}
+        busy = {id(m): 0.0 for m in self.members}  # seconds in each model's runs
         try:
             for member in self.members:
                 # A session created ahead of the run fails here, not as a failed batch.
@@ -208,7 +207,7 @@ class Pipeline(WindowedRun):
                     waits.inputs += began - mark
                 ran = launch(member.embedder, batch) if batch.items else []
                 mark = time.perf_counter()
-                model[index[id(member)]] += mark - began
+                busy[id(member)] += mark - began
                 if not _put_alive(writes, (member, batch, ran), writer):
                     break
                 now = time.perf_counter()
@@ -221,9 +220,9 @@ class Pipeline(WindowedRun):
             reader.join()
         writer.reraise()
         seconds = time.perf_counter() - start
-        for member, busy in zip(self.members, model, strict=True):
+        for member in self.members:
             member.result.seconds = seconds
-            member.result.timing = replace(waits, model=busy)
+            member.result.timing = replace(waits, model=busy[id(member)])
         return [m.result for m in self.members]
 
     # -- stages ----------------------------------------------------------------------------
