@@ -42,8 +42,11 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
         vectors[precision] = ducho_fast.load(result.artifact.path).embed(texts)
     details = ducho_fast.export(textual_config(tmp_path, _minilm(minilm_dir, "int8"), store))
     info = details[0].artifact.manifest["precision_details"]
-    assert info["quantized_nodes"] == 30 and len(info["kept_fp32_nodes"]) == 6  # FFN outputs
-    assert info["smoothquant"]["activations"] > 0
+    assert info["quantized_nodes"] == 36  # every product with a weight
+    # Per token, except the FFN expansions (wider out than in); the GELU-fed FFN outputs
+    # asymmetric; SmoothQuant on all but those.
+    assert info["schemes"] == {"per_tensor": 6, "per_token": 24, "per_token_asymmetric": 6}
+    assert info["smoothquant"]["activations"] == 18
     for precision in ("fp16", "int8"):
         cos = (vectors[precision] * vectors["fp32"]).sum(1)  # unit vectors
         assert cos.min() >= {"fp16": 0.999, "int8": 0.99}[precision]
@@ -59,16 +62,15 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
 def test_int8_below_its_bound_is_refused(
     tmp_path: Path, store: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Without SmoothQuant and with every weight product quantized, short texts fall to a
-    # cosine near 0.98: the bound must catch it.
+    # Without SmoothQuant and with one activation scale per batch for every weight product,
+    # short texts fall to a cosine near 0.98: the bound must catch it.
     monkeypatch.setattr(precision_module, "smooth", lambda *a, **k: 0)
-    real = precision_module.int8_nodes
+    real = precision_module.int8_schemes
 
-    def everything(graph):  # type: ignore[no-untyped-def]
-        chosen, kept = real(graph)
-        return chosen + kept, []
+    def per_tensor(graph):  # type: ignore[no-untyped-def]
+        return dict.fromkeys(real(graph), precision_module.PER_TENSOR)
 
-    monkeypatch.setattr(precision_module, "int8_nodes", everything)
+    monkeypatch.setattr(precision_module, "int8_schemes", per_tensor)
     config = textual_config(tmp_path, _minilm(minilm_dir, "int8"), store / "refused")
     with pytest.raises(ParityError, match=r"int8 ONNX graph disagrees.*cosine >= 0.99"):
         ducho_fast.export(config)

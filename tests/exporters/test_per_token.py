@@ -1,0 +1,120 @@
+"""int8 products with one activation scale per token: the graph rewrite against numpy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ducho_fast.exporters.per_token import quantize_per_token, quantize_weight
+
+K, N = 16, 6
+
+
+def _model(opset: int, weights: list[np.ndarray]) -> Any:
+    """x (batch, sequence, K) -> one MatMul per weight, all reading x."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", K])
+    outputs = [
+        helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["batch", "sequence", N])
+        for i in range(2)
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}")
+        for i in range(len(weights))
+    ]
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
+    graph = helper.make_graph(nodes, "g", [x], outputs[: len(weights)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model: Any, x: np.ndarray) -> list[np.ndarray]:
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def _reference(x: np.ndarray, w: np.ndarray, asymmetric: bool) -> np.ndarray:
+    """The same arithmetic in numpy: each row of x on its own 8-bit grid."""
+    wq, ws = quantize_weight(w)
+    high, low = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
+    if asymmetric:
+        high, low = np.maximum(high, 0), np.minimum(low, 0)
+        scale = np.maximum((high - low) / 255, 1e-8)
+        zero = np.round(-low / scale)
+    else:
+        scale = np.maximum(np.maximum(high, -low) / 127, 1e-8)
+        zero = np.full_like(scale, 128)
+    q = np.clip(np.round(x / scale) + zero, 0, 255)
+    return ((q - zero) @ wq.astype(np.float64)) * ws * scale
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1), b.reshape(-1)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("opset", [17, 18])
+def test_each_row_on_its_own_grid(asymmetric: bool, opset: int) -> None:
+    rng = np.random.default_rng(0)
+    w = [rng.normal(size=(K, N)).astype(np.float32) for _ in range(2)]
+    x = rng.normal(size=(3, 5, K)).astype(np.float32)
+    x[:, :, 0] *= 40  # an outlier feature
+    x[1] *= 0.01  # a quiet text: per token, it keeps its own resolution
+    if asymmetric:
+        x = np.abs(x) - 0.1  # long-tailed and mostly positive, as after a GELU
+    model = _model(opset, w)
+    quantize_per_token(model, {"mm0": asymmetric, "mm1": asymmetric})
+    ys = _run(model, x)
+    for y, weight in zip(ys, w, strict=True):
+        assert y.shape == (3, 5, N)
+        ref = _reference(x.astype(np.float64), weight, asymmetric)
+        np.testing.assert_allclose(y, ref, atol=2e-3 * np.abs(ref).max())
+        exact = x @ weight
+        assert not np.allclose(y, exact, atol=1e-6)  # really quantized
+        assert _cosine(y[1], exact[1]) > 0.999  # the quiet text too
+    # Both products read one quantization of x.
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 1
+
+
+def test_a_row_does_not_depend_on_its_batch() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    x = rng.normal(size=(1, 4, K)).astype(np.float32)
+    loud = rng.normal(size=(1, 4, K)).astype(np.float32) * 1000
+    for asymmetric in (False, True):
+        model = _model(17, [w])
+        quantize_per_token(model, {"mm0": asymmetric})
+        (alone,) = _run(model, x)
+        (batched,) = _run(model, np.concatenate([x, loud]))
+        np.testing.assert_array_equal(batched[0], alone[0])
+
+
+def test_an_all_zero_row_gives_zeros() -> None:
+    w = np.ones((K, N), np.float32)
+    x = np.zeros((1, 2, K), np.float32)
+    x[0, 1] = 1.0
+    for asymmetric in (False, True):
+        model = _model(17, [w])
+        quantize_per_token(model, {"mm0": asymmetric})
+        (y,) = _run(model, x)
+        assert np.isfinite(y).all()
+        np.testing.assert_allclose(y[0, 0], 0.0)
+        np.testing.assert_allclose(y[0, 1], float(K), rtol=1e-2)
+
+
+def test_untouched_products_stay_float() -> None:
+    rng = np.random.default_rng(2)
+    w = [rng.normal(size=(K, N)).astype(np.float32) for _ in range(2)]
+    x = rng.normal(size=(2, 3, K)).astype(np.float32)
+    model = _model(17, w)
+    quantize_per_token(model, {"mm0": False})
+    y0, y1 = _run(model, x)
+    np.testing.assert_allclose(y1, x @ w[1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(y0, x @ w[0], atol=1e-6)
