@@ -19,11 +19,13 @@ from typing import Any
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ArtifactError
+from ducho_fast.outputs.atomic import replacing
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+VERIFIED_FILE = ".verified.json"  # a cache of the model's hash check, not part of the contract
 
 
 def graph_key(spec: ModelSpec) -> dict[str, Any]:
@@ -91,6 +93,40 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _matches(model: Path, expected: str | None) -> bool:
+    """Whether ``model`` hashes to ``expected``; hashed once per version of the file.
+
+    A match is recorded beside it (``VERIFIED_FILE``) with the file's stamp: size, inode,
+    modification and change times in ns. Any write, copy or replacement changes the stamp (the
+    change time cannot be set back), so the next load hashes again; an unwritable folder
+    only means hashing every time. Large graphs take seconds to hash, in every shard and actor.
+    """
+    record = model.parent / VERIFIED_FILE
+    before = _stamp(model)
+    try:
+        if json.loads(record.read_text("utf-8")) == {"stamp": before, "sha256": expected}:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_file(model) != expected:
+        return False
+    if _stamp(model) == before:  # not written while being hashed
+        try:
+            with replacing(record) as fd:
+                os.write(fd, json.dumps({"stamp": before, "sha256": expected}).encode())
+        except OSError:
+            pass
+    return True
+
+
+def _stamp(path: Path) -> list[int]:
+    # Not the device: it differs between the hosts that mount one shared store. The change
+    # time alone would do on POSIX file systems; the modification time is kept for those
+    # (some network and FUSE mounts) that report a made-up one.
+    st = path.stat()
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
 @dataclass(frozen=True)
 class Artifact:
     """An exported model on disk: its directory and parsed manifest."""
@@ -135,7 +171,7 @@ def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
             f"{manifest_path} has schema version {manifest.get('schema_version')}, this "
             f"ducho-fast reads {SCHEMA_VERSION}. Export the model again."
         )
-    if verify and sha256_file(path / MODEL_FILE) != manifest.get("model_sha256"):
+    if verify and not _matches(path / MODEL_FILE, manifest.get("model_sha256")):
         raise ArtifactError(
             f"{path / MODEL_FILE} does not match the sha256 in its manifest (changed or "
             "truncated). Delete the folder and export again."

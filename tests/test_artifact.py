@@ -19,3 +19,92 @@ def test_build_dirs_follow_the_umask(tmp_path, umask: int, mode: int) -> None:
         os.umask(old)
     assert first != second and first.name.startswith(".building-")
     assert stat.S_IMODE(first.stat().st_mode) == mode
+
+
+def _artifact(folder, content: bytes = b"graph bytes"):  # type: ignore[no-untyped-def]
+    import hashlib
+    import json
+
+    from ducho_fast.artifact import MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_FILE).write_bytes(content)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model_sha256": hashlib.sha256(content).hexdigest(),
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return folder / MODEL_FILE
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files the artifact module hashes."""
+    from ducho_fast import artifact
+
+    calls: list[str] = []
+    real = artifact.sha256_file
+
+    def counting(path, *a, **k):  # type: ignore[no-untyped-def]
+        calls.append(path.name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(artifact, "sha256_file", counting)
+    return calls
+
+
+def test_a_model_is_hashed_once_per_version(tmp_path, hashed: list[str]) -> None:
+    from ducho_fast.artifact import VERIFIED_FILE, load_artifact
+    from ducho_fast.errors import ArtifactError
+
+    model = _artifact(tmp_path / "a")
+    load_artifact(tmp_path / "a")
+    load_artifact(tmp_path / "a")
+    assert hashed == ["model.onnx"]  # the second load trusted the record
+    assert (tmp_path / "a" / VERIFIED_FILE).is_file()
+    # Same bytes, new modification time (a copy, a restore): hashed again, and accepted.
+    os.utime(model, ns=(0, 10**9))
+    load_artifact(tmp_path / "a")
+    assert len(hashed) == 2
+    # The record vouches for one hash only: a manifest expecting another refuses the model.
+    manifest = tmp_path / "a" / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(good.replace('"model_sha256": "', '"model_sha256": "0'))
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        load_artifact(tmp_path / "a")
+    assert len(hashed) == 3
+    manifest.write_text(good)
+    (tmp_path / "a" / VERIFIED_FILE).write_text("{not json")
+    load_artifact(tmp_path / "a")
+    assert len(hashed) == 4
+
+
+def test_a_changed_model_is_refused_after_a_good_load(tmp_path, hashed: list[str]) -> None:
+    from ducho_fast.artifact import load_artifact
+    from ducho_fast.errors import ArtifactError
+
+    model = _artifact(tmp_path / "a", b"0123456789")
+    load_artifact(tmp_path / "a")
+    stamp = model.stat()
+    with model.open("r+b") as f:  # same size, one byte changed in place
+        f.write(b"X")
+    os.utime(model, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # even with the old mtime
+    with pytest.raises(ArtifactError, match=r"does not match the sha256.*export again"):
+        load_artifact(tmp_path / "a")
+    assert len(hashed) == 2
+
+
+def test_an_unwritable_store_hashes_every_time(
+    tmp_path, hashed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ducho_fast import artifact
+
+    def refused(*a, **k):  # type: ignore[no-untyped-def]
+        raise PermissionError("read-only file system")
+
+    _artifact(tmp_path / "a")
+    monkeypatch.setattr(artifact, "replacing", refused)
+    artifact.load_artifact(tmp_path / "a")
+    artifact.load_artifact(tmp_path / "a")
+    assert hashed == ["model.onnx", "model.onnx"]
+    assert not (tmp_path / "a" / artifact.VERIFIED_FILE).exists()
