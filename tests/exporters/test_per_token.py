@@ -69,6 +69,7 @@ def test_each_row_on_its_own_grid(asymmetric: bool, opset: int) -> None:
     x[1] *= 0.01  # a quiet text: per token, it keeps its own resolution
     if asymmetric:
         x = np.abs(x) - 0.1  # long-tailed and mostly positive, as after a GELU
+    x[2, 0] = -np.abs(x[2, 0]) - 0.05  # a row all below zero: zero stays on the grid
     model = _model(opset, w)
     quantize_per_token(model, {"mm0": asymmetric, "mm1": asymmetric})
     ys = _run(model, x)
@@ -81,6 +82,16 @@ def test_each_row_on_its_own_grid(asymmetric: bool, opset: int) -> None:
         assert _cosine(y[1], exact[1]) > 0.999  # the quiet text too
     # Both products read one quantization of x.
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 1
+
+
+def test_weights_get_one_scale_per_output_column() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(K, N)) * np.array([1e-3, 1.0, 50.0, 1.0, 1.0, 1.0])
+    q, scale = quantize_weight(w.astype(np.float32))
+    assert q.dtype == np.int8 and scale.shape == (N,)
+    np.testing.assert_array_equal(np.abs(q).max(axis=0), 127)  # each column uses all its steps
+    step = np.abs(w).max(axis=0) / 127
+    assert (np.abs(q * scale - w) <= step / 2 + 1e-9).all()
 
 
 def test_a_row_does_not_depend_on_its_batch() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import ducho_fast
@@ -47,6 +48,11 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
     # asymmetric; SmoothQuant on all but those.
     assert info["schemes"] == {"per_tensor": 6, "per_token": 24, "per_token_asymmetric": 6}
     assert info["smoothquant"]["activations"] == 18
+    graph = onnx.load(str(details[0].artifact.path / "model.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 30 and ops.count("MatMulInteger") == 6
+    assert not [n for n in graph.node if n.op_type == "MatMul" and set(n.input) & weights]
     for precision in ("fp16", "int8"):
         cos = (vectors[precision] * vectors["fp32"]).sum(1)  # unit vectors
         assert cos.min() >= {"fp16": 0.999, "int8": 0.99}[precision]
