@@ -473,7 +473,7 @@ def _run_models(
         p.forget_changed(job, items, texts, report)
     groups: list[list[_Planned]] = []
     for p in planned:
-        group = next((g for g in groups if ctx.ray is None and _shares(g, p)), None)
+        group = next((g for g in groups if ctx.ray is None and _shares(ctx, g, p)), None)
         if group is None:
             groups.append([p])
         else:
@@ -498,10 +498,12 @@ def _run_models(
     return [runs[id(p)] for p in planned]
 
 
-def _shares(group: list[_Planned], p: _Planned) -> bool:
+def _shares(ctx: _Context, group: list[_Planned], p: _Planned) -> bool:
     """Whether ``p`` can join ``group``'s pipeline: same decoding, and a shared window."""
+    sort_window = ctx.cfg.runtime.sort_window
     windows = [
-        window_size(sorts_by_length(q.artifact.modality), q.spec.batch_size) for q in [*group, p]
+        window_size(sorts_by_length(q.artifact.modality), q.spec.batch_size, sort_window)
+        for q in [*group, p]
     ]
     return group[0].loader.decode_key == p.loader.decode_key and shared_window(windows) is not None
 
@@ -541,6 +543,7 @@ def _run_group(
         on_error=cfg.runtime.on_error,
         token_budget=cfg.runtime.token_budget,
         shard=ctx.shard,
+        sort_window=cfg.runtime.sort_window,
     )
     pipeline: Pipeline | RayPipeline
     if ctx.ray is None:

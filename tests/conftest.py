@@ -308,7 +308,8 @@ def audio_config(data: Path, model: dict[str, Any], store: Path, **block: Any) -
 
 def two_job_config(data: Path, store: Path, resnet18: Path, tiny_bert: Path) -> dict[str, Any]:
     """A visual and a textual job over generated data, each with one bad item, matrices on: what
-    the scale-out tests split across shards or Ray actors. Several windows per job."""
+    the scale-out tests split across shards or Ray actors. Several windows per job (texts:
+    2 x 16 = 32 per window, with ``runtime.sort_window``)."""
     images = data / "images"
     images.mkdir(parents=True, exist_ok=True)
     for i in range(22):
@@ -326,7 +327,7 @@ def two_job_config(data: Path, store: Path, resnet18: Path, tiny_bert: Path) -> 
     config["textual"] = textual_config(data, text_model, store)["textual"]
     config["textual"]["items"]["output_path"] = "text_out"
     config["output"] = {"layouts": ["ducho", "matrix"]}
-    config["runtime"] = {"workers": 2}
+    config["runtime"] = {"workers": 2, "sort_window": 16}
     return config
 
 

@@ -10,7 +10,6 @@ import pytest
 
 import ducho_fast
 from ducho_fast.data.text.tokenize import length_batches
-from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES
 from tests.conftest import textual_config
 
 
@@ -57,13 +56,18 @@ def test_bucketing_keeps_ids_and_outputs_for_any_batch_size_and_workers(
         out = f"out{batch_size}"
         config = textual_config(tmp_path, {**model, "batch_size": batch_size}, store)
         config["textual"]["items"]["output_path"] = out
-        config["runtime"] = {"workers": workers, "prefetch": 1, "token_budget": budget}
+        config["runtime"] = {
+            "workers": workers,
+            "prefetch": 1,
+            "token_budget": budget,
+            "sort_window": 16,
+        }
         ducho_fast.export(config)
         assert ducho_fast.extract(config).failed == 0
         folder = tmp_path.joinpath(out, "sentence_transformers", *minilm_dir.parts[1:], "1")
         runs.append({p.stem: np.load(p) for p in folder.glob("*.npy")})
     # Batch size 4 puts 4 x 16 = 64 texts in a window: 70 texts span two windows.
-    assert len(texts) > 4 * TEXT_WINDOW_BATCHES
+    assert len(texts) > 4 * 16
     emb = ducho_fast.load(ducho_fast.export(config)[0].artifact.path)
     alone = emb.embed(texts, batch_size=1)  # one text at a time: no padding at all
     for run in runs:

@@ -17,7 +17,13 @@ from ducho_fast.data import sources
 from ducho_fast.data.items import Item
 from ducho_fast.errors import DataError
 from ducho_fast.runtime import pipeline
-from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES, Failed, load_each, shared_window
+from ducho_fast.runtime.pipeline import (
+    TEXT_WINDOW_BATCHES,
+    Failed,
+    load_each,
+    shared_window,
+    window_size,
+)
 from tests.conftest import (
     npy_bytes,
     resnet18_entry,
@@ -256,7 +262,16 @@ def test_shared_window_holds_a_whole_number_of_each_models_window() -> None:
     assert shared_window([3, 2]) == 6
     assert shared_window([24, 32]) == 96
     assert shared_window([5, 7]) is None  # 35 > 4 x 7
-    assert shared_window([32 * TEXT_WINDOW_BATCHES, 64 * TEXT_WINDOW_BATCHES]) == 1024
+    assert (
+        shared_window([32 * TEXT_WINDOW_BATCHES, 64 * TEXT_WINDOW_BATCHES])
+        == 64 * TEXT_WINDOW_BATCHES
+    )
+
+
+def test_text_windows_hold_sort_window_batches() -> None:
+    assert window_size(True, 32) == 32 * TEXT_WINDOW_BATCHES
+    assert window_size(True, 32, 8) == 256
+    assert window_size(False, 32, 8) == 32  # images and audio: one batch
 
 
 @pytest.mark.slow
