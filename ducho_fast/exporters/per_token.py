@@ -41,6 +41,7 @@ def quantize_per_token(model: Any, nodes: dict[str, bool]) -> None:
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     quantized: dict[tuple[str, bool], tuple[str, str, str | None]] = {}
     rewritten: list[Any] = []
+    replaced: set[str] = set()
     for node in graph.node:
         if node.name not in nodes:
             rewritten.append(node)
@@ -53,8 +54,14 @@ def quantize_per_token(model: Any, nodes: dict[str, bool]) -> None:
             quantized[activation, asymmetric] = _quantize_rows(add, activation, width, asymmetric)
         rows, scale, zero_scaled = quantized[activation, asymmetric]
         _product(add, rows, scale, zero_scaled, weight, node.output[0])
+        replaced.add(weight.name)
     del graph.node[:]
     graph.node.extend(rewritten)
+    # The float weights now quantized, unless another node still reads them (tied weights).
+    used = {x for n in graph.node for x in n.input}
+    kept = [i for i in graph.initializer if i.name not in replaced or i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 

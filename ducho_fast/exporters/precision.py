@@ -6,9 +6,9 @@ bound of their own (``MIN_COSINE``); a variant below it is refused.
 
 - fp16: weights and math in float16, except the ops that lose accuracy in half precision
   (normalizations, softmax, reductions, powers and roots, GELU's erf): those stay float32.
-- int8: dynamic quantization for CPU: every matrix product with a weight operand, weights int8
-  per output column, activations quantized at run time. Each product gets one of three
-  schemes (``int8_schemes``):
+- int8: dynamic quantization for CPU: every matrix product ``x @ W`` with a 2-D float weight
+  (linear layers), weights int8 per output column, activations quantized at run time. Each
+  product gets one of three schemes (``int8_schemes``):
   - per token (``per_token``, ``exporters/per_token.py``): one activation scale per row, so a
     text's vector does not depend on the texts batched with it, nor on their padding rows
     (which reach 2-3x the range of a short text's own tokens);
@@ -157,12 +157,12 @@ def int8_schemes(graph: Any) -> dict[str, str]:
     producer = {out: node for node in graph.node for out in node.output}
     schemes: dict[str, str] = {}
     for node in graph.node:
-        if node.op_type != "MatMul" or not any(x in weights for x in node.input):
-            continue
-        weight = weights.get(node.input[1])
-        if weight is None or len(weight.dims) != 2 or weight.data_type != FLOAT:
-            schemes[node.name] = PER_TENSOR  # a weight on the left: ORT's own quantization
-        elif _after_gelu(node.input[0], producer, depth=4):
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or node.input[0] in weights:
+            continue  # no weight, or a product of constants
+        if len(weight.dims) != 2 or weight.data_type != FLOAT:
+            continue  # batched or non-float weights: not the x @ W of a linear layer
+        if _after_gelu(node.input[0], producer, depth=4):
             schemes[node.name] = LONG_TAILED
         elif weight.dims[1] > weight.dims[0]:
             schemes[node.name] = PER_TENSOR

@@ -129,3 +129,46 @@ def test_untouched_products_stay_float() -> None:
     y0, y1 = _run(model, x)
     np.testing.assert_allclose(y1, x @ w[1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(y0, x @ w[0], atol=1e-6)
+
+
+def test_the_float_weights_go_unless_another_node_reads_them() -> None:
+    rng = np.random.default_rng(4)
+    w = [rng.normal(size=(K, N)).astype(np.float32) for _ in range(2)]
+    model = _model(17, w)
+    model.graph.node.append(helper.make_node("Identity", ["w1"], ["tied"], name="reads_w1"))
+    quantize_per_token(model, {"mm0": False, "mm1": False})
+    names = {i.name for i in model.graph.initializer}
+    assert "w0" not in names and "w1" in names
+
+
+def test_which_products_are_quantized_and_how() -> None:
+    """Linear layers x @ W only: per token, asymmetric after a GELU, per tensor where the output
+    is wider than the input."""
+    from ducho_fast.exporters.precision import int8_schemes
+
+    def weight(name: str, shape: tuple[int, ...]) -> Any:
+        return numpy_helper.from_array(np.ones(shape, np.float32), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "square"], ["a"], name="square"),
+        helper.make_node("MatMul", ["a", "wide"], ["b"], name="wide"),
+        helper.make_node("Gelu", ["b"], ["g"], name="gelu", domain="com.microsoft"),
+        helper.make_node("MatMul", ["g", "narrow"], ["c"], name="after_gelu"),
+        helper.make_node("MatMul", ["left", "c"], ["d"], name="weight_on_the_left"),
+        helper.make_node("MatMul", ["left", "square"], ["e"], name="constants"),
+        helper.make_node("MatMul", ["d", "batched"], ["f"], name="batched"),
+        helper.make_node("MatMul", ["d", "e"], ["h"], name="no_weight"),
+    ]
+    inits = [
+        weight("square", (4, 4)),
+        weight("wide", (4, 16)),
+        weight("narrow", (16, 4)),
+        weight("left", (4, 4)),
+        weight("batched", (2, 4, 4)),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [], inits)
+    assert int8_schemes(graph) == {
+        "square": "per_token",
+        "wide": "per_tensor",
+        "after_gelu": "per_token_asymmetric",
+    }
