@@ -13,11 +13,12 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 from ducho_fast.config.model import ModelSpec
+from ducho_fast.data.items import FileStamp
 from ducho_fast.errors import ArtifactError
 from ducho_fast.outputs.atomic import replacing
 
@@ -96,13 +97,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def _matches(model: Path, expected: str | None) -> bool:
     """Whether ``model`` hashes to ``expected``; hashed once per version of the file.
 
-    A match is recorded beside it (``VERIFIED_FILE``) with the file's stamp: size, inode,
-    modification and change times in ns. Any write, copy or replacement changes the stamp (the
+    A match is recorded beside it (``VERIFIED_FILE``) with the file's ``FileStamp`` (size,
+    modification and change times in ns, inode; not the device, which differs between the hosts
+    that mount one shared store). Any write, copy or replacement changes the stamp (the
     change time cannot be set back), so the next load hashes again; an unwritable folder
     only means hashing every time. Large graphs take seconds to hash, in every shard and actor.
     """
     record = model.parent / VERIFIED_FILE
-    before = _stamp(model)
+    before = list(astuple(FileStamp.of(model)))
     try:
         if json.loads(record.read_text("utf-8")) == {"stamp": before, "sha256": expected}:
             return True
@@ -110,21 +112,13 @@ def _matches(model: Path, expected: str | None) -> bool:
         pass
     if sha256_file(model) != expected:
         return False
-    if _stamp(model) == before:  # not written while being hashed
+    if list(astuple(FileStamp.of(model))) == before:  # not written while being hashed
         try:
             with replacing(record) as fd:
                 os.write(fd, json.dumps({"stamp": before, "sha256": expected}).encode())
         except OSError:
             pass
     return True
-
-
-def _stamp(path: Path) -> list[int]:
-    # Not the device: it differs between the hosts that mount one shared store. The change
-    # time alone would do on POSIX file systems; the modification time is kept for those
-    # (some network and FUSE mounts) that report a made-up one.
-    st = path.stat()
-    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
 
 
 @dataclass(frozen=True)
