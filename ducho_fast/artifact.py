@@ -27,6 +27,10 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 VERIFIED_FILE = ".verified.json"  # a cache of the model's hash check, not part of the contract
+# Bump a precision's entry when the exporter changes the graphs it writes for it, so that
+# ``export`` makes them again instead of finding the earlier ones under the same slug (int8 2:
+# per-token products; 1: per-batch scales with the GELU-fed projections in fp32).
+PRECISION_REVISIONS = {"fp16": 1, "int8": 2}
 
 
 def graph_key(spec: ModelSpec) -> dict[str, Any]:
@@ -41,6 +45,8 @@ def graph_key(spec: ModelSpec) -> dict[str, Any]:
         "layers": spec.layer_labels(),
         "precision": spec.precision,
     }
+    if spec.precision in PRECISION_REVISIONS:
+        key["precision_revision"] = PRECISION_REVISIONS[spec.precision]
     if spec.tower is not None:
         key["tower"] = spec.tower
         key["image_processor"] = spec.image_processor

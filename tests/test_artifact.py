@@ -108,3 +108,32 @@ def test_an_unwritable_store_hashes_every_time(
     artifact.load_artifact(tmp_path / "a")
     assert hashed == ["model.onnx", "model.onnx"]
     assert not (tmp_path / "a" / artifact.VERIFIED_FILE).exists()
+
+
+def test_a_new_revision_of_a_precision_gets_its_own_artifact(monkeypatch) -> None:
+    """Graphs made by an earlier version of the int8 exporter are not found, and so not
+    reused, once its revision is bumped; fp32 slugs never depend on it."""
+    from ducho_fast import artifact
+    from ducho_fast.config.model import ModelSpec
+
+    def spec(precision: str) -> ModelSpec:
+        return ModelSpec(
+            modality="textual",
+            origin="items",
+            key_path="textual.items.model.0",
+            model_name="sentence-transformers/all-MiniLM-L6-v2",
+            backend="sentence_transformers",
+            backend_dir="sentence_transformers",
+            output_layers=("1",),
+            batch_size=32,
+            precision=precision,
+        )
+
+    before = {p: artifact.slug_for(spec(p)) for p in ("fp32", "int8")}
+    assert before["fp32"] != before["int8"]
+    assert "precision_revision" not in artifact.graph_key(spec("fp32"))
+    monkeypatch.setitem(
+        artifact.PRECISION_REVISIONS, "int8", artifact.PRECISION_REVISIONS["int8"] + 1
+    )
+    assert artifact.slug_for(spec("int8")) != before["int8"]
+    assert artifact.slug_for(spec("fp32")) == before["fp32"]
