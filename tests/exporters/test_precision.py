@@ -11,7 +11,8 @@ import pytest
 import ducho_fast
 from ducho_fast.errors import ConfigError, ExportError, ParityError
 from ducho_fast.exporters import precision as precision_module
-from tests.conftest import resnet18_entry, textual_config, visual_config
+from tests.conftest import audio_config, resnet18_entry, textual_config, visual_config
+from tests.exporters.test_towers import two_tower_config
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +64,40 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
         for p in ("fp32", "fp16", "int8")
     }
     assert len(slugs) == 3
+
+
+@pytest.mark.parametrize("family", ["bert", "clip", "hubert"])
+def test_int8_of_other_transformer_families(
+    tmp_path: Path,
+    store: Path,
+    family: str,
+    tiny_bert_dir: Path,
+    tiny_clip_dir: Path,
+    tiny_hubert_dir: Path,
+) -> None:
+    """BERT through transformers, both towers of CLIP and a HuBERT audio encoder (tiny, random
+    weights): every linear layer int8, the convolutions fp32, parity within the int8 bound."""
+    if family == "bert":
+        model = {"model_name": str(tiny_bert_dir), "output_layers": ["last_hidden_state"]}
+        config = textual_config(tmp_path, {**model, "precision": "int8"}, store)
+    elif family == "clip":
+        config = two_tower_config(tiny_clip_dir, store, precision="int8")
+    else:
+        model = {"model_name": str(tiny_hubert_dir), "output_layers": [1], "precision": "int8"}
+        config = audio_config(tmp_path, model, store)
+    results = ducho_fast.export(config)
+    assert len(results) == (2 if family == "clip" else 1)
+    for result in results:
+        manifest = result.artifact.manifest
+        assert manifest["precision"] == "int8" and manifest["parity"]["passed"]
+        for layer in manifest["parity"]["layers"].values():
+            assert layer["min_cosine"] >= 0.99
+        details = manifest["precision_details"]
+        assert details["quantized_nodes"] == sum(details["schemes"].values()) > 0
+        graph = onnx.load(str(result.artifact.path / "model.onnx")).graph
+        weights = {i.name for i in graph.initializer}
+        assert not [n for n in graph.node if n.op_type == "MatMul" and set(n.input) & weights]
+        assert "MatMulIntegerToFloat" in {n.op_type for n in graph.node}
 
 
 def test_int8_below_its_bound_is_refused(
