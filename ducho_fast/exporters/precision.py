@@ -114,8 +114,9 @@ def _to_int8(path: Path, calibration: list[Feeds]) -> dict[str, Any]:
     if not schemes:
         raise ExportError(
             "precision int8: this graph has no matrix product with weights to quantize "
-            "(int8 here is dynamic quantization of MatMul, which transformer models are made "
-            "of; convolutional image models gain nothing from it). Use precision: fp32."
+            "(int8 here is dynamic quantization of the linear layers that transformer models "
+            "are made of; ONNX Runtime's dynamic int8 convolutions ran ResNet50 at half the "
+            "speed of fp32 here). Use precision: fp32."
         )
     smoothed = smooth(
         model, [n for n, s in schemes.items() if s != LONG_TAILED], calibration, SMOOTH_ALPHA
