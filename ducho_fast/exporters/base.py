@@ -151,7 +151,10 @@ def _convert_and_check(
         fp32 = Embedder(Artifact(build_dir, {**manifest, "schema_version": SCHEMA_VERSION}))
         return [fp32.batch_feeds([fp32.prepare(x)]) for x in exporter.calibration(spec, built)]
 
-    reduced = apply_precision(build_dir / MODEL_FILE, spec.precision, calibration)
+    try:
+        reduced = apply_precision(build_dir / MODEL_FILE, spec.precision, calibration)
+    except ExportError as e:
+        raise ExportError(f"'{spec.key_path}.precision' ({spec.model_name}): {e}") from e
     if reduced:
         manifest["precision_details"] = reduced
     draft = Artifact(build_dir, {**manifest, "schema_version": SCHEMA_VERSION})

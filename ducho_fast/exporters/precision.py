@@ -33,7 +33,9 @@ bound of their own (``MIN_COSINE``); a variant below it is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,17 +141,34 @@ def _quantize_per_tensor(path: Path, nodes: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = path.with_suffix(".int8.onnx")
-    quantize_dynamic(
-        str(path),
-        str(quantized),
-        per_channel=True,
-        reduce_range=False,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_quantize=nodes,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with _quiet_quantizer():
+        quantize_dynamic(
+            str(path),
+            str(quantized),
+            per_channel=True,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     quantized.replace(path)
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Without the advice ORT's quantizer logs on the root logger (run its pre-processing;
+    check the model is not already quantized: it is, by the per-token products, on purpose)."""
+
+    def advice(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname or record.levelno > logging.WARNING
+
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def int8_schemes(graph: Any) -> dict[str, str]:

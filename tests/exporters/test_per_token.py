@@ -172,3 +172,21 @@ def test_which_products_are_quantized_and_how() -> None:
         "wide": "per_tensor",
         "after_gelu": "per_token_asymmetric",
     }
+
+
+def test_the_per_tensor_products_log_no_quantizer_advice(tmp_path, caplog) -> None:
+    """ORT's quantizer advises on the root logger (pre-process the model, is it already
+    quantized?); an export prints its own lines only. Errors would still come through."""
+    import logging
+
+    from ducho_fast.exporters.precision import _quantize_per_tensor
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(17, [rng.normal(size=(K, N)).astype(np.float32)]), str(path))
+    with caplog.at_level(logging.INFO):
+        _quantize_per_tensor(path, ["mm0"])
+    assert not [r for r in caplog.records if "onnxruntime" in r.pathname], caplog.text
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "MatMul" not in ops and ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
+    assert not logging.getLogger().filters  # the filter is gone afterwards

@@ -123,7 +123,11 @@ def test_int8_of_a_convolutional_model_says_what_to_do(
 ) -> None:
     entry = resnet18_entry(resnet18_state_dict, output_layers=["avgpool"], precision="int8")
     (tmp_path / "images").symlink_to(image_dir)
-    with pytest.raises(ExportError, match=r"no matrix product with weights.*precision: fp32"):
+    with pytest.raises(
+        ExportError,
+        match=r"^'visual.items.model.0.precision' \(.*\): .*no matrix product with weights.*"
+        r"precision: fp32",
+    ):
         ducho_fast.export(visual_config(tmp_path, entry, store))
 
 
