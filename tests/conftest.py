@@ -132,6 +132,34 @@ def _tiny_two_tower(kind: str, target: Path, minilm_dir: Path) -> Path:
         processor = transformers.CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )
+    elif kind in ("align", "align_include_top"):
+        # An EfficientNet vision tower. Random weights at this size vanish to ~1e-30 by the
+        # last block (the image embeddings then divide by a zero norm): He-initialized
+        # convolutions and batch-norm statistics from a few random batches keep them alive.
+        tiny = {"image_size": 32, "width_coefficient": 0.1, "depth_coefficient": 0.1}
+        config = transformers.AlignConfig(
+            text_config=text, vision_config={**tiny, "hidden_dim": 64}, projection_dim=32
+        )
+        model = transformers.AlignModel(config)
+        for module in model.vision_model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight)
+        model.vision_model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model.vision_model(pixel_values=torch.rand(8, 3, 32, 32) * 2 - 1)
+        if kind == "align":  # ALIGN's own preprocessing, at 32 px
+            processor = transformers.EfficientNetImageProcessor(
+                size={"height": 36, "width": 36},
+                crop_size={"height": 32, "width": 32},
+                do_center_crop=True,
+                rescale_factor=1 / 127.5,
+                rescale_offset=True,
+                do_normalize=False,
+                include_top=False,
+            )
+        else:  # the processor's defaults: normalized, then divided by the std once more
+            processor = transformers.EfficientNetImageProcessor(size={"height": 32, "width": 32})
     else:
         text["max_position_embeddings"] = 16
         model = transformers.SiglipModel(
@@ -153,6 +181,11 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
 def tiny_altclip_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     target = tmp_path_factory.mktemp("models") / "tiny-altclip"
     return _tiny_two_tower("altclip", target, minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_align_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    return _tiny_two_tower("align", tmp_path_factory.mktemp("models") / "tiny-align", minilm_dir)
 
 
 @pytest.fixture(scope="session")

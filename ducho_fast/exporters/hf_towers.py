@@ -315,6 +315,11 @@ def pixel_preprocessing(processor: Any, spec: ModelSpec) -> dict[str, Any]:
     do_norm = getattr(processor, "do_normalize", True)
     scale = float(processor.rescale_factor) if do_rescale else 1.0
     offset = -1.0 if do_rescale and getattr(processor, "rescale_offset", False) else 0.0
+    mean = [float(x) for x in processor.image_mean] if do_norm else [0.0, 0.0, 0.0]
+    std = [float(x) for x in processor.image_std] if do_norm else [1.0, 1.0, 1.0]
+    if getattr(processor, "include_top", False):
+        # EfficientNet's processors (ALIGN's family) divide by the std once more.
+        std = [s * float(x) for s, x in zip(std, processor.image_std, strict=True)]
     return {
         **pre,
         "input_size": out_size,
@@ -322,8 +327,8 @@ def pixel_preprocessing(processor: Any, spec: ModelSpec) -> dict[str, Any]:
         "color": "RGB",
         "rescale_factor": scale,
         "rescale_offset": offset,
-        "mean": [float(x) for x in processor.image_mean] if do_norm else [0.0, 0.0, 0.0],
-        "std": [float(x) for x in processor.image_std] if do_norm else [1.0, 1.0, 1.0],
+        "mean": mean,
+        "std": std,
         "processor": type(processor).__name__,
         "in_graph": ["cast", "rescale", "normalize", "transpose"],
     }

@@ -11,7 +11,7 @@ from PIL import Image
 
 import ducho_fast
 from ducho_fast.errors import ExportError
-from tests.conftest import within_fp32_bounds
+from tests.conftest import _tiny_two_tower, within_fp32_bounds
 
 TEXTS = ["A red kettle with a wooden handle", "ok", "Running shoes, size 42, breathable mesh"]
 
@@ -53,7 +53,7 @@ def hf_reference(model_dir: Path, image: Image.Image | None, text: str | None) -
         )
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip", "altclip"])
+@pytest.fixture(scope="module", params=["clip", "siglip", "altclip", "align"])
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, list[Any]]:
@@ -96,6 +96,22 @@ def test_text_tower_alone_matches_transformers(exported: tuple[Path, list[Any]])
     ours = tower.embed(TEXTS)
     for row, text in zip(ours, TEXTS, strict=True):
         within_fp32_bounds(row, hf_reference(model_dir, None, text).text_embeds[0].numpy())
+
+
+def test_an_image_processor_that_divides_by_the_std_again(
+    tmp_path: Path, minilm_dir: Path, image_dir: Path
+) -> None:
+    """EfficientNet's processors (ALIGN's family) with ``include_top`` divide the normalized
+    image by the std once more; the image tower's graph must too (cosine 0.51 without)."""
+    model_dir = _tiny_two_tower("align_include_top", tmp_path / "model", minilm_dir)
+    image, _ = ducho_fast.export(two_tower_config(model_dir, tmp_path / "store"))
+    pre = image.artifact.manifest["preprocessing"]
+    assert pre["std"] == [0.5**2, 0.5**2, 0.5**2] and pre["mean"] == [0.5, 0.5, 0.5]
+    files = sorted(image_dir.iterdir())[:2]
+    for row, path in zip(ducho_fast.load(image.artifact.path).embed(files), files, strict=True):
+        within_fp32_bounds(
+            row, hf_reference(model_dir, Image.open(path), None).image_embeds[0].numpy()
+        )
 
 
 def test_siglip_text_tower_pads_to_its_fixed_length(tiny_siglip_dir: Path, tmp_path: Path) -> None:
