@@ -484,6 +484,9 @@ def _run_models(
         total = len(scope)
         for p, run in zip(group, group_runs, strict=True):
             runs[id(p)] = run
+            advice = precision_advice(p.artifact.manifest.get("precision", "fp32"), run.provider)
+            if advice:
+                report.warnings.append(f"{p.spec.key_path}: {advice}")
             save_unreadable(p.paths, ctx.shard, repr(p.loader.decode_key), run.result.errors)
             if texts:
                 # Only the ids with a feature count (see recorded_texts): failures need no care.
@@ -496,6 +499,17 @@ def _run_models(
             else:
                 _record_shard(ctx.shard, p.folders, total, run.result)
     return [runs[id(p)] for p in planned]
+
+
+def precision_advice(precision: str, provider: str) -> str | None:
+    """Why an artifact's precision does not suit what its session ran on; None if it does."""
+    if precision == "fp16" and provider == "CPUExecutionProvider":
+        return (
+            "this fp16 graph ran on the CPU, which has no fast half-precision math "
+            "(all-MiniLM-L6-v2 in fp16 ran at 0.83x its fp32 graph here). fp16 is for GPUs: "
+            "on CPUs export with precision: fp32, or int8 for transformer models."
+        )
+    return None
 
 
 def _shares(ctx: _Context, group: list[_Planned], p: _Planned) -> bool:

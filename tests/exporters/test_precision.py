@@ -100,6 +100,34 @@ def test_int8_of_other_transformer_families(
         assert "MatMulIntegerToFloat" in {n.op_type for n in graph.node}
 
 
+def test_an_fp16_graph_run_on_the_cpu_is_told_what_suits_the_cpu(
+    tmp_path: Path, store: Path, minilm_dir: Path, texts_tsv: Path
+) -> None:
+    import shutil
+
+    shutil.copyfile(texts_tsv, tmp_path / "descriptions.tsv")
+    advice = {}
+    for precision in ("fp16", "fp32", "int8"):
+        model = _minilm(minilm_dir, precision)
+        config = textual_config(tmp_path, model, store, output_path=f"out_{precision}")
+        ducho_fast.export(config)
+        report = ducho_fast.extract(config)
+        assert report.runs[0].provider == "CPUExecutionProvider" and report.failed == 0
+        advice[precision] = [w for w in report.warnings if "fp16 graph ran on the CPU" in w]
+    assert advice["fp32"] == advice["int8"] == []
+    (fp16,) = advice["fp16"]
+    assert fp16.startswith("textual.items.model.0: ") and "precision: fp32" in fp16
+
+
+def test_precision_advice_is_about_fp16_on_cpus_only() -> None:
+    from ducho_fast.api import precision_advice
+
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert "precision: fp32" in (precision_advice("fp16", cpu) or "")
+    assert precision_advice("fp16", cuda) is None
+    assert precision_advice("fp32", cpu) is None and precision_advice("int8", cpu) is None
+
+
 def test_int8_below_its_bound_is_refused(
     tmp_path: Path, store: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
