@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,22 +69,18 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
 
 @pytest.mark.parametrize("family", ["bert", "clip", "hubert"])
 def test_int8_of_other_transformer_families(
-    tmp_path: Path,
-    store: Path,
-    family: str,
-    tiny_bert_dir: Path,
-    tiny_clip_dir: Path,
-    tiny_hubert_dir: Path,
+    tmp_path: Path, store: Path, family: str, request: pytest.FixtureRequest
 ) -> None:
     """BERT through transformers, both towers of CLIP and a HuBERT audio encoder (tiny, random
     weights): every linear layer int8, the convolutions fp32, parity within the int8 bound."""
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")  # only the family's model built
     if family == "bert":
-        model = {"model_name": str(tiny_bert_dir), "output_layers": ["last_hidden_state"]}
+        model = {"model_name": str(model_dir), "output_layers": ["last_hidden_state"]}
         config = textual_config(tmp_path, {**model, "precision": "int8"}, store)
     elif family == "clip":
-        config = two_tower_config(tiny_clip_dir, store, precision="int8")
+        config = two_tower_config(model_dir, store, precision="int8")
     else:
-        model = {"model_name": str(tiny_hubert_dir), "output_layers": [1], "precision": "int8"}
+        model = {"model_name": str(model_dir), "output_layers": [1], "precision": "int8"}
         config = audio_config(tmp_path, model, store)
     results = ducho_fast.export(config)
     assert len(results) == (2 if family == "clip" else 1)
@@ -103,8 +100,6 @@ def test_int8_of_other_transformer_families(
 def test_an_fp16_graph_run_on_the_cpu_is_told_what_suits_the_cpu(
     tmp_path: Path, store: Path, minilm_dir: Path, texts_tsv: Path
 ) -> None:
-    import shutil
-
     shutil.copyfile(texts_tsv, tmp_path / "descriptions.tsv")
     advice = {}
     for precision in ("fp16", "fp32", "int8"):
