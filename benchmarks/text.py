@@ -17,6 +17,9 @@ Outputs are checked: fp32 against encode (cosine >= 0.9999), int8 against fp32 (
 Each pipeline efficiency is also split into three factors (``common.efficiency_factors``):
 the bare session's time / the model's time inside extract, the model's share of the pipeline
 (``RunResult.timing``), and the pipeline's share of the extract call.
+What saving one small file costs in the work folder (``common.file_create_ms``) is printed
+before and after the rounds: extract saves one per text, and on some disks that takes a share
+of the CPUs (``--work`` on tmpfs, e.g. /dev/shm, takes the disk out of the comparison).
 The FLOP fraction is items/s x FLOPs per text (its own tokens: 24 L h^2 + 4 L^2 h per
 layer) / the sgemm GFLOP/s measured in this run.
 """
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     cosines,
     efficiency_factors,
+    file_create_ms,
     median_rates,
     paired,
     ratio_summary,
@@ -235,7 +239,9 @@ def main() -> None:
         api.extract(config)  # warm-up: page cache, first session
         systems[f"extract_{precision}"] = recorded(partial(api.extract, config), reports[precision])
         systems[f"bare_{precision}"] = bare_runner(artifact, texts, args.batch_size, budget)
+    creates = [file_create_ms(work)]
     seconds, values = rounds(args.repeats, systems)
+    creates.append(file_create_ms(work))
     reference = values["encode"]
     outputs: dict[str, np.ndarray] = {}
     for precision in ("fp32", "int8"):
@@ -262,7 +268,11 @@ def main() -> None:
         p: efficiency_factors(reports[p], seconds[f"extract_{p}"], seconds[f"bare_{p}"])
         for p in reports
     }
-    print("\npipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians):")
+    print(
+        f"\nsaving a small file in {work} (extract saves one per text): "
+        f"{creates[0]:.3f} ms of CPU before the rounds, {creates[1]:.3f} ms after"
+    )
+    print("pipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians):")
     for p, f in factors.items():
         print(f"  {p}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()))
     print(
@@ -277,6 +287,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "cpus": cpu_quota(),
             "sgemm_gflops": round(gflops, 1),
+            "file_create_ms": [round(c, 3) for c in creates],
             "items_per_second": {k: round(v, 1) for k, v in rates.items()},
             "rounds": args.repeats,
             **ratio_summary(ratios),

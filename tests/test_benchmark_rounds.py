@@ -82,3 +82,23 @@ def test_a_temporary_work_folder_goes_when_the_benchmark_exits(tmp_path) -> None
     temporary = Path(out.stdout.strip())
     assert temporary.name.startswith("ducho-bench-test-") and not temporary.exists()
     assert (given / "f").read_text() == "x"  # a folder the user named is kept
+
+
+def test_the_file_saving_cost_is_measured_in_the_work_folder_and_leaves_nothing(
+    common, tmp_path, monkeypatch
+) -> None:
+    import os
+
+    (tmp_path / "features").mkdir()
+    renamed: list[Path] = []
+    replace = os.replace
+
+    def recording(src, dst):
+        renamed.append(Path(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", recording)
+    ms = common.file_create_ms(tmp_path, files=8)
+    assert ms > 0
+    assert len(renamed) == 8 and all(p.parent.parent == tmp_path for p in renamed)
+    assert [p.name for p in tmp_path.iterdir()] == ["features"]  # its scratch folder is gone
