@@ -27,7 +27,7 @@ from ducho_fast.config.model import (
 )
 from ducho_fast.config.overrides import apply_override
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
-from ducho_fast.errors import ConfigError, NotSupportedYet
+from ducho_fast.errors import ConfigError, NotSupportedYet, did_you_mean
 
 RUNS_NOW = {
     ("visual", "items"),
@@ -196,26 +196,54 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
             raise ConfigError(f"{name}: key 'runtime.{key}' must be >= 0 (0 = automatic).")
     if runtime.prefetch < 1:
         raise ConfigError(f"{name}: key 'runtime.prefetch' must be >= 1.")
-    for key in runtime.cuda_options:
+    for key, value in runtime.cuda_options.items():
         if key not in CUDA_OPTIONS:
             raise ConfigError(
                 f"{name}: key 'runtime.cuda_options.{key}' is not a CUDA provider option "
                 f"ducho-fast passes on; allowed: {', '.join(sorted(CUDA_OPTIONS))}."
             )
+        _check_cuda_option(key, value, name)
     return runtime
 
 
-# The CUDA execution provider's options (onnxruntime docs, "CUDA Execution Provider").
-CUDA_OPTIONS = {
-    "cudnn_conv_algo_search",  # EXHAUSTIVE | HEURISTIC | DEFAULT
-    "cudnn_conv_use_max_workspace",
-    "arena_extend_strategy",  # kNextPowerOfTwo | kSameAsRequested
-    "gpu_mem_limit",
-    "do_copy_in_default_stream",
-    "tunable_op_enable",
-    "tunable_op_tuning_enable",
-    "use_tf32",
+# The CUDA execution provider's options (onnxruntime docs, "CUDA Execution Provider") and the
+# values its parser takes: names for the enums, 0/1/true/false for the switches, bytes for the
+# memory limit. Checked when the config is read, so a GPU job's config fails where it was
+# written, not when its session is made on the GPU node.
+BYTES = "bytes"
+SWITCH = "switch"
+CUDA_OPTIONS: dict[str, tuple[str, ...] | str] = {
+    "cudnn_conv_algo_search": ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
+    "arena_extend_strategy": ("kNextPowerOfTwo", "kSameAsRequested"),
+    "gpu_mem_limit": BYTES,
+    "cudnn_conv_use_max_workspace": SWITCH,
+    "do_copy_in_default_stream": SWITCH,
+    "tunable_op_enable": SWITCH,
+    "tunable_op_tuning_enable": SWITCH,
+    "use_tf32": SWITCH,
 }
+_SWITCH_WORDS = ("0", "1", "true", "false", "True", "False")  # onnxruntime's bool parser
+
+
+def _check_cuda_option(key: str, value: Any, name: str) -> None:
+    kind = CUDA_OPTIONS[key]
+    where = f"{name}: key 'runtime.cuda_options.{key}' is {value!r}"
+    if kind == SWITCH:
+        if (
+            isinstance(value, bool)
+            or (type(value) is int and value in (0, 1))
+            or (isinstance(value, str) and value in _SWITCH_WORDS)
+        ):
+            return
+        raise ConfigError(f"{where}; allowed: true or false (1 or 0).")
+    if kind == BYTES:
+        if str(value).isdigit() and int(value) > 0:  # not True, 8e9 or "8GB"
+            return
+        raise ConfigError(f"{where}; give the limit in bytes, e.g. {8 * 2**30} for 8 GiB.")
+    if not (isinstance(value, str) and value in kind):
+        word = str(value)
+        hint = next((f" Did you mean '{w}'?" for w in kind if w.lower() == word.lower()), "")
+        raise ConfigError(f"{where}; allowed: {', '.join(kind)}.{hint or did_you_mean(word, kind)}")
 
 
 def _job(

@@ -14,7 +14,7 @@ from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DeviceError
 from ducho_fast.runtime import cpu
 from ducho_fast.runtime.binding import IOBinder
-from ducho_fast.runtime.session import CUDA, make_session, requested_providers, spins
+from ducho_fast.runtime.session import CPU, CUDA, make_session, requested_providers, spins
 
 PROBE = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -189,6 +189,69 @@ def test_unknown_cuda_option_is_a_config_error(tmp_path: Path) -> None:
     raw["runtime"] = {"cuda_options": {"conv_search": "x"}}
     with pytest.raises(ConfigError, match=r"cuda_options.conv_search.*cudnn_conv_algo_search"):
         load_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("cudnn_conv_algo_search", "FAST", r"'FAST'; allowed: EXHAUSTIVE, HEURISTIC, DEFAULT\.$"),
+        ("cudnn_conv_algo_search", "heuristic", r"Did you mean 'HEURISTIC'\?"),
+        ("arena_extend_strategy", "kSameAsRequest", r"Did you mean 'kSameAsRequested'\?"),
+        ("gpu_mem_limit", "8GB", r"in bytes, e\.g\. 8589934592 for 8 GiB"),
+        ("gpu_mem_limit", -3, r"' is -3; give the limit in bytes"),
+        ("gpu_mem_limit", True, r"in bytes"),
+        ("use_tf32", "maybe", r"' is 'maybe'; allowed: true or false \(1 or 0\)"),
+        ("tunable_op_enable", 2, r"allowed: true or false"),
+        ("do_copy_in_default_stream", 1.0, r"allowed: true or false"),
+    ],
+)
+def test_a_cuda_option_value_onnxruntime_would_refuse_is_a_config_error(
+    tmp_path: Path, key: str, value: Any, message: str
+) -> None:
+    # Refused where the config is read, so a GPU job's config fails on the machine it was
+    # written on rather than when the session is made on the GPU node.
+    from ducho_fast.config import load_config
+    from ducho_fast.errors import ConfigError
+    from tests.conftest import textual_config
+
+    raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
+    raw["runtime"] = {"cuda_options": {key: value}}
+    with pytest.raises(ConfigError, match=rf"runtime\.cuda_options\.{key}.*{message}"):
+        load_config(raw)
+
+
+def test_cuda_option_values_onnxruntime_takes_are_passed_on_as_its_strings(
+    tmp_path: Path,
+) -> None:
+    from ducho_fast.config import load_config
+    from tests.conftest import textual_config
+
+    options = {
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+        "gpu_mem_limit": 2**33,
+        "cudnn_conv_use_max_workspace": True,
+        "do_copy_in_default_stream": "false",
+        "tunable_op_enable": 0,
+        "tunable_op_tuning_enable": "1",
+        "use_tf32": False,
+    }
+    raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
+    raw["runtime"] = {"cuda_options": options}
+    runtime = load_config(raw).runtime
+    (cuda, passed), cpu = requested_providers("cuda", runtime.cuda_options)
+    assert (cuda, cpu) == (CUDA, CPU)
+    assert passed == {
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+        "gpu_mem_limit": "8589934592",
+        "cudnn_conv_use_max_workspace": "True",
+        "do_copy_in_default_stream": "false",
+        "tunable_op_enable": "0",
+        "tunable_op_tuning_enable": "1",
+        "use_tf32": "False",
+        "device_id": "0",
+    }
 
 
 def _probe_shape(session: ort.InferenceSession) -> tuple[int, ...]:
