@@ -509,6 +509,15 @@ def precision_advice(precision: str, provider: str) -> str | None:
             "(all-MiniLM-L6-v2 in fp16 ran at 0.83x its fp32 graph here). fp16 is for GPUs: "
             "on CPUs export with precision: fp32, or int8 for transformer models."
         )
+    if precision == "int8" and provider == "CUDAExecutionProvider":
+        # onnxruntime registers no CUDA kernel for these contrib ops (contrib_ops/cuda/
+        # cuda_contrib_kernels.cc); not measured here, where no GPU was lent.
+        return (
+            "this int8 graph ran with CUDA, but ONNX Runtime's CUDA provider has no kernels for "
+            "its quantized products (MatMulIntegerToFloat, DynamicQuantizeMatMul): they run on "
+            "the CPU, with copies to and from the GPU around each. int8 is for CPUs: on GPUs "
+            "export with precision: fp16 (or fp32)."
+        )
     return None
 
 

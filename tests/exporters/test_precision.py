@@ -114,12 +114,13 @@ def test_an_fp16_graph_run_on_the_cpu_is_told_what_suits_the_cpu(
     assert fp16.startswith("textual.items.model.0: ") and "precision: fp32" in fp16
 
 
-def test_precision_advice_is_about_fp16_on_cpus_only() -> None:
+def test_precision_advice_is_about_fp16_on_cpus_and_int8_on_cuda_only() -> None:
     from ducho_fast.api import precision_advice
 
     cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
     assert "precision: fp32" in (precision_advice("fp16", cpu) or "")
-    assert precision_advice("fp16", cuda) is None
+    assert "precision: fp16" in (precision_advice("int8", cuda) or "")
+    assert precision_advice("fp16", cuda) is None and precision_advice("fp32", cuda) is None
     assert precision_advice("fp32", cpu) is None and precision_advice("int8", cpu) is None
 
 
