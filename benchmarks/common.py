@@ -47,7 +47,7 @@ def file_create_ms(folder: Path, files: int = 256, size: int = 1664) -> float:
     """CPU milliseconds (this thread's, the kernel's work included) to save one small file in
     ``folder`` as extract saves a feature: a new temp file written, then renamed to its name.
     The writer makes one per item and layer, and on some disks this is no small cost: this
-    VM's ext4 took 0.016 ms or 0.25-0.45 ms (the same script, minutes apart), tmpfs 0.006 ms.
+    VM's ext4 took 0.016 ms, then 0.23-0.38 ms minutes later (the same loop), tmpfs 0.006 ms.
     Printed beside the efficiencies, which it lowers; the scratch files are removed."""
     scratch = Path(tempfile.mkdtemp(prefix=".file-create-", dir=folder))
     data = bytes(size)
