@@ -7,7 +7,7 @@ file is read, and reported with the file, the key path, what was found and what 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,18 @@ def _switches(runtime: dict[str, Any]) -> dict[str, Any]:
         k: words[v] if k in ("io_binding", "spin_wait") and isinstance(v, bool) else v
         for k, v in runtime.items()
     }
+
+
+def runtime_options(
+    runtime: RuntimeOptions | Mapping[str, Any] | None, source: str = "RuntimeOptions"
+) -> RuntimeOptions:
+    """Runtime options given in code (``ducho_fast.load``, ``RayEmbedder``), checked as a
+    config's ``runtime`` section is: unknown keys, types, allowed values, CUDA options."""
+    if runtime is None:
+        return RuntimeOptions()
+    raw = dict(vars(runtime)) if isinstance(runtime, RuntimeOptions) else dict(runtime)
+    Checker(source).check({"runtime": raw})
+    return _check_device(RuntimeOptions(**_switches(raw)), source)
 
 
 def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:

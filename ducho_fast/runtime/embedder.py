@@ -20,6 +20,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
+from ducho_fast.config.load import runtime_options
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
@@ -81,7 +82,7 @@ class Embedder:
         the embedder waits for it when first used, or in :meth:`ready`."""
         self.artifact = artifact
         self.manifest = artifact.manifest
-        self._options = options = options or RuntimeOptions()
+        self._options = options = runtime_options(options)
         self.spinning = spins(options, artifact.modality, readers=readers)
         if pending is not None and not pending.serves(artifact.model_path, spinning=self.spinning):
             raise ValueError(f"{pending.model} is not the session {artifact.path} needs")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.artifact import Artifact, load_artifact
+from ducho_fast.config.load import runtime_options
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.items import Item
 from ducho_fast.data.sources import Loader
@@ -78,7 +79,7 @@ class RayEmbedder:
         runtime: RuntimeOptions | Mapping[str, Any] | None = None,
         layers: Sequence[str | int] | None = None,
     ) -> None:
-        options = runtime if isinstance(runtime, RuntimeOptions) else _options(runtime)
+        options = runtime_options(runtime, "RayEmbedder's runtime")
         self.embedder = Embedder(load_artifact(Path(artifact)), options)
         self.column = INPUT_COLUMNS[self.embedder.modality]
         self.layers = [str(x) for x in layers] if layers is not None else self.embedder.layers
@@ -117,10 +118,6 @@ def _column(rows: list[np.ndarray]) -> np.ndarray:
     for i, row in enumerate(rows):  # one by one: numpy would try to broadcast a list of arrays
         column[i] = row
     return column
-
-
-def _options(runtime: Mapping[str, Any] | None) -> RuntimeOptions:
-    return RuntimeOptions(**dict(runtime or {}))
 
 
 # -- extract --engine ray -----------------------------------------------------------------------

@@ -157,3 +157,8 @@ def test_ray_embedder_token_layers_keep_each_length(store: Path, tiny_bert_dir: 
     for row, ref in zip(out["last_hidden_state"], expected, strict=True):
         np.testing.assert_allclose(row, ref, rtol=1e-5, atol=1e-6)
     assert list(out["id"]) == ["a", "b"] and list(out["error"]) == ["", ""]
+
+
+def test_ray_embedder_checks_its_runtime_options_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^RayEmbedder's runtime: key 'runtime\.spin_wait'"):
+        RayEmbedder(tmp_path / "not-loaded", {"spin_wait": "yes"})

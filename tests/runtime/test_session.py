@@ -337,3 +337,43 @@ raise SystemExit(1)  # the run's error, at once
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 1, done.stderr
     assert marker.read_text() == "done"
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (RuntimeOptions(device="gpu"), r"'runtime\.device' is 'gpu'; allowed: auto, cpu, cuda"),
+        (RuntimeOptions(spin_wait="yes"), r"'runtime\.spin_wait' is 'yes'; allowed: 'auto'"),
+        (RuntimeOptions(on_error="ignore"), r"'runtime\.on_error' is 'ignore'; allowed: 'skip'"),
+        (RuntimeOptions(prefetch=0), r"'runtime\.prefetch' must be >= 1"),
+        (
+            RuntimeOptions(cuda_options={"cudnn_conv_algo_search": "heuristic"}),
+            r"cuda_options\.cudnn_conv_algo_search' is 'heuristic'.*Did you mean 'HEURISTIC'",
+        ),
+        ({"devcie": "cpu"}, r"unknown key 'runtime\.devcie'\. Did you mean 'device'\?"),
+        ({"threads": "2"}, r"'runtime\.threads' must be an integer, found a string '2'"),
+    ],
+)
+def test_options_given_in_code_are_checked_as_a_config_is(given: Any, message: str) -> None:
+    # ducho_fast.load and RayEmbedder take options in code; before, a bad value went through
+    # unchecked (a misspelt spin_wait silently meant off, a CUDA value failed on the GPU node).
+    from ducho_fast.artifact import Artifact
+    from ducho_fast.config.load import runtime_options
+    from ducho_fast.errors import ConfigError
+    from ducho_fast.runtime.embedder import Embedder
+
+    with pytest.raises(ConfigError, match=rf"^RuntimeOptions: .*{message}"):
+        runtime_options(given)
+    if isinstance(given, RuntimeOptions):  # the embedder refuses them before making a session
+        with pytest.raises(ConfigError, match=message):
+            Embedder(Artifact(Path("no-artifact"), {}), given)
+
+
+def test_options_given_in_code_take_yaml_switch_words_and_bools() -> None:
+    from ducho_fast.config.load import runtime_options
+
+    assert runtime_options(None) == RuntimeOptions()
+    options = runtime_options(RuntimeOptions(spin_wait=True, io_binding=False))  # type: ignore[arg-type]
+    assert (options.spin_wait, options.io_binding) == ("on", "off")
+    assert spins(options, "visual", readers=True)  # True meant off before
+    assert runtime_options({"device": "cpu", "threads": 1}) == RuntimeOptions("cpu", threads=1)
