@@ -415,9 +415,10 @@ class _Planned:
     def forget_changed(
         self, job: Job, items: list[Item], texts: dict[str, str], report: ExtractReport
     ) -> None:
-        """Reuse no feature older than its input. An image or audio file modified after its
-        feature was written is embedded again, and so is a text whose digest (``texts``)
-        differs from the one recorded with its feature; their stale files are removed first.
+        """Reuse no feature older than its input, among ``items`` (this run's: a shard's own
+        windows). An image or audio file modified after its feature was written is embedded
+        again, and so is a text whose digest (``texts``) differs from the one recorded with
+        its feature; their stale files are removed first.
         Features with no record of their text get a warning when the TSV was modified after
         them all."""
         written = {i: min(f.written[i] for f in self.folders.values()) for i in self.done}
@@ -469,8 +470,6 @@ def _run_models(
     Runs come back in ``specs``' order."""
     planned = [_plan(ctx, job, spec) for spec in specs]
     texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
-    for p in planned:
-        p.forget_changed(job, items, texts, report)
     groups: list[list[_Planned]] = []
     for p in planned:
         group = next((g for g in groups if ctx.ray is None and _shares(ctx, g, p)), None)
@@ -480,7 +479,7 @@ def _run_models(
             group.append(p)
     runs: dict[int, ModelRun] = {}
     for group in groups:
-        scope, group_runs = _run_group(ctx, job, group, items)
+        scope, group_runs = _run_group(ctx, job, group, items, texts, report)
         total = len(scope)
         for p, run in zip(group, group_runs, strict=True):
             runs[id(p)] = run
@@ -555,9 +554,15 @@ def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
 
 
 def _run_group(
-    ctx: _Context, job: Job, group: list[_Planned], items: list[Item]
+    ctx: _Context,
+    job: Job,
+    group: list[_Planned],
+    items: list[Item],
+    texts: dict[str, str],
+    report: ExtractReport,
 ) -> tuple[list[Item], list[ModelRun]]:
-    """The items this run embeds (all, or its shard's windows') and each model's run."""
+    """The items this run embeds (all, or its shard's windows') and each model's run. Stale
+    features of those items are removed first (``texts``: the digests of the texts)."""
     cfg = ctx.cfg
     options = PipelineOptions(
         batch_size=group[0].spec.batch_size,
@@ -575,7 +580,6 @@ def _run_group(
                 _embedder(ctx, p.artifact),
                 p.loader,
                 p.writer.write,
-                p.done,
                 batch_size=p.spec.batch_size,
             )
             for p in group
@@ -594,6 +598,12 @@ def _run_group(
     shard = f" (shard {ctx.shard})" if ctx.shard else ""
     scope = [item for chunk in pipeline.windows(items) for item in chunk]
     total = len(scope)
+    # A shard looks at its own windows only: another task may be writing the others again.
+    for p in group:
+        p.forget_changed(job, scope, texts, report)
+    if isinstance(pipeline, Pipeline):
+        for member, p in zip(pipeline.members, group, strict=True):
+            member.done = p.done
     if isinstance(pipeline, Pipeline):
         todo = pipeline.todo(items)
     else:

@@ -129,3 +129,32 @@ def test_one_shard_of_one_is_a_plain_run(
     ducho_fast.export(config)
     report = ducho_fast.extract(config, shard="0/1")
     assert report.shard is None and list(tmp_path.rglob("matrix"))
+
+
+@pytest.mark.slow
+def test_a_shard_embeds_again_only_the_changed_items_of_its_own_windows(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    # A task that removed the stale features of other tasks' windows could remove a feature
+    # that task had just written again; each task only looks at its own windows.
+    config = two_job_config(tmp_path, store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(config)
+    _extract(config)
+    tsv = tmp_path / "descriptions.tsv"
+    rows = tsv.read_text().splitlines()
+    for row in (2, 51):  # t001 in window 0 (shard 0 of 3), t050 in window 1 (shard 1)
+        rows[row] = rows[row].split("\t")[0] + "\tzip and sleeves, changed"
+    tsv.write_text("\n".join(rows) + "\n")
+    (t050,) = (tmp_path / "text_out").rglob("t050.npy")
+    before = t050.stat().st_mtime_ns, t050.read_bytes()
+
+    text_run = lambda report: next(r for r in report.runs if r.job.startswith("textual"))  # noqa: E731
+    first = text_run(_extract(config, shard="0/3"))
+    # t001 changed; its window is embedded again as a whole (less the blank t009).
+    assert (first.changed, first.result.written) == (1, 31)
+    assert (t050.stat().st_mtime_ns, t050.read_bytes()) == before  # left to its own task
+    second = text_run(_extract(config, shard="1/3"))
+    assert (second.changed, second.result.written) == (1, 32)  # t050, and its window
+    assert t050.read_bytes() != before[1]
+    third = text_run(_extract(config, shard="2/3"))
+    assert (third.changed, third.result.written) == (0, 0)  # nothing changed in its window
