@@ -604,7 +604,6 @@ def _run_group(
     if isinstance(pipeline, Pipeline):
         for member, p in zip(pipeline.members, group, strict=True):
             member.done = p.done
-    if isinstance(pipeline, Pipeline):
         todo = pipeline.todo(items)
     else:
         todo = pipeline.todo(items, group[0].done)

@@ -49,6 +49,10 @@ def _extract(config: dict, **kwargs) -> ducho_fast.api.ExtractReport:
     return ducho_fast.extract(config, **kwargs)
 
 
+def _text_run(report: ducho_fast.api.ExtractReport) -> ducho_fast.api.ModelRun:
+    return next(r for r in report.runs if r.job.startswith("textual"))
+
+
 @pytest.mark.slow
 def test_shards_make_the_files_of_one_run(
     tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
@@ -148,13 +152,12 @@ def test_a_shard_embeds_again_only_the_changed_items_of_its_own_windows(
     (t050,) = (tmp_path / "text_out").rglob("t050.npy")
     before = t050.stat().st_mtime_ns, t050.read_bytes()
 
-    text_run = lambda report: next(r for r in report.runs if r.job.startswith("textual"))  # noqa: E731
-    first = text_run(_extract(config, shard="0/3"))
+    first = _text_run(_extract(config, shard="0/3"))
     # t001 changed; its window is embedded again as a whole (less the blank t009).
     assert (first.changed, first.result.written) == (1, 31)
     assert (t050.stat().st_mtime_ns, t050.read_bytes()) == before  # left to its own task
-    second = text_run(_extract(config, shard="1/3"))
+    second = _text_run(_extract(config, shard="1/3"))
     assert (second.changed, second.result.written) == (1, 32)  # t050, and its window
     assert t050.read_bytes() != before[1]
-    third = text_run(_extract(config, shard="2/3"))
+    third = _text_run(_extract(config, shard="2/3"))
     assert (third.changed, third.result.written) == (0, 0)  # nothing changed in its window
