@@ -136,6 +136,48 @@ def recorded(fn: Callable[[], Any], into: list[Any]) -> Callable[[], Any]:
     return call
 
 
+def bare_sessions(
+    artifact: Any, feeds: list[dict[str, np.ndarray]], lanes: int | None = None
+) -> Callable[[], Any]:
+    """The artifact's session alone on ``feeds`` (batches built beforehand), run as extract
+    runs its model: ``lanes`` batches at once (None: as many as extract uses, see
+    ``batch_lanes``), each lane taking the next batch; threads spin between ops, as nothing
+    shares their CPUs."""
+    import threading
+
+    from ducho_fast.config.model import RuntimeOptions
+    from ducho_fast.runtime.embedder import Embedder, Prepared
+    from ducho_fast.runtime.session import batch_lanes
+
+    options = RuntimeOptions(spin_wait="on")
+    count = batch_lanes(options, artifact.modality) if lanes is None else lanes
+    embedder = Embedder(artifact, options, lanes=count)
+    batches = [Prepared([(list(range(len(next(iter(f.values()))))), f)], []) for f in feeds]
+    embedder.launch(batches[0])  # warm-up
+    if count == 1:
+        return lambda: [embedder.launch(b) for b in batches]
+
+    def run() -> None:
+        todo = iter(batches)
+        lock = threading.Lock()
+
+        def lane(k: int) -> None:
+            while True:
+                with lock:
+                    batch = next(todo, None)
+                if batch is None:
+                    return
+                embedder.launch(batch, k)
+
+        threads = [threading.Thread(target=lane, args=(k,)) for k in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return run
+
+
 def efficiency_factors(
     reports: list[Any], extract_seconds: list[float], bare_seconds: list[float]
 ) -> dict[str, float]:

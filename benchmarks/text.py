@@ -8,8 +8,10 @@ descriptions of varied length, all on this machine's CPU, in one process:
 - ``extract``: ``ducho_fast.extract`` end to end (read the TSV, tokenize in reader threads,
   length buckets, ONNX Runtime, write one .npy per item), fp32 and int8;
 - ``bare``: the same artifacts' ORT sessions alone on pre-tokenized batches, built as
-  ``extract`` builds them, threads spinning between ops (as extract's do for text), so
-  ``extract / bare`` is the pipeline efficiency.
+  ``extract`` builds them and run as it runs them (``runtime.concurrent_batches``: texts one
+  batch per thread at once), threads spinning between ops (as extract's do for text), so
+  ``extract / bare`` is the pipeline efficiency; ``bare1``: the same, one batch at a time on
+  all the threads (how extract ran texts before concurrent batches).
 The systems run side by side in ``--repeats`` rounds, each once per round (this machine is
 shared and its speed drifts by up to 25% within minutes): items/s are each system's median
 round, and each ratio is the median of the ratios within a round, printed with their range.
@@ -39,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    bare_sessions,
     cosines,
     efficiency_factors,
     file_create_ms,
@@ -173,21 +176,19 @@ def read_features(work: Path, precision: str, ids: list[str]) -> np.ndarray:
     return np.stack([np.load(folder / f"{i}.npy").reshape(-1) for i in ids])
 
 
-def bare_runner(artifact: Any, texts: list[str], batch_size: int, budget: int) -> Callable[[], Any]:
-    """The artifact's session alone, on the batches extract builds (tokenized beforehand)."""
-    from ducho_fast.config.model import RuntimeOptions
-    from ducho_fast.runtime.embedder import Embedder
+def bare_batches(artifact: Any, texts: list[str], batch_size: int, budget: int) -> list[Any]:
+    """The batches extract builds (tokenized, sorted by length in its windows, padded)."""
+    from ducho_fast.runtime.batcher import Batcher
     from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES
 
-    embedder = Embedder(artifact, RuntimeOptions(spin_wait="on"))
+    batcher = Batcher(artifact)
     window = batch_size * TEXT_WINDOW_BATCHES
     feeds = []
     for begin in range(0, len(texts), window):
-        tokens = embedder.tokenize(texts[begin : begin + window])
-        for idx in embedder.plan(tokens, batch_size, budget):
-            feeds.append(embedder.batch_feeds([tokens[i] for i in idx]))
-    embedder.session.run(None, feeds[0])  # warm-up
-    return lambda: [embedder.session.run(None, f) for f in feeds]
+        tokens = batcher.tokenize(texts[begin : begin + window])
+        for idx in batcher.plan(tokens, batch_size, budget):
+            feeds.append(batcher.feeds([tokens[i] for i in idx]))
+    return feeds
 
 
 def main() -> None:
@@ -238,7 +239,9 @@ def main() -> None:
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
         api.extract(config)  # warm-up: page cache, first session
         systems[f"extract_{precision}"] = recorded(partial(api.extract, config), reports[precision])
-        systems[f"bare_{precision}"] = bare_runner(artifact, texts, args.batch_size, budget)
+        feeds = bare_batches(artifact, texts, args.batch_size, budget)
+        systems[f"bare_{precision}"] = bare_sessions(artifact, feeds)
+        systems[f"bare1_{precision}"] = bare_sessions(artifact, feeds, lanes=1)
     creates = [file_create_ms(work)]
     seconds, values = rounds(args.repeats, systems)
     creates.append(file_create_ms(work))

@@ -57,7 +57,7 @@ from ducho_fast.runtime.pipeline import (
     shared_window,
     window_size,
 )
-from ducho_fast.runtime.session import PendingSession, spins
+from ducho_fast.runtime.session import PendingSession, batch_lanes, spins
 from ducho_fast.runtime.shard import Shard
 
 if TYPE_CHECKING:
@@ -218,16 +218,20 @@ def _session_ahead(cfg: Config) -> PendingSession | None:
     if not model.is_file():
         return None  # find_artifact says what is missing
     spinning = spins(cfg.runtime, spec.modality, readers=True)
-    return PendingSession(model, cfg.runtime, spinning=spinning)
+    lanes = batch_lanes(cfg.runtime, spec.modality)
+    return PendingSession(model, cfg.runtime, spinning=spinning, lanes=lanes)
 
 
 def _embedder(ctx: _Context, artifact: Artifact) -> Embedder:
     """A pipeline's embedder, on the session created ahead when it is this artifact's."""
     pending = ctx.ahead.pop() if ctx.ahead else None
     spinning = spins(ctx.cfg.runtime, artifact.modality, readers=True)
-    if pending is not None and not pending.serves(artifact.model_path, spinning=spinning):
+    lanes = batch_lanes(ctx.cfg.runtime, artifact.modality)
+    if pending is not None and not pending.serves(
+        artifact.model_path, spinning=spinning, lanes=lanes
+    ):
         pending = None
-    return Embedder(artifact, ctx.cfg.runtime, readers=True, pending=pending)
+    return Embedder(artifact, ctx.cfg.runtime, readers=True, pending=pending, lanes=lanes)
 
 
 def _shard(shard: Shard | str | None, cfg: Config) -> Shard | None:

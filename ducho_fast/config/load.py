@@ -203,7 +203,7 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
         raise ConfigError(
             f"{name}: key 'runtime.device' is {device!r}; allowed: auto, cpu, cuda, cuda:N."
         )
-    for key in ("threads", "workers", "token_budget", "sort_window"):
+    for key in ("threads", "workers", "token_budget", "sort_window", "concurrent_batches"):
         if getattr(runtime, key) < 0:
             raise ConfigError(f"{name}: key 'runtime.{key}' must be >= 0 (0 = automatic).")
     if runtime.prefetch < 1:

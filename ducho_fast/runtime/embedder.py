@@ -52,7 +52,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class _Ready:
-    session: ort.InferenceSession
+    sessions: list[ort.InferenceSession]  # one per lane, or one all lanes share
     info: SessionInfo
     binder: IOBinder | None
 
@@ -76,15 +76,22 @@ class Embedder:
         *,
         readers: bool = False,
         pending: PendingSession | None = None,
+        lanes: int = 1,
     ) -> None:
         """``readers``: a pipeline's decoding threads share the CPUs with the session.
-        ``pending``: this artifact's session, already being created with the same spinning;
-        the embedder waits for it when first used, or in :meth:`ready`."""
+        ``pending``: this artifact's session, already being created with the same spinning
+        and lanes; the embedder waits for it when first used, or in :meth:`ready`.
+        ``lanes``: how many batches a pipeline runs at once (:func:`batch_lanes`), each on
+        its share of the threads: one session all share when that is one thread (ORT runs a
+        one-thread session's work on the calling thread), else one session per lane."""
         self.artifact = artifact
         self.manifest = artifact.manifest
         self._options = options = runtime_options(options)
         self.spinning = spins(options, artifact.modality, readers=readers)
-        if pending is not None and not pending.serves(artifact.model_path, spinning=self.spinning):
+        self._lanes = lanes
+        if pending is not None and not pending.serves(
+            artifact.model_path, spinning=self.spinning, lanes=lanes
+        ):
             raise ValueError(f"{pending.model} is not the session {artifact.path} needs")
         self._pending = pending
         self._ready: _Ready | None = None
@@ -104,18 +111,29 @@ class Embedder:
         if self._ready is None:
             with self._lock:
                 if self._ready is None:
-                    if self._pending is None:
-                        model, spinning = self.artifact.model_path, self.spinning
-                        made = make_session(model, self._options, spinning=spinning)
-                    else:
-                        made = self._pending.result()
-                    session, info = made
-                    self._ready = _Ready(session, info, _make_binder(session, info, self._options))
+                    self._ready = self._make()
         return self._ready
+
+    def _make(self) -> _Ready:
+        model, options = self.artifact.model_path, self._options
+
+        def make() -> tuple[ort.InferenceSession, SessionInfo]:
+            return make_session(model, options, spinning=self.spinning, lanes=self._lanes)
+
+        session, info = make() if self._pending is None else self._pending.result()
+        sessions = [session] * info.lanes
+        if info.threads > 1:  # lanes of several threads each: a session (thread pool) each
+            sessions[1:] = [make()[0] for _ in range(1, info.lanes)]
+        return _Ready(sessions, info, _make_binder(session, info, options))
 
     @property
     def session(self) -> ort.InferenceSession:
-        return self._made().session
+        return self._made().sessions[0]
+
+    @property
+    def lanes(self) -> int:
+        """How many batches may run at once: each ``launch`` with its own ``lane``."""
+        return self._made().info.lanes
 
     @property
     def info(self) -> SessionInfo:
@@ -188,13 +206,15 @@ class Embedder:
             return Prepared(parts, lengths)
         return Prepared([(idx, self._binder.stage(feeds)) for idx, feeds in parts], lengths)
 
-    def launch(self, prepared: Prepared) -> Launched:
-        """Run the session on a prepared batch; with I/O binding the outputs stay on the device."""
+    def launch(self, prepared: Prepared, lane: int = 0) -> Launched:
+        """Run the session on a prepared batch; with I/O binding the outputs stay on the device.
+        ``lane``: which of the :attr:`lanes` runs it (each lane one batch at a time)."""
         names = self._names
+        session = self._made().sessions[lane]
         ran = []
         for idx, feeds in prepared.parts:
             if self._binder is None:
-                ran.append((idx, self.session.run(names, feeds)))
+                ran.append((idx, session.run(names, feeds)))
             else:
                 ran.append((idx, self._binder.run(names, feeds)))
         return Launched(ran, prepared.lengths)

@@ -198,37 +198,38 @@ class Pipeline(WindowedRun):
         writer = _Worker(self._drain, writes, progress)
         reader.start()
         writer.start()
-        waits = Timing()
-        busy = {id(m): 0.0 for m in self.members}  # seconds in each model's runs
+        lanes: list[_Lane] = []
+        stop = threading.Event()
         try:
             for member in self.members:
                 # A session created ahead of the run fails here, not as a failed batch.
                 member.embedder.ready()
-            mark = None
-            for member, batch in _until_done(batches, reader):
-                began = time.perf_counter()
-                if mark is None:
-                    waits.first_batch = began - start
-                else:
-                    waits.inputs += began - mark
-                ran = launch(member.embedder, batch) if batch.items else []
-                mark = time.perf_counter()
-                busy[id(member)] += mark - began
-                if not _put_alive(writes, (member, batch, ran), writer):
-                    break
-                now = time.perf_counter()
-                waits.writer += now - mark
-                mark = now
+            count = min(m.embedder.lanes for m in self.members)
+            stages = (batches, reader, writes, writer)
+            lanes = [_Lane(k, start, stages, stop) for k in range(count)]
+            for lane in lanes[1:]:
+                lane.start()
+            lanes[0].run()  # on this thread
         finally:
+            stop.set()
+            for lane in lanes[1:]:
+                lane.join()
             reader.stop()
             _put_alive(writes, _DONE, writer)
             writer.join()
             reader.join()
+        for lane in lanes:
+            lane.reraise()
         writer.reraise()
         seconds = time.perf_counter() - start
+        waits = _merge([lane.waits for lane in lanes])
+        # Batches finish out of order with several lanes: failures are listed in input order.
+        position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
         for member in self.members:
+            busy = sum(lane.busy.get(id(member), 0.0) for lane in lanes) / len(lanes)
             member.result.seconds = seconds
-            member.result.timing = replace(waits, model=busy[id(member)])
+            member.result.timing = replace(waits, model=busy)
+            member.result.errors.sort(key=lambda e: position.get(e.item_id, len(items)))
         return [m.result for m in self.members]
 
     # -- stages ----------------------------------------------------------------------------
@@ -451,13 +452,13 @@ def _prepare(embedder: Embedder, batch: Batch) -> Prepared | None:
         return None  # launch() runs it through infer(), which names the bad items
 
 
-def launch(embedder: Embedder, batch: Batch) -> Launched | list[ItemOutputs | str]:
-    """Run a batch on the model's thread. Launched: the writer collects its outputs (from the
-    device, with I/O binding) while the next batch runs. Otherwise the batch failed as a whole
-    and was run again item by item: each item's outputs, or why it failed."""
+def launch(embedder: Embedder, batch: Batch, lane: int = 0) -> Launched | list[ItemOutputs | str]:
+    """Run a batch on a model lane's thread. Launched: the writer collects its outputs (from
+    the device, with I/O binding) while the next batch runs. Otherwise the batch failed as a
+    whole and was run again item by item: each item's outputs, or why it failed."""
     if batch.prepared is not None:
         try:
-            return embedder.launch(batch.prepared)
+            return embedder.launch(batch.prepared, lane)
         except DuchoError:
             raise
         except Exception:
@@ -496,6 +497,84 @@ def _infer_one(embedder: Embedder, payload: Any) -> ItemOutputs | str:
         return embedder.run_prepared([payload])[0]
     except Exception as e:
         return f"the model failed on this item: {type(e).__name__}: {e}"
+
+
+class _Lane(threading.Thread):
+    """Runs batches from the readers' queue, one at a time, and hands them to the writer;
+    ``k``: which of the embedders' lanes (:attr:`Embedder.lanes`). Lane 0 runs on the
+    pipeline's own thread. A lane that fails, or finds the writer gone, sets ``stop``: the
+    others end after their current batch, and the run raises what the lane raised."""
+
+    def __init__(self, k: int, start: float, stages: _Stages, stop: threading.Event) -> None:
+        super().__init__(daemon=True, name=f"ducho-lane-{k}")
+        self.k = k
+        self._start_time = start
+        self._stages = stages
+        self._halt = stop
+        self.waits = Timing(first_batch=math.inf)
+        self.busy: dict[int, float] = {}  # seconds in each model's runs, by id(member)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        batches, reader, writes, writer = self._stages
+        try:
+            mark = None
+            while (entry := _next(batches, self._halt)) is not _DONE:
+                member, batch = entry
+                began = time.perf_counter()
+                if mark is None:
+                    self.waits.first_batch = began - self._start_time
+                else:
+                    self.waits.inputs += began - mark
+                ran = launch(member.embedder, batch, self.k) if batch.items else []
+                mark = time.perf_counter()
+                self.busy[id(member)] = self.busy.get(id(member), 0.0) + mark - began
+                if not _put_alive(writes, (member, batch, ran), writer):
+                    self._halt.set()  # the writer failed: the run raises its error
+                    return
+                now = time.perf_counter()
+                self.waits.writer += now - mark
+                mark = now
+            if not self._halt.is_set():
+                batches.put_nowait(_DONE)  # the last entry: passed on to the other lanes
+                reader.reraise()
+        except BaseException as e:
+            self._halt.set()
+            self.error = e
+            if self.k == 0:
+                raise
+
+    def reraise(self) -> None:
+        if self.error is not None and self.k != 0:
+            raise self.error
+
+
+# What a model lane reads from and writes to: the batches queue and its reader, the writes
+# queue and its writer.
+_Stages = tuple[queue.Queue[Any], "_Worker", queue.Queue[Any], threading.Thread]
+
+
+def _next(batches: queue.Queue[Any], stop: threading.Event) -> Any:
+    """The next entry of ``batches``, or ``_DONE`` once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            return batches.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return _DONE
+
+
+def _merge(waits: list[Timing]) -> Timing:
+    """One timing for the lanes of a run: the first batch of any, the rest their mean."""
+    if not waits:
+        return Timing()
+    first = min(w.first_batch for w in waits)
+    n = len(waits)
+    return Timing(
+        first_batch=0.0 if math.isinf(first) else first,
+        inputs=sum(w.inputs for w in waits) / n,
+        writer=sum(w.writer for w in waits) / n,
+    )
 
 
 class _Worker(threading.Thread):
@@ -542,9 +621,3 @@ def _put_alive(q: queue.Queue[Any], value: Any, consumer: threading.Thread) -> b
         except queue.Full:
             continue
     return False
-
-
-def _until_done(batches: queue.Queue[Any], reader: _Worker) -> Iterator[tuple[Member, Batch]]:
-    while (entry := batches.get()) is not _DONE:
-        yield entry
-    reader.reraise()

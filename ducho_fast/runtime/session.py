@@ -11,7 +11,7 @@ import logging
 import threading
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,9 @@ class SessionInfo:
     """What a session runs on, in words a summary can print."""
 
     provider: str
-    threads: int
+    threads: int  # per batch
     note: str = ""
+    lanes: int = 1  # batches run at once (see :func:`batch_lanes`)
 
 
 def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOptions:
@@ -77,11 +78,28 @@ def spins(options: RuntimeOptions, modality: str, *, readers: bool) -> bool:
     return options.spin_wait == "on"
 
 
-def make_session(
-    model: Path, options: RuntimeOptions, *, spinning: bool = True
-) -> tuple[ort.InferenceSession, SessionInfo]:
-    """A checked session with the runtime options' threads and providers."""
+def batch_lanes(options: RuntimeOptions, modality: str) -> int:
+    """How many batches a pipeline runs at once on the CPU, each on its share of the threads
+    (``runtime.concurrent_batches``; 0: one per thread for texts, else one). Each batch on
+    one thread of its own needs no hand-over between threads at each of the graph's ops,
+    which small ops (layer norms, softmax, quantizing) pay for most, and one delayed thread
+    no longer holds up the other. Bare session, all-MiniLM-L6-v2 on 1024 texts, 2 CPUs: int8
+    1.22x (8 rounds), fp32 1.00x on a quiet machine and 1.33x on a busy one; ResNet50 1.03x,
+    EfficientNet-Lite0 1.08x. CUDA and I/O binding run one batch at a time."""
+    if requested_providers(options.device)[0] != CPU or options.io_binding == "on":
+        return 1
     threads = options.threads or cpu_quota()
+    if options.concurrent_batches:
+        return min(options.concurrent_batches, threads)
+    return threads if modality == "textual" else 1
+
+
+def make_session(
+    model: Path, options: RuntimeOptions, *, spinning: bool = True, lanes: int = 1
+) -> tuple[ort.InferenceSession, SessionInfo]:
+    """A checked session with the runtime options' threads and providers; with ``lanes``
+    batches at once, each gets its share of the threads."""
+    threads = max(1, (options.threads or cpu_quota()) // lanes)
     providers = requested_providers(options.device, options.cuda_options)
     with warnings.catch_warnings():
         # ORT warns when CUDA is not available; _check says so in the project's own words.
@@ -91,7 +109,7 @@ def make_session(
             sess_options=session_options(threads, spinning=spinning),
             providers=providers,
         )
-    return session, _check(session, options, threads)
+    return session, replace(_check(session, options, threads), lanes=lanes)
 
 
 class PendingSession:
@@ -100,9 +118,12 @@ class PendingSession:
     takes to create all-MiniLM-L6-v2's session here. ``result`` waits for it and raises what
     creating it raised."""
 
-    def __init__(self, model: Path, options: RuntimeOptions, *, spinning: bool) -> None:
+    def __init__(
+        self, model: Path, options: RuntimeOptions, *, spinning: bool, lanes: int = 1
+    ) -> None:
         self.model = model
         self.spinning = spinning
+        self.lanes = lanes
         self._future: Future[tuple[ort.InferenceSession, SessionInfo]] = Future()
         # Not a daemon: the interpreter must not exit while ONNX Runtime is creating the
         # session (a run stopped by a bad config aborted or crashed that way), so an early
@@ -113,15 +134,16 @@ class PendingSession:
 
     def _create(self, options: RuntimeOptions) -> None:
         try:
-            made = make_session(self.model, options, spinning=self.spinning)
+            made = make_session(self.model, options, spinning=self.spinning, lanes=self.lanes)
         except BaseException as e:  # handed to whoever waits; nothing else would see it
             self._future.set_exception(e)
         else:
             self._future.set_result(made)
 
-    def serves(self, model: Path, *, spinning: bool) -> bool:
-        """Whether this is the session a model at ``model`` with this spinning needs."""
-        return (self.model, self.spinning) == (model, spinning)
+    def serves(self, model: Path, *, spinning: bool, lanes: int = 1) -> bool:
+        """Whether this is the session a model at ``model`` with this spinning and these
+        lanes needs."""
+        return (self.model, self.spinning, self.lanes) == (model, spinning, lanes)
 
     def result(self) -> tuple[ort.InferenceSession, SessionInfo]:
         return self._future.result()

@@ -219,8 +219,8 @@ def test_model_level_defaults_apply_to_every_entry(tmp_path: Path) -> None:
     assert cfg.models()[0].batch_size == 7
 
 
-@pytest.mark.parametrize("key", ["token_budget", "sort_window"])
-def test_text_batching_keys_are_counts(tmp_path: Path, key: str) -> None:
+@pytest.mark.parametrize("key", ["token_budget", "sort_window", "concurrent_batches"])
+def test_batching_keys_are_counts(tmp_path: Path, key: str) -> None:
     cfg = load_config(write(tmp_path, visual(RESNET, runtime={key: 8})), cwd=tmp_path)
     assert getattr(cfg.runtime, key) == 8
     with pytest.raises(ConfigError, match=rf"'runtime\.{key}' must be >= 0 \(0 = automatic\)"):

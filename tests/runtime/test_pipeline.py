@@ -324,7 +324,7 @@ def test_extract_creates_the_first_session_while_it_checks_and_reads(
 
     from ducho_fast.runtime import session
 
-    def failing(model: Path, options: Any, *, spinning: bool) -> Any:
+    def failing(model: Path, options: Any, *, spinning: bool, lanes: int = 1) -> Any:
         raise RuntimeError("no session here")
 
     from ducho_fast.runtime import pipeline
@@ -344,9 +344,9 @@ def _record_sessions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
     asked: list[tuple[str, bool]] = []
     real = session.make_session
 
-    def recording(model: Path, options: Any, *, spinning: bool) -> Any:
+    def recording(model: Path, options: Any, *, spinning: bool, lanes: int = 1) -> Any:
         asked.append((threading.current_thread().name, spinning))
-        return real(model, options, spinning=spinning)
+        return real(model, options, spinning=spinning, lanes=lanes)
 
     monkeypatch.setattr(embedder, "make_session", recording)
     monkeypatch.setattr(session, "make_session", recording)

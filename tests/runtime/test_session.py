@@ -282,9 +282,9 @@ def test_pending_session_is_created_in_a_background_thread(monkeypatch) -> None:
     threads: list[str] = []
     real = session_module.make_session
 
-    def recording(model: Path, options: Any, *, spinning: bool) -> Any:
+    def recording(model: Path, options: Any, *, spinning: bool, lanes: int = 1) -> Any:
         threads.append(threading.current_thread().name)
-        return real(model, options, spinning=spinning)
+        return real(model, options, spinning=spinning, lanes=lanes)
 
     monkeypatch.setattr(session_module, "make_session", recording)
     pending = PendingSession(PROBE, RuntimeOptions(device="cpu"), spinning=False)
@@ -324,9 +324,9 @@ from ducho_fast.runtime import session
 
 real = session.make_session
 
-def slow(model, options, *, spinning):
+def slow(model, options, *, spinning, lanes=1):
     time.sleep(0.5)
-    made = real(model, options, spinning=spinning)
+    made = real(model, options, spinning=spinning, lanes=lanes)
     Path({str(marker)!r}).write_text("done")
     return made
 
