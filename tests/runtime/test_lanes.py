@@ -21,10 +21,10 @@ from tests.conftest import npy_bytes, textual_config
 @pytest.mark.parametrize(
     ("options", "modality", "lanes"),
     [
-        (RuntimeOptions(device="cpu", threads=4), "textual", 4),  # texts: one per thread
-        (RuntimeOptions(device="cpu", threads=4), "visual", 1),
-        (RuntimeOptions(device="cpu", threads=4), "audio", 1),
-        (RuntimeOptions(device="cpu", threads=4, concurrent_batches=2), "visual", 2),
+        (RuntimeOptions(device="cpu", threads=4), "textual", 4),  # one per thread
+        (RuntimeOptions(device="cpu", threads=4), "visual", 4),
+        (RuntimeOptions(device="cpu", threads=4), "audio", 1),  # unmeasured: as before
+        (RuntimeOptions(device="cpu", threads=4, concurrent_batches=2), "audio", 2),
         (RuntimeOptions(device="cpu", threads=3, concurrent_batches=8), "textual", 3),
         (RuntimeOptions(device="cpu", threads=4, io_binding="on"), "textual", 1),
         (RuntimeOptions(device="cuda", threads=4, concurrent_batches=2), "textual", 1),
@@ -106,6 +106,9 @@ def test_concurrent_batches_write_the_same_files_and_list_failures_in_input_orde
         results[lanes] = (npy_bytes(tmp_path / f"out{lanes}"), run.errors)
         assert {lane for _, lane in lanes_seen} == set(range(lanes))
         assert len({name for name, _ in lanes_seen}) == lanes  # each lane its own thread
+        t = run.timing  # the lanes' mean waits and model time
+        assert t is not None and t.first_batch > 0 and t.model > 0
+        assert t.first_batch + t.model + t.inputs + t.writer <= run.seconds
     (files_one, errors_one), (files_three, errors_three) = results[1], results[3]
     assert len(files_one) == 37 and files_three == files_one
     assert [e.item_id for e in errors_three] == ["t003", "t017", "t030"]
