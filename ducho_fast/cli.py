@@ -282,9 +282,10 @@ def _print_timing(result: Any) -> None:
     t = result.timing
     if t is None or not result.written or result.seconds <= 0:
         return
+    lanes = f", {t.lanes} batches at once" if t.lanes > 1 else ""
     out.print(
-        f"  model busy {t.model / result.seconds:.0%} of {result.seconds:.1f}s (first batch "
-        f"after {t.first_batch:.1f}s); then waited {t.inputs:.1f}s for inputs, "
+        f"  model busy {t.model / result.seconds:.0%} of {result.seconds:.1f}s{lanes} (first "
+        f"batch after {t.first_batch:.1f}s); then waited {t.inputs:.1f}s for inputs, "
         f"{t.writer:.1f}s for the writer",
         highlight=False,
         soft_wrap=True,

@@ -60,6 +60,7 @@ class Timing:
     model: float = 0.0
     inputs: float = 0.0
     writer: float = 0.0
+    lanes: int = 1  # batches run at once: model, inputs and writer are the lanes' means
 
 
 @dataclass
@@ -574,6 +575,7 @@ def _merge(waits: list[Timing]) -> Timing:
         first_batch=0.0 if math.isinf(first) else first,
         inputs=sum(w.inputs for w in waits) / n,
         writer=sum(w.writer for w in waits) / n,
+        lanes=n,
     )
 
 

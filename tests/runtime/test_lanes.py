@@ -3,6 +3,7 @@ same files whatever the lanes, failures in input order, a failing lane stopping 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -107,7 +108,9 @@ def test_concurrent_batches_write_the_same_files_and_list_failures_in_input_orde
         assert {lane for _, lane in lanes_seen} == set(range(lanes))
         assert len({name for name, _ in lanes_seen}) == lanes  # each lane its own thread
         t = run.timing  # the lanes' mean waits and model time
-        assert t is not None and t.first_batch > 0 and t.model > 0
+        assert t is not None and t.first_batch > 0 and t.model > 0 and t.lanes == lanes
+        (manifest,) = (tmp_path / f"out{lanes}").rglob("ducho-fast.manifest.json")
+        assert json.loads(manifest.read_text())["concurrent_batches"] == lanes
         assert t.first_batch + t.model + t.inputs + t.writer <= run.seconds
     (files_one, errors_one), (files_three, errors_three) = results[1], results[3]
     assert len(files_one) == 37 and files_three == files_one
