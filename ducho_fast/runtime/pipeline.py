@@ -34,11 +34,11 @@ from ducho_fast.errors import DataError, DuchoError, UnreadableFile
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
 from ducho_fast.runtime.shard import Shard
+from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, put, put_alive
 
 LoadFn = Callable[[Item], Any]
 WriteFn = Callable[[str, ItemOutputs], None]
 ProgressFn = Callable[[int], None]
-_DONE = object()
 
 
 @dataclass
@@ -48,19 +48,6 @@ class Batch:
     skipped: int = 0  # items of this chunk that failed to load (for progress)
     ticks: int | None = None  # how far writing it moves the progress; None: items + skipped
     prepared: Prepared | None = None  # graph inputs built (and staged) by the reader
-
-
-@dataclass
-class Timing:
-    """Where a local pipeline's time went, in seconds: until its first batch ran (the
-    session made, the first window read), in one model's runs, and waiting after that for the
-    readers (reading, decoding, tokenizing) or the writer. The rest is the last writes."""
-
-    first_batch: float = 0.0
-    model: float = 0.0
-    inputs: float = 0.0
-    writer: float = 0.0
-    lanes: int = 1  # batches run at once: model, inputs and writer are the lanes' means
 
 
 @dataclass
@@ -195,11 +182,11 @@ class Pipeline(WindowedRun):
         start = time.perf_counter()
         batches: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         writes: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
-        reader = _Worker(self._read, items, batches)
-        writer = _Worker(self._drain, writes, progress)
+        reader = Worker(self._read, items, batches)
+        writer = Worker(self._drain, writes, progress)
         reader.start()
         writer.start()
-        lanes: list[_Lane] = []
+        lanes: list[Lane] = []
         stop = threading.Event()
         try:
             for member in self.members:
@@ -207,7 +194,7 @@ class Pipeline(WindowedRun):
                 member.embedder.ready()
             count = min(m.embedder.lanes for m in self.members)
             stages = (batches, reader, writes, writer)
-            lanes = [_Lane(k, start, stages, stop) for k in range(count)]
+            lanes = [Lane(k, start, stages, stop, launch) for k in range(count)]
             for lane in lanes[1:]:
                 lane.start()
             lanes[0].run()  # on this thread
@@ -216,14 +203,14 @@ class Pipeline(WindowedRun):
             for lane in lanes[1:]:
                 lane.join()
             reader.stop()
-            _put_alive(writes, _DONE, writer)
+            put_alive(writes, DONE, writer)
             writer.join()
             reader.join()
         for lane in lanes:
             lane.reraise()
         writer.reraise()
         seconds = time.perf_counter() - start
-        waits = _merge([lane.waits for lane in lanes])
+        waits = merge_timing([lane.waits for lane in lanes])
         # Batches finish out of order with several lanes: failures are listed in input order.
         position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
         for member in self.members:
@@ -244,8 +231,8 @@ class Pipeline(WindowedRun):
                     # Built (on CUDA: staged on the device) just before it is queued, so at
                     # most ``prefetch`` + 1 batches hold inputs, however long the window.
                     batch.prepared = _prepare(member.embedder, batch)
-                    _put(out, (member, batch), stop)
-        _put(out, _DONE, stop)
+                    put(out, (member, batch), stop)
+        put(out, DONE, stop)
 
     def todo(self, items: Sequence[Item]) -> int:
         """How many of this run's items some model still embeds: the progress counts these,
@@ -309,7 +296,7 @@ class Pipeline(WindowedRun):
         return out
 
     def _drain(self, writes: queue.Queue[Any], progress: ProgressFn | None, _: Any) -> None:
-        while (entry := writes.get()) is not _DONE:
+        while (entry := writes.get()) is not DONE:
             member, batch, ran = entry
             for item, out in zip(batch.items, collect(member.embedder, batch, ran), strict=True):
                 if isinstance(out, str):
@@ -498,128 +485,3 @@ def _infer_one(embedder: Embedder, payload: Any) -> ItemOutputs | str:
         return embedder.run_prepared([payload])[0]
     except Exception as e:
         return f"the model failed on this item: {type(e).__name__}: {e}"
-
-
-class _Lane(threading.Thread):
-    """Runs batches from the readers' queue, one at a time, and hands them to the writer;
-    ``k``: which of the embedders' lanes (:attr:`Embedder.lanes`). Lane 0 runs on the
-    pipeline's own thread. A lane that fails, or finds the writer gone, sets ``stop``: the
-    others end after their current batch, and the run raises what the lane raised."""
-
-    def __init__(self, k: int, start: float, stages: _Stages, stop: threading.Event) -> None:
-        super().__init__(daemon=True, name=f"ducho-lane-{k}")
-        self.k = k
-        self._start_time = start
-        self._stages = stages
-        self._halt = stop
-        self.waits = Timing(first_batch=math.inf)
-        self.busy: dict[int, float] = {}  # seconds in each model's runs, by id(member)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        batches, reader, writes, writer = self._stages
-        try:
-            mark = None
-            while (entry := _next(batches, self._halt)) is not _DONE:
-                member, batch = entry
-                began = time.perf_counter()
-                if mark is None:
-                    self.waits.first_batch = began - self._start_time
-                else:
-                    self.waits.inputs += began - mark
-                ran = launch(member.embedder, batch, self.k) if batch.items else []
-                mark = time.perf_counter()
-                self.busy[id(member)] = self.busy.get(id(member), 0.0) + mark - began
-                if not _put_alive(writes, (member, batch, ran), writer):
-                    self._halt.set()  # the writer failed: the run raises its error
-                    return
-                now = time.perf_counter()
-                self.waits.writer += now - mark
-                mark = now
-            if not self._halt.is_set():
-                batches.put_nowait(_DONE)  # the last entry: passed on to the other lanes
-                reader.reraise()
-        except BaseException as e:
-            self._halt.set()
-            self.error = e
-            if self.k == 0:
-                raise
-
-    def reraise(self) -> None:
-        if self.error is not None and self.k != 0:
-            raise self.error
-
-
-# What a model lane reads from and writes to: the batches queue and its reader, the writes
-# queue and its writer.
-_Stages = tuple[queue.Queue[Any], "_Worker", queue.Queue[Any], threading.Thread]
-
-
-def _next(batches: queue.Queue[Any], stop: threading.Event) -> Any:
-    """The next entry of ``batches``, or ``_DONE`` once ``stop`` is set."""
-    while not stop.is_set():
-        try:
-            return batches.get(timeout=0.1)
-        except queue.Empty:
-            continue
-    return _DONE
-
-
-def _merge(waits: list[Timing]) -> Timing:
-    """One timing for the lanes of a run: the first batch of any, the rest their mean."""
-    if not waits:
-        return Timing()
-    first = min(w.first_batch for w in waits)
-    n = len(waits)
-    return Timing(
-        first_batch=0.0 if math.isinf(first) else first,
-        inputs=sum(w.inputs for w in waits) / n,
-        writer=sum(w.writer for w in waits) / n,
-        lanes=n,
-    )
-
-
-class _Worker(threading.Thread):
-    """A stage thread that keeps its exception for the main thread to re-raise."""
-
-    def __init__(self, target: Callable[..., None], source: Any, sink: Any) -> None:
-        super().__init__(daemon=True)
-        self._target_fn = target
-        self._args = (source, sink)
-        self.stop_event = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._target_fn(*self._args, self.stop_event)
-        except BaseException as e:
-            self.error = e
-            if isinstance(self._args[1], queue.Queue):
-                _put(self._args[1], _DONE, threading.Event())
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def reraise(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def _put(q: queue.Queue[Any], value: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(value, timeout=0.1)
-            return
-        except queue.Full:
-            continue
-
-
-def _put_alive(q: queue.Queue[Any], value: Any, consumer: threading.Thread) -> bool:
-    """Put unless the consumer has died (its error is re-raised by the caller)."""
-    while consumer.is_alive():
-        try:
-            q.put(value, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False

@@ -1,0 +1,158 @@
+"""The pipeline's stage threads and the queues between them: reader and writer workers, and
+the model lanes, each running one batch at a time (several at once with
+``runtime.concurrent_batches``); how long each waited (:class:`Timing`)."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+DONE = object()  # the last entry of a queue
+LaunchFn = Callable[[Any, Any, int], Any]  # (embedder, batch, lane) -> what the writer takes
+
+
+@dataclass
+class Timing:
+    """Where a local pipeline's time went, in seconds: until its first batch ran (the
+    session made, the first window read), in one model's runs, and waiting after that for the
+    readers (reading, decoding, tokenizing) or the writer. The rest is the last writes."""
+
+    first_batch: float = 0.0
+    model: float = 0.0
+    inputs: float = 0.0
+    writer: float = 0.0
+    lanes: int = 1  # batches run at once: model, inputs and writer are the lanes' means
+
+
+class Lane(threading.Thread):
+    """Runs batches from the readers' queue, one at a time, with ``launch`` (embedder, batch,
+    lane), and hands them to the writer; ``k``: which of the embedders' lanes
+    (:attr:`Embedder.lanes`). Lane 0 runs on the pipeline's own thread. A lane that fails, or
+    finds the writer gone, sets ``stop``: the others end after their current batch, and the
+    run raises what the lane raised."""
+
+    def __init__(
+        self, k: int, start: float, stages: Stages, stop: threading.Event, launch: LaunchFn
+    ) -> None:
+        super().__init__(daemon=True, name=f"ducho-lane-{k}")
+        self.k = k
+        self._launch = launch
+        self._start_time = start
+        self._stages = stages
+        self._halt = stop
+        self.waits = Timing(first_batch=math.inf)
+        self.busy: dict[int, float] = {}  # seconds in each model's runs, by id(member)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        batches, reader, writes, writer = self._stages
+        try:
+            mark = None
+            while (entry := next_entry(batches, self._halt)) is not DONE:
+                member, batch = entry
+                began = time.perf_counter()
+                if mark is None:
+                    self.waits.first_batch = began - self._start_time
+                else:
+                    self.waits.inputs += began - mark
+                ran = self._launch(member.embedder, batch, self.k) if batch.items else []
+                mark = time.perf_counter()
+                self.busy[id(member)] = self.busy.get(id(member), 0.0) + mark - began
+                if not put_alive(writes, (member, batch, ran), writer):
+                    self._halt.set()  # the writer failed: the run raises its error
+                    return
+                now = time.perf_counter()
+                self.waits.writer += now - mark
+                mark = now
+            if not self._halt.is_set():
+                batches.put_nowait(DONE)  # the last entry: passed on to the other lanes
+                reader.reraise()
+        except BaseException as e:
+            self._halt.set()
+            self.error = e
+            if self.k == 0:
+                raise
+
+    def reraise(self) -> None:
+        if self.error is not None and self.k != 0:
+            raise self.error
+
+
+# What a model lane reads from and writes to: the batches queue and its reader, the writes
+# queue and its writer.
+Stages = tuple[queue.Queue[Any], "Worker", queue.Queue[Any], threading.Thread]
+
+
+def next_entry(batches: queue.Queue[Any], stop: threading.Event) -> Any:
+    """The next entry of ``batches``, or ``DONE`` once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            return batches.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return DONE
+
+
+def merge_timing(waits: list[Timing]) -> Timing:
+    """One timing for the lanes of a run: the first batch of any, the rest their mean."""
+    if not waits:
+        return Timing()
+    first = min(w.first_batch for w in waits)
+    n = len(waits)
+    return Timing(
+        first_batch=0.0 if math.isinf(first) else first,
+        inputs=sum(w.inputs for w in waits) / n,
+        writer=sum(w.writer for w in waits) / n,
+        lanes=n,
+    )
+
+
+class Worker(threading.Thread):
+    """A stage thread that keeps its exception for the main thread to re-raise."""
+
+    def __init__(self, target: Callable[..., None], source: Any, sink: Any) -> None:
+        super().__init__(daemon=True)
+        self._target_fn = target
+        self._args = (source, sink)
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._target_fn(*self._args, self.stop_event)
+        except BaseException as e:
+            self.error = e
+            if isinstance(self._args[1], queue.Queue):
+                put(self._args[1], DONE, threading.Event())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def put(q: queue.Queue[Any], value: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(value, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def put_alive(q: queue.Queue[Any], value: Any, consumer: threading.Thread) -> bool:
+    """Put unless the consumer has died (its error is re-raised by the caller)."""
+    while consumer.is_alive():
+        try:
+            q.put(value, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
