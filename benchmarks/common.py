@@ -150,7 +150,7 @@ def bare_sessions(
     from ducho_fast.runtime.session import batch_lanes
 
     options = RuntimeOptions(spin_wait="on")
-    count = batch_lanes(options, artifact.modality) if lanes is None else lanes
+    count = batch_lanes(options) if lanes is None else lanes
     embedder = Embedder(artifact, options, lanes=count)
     batches = [Prepared([(list(range(len(next(iter(f.values()))))), f)], []) for f in feeds]
     embedder.launch(batches[0])  # warm-up

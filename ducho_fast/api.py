@@ -218,7 +218,7 @@ def _session_ahead(cfg: Config) -> PendingSession | None:
     if not model.is_file():
         return None  # find_artifact says what is missing
     spinning = spins(cfg.runtime, spec.modality, readers=True)
-    lanes = batch_lanes(cfg.runtime, spec.modality)
+    lanes = batch_lanes(cfg.runtime)
     return PendingSession(model, cfg.runtime, spinning=spinning, lanes=lanes)
 
 
@@ -226,7 +226,7 @@ def _embedder(ctx: _Context, artifact: Artifact) -> Embedder:
     """A pipeline's embedder, on the session created ahead when it is this artifact's."""
     pending = ctx.ahead.pop() if ctx.ahead else None
     spinning = spins(ctx.cfg.runtime, artifact.modality, readers=True)
-    lanes = batch_lanes(ctx.cfg.runtime, artifact.modality)
+    lanes = batch_lanes(ctx.cfg.runtime)
     if pending is not None and not pending.serves(
         artifact.model_path, spinning=spinning, lanes=lanes
     ):

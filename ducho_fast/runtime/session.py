@@ -78,23 +78,22 @@ def spins(options: RuntimeOptions, modality: str, *, readers: bool) -> bool:
     return options.spin_wait == "on"
 
 
-def batch_lanes(options: RuntimeOptions, modality: str) -> int:
+def batch_lanes(options: RuntimeOptions) -> int:
     """How many batches a pipeline runs at once on the CPU, each on its share of the threads
-    (``runtime.concurrent_batches``; 0: one per thread for texts and images, one for audio,
-    unmeasured). A batch on a thread of its own needs no hand-over between threads at each
-    of the graph's ops, which small ops (layer norms, softmax, quantizing) pay for most, and
-    a thread delayed by the readers or another process no longer holds up the other.
-    Measured on 2 CPUs in alternating rounds: bare sessions, all-MiniLM-L6-v2 on 1024 texts,
-    int8 1.22x (8 rounds), fp32 1.00x on a quiet machine and 1.33x on a busy one; ResNet50
-    1.03x, EfficientNet-Lite0 1.08x. Extract end to end (128 JPEGs): ResNet50 1.25x
-    (1.04-1.61, 6 rounds), EfficientNet-Lite0 0.99x (0.93-1.12, 8 rounds). CUDA and I/O
-    binding run one batch at a time."""
+    (``runtime.concurrent_batches``; 0: one per thread). A batch on a thread of its own needs
+    no hand-over between threads at each of the graph's ops, which small ops (layer norms,
+    softmax, quantizing) pay for most, and a thread delayed by the readers or another process
+    no longer holds up the other. Measured on 2 CPUs in alternating rounds, against one batch
+    at a time on both threads: bare sessions, all-MiniLM-L6-v2 on 1024 texts, int8 1.22x
+    (8 rounds), fp32 1.00x on a quiet machine and 1.33x on a busy one; ResNet50 1.03x,
+    EfficientNet-Lite0 1.08x. Extract end to end: ResNet50 on 128 JPEGs 1.25x (1.04-1.61,
+    6 rounds), EfficientNet-Lite0 0.99x (0.93-1.12, 8 rounds), HuBERT (base size, random
+    weights) on 48 clips of 5 s 1.15x (1.10-1.25, 8 rounds). CUDA and I/O binding run one
+    batch at a time."""
     if requested_providers(options.device)[0] != CPU or options.io_binding == "on":
         return 1
     threads = options.threads or cpu_quota()
-    if options.concurrent_batches:
-        return min(options.concurrent_batches, threads)
-    return threads if modality in ("textual", "visual") else 1
+    return min(options.concurrent_batches or threads, threads)
 
 
 def make_session(

@@ -20,20 +20,18 @@ from tests.conftest import npy_bytes, textual_config
 
 
 @pytest.mark.parametrize(
-    ("options", "modality", "lanes"),
+    ("options", "lanes"),
     [
-        (RuntimeOptions(device="cpu", threads=4), "textual", 4),  # one per thread
-        (RuntimeOptions(device="cpu", threads=4), "visual", 4),
-        (RuntimeOptions(device="cpu", threads=4), "audio", 1),  # unmeasured: as before
-        (RuntimeOptions(device="cpu", threads=4, concurrent_batches=2), "audio", 2),
-        (RuntimeOptions(device="cpu", threads=3, concurrent_batches=8), "textual", 3),
-        (RuntimeOptions(device="cpu", threads=4, io_binding="on"), "textual", 1),
-        (RuntimeOptions(device="cuda", threads=4, concurrent_batches=2), "textual", 1),
-        (RuntimeOptions(device="cuda:1", threads=4), "textual", 1),
+        (RuntimeOptions(device="cpu", threads=4), 4),  # one per thread
+        (RuntimeOptions(device="cpu", threads=4, concurrent_batches=2), 2),
+        (RuntimeOptions(device="cpu", threads=3, concurrent_batches=8), 3),
+        (RuntimeOptions(device="cpu", threads=4, io_binding="on"), 1),
+        (RuntimeOptions(device="cuda", threads=4, concurrent_batches=2), 1),
+        (RuntimeOptions(device="cuda:1", threads=4), 1),
     ],
 )
-def test_batch_lanes(options: RuntimeOptions, modality: str, lanes: int) -> None:
-    assert batch_lanes(options, modality) == lanes
+def test_batch_lanes(options: RuntimeOptions, lanes: int) -> None:
+    assert batch_lanes(options) == lanes
 
 
 def test_lanes_of_one_thread_share_a_session_and_wider_lanes_get_one_each(
