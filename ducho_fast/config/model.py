@@ -147,7 +147,7 @@ class RuntimeOptions:
     workers: int = 0
     token_budget: int = 0  # text: max rows x padded length per batch; 0: batch_size x 64
     sort_window: int = 0  # text: batches per length-sorted window; 0: 64
-    concurrent_batches: int = 0  # CPU: batches run at once; 0: one per thread
+    concurrent_batches: int = 0  # CPU: batches run at once; 0: automatic (see batch_lanes)
     io_binding: str = "auto"  # auto (on for CUDA) | on | off
     spin_wait: str = "auto"  # auto (off while images/audio decode beside) | on | off
     cuda_options: dict[str, Any] = field(default_factory=dict)  # CUDA provider options

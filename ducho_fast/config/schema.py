@@ -95,7 +95,7 @@ RUNTIME_KEYS: dict[str, Key] = {
     "token_budget": Key((int,), doc="text: tokens per batch (rows x padded length); 0 = auto"),
     "sort_window": Key((int,), doc="text: batches sorted by length together; 0 = auto (64)"),
     "concurrent_batches": Key(
-        (int,), doc="CPU: batches run at once, threads shared out; 0 = auto (1 per thread)"
+        (int,), doc="CPU: batches run at once, threads shared out; 0 = auto (at most 4)"
     ),
     "io_binding": Key((str, bool), choices=_SWITCH, doc="auto: on for CUDA sessions"),
     "spin_wait": Key(

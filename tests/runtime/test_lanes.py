@@ -22,7 +22,12 @@ from tests.conftest import npy_bytes, textual_config
 @pytest.mark.parametrize(
     ("options", "lanes"),
     [
-        (RuntimeOptions(device="cpu", threads=4), 4),  # one per thread
+        (RuntimeOptions(device="cpu", threads=2), 2),  # one per thread
+        (RuntimeOptions(device="cpu", threads=4), 4),
+        (RuntimeOptions(device="cpu", threads=6), 3),  # the threads shared out evenly
+        (RuntimeOptions(device="cpu", threads=16), 4),  # at most AUTO_MAX_LANES
+        (RuntimeOptions(device="cpu", threads=5), 1),
+        (RuntimeOptions(device="cpu", threads=16, concurrent_batches=8), 8),
         (RuntimeOptions(device="cpu", threads=4, concurrent_batches=2), 2),
         (RuntimeOptions(device="cpu", threads=3, concurrent_batches=8), 3),
         (RuntimeOptions(device="cpu", threads=4, io_binding="on"), 1),
