@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -209,7 +210,10 @@ def report(
     ratios: dict[str, dict[str, float]] | None = None,
 ) -> None:
     """A human table and the ratios from :func:`paired` (median of the rounds, and their
-    range), then one JSON line (the last line of output) with every figure."""
+    range), then one JSON line (the last line of output) with every figure and the CPU's
+    model (:func:`cpu_model`): figures from different CPUs do not compare."""
+    summary = {**summary, "cpu_model": cpu_model()}
+    print(f"CPU: {summary['cpu_model']}")
     width = max(len(r[0]) for r in rows)
     for name, rate, note in rows:
         print(f"  {name:<{width}}  {rate:8.1f} items/s  {note}")
@@ -221,6 +225,28 @@ def report(
     for name, r in ratios.items():
         print(f"  {name:<{width}}  {r['median']:6.3f}  ({r['min']:.3f} to {r['max']:.3f})")
     print(json.dumps(summary, sort_keys=True))
+
+
+# CPU features that decide which of ONNX Runtime's kernels run (int8 above all).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name as Linux reports it, with the features in ``CPU_FEATURES`` it has
+    (``platform.processor()`` elsewhere, or "unknown"): the machines these benchmarks run on
+    differ from run to run, and a VM may report only the vendor."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        lines = []
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    have = [f for f in CPU_FEATURES if f in flags]
+    return f"{name} ({', '.join(have)})" if have else name
 
 
 def npy_files(folder: Path) -> dict[str, bytes]:

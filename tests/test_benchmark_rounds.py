@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,22 @@ def test_the_json_line_keeps_the_median_and_the_range(common):
         "ratios": {"x": 1.235},
         "ratio_ranges": {"x": [1.0, 1.5]},
     }
+
+
+def test_the_json_line_names_the_cpu_model(common, tmp_path, capsys, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 9000\n\n")
+    assert common.cpu_model(cpuinfo) == "Some CPU 9000"
+    flags = "flags\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU 9000\n{flags}\n")
+    assert common.cpu_model(cpuinfo) == "Some CPU 9000 (avx2, avx512f, avx512_vnni)"
+    monkeypatch.setattr(common.platform, "processor", lambda: "")
+    assert common.cpu_model(tmp_path / "missing") == "unknown"
+    monkeypatch.setattr(common, "cpu_model", lambda: "Some CPU 9000")
+    common.report([("a", 2.0, "")], {"n": 1})
+    lines = capsys.readouterr().out.splitlines()
+    assert "CPU: Some CPU 9000" in lines
+    assert json.loads(lines[-1]) == {"n": 1, "cpu_model": "Some CPU 9000"}
 
 
 def test_efficiency_factors_multiply_to_each_rounds_efficiency(common):
