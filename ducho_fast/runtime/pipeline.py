@@ -211,13 +211,16 @@ class Pipeline(WindowedRun):
         writer.reraise()
         seconds = time.perf_counter() - start
         waits = merge_timing([lane.waits for lane in lanes])
-        # Batches finish out of order with several lanes: failures are listed in input order.
-        position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
         for member in self.members:
             busy = sum(lane.busy.get(id(member), 0.0) for lane in lanes) / len(lanes)
             member.result.seconds = seconds
             member.result.timing = replace(waits, model=busy)
-            member.result.errors.sort(key=lambda e: position.get(e.item_id, len(items)))
+        if any(m.result.errors for m in self.members):
+            # Failures in input order: lanes finish batches out of order, and texts are
+            # batched by length.
+            position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
+            for member in self.members:
+                member.result.errors.sort(key=lambda e: position.get(e.item_id, len(items)))
         return [m.result for m in self.members]
 
     # -- stages ----------------------------------------------------------------------------

@@ -123,6 +123,37 @@ def test_concurrent_batches_write_the_same_files_and_list_failures_in_input_orde
     ]
 
 
+def test_failures_are_listed_in_input_order_when_texts_run_by_length(
+    tmp_path, store, minilm_dir, monkeypatch
+) -> None:
+    """One lane, one window of 40 texts batched shortest first: the long bad text (t002)
+    runs after the short one (t020), and is still listed first."""
+    from ducho_fast.runtime import embedder as embedder_module
+
+    rows = [f"t{i:03d}\t{'a warm wool sweater ' * (1 + i % 7)}" for i in range(40)]
+    rows[2] = "t002\t" + "BAD " * 11  # 13 tokens, a length no other text has
+    rows[20] = "t020\tBAD"  # 3 tokens
+    (tmp_path / "descriptions.tsv").write_text("item_id\tdescription\n" + "\n".join(rows) + "\n")
+    config = _minilm_config(minilm_dir, tmp_path, store)
+    config["runtime"] = {"threads": 1, "concurrent_batches": 1}
+    ducho_fast.export(config)
+    real_launch = embedder_module.Embedder.launch
+    order: list[int] = []
+
+    def failing(self: Any, prepared: Any, lane: int = 0) -> Any:
+        bad = {3, 13} & set(prepared.lengths)
+        if bad:  # the batch fails; run item by item, each bad text fails alone
+            order.extend(sorted(bad))
+            raise RuntimeError("the model cannot take this text")
+        return real_launch(self, prepared, lane)
+
+    monkeypatch.setattr(embedder_module.Embedder, "launch", failing)
+    run = _extract_within(config).runs[0].result
+    assert order[0] == 3  # the short text's batch ran first
+    assert [e.item_id for e in run.errors] == ["t002", "t020"]
+    assert run.written == 38
+
+
 def test_a_failing_lane_stops_the_run_with_its_error(
     tmp_path, store, minilm_dir, monkeypatch
 ) -> None:
