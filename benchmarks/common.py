@@ -213,10 +213,10 @@ def report(
     range), then one JSON line (the last line of output) with every figure and the CPU's
     model (:func:`cpu_model`): figures from different CPUs do not compare."""
     summary = {**summary, "cpu_model": cpu_model()}
-    print(f"CPU: {summary['cpu_model']}")
     width = max(len(r[0]) for r in rows)
     for name, rate, note in rows:
         print(f"  {name:<{width}}  {rate:8.1f} items/s  {note}")
+    print(f"on {summary['cpu_model']}")
     if not ratios:
         print(json.dumps(summary, sort_keys=True))
         return

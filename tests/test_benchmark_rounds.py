@@ -56,7 +56,7 @@ def test_the_json_line_names_the_cpu_model(common, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(common, "cpu_model", lambda: "Some CPU 9000")
     common.report([("a", 2.0, "")], {"n": 1})
     lines = capsys.readouterr().out.splitlines()
-    assert "CPU: Some CPU 9000" in lines
+    assert "on Some CPU 9000" in lines
     assert json.loads(lines[-1]) == {"n": 1, "cpu_model": "Some CPU 9000"}
 
 
