@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ducho_fast.errors import DataError, OutputError
+from ducho_fast.outputs.atomic import TMP_PREFIX
 from ducho_fast.outputs.manifest import (
     MANIFEST_FILE,
     check_complete,
@@ -86,3 +87,16 @@ def test_empty_and_header_only_files_are_not_complete(tmp_path: Path) -> None:
     (out / "e.npy").symlink_to(out / "e.npy")  # a loop
     assert set(feature_files(out)) == {"a"}
     assert (out / "a.npy").stat().st_size == 144  # the smallest real feature is larger
+
+
+def test_features_are_the_npy_files_sorted_by_name_without_temporaries(tmp_path: Path) -> None:
+    """Another shard's write in progress (a complete-looking temp file), other files and
+    folders are not features; the ids come sorted by name."""
+    out = tmp_path / "avgpool"
+    ids = [f"item{k}" for k in range(30)]  # listed by the file system in its own order
+    features(out, ids)
+    np.save(out / f"{TMP_PREFIX}1234-5-6.npy", np.zeros((1, 4), np.float32))
+    (out / "notes.txt").write_text("not a feature")
+    (out / "dir.npy").mkdir()
+    assert list(feature_files(out)) == sorted(ids)  # item0, item1, item10, item11, ...
+    assert feature_files(out)["item7"] == out / "item7.npy"
