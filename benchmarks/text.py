@@ -8,8 +8,9 @@ descriptions of varied length, all on this machine's CPU, in one process:
 - ``extract``: ``ducho_fast.extract`` end to end (read the TSV, tokenize in reader threads,
   length buckets, ONNX Runtime, write one .npy per item), fp32 and int8;
 - ``bare``: the same artifacts' ORT sessions alone on pre-tokenized batches, built as
-  ``extract`` builds them and run as it runs them (``runtime.concurrent_batches``: texts one
-  batch per thread at once), threads spinning between ops (as extract's do for text), so
+  ``extract`` builds them and run as it runs them (``runtime.concurrent_batches``: on 2
+  CPUs, two batches of one thread at once), threads spinning between ops (as extract's do
+  for text), so
   ``extract / bare`` is the pipeline efficiency; ``bare1``: the same, one batch at a time on
   all the threads (how extract ran texts before concurrent batches).
 The systems run side by side in ``--repeats`` rounds, each once per round (this machine is

