@@ -98,8 +98,10 @@ def batch_lanes(options: RuntimeOptions) -> int:
     (8 rounds), fp32 1.00x on a quiet machine and 1.33x on a busy one; ResNet50 1.03x,
     EfficientNet-Lite0 1.08x. Extract end to end: ResNet50 on 128 JPEGs 1.25x (1.04-1.61,
     6 rounds), EfficientNet-Lite0 0.99x (0.93-1.12, 8 rounds), HuBERT (base size, random
-    weights) on 48 clips of 5 s 1.15x (1.10-1.25, 8 rounds). CUDA and I/O binding run one
-    batch at a time."""
+    weights) on 48 clips of 5 s 1.15x (1.10-1.25, 8 rounds). Those were on one machine's
+    CPU; on another's (an AMD EPYC) the two were level: bare sessions' median rates fp32
+    1.04x, int8 0.99x, ResNet50 1.10x, EfficientNet-Lite0 0.94x, and extract of 128 JPEGs
+    with ResNet50 7.5 s against 7.3-7.6 s. CUDA and I/O binding run one batch at a time."""
     if requested_providers(options.device)[0] != CPU or options.io_binding == "on":
         return 1
     threads = options.threads or cpu_quota()
