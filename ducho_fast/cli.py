@@ -286,7 +286,7 @@ def _print_timing(result: Any) -> None:
     out.print(
         f"  model busy {t.model / result.seconds:.0%} of {result.seconds:.1f}s{lanes} (first "
         f"batch after {t.first_batch:.1f}s); then waited {t.inputs:.1f}s for inputs, "
-        f"{t.writer:.1f}s for the writer",
+        f"{t.writer:.1f}s for the writer; the writer used {t.writer_cpu:.1f}s of CPU",
         highlight=False,
         soft_wrap=True,
     )

@@ -165,6 +165,7 @@ class Pipeline(WindowedRun):
         self._shared_window = shared
         self.members = list(members)
         self._lock = threading.Lock()
+        self._writer_cpu = 0.0  # the writer thread's CPU time in the last run
 
     @property
     def window(self) -> int:
@@ -214,7 +215,7 @@ class Pipeline(WindowedRun):
         for member in self.members:
             busy = sum(lane.busy.get(id(member), 0.0) for lane in lanes) / len(lanes)
             member.result.seconds = seconds
-            member.result.timing = replace(waits, model=busy)
+            member.result.timing = replace(waits, model=busy, writer_cpu=self._writer_cpu)
         if any(m.result.errors for m in self.members):
             # Failures in input order: lanes finish batches out of order, and texts are
             # batched by length.
@@ -299,17 +300,22 @@ class Pipeline(WindowedRun):
         return out
 
     def _drain(self, writes: queue.Queue[Any], progress: ProgressFn | None, _: Any) -> None:
-        while (entry := writes.get()) is not DONE:
-            member, batch, ran = entry
-            for item, out in zip(batch.items, collect(member.embedder, batch, ran), strict=True):
-                if isinstance(out, str):
-                    self._fail(member, item, out)
-                elif self._write_one(member, item, out):
-                    with self._lock:
-                        member.result.written += 1
-            ticks = len(batch.items) + batch.skipped if batch.ticks is None else batch.ticks
-            if progress and ticks:
-                progress(ticks)
+        began = time.thread_time()
+        try:
+            while (entry := writes.get()) is not DONE:
+                member, batch, ran = entry
+                outs = collect(member.embedder, batch, ran)
+                for item, out in zip(batch.items, outs, strict=True):
+                    if isinstance(out, str):
+                        self._fail(member, item, out)
+                    elif self._write_one(member, item, out):
+                        with self._lock:
+                            member.result.written += 1
+                ticks = len(batch.items) + batch.skipped if batch.ticks is None else batch.ticks
+                if progress and ticks:
+                    progress(ticks)
+        finally:
+            self._writer_cpu = time.thread_time() - began
 
     def _write_one(self, member: Member, item: Item, out: ItemOutputs) -> bool:
         reason = write_checked(member.write, item, out)

@@ -20,13 +20,17 @@ LaunchFn = Callable[[Any, Any, int], Any]  # (embedder, batch, lane) -> what the
 class Timing:
     """Where a local pipeline's time went, in seconds: until its first batch ran (the
     session made, the first window read), in one model's runs, and waiting after that for the
-    readers (reading, decoding, tokenizing) or the writer. The rest is the last writes."""
+    readers (reading, decoding, tokenizing) or the writer. The rest is the last writes.
+    ``writer_cpu``: the CPU time the writer thread used (its own clock), for every model of
+    the pipeline: taken from the CPUs the model runs on, mostly the file system creating one
+    file per item, it makes the model slower rather than making it wait."""
 
     first_batch: float = 0.0
     model: float = 0.0
     inputs: float = 0.0
     writer: float = 0.0
     lanes: int = 1  # batches run at once: model, inputs and writer are the lanes' means
+    writer_cpu: float = 0.0
 
 
 class Lane(threading.Thread):

@@ -461,9 +461,20 @@ def test_timing_says_where_the_model_threads_time_went(
     assert reading.inputs >= 0.4 > reading.writer  # 4 more batches, each read in 0.2 s
     writing = timed("collect", slow_collect)
     assert writing.writer >= 0.4 > writing.inputs  # 5 batches, each written in 0.2 s
+    assert writing.writer_cpu < 0.5  # the writer waited (slept): no CPU used
+
+    def busy_collect(embedder: Any, batch: Any, ran: Any) -> Any:
+        end = time.thread_time() + 0.1
+        while time.thread_time() < end:  # 0.1 s of the writer thread's own CPU per batch
+            pass
+        return real_collect(embedder, batch, ran)
+
+    assert timed("collect", busy_collect).writer_cpu >= 0.5  # 5 batches
+    writing = timed("collect", slow_collect)
     manifest = json.loads(
         (tmp_path / "out/torch/resnet18/avgpool/ducho-fast.manifest.json").read_text()
     )
     assert manifest["seconds_waiting_for_writer"] == round(writing.writer, 3)
     assert manifest["seconds_in_model"] == round(writing.model, 3)
     assert manifest["seconds_to_first_batch"] == round(writing.first_batch, 3)
+    assert manifest["writer_cpu_seconds"] == round(writing.writer_cpu, 3)
