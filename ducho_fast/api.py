@@ -57,7 +57,7 @@ from ducho_fast.runtime.pipeline import (
     shared_window,
     window_size,
 )
-from ducho_fast.runtime.session import PendingSession, batch_lanes, spins
+from ducho_fast.runtime.session import PendingSession, batch_lanes, lanes_advice, spins
 from ducho_fast.runtime.shard import Shard
 
 if TYPE_CHECKING:
@@ -190,6 +190,9 @@ def extract(
     id_order = _id_order(cfg)
     ctx = _Context(cfg, artifacts, id_order, progress, part, ray, [ahead] if ahead else [])
     report = ExtractReport(shard=part)
+    advice = lanes_advice(cfg.runtime) if ray is None else None
+    if advice:
+        report.warnings.append(advice)
     for job in cfg.jobs:
         _save_resolved(cfg, job)
         if job.modality == "visual_textual":

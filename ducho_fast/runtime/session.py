@@ -110,6 +110,22 @@ def batch_lanes(options: RuntimeOptions) -> int:
     return max(k for k in range(1, min(threads, AUTO_MAX_LANES) + 1) if threads % k == 0)
 
 
+def lanes_advice(options: RuntimeOptions) -> str | None:
+    """Why the requested ``runtime.concurrent_batches`` leave threads idle; None if not."""
+    lanes = batch_lanes(options)
+    threads = options.threads or cpu_quota()
+    if not options.concurrent_batches or lanes < 2 or threads % lanes == 0:
+        return None
+    idle = threads - lanes * (threads // lanes)
+    share = threads // lanes
+    return (
+        f"runtime.concurrent_batches is {options.concurrent_batches}: {lanes} batches at once "
+        f"on {threads} threads, {share} thread{'s' if share > 1 else ''} each, so {idle} "
+        f"stay{'s' if idle == 1 else ''} idle. Choose a number of batches that divides the "
+        "threads, or 0 (automatic)."
+    )
+
+
 def make_session(
     model: Path, options: RuntimeOptions, *, spinning: bool = True, lanes: int = 1
 ) -> tuple[ort.InferenceSession, SessionInfo]:

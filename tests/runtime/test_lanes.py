@@ -15,7 +15,7 @@ import pytest
 import ducho_fast
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DeviceError
-from ducho_fast.runtime.session import batch_lanes
+from ducho_fast.runtime.session import batch_lanes, lanes_advice
 from tests.conftest import npy_bytes, textual_config
 
 
@@ -37,6 +37,24 @@ from tests.conftest import npy_bytes, textual_config
 )
 def test_batch_lanes(options: RuntimeOptions, lanes: int) -> None:
     assert batch_lanes(options) == lanes
+
+
+def test_batches_that_leave_threads_idle_are_pointed_out() -> None:
+    advice = lanes_advice(RuntimeOptions(device="cpu", threads=6, concurrent_batches=4))
+    assert advice == (
+        "runtime.concurrent_batches is 4: 4 batches at once on 6 threads, 1 thread each, so 2 "
+        "stay idle. Choose a number of batches that divides the threads, or 0 (automatic)."
+    )
+    assert "so 1 stays idle" in str(
+        lanes_advice(RuntimeOptions(device="cpu", threads=7, concurrent_batches=2))
+    )
+    for fine in (
+        RuntimeOptions(device="cpu", threads=6, concurrent_batches=3),
+        RuntimeOptions(device="cpu", threads=6),  # automatic: always divides
+        RuntimeOptions(device="cpu", threads=5, concurrent_batches=9),  # 5 lanes of one
+        RuntimeOptions(device="cuda", threads=6, concurrent_batches=4),  # one batch at a time
+    ):
+        assert lanes_advice(fine) is None
 
 
 def test_lanes_of_one_thread_share_a_session_and_wider_lanes_get_one_each(
