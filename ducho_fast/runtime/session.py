@@ -114,7 +114,7 @@ def lanes_advice(options: RuntimeOptions) -> str | None:
     """Why the requested ``runtime.concurrent_batches`` leave threads idle; None if not."""
     lanes = batch_lanes(options)
     threads = options.threads or cpu_quota()
-    if not options.concurrent_batches or lanes < 2 or threads % lanes == 0:
+    if threads % lanes == 0:  # always so for the automatic choice, and one batch at a time
         return None
     idle = threads - lanes * (threads // lanes)
     share = threads // lanes

@@ -57,6 +57,21 @@ def test_batches_that_leave_threads_idle_are_pointed_out() -> None:
         assert lanes_advice(fine) is None
 
 
+def test_extract_warns_when_its_batches_leave_threads_idle(tmp_path, store, minilm_dir) -> None:
+    (tmp_path / "descriptions.tsv").write_text("item_id\tdescription\nt1\ta lamp\n")
+    config = _minilm_config(minilm_dir, tmp_path, store)
+    ducho_fast.export(config)
+    config["runtime"] = {"threads": 3, "concurrent_batches": 2}
+    report = ducho_fast.extract(config)
+    assert report.runs[0].result.written == 1
+    assert report.warnings == [
+        "runtime.concurrent_batches is 2: 2 batches at once on 3 threads, 1 thread each, so 1 "
+        "stays idle. Choose a number of batches that divides the threads, or 0 (automatic)."
+    ]
+    config["runtime"] = {"threads": 3, "concurrent_batches": 3}
+    assert ducho_fast.extract(config).warnings == []
+
+
 def test_lanes_of_one_thread_share_a_session_and_wider_lanes_get_one_each(
     tmp_path, store, minilm_dir
 ) -> None:
