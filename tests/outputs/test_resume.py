@@ -135,10 +135,17 @@ def test_an_emptied_feature_file_is_embedded_again(tmp_path, store, image_dir, r
     assert snapshot(tmp_path / "out") == before
 
 
-def test_changed_settings_are_refused_before_any_work(tmp_path, store, texts_tsv, minilm_dir):
+def test_changed_settings_are_refused_before_any_work(
+    tmp_path, store, texts_tsv, minilm_dir, monkeypatch
+):
+    """...and --fresh replaces them; the earlier features it set aside are deleted before
+    extract returns, however long deleting takes."""
+    import shutil
+
     from typer.testing import CliRunner
 
     from ducho_fast.cli import app
+    from ducho_fast.outputs import manifest as manifest_module
 
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
     entry = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1}
@@ -154,10 +161,18 @@ def test_changed_settings_are_refused_before_any_work(tmp_path, store, texts_tsv
     assert snapshot(tmp_path / "out") == before
     path = tmp_path / "changed.yml"
     path.write_text(yaml.safe_dump(changed))
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(folder: Path, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        real_rmtree(folder, **kwargs)
+
+    monkeypatch.setattr(manifest_module.shutil, "rmtree", slow_rmtree)
     result = CliRunner().invoke(app, ["extract", str(path), "--fresh", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "11 written" in result.output
     folder = next((tmp_path / "out").rglob(MANIFEST_FILE)).parent
+    assert len(list(folder.glob("*.npy"))) == 11 and not list(folder.glob(".tmp-*"))
     assert json.loads((folder / MANIFEST_FILE).read_text())["key"]["clear_text"] is True
 
 
