@@ -114,10 +114,9 @@ def lanes_advice(options: RuntimeOptions) -> str | None:
     """Why the requested ``runtime.concurrent_batches`` leave threads idle; None if not."""
     lanes = batch_lanes(options)
     threads = options.threads or cpu_quota()
-    if threads % lanes == 0:  # always so for the automatic choice, and one batch at a time
+    share, idle = divmod(threads, lanes)
+    if not idle:  # always so for the automatic choice, and one batch at a time
         return None
-    idle = threads - lanes * (threads // lanes)
-    share = threads // lanes
     return (
         f"runtime.concurrent_batches is {options.concurrent_batches}: {lanes} batches at once "
         f"on {threads} threads, {share} thread{'s' if share > 1 else ''} each, so {idle} "
