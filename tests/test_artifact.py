@@ -21,7 +21,7 @@ def test_build_dirs_follow_the_umask(tmp_path, umask: int, mode: int) -> None:
     assert stat.S_IMODE(first.stat().st_mode) == mode
 
 
-def _artifact(folder, content: bytes = b"graph bytes"):  # type: ignore[no-untyped-def]
+def _artifact(folder, content: bytes = b"graph bytes"):
     import hashlib
     import json
 
@@ -45,7 +45,7 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = artifact.sha256_file
 
-    def counting(path, *a, **k):  # type: ignore[no-untyped-def]
+    def counting(path, *a, **k):
         calls.append(path.name)
         return real(path, *a, **k)
 
@@ -99,7 +99,7 @@ def test_an_unwritable_store_hashes_every_time(
 ) -> None:
     from ducho_fast import artifact
 
-    def refused(*a, **k):  # type: ignore[no-untyped-def]
+    def refused(*a, **k):
         raise PermissionError("read-only file system")
 
     _artifact(tmp_path / "a")

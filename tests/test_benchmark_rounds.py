@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ COMMON = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
 @pytest.fixture(scope="module")
 def common():
     spec = importlib.util.spec_from_file_location("bench_common", COMMON)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -21,7 +23,15 @@ def common():
 
 def test_each_round_runs_every_system_once_in_a_rotated_order(common):
     calls: list[str] = []
-    systems = {name: (lambda name=name: calls.append(name) or name) for name in "abc"}
+
+    def system(name: str) -> Callable[[], str]:
+        def run() -> str:
+            calls.append(name)
+            return name
+
+        return run
+
+    systems = {name: system(name) for name in "abc"}
     seconds, values = common.rounds(4, systems)
     assert calls == list("abcbcacababc")
     assert {k: len(v) for k, v in seconds.items()} == {"a": 4, "b": 4, "c": 4}

@@ -48,7 +48,7 @@ def test_visual_torch_items(tmp_path, store, image_dir, resnet18_state_dict) -> 
     net.load_state_dict(torch.load(resnet18_state_dict, weights_only=True))
     body = create_feature_extractor(net.eval(), {"avgpool": "a", "layer4": "b"})
     for image in sorted(image_dir.iterdir()):
-        pil = Image.open(image)
+        pil: Image.Image = Image.open(image)
         pil = pil.convert("RGB") if pil.mode != "RGB" else pil
         x = TF.normalize(
             TF.to_tensor(pil.resize((96, 80), Image.Resampling.BICUBIC)),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ducho_fast.config import load_config
@@ -58,6 +60,6 @@ def test_overridden_values_are_validated() -> None:
     ],
 )
 def test_bad_overrides(text: str, message: str) -> None:
-    raw = {"textual": {"items": {"model": [{}]}}}
+    raw: dict[str, Any] = {"textual": {"items": {"model": [{}]}}}
     with pytest.raises(ConfigError, match=message):
         apply_override(raw, text)

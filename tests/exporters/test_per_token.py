@@ -68,7 +68,7 @@ def test_each_row_on_its_own_grid(asymmetric: bool, opset: int) -> None:
     x[:, :, 0] *= 40  # an outlier feature
     x[1] *= 0.01  # a quiet text: per token, it keeps its own resolution
     if asymmetric:
-        x = np.abs(x) - 0.1  # long-tailed and mostly positive, as after a GELU
+        x = np.abs(x) - np.float32(0.1)  # long-tailed and mostly positive, as after a GELU
     x[2, 0] = -np.abs(x[2, 0]) - 0.05  # a row all below zero: zero stays on the grid
     model = _model(opset, w)
     quantize_per_token(model, {"mm0": asymmetric, "mm1": asymmetric})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
     tmp_path: Path, store: Path, minilm_dir: Path
 ) -> None:
     texts = ["ok", "A waterproof jacket with taped seams.", "Great value. " * 30]
-    vectors = {}
+    vectors: dict[str, np.ndarray] = {}
     for precision in ("fp32", "fp16", "int8"):
         config = textual_config(tmp_path, _minilm(minilm_dir, precision), store)
         (result,) = ducho_fast.export(config)
@@ -42,7 +43,9 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
         bound = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}[precision]
         assert parity["bounds"]["min_cosine"] == bound
         assert parity["layers"]["1"]["min_cosine"] >= bound
-        vectors[precision] = ducho_fast.load(result.artifact.path).embed(texts)
+        pooled = ducho_fast.load(result.artifact.path).embed(texts)
+        assert isinstance(pooled, np.ndarray)
+        vectors[precision] = pooled
     details = ducho_fast.export(textual_config(tmp_path, _minilm(minilm_dir, "int8"), store))
     info = details[0].artifact.manifest["precision_details"]
     assert info["quantized_nodes"] == 36  # every product with a weight
@@ -75,7 +78,10 @@ def test_int8_of_other_transformer_families(
     weights): every linear layer int8, the convolutions fp32, parity within the int8 bound."""
     model_dir = request.getfixturevalue(f"tiny_{family}_dir")  # only the family's model built
     if family == "bert":
-        model = {"model_name": str(model_dir), "output_layers": ["last_hidden_state"]}
+        model: dict[str, Any] = {
+            "model_name": str(model_dir),
+            "output_layers": ["last_hidden_state"],
+        }
         config = textual_config(tmp_path, {**model, "precision": "int8"}, store)
     elif family == "clip":
         config = two_tower_config(model_dir, store, precision="int8")
@@ -132,7 +138,7 @@ def test_int8_below_its_bound_is_refused(
     monkeypatch.setattr(precision_module, "smooth", lambda *a, **k: 0)
     real = precision_module.int8_schemes
 
-    def per_tensor(graph):  # type: ignore[no-untyped-def]
+    def per_tensor(graph):
         return dict.fromkeys(real(graph), precision_module.PER_TENSOR)
 
     monkeypatch.setattr(precision_module, "int8_schemes", per_tensor)

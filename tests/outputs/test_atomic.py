@@ -18,7 +18,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-ARRAYS = {
+ARRAYS: dict[str, np.ndarray] = {
     "row": np.random.default_rng(0).standard_normal((1, 384)).astype(np.float32),
     "vector_fp16": np.arange(7, dtype=np.float16),
     "scalar": np.array(2.5, dtype=np.float32),

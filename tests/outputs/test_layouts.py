@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_mmrec_matrices_follow_id_order(
     image = np.load(tmp_path / "v/matrix/torch/resnet18/avgpool/image_feat.npy")
     assert image.shape == (12, 512) and image.dtype == np.float32
     have = {i: np.load(per_item / f"{i}.npy")[0] for i in order if (per_item / f"{i}.npy").exists()}
-    mean = np.mean(list(have.values()), axis=0)
+    mean: np.ndarray = np.mean(list(have.values()), axis=0)
     for row, item_id in enumerate(order):
         expected = have.get(item_id, mean)  # "007" has no image, NEW1 nothing at all
         np.testing.assert_allclose(image[row], expected, rtol=1e-6, atol=1e-7)
@@ -120,7 +121,11 @@ def test_cornac_ids_without_id_order_and_token_layers_refused(
 def test_layouts_must_keep_the_per_item_parts(tmp_path: Path) -> None:
     from ducho_fast.config import load_config
 
-    config = {"dataset_path": str(tmp_path), "fusion": [], "output": {"layouts": ["matrix"]}}
+    config: dict[str, Any] = {
+        "dataset_path": str(tmp_path),
+        "fusion": [],
+        "output": {"layouts": ["matrix"]},
+    }
     config["fusion"] = [{"inputs": ["a", "b"], "mode": "concat", "output_path": "f"}]
     with pytest.raises(ConfigError, match=r"must include 'ducho'"):
         load_config(config)

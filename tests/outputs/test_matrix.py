@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_a_matrix_is_kept_until_its_rows_or_a_feature_change(tmp_path: Path) -> 
     parts(tmp_path / "p", {"a": a, "b": b, "c": c})
     matrix = tmp_path / "m" / "image_feat.npy"
 
-    def make(ids: list[str], **kwargs: object) -> bool:
+    def make(ids: list[str], **kwargs: Any) -> bool:
         result = write_matrix(tmp_path / "p", tmp_path / "m", "image_feat", ids, **kwargs)
         assert (tmp_path / "m" / "ids.txt").read_text() == "".join(f"{i}\n" for i in ids)
         return result.reused

@@ -101,7 +101,8 @@ def test_full_disk_stops_the_run_and_a_rerun_completes_it(
     ducho_fast.export(reference)
     ducho_fast.extract(reference)
     config = config_for(dataset, store, resnet18_state_dict, "out", reshape=[64, 64])
-    real_save, writes = NpyFiles.save, []
+    real_save = NpyFiles.save
+    writes: list[Path] = []
 
     def fills_up(self: NpyFiles, path: Path, array: np.ndarray) -> None:
         if len(writes) == 21:

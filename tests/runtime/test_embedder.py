@@ -34,10 +34,11 @@ def test_paths_arrays_and_pil_images_agree(resnet_artifact, image_dir) -> None:
     from_paths = emb.embed(paths)
     from_arrays = emb.embed([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     from_pil = emb.embed([Image.open(p) for p in paths], batch_size=3)
-    assert from_paths.shape == (4, 512)
+    assert isinstance(from_paths, np.ndarray) and from_paths.shape == (4, 512)
     np.testing.assert_allclose(from_paths, from_arrays, rtol=1e-6)
     np.testing.assert_allclose(from_paths, from_pil, rtol=1e-5, atol=1e-6)
-    assert emb.embed(paths[:2], layer="layer4").shape == (2, 512, 2, 2)
+    maps = emb.embed(paths[:2], layer="layer4")
+    assert isinstance(maps, np.ndarray) and maps.shape == (2, 512, 2, 2)
 
 
 def test_bad_inputs(resnet_artifact) -> None:
@@ -57,7 +58,8 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
     emb = ducho_fast.load(result.artifact.path)
     tokens = emb.embed(["one", "a somewhat longer sentence"], layer="last_hidden_state")
     assert isinstance(tokens, list) and [t.shape for t in tokens] == [(3, 32), (6, 32)]
-    assert emb.embed(["one", "two"]).shape == (2, 32)
+    pooled = emb.embed(["one", "two"])
+    assert isinstance(pooled, np.ndarray) and pooled.shape == (2, 32)
     with pytest.raises(DataError, match=r"text inputs must be strings"):
         emb.embed([3])  # type: ignore[list-item]
 
@@ -99,7 +101,8 @@ def test_embedder_waits_for_the_session_created_ahead(resnet_artifact) -> None:
     pending = PendingSession(artifact.model_path, options, spinning=False)
     emb = Embedder(artifact, options, readers=True, pending=pending)
     assert emb.session is pending.result()[0]
-    assert emb.embed([np.zeros((40, 30, 3), np.uint8)]).shape[0] == 1
+    one = emb.embed([np.zeros((40, 30, 3), np.uint8)])
+    assert isinstance(one, np.ndarray) and one.shape[0] == 1
     with pytest.raises(ValueError, match="is not the session"):
         Embedder(artifact, options, readers=False, pending=pending)  # readers=False spins
 

@@ -330,8 +330,13 @@ def test_extract_creates_the_first_session_while_it_checks_and_reads(
     from ducho_fast.runtime import pipeline
 
     one_by_one: list[Any] = []
+
+    def infer(*args: Any) -> list[Any]:
+        one_by_one.append(args)
+        return []
+
     monkeypatch.setattr(session, "make_session", failing)
-    monkeypatch.setattr(pipeline, "infer", lambda *a: one_by_one.append(a) or [])
+    monkeypatch.setattr(pipeline, "infer", infer)
     with pytest.raises(RuntimeError, match="no session here"):
         ducho_fast.extract(config, ["output.resume=false"])
     assert not one_by_one

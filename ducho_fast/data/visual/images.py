@@ -11,7 +11,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -102,6 +102,10 @@ def _unlisted(folder: Path, kind: str, error: OSError) -> str:
     return f"{kind} folder {folder} cannot be listed ({reason}); check its permissions."
 
 
+# What the image readers take: a file's path, an open binary file or bytes in memory (as
+# Pillow allows; no stamp, so never recorded as unreadable), a uint8 array or a PIL image.
+ImageSource = Path | BinaryIO | np.ndarray | Image.Image
+
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -112,15 +116,13 @@ RESAMPLING = {
 }
 
 
-def load_image(
-    source: Path | np.ndarray | Image.Image, reshape: tuple[int, int] | None
-) -> np.ndarray:
+def load_image(source: ImageSource, reshape: tuple[int, int] | None) -> np.ndarray:
     """Decode to RGB uint8 (H, W, 3), resized bicubically to ``reshape`` (width, height)."""
     return prepare_image(source, {"resize": reshape})
 
 
 def prepare_image(
-    source: Path | np.ndarray | Image.Image,
+    source: ImageSource,
     pre: Mapping[str, Any],
     options: InputOptions | None = None,
 ) -> np.ndarray:
@@ -133,9 +135,7 @@ def prepare_image(
     return finish_image(decode_image(source, options), pre)
 
 
-def decode_image(
-    source: Path | np.ndarray | Image.Image, options: InputOptions | None = None
-) -> Image.Image:
+def decode_image(source: ImageSource, options: InputOptions | None = None) -> Image.Image:
     """Read and decode to RGB, EXIF orientation applied: what every model of a job shares."""
     options = options or InputOptions()
     image = _open(source, options.max_image_pixels)
@@ -200,7 +200,7 @@ def _exif_transposed(image: Image.Image) -> Image.Image:
         return image
 
 
-def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Image:
+def _open(source: ImageSource, max_pixels: int) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -230,7 +230,7 @@ def _open(source: Path | np.ndarray | Image.Image, max_pixels: int) -> Image.Ima
 
 
 def _check_pixels(
-    source: Path, image: Image.Image, max_pixels: int, stamp: FileStamp | None
+    source: ImageSource, image: Image.Image, max_pixels: int, stamp: FileStamp | None
 ) -> None:
     width, height = image.size
     if width * height > max_pixels:
