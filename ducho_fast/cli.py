@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -37,6 +39,16 @@ err = Console(stderr=True, markup=False)
 out = Console(markup=False)
 
 ITEMS_FAILED_EXIT = 3
+# What a command stopped by Ctrl-C or SIGTERM leaves, and how to go on.
+STOPPED_EXTRACT = (
+    "The features written so far are complete and kept: run the command again to extract "
+    "the rest, without --fresh (with --fresh or output.resume: false it starts over)."
+)
+STOPPED_EXPORT = (
+    "Artifacts already exported are kept and a half-built one is never used; run the same "
+    "command again to export the rest."
+)
+STOPPED_FUSE = "Run the same command again to finish the fusions."
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 ConfigArg = Annotated[Path, typer.Argument(help="Ducho-style YAML config.", show_default=False)]
@@ -89,13 +101,50 @@ def _overrides(ctx: typer.Context, sets: list[str] | None) -> list[str]:
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def _errors(stopped: str | None = None) -> Iterator[None]:
+    """A DuchoError as a message and exit 1. With ``stopped`` (what a stopped run leaves and
+    how to go on), SIGTERM stops the command as Ctrl-C does, and both end it with that
+    message and exit 128 + the signal's number (130, 143)."""
+    caught: list[int] = []
+    with _stop_on_sigterm(caught) if stopped else nullcontext():
+        try:
+            yield
+        except DuchoError as e:
+            message = f"[bold red]error:[/] {escape(str(e))}"
+            err.print(message, highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from e
+        except KeyboardInterrupt as e:
+            if stopped is None:
+                raise
+            number = caught[0] if caught else signal.SIGINT  # Ctrl-C: Python's own handler
+            err.print(
+                f"\nstopped by {signal.Signals(number).name}. {stopped}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(128 + number) from e
+
+
+@contextmanager
+def _stop_on_sigterm(caught: list[int]) -> Iterator[None]:
+    """SIGTERM (a batch scheduler's stop, ``kill``) raises KeyboardInterrupt in the main
+    thread, as Ctrl-C does, so that a run stops as it does on Ctrl-C: once the main thread's
+    batch ends, the other lanes finish theirs and the writer saves every feature queued
+    (``Pipeline.run``). The signal's number goes into ``caught``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+
+    def stop(number: int, _: Any) -> None:
+        caught.append(number)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    except DuchoError as e:
-        message = f"[bold red]error:[/] {escape(str(e))}"
-        err.print(message, highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(1) from e
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @app.command(context_settings=_EXTRA)
@@ -109,7 +158,7 @@ def export(
     import ducho_fast
 
     _quiet_frameworks()
-    with _errors():
+    with _errors(stopped=STOPPED_EXPORT):
         results = ducho_fast.export(config, _overrides(ctx, set_), force=force)
     for r in results:
         layers = r.artifact.manifest["parity"]["layers"]
@@ -193,7 +242,7 @@ def extract(
         from ducho_fast.runtime.raydata import RayOptions
 
         ray = RayOptions(actors=ray_actors, address=ray_address)
-    with _errors():
+    with _errors(stopped=STOPPED_EXTRACT):
         report = ducho_fast.extract(
             config,
             overrides,
@@ -341,7 +390,7 @@ def fuse(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
     """Fuse features CONFIG has already extracted (its fusion keys), without running models."""
     import ducho_fast
 
-    with _errors():
+    with _errors(stopped=STOPPED_FUSE):
         runs = ducho_fast.fuse(config, _overrides(ctx, set_))
     _print_fusions(runs)
     if not runs:

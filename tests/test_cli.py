@@ -3,8 +3,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +210,26 @@ def test_export_lists_the_layers(tmp_path: Path, store: Path, resnet18_state_dic
     result = runner.invoke(app, ["export", str(path)])
     assert result.exit_code == 0, result.output
     assert " [avgpool]: " in result.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_command_says_what_it_kept_and_exits_128_plus_the_signal(
+    sig: signal.Signals, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread as Ctrl-C does (Python's own
+    handler); the command's hint is printed and the handler given back afterwards."""
+    import typer
+
+    from ducho_fast.cli import _errors
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(typer.Exit) as stopped, _errors(stopped="What was kept."):
+        if sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises before this ends
+    assert stopped.value.exit_code == 128 + sig
+    assert f"stopped by {sig.name}. What was kept." in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(KeyboardInterrupt), _errors():  # no hint: not a stoppable command
+        raise KeyboardInterrupt

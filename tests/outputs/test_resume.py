@@ -92,6 +92,48 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(dataset, store, resnet18_
     assert json.loads((folder / MANIFEST_FILE).read_text())["status"] == "complete"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_stops_cleanly_then_resume_is_byte_identical(
+    dataset, store, resnet18_state_dict, sig
+):
+    """A batch scheduler's SIGTERM stops a run as Ctrl-C does: the batches in flight are
+    written, the exit code is 128 + the signal's number, and a message says what to do."""
+    reference = config_for(dataset, store, resnet18_state_dict, "ref")
+    ducho_fast.export(reference)
+    ducho_fast.extract(reference)
+    path = dataset / "stopped.yml"
+    path.write_text(yaml.safe_dump(config_for(dataset, store, resnet18_state_dict, "out")))
+    folder = dataset / "out" / "torch" / "resnet18" / "avgpool"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ducho_fast", "extract", str(path), "--no-progress"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # Ctrl-C's default, even where this test runs as a background job (SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while len(list(folder.glob("item*.npy"))) < 30:
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr.decode()
+    message = " ".join(stderr.decode().split())
+    assert f"stopped by {sig.name}. The features written so far are complete and kept" in message
+    partial = len(list(folder.glob("item*.npy")))
+    assert 30 <= partial < 160, partial
+    assert not list(folder.glob(".tmp-*"))  # every write finished
+    assert json.loads((folder / MANIFEST_FILE).read_text())["status"] == "running"
+
+    report = ducho_fast.extract(path)
+    result = report.runs[0].result
+    assert result.reused == partial and result.reused + result.written == 160
+    assert snapshot(dataset / "out") == snapshot(dataset / "ref")
+
+
 def test_full_disk_stops_the_run_and_a_rerun_completes_it(
     dataset, store, resnet18_state_dict, monkeypatch
 ):
