@@ -132,8 +132,9 @@ def _stop_on_sigterm(caught: list[int]) -> Iterator[None]:
     thread, as Ctrl-C does, so that a run stops as it does on Ctrl-C: once the main thread's
     batch ends, the other lanes finish theirs and the writer saves every feature queued
     (``Pipeline.run``). The signal's number goes into ``caught``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set signal handlers
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield  # only the main thread sets handlers; an ignored SIGTERM stays ignored
         return
 
     def stop(number: int, _: Any) -> None:

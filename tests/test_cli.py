@@ -233,3 +233,16 @@ def test_a_stopped_command_says_what_it_kept_and_exits_128_plus_the_signal(
     assert signal.getsignal(signal.SIGTERM) == before
     with pytest.raises(KeyboardInterrupt), _errors():  # no hint: not a stoppable command
         raise KeyboardInterrupt
+
+
+def test_an_ignored_sigterm_stays_ignored() -> None:
+    from ducho_fast.cli import _errors
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with _errors(stopped="What was kept."):
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: the block goes on
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, before)
