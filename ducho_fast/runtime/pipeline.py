@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence, Set
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -227,16 +227,37 @@ class Pipeline(WindowedRun):
     # -- stages ----------------------------------------------------------------------------
 
     def _read(self, items: Sequence[Item], out: queue.Queue[Any], stop: threading.Event) -> None:
-        with ThreadPoolExecutor(max_workers=self._opts.workers) as pool:
+        """Read, decode and cut each window into batches, one window ahead of the queue: the
+        next window is read (by ``pool``'s workers, for a thread of its own) while this one's
+        batches wait for room. A text window is 64 batches; read one after the other, the
+        next one's tokenizing would start only when ``prefetch`` batches were left to run,
+        and a model faster than that (a GPU) would wait for it at every window."""
+        workers = ThreadPoolExecutor(max_workers=self._opts.workers)
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ducho-window")
+        with workers as pool, ahead:
+            pending: Future[list[tuple[Member, Batch]]] | None = None
             for chunk in self.windows(items):
                 if stop.is_set():
                     break
-                for member, batch in self._assemble(chunk, list(self._own_windows(chunk)), pool):
-                    # Built (on CUDA: staged on the device) just before it is queued, so at
-                    # most ``prefetch`` + 1 batches hold inputs, however long the window.
-                    batch.prepared = _prepare(member.embedder, batch)
-                    put(out, (member, batch), stop)
+                windows = list(self._own_windows(chunk))
+                following = ahead.submit(self._assemble, chunk, windows, pool)
+                if pending is not None:
+                    self._queue(pending.result(), out, stop)
+                pending = following
+            if pending is not None and not stop.is_set():
+                self._queue(pending.result(), out, stop)
         put(out, DONE, stop)
+
+    def _queue(
+        self, batches: list[tuple[Member, Batch]], out: queue.Queue[Any], stop: threading.Event
+    ) -> None:
+        for member, batch in batches:
+            if stop.is_set():
+                return
+            # Built (on CUDA: staged on the device) just before it is queued, so at most
+            # ``prefetch`` + 1 batches hold inputs, however long the window.
+            batch.prepared = _prepare(member.embedder, batch)
+            put(out, (member, batch), stop)
 
     def todo(self, items: Sequence[Item]) -> int:
         """How many of this run's items some model still embeds: the progress counts these,

@@ -483,3 +483,48 @@ def test_timing_says_where_the_model_threads_time_went(
     assert manifest["seconds_in_model"] == round(writing.model, 3)
     assert manifest["seconds_to_first_batch"] == round(writing.first_batch, 3)
     assert manifest["writer_cpu_seconds"] == round(writing.writer_cpu, 3)
+
+
+def test_the_next_window_is_read_while_this_ones_batches_wait(
+    tmp_path, store, minilm_dir, monkeypatch
+) -> None:
+    """Windows of 3 batches, a queue of 1, one batch at a time: while the model runs the
+    first batch and the third waits for room, the readers tokenize the second window. Read
+    one window after the other, they would wait for the model first."""
+    from ducho_fast.runtime import batcher as batcher_module
+    from ducho_fast.runtime import embedder as embedder_module
+
+    rows = [f"t{i:03d}\ta lamp with {i} brightness levels" for i in range(24)]
+    (tmp_path / "descriptions.tsv").write_text("item_id\tdescription\n" + "\n".join(rows) + "\n")
+    model = {
+        "model_name": str(minilm_dir),
+        "backend": "sentence_transformers",
+        "output_layers": 1,
+        "batch_size": 4,
+    }
+    config = textual_config(tmp_path, model, store)
+    config["runtime"] = {"concurrent_batches": 1, "prefetch": 1, "sort_window": 3}
+    ducho_fast.export(config)
+    windows_read: list[str] = []  # the first text of each window tokenized
+    real_tokenize, real_launch = batcher_module.Batcher.tokenize, embedder_module.Embedder.launch
+    ahead: list[bool] = []
+
+    def tokenize(self: Any, payloads: Any) -> Any:
+        if payloads and isinstance(payloads[0], str):  # a window's texts, not a batch's tokens
+            windows_read.append(payloads[0])
+        return real_tokenize(self, payloads)
+
+    def launch(self: Any, prepared: Any, lane: int = 0) -> Any:
+        if not ahead:  # the first batch: wait (at most 10 s) for the second window's reading
+            deadline = time.monotonic() + 10
+            while len(windows_read) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ahead.append(len(windows_read) >= 2)
+        return real_launch(self, prepared, lane)
+
+    monkeypatch.setattr(batcher_module.Batcher, "tokenize", tokenize)
+    monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
+    report = ducho_fast.extract(config)
+    assert report.runs[0].result.written == 24
+    assert ahead == [True], windows_read
+    assert len(windows_read) == 2
