@@ -58,27 +58,38 @@ def dataset(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_sigkill_mid_run_then_resume_is_byte_identical(dataset, store, resnet18_state_dict):
-    reference = config_for(dataset, store, resnet18_state_dict, "ref")
+def extract_until(
+    dataset: Path, store: Path, weights: Path, written: int = 30
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """The reference run ("ref") made in this process, then a real ``extract`` process into
+    "out", returned once it has written ``written`` features (with its config and folder).
+    Its SIGINT is Python's default even where the test runs as a background job."""
+    reference = config_for(dataset, store, weights, "ref")
     ducho_fast.export(reference)
     ducho_fast.extract(reference)
-    path = dataset / "killed.yml"
-    path.write_text(yaml.safe_dump(config_for(dataset, store, resnet18_state_dict, "out")))
+    path = dataset / "out.yml"
+    path.write_text(yaml.safe_dump(config_for(dataset, store, weights, "out")))
     folder = dataset / "out" / "torch" / "resnet18" / "avgpool"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ducho_fast", "extract", str(path), "--no-progress"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
-    while len(list(folder.glob("item*.npy"))) < 30:
-        assert proc.poll() is None, "the run ended before it could be killed"
+    while len(list(folder.glob("item*.npy"))) < written:
+        assert proc.poll() is None, "the run ended before it could be stopped"
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    return proc, path, folder
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(dataset, store, resnet18_state_dict):
+    proc, path, folder = extract_until(dataset, store, resnet18_state_dict)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     partial = len(list(folder.glob("item*.npy")))
     assert 30 <= partial < 160, partial
     assert json.loads((folder / MANIFEST_FILE).read_text())["status"] == "running"
@@ -98,26 +109,7 @@ def test_sigterm_or_ctrl_c_stops_cleanly_then_resume_is_byte_identical(
 ):
     """A batch scheduler's SIGTERM stops a run as Ctrl-C does: the batches in flight are
     written, the exit code is 128 + the signal's number, and a message says what to do."""
-    reference = config_for(dataset, store, resnet18_state_dict, "ref")
-    ducho_fast.export(reference)
-    ducho_fast.extract(reference)
-    path = dataset / "stopped.yml"
-    path.write_text(yaml.safe_dump(config_for(dataset, store, resnet18_state_dict, "out")))
-    folder = dataset / "out" / "torch" / "resnet18" / "avgpool"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ducho_fast", "extract", str(path), "--no-progress"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        # Ctrl-C's default, even where this test runs as a background job (SIGINT ignored)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 120
-    while len(list(folder.glob("item*.npy"))) < 30:
-        assert proc.poll() is None, "the run ended before it could be stopped"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    proc, path, folder = extract_until(dataset, store, resnet18_state_dict)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, stderr.decode()
