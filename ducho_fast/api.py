@@ -377,7 +377,7 @@ def _feature_key(cfg: Config, spec: ModelSpec, artifact: Artifact, label: str) -
     """Everything that determines the bytes of this layer's feature files."""
     manifest = artifact.manifest
     key: dict[str, Any] = {
-        "model_sha256": manifest["model_sha256"],
+        **artifact.hashes,
         "layer": label,
         "output": artifact.output(label).get("name"),
         "preprocessing": manifest.get("preprocessing"),
@@ -684,10 +684,7 @@ def _finish_outputs(
             counts,
             config=ctx.cfg.source,
             config_sha256=digest(ctx.cfg.resolved),
-            artifact={
-                "slug": artifact.path.name,
-                "model_sha256": artifact.manifest["model_sha256"],
-            },
+            artifact={"slug": artifact.path.name, **artifact.hashes},
             model=spec.key_path,
             seconds_extracting=round(r.seconds, 3),
             items_per_second=round(r.items_per_second, 2),

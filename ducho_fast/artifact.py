@@ -1,4 +1,5 @@
-"""The artifact contract: ``<store>/<slug>/{model.onnx, manifest.json, tokenizer.json}``.
+"""The artifact contract: ``<store>/<slug>/{model.onnx, model.onnx.data, manifest.json,
+tokenizer.json}``.
 
 Written by the exporters and read by the runtime, so the runtime never imports an exporter.
 The slug is a deterministic function of what determines the graph, computed from a config
@@ -24,6 +25,11 @@ from ducho_fast.outputs.atomic import replacing
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
+# The graph's weights, beside it as ONNX external data (``exporters/graphs.py``): ONNX Runtime
+# reads them straight into its tensors, without parsing and copying a protobuf of the whole
+# model, and no 2 GB protobuf limit applies. Artifacts written before it hold their weights in
+# model.onnx and still load.
+DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 VERIFIED_FILE = ".verified.json"  # a cache of the model's hash check, not part of the contract
@@ -100,31 +106,34 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _matches(model: Path, expected: str | None) -> bool:
-    """Whether ``model`` hashes to ``expected``; hashed once per version of the file.
+def _matches(files: dict[Path, str | None]) -> Path | None:
+    """The first of ``files`` whose sha256 is not the one given, or None; each version of the
+    files is hashed once.
 
-    A match is recorded beside it (``VERIFIED_FILE``) with the file's ``FileStamp`` (size,
+    A match is recorded beside them (``VERIFIED_FILE``) with each file's ``FileStamp`` (size,
     modification and change times in ns, inode; not the device, which differs between the hosts
-    that mount one shared store). Any write, copy or replacement changes the stamp (the
+    that mount one shared store). Any write, copy or replacement changes a stamp (the
     change time cannot be set back), so the next load hashes again; an unwritable folder
     only means hashing every time. Large graphs take seconds to hash, in every shard and actor.
     """
-    record = model.parent / VERIFIED_FILE
-    before = list(astuple(FileStamp.of(model)))
+    record = next(iter(files)).parent / VERIFIED_FILE
+    expected = {path.name: sha for path, sha in files.items()}
+    before = {path.name: list(astuple(FileStamp.of(path))) for path in files}
     try:
-        if json.loads(record.read_text("utf-8")) == {"stamp": before, "sha256": expected}:
-            return True
+        if json.loads(record.read_text("utf-8")) == {"stamps": before, "sha256": expected}:
+            return None
     except (OSError, ValueError):
         pass
-    if sha256_file(model) != expected:
-        return False
-    if list(astuple(FileStamp.of(model))) == before:  # not written while being hashed
-        try:
+    for path, sha in files.items():
+        if sha256_file(path) != sha:
+            return path
+    if {path.name: list(astuple(FileStamp.of(path))) for path in files} == before:
+        try:  # recorded only when not written while being hashed
             with replacing(record) as fd:
-                os.write(fd, json.dumps({"stamp": before, "sha256": expected}).encode())
+                os.write(fd, json.dumps({"stamps": before, "sha256": expected}).encode())
         except OSError:
             pass
-    return True
+    return None
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,18 @@ class Artifact:
     @property
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
+
+    @property
+    def data_path(self) -> Path | None:
+        """The graph's weights file, or None when model.onnx holds them (older artifacts)."""
+        return self.path / DATA_FILE if "data_sha256" in self.manifest else None
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        """The sha256 of its graph and of its weights file (when apart): what identifies the
+        model whose features a run writes."""
+        keys = ("model_sha256", "data_sha256")
+        return {k: str(self.manifest[k]) for k in keys if k in self.manifest}
 
     @property
     def tokenizer_path(self) -> Path:
@@ -171,10 +192,20 @@ def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
             f"{manifest_path} has schema version {manifest.get('schema_version')}, this "
             f"ducho-fast reads {SCHEMA_VERSION}. Export the model again."
         )
-    if verify and not _matches(path / MODEL_FILE, manifest.get("model_sha256")):
+    files = {path / MODEL_FILE: manifest.get("model_sha256")}
+    if "data_sha256" in manifest:
+        files[path / DATA_FILE] = manifest["data_sha256"]
+        if not (path / DATA_FILE).is_file():
+            raise ArtifactError(
+                f"{path / DATA_FILE} is missing: it holds the weights of {path / MODEL_FILE}, "
+                "and the two are only ever copied or moved together. Delete the folder and "
+                "export again."
+            )
+    changed = _matches(files) if verify else None
+    if changed is not None:
         raise ArtifactError(
-            f"{path / MODEL_FILE} does not match the sha256 in its manifest (changed or "
-            "truncated). Delete the folder and export again."
+            f"{changed} does not match the sha256 in its manifest (changed or truncated). "
+            "Delete the folder and export again."
         )
     return Artifact(path=path, manifest=manifest)
 
@@ -191,13 +222,16 @@ def find_artifact(store: Path, spec: ModelSpec) -> Artifact:
 
 
 def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, Any]) -> Artifact:
-    """Finish ``build_dir`` (which holds model.onnx) and move it into place atomically."""
+    """Finish ``build_dir`` (which holds model.onnx and, unless the graph has no weights,
+    model.onnx.data) and move it into place atomically."""
     manifest = {
         **manifest,
         "schema_version": SCHEMA_VERSION,
         "slug": slug,
         "model_sha256": sha256_file(build_dir / MODEL_FILE),
     }
+    if (build_dir / DATA_FILE).is_file():
+        manifest["data_sha256"] = sha256_file(build_dir / DATA_FILE)
     (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str), "utf-8")
     target = store / slug
     if target.exists():

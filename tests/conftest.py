@@ -253,6 +253,20 @@ def within_fp32_bounds(ours: np.ndarray, ref: np.ndarray) -> None:
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()
 
 
+def assert_artifact_files(folder: Path, *extra: str) -> None:
+    """An exported artifact holds its graph, its weights beside it (checked against the
+    manifest's hash), its manifest and ``extra``: no converter's or quantizer's leftovers."""
+    import hashlib
+    import json
+
+    names = {p.name for p in folder.iterdir()} - {".verified.json"}
+    assert names == {"model.onnx", "model.onnx.data", "manifest.json", *extra}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / "model.onnx.data").read_bytes()
+    assert manifest["data_sha256"] == hashlib.sha256(data).hexdigest()
+    assert (folder / "model.onnx").stat().st_size < len(data) / 10  # the weights are apart
+
+
 def resnet18_entry(weights: Path, **extra: Any) -> dict[str, Any]:
     """A config ``model`` entry: torchvision ResNet18 with the seeded state dict."""
     return {

@@ -21,11 +21,13 @@ def test_build_dirs_follow_the_umask(tmp_path, umask: int, mode: int) -> None:
     assert stat.S_IMODE(first.stat().st_mode) == mode
 
 
-def _artifact(folder, content: bytes = b"graph bytes"):
+def _artifact(folder, content: bytes = b"graph bytes", data: bytes | None = None):
+    """An artifact's files, its weights in model.onnx (as written before model.onnx.data)
+    or, given ``data``, beside it."""
     import hashlib
     import json
 
-    from ducho_fast.artifact import MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION
+    from ducho_fast.artifact import DATA_FILE, MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_FILE).write_bytes(content)
@@ -33,6 +35,9 @@ def _artifact(folder, content: bytes = b"graph bytes"):
         "schema_version": SCHEMA_VERSION,
         "model_sha256": hashlib.sha256(content).hexdigest(),
     }
+    if data is not None:
+        (folder / DATA_FILE).write_bytes(data)
+        manifest["data_sha256"] = hashlib.sha256(data).hexdigest()
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     return folder / MODEL_FILE
 
@@ -92,6 +97,29 @@ def test_a_changed_model_is_refused_after_a_good_load(tmp_path, hashed: list[str
     with pytest.raises(ArtifactError, match=r"does not match the sha256.*export again"):
         load_artifact(tmp_path / "a")
     assert len(hashed) == 2
+
+
+def test_the_weights_file_is_checked_with_the_graph(tmp_path, hashed: list[str]) -> None:
+    from ducho_fast.artifact import DATA_FILE, load_artifact
+    from ducho_fast.errors import ArtifactError
+
+    model = _artifact(tmp_path / "a", data=b"weights 0123")
+    data = model.parent / DATA_FILE
+    artifact = load_artifact(tmp_path / "a")
+    assert artifact.data_path == data and set(artifact.hashes) == {"model_sha256", "data_sha256"}
+    load_artifact(tmp_path / "a")
+    assert hashed == ["model.onnx", "model.onnx.data"]  # the second load trusted the record
+    stamp = data.stat()
+    with data.open("r+b") as f:  # same size, one byte changed in place, old mtime
+        f.write(b"W")
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with pytest.raises(ArtifactError, match=r"model.onnx.data does not match the sha256"):
+        load_artifact(tmp_path / "a")
+    data.unlink()
+    with pytest.raises(ArtifactError, match=r"model.onnx.data is missing.*export again"):
+        load_artifact(tmp_path / "a")
+    older = load_artifact(_artifact(tmp_path / "b").parent)  # weights inside model.onnx
+    assert older.data_path is None and set(older.hashes) == {"model_sha256"}
 
 
 def test_an_unwritable_store_hashes_every_time(

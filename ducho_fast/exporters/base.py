@@ -34,6 +34,7 @@ from ducho_fast.artifact import (
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ArtifactError, DuchoError, ExportError, ParityError
 from ducho_fast.exporters.compat import import_torch
+from ducho_fast.exporters.graphs import load_graph, save_graph, scratch
 from ducho_fast.exporters.precision import MIN_COSINE, apply_precision
 from ducho_fast.runtime.embedder import Embedder
 
@@ -142,7 +143,9 @@ def _valid_existing(path: Path) -> Artifact | None:
 def _convert_and_check(
     exporter: Exporter, spec: ModelSpec, built: Built, build_dir: Path, slug: str, store: Path
 ) -> Artifact:
-    exporter.convert(built, build_dir / MODEL_FILE)
+    with scratch(build_dir) as raw:  # with whatever files the converter writes beside it
+        exporter.convert(built, raw / MODEL_FILE)
+        save_graph(load_graph(raw / MODEL_FILE), build_dir / MODEL_FILE)
     for name, write in built.files.items():
         write(build_dir / name)
     manifest = _manifest(spec, built, slug)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.errors import ExportError
+from ducho_fast.exporters.graphs import load_graph, save_graph, scratch
 from ducho_fast.exporters.per_token import quantize_per_token
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -71,6 +72,7 @@ _GELU_OPS = {"Erf", "Gelu", "BiasGelu", "FastGelu", "Tanh"}
 SMOOTH_ALPHA = 0.5
 Feeds = dict[str, np.ndarray]
 FLOAT = 1  # onnx.TensorProto.FLOAT, without importing onnx here
+CPU = "CPUExecutionProvider"
 
 PER_TENSOR = "per_tensor"
 PER_TOKEN = "per_token"
@@ -95,22 +97,20 @@ def apply_precision(
 
 
 def _to_fp16(path: Path) -> dict[str, Any]:
-    import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(path))
+    model = load_graph(path)
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked)
     _unique_node_names(half.graph.node)
-    onnx.save(half, str(path))
-    kept = sorted({n.op_type for n in model.graph.node if n.op_type in FP16_KEEP_FP32})
+    kept_ops = {n.op_type for n in model.graph.node}
+    save_graph(half, path)
+    kept = sorted(kept_ops & set(FP16_KEEP_FP32))
     return {"kept_fp32_ops": kept}
 
 
 def _to_int8(path: Path, calibration: list[Feeds]) -> dict[str, Any]:
-    import onnx
-
-    model = onnx.load(str(path))
+    model = load_graph(path)
     _unique_node_names(model.graph.node)
     schemes = int8_schemes(model.graph)
     if not schemes:
@@ -121,10 +121,14 @@ def _to_int8(path: Path, calibration: list[Feeds]) -> dict[str, Any]:
             "speed of fp32 here). Use precision: fp32."
         )
     smoothed = smooth(
-        model, [n for n, s in schemes.items() if s != LONG_TAILED], calibration, SMOOTH_ALPHA
+        model,
+        [n for n, s in schemes.items() if s != LONG_TAILED],
+        calibration,
+        SMOOTH_ALPHA,
+        scratch_in=path.parent,
     )
     quantize_per_token(model, {n: s == LONG_TAILED for n, s in schemes.items() if s != PER_TENSOR})
-    onnx.save(model, str(path))
+    save_graph(model, path)
     per_tensor = [n for n, s in schemes.items() if s == PER_TENSOR]
     if per_tensor:
         _quantize_per_tensor(path, per_tensor)
@@ -140,8 +144,8 @@ def _quantize_per_tensor(path: Path, nodes: list[str]) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantized = path.with_suffix(".int8.onnx")
-    with _quiet_quantizer():
+    with scratch(path.parent) as folder, _quiet_quantizer():
+        quantized = folder / path.name
         quantize_dynamic(
             str(path),
             str(quantized),
@@ -150,9 +154,10 @@ def _quantize_per_tensor(path: Path, nodes: list[str]) -> None:
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
             nodes_to_quantize=nodes,
+            use_external_data_format=True,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-    quantized.replace(path)
+        save_graph(load_graph(quantized), path)
 
 
 @contextmanager
@@ -191,11 +196,14 @@ def int8_schemes(graph: Any) -> dict[str, str]:
     return schemes
 
 
-def smooth(model: Any, nodes: list[str], calibration: list[Feeds], alpha: float) -> int:
+def smooth(
+    model: Any, nodes: list[str], calibration: list[Feeds], alpha: float, *, scratch_in: Path
+) -> int:
     """SmoothQuant in place: activation / s and weight rows * s for the chosen MatMuls.
 
     MatMuls sharing an activation (a layer's Q, K and V) share one factor and one Mul.
-    Returns how many activations were smoothed.
+    Returns how many activations were smoothed. The calibration graph is written to a
+    folder made in ``scratch_in`` (a graph over 2 GB cannot be handed over in memory).
     """
     import onnx
     import onnxruntime as ort
@@ -215,14 +223,10 @@ def smooth(model: Any, nodes: list[str], calibration: list[Feeds], alpha: float)
     names = list(groups)
     for name in names:
         probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    peak: dict[str, np.ndarray] = {}
-    for feeds in calibration:
-        values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
-        for name, value in zip(names, values, strict=True):
-            channel = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            peak[name] = np.maximum(peak[name], channel) if name in peak else channel
+    with scratch(scratch_in) as folder:
+        save_graph(probe, folder / "probe.onnx")
+        session = ort.InferenceSession(str(folder / "probe.onnx"), providers=[CPU])
+        peak = _channel_peaks(session, names, calibration)
     for activation, group in groups.items():
         tensors = [weights[next(x for x in n.input if x in weights)] for n in group]
         arrays = [numpy_helper.to_array(t) for t in tensors]
@@ -240,6 +244,18 @@ def smooth(model: Any, nodes: list[str], calibration: list[Feeds], alpha: float)
         position = min(list(graph.node).index(n) for n in group)
         graph.node.insert(position, mul)
     return len(groups)
+
+
+def _channel_peaks(session: Any, names: list[str], calibration: list[Feeds]) -> dict[str, Any]:
+    """Each named activation's largest magnitude per channel over the calibration feeds."""
+    wanted = {i.name for i in session.get_inputs()}
+    peak: dict[str, np.ndarray] = {}
+    for feeds in calibration:
+        values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        for name, value in zip(names, values, strict=True):
+            channel = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            peak[name] = np.maximum(peak[name], channel) if name in peak else channel
+    return peak
 
 
 def _after_gelu(tensor: str, producer: dict[str, Any], depth: int) -> bool:

@@ -13,7 +13,13 @@ import pytest
 import ducho_fast
 from ducho_fast.errors import ConfigError, ExportError, ParityError
 from ducho_fast.exporters import precision as precision_module
-from tests.conftest import audio_config, resnet18_entry, textual_config, visual_config
+from tests.conftest import (
+    assert_artifact_files,
+    audio_config,
+    resnet18_entry,
+    textual_config,
+    visual_config,
+)
 from tests.exporters.test_towers import two_tower_config
 
 pytestmark = pytest.mark.slow
@@ -43,6 +49,7 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
         bound = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}[precision]
         assert parity["bounds"]["min_cosine"] == bound
         assert parity["layers"]["1"]["min_cosine"] >= bound
+        assert_artifact_files(result.artifact.path, "tokenizer.json")
         pooled = ducho_fast.load(result.artifact.path).embed(texts)
         assert isinstance(pooled, np.ndarray)
         vectors[precision] = pooled

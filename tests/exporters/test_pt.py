@@ -9,7 +9,7 @@ import pytest
 import ducho_fast
 from ducho_fast.config import load_config
 from ducho_fast.errors import ExportError, ParityError
-from tests.conftest import resnet18_entry, visual_config
+from tests.conftest import assert_artifact_files, resnet18_entry, visual_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,7 @@ def test_torchvision_name_with_state_dict_several_layers(
         "shape": ["batch", "height", "width", 3],
     }
     assert manifest["source"]["weights_sha256"]
+    assert_artifact_files(result.artifact.path)
 
 
 def test_export_is_reused_until_something_changes(tmp_path, store, resnet18_state_dict) -> None:

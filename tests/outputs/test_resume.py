@@ -170,6 +170,28 @@ def test_an_emptied_feature_file_is_embedded_again(tmp_path, store, image_dir, r
     assert snapshot(tmp_path / "out") == before
 
 
+def test_other_weights_under_the_same_graph_are_refused(tmp_path, store, resnet18_state_dict):
+    """Two state dicts of one architecture export byte-identical graphs (the weights are in
+    model.onnx.data): resuming one's features with the other is refused all the same."""
+    import torch
+
+    from ducho_fast.exporters.compat import import_torchvision
+
+    torch.manual_seed(1)
+    other = tmp_path / "resnet18_seed1.pth"
+    torch.save(import_torchvision().models.resnet18(weights=None).state_dict(), other)
+    images(tmp_path / "images", 6)
+    first, second = (config_for(tmp_path, store, w, "out") for w in (resnet18_state_dict, other))
+    (a,), (b,) = ducho_fast.export(first), ducho_fast.export(second)
+    assert a.artifact.hashes["model_sha256"] == b.artifact.hashes["model_sha256"]
+    assert a.artifact.hashes["data_sha256"] != b.artifact.hashes["data_sha256"]
+    ducho_fast.extract(first)
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(OutputError, match=r"other settings \(data_sha256: "):
+        ducho_fast.extract(second)
+    assert snapshot(tmp_path / "out") == before
+
+
 def test_changed_settings_are_refused_before_any_work(
     tmp_path, store, texts_tsv, minilm_dir, monkeypatch
 ):
