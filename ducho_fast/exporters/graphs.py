@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,8 @@ def save_graph(model: Any, path: Path) -> None:
             size_threshold=INLINE_BYTES,
         )
         if (folder / data).is_file():
+            # ONNX creates it 0600; readable by all who can read the graph (a shared store)
+            os.chmod(folder / data, stat.S_IMODE((folder / path.name).stat().st_mode))
             os.replace(folder / data, path.parent / data)
         else:
             (path.parent / data).unlink(missing_ok=True)

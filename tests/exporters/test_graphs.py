@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +43,18 @@ def test_weights_go_beside_the_graph_and_run_the_same(tmp_path: Path) -> None:
     x = rng.normal(size=(3, 64)).astype(np.float32)
     expected = _run(_model(weight), x)
     path = tmp_path / "model.onnx"
-    save_graph(_model(weight), path)
+    old = os.umask(0o022)
+    try:
+        save_graph(_model(weight), path)
+    finally:
+        os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert (tmp_path / "model.onnx.data").stat().st_size == weight.nbytes
     assert path.stat().st_size < INLINE_BYTES  # the graph and its shape constant only
+    # ONNX makes the weights file 0600; it gets 0666 less the umask, as the graph, so that
+    # everyone who shares the store can read both.
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {0o644}
     np.testing.assert_array_equal(_run(path, x), expected)
     loaded = load_graph(path)  # weights read back in
     np.testing.assert_array_equal(_run(loaded, x), expected)
