@@ -222,7 +222,7 @@ def find_artifact(store: Path, spec: ModelSpec) -> Artifact:
 
 
 def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, Any]) -> Artifact:
-    """Finish ``build_dir`` (which holds model.onnx and, unless the graph has no weights,
+    """Finish ``build_dir`` (which holds model.onnx and, unless all its tensors are small,
     model.onnx.data) and move it into place atomically."""
     manifest = {
         **manifest,

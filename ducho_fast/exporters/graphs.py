@@ -31,8 +31,9 @@ def save_graph(model: Any, path: Path) -> None:
     already there is replaced; ``model`` is left pointing at the new weights file, without
     their bytes.
 
-    Both are written into a new folder first and moved over the old ones (ONNX appends
-    weights to an existing file, and a reader of ``path`` meanwhile sees either version).
+    Both are written into a new folder first, then moved over the old ones: ONNX appends
+    weights to an existing file. The two moves are not one atomic step, which is why graphs
+    are only saved in an export's own build folder.
     """
     import onnx
 

@@ -103,9 +103,8 @@ def _to_fp16(path: Path) -> dict[str, Any]:
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked)
     _unique_node_names(half.graph.node)
-    kept_ops = {n.op_type for n in model.graph.node}
     save_graph(half, path)
-    kept = sorted(kept_ops & set(FP16_KEEP_FP32))
+    kept = sorted({n.op_type for n in model.graph.node if n.op_type in FP16_KEEP_FP32})
     return {"kept_fp32_ops": kept}
 
 
