@@ -192,6 +192,43 @@ def test_other_weights_under_the_same_graph_are_refused(tmp_path, store, resnet1
     assert snapshot(tmp_path / "out") == before
 
 
+def _inline_weights(artifact: Path) -> None:
+    """Rewrite an artifact as ducho-fast wrote them before model.onnx.data: the weights
+    inside model.onnx, and a manifest with that file's sha256 only."""
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(str(artifact / "model.onnx"))
+    (artifact / "model.onnx.data").unlink()
+    onnx.save(model, str(artifact / "model.onnx"))
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    del manifest["data_sha256"]
+    manifest["model_sha256"] = hashlib.sha256((artifact / "model.onnx").read_bytes()).hexdigest()
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_artifact_with_the_weights_inside_the_graph_still_extracts(
+    tmp_path, store, resnet18_state_dict
+):
+    """Older artifacts load and give the same features; once exported again, the features
+    made with the old one are not resumed with the new one."""
+    images(tmp_path / "images", 6)
+    config = config_for(tmp_path, store, resnet18_state_dict, "new")
+    (result,) = ducho_fast.export(config)
+    ducho_fast.extract(config)
+    _inline_weights(result.artifact.path)
+    assert not (result.artifact.path / "model.onnx.data").exists()
+    old = config_for(tmp_path, store, resnet18_state_dict, "old")
+    (again,) = ducho_fast.export(old)
+    assert again.reused  # valid as it is: not rewritten behind the user's back
+    ducho_fast.extract(old)
+    assert snapshot(tmp_path / "old") == snapshot(tmp_path / "new")
+    ducho_fast.export(old, force=True)
+    with pytest.raises(OutputError, match=r"other settings \(data_sha256: null -> "):
+        ducho_fast.extract(old)
+
+
 def test_changed_settings_are_refused_before_any_work(
     tmp_path, store, texts_tsv, minilm_dir, monkeypatch
 ):
