@@ -99,12 +99,13 @@ def apply_precision(
 def _to_fp16(path: Path) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = load_graph(path)
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked)
+    # Given the path, the converter infers shapes from the file (a model over 2 GB cannot be
+    # shape-inferred in memory) and loads the weights from beside it.
+    half = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=blocked)
     _unique_node_names(half.graph.node)
     save_graph(half, path)
-    kept = sorted({n.op_type for n in model.graph.node if n.op_type in FP16_KEEP_FP32})
+    kept = sorted({n.op_type for n in half.graph.node if n.op_type in FP16_KEEP_FP32})
     return {"kept_fp32_ops": kept}
 
 
