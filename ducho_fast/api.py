@@ -386,6 +386,8 @@ def _feature_key(cfg: Config, spec: ModelSpec, artifact: Artifact, label: str) -
     }
     if artifact.modality == "visual":
         key["exif_orientation"] = cfg.input.exif_orientation
+        if cfg.input.jpeg_decode != "full":  # absent when full: older folders' keys hold
+            key["jpeg_decode"] = cfg.input.jpeg_decode
     elif artifact.modality == "textual":
         key["clear_text"] = spec.clear_text
     return key

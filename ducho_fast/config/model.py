@@ -170,6 +170,7 @@ class OutputOptions:
 @dataclass(frozen=True)
 class InputOptions:
     exif_orientation: str = "apply"
+    jpeg_decode: str = "full"  # reduced: libjpeg's 1/2, 1/4, 1/8 scales, never below the input
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
     max_audio_seconds: float = 600.0  # longer files are bad items unless max_seconds crops them
 

@@ -115,6 +115,7 @@ OUTPUT_KEYS: dict[str, Key] = {
 
 INPUT_KEYS: dict[str, Key] = {
     "exif_orientation": Key((str,), choices=("apply", "ignore")),
+    "jpeg_decode": Key((str,), choices=("full", "reduced")),
     "max_image_pixels": _INT,
     "max_audio_seconds": _NUM,
 }

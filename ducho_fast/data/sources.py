@@ -23,6 +23,7 @@ from ducho_fast.data.visual.images import (
     IMAGE_SUFFIXES,
     check_files,
     decode_image,
+    draft_edge,
     finish_image,
     list_images,
 )
@@ -186,11 +187,14 @@ class ImageLoader(Loader):
     def __init__(self, preprocessing: Mapping[str, Any], options: InputOptions) -> None:
         self.preprocessing = preprocessing
         self.options = options
+        self.draft = draft_edge(preprocessing) if options.jpeg_decode == "reduced" else None
         self.decode_key = ("image", options.exif_orientation, options.max_image_pixels)
+        if self.draft:  # the scale depends on the model's size: shared only by equal sizes
+            self.decode_key += ("reduced", self.draft)
         self.finish_key = _frozen([preprocessing.get(k) for k in IMAGE_FINISH])
 
     def decode(self, item: Item) -> Any:
-        return decode_image(item.raw, self.options)
+        return decode_image(item.raw, self.options, self.draft)
 
     def check_listed(self, item: Item) -> None:
         _check_file(self, item)

@@ -14,6 +14,9 @@ from ducho_fast.data.sources import check_ids
 from ducho_fast.data.visual.images import (
     IMAGE_SUFFIXES,
     check_files,
+    decode_image,
+    draft_edge,
+    finish_image,
     list_images,
     load_image,
     prepare_image,
@@ -149,6 +152,54 @@ def test_exif_orientation_applied_or_ignored(tmp_path: Path) -> None:
     ignored = prepare_image(path, {}, InputOptions(exif_orientation="ignore"))
     assert applied.shape == (40, 20, 3) and ignored.shape == (20, 40, 3)
     np.testing.assert_array_equal(applied, np.rot90(ignored, k=-1))
+
+
+def photo(path: Path, size: tuple[int, int]) -> Path:
+    """A smooth JPEG (large flat areas, as photos have): what reduced decoding is for."""
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+    pixels = np.stack([xx / size[0] * 255, yy / size[1] * 255, (xx + yy) % 256], axis=-1)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=95)
+    return path
+
+
+def test_reduced_jpeg_decoding_keeps_both_sides_at_least_the_models(tmp_path: Path) -> None:
+    """libjpeg's largest scale (1/2, 1/4, 1/8) that leaves both sides >= the edge; the pixels
+    resized from there are near the full decoding's, not equal to them."""
+    path = photo(tmp_path / "photo.jpg", (1000, 800))
+    assert decode_image(path).size == (1000, 800)
+    assert decode_image(path, None, 224).size == (500, 400)  # 800 // 224 = 3: 1/2
+    assert decode_image(path, None, 100).size == (125, 100)  # 1/8
+    assert decode_image(path, None, 500).size == (1000, 800)  # 800 // 500 = 1: full
+    pre = {"resize": [224, 224]}
+    full = finish_image(decode_image(path), pre).astype(np.int16)
+    reduced = finish_image(decode_image(path, None, 224), pre).astype(np.int16)
+    assert reduced.shape == full.shape == (224, 224, 3)
+    assert 0 < np.abs(full - reduced).mean() < 1.0
+
+
+def test_reduced_decoding_leaves_other_formats_and_small_jpegs_as_they_are(tmp_path: Path) -> None:
+    png = photo(tmp_path / "photo.png", (1000, 800))
+    small = photo(tmp_path / "small.jpg", (440, 300))
+    for path in (png, small):
+        np.testing.assert_array_equal(
+            np.asarray(decode_image(path, None, 224)), np.asarray(decode_image(path))
+        )
+
+
+def test_reduced_decoding_of_a_rotated_photo_keeps_the_short_side(tmp_path: Path) -> None:
+    path = photo(tmp_path / "phone.jpg", (1000, 500))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the stored width is the shown height
+    Image.open(path).save(path, exif=exif.tobytes(), quality=95)
+    assert decode_image(path, None, 240).size == (250, 500)  # 500 // 240 = 2: 1/2, then turned
+    assert decode_image(path, InputOptions(exif_orientation="ignore"), 240).size == (500, 250)
+
+
+def test_the_draft_edge_covers_the_models_resize_either_way_up() -> None:
+    assert draft_edge({"resize": [224, 300]}) == 300
+    assert draft_edge({"resize_shortest_edge": 256, "crop": [224, 224]}) == 256
+    assert draft_edge({"crop": [224, 224]}) is None
+    assert draft_edge({}) is None
 
 
 def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 import ducho_fast
 from ducho_fast.errors import OutputError
@@ -190,6 +191,45 @@ def test_other_weights_under_the_same_graph_are_refused(tmp_path, store, resnet1
     with pytest.raises(OutputError, match=r"other settings \(data_sha256: "):
         ducho_fast.extract(second)
     assert snapshot(tmp_path / "out") == before
+
+
+def test_reduced_jpeg_decoding_end_to_end_and_kept_apart_from_full(
+    tmp_path, store, resnet18_state_dict
+):
+    """``input.jpeg_decode: reduced``: each feature is the model's on the JPEG decoded at the
+    reduced scale (small ones and PNGs as in full); full-decoding features are not resumed."""
+    from tests.data.test_images import photo
+
+    (tmp_path / "images").mkdir()
+    sizes = {"big": (1000, 800), "mid": (400, 300), "small": (120, 100)}  # 1/8, 1/4, full
+    for name, size in sizes.items():
+        photo(tmp_path / "images" / f"{name}.jpg", size)
+    photo(tmp_path / "images" / "png.png", (1000, 800))
+    full = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    (exported,) = ducho_fast.export(full)
+    ducho_fast.extract(full)
+    before = snapshot(tmp_path / "out")
+    reduced = {**full, "input": {"jpeg_decode": "reduced"}}
+    with pytest.raises(OutputError, match=r"other settings \(jpeg_decode: "):
+        ducho_fast.extract(reduced)
+    assert snapshot(tmp_path / "out") == before
+    reduced["visual"]["items"]["output_path"] = "reduced"
+    assert ducho_fast.extract(reduced).runs[0].result.written == 4
+    embedder = ducho_fast.load(exported.artifact.path)
+    for name in [*sizes, "png"]:
+        path = next((tmp_path / "images").glob(f"{name}.*"))
+        file = Image.open(path)
+        file.draft(None, (64, 64))
+        (want,) = embedder.embed([file])
+        got, other = (
+            np.load(next((tmp_path / out).rglob(f"{name}.npy"))).reshape(-1)
+            for out in ("reduced", "out")
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        if name in ("big", "mid"):
+            assert not np.allclose(got, other, rtol=1e-4, atol=1e-5), name
+        else:
+            np.testing.assert_array_equal(got, other)
 
 
 def _inline_weights(artifact: Path) -> None:

@@ -100,9 +100,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     counts: Counter[str] = Counter()
     real = sources.decode_image
 
-    def counting(source: Any, options: Any = None) -> Any:
+    def counting(source: Any, options: Any = None, draft: int | None = None) -> Any:
         counts[Path(source).name] += 1
-        return real(source, options)
+        return real(source, options, draft)
 
     monkeypatch.setattr(sources, "decode_image", counting)
     return counts
@@ -305,6 +305,14 @@ def test_loaders_share_what_reads_the_same_settings() -> None:
     assert image().decode_key == image(resize=[64, 64]).decode_key
     exif = sources.ImageLoader({}, InputOptions(exif_orientation="ignore"))
     assert exif.decode_key != image().decode_key
+    # Reduced JPEG decoding picks its scale from the model's size: shared by equal sizes only.
+    reduced = [
+        sources.ImageLoader({"resize": size}, InputOptions(jpeg_decode="reduced"))
+        for size in ([224, 224], [224, 224], [64, 64])
+    ]
+    assert reduced[0].decode_key == reduced[1].decode_key != reduced[2].decode_key
+    assert reduced[0].decode_key != image().decode_key
+    assert image().decode_key == ("image", "apply", 89_478_485)  # as recorded by older runs
     audio = [sources.AudioLoader({"sample_rate": r}, InputOptions()) for r in (16000, 16000, 8000)]
     assert audio[0].finish_key == audio[1].finish_key != audio[2].finish_key
     cropped = sources.AudioLoader({"sample_rate": 16000, "max_seconds": 2}, InputOptions())

@@ -135,10 +135,16 @@ def prepare_image(
     return finish_image(decode_image(source, options), pre)
 
 
-def decode_image(source: ImageSource, options: InputOptions | None = None) -> Image.Image:
-    """Read and decode to RGB, EXIF orientation applied: what every model of a job shares."""
+def decode_image(
+    source: ImageSource, options: InputOptions | None = None, draft: int | None = None
+) -> Image.Image:
+    """Read and decode to RGB, EXIF orientation applied: what every model of a job shares.
+
+    ``draft``: a JPEG is decoded at the smallest of libjpeg's scales (1/2, 1/4, 1/8) that keeps
+    both sides at least this long (``input.jpeg_decode: reduced``); other formats in full.
+    """
     options = options or InputOptions()
-    image = _open(source, options.max_image_pixels)
+    image = _open(source, options.max_image_pixels, draft)
     if options.exif_orientation == "apply" and not isinstance(source, np.ndarray):
         image = _exif_transposed(image)
     return to_rgb(image)
@@ -154,6 +160,16 @@ def finish_image(image: Image.Image, pre: Mapping[str, Any]) -> np.ndarray:
         image = image.resize(size, resample=resample)
     array = np.asarray(image, dtype=np.uint8)
     return center_crop(array, tuple(pre["crop"])) if pre.get("crop") else array
+
+
+def draft_edge(pre: Mapping[str, Any]) -> int | None:
+    """The shortest side a reduced JPEG decoding may leave for this resize (either way up, so
+    that EXIF rotation changes nothing); None where the image is not resized."""
+    if pre.get("resize"):
+        return max(int(side) for side in pre["resize"])
+    if pre.get("resize_shortest_edge"):
+        return int(pre["resize_shortest_edge"])
+    return None
 
 
 def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
@@ -200,7 +216,7 @@ def _exif_transposed(image: Image.Image) -> Image.Image:
         return image
 
 
-def _open(source: ImageSource, max_pixels: int) -> Image.Image:
+def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -213,6 +229,8 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
             _check_pixels(source, image, max_pixels, stamp)  # from the header, not decoded
+            if draft:
+                image.draft(None, (draft, draft))  # JPEG only; a no-op for other formats
             image.load()
         return image
     except FileNotFoundError as e:
