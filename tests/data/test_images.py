@@ -155,7 +155,7 @@ def test_exif_orientation_applied_or_ignored(tmp_path: Path) -> None:
 
 
 def photo(path: Path, size: tuple[int, int]) -> Path:
-    """A smooth JPEG (large flat areas, as photos have): what reduced decoding is for."""
+    """A JPEG of smooth ramps, as photos are mostly smooth: what reduced decoding is for."""
     yy, xx = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
     pixels = np.stack([xx / size[0] * 255, yy / size[1] * 255, (xx + yy) % 256], axis=-1)
     Image.fromarray(pixels.astype(np.uint8)).save(path, quality=95)

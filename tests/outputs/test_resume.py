@@ -209,11 +209,11 @@ def test_reduced_jpeg_decoding_end_to_end_and_kept_apart_from_full(
     (exported,) = ducho_fast.export(full)
     ducho_fast.extract(full)
     before = snapshot(tmp_path / "out")
-    reduced = {**full, "input": {"jpeg_decode": "reduced"}}
     with pytest.raises(OutputError, match=r"other settings \(jpeg_decode: "):
-        ducho_fast.extract(reduced)
+        ducho_fast.extract({**full, "input": {"jpeg_decode": "reduced"}})
     assert snapshot(tmp_path / "out") == before
-    reduced["visual"]["items"]["output_path"] = "reduced"
+    reduced = config_for(tmp_path, store, resnet18_state_dict, "reduced", reshape=[64, 64])
+    reduced["input"] = {"jpeg_decode": "reduced"}
     assert ducho_fast.extract(reduced).runs[0].result.written == 4
     embedder = ducho_fast.load(exported.artifact.path)
     for name in [*sizes, "png"]:
