@@ -196,6 +196,18 @@ def runtime_options(
     return _check_device(RuntimeOptions(**_switches(raw)), source)
 
 
+def input_options(
+    inputs: InputOptions | Mapping[str, Any] | None, source: str = "InputOptions"
+) -> InputOptions:
+    """Input options given in code (``ducho_fast.load``), checked as a config's ``input``
+    section is; keys not given keep their defaults."""
+    if inputs is None:
+        return InputOptions()
+    raw = dict(vars(inputs)) if isinstance(inputs, InputOptions) else dict(inputs)
+    Checker(source).check({"input": raw})
+    return _input({**vars(InputOptions()), **raw}, source)
+
+
 def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
     device = runtime.device
     ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())

@@ -10,7 +10,7 @@ with nothing but the core install: no files written, no framework imported.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
+from ducho_fast.config.load import input_options as checked_input_options
 from ducho_fast.config.load import runtime_options
-from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.config.model import InputOptions, RuntimeOptions
 from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import Tokens
@@ -77,14 +78,18 @@ class Embedder:
         readers: bool = False,
         pending: PendingSession | None = None,
         lanes: int = 1,
+        input_options: InputOptions | Mapping[str, Any] | None = None,
     ) -> None:
         """``readers``: a pipeline's decoding threads share the CPUs with the session.
         ``pending``: this artifact's session, already being created with the same spinning
         and lanes; the embedder waits for it when first used, or in :meth:`ready`.
         ``lanes``: how many batches a pipeline runs at once (:func:`batch_lanes`), each on
         its share of the threads: one session all share when that is one thread (ORT runs a
-        one-thread session's work on the calling thread), else one session per lane."""
+        one-thread session's work on the calling thread), else one session per lane.
+        ``input_options``: how :meth:`prepare` reads files, checked as a config's ``input``
+        section is."""
         self.artifact = artifact
+        self.input_options = checked_input_options(input_options)
         self.manifest = artifact.manifest
         self._options = options = runtime_options(options)
         self.spinning = spins(options, artifact.modality, readers=readers)
@@ -163,9 +168,9 @@ class Embedder:
         Waveform arrays are taken at the model's sample rate.
         """
         if self.modality == "visual":
-            return prepare_image(raw, self.manifest["preprocessing"])
+            return prepare_image(raw, self.manifest["preprocessing"], self.input_options)
         if self.modality == "audio":
-            return prepare_audio(raw, self.manifest["preprocessing"])
+            return prepare_audio(raw, self.manifest["preprocessing"], self.input_options)
         if not isinstance(raw, str | Tokens):
             raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
         return raw
@@ -292,6 +297,13 @@ def _make_binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IO
     return IOBinder(session, "cpu") if options.io_binding == "on" else None
 
 
-def load(path: str | Path, options: RuntimeOptions | None = None) -> Embedder:
-    """Load one exported artifact directory as an :class:`Embedder`."""
-    return Embedder(load_artifact(Path(path)), options)
+def load(
+    path: str | Path,
+    options: RuntimeOptions | None = None,
+    input_options: InputOptions | Mapping[str, Any] | None = None,
+) -> Embedder:
+    """Load one exported artifact directory as an :class:`Embedder`. ``input_options`` (an
+    :class:`InputOptions` or a mapping, checked as a config's ``input`` section) say how
+    image and audio files are read: ``{"jpeg_decode": "reduced"}`` reads them as a config
+    with that setting does."""
+    return Embedder(load_artifact(Path(path)), options, input_options=input_options)

@@ -216,6 +216,7 @@ def test_reduced_jpeg_decoding_end_to_end_and_kept_apart_from_full(
     reduced["input"] = {"jpeg_decode": "reduced"}
     assert ducho_fast.extract(reduced).runs[0].result.written == 4
     embedder = ducho_fast.load(exported.artifact.path)
+    as_extract = ducho_fast.load(exported.artifact.path, input_options={"jpeg_decode": "reduced"})
     for name in [*sizes, "png"]:
         path = next((tmp_path / "images").glob(f"{name}.*"))
         file = Image.open(path)
@@ -226,6 +227,7 @@ def test_reduced_jpeg_decoding_end_to_end_and_kept_apart_from_full(
             for out in ("reduced", "out")
         )
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(as_extract.embed([path])[0], want, rtol=1e-4, atol=1e-5)
         if name in ("big", "mid"):
             assert not np.allclose(got, other, rtol=1e-4, atol=1e-5), name
         else:

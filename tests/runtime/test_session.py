@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.config.model import InputOptions, RuntimeOptions
 from ducho_fast.errors import DeviceError
 from ducho_fast.runtime import cpu
 from ducho_fast.runtime.binding import IOBinder
@@ -367,6 +367,28 @@ def test_options_given_in_code_are_checked_as_a_config_is(given: Any, message: s
     if isinstance(given, RuntimeOptions):  # the embedder refuses them before making a session
         with pytest.raises(ConfigError, match=message):
             Embedder(Artifact(Path("no-artifact"), {}), given)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"jpeg_decode": "fast"}, r"'input\.jpeg_decode' is 'fast'; allowed: 'full', 'reduced'"),
+        ({"jpeg_decod": "reduced"}, r"unknown key 'input\.jpeg_decod'\. Did you mean"),
+        (InputOptions(max_image_pixels=0), r"'input\.max_image_pixels' must be >= 1"),
+    ],
+)
+def test_input_options_given_in_code_are_checked_as_a_config_is(given: Any, message: str) -> None:
+    from ducho_fast.artifact import Artifact
+    from ducho_fast.config.load import input_options
+    from ducho_fast.errors import ConfigError
+    from ducho_fast.runtime.embedder import Embedder
+
+    with pytest.raises(ConfigError, match=rf"^InputOptions: .*{message}"):
+        input_options(given)
+    with pytest.raises(ConfigError, match=message):  # before making a session
+        Embedder(Artifact(Path("no-artifact"), {}), input_options=given)
+    assert input_options(None) == InputOptions()
+    assert input_options({"jpeg_decode": "reduced"}) == InputOptions(jpeg_decode="reduced")
 
 
 def test_options_given_in_code_take_yaml_switch_words_and_bools() -> None:

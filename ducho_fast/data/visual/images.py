@@ -130,9 +130,11 @@ def prepare_image(
 
     ``pre`` keys: ``resize`` [width, height], or ``resize_shortest_edge`` (aspect kept, as
     Transformers image processors do); ``crop`` [width, height] (centred); ``interpolation``.
-    ``options`` say whether EXIF orientation is applied and how many pixels are too many.
+    ``options`` say whether EXIF orientation is applied, how many pixels are too many and
+    whether JPEGs are decoded at a reduced scale.
     """
-    return finish_image(decode_image(source, options), pre)
+    reduced = options is not None and options.jpeg_decode == "reduced"
+    return finish_image(decode_image(source, options, draft_edge(pre) if reduced else None), pre)
 
 
 def decode_image(
