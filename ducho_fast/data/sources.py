@@ -23,8 +23,8 @@ from ducho_fast.data.visual.images import (
     IMAGE_SUFFIXES,
     check_files,
     decode_image,
-    draft_edge,
     finish_image,
+    jpeg_draft,
     list_images,
 )
 from ducho_fast.errors import DataError, UnreadableFile
@@ -187,7 +187,7 @@ class ImageLoader(Loader):
     def __init__(self, preprocessing: Mapping[str, Any], options: InputOptions) -> None:
         self.preprocessing = preprocessing
         self.options = options
-        self.draft = draft_edge(preprocessing) if options.jpeg_decode == "reduced" else None
+        self.draft = jpeg_draft(preprocessing, options)
         self.decode_key = ("image", options.exif_orientation, options.max_image_pixels)
         if self.draft:  # the scale depends on the model's size: shared only by equal sizes
             self.decode_key += ("reduced", self.draft)

@@ -133,8 +133,7 @@ def prepare_image(
     ``options`` say whether EXIF orientation is applied, how many pixels are too many and
     whether JPEGs are decoded at a reduced scale.
     """
-    reduced = options is not None and options.jpeg_decode == "reduced"
-    return finish_image(decode_image(source, options, draft_edge(pre) if reduced else None), pre)
+    return finish_image(decode_image(source, options, jpeg_draft(pre, options)), pre)
 
 
 def decode_image(
@@ -172,6 +171,13 @@ def draft_edge(pre: Mapping[str, Any]) -> int | None:
     if pre.get("resize_shortest_edge"):
         return int(pre["resize_shortest_edge"])
     return None
+
+
+def jpeg_draft(pre: Mapping[str, Any], options: InputOptions | None) -> int | None:
+    """The ``draft`` that ``options`` ask :func:`decode_image` for: :func:`draft_edge` with
+    ``input.jpeg_decode: reduced``, else None (full decoding)."""
+    reduced = options is not None and options.jpeg_decode == "reduced"
+    return draft_edge(pre) if reduced else None
 
 
 def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
