@@ -132,8 +132,9 @@ class NewFolders:
 
     No round deletes an earlier round's files. Each round used to run ``--fresh`` into one
     folder, and on this VM's disk deleting thousands of files made creating files several
-    times dearer for a while afterwards (see README, "Not there yet"), a cost that a user's
-    run into an empty folder does not pay. The folders stay until the work folder goes."""
+    times dearer for a while afterwards (see benchmarks/RESULTS.md, "Not there yet"), a cost
+    that a user's run into an empty folder does not pay. The folders stay until the work
+    folder goes."""
 
     def __init__(self, extract: Callable[..., Any], config: Path, key: str, name: str) -> None:
         self._extract = extract
