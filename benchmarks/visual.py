@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -262,6 +263,8 @@ def main() -> None:
         "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
     )
     args = parser.parse_args()
+    # torchvision's notes on tracing (train- vs eval-mode nodes), as `ducho-fast export` drops them
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
 
     from ducho_fast import api
     from ducho_fast.artifact import find_artifact
