@@ -15,6 +15,11 @@ from typing import Any
 
 import numpy as np
 
+# Every system a benchmark compares runs here: the source framework, extract and the bare
+# session. ONNX Runtime's "auto" would take CUDA where onnxruntime-gpu finds a GPU while the
+# source framework stayed on the CPU. The CUDA comparison is not written yet (no GPU here).
+DEVICE = "cpu"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -174,7 +179,7 @@ def bare_sessions(
     from ducho_fast.runtime.embedder import Embedder, Prepared
     from ducho_fast.runtime.session import batch_lanes
 
-    options = RuntimeOptions(spin_wait="on")
+    options = RuntimeOptions(device=DEVICE, spin_wait="on")
     count = batch_lanes(options) if lanes is None else lanes
     embedder = Embedder(artifact, options, lanes=count)
     batches = [Prepared([(list(range(len(next(iter(f.values()))))), f)], []) for f in feeds]

@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    DEVICE,
     NewFolders,
     bare_sessions,
     cosines,
@@ -149,6 +150,7 @@ def write_config(work: Path, model: Path, precision: str, batch_size: int, n: in
     config = {
         "dataset_path": str(work),
         "store": str(work / "store"),
+        "runtime": {"device": DEVICE},
         "output": {"resume": False},
         "textual": {
             "items": {
@@ -218,7 +220,7 @@ def main() -> None:
     model = minilm_folder(work)
     print(f"{args.n} descriptions, batch size {args.batch_size}, {cpu_quota()} CPUs, in {work}")
 
-    st = import_sentence_transformers().SentenceTransformer(str(model), device="cpu")
+    st = import_sentence_transformers().SentenceTransformer(str(model), device=DEVICE)
     tokens = [len(e) for e in st.tokenizer(texts, truncation=True, max_length=256)["input_ids"]]
     h, layers = 384, 6
     flops = float(np.mean([layers * (24 * n * h * h + 4 * n * n * h) for n in tokens]))
@@ -295,6 +297,7 @@ def main() -> None:
             "n": args.n,
             "batch_size": args.batch_size,
             "cpus": cpu_quota(),
+            "device": DEVICE,
             "sgemm_gflops": round(gflops, 1),
             "file_create_ms": [round(c, 3) for c in creates],
             "items_per_second": {k: round(v, 1) for k, v in rates.items()},

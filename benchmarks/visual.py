@@ -47,6 +47,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    DEVICE,
     NewFolders,
     bare_sessions,
     cosines,
@@ -206,6 +207,7 @@ def config_for(
     return {
         "dataset_path": str(work),
         "store": str(work / "store"),
+        "runtime": {"device": DEVICE},
         "output": {"resume": False},
         "input": {"jpeg_decode": jpeg_decode},
         "visual": {
@@ -288,6 +290,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "rounds": args.repeats,
         "cpus": cpu_quota(),
+        "device": DEVICE,
         "sgemm_gflops": round(gflops, 1),
         "models": {},
     }
