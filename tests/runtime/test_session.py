@@ -35,11 +35,17 @@ def test_explicit_threads_win() -> None:
 
 def test_providers_asked_for() -> None:
     assert requested_providers("cpu") == ["CPUExecutionProvider"]
-    assert requested_providers("cuda:1")[0] == (CUDA, {"device_id": "1"})
+    # fp32 computes in fp32 on CUDA too: TF32 (ONNX Runtime's default there) is off
+    assert requested_providers("cuda:1")[0] == (CUDA, {"use_tf32": "0", "device_id": "1"})
     options = {"cudnn_conv_algo_search": "HEURISTIC", "gpu_mem_limit": 2**30}
     assert requested_providers("cuda", options)[0] == (
         CUDA,
-        {"cudnn_conv_algo_search": "HEURISTIC", "gpu_mem_limit": "1073741824", "device_id": "0"},
+        {
+            "use_tf32": "0",
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "gpu_mem_limit": "1073741824",
+            "device_id": "0",
+        },
     )
 
 
@@ -234,7 +240,7 @@ def test_cuda_option_values_onnxruntime_takes_are_passed_on_as_its_strings(
         "do_copy_in_default_stream": "false",
         "tunable_op_enable": 0,
         "tunable_op_tuning_enable": "1",
-        "use_tf32": False,
+        "use_tf32": True,  # the config's choice wins over ducho-fast's default
     }
     raw = textual_config(tmp_path, {"model_name": "some/model"}, tmp_path / "store")
     raw["runtime"] = {"cuda_options": options}
@@ -249,7 +255,7 @@ def test_cuda_option_values_onnxruntime_takes_are_passed_on_as_its_strings(
         "do_copy_in_default_stream": "false",
         "tunable_op_enable": "0",
         "tunable_op_tuning_enable": "1",
-        "use_tf32": "False",
+        "use_tf32": "True",
         "device_id": "0",
     }
 
