@@ -30,6 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -136,29 +137,46 @@ class IOBinder:
         staged.slots.clear()
 
 
-def cuda_pinning() -> PinFn | None:
+def cuda_pinning(maps: Path = Path("/proc/self/maps")) -> PinFn | None:
     """``cudaHostRegister`` from the CUDA runtime that onnxruntime-gpu loads; None without it.
 
+    The copy of the runtime already in the process (``maps``: where its CUDA provider loaded
+    it from, e.g. a pip package of NVIDIA's) comes first, then the names the system's loader
+    knows: one found elsewhere first could be another CUDA version than the provider's.
     Memory stays page-locked for the life of its array (the pool keeps its buffers as long
     as the session) and is unregistered before it is freed.
     """
-    for name in CUDA_RUNTIMES:
-        path = ctypes.util.find_library(name) if "." not in name else name
-        if not path:
-            continue
+    for path in cuda_runtime_candidates(maps):
         try:
             cudart = ctypes.CDLL(path)
             register = cudart.cudaHostRegister
+            unregister = cudart.cudaHostUnregister
         except (OSError, AttributeError):
             continue
         register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
         register.restype = ctypes.c_int
-        unregister = cudart.cudaHostUnregister
         unregister.argtypes = [ctypes.c_void_p]
         unregister.restype = ctypes.c_int
         return _pinner(register, unregister)
     log.info("the CUDA runtime library was not found: input batches are copied unpinned")
     return None
+
+
+def cuda_runtime_candidates(maps: Path = Path("/proc/self/maps")) -> list[str]:
+    """Where to load the CUDA runtime from, in order: the copies mapped into this process
+    (``maps``, Linux's list of them), then ``CUDA_RUNTIMES`` (a bare name through
+    ``ctypes.util.find_library``, a file name through the loader's search)."""
+    loaded: list[str] = []
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+        if len(fields) == 6 and Path(fields[5]).name.startswith("libcudart.so"):
+            loaded.append(fields[5])
+    named = [ctypes.util.find_library(n) if "." not in n else n for n in CUDA_RUNTIMES]
+    return list(dict.fromkeys([*loaded, *(n for n in named if n)]))
 
 
 def _pinner(register: Any, unregister: Any) -> PinFn:

@@ -133,6 +133,78 @@ def test_unpinnable_host_memory_is_copied_from_the_batch() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_cuda_runtime_already_loaded_is_tried_first(tmp_path, monkeypatch) -> None:
+    from ducho_fast.runtime import binding
+
+    wheel = "/venv/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12"
+    maps = tmp_path / "maps"
+    maps.write_text(
+        f"7f00-7f10 r-xp 00000000 08:01 12 {wheel}\n"
+        f"7f10-7f20 r--p 00010000 08:01 12 {wheel}\n"  # one library, several mappings
+        "7f20-7f30 rw-p 00000000 00:00 0\n"  # anonymous memory: no path
+        "7f30-7f40 r-xp 00000000 08:01 9 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    )
+    found = {"cudart": "libcudart.so.11.0"}
+    monkeypatch.setattr(binding.ctypes.util, "find_library", lambda name: found.get(name))
+    sonames = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+    assert binding.cuda_runtime_candidates(maps) == [wheel, "libcudart.so.11.0", *sonames]
+    found.clear()  # none known to the loader's cache, none loaded
+    assert binding.cuda_runtime_candidates(tmp_path / "missing") == sonames
+
+
+def test_cuda_pinning_takes_the_first_runtime_that_loads(tmp_path, monkeypatch, caplog) -> None:
+    from ducho_fast.runtime import binding
+
+    tried: list[str] = []
+
+    class Runtime:
+        def __init__(self, path: str) -> None:
+            tried.append(path)
+            if path != "libcudart.so.12":
+                raise OSError(f"{path}: cannot open shared object file")
+            self.cudaHostRegister = lambda ptr, size, flags: 0
+            self.cudaHostUnregister = lambda ptr: 0
+
+    monkeypatch.setattr(binding.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(binding.ctypes, "CDLL", Runtime)
+    pin = binding.cuda_pinning(tmp_path / "missing")
+    assert tried == ["libcudart.so.13", "libcudart.so.12"] and pin is not None
+    assert pin(np.ones(4, np.float32))
+    monkeypatch.setattr(binding, "CUDA_RUNTIMES", ("libcudart.so.13",))
+    with caplog.at_level(logging.INFO, logger="ducho_fast"):
+        assert binding.cuda_pinning(tmp_path / "missing") is None
+    assert "copied unpinned" in caplog.text
+
+
+def test_pinned_memory_is_unregistered_when_its_array_goes() -> None:
+    import gc
+
+    from ducho_fast.runtime.binding import _pinner
+
+    registered: list[tuple[int, int]] = []
+    unregistered: list[int] = []
+    status = {"register": 0}
+
+    def register(ptr: int, size: int, flags: int) -> int:
+        registered.append((ptr, size))
+        return status["register"]
+
+    pin = _pinner(register, lambda ptr: unregistered.append(ptr) or 0)
+    array = np.empty((2, 8), np.float32)
+    address = array.ctypes.data
+    assert pin(array) and registered == [(address, 64)] and unregistered == []
+    del array
+    gc.collect()
+    assert unregistered == [address]
+    status["register"] = 1  # cudaErrorInvalidValue: not pinned, nothing to unregister later
+    other = np.empty(4, np.float32)
+    assert not pin(other)
+    assert not pin(np.empty(0, np.float32)) and len(registered) == 2  # nothing to pin
+    del other
+    gc.collect()
+    assert unregistered == [address]
+
+
 @pytest.mark.parametrize(
     ("spin_wait", "alone", "text_readers", "image_readers"),
     [("auto", True, True, False), ("on", True, True, True), ("off", False, False, False)],
