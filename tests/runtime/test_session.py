@@ -189,7 +189,11 @@ def test_pinned_memory_is_unregistered_when_its_array_goes() -> None:
         registered.append((ptr, size))
         return status["register"]
 
-    pin = _pinner(register, lambda ptr: unregistered.append(ptr) or 0)
+    def unregister(ptr: int) -> int:
+        unregistered.append(ptr)
+        return 0
+
+    pin = _pinner(register, unregister)
     array = np.empty((2, 8), np.float32)
     address = array.ctypes.data
     assert pin(array) and registered == [(address, 64)] and unregistered == []
