@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import json
 import os
@@ -15,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-# Every system a benchmark compares runs here: the source framework, extract and the bare
-# session. ONNX Runtime's "auto" would take CUDA where onnxruntime-gpu finds a GPU while the
-# source framework stayed on the CPU. The CUDA comparison is not written yet (no GPU here).
-DEVICE = "cpu"
+# Where every system a benchmark compares runs (``--device``): the source framework, extract
+# and the bare session, all on one device. Never "auto": ONNX Runtime's would take CUDA where
+# onnxruntime-gpu finds a GPU while the source framework stayed on the CPU.
+DEVICES = ("cpu", "cuda")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,6 +34,75 @@ def work_folder(given: Path | None, prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where all the compared systems run (default cpu; cuda: the source framework "
+        "with torch on the GPU, extract and the bare session with ONNX Runtime's CUDA provider)",
+    )
+
+
+def check_device(device: str) -> None:
+    """Exit with what is missing unless both torch and ONNX Runtime really run on ``device``:
+    a comparison with one of them elsewhere would time two devices, not two systems."""
+    if device == "cpu":
+        return
+    from ducho_fast.doctor import probe
+    from ducho_fast.exporters.compat import import_torch
+    from ducho_fast.runtime.session import CUDA
+
+    missing = []
+    if not import_torch().cuda.is_available():
+        missing.append("torch sees no CUDA device (a CUDA build of torch and a GPU are needed)")
+    if CUDA not in ort_providers() or probe(CUDA) != CUDA:
+        missing.append(
+            "ONNX Runtime runs no real CUDA session (install the gpu extra, onnxruntime-gpu, "
+            "in place of onnxruntime; `ducho-fast doctor` says what is missing)"
+        )
+    if missing:
+        raise SystemExit("--device cuda: " + "; ".join(missing) + ".")
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def device_gflops(device: str) -> float:
+    """The FLOP limit where the systems run: numpy's sgemm on the CPU, torch's float32 matrix
+    product on the GPU (TF32 off, as ducho-fast's CUDA sessions run fp32 graphs)."""
+    return sgemm_gflops() if device == "cpu" else cuda_sgemm_gflops()
+
+
+def cuda_sgemm_gflops(n: int = 8192, repeats: int = 5) -> float:
+    """Best float32 matrix-product rate of torch on the GPU, TF32 off."""
+    from ducho_fast.exporters.compat import import_torch
+
+    torch = import_torch()
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        a, b = (
+            torch.randn(n, n, device="cuda", dtype=torch.float32, generator=generator)
+            for _ in range(2)
+        )
+        a @ b  # warm-up
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -167,19 +237,24 @@ def recorded(fn: Callable[[], Any], into: list[Any]) -> Callable[[], Any]:
 
 
 def bare_sessions(
-    artifact: Any, feeds: list[dict[str, np.ndarray]], lanes: int | None = None
+    artifact: Any,
+    feeds: list[dict[str, np.ndarray]],
+    lanes: int | None = None,
+    device: str = "cpu",
 ) -> Callable[[], Any]:
     """The artifact's session alone on ``feeds`` (batches built beforehand), run as extract
     runs its model: ``lanes`` batches at once (None: as many as extract uses, see
     ``batch_lanes``), each lane taking the next batch; threads spin between ops, as nothing
-    shares their CPUs."""
+    shares their CPUs. On CUDA: one batch at a time, ``session.run`` on the host batches, so
+    its time includes the copies to and from the GPU that extract's I/O binding overlaps with
+    the model (there an efficiency above 1 is the overlap's gain)."""
     import threading
 
     from ducho_fast.config.model import RuntimeOptions
     from ducho_fast.runtime.embedder import Embedder, Prepared
     from ducho_fast.runtime.session import batch_lanes
 
-    options = RuntimeOptions(device=DEVICE, spin_wait="on")
+    options = RuntimeOptions(device=device, allow_fallback=False, spin_wait="on", io_binding="off")
     count = batch_lanes(options) if lanes is None else lanes
     embedder = Embedder(artifact, options, lanes=count)
     batches = [Prepared([(list(range(len(next(iter(f.values()))))), f)], []) for f in feeds]

