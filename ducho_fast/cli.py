@@ -503,9 +503,11 @@ def inspect(
     )
     out.print(f"preprocessing: {json.dumps(manifest['preprocessing'])}")
     parity = manifest["parity"]
+    ran = f", run with {parity['provider']}" if parity.get("provider") else ""  # older exports
     out.print(
-        f"parity vs {parity['reference']} on {parity['samples']} samples: "
-        f"{'passed' if parity['passed'] else 'FAILED'}"
+        f"parity vs {parity['reference']} on {parity['samples']} samples{ran}: "
+        f"{'passed' if parity['passed'] else 'FAILED'}",
+        soft_wrap=True,
     )
     for layer, r in parity["layers"].items():
         out.print(

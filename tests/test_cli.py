@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -43,6 +44,9 @@ def test_export_inspect_extract(text_config: Path, tmp_path: Path) -> None:
     )
     shown = runner.invoke(app, ["inspect", str(artifact)])
     assert shown.exit_code == 0 and "passed" in shown.output and "dim 384" in shown.output
+    ran = json.loads((artifact / "manifest.json").read_text())["parity"]["provider"]
+    assert ran in ("CPUExecutionProvider", "CUDAExecutionProvider")  # CUDA on a GPU machine
+    assert f"samples, run with {ran}: passed" in shown.output
     assert "[sentence-transformers " in shown.output  # the framework, not eaten as markup
     done = runner.invoke(
         app,

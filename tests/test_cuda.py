@@ -127,6 +127,7 @@ def test_fp16_export_passes_parity_on_cuda_and_runs_there(
         }
         (result,) = ducho_fast.export(textual_config(tmp_path, model, store))
         parity = result.artifact.manifest["parity"]
+        assert parity["provider"] == CUDA  # checked where it is meant to run (device auto)
         assert (
             parity["passed"]
             and parity["layers"]["1"]["min_cosine"] >= parity["bounds"]["min_cosine"]

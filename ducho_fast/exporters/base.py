@@ -252,6 +252,9 @@ def check_parity(
     result = {
         "reference": exporter.reference_name,
         "precision": spec.precision,
+        # where the graph ran for the check (device auto: CUDA on a GPU machine); fp16 graphs
+        # are made for GPUs, and a CPU's fp16 kernels round differently
+        "provider": embedder.info.provider,
         "samples": len(payloads),
         "bounds": bounds,
         "layers": per_layer,
