@@ -47,6 +47,13 @@ def test_export_inspect_extract(text_config: Path, tmp_path: Path) -> None:
     ran = json.loads((artifact / "manifest.json").read_text())["parity"]["provider"]
     assert ran in ("CPUExecutionProvider", "CUDAExecutionProvider")  # CUDA on a GPU machine
     assert f"samples, run with {ran}: passed" in shown.output
+    older = tmp_path / "older"  # exported before the provider was recorded
+    shutil.copytree(artifact, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["parity"]["provider"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    shown = runner.invoke(app, ["inspect", str(older)])
+    assert shown.exit_code == 0 and "samples: passed" in shown.output
     assert "[sentence-transformers " in shown.output  # the framework, not eaten as markup
     done = runner.invoke(
         app,
