@@ -104,7 +104,9 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
     real_prepare = pipeline._prepare
 
     def slow_prepare(embedder: Any, batch: Any) -> Any:
-        time.sleep(0.1)
+        # 6 batches of 0.3 s on the readers: the model waits about 0.9 s, far above the bound
+        # (0.2 s here). With 0.1 s it waited 0.15-0.25 s, and a busy machine failed the test.
+        time.sleep(0.3)
         return real_prepare(embedder, batch)
 
     monkeypatch.setattr(pipeline, "_prepare", slow_prepare)
