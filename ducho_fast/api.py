@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ducho_fast.artifact import MODEL_FILE, Artifact, find_artifact, slug_for, varies_per_item
+from ducho_fast.artifact import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Artifact,
+    find_artifact,
+    slug_for,
+    varies_per_item,
+)
 from ducho_fast.config import Config, Job, ModelSpec, load_config
 from ducho_fast.config.model import FusionSpec
 from ducho_fast.data.items import Item, ItemError
@@ -57,7 +64,13 @@ from ducho_fast.runtime.pipeline import (
     shared_window,
     window_size,
 )
-from ducho_fast.runtime.session import PendingSession, batch_lanes, lanes_advice, spins
+from ducho_fast.runtime.session import (
+    PendingSession,
+    batch_lanes,
+    for_artifact,
+    lanes_advice,
+    spins,
+)
 from ducho_fast.runtime.shard import Shard
 
 if TYPE_CHECKING:
@@ -217,12 +230,18 @@ def _session_ahead(cfg: Config) -> PendingSession | None:
     if job is None or not job.models or job.modality == "visual_textual":
         return None
     spec = job.models[0]
-    model = cfg.store / slug_for(spec) / MODEL_FILE
-    if not model.is_file():
-        return None  # find_artifact says what is missing
+    folder = cfg.store / slug_for(spec)
+    model = folder / MODEL_FILE
+    try:  # the options its session takes (see for_artifact): a few fields of a small file
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # find_artifact says what is missing or broken
+    if not model.is_file() or not isinstance(manifest, dict):
+        return None
     spinning = spins(cfg.runtime, spec.modality, readers=True)
     lanes = batch_lanes(cfg.runtime)
-    return PendingSession(model, cfg.runtime, spinning=spinning, lanes=lanes)
+    options = for_artifact(cfg.runtime, manifest)
+    return PendingSession(model, options, spinning=spinning, lanes=lanes)
 
 
 def _embedder(ctx: _Context, artifact: Artifact) -> Embedder:
@@ -230,8 +249,9 @@ def _embedder(ctx: _Context, artifact: Artifact) -> Embedder:
     pending = ctx.ahead.pop() if ctx.ahead else None
     spinning = spins(ctx.cfg.runtime, artifact.modality, readers=True)
     lanes = batch_lanes(ctx.cfg.runtime)
+    options = for_artifact(ctx.cfg.runtime, artifact.manifest)
     if pending is not None and not pending.serves(
-        artifact.model_path, spinning=spinning, lanes=lanes
+        artifact.model_path, spinning=spinning, lanes=lanes, options=options
     ):
         pending = None
     return Embedder(artifact, ctx.cfg.runtime, readers=True, pending=pending, lanes=lanes)

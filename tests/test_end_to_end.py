@@ -299,3 +299,39 @@ def test_every_input_is_checked_before_any_job_runs(
     monkeypatch.setattr(api, "_session_ahead", ahead)
     report = ducho_fast.extract(config)
     assert [r.result.written for r in report.runs] == [1, 1] and report.failed == 0
+
+
+def test_extract_runs_on_the_session_made_ahead(
+    tmp_path, store, texts_tsv, minilm_dir, monkeypatch
+) -> None:
+    """The first model's session, made while the run checks its inputs, is the one its
+    pipeline runs on: made with the options the artifact's embedder asks for (texts' shapes
+    vary, so cuDNN's convolutions would be tuned by heuristics on CUDA)."""
+    from ducho_fast import api
+    from ducho_fast.runtime.session import PendingSession
+
+    (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
+    model = {"model_name": str(minilm_dir), "backend": "sentence_transformers", "output_layers": 1}
+    config = textual_config(tmp_path, model, store)
+    ducho_fast.export(config)
+    made: list[PendingSession | None] = []
+    waited: list[PendingSession] = []
+    ahead, result = api._session_ahead, PendingSession.result
+
+    def recording_ahead(cfg: Any) -> Any:
+        pending = ahead(cfg)
+        made.append(pending)
+        return pending
+
+    def recording_result(self: PendingSession) -> Any:
+        waited.append(self)
+        return result(self)
+
+    monkeypatch.setattr(api, "_session_ahead", recording_ahead)
+    monkeypatch.setattr(PendingSession, "result", recording_result)
+    report = ducho_fast.extract(config)
+    assert report.failed == 0 and report.runs[0].result.written == 11
+    (pending,) = made
+    assert pending is not None
+    assert pending.options.cuda_options == {"cudnn_conv_algo_search": "HEURISTIC"}
+    assert waited and all(p is pending for p in waited)  # used, not made again

@@ -35,6 +35,7 @@ from ducho_fast.runtime.session import (
     PendingSession,
     SessionInfo,
     cuda_device_id,
+    for_artifact,
     make_session,
     spins,
 )
@@ -91,11 +92,11 @@ class Embedder:
         self.artifact = artifact
         self.input_options = checked_input_options(input_options)
         self.manifest = artifact.manifest
-        self._options = options = runtime_options(options)
+        self._options = options = for_artifact(runtime_options(options), self.manifest)
         self.spinning = spins(options, artifact.modality, readers=readers)
         self._lanes = lanes
         if pending is not None and not pending.serves(
-            artifact.model_path, spinning=self.spinning, lanes=lanes
+            artifact.model_path, spinning=self.spinning, lanes=lanes, options=options
         ):
             raise ValueError(f"{pending.model} is not the session {artifact.path} needs")
         self._pending = pending

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,6 +61,31 @@ def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOption
 # it runs; ``use_tf32: true`` trades that for speed, and fp16 artifacts are the checked way to
 # trade precision for speed.
 CUDA_DEFAULTS = {"use_tf32": "0"}
+
+
+def shapes_vary(manifest: Mapping[str, Any]) -> bool:
+    """Whether a graph's inputs change shape from batch to batch beyond the last batch's
+    size: audio clips (their lengths), texts (one padded length per bucket) and images not
+    resized or cropped to one size (``resize_shortest_edge`` keeps the aspect)."""
+    if manifest.get("modality") == "visual":
+        pre = manifest.get("preprocessing") or {}
+        return not (pre.get("resize") or pre.get("crop"))
+    return True
+
+
+def for_artifact(options: RuntimeOptions, manifest: Mapping[str, Any]) -> RuntimeOptions:
+    """``options`` as one artifact's session takes them: where its input shapes vary
+    (:func:`shapes_vary`), cuDNN's convolution algorithm is picked by heuristics unless
+    ``runtime.cuda_options.cudnn_conv_algo_search`` says otherwise. ONNX Runtime's default,
+    EXHAUSTIVE, benchmarks every algorithm for each convolution at each new input shape:
+    reported at 0.3-1.3 s a shape on a 6-layer network (PaddleX #5057; ONNX Runtime issues
+    #709 and #19838), against an audio clip per shape here. Unmeasured here (no GPU). Images
+    resized to one size keep EXHAUSTIVE: they tune once."""
+    if not shapes_vary(manifest) or "cudnn_conv_algo_search" in options.cuda_options:
+        return options
+    return replace(
+        options, cuda_options={**options.cuda_options, "cudnn_conv_algo_search": "HEURISTIC"}
+    )
 
 
 def requested_providers(device: str, cuda_options: dict[str, Any] | None = None) -> list[Any]:
@@ -164,6 +190,7 @@ class PendingSession:
         self, model: Path, options: RuntimeOptions, *, spinning: bool, lanes: int = 1
     ) -> None:
         self.model = model
+        self.options = options
         self.spinning = spinning
         self.lanes = lanes
         self._future: Future[tuple[ort.InferenceSession, SessionInfo]] = Future()
@@ -182,10 +209,13 @@ class PendingSession:
         else:
             self._future.set_result(made)
 
-    def serves(self, model: Path, *, spinning: bool, lanes: int = 1) -> bool:
-        """Whether this is the session a model at ``model`` with this spinning and these
-        lanes needs."""
-        return (self.model, self.spinning, self.lanes) == (model, spinning, lanes)
+    def serves(
+        self, model: Path, *, spinning: bool, lanes: int = 1, options: RuntimeOptions | None = None
+    ) -> bool:
+        """Whether this is the session a model at ``model`` with this spinning, these lanes
+        and (when given) these options needs."""
+        same = (self.model, self.spinning, self.lanes) == (model, spinning, lanes)
+        return same and (options is None or options == self.options)
 
     def result(self) -> tuple[ort.InferenceSession, SessionInfo]:
         return self._future.result()

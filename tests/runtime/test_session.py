@@ -133,6 +133,44 @@ def test_unpinnable_host_memory_is_copied_from_the_batch() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def test_convolutions_are_tuned_by_heuristics_where_input_shapes_vary() -> None:
+    from ducho_fast.runtime.session import for_artifact, shapes_vary
+
+    fixed = [
+        {"modality": "visual", "preprocessing": {"resize": [224, 224]}},
+        {"modality": "visual", "preprocessing": {"resize_shortest_edge": 256, "crop": [224, 224]}},
+    ]
+    varying = [
+        {"modality": "visual", "preprocessing": {"resize_shortest_edge": 256}},  # aspect kept
+        {"modality": "visual", "preprocessing": {}},  # images as they come
+        {"modality": "audio", "preprocessing": {"sample_rate": 16000}},
+        {"modality": "textual", "preprocessing": {}},  # one length per bucket
+    ]
+    assert [shapes_vary(m) for m in fixed] == [False, False]
+    assert all(shapes_vary(m) for m in varying)
+    options = RuntimeOptions(device="cuda", cuda_options={"gpu_mem_limit": 2**30})
+    assert for_artifact(options, fixed[0]) is options  # ONNX Runtime's EXHAUSTIVE: tuned once
+    tuned = for_artifact(options, varying[2])
+    assert tuned.cuda_options == {"gpu_mem_limit": 2**30, "cudnn_conv_algo_search": "HEURISTIC"}
+    assert requested_providers("cuda", tuned.cuda_options)[0][1]["cudnn_conv_algo_search"] == (
+        "HEURISTIC"
+    )
+    chosen = RuntimeOptions(device="cuda", cuda_options={"cudnn_conv_algo_search": "EXHAUSTIVE"})
+    assert for_artifact(chosen, varying[2]) is chosen  # the config's choice stands
+
+
+def test_a_session_made_ahead_serves_only_the_options_it_was_made_with() -> None:
+    from ducho_fast.runtime.session import PendingSession
+
+    options = RuntimeOptions(device="cpu")
+    pending = PendingSession(PROBE, options, spinning=True)
+    assert pending.serves(PROBE, spinning=True)
+    assert pending.serves(PROBE, spinning=True, options=RuntimeOptions(device="cpu"))
+    other = RuntimeOptions(device="cpu", cuda_options={"cudnn_conv_algo_search": "HEURISTIC"})
+    assert not pending.serves(PROBE, spinning=True, options=other)
+    pending.result()
+
+
 def test_the_cuda_runtime_already_loaded_is_tried_first(tmp_path, monkeypatch) -> None:
     from ducho_fast.runtime import binding
 
