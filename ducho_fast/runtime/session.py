@@ -79,8 +79,8 @@ def for_artifact(options: RuntimeOptions, manifest: Mapping[str, Any]) -> Runtim
     ``runtime.cuda_options.cudnn_conv_algo_search`` says otherwise. ONNX Runtime's default,
     EXHAUSTIVE, benchmarks every algorithm for each convolution at each new input shape:
     reported at 0.3-1.3 s a shape on a 6-layer network (PaddleX #5057; ONNX Runtime issues
-    #709 and #19838), against an audio clip per shape here. Unmeasured here (no GPU). Images
-    resized to one size keep EXHAUSTIVE: they tune once."""
+    #709 and #19838), and clips of a new length each bring a new shape. Unmeasured here (no
+    GPU). Images resized to one size keep EXHAUSTIVE: they tune once."""
     if not shapes_vary(manifest) or "cudnn_conv_algo_search" in options.cuda_options:
         return options
     return replace(
