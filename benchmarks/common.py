@@ -51,26 +51,19 @@ def check_device(device: str) -> None:
     a comparison with one of them elsewhere would time two devices, not two systems."""
     if device == "cpu":
         return
-    from ducho_fast.doctor import probe
+    from ducho_fast import doctor
     from ducho_fast.exporters.compat import import_torch
-    from ducho_fast.runtime.session import CUDA
 
     missing = []
     if not import_torch().cuda.is_available():
         missing.append("torch sees no CUDA device (a CUDA build of torch and a GPU are needed)")
-    if CUDA not in ort_providers() or probe(CUDA) != CUDA:
+    if not doctor.cuda_runs():
         missing.append(
             "ONNX Runtime runs no real CUDA session (install the gpu extra, onnxruntime-gpu, "
             "in place of onnxruntime; `ducho-fast doctor` says what is missing)"
         )
     if missing:
         raise SystemExit("--device cuda: " + "; ".join(missing) + ".")
-
-
-def ort_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
 
 
 def device_gflops(device: str) -> float:

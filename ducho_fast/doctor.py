@@ -47,6 +47,11 @@ def probe(provider: str) -> str:
     return str(session.get_providers()[0])
 
 
+def cuda_runs() -> bool:
+    """Whether a real session asked for CUDA runs on it (never with the CPU onnxruntime)."""
+    return CUDA in ort.get_available_providers() and probe(CUDA) == CUDA
+
+
 @dataclass
 class Health:
     """What ``doctor`` found: lines to print, and what would make a health check fail."""

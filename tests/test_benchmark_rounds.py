@@ -15,11 +15,7 @@ COMMON = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
 
 @pytest.fixture(scope="module")
 def common():
-    spec = importlib.util.spec_from_file_location("bench_common", COMMON)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("common")
 
 
 def test_each_round_runs_every_system_once_in_a_rotated_order(common):
@@ -211,7 +207,7 @@ def test_cuda_comparisons_need_torch_and_onnx_runtime_both_on_the_gpu(common, mo
 
     common.check_device("cpu")  # nothing to check
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(common, "ort_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(doctor.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(SystemExit, match=r"torch sees no CUDA device.*; ONNX Runtime runs no"):
         common.check_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -219,7 +215,9 @@ def test_cuda_comparisons_need_torch_and_onnx_runtime_both_on_the_gpu(common, mo
         common.check_device("cuda")
     assert "torch" not in str(stopped.value) and "onnxruntime-gpu" in str(stopped.value)
     # onnxruntime-gpu installed, but its sessions fall back to the CPU (no usable GPU)
-    monkeypatch.setattr(common, "ort_providers", lambda: ["CUDAExecutionProvider", "CPU"])
+    monkeypatch.setattr(
+        doctor.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPU"]
+    )
     monkeypatch.setattr(doctor, "probe", lambda provider: "CPUExecutionProvider")
     with pytest.raises(SystemExit, match="ONNX Runtime runs no real CUDA session"):
         common.check_device("cuda")

@@ -13,28 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 import ducho_fast
 from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.doctor import cuda_runs
 from ducho_fast.runtime.session import CUDA
 from tests.conftest import resnet18_entry, textual_config, visual_config, within_fp32_bounds
-
-
-def _real_cuda() -> bool:
-    if CUDA not in ort.get_available_providers():  # CPU onnxruntime: no session to try
-        return False
-    from ducho_fast.doctor import probe
-
-    return probe(CUDA) == CUDA
-
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.slow,
     pytest.mark.skipif(
-        not _real_cuda(), reason="no real CUDAExecutionProvider session on this machine"
+        not cuda_runs(), reason="no real CUDAExecutionProvider session on this machine"
     ),
 ]
 
