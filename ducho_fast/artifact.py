@@ -187,6 +187,11 @@ def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
         manifest = json.loads(manifest_path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{manifest_path} is not valid JSON ({e}); export again.") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(
+            f"{manifest_path} holds a JSON {type(manifest).__name__}, not a manifest (an "
+            "object); export again."
+        )
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(
             f"{manifest_path} has schema version {manifest.get('schema_version')}, this "

@@ -165,3 +165,16 @@ def test_a_new_revision_of_a_precision_gets_its_own_artifact(monkeypatch) -> Non
     )
     assert artifact.slug_for(spec("int8")) != before["int8"]
     assert artifact.slug_for(spec("fp32")) == before["fp32"]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"), [("{not json", "is not valid JSON"), ("[]", "JSON list")]
+)
+def test_a_manifest_that_is_not_a_json_object_is_refused(tmp_path, text: str, says: str) -> None:
+    from ducho_fast.artifact import MANIFEST_FILE, load_artifact
+    from ducho_fast.errors import ArtifactError
+
+    folder = _artifact(tmp_path / "a").parent
+    (folder / MANIFEST_FILE).write_text(text)
+    with pytest.raises(ArtifactError, match=rf"manifest\.json .*{says}.*export again"):
+        load_artifact(folder)
