@@ -200,6 +200,10 @@ def extract(
     check_fusion_dims(cfg, artifacts)
     _check_matrix_layers(cfg, artifacts)
     _check_output_folders(cfg, artifacts)
+    if ray is not None:
+        from ducho_fast.runtime.raydata import join_cluster
+
+        join_cluster(ray)  # a wrong address or a missing token: before any folder is touched
     id_order = _id_order(cfg)
     ctx = _Context(cfg, artifacts, id_order, progress, part, ray, [ahead] if ahead else [])
     report = ExtractReport(shard=part)

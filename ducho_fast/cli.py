@@ -223,7 +223,11 @@ def extract(
         ),
     ] = Engine.local,
     ray_address: Annotated[
-        str | None, typer.Option(help="A running Ray cluster, e.g. ray://head:10001.")
+        str | None,
+        typer.Option(
+            help="A running Ray cluster to join from one of its nodes: HOST:PORT (port 6379 "
+            "by default) or auto. Not ray:// (Ray Data does not run through Ray Client).",
+        ),
     ] = None,
     ray_actors: Annotated[
         int,

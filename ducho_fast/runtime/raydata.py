@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
+import socket
 import time
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, replace
@@ -291,13 +293,18 @@ def start_ray(options: RayOptions) -> Any:
     ray = import_ray()
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        address = options.address or os.environ.get("RAY_ADDRESS")
+        address, named_by = ray_address(options)
         kwargs: dict[str, Any] = {
             "include_dashboard": False,
             "log_to_driver": False,
             "logging_level": logging.WARNING,
         }
-        ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
+        try:
+            ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
+        except (ConnectionError, RuntimeError) as e:  # what ray.init raises when it cannot join
+            if not address:
+                raise
+            raise ConfigError(_unjoinable(address, named_by, e)) from e
     # ducho-fast shows its own progress; Ray Data's bars and plans would interleave with it.
     # Ray Data configures its loggers again as each dataset starts, taking the level from
     # RAY_DATA_LOG_LEVEL (a user's own setting wins): setting the logger alone held only
@@ -306,3 +313,92 @@ def start_ray(options: RayOptions) -> Any:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+# -- the cluster's address ----------------------------------------------------------------------
+
+# How long a TCP connection to a cluster's address may take before it counts as nothing there:
+# ray.init itself retries an address where nothing answers for minutes (over 2 here).
+PROBE_SECONDS = 5.0
+
+
+def ray_address(options: RayOptions) -> tuple[str | None, str]:
+    """The cluster to join (None: start a local instance) and what named it, for errors."""
+    if options.address:
+        return options.address, "--ray-address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+
+
+def join_cluster(options: RayOptions) -> None:
+    """With a cluster's address (``options``, else ``RAY_ADDRESS``), join it now, before any
+    work, so that a wrong address or a missing token stops the run before an output folder is
+    touched. Without one, nothing happens here: a local instance starts when a model first has
+    items to embed (a resumed run with nothing left starts none).
+
+    A Ray Client address (``ray://``) is refused: Ray Data does not run through Ray Client
+    (its executor needs the driver to be a worker of the cluster; ray-project/ray#42739).
+    A ``HOST:PORT`` where nothing accepts a connection within ``PROBE_SECONDS`` is refused
+    too, where ``ray.init`` would retry for minutes. ``auto`` and other forms go to Ray as
+    they are.
+    """
+    address, named_by = ray_address(options)
+    if not address:
+        return
+    _check_address(address, named_by)
+    start_ray(options)
+
+
+def _check_address(address: str, named_by: str) -> None:
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"{named_by} {address} is a Ray Client address, and Ray Data, which "
+            "--engine ray runs on, does not work through Ray Client. Run ducho-fast on a node "
+            f"of the cluster (its head node, or in a job submitted with `ray job submit`) with "
+            f"{named_by}{'=' if named_by == 'RAY_ADDRESS' else ' '}auto, or the cluster's own "
+            "address, HOST:PORT (port 6379 unless `ray start --port` chose another)."
+        )
+    host, port = _host_port(address)
+    if host is None or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+    except OSError as e:
+        if isinstance(e, TimeoutError):
+            why = f"no answer within {PROBE_SECONDS:g} s"
+        else:
+            why = e.strerror or str(e) or type(e).__name__
+        raise ConfigError(
+            f"{named_by} {address}: no Ray cluster answers there ({why}). Check that the "
+            "cluster is running (`ray status` on its head node) and that this is its address, "
+            "HOST:PORT (port 6379 unless `ray start --port` chose another)."
+        ) from e
+
+
+def _host_port(address: str) -> tuple[str | None, int | None]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) split; (None, None) for any other form."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None, None
+    return host.strip("[]"), int(port)
+
+
+def _unjoinable(address: str, named_by: str, error: BaseException) -> str:
+    """Why ``ray.init`` could not join the cluster at ``address``, and what to do."""
+    reasons: list[str] = []
+    cause: BaseException | None = error
+    while cause is not None and len(reasons) < 4:
+        reasons.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(reasons)
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    message = f"{named_by} {address}: Ray could not join the cluster ({first})."
+    if re.search(r"authenticat|auth_?token", text, re.IGNORECASE):
+        message += (
+            " The cluster asks for an authentication token (`ray start` turns token "
+            "authentication on by default): set RAY_AUTH_MODE=token here, with the cluster's "
+            "token in ~/.ray/auth_token, in the file RAY_AUTH_TOKEN_PATH names, or in "
+            "RAY_AUTH_TOKEN."
+        )
+    else:
+        message += " Check that the cluster is running (`ray status` on its head node)."
+    return message

@@ -4,6 +4,7 @@ and ``RayEmbedder`` works in ``Dataset.map_batches``."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -80,6 +81,21 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     # Windows 1, 3, 5, 7 of the images (3 + 3 + 3 + 1, img05 among them) and 1 of the texts.
     assert [r.result.written for r in shard.runs] == [10 - 1, 32]
     assert [e.item_id for r in shard.runs for e in r.result.errors] == ["img05"]
+
+
+def test_a_cluster_that_cannot_be_joined_stops_the_run_before_any_work(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    """The address is tried after the config's checks and before any output folder."""
+    config = two_job_config(tmp_path, store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(config)
+    before = sorted(tmp_path.rglob("*"))
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ConfigError, match=f"--ray-address {address}: no Ray cluster answers"):
+        ducho_fast.extract(config, engine="ray", ray=RayOptions(actors=1, address=address))
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_a_cli_run_on_ray_keeps_ray_data_notices_off_the_console(
