@@ -113,3 +113,25 @@ def test_embedder_waits_for_the_session_created_ahead(resnet_artifact) -> None:
     emb = Embedder(artifact, cuda, readers=True, pending=failing)
     with pytest.raises(DeviceError, match="CUDA is not really active"):
         emb.ready()
+
+
+@pytest.mark.parametrize("io_binding", ["off", "on"])
+def test_embed_from_several_threads_at_once(resnet_artifact, image_dir, io_binding) -> None:
+    """A web service's workers share one embedder: calls at once give each its own results.
+    ``io_binding: on`` runs the CUDA path's device-buffer pool (on the CPU), whose buffers the
+    calls take and give back concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ducho_fast.config.model import RuntimeOptions
+
+    emb = ducho_fast.load(resnet_artifact, RuntimeOptions(io_binding=io_binding))
+    paths = sorted(image_dir.iterdir())[:12]
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((64, 64))) for p in paths]
+    alone = [emb.embed(arrays[k:] + arrays[:k], batch_size=4) for k in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(
+            pool.map(lambda k: emb.embed(arrays[k:] + arrays[:k], batch_size=4), range(12))
+        )
+    for k in range(12):
+        np.testing.assert_allclose(together[k], alone[k], rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(alone[0], alone[1])  # each call's own order
