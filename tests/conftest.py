@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +382,10 @@ def two_job_config(data: Path, store: Path, resnet18: Path, tiny_bert: Path) -> 
 def npy_bytes(folder: Path) -> dict[str, bytes]:
     """Every .npy file under ``folder``, by relative path: to compare runs byte for byte."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.npy"))}
+
+
+def closed_port() -> int:
+    """A local TCP port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -11,6 +11,7 @@ import pytest
 from ducho_fast.errors import ConfigError
 from ducho_fast.runtime import raydata
 from ducho_fast.runtime.raydata import RayOptions, join_cluster, ray_address
+from tests.conftest import closed_port
 
 ray = pytest.importorskip("ray", reason="the scale extra (ray[data]) is not installed")
 
@@ -18,12 +19,6 @@ ray = pytest.importorskip("ray", reason="the scale extra (ray[data]) is not inst
 @pytest.fixture(autouse=True)
 def no_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_option_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +55,7 @@ def test_an_address_where_nothing_listens_is_refused_at_once(
 ) -> None:
     """ray.init retries such an address for minutes (over 2 here) before it gives up."""
     monkeypatch.setattr(raydata, "start_ray", lambda options: pytest.fail("joined a cluster"))
-    address = f"127.0.0.1:{_closed_port()}"
+    address = f"127.0.0.1:{closed_port()}"
     start = time.monotonic()
     with pytest.raises(ConfigError, match="no Ray cluster answers there") as e:
         join_cluster(RayOptions(address=address))

@@ -4,7 +4,6 @@ and ``RayEmbedder`` works in ``Dataset.map_batches``."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import yaml
 import ducho_fast
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.runtime.raydata import RayEmbedder, RayOptions
-from tests.conftest import npy_bytes, two_job_config, write_image
+from tests.conftest import closed_port, npy_bytes, two_job_config, write_image
 
 ray = pytest.importorskip("ray", reason="the scale extra (ray[data]) is not installed")
 pytestmark = pytest.mark.slow
@@ -90,9 +89,7 @@ def test_a_cluster_that_cannot_be_joined_stops_the_run_before_any_work(
     config = two_job_config(tmp_path, store, resnet18_state_dict, tiny_bert_dir)
     ducho_fast.export(config)
     before = sorted(tmp_path.rglob("*"))
-    with socket.socket() as s:  # a port where nothing listens
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{closed_port()}"
     with pytest.raises(ConfigError, match=f"--ray-address {address}: no Ray cluster answers"):
         ducho_fast.extract(config, engine="ray", ray=RayOptions(actors=1, address=address))
     assert sorted(tmp_path.rglob("*")) == before
