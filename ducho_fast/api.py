@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from ducho_fast.fusion import (
 )
 from ducho_fast.outputs.atomic import write_text
 from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, layer_parts, output_root
+from ducho_fast.outputs.lock import FolderLocks
 from ducho_fast.outputs.manifest import OutputFolder, check_folder, digest, open_folder
 from ducho_fast.outputs.matrix import (
     FILE_NAMES,
@@ -206,6 +207,12 @@ def extract(
         join_cluster(ray)  # a wrong address or a missing token: before any folder is touched
     id_order = _id_order(cfg)
     ctx = _Context(cfg, artifacts, id_order, progress, part, ray, [ahead] if ahead else [])
+    with _lock_output_folders(cfg, part):  # another run writing them: before any work
+        return _extract(ctx)
+
+
+def _extract(ctx: _Context) -> ExtractReport:
+    cfg, part, ray, id_order = ctx.cfg, ctx.shard, ctx.ray, ctx.id_order
     report = ExtractReport(shard=part)
     advice = lanes_advice(cfg.runtime) if ray is None else None
     if advice:
@@ -387,14 +394,36 @@ def _check_matrix_layers(cfg: Config, artifacts: dict[str, Artifact]) -> None:
 
 
 def _check_output_folders(cfg: Config, artifacts: dict[str, Artifact]) -> None:
+    for job, graph, label in _output_layers(cfg):
+        key = _feature_key(cfg, graph, artifacts[graph_name(graph)], label)
+        path = layer_dir(job, graph, label)
+        check_folder(path, key, resume=cfg.output.resume, what=f"'{graph.key_path}'")
+
+
+def _output_layers(cfg: Config) -> Iterator[tuple[Job, ModelSpec, str]]:
+    """Every (job, graph, layer label) whose features the config writes."""
     for job in cfg.jobs:
         for spec in job.models:
             for graph in spec.towers():
-                artifact = artifacts[graph_name(graph)]
                 for label in graph.layer_labels():
-                    key = _feature_key(cfg, graph, artifact, label)
-                    path = layer_dir(job, graph, label)
-                    check_folder(path, key, resume=cfg.output.resume, what=f"'{graph.key_path}'")
+                    yield job, graph, label
+
+
+def _lock_output_folders(cfg: Config, part: Shard | None) -> FolderLocks:
+    """This run's locks on its feature folders: its own, or a job array task's share."""
+    holder = (
+        "ducho-fast extract"
+        if part is None
+        else f"the tasks of a job array, --shard i/{part.count}"
+    )
+    locks = FolderLocks(holder, shared=part is not None)
+    try:
+        for job, graph, label in _output_layers(cfg):
+            locks.take(layer_dir(job, graph, label))
+    except BaseException:
+        locks.release()
+        raise
+    return locks
 
 
 def _feature_key(cfg: Config, spec: ModelSpec, artifact: Artifact, label: str) -> dict[str, Any]:

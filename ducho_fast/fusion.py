@@ -30,7 +30,9 @@ from ducho_fast.config.model import (
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.outputs.ducho import layer_dir, layer_parts, load_feature, save_feature
+from ducho_fast.outputs.lock import FolderLocks
 from ducho_fast.outputs.manifest import (
+    OutputFolder,
     check_complete,
     features,
     open_folder,
@@ -140,31 +142,49 @@ def fuse_folders(
         first = [load_feature(f[ids[0]][0]) for f in found]
         check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
     key = _fusion_key(folders, mode, normalize, options)
-    record = open_folder(output, key, resume=written_under(output, key), what=f"fusion '{where}'")
-    for item_id in ids:
-        inputs = [f[item_id] for f in found]
-        if record.written.get(item_id, -1) >= max(written for _, written in inputs):
-            result.reused += 1
-            result.ids.append(item_id)
-            continue
-        try:
-            fused = fuse([load_feature(path) for path, _ in inputs], mode, normalize=normalize)
-        except (DataError, ValueError, OSError) as e:
-            result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
-            continue
-        save_feature(
-            output / f"{item_id}.npy", fused[0] if options.squeeze else fused, options.dtype
+    with FolderLocks(f"ducho-fast fusion '{where}'") as locks:  # another run fusing into it
+        locks.take(output)
+        record = open_folder(
+            output, key, resume=written_under(output, key), what=f"fusion '{where}'"
         )
-        result.written += 1
-        result.ids.append(item_id)
-    counts = {
-        "fused": result.written,
-        "reused": result.reused,
-        "failed": len(result.errors),
-        "missing": len(result.missing),
-    }
-    record.finish(counts, inputs=[str(f) for f in folders])
+        for item_id in ids:
+            _fuse_item(
+                result, record, item_id, [f[item_id] for f in found], mode, normalize, options
+            )
+        counts = {
+            "fused": result.written,
+            "reused": result.reused,
+            "failed": len(result.errors),
+            "missing": len(result.missing),
+        }
+        record.finish(counts, inputs=[str(f) for f in folders])
     return result
+
+
+def _fuse_item(
+    result: FusionResult,
+    record: OutputFolder,
+    item_id: str,
+    inputs: list[tuple[Path, int]],
+    mode: str,
+    normalize: bool,
+    options: OutputOptions,
+) -> None:
+    """Fuse one id's input features into ``record``'s folder, or reuse its fused file."""
+    if record.written.get(item_id, -1) >= max(written for _, written in inputs):
+        result.reused += 1
+        result.ids.append(item_id)
+        return
+    try:
+        fused = fuse([load_feature(path) for path, _ in inputs], mode, normalize=normalize)
+    except (DataError, ValueError, OSError) as e:
+        result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
+        return
+    save_feature(
+        record.path / f"{item_id}.npy", fused[0] if options.squeeze else fused, options.dtype
+    )
+    result.written += 1
+    result.ids.append(item_id)
 
 
 def _fusion_key(

@@ -23,6 +23,7 @@ from PIL import Image
 
 import ducho_fast
 from ducho_fast.errors import OutputError
+from ducho_fast.outputs.lock import LOCK_FILE
 from ducho_fast.outputs.manifest import MANIFEST_FILE
 from tests.conftest import REPO, resnet18_entry, textual_config, visual_config, write_image
 
@@ -125,6 +126,25 @@ def test_sigterm_or_ctrl_c_stops_cleanly_then_resume_is_byte_identical(
     result = report.runs[0].result
     assert result.reused == partial and result.reused + result.written == 160
     assert snapshot(dataset / "out") == snapshot(dataset / "ref")
+
+
+def test_a_second_run_into_a_folder_being_written_stops_and_loses_nothing(
+    dataset, store, resnet18_state_dict
+):
+    """Two runs writing one folder would remove each other's unfinished files: the second
+    stops before any work, naming the first, which completes every item."""
+    proc, path, folder = extract_until(dataset, store, resnet18_state_dict)
+    with pytest.raises(
+        OutputError,
+        match=rf"{folder} is being written by another ducho-fast run now \(ducho-fast extract, "
+        rf"pid {proc.pid} on ",
+    ):
+        ducho_fast.extract(path)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    assert snapshot(dataset / "out") == snapshot(dataset / "ref")
+    assert not (folder / LOCK_FILE).exists()
+    assert ducho_fast.extract(path).runs[0].result.reused == 160
 
 
 def test_full_disk_stops_the_run_and_a_rerun_completes_it(

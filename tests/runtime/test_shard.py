@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 import ducho_fast
 from ducho_fast.cli import app
-from ducho_fast.errors import ConfigError
+from ducho_fast.errors import ConfigError, OutputError
+from ducho_fast.outputs.lock import LOCK_FILE, FolderLocks
 from ducho_fast.runtime.shard import Shard
 from tests.conftest import npy_bytes, two_job_config
 
@@ -110,6 +111,32 @@ def test_shards_make_the_files_of_one_run(
     assert not list((tmp_path / "split/out").glob("ducho-fast.errors.shard-*.tsv"))
     assert "img05" in (tmp_path / "split/out/ducho-fast.errors.tsv").read_text()
     assert npy_bytes(tmp_path / "split") == npy_bytes(tmp_path / "one")  # matrices too
+
+
+@pytest.mark.slow
+def test_a_shard_runs_beside_other_shards_and_never_beside_a_plain_run(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    config = two_job_config(tmp_path, store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(config)
+    folder = tmp_path / "out/torch/resnet18/avgpool"
+    with FolderLocks("another task", shared=True) as other_task:
+        other_task.take(folder)
+        report = _extract(config, shard="0/2")
+        assert sum(r.result.written for r in report.runs) > 0
+        with pytest.raises(
+            OutputError,
+            match=rf"{folder} is being written by another ducho-fast run now \(the tasks of a "
+            r"job array, --shard i/2\)\.",
+        ):
+            _extract(config)
+    with FolderLocks("ducho-fast extract") as plain:
+        plain.take(folder)
+        with pytest.raises(OutputError, match=r"a task of a job array cannot share the folder"):
+            _extract(config, shard="1/2")
+    assert not list(tmp_path.rglob(LOCK_FILE))
+    final = _extract(config)
+    assert final.failed == 2 and all(r.result.reused or r.result.written for r in final.runs)
 
 
 @pytest.mark.slow
