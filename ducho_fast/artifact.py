@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,9 @@ from ducho_fast.config.model import ModelSpec
 from ducho_fast.data.items import FileStamp
 from ducho_fast.errors import ArtifactError
 from ducho_fast.outputs.atomic import replacing
+from ducho_fast.outputs.lock import Busy, holder_line, lock_file, unlock_file, write_holder
+
+log = logging.getLogger("ducho_fast")
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
@@ -226,6 +232,40 @@ def find_artifact(store: Path, spec: ModelSpec) -> Artifact:
     return load_artifact(path)
 
 
+@contextmanager
+def exporting(store: Path, slug: str) -> Iterator[None]:
+    """Hold the store's lock on ``slug``: one export of an artifact at a time.
+
+    The tasks of a job array that each run ``export`` before ``extract`` wait for the first,
+    then reuse its artifact, instead of each building its own and replacing the artifact
+    under the extracts already running.
+    """
+    path = store / f".exporting-{slug}.lock"
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = lock_file(path)
+        except Busy as e:
+            log.warning(
+                "%s is being exported by another process now (%s); waiting for it to finish.",
+                store / slug,
+                e.holder or "unnamed",
+            )
+            fd = lock_file(path, wait=True)
+    except OSError as e:
+        raise ArtifactError(
+            f"cannot write to the model store {store} (key 'store'): {e.strerror or e}.\n"
+            "Hint: set `store` to a folder you can write to, or check that the disk has space."
+        ) from e
+    if fd is not None:  # None: a file system without locks, unlocked
+        write_holder(fd, holder_line("ducho-fast export"))
+    try:
+        yield
+    finally:
+        if fd is not None:
+            unlock_file(fd, path)
+
+
 def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, Any]) -> Artifact:
     """Finish ``build_dir`` (which holds model.onnx and, unless all its tensors are small,
     model.onnx.data) and move it into place atomically."""
@@ -239,9 +279,13 @@ def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, 
         manifest["data_sha256"] = sha256_file(build_dir / DATA_FILE)
     (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str), "utf-8")
     target = store / slug
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(build_dir, target)
+    if target.exists():  # --force: set aside, so the name is missing for a rename's time only
+        old = new_build_dir(store)
+        os.replace(target, old / slug)
+        os.replace(build_dir, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(build_dir, target)
     return Artifact(path=target, manifest=manifest)
 
 

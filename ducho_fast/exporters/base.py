@@ -25,6 +25,7 @@ from ducho_fast.artifact import (
     MODEL_FILE,
     SCHEMA_VERSION,
     Artifact,
+    exporting,
     graph_key,
     load_artifact,
     new_build_dir,
@@ -116,10 +117,17 @@ def image_output(name: str, layer: str, shape: tuple[int, ...]) -> dict[str, Any
 def export_with(exporter: Exporter, spec: ModelSpec, store: Path, *, force: bool) -> ExportResult:
     start = time.perf_counter()
     slug = slug_for(spec)
-    if not force:
-        existing = _valid_existing(store / slug)
-        if existing is not None:
-            return ExportResult(spec, existing, True, time.perf_counter() - start)
+    with exporting(store, slug):  # another process exporting it: wait, then reuse its artifact
+        if not force:
+            existing = _valid_existing(store / slug)
+            if existing is not None:
+                return ExportResult(spec, existing, True, time.perf_counter() - start)
+        return _export(exporter, spec, store, slug, start)
+
+
+def _export(
+    exporter: Exporter, spec: ModelSpec, store: Path, slug: str, start: float
+) -> ExportResult:
     built = exporter.build(spec)
     build_dir = new_build_dir(store)
     try:

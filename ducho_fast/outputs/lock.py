@@ -1,4 +1,4 @@
-"""One writer per output folder: a lock file that the system releases when its run ends.
+"""Locks that the system releases when their process ends: one writer per output folder.
 
 A run takes ``.ducho-fast.lock`` in each folder it writes, for as long as it writes. Two runs
 writing one folder at once would lose features: each removes the temporary files it finds
@@ -6,11 +6,13 @@ when it starts (a killed run's leftovers, it assumes), and the other's writes fa
 run locks its folders exclusively and the tasks of a job array (``--shard i/N``, which keep
 each other's temporary files) share theirs: a second plain run, a plain run among running
 shards, or a shard beside a plain run stops before any work, naming the run that holds the
-folder.
+folder. ``export`` locks each artifact it makes the same way, and waits for another export
+of it (:func:`ducho_fast.artifact.exporting`).
 
-The lock is ``flock`` on the file, held through an open descriptor: a run killed in any way
-releases it, so no stale lock outlives its run (over NFS, after the server's lease). Where the
-file system has no locks, or the platform no ``fcntl``, runs go unlocked, as before.
+A lock is ``flock`` on a file, held through an open descriptor: a process killed in any way
+releases it, so no stale lock outlives its run (over NFS, after the server's lease); the last
+holder removes the file. Where the file system has no locks, or the platform no ``fcntl``,
+runs go unlocked, as before.
 """
 
 from __future__ import annotations
@@ -54,50 +56,22 @@ class FolderLocks:
         key = folder.resolve()
         if key in self._fds or fcntl is None:
             return
-        for _ in range(_TRIES):
-            fd = self._open(folder)
-            if fd is None:
-                return  # a file system without locks: unlocked, as before
-            if _still_named(fd, folder / LOCK_FILE):
-                break
-            os.close(fd)  # the holder removed the file as it ended: lock the new one
-        else:
-            raise OutputError(f"cannot lock {folder / LOCK_FILE}: it keeps being replaced.")
-        self._fds[key] = fd
-        _write_holder(fd, self._who())
-
-    def _who(self) -> str:
-        """The line a run that finds the folder taken reads: the holder alone when shared
-        (the tasks of a job array come and go; a process named would be one that may have
-        ended), with its process otherwise."""
-        if self.shared:
-            return self.holder
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        return f"{self.holder}, pid {os.getpid()} on {socket.gethostname()}, since {since}"
-
-    def _open(self, folder: Path) -> int | None:
-        """The lock file's descriptor, locked; None where the file system has no locks."""
         path = folder / LOCK_FILE
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = lock_file(path, shared=self.shared, wait=False)
+        except Busy as e:
+            raise OutputError(self._busy_message(folder, e.holder)) from e
         except OSError as e:
             raise OutputError(
                 f"cannot write to the output folder {folder}: {e.strerror or e}. Check that it "
                 "is writable and that the disk has space."
             ) from e
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
-            busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-            who = _read_holder(fd) if busy else ""
-            os.close(fd)
-            if e.errno in _NO_LOCKS:
-                return None
-            if busy:
-                raise OutputError(self._busy_message(folder, who)) from e
-            raise OutputError(f"cannot lock {path}: {e.strerror or e}.") from e
-        return fd
+        if fd is not None:  # None: a file system without locks, unlocked as before
+            self._fds[key] = fd
+            # Shared: the holder alone, as the tasks of a job array come and go (a process
+            # named could be one that has ended).
+            write_holder(fd, self.holder if self.shared else holder_line(self.holder))
 
     def _busy_message(self, folder: Path, who: str) -> str:
         held_by = f" ({who})" if who else ""
@@ -118,8 +92,7 @@ class FolderLocks:
     def release(self) -> None:
         """Release every lock; the last holder of a folder removes its lock file."""
         for folder, fd in self._fds.items():
-            _remove_if_last(fd, folder / LOCK_FILE)
-            os.close(fd)  # closing the descriptor releases its lock
+            unlock_file(fd, folder / LOCK_FILE)
         self._fds.clear()
 
     def __enter__(self) -> FolderLocks:
@@ -134,7 +107,57 @@ class FolderLocks:
         self.release()
 
 
-def _write_holder(fd: int, text: str) -> None:
+class Busy(Exception):
+    """Another process holds the lock; ``holder`` is the line it wrote ("" if none)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def lock_file(path: Path, *, shared: bool = False, wait: bool = False) -> int | None:
+    """Open ``path`` (made if missing) and lock it: its descriptor, for :func:`unlock_file`.
+
+    Without ``wait``, a lock another process holds raises :class:`Busy`; with it, this waits
+    (Ctrl-C and SIGTERM still stop it). None where the file system has no locks. Other
+    errors are OSError.
+    """
+    if fcntl is None:
+        return None
+    operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    for _ in range(_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, operation)
+        except OSError as e:
+            busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            holder = read_holder(fd) if busy else ""
+            os.close(fd)
+            if e.errno in _NO_LOCKS:
+                return None
+            if busy:
+                raise Busy(holder) from e
+            raise
+        if _still_named(fd, path):
+            return fd
+        os.close(fd)  # the holder removed the file as it ended: lock the new one
+    raise OSError(errno.EAGAIN, f"{path} keeps being replaced")
+
+
+def unlock_file(fd: int, path: Path) -> None:
+    """Release the lock :func:`lock_file` took; the last holder removes the file."""
+    _remove_if_last(fd, path)
+    os.close(fd)  # closing the descriptor releases its lock
+
+
+def holder_line(holder: str) -> str:
+    """``holder`` with this process, host and time: what a process that finds the lock taken
+    reads."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{holder}, pid {os.getpid()} on {socket.gethostname()}, since {since}"
+
+
+def write_holder(fd: int, text: str) -> None:
     """Who holds the lock, for the error of a run that finds it taken."""
     try:
         os.ftruncate(fd, 0)
@@ -143,7 +166,7 @@ def _write_holder(fd: int, text: str) -> None:
         pass  # the lock holds without it; only the message loses the name
 
 
-def _read_holder(fd: int) -> str:
+def read_holder(fd: int) -> str:
     try:
         return os.pread(fd, 512, 0).decode(errors="replace").strip()
     except OSError:

@@ -1,15 +1,23 @@
 from __future__ import annotations
 
+import os
+import select
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 import ducho_fast
+from ducho_fast.artifact import load_artifact, slug_for
 from ducho_fast.config import load_config
-from ducho_fast.errors import ExportError, ParityError
-from tests.conftest import assert_artifact_files, resnet18_entry, visual_config
+from ducho_fast.errors import ArtifactError, ExportError, ParityError
+from ducho_fast.outputs.lock import lock_file, unlock_file, write_holder
+from tests.conftest import REPO, assert_artifact_files, resnet18_entry, visual_config
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +59,9 @@ def test_export_is_reused_until_something_changes(tmp_path, store, resnet18_stat
     other = export_one(tmp_path, resnet18_entry(resnet18_state_dict, preprocessing="minmax"), store)
     assert not other.reused and other.artifact.path != first.artifact.path
     forced = export_one(tmp_path, resnet18_entry(resnet18_state_dict), store, force=True)
-    assert not forced.reused
+    assert not forced.reused and forced.artifact.path == first.artifact.path
+    assert load_artifact(forced.artifact.path).manifest["parity"]["passed"]
+    assert not list(store.glob(".building-*")) and not list(store.glob(".exporting-*"))
 
 
 @pytest.mark.parametrize("preprocessing", [None, "minmax"])
@@ -227,3 +237,62 @@ def test_parity_failure_is_a_typed_error_listing_each_layer(
     ):
         export_with(Drifting(), spec, tmp_path / "other-store", force=True)
     assert not [p for p in (tmp_path / "other-store").iterdir() if not p.name.startswith(".")]
+
+
+def test_exports_of_one_model_at_once_build_it_once(tmp_path, resnet18_state_dict) -> None:
+    """The tasks of a job array that each run ``export`` first: one builds the artifact, the
+    others wait for it and reuse it, instead of replacing it under the extracts running."""
+    store = tmp_path / "store"
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    lock = store / f".exporting-{slug_for(load_config(config).models()[0])}.lock"
+    store.mkdir()
+    held = lock_file(lock)  # an export under way
+    assert held is not None
+    write_holder(held, "the test's export")
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ducho_fast", "export", str(path)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for _ in range(2)
+    ]
+    try:
+        for task in tasks:
+            waiting = "is being exported by another process now (the test's export); waiting"
+            assert waiting in read_until(task, waiting)
+    finally:
+        unlock_file(held, lock)
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    said = sorted(out.decode().split(": ", 1)[1].split(" ->")[0] for out, _ in outputs)
+    assert said[0].startswith("exported in ") and said[1] == "reused", said
+    assert not lock.exists()
+    assert ducho_fast.export(config)[0].reused
+
+
+def read_until(task: subprocess.Popen[bytes], text: str, seconds: float = 120) -> str:
+    """What ``task`` wrote to stderr up to ``text`` (or its end, or ``seconds``)."""
+    assert task.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + seconds
+    while text.encode() not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([task.stderr], [], [], 0.5)
+        if ready:
+            chunk = os.read(task.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_an_unwritable_store_is_named_before_the_export(tmp_path, resnet18_state_dict) -> None:
+    (tmp_path / "store").write_text("a file where the store goes")
+    with pytest.raises(
+        ArtifactError, match=r"cannot write to the model store .*store \(key 'store'\)"
+    ):
+        export_one(tmp_path, resnet18_entry(resnet18_state_dict), tmp_path / "store")
