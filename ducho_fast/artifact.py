@@ -38,6 +38,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+BUILDING = ".building-"  # an export's folder until it is renamed into place
 VERIFIED_FILE = ".verified.json"  # a cache of the model's hash check, not part of the contract
 # Bump a precision's entry when the exporter changes the graphs it writes for it, so that
 # ``export`` makes them again instead of finding the earlier ones under the same slug (int8 2:
@@ -259,11 +260,25 @@ def exporting(store: Path, slug: str) -> Iterator[None]:
         ) from e
     if fd is not None:  # None: a file system without locks, unlocked
         write_holder(fd, holder_line("ducho-fast export"))
+        _remove_leftovers(store, slug)
     try:
         yield
     finally:
         if fd is not None:
             unlock_file(fd, path)
+
+
+def _remove_leftovers(store: Path, slug: str) -> None:
+    """Remove the build folders a killed export of ``slug`` left (SIGKILL, the OOM killer, a
+    power loss; a failed or stopped export removes its own): no other export of it can be
+    running while this one holds its lock."""
+    own = re.compile(re.escape(f"{BUILDING}{slug}-") + r"[0-9a-f]{12}")
+    with os.scandir(store) as entries:
+        left = [
+            e.path for e in entries if own.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+        ]
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, Any]) -> Artifact:
@@ -280,7 +295,7 @@ def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, 
     (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str), "utf-8")
     target = store / slug
     if target.exists():  # --force: set aside, so the name is missing for a rename's time only
-        old = new_build_dir(store)
+        old = new_build_dir(store, slug)
         os.replace(target, old / slug)
         os.replace(build_dir, target)
         shutil.rmtree(old)
@@ -289,15 +304,17 @@ def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, 
     return Artifact(path=target, manifest=manifest)
 
 
-def new_build_dir(store: Path) -> Path:
-    """A temporary directory inside the store, so the final move is a same-disk rename.
+def new_build_dir(store: Path, slug: str) -> Path:
+    """A temporary directory inside the store for ``slug``'s artifact, so the final move is a
+    same-disk rename. Named after the slug, so the next export of it removes it if this one
+    is killed (:func:`_remove_leftovers`).
 
     Made with 0777 less the umask, as the store itself: ``tempfile.mkdtemp`` makes it 0700,
     which the rename would keep, hiding the artifact from everyone else sharing the store.
     """
     store.mkdir(parents=True, exist_ok=True)
     while True:
-        path = store / f".building-{secrets.token_hex(6)}"
+        path = store / f"{BUILDING}{slug}-{secrets.token_hex(6)}"
         try:
             path.mkdir()
         except FileExistsError:

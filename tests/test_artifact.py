@@ -14,10 +14,10 @@ def test_build_dirs_follow_the_umask(tmp_path, umask: int, mode: int) -> None:
     under the usual umask, so everyone sharing the store can read the models."""
     old = os.umask(umask)
     try:
-        first, second = new_build_dir(tmp_path / "store"), new_build_dir(tmp_path / "store")
+        first, second = (new_build_dir(tmp_path / "store", "torch-resnet18-0123") for _ in "ab")
     finally:
         os.umask(old)
-    assert first != second and first.name.startswith(".building-")
+    assert first != second and first.name.startswith(".building-torch-resnet18-0123-")
     assert stat.S_IMODE(first.stat().st_mode) == mode
 
 
@@ -178,3 +178,37 @@ def test_a_manifest_that_is_not_a_json_object_is_refused(tmp_path, text: str, sa
     (folder / MANIFEST_FILE).write_text(text)
     with pytest.raises(ArtifactError, match=rf"manifest\.json .*{says}.*export again"):
         load_artifact(folder)
+
+
+def test_an_export_removes_what_a_killed_export_of_its_model_left(tmp_path, monkeypatch) -> None:
+    """SIGKILL or the OOM killer leaves a build folder (maybe GBs of weights): the next export
+    of that model removes it, holding the lock no other export of it holds meanwhile. Other
+    models' build folders may be exports running now: they stay."""
+    from ducho_fast.artifact import exporting
+    from ducho_fast.outputs import lock
+
+    store = tmp_path / "store"
+    slug = "torch-resnet18-0123456789ab"
+    left = new_build_dir(store, slug)
+    (left / "model.onnx.data").write_bytes(b"weights")
+    others = [
+        new_build_dir(store, "torch-resnet50-0123456789ab"),
+        new_build_dir(store, f"{slug}-image"),  # a name that starts with this slug
+        store / f".building-{slug}-notatoken",
+    ]
+    others[-1].mkdir()
+    with exporting(store, slug):
+        assert not left.exists() and all(p.is_dir() for p in others)
+    assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in others)
+
+    # Without locks, another export of the model may be building it: nothing is removed.
+    again = new_build_dir(store, slug)
+    monkeypatch.setattr(lock.fcntl, "flock", _no_locks)
+    with exporting(store, slug):
+        assert again.is_dir()
+
+
+def _no_locks(fd: int, operation: int) -> None:
+    import errno
+
+    raise OSError(errno.ENOLCK, "No locks available")

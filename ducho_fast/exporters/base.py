@@ -129,7 +129,7 @@ def _export(
     exporter: Exporter, spec: ModelSpec, store: Path, slug: str, start: float
 ) -> ExportResult:
     built = exporter.build(spec)
-    build_dir = new_build_dir(store)
+    build_dir = new_build_dir(store, slug)
     try:
         artifact = _convert_and_check(exporter, spec, built, build_dir, slug, store)
     except BaseException:
