@@ -258,10 +258,10 @@ def exporting(store: Path, slug: str) -> Iterator[None]:
             f"cannot write to the model store {store} (key 'store'): {e.strerror or e}.\n"
             "Hint: set `store` to a folder you can write to, or check that the disk has space."
         ) from e
-    if fd is not None:  # None: a file system without locks, unlocked
-        write_holder(fd, holder_line("ducho-fast export"))
-        _remove_leftovers(store, slug)
     try:
+        if fd is not None:  # None: a file system without locks, unlocked
+            write_holder(fd, holder_line("ducho-fast export"))
+            _remove_leftovers(store, slug)
         yield
     finally:
         if fd is not None:
@@ -298,7 +298,7 @@ def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, 
         old = new_build_dir(store, slug)
         os.replace(target, old / slug)
         os.replace(build_dir, target)
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)  # what stays, the next export of it removes
     else:
         os.replace(build_dir, target)
     return Artifact(path=target, manifest=manifest)

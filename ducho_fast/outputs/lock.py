@@ -54,7 +54,7 @@ class FolderLocks:
         """Lock ``folder`` (made if missing) for this run, or raise OutputError naming the run
         that writes it now. A folder this run holds already is not locked twice."""
         key = folder.resolve()
-        if key in self._fds or fcntl is None:
+        if key in self._fds:
             return
         path = folder / LOCK_FILE
         try:
