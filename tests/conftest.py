@@ -5,6 +5,7 @@ Exported artifacts are session-scoped: each model is exported once per test run.
 
 from __future__ import annotations
 
+import errno
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -389,3 +390,8 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def no_locks(fd: int, operation: int) -> None:
+    """``fcntl.flock`` on a file system without locks (some NFS and FUSE mounts)."""
+    raise OSError(errno.ENOLCK, "No locks available")

@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from ducho_fast.artifact import new_build_dir
+from tests.conftest import no_locks
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700)])
@@ -203,12 +204,6 @@ def test_an_export_removes_what_a_killed_export_of_its_model_left(tmp_path, monk
 
     # Without locks, another export of the model may be building it: nothing is removed.
     again = new_build_dir(store, slug)
-    monkeypatch.setattr(lock.fcntl, "flock", _no_locks)
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
     with exporting(store, slug):
         assert again.is_dir()
-
-
-def _no_locks(fd: int, operation: int) -> None:
-    import errno
-
-    raise OSError(errno.ENOLCK, "No locks available")

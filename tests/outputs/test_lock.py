@@ -15,7 +15,7 @@ from ducho_fast.errors import OutputError
 from ducho_fast.fusion import fuse_folders
 from ducho_fast.outputs import lock
 from ducho_fast.outputs.lock import LOCK_FILE, FolderLocks
-from tests.conftest import REPO
+from tests.conftest import REPO, no_locks
 
 
 def test_a_second_run_is_refused_naming_the_first(tmp_path: Path) -> None:
@@ -108,11 +108,6 @@ def test_a_lock_file_removed_under_a_run_is_taken_again(tmp_path: Path, monkeypa
 
 
 def test_a_file_system_without_locks_runs_unlocked(tmp_path: Path, monkeypatch) -> None:
-    import errno
-
-    def no_locks(fd: int, operation: int) -> None:
-        raise OSError(errno.ENOLCK, "No locks available")
-
     monkeypatch.setattr(lock.fcntl, "flock", no_locks)
     with FolderLocks("ducho-fast extract") as one, FolderLocks("ducho-fast extract") as two:
         one.take(tmp_path)
