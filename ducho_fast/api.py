@@ -42,6 +42,7 @@ from ducho_fast.fusion import (
 )
 from ducho_fast.outputs.atomic import write_text
 from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, layer_parts, output_root
+from ducho_fast.outputs.errors_tsv import update_errors
 from ducho_fast.outputs.lock import FolderLocks
 from ducho_fast.outputs.manifest import OutputFolder, check_folder, digest, open_folder
 from ducho_fast.outputs.matrix import (
@@ -739,6 +740,7 @@ def _finish_outputs(
             counts,
             config=ctx.cfg.source,
             config_sha256=digest(ctx.cfg.resolved),
+            resolved_config=ctx.cfg.resolved,  # the root's resolved file is the last run's
             artifact={"slug": artifact.path.name, **artifact.hashes},
             model=spec.key_path,
             seconds_extracting=round(r.seconds, 3),
@@ -786,17 +788,19 @@ def _job_folders(job: Job) -> list[Path]:
 
 
 def _save_errors(job: Job, report: ExtractReport) -> None:
-    """The job's errors file; a shard writes its own, which a plain run's file replaces."""
+    """The job's rows in its errors file; a shard writes its own file, whose rows of this job
+    a plain run's replace. Other jobs' and fusions' rows in those files stay."""
     rows = [("input", e) for e in report.input_errors.get(job.name, [])]
     rows += [("pairing", e) for e in report.unpaired.get(job.name, [])]
     rows += [(_stage(r), e) for r in report.runs if r.job == job.name for e in r.result.errors]
+    stages = {"input", "pairing"} | {_stage(r) for r in report.runs if r.job == job.name}
     for folder in _job_folders(job):
         if report.shard is not None:
-            _write_errors(folder / errors_file(report.shard), rows)
+            update_errors(folder / errors_file(report.shard), job.name, stages, rows)
             continue
-        _write_errors(folder / ERRORS_FILE, rows)
+        update_errors(folder / ERRORS_FILE, job.name, stages, rows)
         for stale in folder.glob("ducho-fast.errors.shard-*.tsv"):
-            stale.unlink(missing_ok=True)
+            update_errors(stale, job.name, stages, [])
 
 
 def errors_file(shard: Shard | None) -> str:
@@ -811,20 +815,4 @@ def _stage(run: ModelRun) -> str:
 def _save_fusion_errors(run: FusionRun) -> None:
     for result in run.results:
         rows = [("fusion", e) for e in result.missing + result.errors]
-        _write_errors(result.output / ERRORS_FILE, rows)
-
-
-def _write_errors(path: Path, rows: list[tuple[str, ItemError]]) -> None:
-    if not rows:
-        path.unlink(missing_ok=True)
-        return
-    lines = ["stage\titem_id\torigin\treason"]
-    lines += [
-        f"{stage}\t{_cell(e.item_id)}\t{_cell(e.origin)}\t{_cell(e.reason)}" for stage, e in rows
-    ]
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def _cell(value: str) -> str:
-    # Escaped, not replaced: an id with a tab or newline stays recognisable in the report.
-    return value.encode("unicode_escape").decode("ascii")
+        update_errors(result.output / ERRORS_FILE, run.key, ["fusion"], rows)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import threading
 import time
@@ -53,6 +54,39 @@ def test_bad_images_are_recorded_and_neighbours_extracted(
     rows = read_errors(tmp_path / "out" / ERRORS_FILE)
     assert [r["item_id"] for r in rows] == ["C001", "C002", "C003"]
     assert not list((tmp_path / "out").rglob(".tmp-*"))
+
+
+def test_blocks_and_configs_sharing_an_output_path_keep_each_others_failures(
+    tmp_path, store, resnet18_state_dict, tiny_bert_dir
+) -> None:
+    """One errors file for two blocks of one config, then a config of one of them: each run
+    writes its job's rows and leaves the other's; each manifest keeps its own config."""
+    from tests.conftest import two_job_config
+
+    both = two_job_config(tmp_path, store, resnet18_state_dict, tiny_bert_dir)
+    both["textual"]["items"]["output_path"] = "out"  # the visual block's
+    both["output"] = {"layouts": ["ducho"]}
+    ducho_fast.export(both)
+    report = ducho_fast.extract(both)
+    assert report.failed == 2
+    errors = tmp_path / "out" / ERRORS_FILE
+    listed = [(r["job"], r["stage"], r["item_id"]) for r in read_errors(errors)]
+    text_model = str(tiny_bert_dir)
+    assert listed == [("visual.items", "resnet18", "img05"), ("textual.items", text_model, "t009")]
+
+    text_only = {key: value for key, value in both.items() if key != "visual"}
+    tsv = tmp_path / "descriptions.tsv"
+    tsv.write_text(tsv.read_text().replace("t009\t \n", "t009\tfixed now\n"))
+    again = ducho_fast.extract(text_only)
+    result = again.runs[0].result
+    assert again.failed == 0 and result.written == 32 and result.reused == 38  # t009's window
+    listed = [(r["job"], r["stage"], r["item_id"]) for r in read_errors(errors)]
+    assert listed == [("visual.items", "resnet18", "img05")]  # the other config's row stays
+    resolved = {
+        m.parent.name: json.loads(m.read_text())["resolved_config"]
+        for m in (tmp_path / "out").rglob("ducho-fast.manifest.json")
+    }
+    assert "visual" in resolved["avgpool"] and "visual" not in resolved["pooler_output"]
 
 
 def test_on_error_fail_stops_naming_the_item(
