@@ -21,7 +21,7 @@ from ducho_fast.artifact import (
     varies_per_item,
 )
 from ducho_fast.config import Config, Job, ModelSpec, load_config
-from ducho_fast.config.model import FusionSpec
+from ducho_fast.config.model import FusionSpec, layer_label
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.pairs import paired_items
 from ducho_fast.data.sources import (
@@ -36,6 +36,7 @@ from ducho_fast.errors import ArtifactError, ConfigError, DataError
 from ducho_fast.fusion import (
     FusionRun,
     check_fusion_dims,
+    fused_dir,
     graph_name,
     section_fusion,
     tower_fusion,
@@ -194,6 +195,7 @@ def extract(
         ray = ray or RayOptions()
     else:
         ray = None  # options for the Ray engine mean nothing to the local one
+    _check_distinct_folders(cfg)
     check_inputs(cfg.jobs)  # first: reads only the start of each input, and a typo needs no session
     ahead = _session_ahead(cfg) if ray is None else None
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
@@ -290,6 +292,7 @@ def _own_inputs(found: list[Any], part: Shard | None) -> list[Any]:
 def fuse(config: ConfigLike, overrides: Iterable[str] = ()) -> list[FusionRun]:
     """Run the config's fusions over features already extracted; no model runs."""
     cfg = as_config(config, overrides)
+    _check_distinct_folders(cfg)
     id_order = _id_order(cfg)
     report = ExtractReport()
     runs = [
@@ -399,6 +402,60 @@ def _check_output_folders(cfg: Config, artifacts: dict[str, Artifact]) -> None:
         key = _feature_key(cfg, graph, artifacts[graph_name(graph)], label)
         path = layer_dir(job, graph, label)
         check_folder(path, key, resume=cfg.output.resume, what=f"'{graph.key_path}'")
+
+
+def _check_distinct_folders(cfg: Config) -> None:
+    """Each folder of features and each fusion's folder has one writer: two writing one would
+    replace or remove each other's files (``--fresh`` removes the first one's as the second
+    starts), and a fusion must not write into a folder it reads."""
+    writers: dict[Path, tuple[str, str | None]] = {}
+    for path, this, block in _written_folders(cfg):
+        first, first_block = writers.setdefault(path.resolve(), (this, block))
+        if first is this:
+            continue
+        if first == this:
+            raise ConfigError(f"{this} is listed twice in output_layers: list it once.")
+        if block is None:
+            hint = f"give {this} another output_path."
+        elif block == first_block:
+            hint = (
+                "list the model once; the same model at other settings (another input size, "
+                "other preprocessing) goes in a second config with another output_path."
+            )
+        else:
+            hint = f"give {first_block} and {block} different output_paths."
+        named = (
+            " (a folder of features is named after the output_path, the backend, the model "
+            "and the layer only)"
+            if block is not None and first_block is not None
+            else ""
+        )
+        raise ConfigError(
+            f"{first} and {this} would both write {path}, so one's files would replace or "
+            f"remove the other's{named}.\nHint: {hint}"
+        )
+    for fusion in cfg.fusions:
+        read = [i.folder.resolve() for i in fusion.inputs if i.folder is not None]
+        if fusion.output_path.resolve() in read:
+            raise ConfigError(
+                f"'{fusion.key_path}' would write its fused features into {fusion.output_path}, "
+                f"which it reads as an input.\nHint: give '{fusion.key_path}.output_path' "
+                "another folder."
+            )
+
+
+def _written_folders(cfg: Config) -> Iterator[tuple[Path, str, str | None]]:
+    """Every folder of features or fused features the config writes: its path, who writes
+    it, and the block (None for an entry of the ``fusion`` section)."""
+    for job, graph, label in _output_layers(cfg):
+        yield layer_dir(job, graph, label), f"'{graph.key_path}' layer '{label}'", job.name
+    for job in cfg.jobs:
+        for spec in job.models:
+            for layer in spec.output_layers if spec.fusion else ():
+                where = f"'{spec.key_path}.fusion' layer '{layer_label(layer)}'"
+                yield fused_dir(job, spec, layer), where, job.name
+    for fusion in cfg.fusions:
+        yield fusion.output_path, f"'{fusion.key_path}'", None
 
 
 def _output_layers(cfg: Config) -> Iterator[tuple[Job, ModelSpec, str]]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ducho_fast
-from ducho_fast.errors import ConfigError
+from ducho_fast.errors import ArtifactError, ConfigError
 from tests.conftest import resnet18_entry
 
 pytestmark = pytest.mark.slow
@@ -129,3 +129,52 @@ def test_layouts_must_keep_the_per_item_parts(tmp_path: Path) -> None:
     config["fusion"] = [{"inputs": ["a", "b"], "mode": "concat", "output_path": "f"}]
     with pytest.raises(ConfigError, match=r"must include 'ducho'"):
         load_config(config)
+
+
+def test_two_models_or_blocks_writing_one_folder_are_refused_before_any_work(
+    tmp_path, image_dir, resnet18_state_dict
+) -> None:
+    """Two writers of one feature folder would lose features (``--fresh``: the second removes
+    what the first wrote in the same run): refused before any artifact or input is read."""
+    (tmp_path / "images").symlink_to(image_dir)
+    model = resnet18_entry(resnet18_state_dict)
+    block = {"input_path": "images", "output_path": "out", "model": [model]}
+    store = tmp_path / "store"  # empty: nothing exported, so the check must come first
+    config: dict[str, Any] = {"dataset_path": str(tmp_path), "store": str(store)}
+    config["visual"] = {"items": block, "interactions": {**block, "input_path": "photos"}}
+    folder = tmp_path / "out" / "torch" / "resnet18" / "avgpool"
+    with pytest.raises(
+        ConfigError,
+        match=rf"'visual.items.model.0' layer 'avgpool' and 'visual.interactions.model.0' layer "
+        rf"'avgpool' would both write {folder}, .*\nHint: give visual.items and "
+        r"visual.interactions different output_paths\.",
+    ):
+        ducho_fast.extract(config)
+    config["visual"] = {"items": {**block, "model": [model, {**model, "reshape": [32, 32]}]}}
+    with pytest.raises(ConfigError, match=r"(?s)'visual.items.model.1'.*Hint: list the model once"):
+        ducho_fast.extract(config)
+    config["visual"] = {"items": {**block, "model": [{**model, "output_layers": ["fc", "fc"]}]}}
+    with pytest.raises(ConfigError, match=r"layer .fc. is listed twice in output_layers"):
+        ducho_fast.extract(config)
+    # Fusions: two into one folder, one into a folder of features or into its own input.
+    config["visual"] = {"items": block}
+    fusion = {"inputs": ["visual.items.model.0", "old"], "mode": "concat", "output_path": "f"}
+    config["fusion"] = [fusion, {**fusion, "mode": "sum"}]
+    with pytest.raises(
+        ConfigError,
+        match=rf"'fusion.0' and 'fusion.1' would both write {tmp_path / 'f'}, so one's files "
+        r"would replace or remove the other's\.\nHint: give 'fusion.1' another output_path\.",
+    ):
+        ducho_fast.extract(config)
+    config["fusion"] = [{**fusion, "output_path": "out/torch/resnet18/avgpool"}]
+    with pytest.raises(ConfigError, match=r"'visual.items.model.0' layer 'avgpool' and 'fusion.0'"):
+        ducho_fast.fuse(config)
+    config["fusion"] = [{**fusion, "output_path": "old"}]
+    with pytest.raises(ConfigError, match=r"'fusion.0' would write .* which it reads as an input"):
+        ducho_fast.fuse(config)
+    del config["fusion"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "f").exists()
+    # In folders of their own they pass the check and go on (to the artifact, not exported).
+    config["visual"] = {"items": block, "interactions": {**block, "output_path": "photos_out"}}
+    with pytest.raises(ArtifactError, match=r"has not been exported"):
+        ducho_fast.extract(config)
