@@ -410,9 +410,11 @@ def _check_distinct_folders(cfg: Config) -> None:
     starts), and a fusion must not write into a folder it reads."""
     writers: dict[Path, tuple[str, str | None]] = {}
     for path, this, block in _written_folders(cfg):
-        first, first_block = writers.setdefault(path.resolve(), (this, block))
-        if first is this:
+        key = path.resolve()
+        if key not in writers:
+            writers[key] = (this, block)
             continue
+        first, first_block = writers[key]
         if first == this:
             raise ConfigError(f"{this} is listed twice in output_layers: list it once.")
         if block is None:
