@@ -851,8 +851,9 @@ def _save_errors(job: Job, report: ExtractReport) -> None:
     a plain run's replace. Other jobs' and fusions' rows in those files stay."""
     rows = [("input", e) for e in report.input_errors.get(job.name, [])]
     rows += [("pairing", e) for e in report.unpaired.get(job.name, [])]
-    rows += [(_stage(r), e) for r in report.runs if r.job == job.name for e in r.result.errors]
-    stages = {"input", "pairing"} | {_stage(r) for r in report.runs if r.job == job.name}
+    runs = [r for r in report.runs if r.job == job.name]
+    rows += [(_stage(r), e) for r in runs for e in r.result.errors]
+    stages = {"input", "pairing"} | {_stage(r) for r in runs}
     for folder in _job_folders(job):
         if report.shard is not None:
             update_errors(folder / errors_file(report.shard), job.name, stages, rows)
