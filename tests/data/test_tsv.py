@@ -35,6 +35,17 @@ def test_missing_column_lists_header(tmp_path: Path) -> None:
         read_text_items(path, "asin", None)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts the file with one; pandas (Ducho) drops it, and so do we.
+    path = tmp_path / "excel.tsv"
+    path.write_bytes("\ufeffitem_id\tdescription\r\n007\tfirst\r\n".encode())
+    (item,) = read_text_items(path, "item_id", "description")
+    assert (item.item_id, item.raw, item.origin) == ("007", "first", "excel.tsv:2")
+    # only a leading mark is dropped: one inside a cell is text
+    path.write_bytes("id\tdesc\n1\t\ufeffx\n".encode())
+    assert read_text_items(path, None, None)[0].raw == "\ufeffx"
+
+
 def test_folder_with_one_file_is_accepted(tmp_path: Path) -> None:
     write(tmp_path, "id\tdesc\n1\ta\n")
     assert len(read_text_items(tmp_path, None, None)) == 1

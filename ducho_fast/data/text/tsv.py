@@ -152,9 +152,12 @@ def _is_data(row: list[str]) -> bool:
 
 
 def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
-    """``(first line, cells)`` per row; bytes that are not UTF-8 survive as surrogates."""
+    """``(first line, cells)`` per row; bytes that are not UTF-8 survive as surrogates.
+
+    A UTF-8 byte order mark (Excel's "CSV UTF-8") is dropped, as pandas (Ducho) drops it.
+    """
     try:
-        opened = tsv.open("r", encoding="utf-8", errors="surrogateescape", newline="")
+        opened = tsv.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="")
     except OSError as e:
         raise DataError(f"{tsv}: cannot be read ({e.strerror or e}); check its permissions.") from e
     with opened as f:
