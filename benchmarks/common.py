@@ -150,23 +150,36 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return best, value
 
 
+def cpu_seconds() -> float:
+    """The CPU time this process has used so far, all its threads (user and system)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def rounds(
-    repeats: int, systems: dict[str, Callable[[], Any]]
+    repeats: int,
+    systems: dict[str, Callable[[], Any]],
+    cpu: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Every system timed once per round, ``repeats`` rounds, the order rotated each round.
 
     This machine's speed drifts by up to 25% within minutes; timing the systems side by
     side, round after round, lets that drift fall on all of them alike, so ratios are taken
     within a round (:func:`paired`). Returns the seconds per round of each system, and the
-    value of each system's last run.
+    value of each system's last run. ``cpu``, if given, gets each system's CPU seconds per
+    round (:func:`cpu_seconds` before and after: every thread of the process, those that the
+    libraries start included).
     """
     names = list(systems)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     values: dict[str, Any] = {}
     for r in range(max(1, repeats)):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            began = cpu_seconds()
             took, values[name] = timed(systems[name])
             seconds[name].append(took)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(cpu_seconds() - began)
     return seconds, values
 
 
@@ -294,6 +307,37 @@ def efficiency_factors(
     medians = np.median(np.array(rows), axis=0)
     names = ("bare_vs_model", "model_busy", "pipeline_share")
     return {k: round(float(v), 3) for k, v in zip(names, medians, strict=True)}
+
+
+def cpu_factors(
+    extract_seconds: list[float],
+    extract_cpu: list[float],
+    bare_seconds: list[float],
+    bare_cpu: list[float],
+    items: int,
+) -> dict[str, float]:
+    """The pipeline efficiency of each round (bare / extract seconds) as the product of two
+    factors, each the median over the rounds, and the CPU time per item of both:
+
+    - ``work``: the bare session's CPU seconds / extract's. Below 1 by what extract does
+      beside the model (reading, decoding, tokenizing, writing, setting up) and by the model
+      running slower beside it. Where the CPUs are kept busy, the efficiency can be no more.
+    - ``use``: extract's CPU seconds per second / the bare session's. Below 1 where the CPUs
+      idle in extract while the bare session keeps them busy: waits, or start-up with less
+      to run than there are CPUs (also time the VM's host gives to other machines).
+
+    ``bare_cpu_ms`` and ``extract_cpu_ms`` are each one's median CPU milliseconds per item.
+    """
+    rows = []
+    for ew, ec, bw, bc in zip(extract_seconds, extract_cpu, bare_seconds, bare_cpu, strict=True):
+        rows.append((bc / ec, (ec / ew) / (bc / bw)))
+    work, use = np.median(np.array(rows), axis=0)
+    return {
+        "work": round(float(work), 3),
+        "use": round(float(use), 3),
+        "bare_cpu_ms": round(float(np.median(bare_cpu)) / items * 1e3, 3),
+        "extract_cpu_ms": round(float(np.median(extract_cpu)) / items * 1e3, 3),
+    }
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

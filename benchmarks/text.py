@@ -24,7 +24,11 @@ Outputs are checked: fp32 against encode (cosine >= 0.9999), int8 against fp32 (
 fp16 against fp32 (>= 0.999).
 Each pipeline efficiency is also split into three factors (``common.efficiency_factors``):
 the bare session's time / the model's time inside extract, the model's share of the pipeline
-(``RunResult.timing``), and the pipeline's share of the extract call.
+(``RunResult.timing``), and the pipeline's share of the extract call. On the CPU it is also
+split in two by CPU time (``common.cpu_factors``): ``work``, the bare session's CPU seconds
+/ extract's (the most the efficiency can be while the CPUs are busy: extract tokenizes and
+writes beside the model), and ``use``, how busy extract kept the CPUs against the bare
+session; with each one's CPU milliseconds per text.
 What saving one small file costs in the work folder (``common.file_create_ms``) is printed
 before and after the rounds: extract saves one per text, and on some disks that takes a share
 of the CPUs (``--work`` on tmpfs, e.g. /dev/shm, takes the disk out of the comparison).
@@ -52,6 +56,7 @@ from common import (
     bare_sessions,
     check_device,
     cosines,
+    cpu_factors,
     device_gflops,
     efficiency_factors,
     file_create_ms,
@@ -275,7 +280,8 @@ def main() -> None:
         if args.device == "cpu":  # CUDA runs one batch at a time anyway
             systems[f"bare1_{precision}"] = bare_sessions(artifact, feeds, lanes=1)
     creates = [file_create_ms(work)]
-    seconds, values = rounds(args.repeats, systems)
+    cpu: dict[str, list[float]] = {}
+    seconds, values = rounds(args.repeats, systems, cpu)
     creates.append(file_create_ms(work))
     reference = values["encode"]
     outputs: dict[str, np.ndarray] = {}
@@ -307,6 +313,25 @@ def main() -> None:
     print("pipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians):")
     for p, f in factors.items():
         print(f"  {p}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()))
+    split = {}
+    if args.device == "cpu":  # on CUDA the model's work is not CPU time
+        split = {
+            p: cpu_factors(
+                seconds[f"extract_{p}"],
+                cpu[f"extract_{p}"],
+                seconds[f"bare_{p}"],
+                cpu[f"bare_{p}"],
+                args.n,
+            )
+            for p in compared
+        }
+        print("pipeline efficiency = work x use (medians):")
+        for p, f in split.items():
+            print(
+                f"  {p}: work {f['work']:.3f} (CPU per text: bare session "
+                f"{f['bare_cpu_ms']:.2f} ms, extract {f['extract_cpu_ms']:.2f} ms), "
+                f"use {f['use']:.3f}"
+            )
     print(
         "\nitems/s (fraction of the sgemm FLOP limit; int8 runs integer kernels and fp16 "
         "half-precision ones, so theirs can exceed 1):"
@@ -326,6 +351,7 @@ def main() -> None:
             **ratio_summary(ratios),
             "flop_fraction": {k: round(v, 3) for k, v in fraction.items()},
             "efficiency_factors": factors,
+            "cpu_factors": split,
             "checks": {k: float(f"{v:.6g}") for k, v in checks.items()},
             "outputs_agree": ok,
         },

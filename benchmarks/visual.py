@@ -31,7 +31,11 @@ cosine >= 0.9999, and the summary gives their cosine against Ducho's full decodi
 the model's work does not depend on the pixels' values.
 The pipeline efficiency is also split into three factors (``common.efficiency_factors``): the
 bare session's time / the model's time inside extract, the model's share of the pipeline, and
-the pipeline's share of the extract call. The FLOP fraction uses published multiply-adds per
+the pipeline's share of the extract call. On the CPU it is also split in two by CPU time
+(``common.cpu_factors``): ``work``, the bare session's CPU seconds / extract's (the most the
+efficiency can be while the CPUs are busy: extract decodes and writes beside the model), and
+``use``, how busy extract kept the CPUs against the bare session; with each one's CPU
+milliseconds per image. The FLOP fraction uses published multiply-adds per
 224x224 image (ResNet50 4.09 G, EfficientNet-Lite0 0.40 G) x 2, over the float32
 matrix-product GFLOP/s measured on the device in this run (``common.device_gflops``).
 """
@@ -56,6 +60,7 @@ from common import (
     bare_sessions,
     check_device,
     cosines,
+    cpu_factors,
     device_gflops,
     efficiency_factors,
     median_rates,
@@ -344,7 +349,8 @@ def main() -> None:
                 api.extract, reduced_config, "visual.items.output_path", f"features_{name}_reduced"
             )
             systems["extract_reduced"] = reduced
-        seconds, values = rounds(args.repeats, systems)
+        cpu: dict[str, list[float]] = {}
+        seconds, values = rounds(args.repeats, systems, cpu)
         reference = values["torch"]
         ours = extracted(work, extract, values["extract"], paths)
         cos = float(cosines(ours, reference).min())
@@ -353,7 +359,7 @@ def main() -> None:
             "extract_vs_torch": ("extract", "torch"),
             "pipeline_efficiency": ("extract", "bare"),
         }
-        extra: dict[str, float] = {}
+        extra: dict[str, Any] = {}
         if args.reduced:
             pairs |= {
                 "reduced_vs_extract": ("extract_reduced", "extract"),
@@ -379,6 +385,19 @@ def main() -> None:
             f"{name}: pipeline efficiency = bare_vs_model x model_busy x pipeline_share "
             "(medians): " + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
         )
+        if args.device == "cpu":  # on CUDA the model's work is not CPU time
+            split = {
+                k: cpu_factors(seconds[k], cpu[k], seconds["bare"], cpu["bare"], args.n)
+                for k in ("extract", "extract_reduced")
+                if k in systems
+            }
+            for k, f in split.items():
+                print(
+                    f"{name} {k}: pipeline efficiency = work x use (medians): work "
+                    f"{f['work']:.3f} (CPU per image: bare session {f['bare_cpu_ms']:.1f} ms, "
+                    f"{k} {f['extract_cpu_ms']:.1f} ms), use {f['use']:.3f}"
+                )
+            extra["cpu_factors"] = split
         summary["models"][name] = {
             "items_per_second": {k: round(v, 2) for k, v in rates.items()},
             **ratio_summary(ratios),

@@ -86,6 +86,38 @@ def test_efficiency_factors_multiply_to_each_rounds_efficiency(common):
     assert [call(), call()] == [0, 1] and recorded == [0, 1]
 
 
+def test_cpu_factors_multiply_to_each_rounds_efficiency(common):
+    # Round 1: bare 8 s wall, 16 CPU s (2 CPUs busy); extract 10 s wall, 19 CPU s: it did
+    # 3 s of work beside the model and left the CPUs idle 1 s of 20. Round 2 likewise, slower.
+    split = common.cpu_factors([10.0, 20.0], [19.0, 38.0], [8.0, 16.0], [16.0, 32.0], 100)
+    assert split == {"work": 0.842, "use": 0.95, "bare_cpu_ms": 240.0, "extract_cpu_ms": 285.0}
+    assert abs(split["work"] * split["use"] - 8.0 / 10.0) < 1e-3
+
+
+def test_rounds_keep_each_systems_cpu_seconds_when_asked(common):
+    import threading
+    import time
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def two_threads() -> None:  # CPU time of threads other than the caller's counts too
+        others = [threading.Thread(target=spin, args=(0.1,)) for _ in range(2)]
+        for t in others:
+            t.start()
+        for t in others:
+            t.join()
+
+    cpu: dict[str, list[float]] = {}
+    seconds, _ = common.rounds(2, {"busy": two_threads, "idle": lambda: time.sleep(0.2)}, cpu)
+    assert len(cpu["busy"]) == len(cpu["idle"]) == 2
+    assert all(c >= 0.18 for c in cpu["busy"]), cpu
+    assert all(c < 0.05 for c in cpu["idle"]), cpu
+    assert all(s >= 0.2 for s in seconds["idle"])
+
+
 def test_a_temporary_work_folder_goes_when_the_benchmark_exits(tmp_path) -> None:
     import subprocess
     import sys
