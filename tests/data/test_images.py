@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.items import FileStamp
@@ -152,6 +152,46 @@ def test_exif_orientation_applied_or_ignored(tmp_path: Path) -> None:
     ignored = prepare_image(path, {}, InputOptions(exif_orientation="ignore"))
     assert applied.shape == (40, 20, 3) and ignored.shape == (20, 40, 3)
     np.testing.assert_array_equal(applied, np.rot90(ignored, k=-1))
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 0, 9])
+def test_an_upright_image_is_not_copied_to_apply_its_orientation(
+    tmp_path: Path, monkeypatch, orientation
+) -> None:
+    """Pillow's exif_transpose copies the pixels of an image it leaves as it is: a cost on
+    every photo that the decoding threads pay beside the model."""
+    path = write_image(tmp_path / "upright.jpg", size=(40, 20))
+    if orientation is not None:  # 0 and 9 are no orientation: the pixels as stored
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.open(path).save(path, exif=exif.tobytes())
+    copies: list[Image.Image] = []
+    copy = Image.Image.copy
+
+    def counted(self: Image.Image) -> Image.Image:
+        copies.append(self)
+        return copy(self)
+
+    monkeypatch.setattr(Image.Image, "copy", counted)
+    applied = np.asarray(decode_image(path, InputOptions(exif_orientation="apply")))
+    ignored = np.asarray(decode_image(path, InputOptions(exif_orientation="ignore")))
+    assert copies == []
+    np.testing.assert_array_equal(applied, ignored)
+    assert applied.shape == (20, 40, 3)
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_every_turning_orientation_is_applied_as_pillow_applies_it(
+    tmp_path: Path, orientation: int
+) -> None:
+    path = write_image(tmp_path / "turned.jpg", size=(40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.open(path).save(path, exif=exif.tobytes())
+    applied = np.asarray(decode_image(path, InputOptions(exif_orientation="apply")))
+    expected = ImageOps.exif_transpose(Image.open(path))
+    np.testing.assert_array_equal(applied, np.asarray(expected))
+    assert applied.shape == ((40, 20, 3) if orientation >= 5 else (20, 40, 3))
 
 
 def photo(path: Path, size: tuple[int, int]) -> Path:
