@@ -413,16 +413,47 @@ def layers(
     backend: Annotated[Backend, typer.Argument(help="Source framework.")],
     model: Annotated[str, typer.Argument(help="Model name or local path.")],
     architecture: Annotated[str | None, typer.Option(help="For a state-dict file.")] = None,
+    architecture_kwargs: Annotated[
+        str | None,
+        typer.Option(help='The architecture\'s arguments, as JSON: \'{"model_name": "b0"}\'.'),
+    ] = None,
     trust: Annotated[bool, typer.Option(help="Allow pickled models / module:callable.")] = False,
 ) -> None:
     """List the layers of MODEL that output_layers can name."""
     with _errors():
-        names = _layer_names(backend, model, architecture, trust)
+        kwargs = _architecture_kwargs(architecture_kwargs)
+        names = _layer_names(backend, model, architecture, trust, kwargs)
     for name in names:
         out.print(name, highlight=False)
 
 
-def _layer_names(backend: Backend, model: str, architecture: str | None, trust: bool) -> list[str]:
+def _architecture_kwargs(given: str | None) -> dict[str, Any]:
+    """``--architecture-kwargs``: a JSON (or YAML flow) mapping, as the config's key holds."""
+    import yaml
+
+    from ducho_fast.errors import ConfigError
+
+    if given is None:
+        return {}
+    try:
+        value: Any = yaml.safe_load(given)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(
+            f"--architecture-kwargs {given!r} is not a mapping of names to values; write it "
+            """as JSON, such as '{"model_name": "efficientnet-lite0"}'."""
+        )
+    return value
+
+
+def _layer_names(
+    backend: Backend,
+    model: str,
+    architecture: str | None,
+    trust: bool,
+    kwargs: dict[str, Any] | None = None,
+) -> list[str]:
     from ducho_fast.config.load import find_local
 
     if backend is Backend.sentence_transformers:
@@ -446,12 +477,17 @@ def _layer_names(backend: Backend, model: str, architecture: str | None, trust: 
         from ducho_fast.exporters.pt_audio import bundle_layer_names
 
         return bundle_layer_names(model)
-    module, _ = load_model(_layers_spec(model, "torch", architecture, trust, cwd))
+    module, _ = load_model(_layers_spec(model, "torch", architecture, trust, cwd, kwargs))
     return torch_layer_names(module)
 
 
 def _layers_spec(
-    model: str, backend: str, architecture: str | None, trust: bool, cwd: Path
+    model: str,
+    backend: str,
+    architecture: str | None,
+    trust: bool,
+    cwd: Path,
+    kwargs: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """A config entry for listing layers: no weights are downloaded."""
     from ducho_fast.config.load import find_local
@@ -468,6 +504,7 @@ def _layers_spec(
         batch_size=1,
         weights="none",
         architecture=architecture,
+        architecture_kwargs=kwargs or {},
         trust=trust,
         local_path=find_local(model, cwd, cwd),
     )

@@ -167,6 +167,20 @@ def test_layers_lists_torch_and_transformers_layers(tiny_bert_dir: Path) -> None
     assert unknown.exit_code == 1 and "Did you mean 'resnet50'" in unknown.output
 
 
+def test_layers_takes_the_architectures_arguments(resnet18_state_dict: Path) -> None:
+    base = ["layers", "torch", str(resnet18_state_dict), "--architecture", "resnet18"]
+    result = runner.invoke(app, [*base, "--architecture-kwargs", "{num_classes: 1000}"])
+    assert result.exit_code == 0, result.output
+    assert "avgpool" in result.output.split()
+    for bad in ("[1]", "{a: [", "7"):
+        refused = runner.invoke(app, [*base, "--architecture-kwargs", bad])
+        assert refused.exit_code == 1
+        assert f"--architecture-kwargs {bad!r} is not a mapping" in refused.output
+    wrong = runner.invoke(app, [*base, "--architecture-kwargs", '{"num_class": 3}'])
+    assert wrong.exit_code == 1
+    assert "unexpected keyword argument 'num_class'" in wrong.output
+
+
 def test_doctor_reports_real_providers() -> None:
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0

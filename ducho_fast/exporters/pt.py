@@ -18,7 +18,7 @@ from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
 from ducho_fast.exporters.base import Built, Exporter, image_output
 from ducho_fast.exporters.compat import import_torch, import_torchvision
-from ducho_fast.exporters.layers import check_layers, torch_layer_names
+from ducho_fast.exporters.layers import check_layers, layers_command, torch_layer_names
 
 torch = import_torch()
 _Module: Any = torch.nn.Module  # torch is typed as Any here (imported lazily)
@@ -126,11 +126,27 @@ def _preprocessing(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def layers_hint(spec: ModelSpec) -> str:
+    """The ``ducho-fast layers`` command that lists this entry's layers, with what loading
+    it takes (architecture, its arguments, trust) and the model file's full path."""
+    return layers_command(
+        "torch",
+        str(spec.local_path or spec.model_name),
+        architecture=spec.architecture,
+        architecture_kwargs=spec.architecture_kwargs,
+        trust=spec.trust,
+    )
+
+
 def _truncate(model: Any, layers: list[str], spec: ModelSpec) -> tuple[Any, list[str]]:
+    hint = layers_hint(spec)
     if isinstance(model, torch.jit.ScriptModule):
-        check_layers(layers, [TORCHSCRIPT_LAYER], model=spec.model_name, backend="torch")
+        check_layers(
+            layers, [TORCHSCRIPT_LAYER], model=spec.model_name, backend="torch", command=hint
+        )
         return model, [TORCHSCRIPT_LAYER]
-    check_layers(layers, torch_layer_names(model), model=spec.model_name, backend="torch")
+    names = torch_layer_names(model)
+    check_layers(layers, names, model=spec.model_name, backend="torch", command=hint)
     keys = [f"out{i}" for i in range(len(layers))]
     body = create_feature_extractor(model, return_nodes=dict(zip(layers, keys, strict=True)))
     return body, keys
@@ -157,13 +173,14 @@ def _from_torchvision(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     kwargs = spec.architecture_kwargs
     weights = spec.weights or "default"
     if spec.weights_path is not None:
-        model = builder(weights=None, **kwargs)
+        model = _built(builder, spec, name, weights=None, **kwargs)
         load_state_dict(model, spec.weights_path)
         return model, _source(name, str(spec.weights_path), spec.weights_path)
     if weights.lower() == "none":
-        return builder(weights=None, **kwargs), _source(name, "none", None)
+        return _built(builder, spec, name, weights=None, **kwargs), _source(name, "none", None)
     try:
-        model = builder(weights="DEFAULT" if weights.lower() == "default" else weights, **kwargs)
+        chosen = "DEFAULT" if weights.lower() == "default" else weights
+        model = _built(builder, spec, name, weights=chosen, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         raise ExportError(
             f"'{spec.key_path}': could not get the pretrained weights '{weights}' for {name} "
@@ -221,7 +238,8 @@ def build_architecture(spec: ModelSpec) -> Any:
     """A torchvision builder by name, or a ``package.module:callable`` (needs ``trust``)."""
     arch = spec.architecture or ""
     if ":" not in arch:
-        return _torchvision_builder(arch.lower(), spec)(weights=None, **spec.architecture_kwargs)
+        builder = _torchvision_builder(arch.lower(), spec)
+        return _built(builder, spec, arch, weights=None, **spec.architecture_kwargs)
     if not spec.trust:
         raise ExportError(
             f"'{spec.key_path}.architecture' '{arch}' calls Python code named by the config. "
@@ -234,7 +252,20 @@ def build_architecture(spec: ModelSpec) -> Any:
             target = getattr(target, part)
     except (ImportError, AttributeError) as e:
         raise ExportError(f"'{spec.key_path}.architecture': cannot find '{arch}' ({e}).") from e
-    return target(**spec.architecture_kwargs)
+    return _built(target, spec, arch, **spec.architecture_kwargs)
+
+
+def _built(builder: Any, spec: ModelSpec, name: str, **kwargs: Any) -> Any:
+    """``builder(**kwargs)``; arguments it does not take (a typo, a missing one) are the
+    config's ``architecture_kwargs`` at fault, named as such, not a traceback."""
+    try:
+        return builder(**kwargs)
+    except TypeError as e:
+        given = spec.architecture_kwargs or {}
+        raise ExportError(
+            f"'{spec.key_path}': {name} cannot be built with architecture_kwargs {given} "
+            f"({e}). Check '{spec.key_path}.architecture_kwargs' against {name}'s arguments."
+        ) from e
 
 
 def load_state_dict(model: Any, path: Path) -> None:

@@ -26,6 +26,7 @@ from ducho_fast.exporters.layers import check_layers, torch_layer_names
 from ducho_fast.exporters.pt import (
     TORCHSCRIPT_LAYER,
     create_feature_extractor,
+    layers_hint,
     load_model,
     load_state_dict,
 )
@@ -134,13 +135,14 @@ def _layers(spec: ModelSpec, model: Any) -> list[str | int]:
             raise ExportError(
                 f"'{spec.key_path}.output_layers' {numeric!r}: {type(model).__name__} has no "
                 "extract_features(num_layers=N), so layers are module names here. Run "
-                f"`ducho-fast layers torch {spec.model_name}`."
+                f"`{layers_hint(spec)}`."
             )
         check_layers(
             [str(x) for x in numeric],
             [str(n) for n in range(1, depth + 1)],
             model=spec.model_name,
             backend="torch",
+            command=layers_hint(spec),
         )
         return wanted
     names = (
@@ -148,7 +150,13 @@ def _layers(spec: ModelSpec, model: Any) -> list[str | int]:
         if isinstance(model, torch.jit.ScriptModule)
         else [OUTPUT, *torch_layer_names(model)]
     )
-    check_layers([str(x) for x in wanted], names, model=spec.model_name, backend="torch")
+    check_layers(
+        [str(x) for x in wanted],
+        names,
+        model=spec.model_name,
+        backend="torch",
+        command=layers_hint(spec),
+    )
     if OUTPUT in wanted and len(wanted) > 1:
         raise ExportError(
             f"'{spec.key_path}.output_layers': '{OUTPUT}' (the forward result) cannot be listed "

@@ -28,7 +28,7 @@ from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
 from ducho_fast.exporters.base import OPSET, Built, Exporter, image_output
 from ducho_fast.exporters.compat import import_keras
-from ducho_fast.exporters.layers import check_layers
+from ducho_fast.exporters.layers import check_layers, layers_command
 
 tf, keras = import_keras()
 
@@ -71,7 +71,10 @@ class KerasExporter(Exporter):
         base, source, family = load_keras_model(spec)
         layers = [str(x) for x in spec.output_layers]
         names = [layer.name for layer in base.layers]
-        check_layers(layers, names, model=spec.model_name, backend="tensorflow")
+        hint = layers_command(
+            "tensorflow", str(spec.local_path or spec.model_name), trust=spec.trust
+        )
+        check_layers(layers, names, model=spec.model_name, backend="tensorflow", command=hint)
         inputs = base.inputs[0] if len(base.inputs) == 1 else base.inputs
         truncated = keras.Model(inputs, [base.get_layer(n).output for n in layers])
         _check_weight_sizes(truncated, spec, layers)

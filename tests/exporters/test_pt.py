@@ -173,6 +173,71 @@ def test_unknown_layer_suggests_and_points_to_layers_command(
         export_one(tmp_path, resnet18_entry(resnet18_state_dict, output_layers=["avgpol"]), store)
 
 
+def test_a_state_dict_entrys_layer_hint_names_a_layers_command_that_works(
+    tmp_path, store, resnet18_state_dict
+) -> None:
+    """The hint carries what loading the entry takes (architecture, its arguments, trust):
+    without them, the command it named failed on a state dict."""
+    import re
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from ducho_fast.cli import app
+
+    model = {
+        "model_name": str(resnet18_state_dict),
+        "architecture": "torchvision.models:resnet18",
+        "architecture_kwargs": {"num_classes": 1000},
+        "trust": True,
+        "output_layers": ["avgpol"],
+        "reshape": [64, 64],
+    }
+    with pytest.raises(ExportError, match=r"Did you mean 'avgpool'") as caught:
+        export_one(tmp_path, model, store)
+    found = re.search(r"Hint: run `(.+)` to list its layers", str(caught.value))
+    assert found is not None, caught.value
+    words = shlex.split(found.group(1))
+    assert words[:4] == ["ducho-fast", "layers", "torch", str(resnet18_state_dict)]
+    assert words[4:] == [
+        "--architecture",
+        "torchvision.models:resnet18",
+        "--architecture-kwargs",
+        '{"num_classes": 1000}',
+        "--trust",
+    ]
+    listed = CliRunner().invoke(app, words[1:])
+    assert listed.exit_code == 0, listed.output
+    assert "avgpool" in listed.output.split() and "layer4" in listed.output.split()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"model_name": "resnet18", "weights": "none"},
+        {"model_name": "STATE", "architecture": "resnet18"},
+        {"model_name": "STATE", "architecture": "torchvision.models:resnet18", "trust": True},
+    ],
+    ids=["torchvision", "state dict", "module:callable"],
+)
+def test_architecture_kwargs_the_builder_does_not_take_are_named(
+    tmp_path, store, resnet18_state_dict, entry
+) -> None:
+    model = {
+        **entry,
+        "model_name": str(resnet18_state_dict) if entry["model_name"] == "STATE" else "resnet18",
+        "architecture_kwargs": {"num_class": 3},
+        "output_layers": ["avgpool"],
+        "reshape": [64, 64],
+    }
+    with pytest.raises(
+        ExportError,
+        match=r"cannot be built with architecture_kwargs \{'num_class': 3\} \(.*unexpected "
+        r"keyword argument 'num_class'\)\. Check 'visual\.items\.model\.0\.architecture_kwargs'",
+    ):
+        export_one(tmp_path, model, store)
+
+
 def test_unknown_model_name(tmp_path, store) -> None:
     with pytest.raises(
         ExportError,

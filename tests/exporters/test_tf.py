@@ -181,6 +181,18 @@ def test_lambda_layers_need_trust(tmp_path: Path, store: Path) -> None:
         ducho_fast.export(visual_config(tmp_path, entry(str(path), ["gap"]), store))
     trusted = visual_config(tmp_path, entry(str(path), ["gap"], trust=True), store)
     assert ducho_fast.export(trusted)[0].artifact.manifest["parity"]["passed"]
+    # A wrong layer's hint names a layers command that loads the file as trusted, so it works.
+    wrong = visual_config(tmp_path, entry(str(path), ["gaap"], trust=True), store)
+    with pytest.raises(ExportError, match=r"Did you mean 'gap'") as caught:
+        ducho_fast.export(wrong)
+    hint = f"Hint: run `ducho-fast layers tensorflow {path} --trust` to list its layers."
+    assert hint in str(caught.value)
+    from typer.testing import CliRunner
+
+    from ducho_fast.cli import app
+
+    listed = CliRunner().invoke(app, ["layers", "tensorflow", str(path), "--trust"])
+    assert listed.exit_code == 0 and "double" in listed.output.split(), listed.output
 
 
 def test_saved_model_folder_outputs_are_its_layers(tmp_path: Path, store: Path) -> None:
