@@ -100,6 +100,20 @@ class Exporter(ABC):
         return self.reference(built, payload)
 
 
+def build_with_kwargs(builder: Any, spec: ModelSpec, name: str, **kwargs: Any) -> Any:
+    """``builder(**kwargs)`` for a model entry. An argument the builder does not take, or one
+    it misses, is the config's ``architecture_kwargs`` at fault: an error naming that key,
+    not a TypeError traceback."""
+    try:
+        return builder(**kwargs)
+    except TypeError as e:
+        given = spec.architecture_kwargs or {}
+        raise ExportError(
+            f"'{spec.key_path}': {name} cannot be built with architecture_kwargs {given} "
+            f"({e}). Check '{spec.key_path}.architecture_kwargs' against {name}'s arguments."
+        ) from e
+
+
 def image_output(name: str, layer: str, shape: tuple[int, ...]) -> dict[str, Any]:
     """The manifest record of one image-model output; saved squeezed, as Ducho does."""
     squeezed = [d for d in shape if d != 1]

@@ -16,7 +16,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
-from ducho_fast.exporters.base import Built, Exporter, image_output
+from ducho_fast.exporters.base import Built, Exporter, build_with_kwargs, image_output
 from ducho_fast.exporters.compat import import_torch, import_torchvision
 from ducho_fast.exporters.layers import check_layers, layers_command, torch_layer_names
 
@@ -173,14 +173,16 @@ def _from_torchvision(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     kwargs = spec.architecture_kwargs
     weights = spec.weights or "default"
     if spec.weights_path is not None:
-        model = _built(builder, spec, name, weights=None, **kwargs)
+        model = build_with_kwargs(builder, spec, name, weights=None, **kwargs)
         load_state_dict(model, spec.weights_path)
         return model, _source(name, str(spec.weights_path), spec.weights_path)
     if weights.lower() == "none":
-        return _built(builder, spec, name, weights=None, **kwargs), _source(name, "none", None)
+        return build_with_kwargs(builder, spec, name, weights=None, **kwargs), _source(
+            name, "none", None
+        )
     try:
         chosen = "DEFAULT" if weights.lower() == "default" else weights
-        model = _built(builder, spec, name, weights=chosen, **kwargs)
+        model = build_with_kwargs(builder, spec, name, weights=chosen, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         raise ExportError(
             f"'{spec.key_path}': could not get the pretrained weights '{weights}' for {name} "
@@ -239,7 +241,7 @@ def build_architecture(spec: ModelSpec) -> Any:
     arch = spec.architecture or ""
     if ":" not in arch:
         builder = _torchvision_builder(arch.lower(), spec)
-        return _built(builder, spec, arch, weights=None, **spec.architecture_kwargs)
+        return build_with_kwargs(builder, spec, arch, weights=None, **spec.architecture_kwargs)
     if not spec.trust:
         raise ExportError(
             f"'{spec.key_path}.architecture' '{arch}' calls Python code named by the config. "
@@ -252,20 +254,7 @@ def build_architecture(spec: ModelSpec) -> Any:
             target = getattr(target, part)
     except (ImportError, AttributeError) as e:
         raise ExportError(f"'{spec.key_path}.architecture': cannot find '{arch}' ({e}).") from e
-    return _built(target, spec, arch, **spec.architecture_kwargs)
-
-
-def _built(builder: Any, spec: ModelSpec, name: str, **kwargs: Any) -> Any:
-    """``builder(**kwargs)``; arguments it does not take (a typo, a missing one) are the
-    config's ``architecture_kwargs`` at fault, named as such, not a traceback."""
-    try:
-        return builder(**kwargs)
-    except TypeError as e:
-        given = spec.architecture_kwargs or {}
-        raise ExportError(
-            f"'{spec.key_path}': {name} cannot be built with architecture_kwargs {given} "
-            f"({e}). Check '{spec.key_path}.architecture_kwargs' against {name}'s arguments."
-        ) from e
+    return build_with_kwargs(target, spec, arch, **spec.architecture_kwargs)
 
 
 def load_state_dict(model: Any, path: Path) -> None:

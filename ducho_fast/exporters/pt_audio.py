@@ -20,7 +20,7 @@ import numpy as np
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
 from ducho_fast.exporters.audio_common import audio_samples, pool_frames, waveform_built
-from ducho_fast.exporters.base import Built, Exporter
+from ducho_fast.exporters.base import Built, Exporter, build_with_kwargs
 from ducho_fast.exporters.compat import import_torch, import_torchaudio
 from ducho_fast.exporters.layers import check_layers, torch_layer_names
 from ducho_fast.exporters.pt import (
@@ -234,8 +234,9 @@ def load_audio_model(spec: ModelSpec) -> tuple[Any, int, bool, dict[str, Any]]:
     from torchaudio.pipelines._wav2vec2 import utils as bundle_utils
 
     # architecture_kwargs override the bundle's parameters (a smaller variant, as tests build).
-    model = bundle_utils._get_model(
-        bundle._model_type, {**bundle._params, **spec.architecture_kwargs}
+    params = {**bundle._params, **spec.architecture_kwargs}
+    model = build_with_kwargs(
+        bundle_utils._get_model, spec, spec.model_name, type_=bundle._model_type, params=params
     )
     weights = spec.weights or "default"
     if spec.weights_path is not None:

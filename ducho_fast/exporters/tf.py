@@ -26,7 +26,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError, did_you_mean
-from ducho_fast.exporters.base import OPSET, Built, Exporter, image_output
+from ducho_fast.exporters.base import OPSET, Built, Exporter, build_with_kwargs, image_output
 from ducho_fast.exporters.compat import import_keras
 from ducho_fast.exporters.layers import check_layers, layers_command
 
@@ -244,7 +244,9 @@ def load_keras_model(spec: ModelSpec) -> tuple[Any, dict[str, Any], str | None]:
     if spec.weights_path is None and weights == "none":
         weights_arg = None
     try:
-        model = builder(weights=weights_arg, **spec.architecture_kwargs)
+        model = build_with_kwargs(
+            builder, spec, spec.model_name, weights=weights_arg, **spec.architecture_kwargs
+        )
     except (OSError, ValueError) as e:
         raise ExportError(
             f"'{spec.key_path}': could not build {spec.model_name} with weights "

@@ -156,6 +156,12 @@ def test_imagenet_weights_come_through_the_download(
         ({"reshape": [200, 200]}, ExportError, r"takes 224x224 images"),
         ({"model_name": "VGG16", "output_layers": ["fc2"]}, ExportError, r"fc1/kernel of 392 MB"),
         ({"weights": "instagram"}, ConfigError, "neither 'default', 'none' nor a file"),
+        (
+            {"architecture_kwargs": {"pooling": "avg", "clases": 3}},
+            ExportError,
+            r"ResNet50 cannot be built with architecture_kwargs \{'pooling': 'avg', 'clases': 3\}"
+            r".*'clases'.*Check 'visual\.items\.model\.0\.architecture_kwargs'",
+        ),
     ],
 )
 def test_errors_name_the_key_and_the_fix(

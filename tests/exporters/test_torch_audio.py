@@ -68,6 +68,23 @@ def eager_like_ducho(model: Any, waveform: np.ndarray, layer: int, normalize: bo
         return model.extract_features(x, num_layers=layer)[0][-1].numpy()
 
 
+def test_a_bundle_parameter_it_does_not_have_is_named(tmp_path: Path, store: Path) -> None:
+    clips(tmp_path / "audio")
+    entry = {
+        "model_name": "HUBERT_BASE",
+        "backend": "torch",
+        "weights": "none",
+        "output_layers": [1],
+        "architecture_kwargs": {**SMALL, "encoder_num_layer": 2},
+    }
+    with pytest.raises(
+        ExportError,
+        match=r"HUBERT_BASE cannot be built with architecture_kwargs .*'encoder_num_layer'.*"
+        r"Check 'audio\.items\.model\.0\.architecture_kwargs'",
+    ):
+        ducho_fast.export(audio_config(tmp_path, entry, store))
+
+
 @pytest.mark.parametrize(
     ("bundle", "extra"),
     [
