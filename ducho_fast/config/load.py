@@ -373,6 +373,11 @@ def _model(
             "models."
         )
     _check_backend_fits(backend, modality, where, name)
+    if "weights" in (m.get("architecture_kwargs") or {}):
+        raise ConfigError(
+            f"{name}: key '{where}.architecture_kwargs' holds 'weights'; say which weights "
+            f"with the key '{where}.weights' (default, none or a file)."
+        )
     layers = _layers(m.get("output_layers"), modality, backend, where, name)
     spec = ModelSpec(
         modality=modality,

@@ -100,17 +100,27 @@ class Exporter(ABC):
         return self.reference(built, payload)
 
 
-def build_with_kwargs(builder: Any, spec: ModelSpec, name: str, **kwargs: Any) -> Any:
-    """``builder(**kwargs)`` for a model entry. An argument the builder does not take, or one
-    it misses, is the config's ``architecture_kwargs`` at fault: an error naming that key,
-    not a TypeError traceback."""
+def build_with_kwargs(
+    builder: Any,
+    spec: ModelSpec,
+    name: str,
+    kwargs: dict[str, Any],
+    *,
+    refused: tuple[type[Exception], ...] = (TypeError,),
+) -> Any:
+    """``builder(**kwargs)`` for a model entry (``kwargs`` a dict, so that any name can be
+    an argument, ``name`` included). An argument the builder does not take, or one
+    it misses (``refused``: also a value it rejects, where no weights are fetched that could
+    fail the same way), is the config's ``architecture_kwargs`` at fault: an error naming
+    that key, not a traceback."""
     try:
         return builder(**kwargs)
-    except TypeError as e:
+    except refused as e:
         given = spec.architecture_kwargs or {}
         raise ExportError(
             f"'{spec.key_path}': {name} cannot be built with architecture_kwargs {given} "
-            f"({e}). Check '{spec.key_path}.architecture_kwargs' against {name}'s arguments."
+            f"({type(e).__name__}: {e}). Check '{spec.key_path}.architecture_kwargs' against "
+            f"{name}'s arguments."
         ) from e
 
 

@@ -173,16 +173,15 @@ def _from_torchvision(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     kwargs = spec.architecture_kwargs
     weights = spec.weights or "default"
     if spec.weights_path is not None:
-        model = build_with_kwargs(builder, spec, name, weights=None, **kwargs)
+        model = build_with_kwargs(builder, spec, name, {"weights": None, **kwargs})
         load_state_dict(model, spec.weights_path)
         return model, _source(name, str(spec.weights_path), spec.weights_path)
     if weights.lower() == "none":
-        return build_with_kwargs(builder, spec, name, weights=None, **kwargs), _source(
-            name, "none", None
-        )
+        model = build_with_kwargs(builder, spec, name, {"weights": None, **kwargs})
+        return model, _source(name, "none", None)
     try:
         chosen = "DEFAULT" if weights.lower() == "default" else weights
-        model = build_with_kwargs(builder, spec, name, weights=chosen, **kwargs)
+        model = build_with_kwargs(builder, spec, name, {"weights": chosen, **kwargs})
     except (OSError, RuntimeError, ValueError) as e:
         raise ExportError(
             f"'{spec.key_path}': could not get the pretrained weights '{weights}' for {name} "
@@ -241,7 +240,8 @@ def build_architecture(spec: ModelSpec) -> Any:
     arch = spec.architecture or ""
     if ":" not in arch:
         builder = _torchvision_builder(arch.lower(), spec)
-        return build_with_kwargs(builder, spec, arch, weights=None, **spec.architecture_kwargs)
+        kwargs = {"weights": None, **spec.architecture_kwargs}
+        return build_with_kwargs(builder, spec, arch, kwargs)
     if not spec.trust:
         raise ExportError(
             f"'{spec.key_path}.architecture' '{arch}' calls Python code named by the config. "
@@ -254,7 +254,9 @@ def build_architecture(spec: ModelSpec) -> Any:
             target = getattr(target, part)
     except (ImportError, AttributeError) as e:
         raise ExportError(f"'{spec.key_path}.architecture': cannot find '{arch}' ({e}).") from e
-    return build_with_kwargs(target, spec, arch, **spec.architecture_kwargs)
+    # The config's own code, building a bare architecture: whatever it raises is the config's.
+    kwargs = dict(spec.architecture_kwargs)
+    return build_with_kwargs(target, spec, arch, kwargs, refused=(Exception,))
 
 
 def load_state_dict(model: Any, path: Path) -> None:

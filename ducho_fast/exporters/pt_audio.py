@@ -236,7 +236,10 @@ def load_audio_model(spec: ModelSpec) -> tuple[Any, int, bool, dict[str, Any]]:
     # architecture_kwargs override the bundle's parameters (a smaller variant, as tests build).
     params = {**bundle._params, **spec.architecture_kwargs}
     model = build_with_kwargs(
-        bundle_utils._get_model, spec, spec.model_name, type_=bundle._model_type, params=params
+        bundle_utils._get_model,
+        spec,
+        spec.model_name,
+        {"type_": bundle._model_type, "params": params},
     )
     weights = spec.weights or "default"
     if spec.weights_path is not None:

@@ -245,7 +245,7 @@ def load_keras_model(spec: ModelSpec) -> tuple[Any, dict[str, Any], str | None]:
         weights_arg = None
     try:
         model = build_with_kwargs(
-            builder, spec, spec.model_name, weights=weights_arg, **spec.architecture_kwargs
+            builder, spec, spec.model_name, {"weights": weights_arg, **spec.architecture_kwargs}
         )
     except (OSError, ValueError) as e:
         raise ExportError(

@@ -105,6 +105,18 @@ def test_mean_std_need_zscore_as_ducho(tmp_path: Path) -> None:
         load_config(write(tmp_path, visual(model)), cwd=tmp_path)
 
 
+def test_weights_are_not_an_architecture_argument(tmp_path: Path) -> None:
+    """The builders take the weights from the weights key; one in architecture_kwargs would
+    clash with it (or, merged, override it unseen)."""
+    model = {**RESNET, "architecture_kwargs": {"weights": "IMAGENET1K_V2"}}
+    with pytest.raises(
+        ConfigError,
+        match=r"'visual\.items\.model\.0\.architecture_kwargs' holds 'weights'; say which "
+        r"weights with the key 'visual\.items\.model\.0\.weights'",
+    ):
+        load_config(write(tmp_path, visual(model)), cwd=tmp_path)
+
+
 def test_torch_layer_index_is_refused_with_hint(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "output_layers": [3]}))
     with pytest.raises(

@@ -238,6 +238,40 @@ def test_architecture_kwargs_the_builder_does_not_take_are_named(
         export_one(tmp_path, model, store)
 
 
+def test_whatever_a_configs_architecture_raises_is_named_as_its_arguments_fault(
+    tmp_path, store, resnet18_state_dict, monkeypatch
+) -> None:
+    """A package.module:callable is the config's own code: a value it rejects (here a
+    ValueError, as efficientnet_lite_pytorch raises for an unknown variant) stops export
+    with the key named. Any argument name reaches it, ``name`` included."""
+    import types
+
+    from ducho_fast.exporters.compat import import_torchvision
+
+    def build(name: str, **kwargs: Any) -> Any:
+        if name != "resnet18":
+            raise ValueError(f"name should be one of: resnet18 (not {name!r})")
+        return import_torchvision().models.resnet18(weights=None, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "my_arch", types.SimpleNamespace(build=build))
+    model = {
+        "model_name": str(resnet18_state_dict),
+        "architecture": "my_arch:build",
+        "trust": True,
+        "output_layers": ["avgpool"],
+        "reshape": [64, 64],
+    }
+    with pytest.raises(
+        ExportError,
+        match=r"my_arch:build cannot be built with architecture_kwargs \{'name': 'resnet19'\} "
+        r"\(ValueError: name should be one of: resnet18 \(not 'resnet19'\)\)\. Check "
+        r"'visual\.items\.model\.0\.architecture_kwargs'",
+    ):
+        export_one(tmp_path, {**model, "architecture_kwargs": {"name": "resnet19"}}, store)
+    built = export_one(tmp_path, {**model, "architecture_kwargs": {"name": "resnet18"}}, store)
+    assert built.artifact.manifest["parity"]["passed"]
+
+
 def test_unknown_model_name(tmp_path, store) -> None:
     with pytest.raises(
         ExportError,
