@@ -464,7 +464,7 @@ def _layer_names(
     if backend is Backend.transformers:
         from ducho_fast.exporters.hf import list_layers
 
-        return list_layers(model)
+        return list_layers(model, trust)
     cwd = Path.cwd()
     if backend is Backend.tensorflow:
         from ducho_fast.exporters.tf import keras_layer_names

@@ -181,6 +181,14 @@ def test_layers_takes_the_architectures_arguments(resnet18_state_dict: Path) -> 
     assert "unexpected keyword argument 'num_class'" in wrong.output
 
 
+def test_layers_of_a_folder_that_is_no_transformers_model_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    result = runner.invoke(app, ["layers", "transformers", str(tmp_path)])
+    assert result.exit_code == 1, result.output  # was a traceback
+    assert f"cannot load the model '{tmp_path}'" in result.output
+    assert "Give a Transformers model folder (with config.json)" in result.output
+
+
 def test_doctor_reports_real_providers() -> None:
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0

@@ -51,10 +51,16 @@ def load_defaults() -> dict[str, Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with ``safe_load`` only."""
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; give the YAML file in it.")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist.")
     try:
         data = yaml.safe_load(path.read_text("utf-8"))
+    except OSError as e:
+        raise ConfigError(
+            f"config file '{path}' cannot be read ({e.strerror or e}); check its permissions."
+        ) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     except UnicodeDecodeError as e:

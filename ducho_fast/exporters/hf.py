@@ -148,9 +148,16 @@ def _output(index: int, layer: str | int, shape: tuple[int, ...]) -> dict[str, A
     }
 
 
-def list_layers(model_name: str) -> list[str]:
+def list_layers(model_name: str, trust: bool = False) -> list[str]:
     """Selectable ``output_layers`` of a Transformers model (loads its config and weights)."""
-    model = transformers.AutoModel.from_pretrained(model_name)
+    try:
+        model = transformers.AutoModel.from_pretrained(model_name, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise ExportError(
+            f"'layers': cannot load the model '{model_name}' ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}). Give a Transformers model folder (with config.json), "
+            "or a hub name where there is network."
+        ) from e
     from ducho_fast.exporters.hf_towers import FAMILIES, tower_layers
 
     if type(model).__name__ in FAMILIES:

@@ -190,6 +190,19 @@ def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yml")
     with pytest.raises(ConfigError, match=r"not valid YAML"):
         load_config(write(tmp_path, "visual: [unclosed"))
+    with pytest.raises(ConfigError, match=r"is a folder; give the YAML file in it"):
+        load_config(tmp_path)  # it said "does not exist"
+
+
+def test_an_unreadable_config_is_a_config_error(tmp_path: Path, monkeypatch) -> None:
+    path = write(tmp_path, {"dataset_path": "."})
+
+    def denied(self: Path, *_: object, **__: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match=r"cannot be read \(Permission denied\); check its"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(
