@@ -174,7 +174,7 @@ def _from_torchvision(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     weights = spec.weights or "default"
     if spec.weights_path is not None:
         model = build_with_kwargs(builder, spec, name, {"weights": None, **kwargs})
-        load_state_dict(model, spec.weights_path)
+        load_state_dict(model, spec.weights_path, f"'{spec.key_path}.weights'")
         return model, _source(name, str(spec.weights_path), spec.weights_path)
     if weights.lower() == "none":
         model = build_with_kwargs(builder, spec, name, {"weights": None, **kwargs})
@@ -203,9 +203,10 @@ def _torchvision_builder(name: str, spec: ModelSpec) -> Any:
 
 
 def _from_file(spec: ModelSpec, path: Path) -> tuple[Any, dict[str, Any]]:
+    check_torch_file(path, f"'{spec.key_path}.model_name'")
     if spec.architecture:
         model = build_architecture(spec)
-        load_state_dict(model, path)
+        load_state_dict(model, path, f"'{spec.key_path}.model_name'")
         return model, _source(spec.architecture, str(path), path)
     try:
         return torch.jit.load(str(path), map_location="cpu"), _source(
@@ -218,7 +219,7 @@ def _from_file(spec: ModelSpec, path: Path) -> tuple[Any, dict[str, Any]]:
 
 def _pickled_module(spec: ModelSpec, path: Path) -> Any:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         if not spec.trust:
             raise ExportError(
@@ -226,7 +227,7 @@ def _pickled_module(spec: ModelSpec, path: Path) -> Any:
                 "module); loading it runs code from the file. Set trust: true for this model "
                 "if you trust the file, or save a state dict (with architecture:) or TorchScript."
             ) from e
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        obj = _torch_load(path, weights_only=False)
     if isinstance(obj, torch.nn.Module):
         return obj
     raise ExportError(
@@ -259,9 +260,43 @@ def build_architecture(spec: ModelSpec) -> Any:
     return build_with_kwargs(target, spec, arch, kwargs, refused=(Exception,))
 
 
-def load_state_dict(model: Any, path: Path) -> None:
+# What a file torch saved starts with: a zip archive (torch.save since 1.6, TorchScript) or
+# a pickle (the legacy format).
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def check_torch_file(path: Path, key: str) -> None:
+    """Raise, naming ``key``, where ``path`` cannot be a file torch saved: torch itself
+    fails on such files with whatever its unpickler meets (KeyError, EOFError, ...)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_FILE_STARTS):
+        found = "it is empty" if not head else "its first bytes are those of another format"
+        raise ExportError(
+            f"{key} {path} is not a file torch saved (a state dict, a module or TorchScript): "
+            f"{found}."
+        )
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    """``torch.load`` on the CPU. A damaged file is an ExportError; with ``weights_only``,
+    an UnpicklingError (objects other than tensors) is the caller's to explain."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # the unpickler's KeyError, EOFError, a zip's errors, ...
+        if weights_only and isinstance(e, pickle.UnpicklingError):
+            raise
+        raise ExportError(
+            f"{path} cannot be read by torch ({type(e).__name__}: {e}); it is damaged or "
+            "not a torch file."
+        ) from e
+
+
+def load_state_dict(model: Any, path: Path, key: str = "the weights file") -> None:
+    """Load a state dict file into ``model``; ``key`` names the file in errors."""
+    check_torch_file(path, key)
+    try:
+        state = _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ExportError(f"{path} is not a plain state dict (it holds pickled objects).") from e
     for key in ("state_dict", "model"):

@@ -243,7 +243,7 @@ def load_audio_model(spec: ModelSpec) -> tuple[Any, int, bool, dict[str, Any]]:
     )
     weights = spec.weights or "default"
     if spec.weights_path is not None:
-        load_state_dict(model, spec.weights_path)
+        load_state_dict(model, spec.weights_path, f"'{spec.key_path}.weights'")
     elif weights.lower() == "default":
         try:
             model.load_state_dict(bundle._get_state_dict(None))

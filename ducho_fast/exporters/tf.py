@@ -275,6 +275,11 @@ def _from_file(spec: ModelSpec, path: Path) -> Any:
                 "that code. Set trust: true for this model if you trust the file."
             ) from e
         raise ExportError(f"'{spec.key_path}': cannot load {path} ({e}).") from e
+    except Exception as e:  # a damaged or foreign file: h5py's OSError, a zip's errors, ...
+        raise ExportError(
+            f"'{spec.key_path}': cannot load {path} ({type(e).__name__}: {e}); it is damaged "
+            "or not a Keras model file."
+        ) from e
 
 
 def _saved_model(spec: ModelSpec, path: Path) -> Any:

@@ -272,6 +272,42 @@ def test_whatever_a_configs_architecture_raises_is_named_as_its_arguments_fault(
     assert built.artifact.manifest["parity"]["passed"]
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"hello, not a model", r"is not a file torch saved .*: its first bytes are those of"),
+        (b"", r"is not a file torch saved .*: it is empty"),
+        (bytes(64), r"is not a file torch saved"),
+        (b"PK\x03\x04" + bytes(range(256)), r"cannot be read by torch \(RuntimeError: "),
+        (b"\x80\x02}q\x00(X", r"cannot be read by torch \(\w+: "),  # struct.error
+    ],
+    ids=["text", "empty", "zeros", "broken zip", "broken pickle"],
+)
+@pytest.mark.parametrize(
+    "where", ["model_name", "model_name, trusted", "model_name, architecture", "weights"]
+)
+def test_a_file_torch_cannot_read_is_an_export_error(
+    tmp_path, store, content: bytes, message: str, where: str
+) -> None:
+    """torch.load meets such files with whatever its unpickler trips on (KeyError, EOFError,
+    ...), which were tracebacks; the key holding the file is named."""
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    model: dict[str, Any] = {"output_layers": ["avgpool"], "reshape": [64, 64]}
+    key = "model_name"
+    if where == "weights":
+        model |= {"model_name": "resnet18", "weights": str(path)}
+        key = "weights"
+    else:
+        model |= {"model_name": str(path), "trust": where.endswith("trusted")}
+        if where.endswith("architecture"):
+            model["architecture"] = "resnet18"
+    named = rf"'visual\.items\.model\.0\.{key}' .*{message}"
+    pattern = message if "cannot be read" in message else named
+    with pytest.raises(ExportError, match=pattern):
+        export_one(tmp_path, model, store)
+
+
 def test_unknown_model_name(tmp_path, store) -> None:
     with pytest.raises(
         ExportError,

@@ -8,6 +8,7 @@ network: the tests use random weights (seed 0), the real MTCNN ONet weights that
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,14 @@ def test_lambda_layers_need_trust(tmp_path: Path, store: Path) -> None:
 
     listed = CliRunner().invoke(app, ["layers", "tensorflow", str(path), "--trust"])
     assert listed.exit_code == 0 and "double" in listed.output.split(), listed.output
+
+
+@pytest.mark.parametrize("name", ["broken.h5", "broken.keras"])
+def test_a_damaged_keras_file_is_an_export_error(tmp_path: Path, store: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"not a model")  # h5py raised OSError, a traceback
+    with pytest.raises(ExportError, match=rf"cannot load {re.escape(str(path))} \("):
+        ducho_fast.export(visual_config(tmp_path, entry(str(path), ["gap"]), store))
 
 
 def test_saved_model_folder_outputs_are_its_layers(tmp_path: Path, store: Path) -> None:
