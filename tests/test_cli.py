@@ -186,7 +186,7 @@ def test_layers_of_a_folder_that_is_no_transformers_model_is_an_error(tmp_path: 
     result = runner.invoke(app, ["layers", "transformers", str(tmp_path)])
     assert result.exit_code == 1, result.output  # was a traceback
     assert f"cannot load the model '{tmp_path}'" in result.output
-    assert "Give a Transformers model folder (with config.json)" in result.output
+    assert "A file of that folder is missing, damaged or not what the library" in result.output
 
 
 def test_doctor_reports_real_providers() -> None:

@@ -7,6 +7,7 @@ text's real tokens, as Ducho's unpadded one-text-at-a-time run returns them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,11 +62,23 @@ def model_source(spec: ModelSpec) -> str:
 def load_pretrained(loader: Any, source: str, spec: ModelSpec, what: str) -> Any:
     try:
         return loader.from_pretrained(source, trust_remote_code=spec.trust)
-    except (OSError, ValueError) as e:
-        raise ExportError(
-            f"'{spec.key_path}': cannot load the {what} '{source}' ({type(e).__name__}: "
-            f"{str(e).splitlines()[0]}). Without network, give a local model folder."
-        ) from e
+    except Exception as e:  # a missing, damaged or foreign file raises anything (safetensors...)
+        raise loading_error(spec.key_path, what, source, e) from e
+
+
+def loading_error(
+    key: str, what: str, source: str, error: Exception, remote: str = ""
+) -> Exception:
+    """The ExportError for a model, tokenizer or processor that did not load from ``source``:
+    a local folder has a file missing, damaged or not what the library expects; a hub name
+    needs the network (``remote``: what to give instead)."""
+    lines = str(error).splitlines()
+    reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    if Path(source).is_dir():
+        fix = "A file of that folder is missing, damaged or not what the library expects."
+    else:
+        fix = remote or "Without network, give a local model folder."
+    return ExportError(f"'{key}': cannot load the {what} '{source}' ({reason}). {fix}")
 
 
 def available_layers(model: Any) -> list[str | int]:
@@ -152,12 +165,8 @@ def list_layers(model_name: str, trust: bool = False) -> list[str]:
     """Selectable ``output_layers`` of a Transformers model (loads its config and weights)."""
     try:
         model = transformers.AutoModel.from_pretrained(model_name, trust_remote_code=trust)
-    except (OSError, ValueError) as e:
-        raise ExportError(
-            f"'layers': cannot load the model '{model_name}' ({type(e).__name__}: "
-            f"{str(e).splitlines()[0]}). Give a Transformers model folder (with config.json), "
-            "or a hub name where there is network."
-        ) from e
+    except Exception as e:
+        raise loading_error("layers", "model", model_name, e) from e
     from ducho_fast.exporters.hf_towers import FAMILIES, tower_layers
 
     if type(model).__name__ in FAMILIES:

@@ -21,7 +21,7 @@ from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_transformers
-from ducho_fast.exporters.hf import load_pretrained, model_source
+from ducho_fast.exporters.hf import load_pretrained, loading_error, model_source
 from ducho_fast.exporters.text_common import (
     SAMPLE_TEXTS,
     fast_tokenizer,
@@ -280,12 +280,12 @@ def _image_processor(source: str, spec: ModelSpec) -> Any:
     loader = transformers.AutoImageProcessor
     try:
         return loader.from_pretrained(source, backend="pil", trust_remote_code=spec.trust)
-    except (OSError, ValueError) as e:
-        raise ExportError(
-            f"'{spec.key_path}': cannot load the image processor '{source}' "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}). Without network, give a local "
-            "folder with preprocessor_config.json, or name one with image_processor."
-        ) from e
+    except Exception as e:  # a missing, damaged or foreign file raises anything
+        remote = (
+            "Without network, give a local folder with preprocessor_config.json, or name one "
+            "with image_processor."
+        )
+        raise loading_error(spec.key_path, "image processor", source, e, remote) from e
 
 
 def pixel_preprocessing(processor: Any, spec: ModelSpec) -> dict[str, Any]:

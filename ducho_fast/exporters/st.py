@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.config.model import ModelSpec
-from ducho_fast.errors import ExportError
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_sentence_transformers, import_torch
-from ducho_fast.exporters.hf import model_source
+from ducho_fast.exporters.hf import loading_error, model_source
 from ducho_fast.exporters.text_common import (
     CALIBRATION_TEXTS,
     SAMPLE_TEXTS,
@@ -98,9 +97,5 @@ def _load(spec: ModelSpec) -> Any:
         return sentence_transformers.SentenceTransformer(
             source, device="cpu", trust_remote_code=spec.trust
         )
-    except (OSError, ValueError) as e:
-        raise ExportError(
-            f"'{spec.key_path}': cannot load the sentence-transformers model '{source}' "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}). Without network, give a local "
-            "model folder."
-        ) from e
+    except Exception as e:  # a missing, damaged or foreign file raises anything
+        raise loading_error(spec.key_path, "sentence-transformers model", source, e) from e

@@ -77,3 +77,34 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, store) -> None:
         match=r"cannot load the sentence-transformers model 'no-such-org/no-such-model'",
     ):
         export_one(tmp_path, model, store)
+
+
+@pytest.mark.parametrize("backend", ["transformers", "sentence_transformers"])
+@pytest.mark.parametrize("damage", ["truncated weights", "weights header", "tokenizer"])
+def test_a_damaged_file_in_a_model_folder_is_named_as_such(
+    tmp_path, store, tiny_bert_dir, backend: str, damage: str
+) -> None:
+    """safetensors and the tokenizer raise their own errors (SafetensorError, ...), which
+    were tracebacks; the hint is about the folder's files, not the network."""
+    import os
+    import shutil
+
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny_bert_dir, folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncated weights":
+        weights.write_bytes(bytes(data[:1000]))
+    elif damage == "weights header":
+        data[100:400] = os.urandom(300)
+        weights.write_bytes(bytes(data))
+    else:
+        (folder / "tokenizer.json").write_text("{not json")
+    layers = [1] if backend == "sentence_transformers" else ["pooler_output"]
+    model = {"model_name": str(folder), "backend": backend, "output_layers": layers}
+    with pytest.raises(
+        ExportError,
+        match=rf"cannot load the .*'{folder}' \(\w+: .*\)\. A file of that folder is missing, "
+        "damaged or not what the library expects",
+    ):
+        export_one(tmp_path, model, store)
