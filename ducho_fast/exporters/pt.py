@@ -268,8 +268,11 @@ TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 def check_torch_file(path: Path, key: str) -> None:
     """Raise, naming ``key``, where ``path`` cannot be a file torch saved: torch itself
     fails on such files with whatever its unpickler meets (KeyError, EOFError, ...)."""
-    with path.open("rb") as f:
-        head = f.read(4)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ExportError(f"{key} {path} cannot be read ({e.strerror or e}).") from e
     if not head.startswith(TORCH_FILE_STARTS):
         found = "it is empty" if not head else "its first bytes are those of another format"
         raise ExportError(

@@ -308,6 +308,25 @@ def test_a_file_torch_cannot_read_is_an_export_error(
         export_one(tmp_path, model, store)
 
 
+def test_an_unreadable_model_file_is_an_export_error(tmp_path, store, monkeypatch) -> None:
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"PK\x03\x04")
+    opened = Path.open
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    model = {"model_name": str(path), "output_layers": ["avgpool"], "reshape": [64, 64]}
+    with pytest.raises(
+        ExportError,
+        match=r"'visual\.items\.model\.0\.model_name' .* cannot be read \(Permission denied\)",
+    ):
+        export_one(tmp_path, model, store)
+
+
 def test_unknown_model_name(tmp_path, store) -> None:
     with pytest.raises(
         ExportError,
