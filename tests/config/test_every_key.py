@@ -46,10 +46,47 @@ def with_value(config: dict[str, Any], path: tuple[Any, ...], value: Any) -> dic
     return changed
 
 
-@pytest.mark.parametrize("name", ["demo", "demo_audio", "demo_reviews"])
+# Ducho's CLIP demo block, which no shipped config holds, with a fusion of its two folders.
+TWO_TOWER = {
+    "dataset_path": "data/demo",
+    "visual_textual": {
+        "items": {
+            "input_path": {"visual": "images", "textual": "descriptions.tsv"},
+            "output_path": {"visual": "clip_visual", "textual": "clip_textual"},
+            "item_column": "item_id",
+            "text_column": "description",
+            "model": [
+                {
+                    "model_name": "openai/clip-vit-base-patch16",
+                    "backend": "transformers",
+                    "output_layers": 1,
+                    "fusion": "concat",
+                    "batch_size": 4,
+                }
+            ],
+        }
+    },
+    "fusion": [
+        {
+            "inputs": ["clip_visual", "clip_textual"],
+            "mode": "sum",
+            "normalize": True,
+            "output_path": "clip_fused",
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_audio", "demo_reviews", "two_tower"])
 def test_a_wrong_value_at_any_key_is_a_config_error(tmp_path: Path, name: str) -> None:
-    config = yaml.safe_load((REPO / "config" / f"{name}.yml").read_text())
+    if name == "two_tower":
+        config = copy.deepcopy(TWO_TOWER)
+    else:
+        config = yaml.safe_load((REPO / "config" / f"{name}.yml").read_text())
     config["dataset_path"] = str(REPO / config["dataset_path"])
+    file = tmp_path / "config.yml"
+    file.write_text(yaml.safe_dump(config))
+    assert load_config(file, cwd=REPO).graphs()  # as written, it loads: the changes are tested
     paths = list(leaves(config))
     paths += [(section, key) for section, keys in UNSET.items() for key in keys]
     escaped = []
