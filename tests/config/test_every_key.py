@@ -47,7 +47,7 @@ def with_value(config: dict[str, Any], path: tuple[Any, ...], value: Any) -> dic
 
 
 # Ducho's CLIP demo block, which no shipped config holds, with a fusion of its two folders.
-TWO_TOWER = {
+TWO_TOWER: dict[str, Any] = {
     "dataset_path": "data/demo",
     "visual_textual": {
         "items": {
@@ -79,6 +79,7 @@ TWO_TOWER = {
 
 @pytest.mark.parametrize("name", ["demo", "demo_audio", "demo_reviews", "two_tower"])
 def test_a_wrong_value_at_any_key_is_a_config_error(tmp_path: Path, name: str) -> None:
+    config: dict[str, Any]
     if name == "two_tower":
         config = copy.deepcopy(TWO_TOWER)
     else:
