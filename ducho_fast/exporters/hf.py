@@ -68,7 +68,7 @@ def load_pretrained(loader: Any, source: str, spec: ModelSpec, what: str) -> Any
 
 def loading_error(
     key: str, what: str, source: str, error: Exception, remote: str = ""
-) -> Exception:
+) -> ExportError:
     """The ExportError for a model, tokenizer or processor that did not load from ``source``:
     a local folder has a file missing, damaged or not what the library expects; a hub name
     needs the network (``remote``: what to give instead)."""
