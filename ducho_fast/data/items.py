@@ -16,6 +16,33 @@ class Item:
     raw: Any
 
 
+def source_name(source: Any, limit: int = 200) -> str:
+    """How an error names one input: a path as written (shortened past ``limit``
+    characters), an array by its shape and type, bytes by their count, an open file by its
+    name; never a repr of its whole content."""
+    if hasattr(source, "shape") and hasattr(source, "dtype"):
+        return f"an array of shape {tuple(source.shape)} ({source.dtype})"
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"{memoryview(source).nbytes} bytes in memory"
+    if isinstance(source, str | os.PathLike):
+        text = os.fsdecode(source)
+    elif hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        text = os.fsdecode(name) if isinstance(name, str | bytes) else "an open file"
+    else:
+        return type(source).__name__
+    if not text:
+        return "an empty path"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def error_reason(error: BaseException) -> str:
+    """An error's words without the file name an OSError repeats (the message names it)."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return error.strerror
+    return str(error)
+
+
 @dataclass(frozen=True)
 class FileStamp:
     """What tells that a file changed: its size, modification and change times, inode. A file

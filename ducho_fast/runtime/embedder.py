@@ -9,8 +9,9 @@ with nothing but the core install: no files written, no framework imported.
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,16 +258,20 @@ class Embedder:
 
     def embed(
         self,
-        inputs: Sequence[str | Path | np.ndarray | Image.Image],
+        inputs: Iterable[Any],
         layer: str | int | None = None,
         *,
         batch_size: int = 32,
         clean: bool = False,
     ) -> np.ndarray | list[np.ndarray]:
-        """Embed in-memory inputs: image paths/arrays/PIL images, or texts.
+        """Embed in-memory inputs: images, audio clips or texts.
 
         Args:
-            inputs: images (paths, uint8 arrays, PIL images) or strings, as the artifact takes.
+            inputs: a list (or any iterable) of images (paths, open binary files, the
+                bytes of image files, uint8 arrays, PIL images), waveforms (paths, arrays at
+                the model's rate) or strings, as the artifact takes; or one array stacking
+                images (N, H, W, C) or waveforms (N, samples). A bad input raises a
+                ``DataError`` that names it by its position, ``inputs[i]``.
             layer: which exported layer to return; the first by default.
             batch_size: items per ONNX Runtime call.
             clean: apply Ducho's ``clear_text`` to texts first.
@@ -278,14 +283,56 @@ class Embedder:
         key = str(layer) if layer is not None else self.layers[0]
         if key not in self.layers:
             raise DataError(f"this artifact has no layer {key!r}; it has {self.layers}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
+        items = self._input_list(inputs)
         out: list[np.ndarray] = []
-        for start in range(0, len(inputs), batch_size):
-            chunk = [self.prepare(x) for x in inputs[start : start + batch_size]]
+        for start in range(0, len(items), batch_size):
+            chunk = [
+                self._prepared(i, x) for i, x in enumerate(items[start : start + batch_size], start)
+            ]
             if clean:
                 chunk = [clear_text(t) for t in chunk]
             out.extend(item[key] for item in self.run_prepared(chunk))
         token_level = any(varies_per_item(o) and str(o["layer"]) == key for o in self._outputs)
         return out if token_level else np.stack(out) if out else np.empty((0,), np.float32)
+
+    def _input_list(self, inputs: Any) -> list[Any]:
+        """``embed``'s inputs as a list: any iterable of inputs, or an array stacking them
+        (images (N, H, W, C), waveforms (N, samples)); one input alone is an error, not an
+        iterable of characters, pixel rows or samples."""
+        kind = {"visual": "image", "audio": "waveform"}.get(self.modality, "text")
+        stacked = {"visual": 4, "audio": 2}.get(self.modality, 1)
+        if isinstance(inputs, np.ndarray) and inputs.ndim != stacked:
+            raise DataError(
+                f"embed takes a list of inputs; an array of shape {inputs.shape} is not a stack "
+                f"of {kind}s (one {kind} per row of its first axis). Pass one {kind} as [array]."
+            )
+        if isinstance(inputs, str | bytes | bytearray | os.PathLike | Image.Image):
+            raise DataError(
+                f"embed takes a list of inputs, not one {type(inputs).__name__}: pass [input]."
+            )
+        try:
+            return list(inputs)
+        except TypeError:
+            raise DataError(
+                f"embed takes a list of inputs ({self._takes()}); found {type(inputs).__name__}."
+            ) from None
+
+    def _takes(self) -> str:
+        if self.modality == "visual":
+            return "image paths, uint8 arrays, PIL images or image file bytes"
+        if self.modality == "audio":
+            return "audio paths or waveform arrays"
+        return "strings"
+
+    def _prepared(self, index: int, raw: Any) -> Any:
+        """:meth:`prepare` for ``embed``: an error names the input by its position."""
+        try:
+            return self.prepare(raw)
+        except DataError as e:
+            e.args = (f"inputs[{index}]: {e}", *e.args[1:])
+            raise
 
 
 def _make_binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IOBinder | None:

@@ -113,3 +113,29 @@ def test_listing_and_arrays(tmp_path: Path) -> None:
     pcm = (np.sin(np.arange(800) / 5) * 20000).astype(np.int16)
     wave = prepare_audio(pcm, PRE)
     np.testing.assert_allclose(wave, pcm / 32768.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        (None, r"an audio input must be a file path or a waveform array.* found NoneType"),
+        (b"RIFF", r"found 4 bytes in memory"),
+        ({"path": "a.wav"}, r"found dict"),
+        ("", r"found an empty path"),
+        (np.zeros(800, np.complex64), r"integer or float arrays.*\(800,\) \(complex64\)"),
+        (np.zeros(800, bool), r"integer or float arrays"),
+        (np.zeros((2, 2, 100), np.float32), r"found an array of shape \(2, 2, 100\)"),
+        (np.zeros((2, 800), np.float32), r"more channels than samples.*array\.T"),
+        (np.zeros(0, np.float32), r"^an array of shape \(0,\) \(float32\): the audio is empty"),
+        (np.full(800, np.nan, np.float32), r"^an array of shape \(800,\) .*NaN or infinite"),
+    ],
+)
+def test_what_is_not_a_waveform_is_named_as_such(source: object, says: str) -> None:
+    with pytest.raises(DataError, match=says) as caught:
+        prepare_audio(source, PRE)  # type: ignore[arg-type]
+    assert "[" not in str(caught.value).split(":")[0]  # no array printed as its values
+
+
+def test_a_path_too_long_for_the_system_is_a_data_error() -> None:
+    with pytest.raises(DataError, match=r"^a{200}\.\.\. \(5000 characters\): "):
+        prepare_audio("a" * 5000, PRE)

@@ -80,6 +80,35 @@ def test_file_objects_decode_and_fail_as_plain_data_errors() -> None:
     assert not isinstance(caught.value, UnreadableFile)
 
 
+def test_the_bytes_of_an_image_file_decode_as_the_file_does(tmp_path: Path) -> None:
+    """A web service holds an upload's bytes; they are its content, not a file name."""
+    path = write_image(tmp_path / "a.jpg", size=(40, 30))
+    data = path.read_bytes()
+    for content in (data, bytearray(data), memoryview(data)):
+        np.testing.assert_array_equal(load_image(content, (16, 16)), load_image(path, (16, 16)))
+    with pytest.raises(DataError, match=r"^6 bytes in memory: not a readable image") as caught:
+        load_image(b"<html>", None)
+    assert "BytesIO" not in str(caught.value)  # not the repr of the buffer Pillow read
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        (None, r"an image input must be a file path, .* found NoneType"),
+        (7, r"found int"),
+        ({"path": "a.jpg"}, r"found dict"),
+        (np.zeros((0, 32, 3), np.uint8), r"an image array of shape \(0, 32, 3\) is empty"),
+        (np.zeros((32, 0), np.uint8), r"is empty"),
+        ("", r"^an empty path: file not found"),
+        ("x" * 5000 + ".jpg", r"^x{200}\.\.\. \(5004 characters\): not a readable image"),
+    ],
+)
+def test_what_is_not_an_image_is_named_as_such(source: object, says: str) -> None:
+    with pytest.raises(DataError, match=says) as caught:
+        load_image(source, (8, 8))  # type: ignore[arg-type]
+    assert len(str(caught.value)) < 600  # a 5000-character name is cut, not repeated
+
+
 def test_a_failed_read_of_the_disk_is_not_an_unreadable_file(tmp_path, monkeypatch) -> None:
     """An OSError with an errno (EIO of a disk, a network file system) may pass next time:
     a plain DataError, which no run records as unreadable."""

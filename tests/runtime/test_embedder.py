@@ -9,7 +9,7 @@ from PIL import Image
 
 import ducho_fast
 from ducho_fast.artifact import load_artifact
-from ducho_fast.errors import DataError
+from ducho_fast.errors import DataError, UnreadableFile
 from tests.conftest import textual_config, visual_config
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,37 @@ def test_bad_inputs(resnet_artifact) -> None:
         emb.embed([np.zeros((8, 8, 3), np.float32)])
 
 
+def test_embed_takes_any_iterable_or_a_stack_and_refuses_one_input_alone(
+    resnet_artifact, image_dir, tmp_path
+) -> None:
+    emb = ducho_fast.load(resnet_artifact)
+    paths = sorted(image_dir.iterdir())[:3]
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((40, 40))) for p in paths]
+    expected = emb.embed(arrays)
+    np.testing.assert_array_equal(emb.embed(a for a in arrays), expected)
+    np.testing.assert_array_equal(emb.embed(np.stack(arrays)), expected)
+    np.testing.assert_array_equal(emb.embed([p.read_bytes() for p in paths]), emb.embed(paths))
+    alone = [
+        (str(paths[0]), r"not one str: pass \[input\]"),
+        (paths[0], r"not one \w*Path: pass"),
+        (arrays[0], r"an array of shape \(40, 40, 3\) is not a stack of images .* \[array\]"),
+        (None, r"embed takes a list of inputs \(image paths, .*\); found NoneType"),
+        (7, r"found int"),
+    ]
+    for inputs, says in alone:
+        with pytest.raises(DataError, match=says):
+            emb.embed(inputs)
+    for size in (0, -1, True, 2.0):
+        with pytest.raises(DataError, match=r"batch_size must be a whole number of 1 or more"):
+            emb.embed(arrays, batch_size=size)  # type: ignore[arg-type]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(UnreadableFile, match=rf"^inputs\[3\]: {broken}: not a readable image"):
+        emb.embed([*arrays, broken], batch_size=2)  # named by position, its class kept
+    with pytest.raises(DataError, match=r"^inputs\[1\]: an image input must be .* NoneType"):
+        emb.embed([arrays[0], None])
+
+
 def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_dir) -> None:
     model = {
         "model_name": str(tiny_bert_dir),
@@ -59,9 +90,15 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
     tokens = emb.embed(["one", "a somewhat longer sentence"], layer="last_hidden_state")
     assert isinstance(tokens, list) and [t.shape for t in tokens] == [(3, 32), (6, 32)]
     pooled = emb.embed(["one", "two"])
+    np.testing.assert_array_equal(emb.embed(np.array(["one", "two"])), pooled)
+    with pytest.raises(DataError, match=r"not one str: pass \[input\]"):
+        emb.embed("one")  # not three texts of a character each
+    with pytest.raises(DataError, match=r"^inputs\[1\]: text inputs must be strings, found int"):
+        emb.embed(["one", 2])
+    pooled = emb.embed(["one", "two"])
     assert isinstance(pooled, np.ndarray) and pooled.shape == (2, 32)
     with pytest.raises(DataError, match=r"text inputs must be strings"):
-        emb.embed([3])  # type: ignore[list-item]
+        emb.embed([3])
 
 
 def test_sessions_spin_unless_readers_decode_images(

@@ -7,6 +7,7 @@ graph does the model's own normalization, so the host hands it the waveform as i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import soundfile as sf
 import soxr
 
 from ducho_fast.config.model import InputOptions
-from ducho_fast.data.items import FileStamp, Item
+from ducho_fast.data.items import FileStamp, Item, error_reason, source_name
 from ducho_fast.data.visual.images import list_files
 from ducho_fast.errors import DataError, decode_error, stamped
 
@@ -30,7 +31,7 @@ def list_audio(folder: Path) -> tuple[list[Item], list[Path]]:
 
 
 def prepare_audio(
-    source: Path | np.ndarray,
+    source: str | os.PathLike[str] | np.ndarray,
     pre: Mapping[str, Any],
     options: InputOptions | None = None,
     source_rate: int | None = None,
@@ -44,8 +45,13 @@ def prepare_audio(
     rate = int(pre["sample_rate"])
     if isinstance(source, np.ndarray):
         wave, have = _from_array(source), source_rate or rate
+    elif isinstance(source, str | os.PathLike) and os.fspath(source):
+        wave, have = decode_audio(Path(source), pre.get("max_seconds"), options)
     else:
-        wave, have = decode_audio(source, pre.get("max_seconds"), options)
+        raise DataError(
+            "an audio input must be a file path or a waveform array, (samples,) or (samples, "
+            f"channels) at the model's rate; found {source_name(source)}."
+        )
     return finish_audio(wave, have, pre, source)
 
 
@@ -61,6 +67,7 @@ def finish_audio(wave: np.ndarray, have: int, pre: Mapping[str, Any], source: An
     """A decoded waveform at rate ``have`` made mono, resampled and cropped for one model."""
     rate = int(pre["sample_rate"])
     crop = pre.get("max_seconds")
+    source = source_name(source)
     if wave.shape[0] == 0:
         raise DataError(f"{source}: the audio is empty (0 samples).")
     mono = wave.mean(axis=1, dtype=np.float32) if wave.shape[1] > 1 else wave[:, 0]
@@ -79,16 +86,17 @@ def finish_audio(wave: np.ndarray, have: int, pre: Mapping[str, Any], source: An
 
 
 def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarray, int]:
-    if not Path(path).exists():  # libsndfile says only "System error"
-        raise DataError(f"{path}: file not found.")
+    name = source_name(path)
     stamp = None
     try:
+        if not Path(path).exists():  # libsndfile says only "System error"
+            raise DataError(f"{name}: file not found.")
         stamp = FileStamp.of(path)  # before reading: a file changed meanwhile differs
         info = sf.info(str(path))
         seconds = info.frames / info.samplerate if info.samplerate else 0.0
         if crop is None and seconds > max_seconds:
             raise stamped(
-                f"{path}: {seconds:.0f} s of audio, over input.max_audio_seconds "
+                f"{name}: {seconds:.0f} s of audio, over input.max_audio_seconds "
                 f"({max_seconds:g} s). Set the model's max_seconds to embed its start, or raise "
                 "the limit.",
                 stamp,
@@ -96,21 +104,27 @@ def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarra
         frames = int(np.ceil(float(crop) * info.samplerate)) if crop else -1
         wave, rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
     except PermissionError as e:
-        raise DataError(f"{path}: permission denied; make the file readable.") from e
+        raise DataError(f"{name}: permission denied; make the file readable.") from e
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
-        message = f"{path}: not a readable audio file ({type(e).__name__}: {e})."
+        message = f"{name}: not a readable audio file ({type(e).__name__}: {error_reason(e)})."
         if isinstance(e, sf.LibsndfileError) and e.code == SF_ERR_SYSTEM:
             stamp = None  # the system failed to read it, as an OSError with an errno
         raise decode_error(message, e, stamp) from e
     return wave, int(rate)
 
 
-def _from_array(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 1:
-        array = array[:, np.newaxis]
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+def _from_array(given: np.ndarray) -> np.ndarray:
+    array = given[:, np.newaxis] if given.ndim == 1 else given
+    real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if array.ndim != 2 or not real:
         raise DataError(
-            f"waveforms must be numeric (samples,) or (samples, channels); found {array.shape}."
+            "waveforms must be integer or float arrays, (samples,) or (samples, channels); "
+            f"found {source_name(given)}."
+        )
+    if 0 < array.shape[0] < array.shape[1]:
+        raise DataError(
+            f"a waveform of shape {array.shape} has more channels than samples: is it "
+            "(channels, samples), as torchaudio loads audio? Pass its transpose (array.T)."
         )
     if np.issubdtype(array.dtype, np.integer):
         scale = float(np.iinfo(array.dtype).max) + 1.0

@@ -6,6 +6,7 @@ happen inside the graph, so a batch travels as uint8 NHWC.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from ducho_fast.config.model import InputOptions
-from ducho_fast.data.items import FileStamp, Item
+from ducho_fast.data.items import FileStamp, Item, error_reason, source_name
 from ducho_fast.errors import DataError, decode_error, stamped
 
 IMAGE_SUFFIXES = frozenset(
@@ -102,9 +103,9 @@ def _unlisted(folder: Path, kind: str, error: OSError) -> str:
     return f"{kind} folder {folder} cannot be listed ({reason}); check its permissions."
 
 
-# What the image readers take: a file's path, an open binary file or bytes in memory (as
-# Pillow allows; no stamp, so never recorded as unreadable), a uint8 array or a PIL image.
-ImageSource = Path | BinaryIO | np.ndarray | Image.Image
+# What the image readers take: a file's path, an open binary file or a file's bytes in memory
+# (no stamp, so never recorded as unreadable), a uint8 array or a PIL image.
+ImageSource = Path | BinaryIO | bytes | bytearray | memoryview | np.ndarray | Image.Image
 
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -237,38 +238,47 @@ def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Ima
     if isinstance(source, np.ndarray):
         return _from_array(source)
     stamp = None
+    name = source_name(source)
+    if isinstance(source, bytes | bytearray | memoryview):  # a file's content, not its name
+        source = io.BytesIO(source)
+    elif not isinstance(source, str | os.PathLike) and not hasattr(source, "read"):
+        raise DataError(
+            f"an image input must be a file path, an open binary file, the bytes of an image "
+            f"file, a uint8 array or a PIL image; found {type(source).__name__}."
+        )
     try:
         if isinstance(source, str | os.PathLike):  # not a file object a caller passed
             stamp = FileStamp.of(source)  # before reading: a file changed meanwhile differs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
-            _check_pixels(source, image, max_pixels, stamp)  # from the header, not decoded
+            _check_pixels(name, image, max_pixels, stamp)  # from the header, not decoded
             if draft:
                 image.draft(None, (draft, draft))  # JPEG only; a no-op for other formats
             image.load()
         return image
     except FileNotFoundError as e:
-        raise DataError(f"{source}: file not found.") from e
+        raise DataError(f"{name}: file not found.") from e
     except PermissionError as e:
-        raise DataError(f"{source}: permission denied; make the file readable.") from e
+        raise DataError(f"{name}: permission denied; make the file readable.") from e
     except Image.DecompressionBombError as e:
         message = (
-            f"{source}: {e} Pillow refuses images this large whatever input.max_image_pixels says."
+            f"{name}: {e} Pillow refuses images this large whatever input.max_image_pixels says."
         )
         raise stamped(message, stamp) from e
     except (OSError, SyntaxError, ValueError) as e:
-        message = f"{source}: not a readable image ({type(e).__name__}: {e})."
+        reason = error_reason(e)
+        if not isinstance(source, str | os.PathLike):  # Pillow names a file object by its repr
+            reason = reason.replace(f" {source!r}", "")
+        message = f"{name}: not a readable image ({type(e).__name__}: {reason})."
         raise decode_error(message, e, stamp) from e
 
 
-def _check_pixels(
-    source: ImageSource, image: Image.Image, max_pixels: int, stamp: FileStamp | None
-) -> None:
+def _check_pixels(name: str, image: Image.Image, max_pixels: int, stamp: FileStamp | None) -> None:
     width, height = image.size
     if width * height > max_pixels:
         raise stamped(
-            f"{source}: {width} x {height} = {width * height} pixels, over the limit of "
+            f"{name}: {width} x {height} = {width * height} pixels, over the limit of "
             f"{max_pixels} (a decompression bomb, or a huge image). Raise "
             "input.max_image_pixels if the image is genuine.",
             stamp,
@@ -279,5 +289,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
         raise DataError(f"image arrays must be uint8, found {array.dtype}.")
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)):
+        if not array.size:
+            raise DataError(f"an image array of shape {array.shape} is empty.")
         return Image.fromarray(array)
     raise DataError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); found {array.shape}.")
