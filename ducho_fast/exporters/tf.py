@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,7 @@ def _from_file(spec: ModelSpec, path: Path) -> Any:
         raise ExportError(
             f"'{spec.key_path}.model_name' {path}: TensorFlow models are .keras or .h5 files."
         )
+    _check_model_file(spec, path)
     try:
         # safe_mode refuses Lambda layers (they run code from the file) unless trusted.
         return keras.models.load_model(path, compile=False, safe_mode=not spec.trust)
@@ -280,6 +282,35 @@ def _from_file(spec: ModelSpec, path: Path) -> Any:
             f"'{spec.key_path}': cannot load {path} ({type(e).__name__}: {e}); it is damaged "
             "or not a Keras model file."
         ) from e
+
+
+def _check_model_file(spec: ModelSpec, path: Path) -> None:
+    """A file that is not what its suffix says: Keras calls a damaged .keras file "File not
+    found", h5py a damaged .h5 one "file signature not found"; this names the cause and the
+    fix. A .keras file is a zip archive (checked from its end, so a truncated one fails), an
+    .h5 file HDF5."""
+    if not path.is_file():
+        return  # Keras's own "File not found" is right
+    try:
+        if path.suffix.lower() == ".keras":
+            kind, valid = "a whole zip archive", zipfile.is_zipfile(path)
+        else:
+            import h5py  # Keras's own dependency for .h5 files
+
+            kind, valid = "an HDF5 file", h5py.is_hdf5(str(path))
+        with path.open("rb"):
+            pass  # is_zipfile and is_hdf5 answer False for a file they cannot open
+    except OSError as e:
+        raise ExportError(
+            f"'{spec.key_path}.model_name' {path} cannot be read ({e.strerror or e}); check its "
+            "permissions."
+        ) from e
+    if not valid:
+        raise ExportError(
+            f"'{spec.key_path}.model_name' {path} is not {kind}, as a {path.suffix} model file "
+            "is: it is damaged or truncated (an interrupted download or copy?), or another "
+            "format renamed. Save the model again with model.save(...)."
+        )
 
 
 def _saved_model(spec: ModelSpec, path: Path) -> Any:

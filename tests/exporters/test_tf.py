@@ -8,7 +8,6 @@ network: the tests use random weights (seed 0), the real MTCNN ONet weights that
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -202,12 +201,27 @@ def test_lambda_layers_need_trust(tmp_path: Path, store: Path) -> None:
     assert listed.exit_code == 0 and "double" in listed.output.split(), listed.output
 
 
-@pytest.mark.parametrize("name", ["broken.h5", "broken.keras"])
+@pytest.mark.parametrize("name", ["broken.h5", "broken.keras", "cut.keras", "cut.h5"])
 def test_a_damaged_keras_file_is_an_export_error(tmp_path: Path, store: Path, name: str) -> None:
+    """h5py raised OSError, a traceback; Keras called a damaged .keras file "File not found"."""
     path = tmp_path / name
-    path.write_bytes(b"not a model")  # h5py raised OSError, a traceback
-    with pytest.raises(ExportError, match=rf"cannot load {re.escape(str(path))} \("):
+    if name.startswith("cut"):  # a real model file, truncated as an interrupted copy leaves it
+        inputs = keras.Input((8, 8, 3))
+        model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(inputs))
+        model.save(tmp_path / f"whole{path.suffix}")
+        data = (tmp_path / f"whole{path.suffix}").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"not a model")
+    says = {
+        "broken.h5": r"is not an HDF5 file, as a \.h5 model file is: it is damaged or truncated",
+        "broken.keras": r"is not a whole zip archive, as a \.keras model file is: it is damaged",
+        "cut.keras": r"is not a whole zip archive",
+        "cut.h5": r"cannot load .*truncated file.*; it is damaged or not a Keras model file",
+    }[name]
+    with pytest.raises(ExportError, match=says) as e:
         ducho_fast.export(visual_config(tmp_path, entry(str(path), ["gap"]), store))
+    assert str(path) in str(e.value) and "File not found" not in str(e.value)
 
 
 def test_saved_model_folder_outputs_are_its_layers(tmp_path: Path, store: Path) -> None:
