@@ -37,7 +37,12 @@ class Shard:
                 "$JOB_COMPLETION_INDEX/4 in a Kubernetes indexed job)."
             )
         index, count = int(match[1]), int(match[2])
-        if count < 1 or not 0 <= index < count:
+        if count < 1:
+            raise ConfigError(
+                f"--shard {text!r}: COUNT, the number of tasks that share the work, must be 1 "
+                "or more."
+            )
+        if not 0 <= index < count:
             raise ConfigError(
                 f"--shard {text!r}: the index must be 0 to {max(count - 1, 0)} for {count} "
                 "shard(s) (it is 0-based)."

@@ -24,8 +24,10 @@ def test_parse() -> None:
         Shard.parse("1of4")
     with pytest.raises(ConfigError, match="must be 0 to 3 for 4"):
         Shard.parse("4/4")
-    with pytest.raises(ConfigError, match="shard"):
-        Shard.parse("0/0")
+    with pytest.raises(ConfigError, match="must be 0 to 0 for 1 shard"):
+        Shard.parse("1/1")
+    with pytest.raises(ConfigError, match=r"'0/0': COUNT, the number of tasks .* must be 1 or"):
+        Shard.parse("0/0")  # not "the index must be 0 to 0 for 0 shard(s)"
 
 
 @pytest.mark.parametrize("total", [0, 1, 7, 64, 65, 1000])
