@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,13 +304,20 @@ class Embedder:
         kind = {"visual": "image", "audio": "waveform"}.get(self.modality, "text")
         stacked = {"visual": 4, "audio": 2}.get(self.modality, 1)
         if isinstance(inputs, np.ndarray) and inputs.ndim != stacked:
+            one = "a list of strings" if kind == "text" else f"one {kind} as [array]"
             raise DataError(
                 f"embed takes a list of inputs; an array of shape {inputs.shape} is not a stack "
-                f"of {kind}s (one {kind} per row of its first axis). Pass one {kind} as [array]."
+                f"of {kind}s (one {kind} per row of its first axis). Pass {one}."
             )
         if isinstance(inputs, str | bytes | bytearray | os.PathLike | Image.Image):
             raise DataError(
                 f"embed takes a list of inputs, not one {type(inputs).__name__}: pass [input]."
+            )
+        if isinstance(inputs, Set | Mapping):
+            raise DataError(
+                f"embed takes an ordered list of inputs, not a {type(inputs).__name__}, so that "
+                "row i of the result is inputs[i]: pass a list (sorted(...), or a mapping's "
+                "list(values()))."
             )
         try:
             return list(inputs)

@@ -93,6 +93,11 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
     np.testing.assert_array_equal(emb.embed(np.array(["one", "two"])), pooled)
     with pytest.raises(DataError, match=r"not one str: pass \[input\]"):
         emb.embed("one")  # not three texts of a character each
+    with pytest.raises(DataError, match=r"shape \(1, 2\) is not a stack .* a list of strings"):
+        emb.embed(np.array([["one", "two"]]))
+    for unordered in ({"one", "two"}, {"one": 1}):
+        with pytest.raises(DataError, match=r"an ordered list of inputs, not a (set|dict), so"):
+            emb.embed(unordered)
     with pytest.raises(DataError, match=r"^inputs\[1\]: text inputs must be strings, found int"):
         emb.embed(["one", 2])
     pooled = emb.embed(["one", "two"])
