@@ -7,6 +7,7 @@ file is read, and reported with the file, the key path, what was found and what 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -85,14 +86,39 @@ def load_config(
         overrides: ``a.b.c=VALUE`` strings (``--`` prefix allowed), applied in order.
         cwd: directory relative paths start from; the working directory by default.
     """
+    if not isinstance(source, str | os.PathLike | dict) or source == "":
+        raise ConfigError(
+            "a config is the path of a YAML file, a mapping of its keys, or a Config; found "
+            f"{'an empty path' if source == '' else type(source).__name__}."
+        )
     name = str(source) if not isinstance(source, dict) else "<config>"
     raw = copy.deepcopy(source) if isinstance(source, dict) else read_yaml(Path(source))
-    for text in overrides:
+    for text in _override_list(overrides):
         apply_override(raw, text)
     raw = compat.normalize(raw)
     Checker(name).check(raw)
     merged = _with_defaults(raw)
     return _resolve(merged, name, (cwd or Path.cwd()).resolve())
+
+
+def _override_list(overrides: Iterable[str] | None) -> list[str]:
+    """Overrides given in code: a list of ``a.b.c=VALUE`` strings, or None (one string alone
+    would be read as its characters)."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str | bytes) or not isinstance(overrides, Iterable):
+        fix = f": pass [{overrides!r}]" if isinstance(overrides, str) else ""
+        raise ConfigError(
+            f"overrides are a list of a.b.c=VALUE strings; found {type(overrides).__name__}{fix}."
+        )
+    texts = list(overrides)
+    for text in texts:
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"override {text!r} is not a string ({type(text).__name__}); write it as "
+                "'a.b.c=VALUE'."
+            )
+    return texts
 
 
 def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +223,11 @@ def runtime_options(
     config's ``runtime`` section is: unknown keys, types, allowed values, CUDA options."""
     if runtime is None:
         return RuntimeOptions()
+    if not isinstance(runtime, RuntimeOptions | Mapping):
+        raise ConfigError(
+            f"{source}: runtime options are a RuntimeOptions or a mapping of a config's runtime "
+            f"keys, such as {{'device': 'cpu'}}; found {type(runtime).__name__}."
+        )
     raw = dict(vars(runtime)) if isinstance(runtime, RuntimeOptions) else dict(runtime)
     Checker(source).check({"runtime": raw})
     return _check_device(RuntimeOptions(**_switches(raw)), source)
@@ -209,6 +240,11 @@ def input_options(
     section is; keys not given keep their defaults."""
     if inputs is None:
         return InputOptions()
+    if not isinstance(inputs, InputOptions | Mapping):
+        raise ConfigError(
+            f"{source}: input options are an InputOptions or a mapping of a config's input "
+            f"keys, such as {{'jpeg_decode': 'reduced'}}; found {type(inputs).__name__}."
+        )
     raw = dict(vars(inputs)) if isinstance(inputs, InputOptions) else dict(inputs)
     Checker(source).check({"input": raw})
     return _input({**vars(InputOptions()), **raw}, source)

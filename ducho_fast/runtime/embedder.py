@@ -28,7 +28,7 @@ from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import Tokens
 from ducho_fast.data.visual.images import prepare_image
-from ducho_fast.errors import DataError
+from ducho_fast.errors import ArtifactError, DataError
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.binding import IOBinder, cuda_pinning
 from ducho_fast.runtime.session import (
@@ -361,4 +361,8 @@ def load(
     :class:`InputOptions` or a mapping, checked as a config's ``input`` section) say how
     image and audio files are read: ``{"jpeg_decode": "reduced"}`` reads them as a config
     with that setting does."""
+    if not isinstance(path, str | os.PathLike):
+        raise ArtifactError(
+            f"load takes the path of an exported artifact's folder; found {type(path).__name__}."
+        )
     return Embedder(load_artifact(Path(path)), options, input_options=input_options)

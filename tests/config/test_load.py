@@ -194,6 +194,27 @@ def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(tmp_path)  # it said "does not exist"
 
 
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [(None, "NoneType"), (3, "int"), ([], "list"), ("", "an empty path"), (b"c.yml", "bytes")],
+)
+def test_what_is_not_a_config_is_named(source: object, found: str) -> None:
+    with pytest.raises(ConfigError, match=rf"a config is the path of a YAML file.*; found {found}"):
+        load_config(source)  # type: ignore[arg-type]
+
+
+def test_overrides_given_in_code_are_a_list_of_strings(tmp_path: Path) -> None:
+    path = write(tmp_path, {"dataset_path": "."})
+    with pytest.raises(ConfigError, match=r"strings; found str: pass \[.dataset_path=x.\]"):
+        load_config(path, "dataset_path=x", cwd=tmp_path)  # not one override per character
+    with pytest.raises(ConfigError, match=r"override 3 is not a string \(int\)"):
+        load_config(path, ["dataset_path=x", 3], cwd=tmp_path)  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match=r"strings; found int\.$"):
+        load_config(path, 3, cwd=tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"nothing to extract"):  # None: no overrides
+        load_config(path, None, cwd=tmp_path)  # type: ignore[arg-type]
+
+
 def test_an_unreadable_config_is_a_config_error(tmp_path: Path, monkeypatch) -> None:
     path = write(tmp_path, {"dataset_path": "."})
 

@@ -80,6 +80,18 @@ def test_embed_takes_any_iterable_or_a_stack_and_refuses_one_input_alone(
         emb.embed([arrays[0], None])
 
 
+def test_load_names_what_is_not_an_artifact_path_or_options(resnet_artifact) -> None:
+    from ducho_fast.errors import ArtifactError, ConfigError
+
+    for path in (None, 5):
+        with pytest.raises(ArtifactError, match=r"path of an exported artifact's folder; found"):
+            ducho_fast.load(path)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"runtime options are a RuntimeOptions or a mapping"):
+        ducho_fast.load(resnet_artifact, 5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"input options are an InputOptions or a mapping"):
+        ducho_fast.load(resnet_artifact, None, "reduced")  # type: ignore[arg-type]
+
+
 def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_dir) -> None:
     model = {
         "model_name": str(tiny_bert_dir),
