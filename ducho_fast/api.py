@@ -88,8 +88,16 @@ ENGINES = ("local", "ray")
 ERRORS_FILE = "ducho-fast.errors.tsv"
 
 
-def as_config(config: ConfigLike, overrides: Iterable[str] = ()) -> Config:
-    return config if isinstance(config, Config) else load_config(config, overrides)
+def as_config(config: ConfigLike, overrides: Iterable[str] | None = ()) -> Config:
+    if not isinstance(config, Config):
+        return load_config(config, overrides)
+    extra = list(overrides) if overrides is not None else []
+    if extra:
+        raise ConfigError(
+            f"overrides {extra} cannot apply to a Config, which is already resolved: "
+            "pass the YAML path or the mapping with them, or the Config without them."
+        )
+    return config
 
 
 # -- export -------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def load_config(
     source: str | Path | dict[str, Any],
-    overrides: Iterable[str] = (),
+    overrides: Iterable[str] | None = (),
     *,
     cwd: Path | None = None,
 ) -> Config:
@@ -83,7 +83,8 @@ def load_config(
 
     Args:
         source: path of the YAML file, or the mapping itself.
-        overrides: ``a.b.c=VALUE`` strings (``--`` prefix allowed), applied in order.
+        overrides: ``a.b.c=VALUE`` strings (``--`` prefix allowed), applied in order; None:
+            none.
         cwd: directory relative paths start from; the working directory by default.
     """
     if not isinstance(source, str | os.PathLike | dict) or source == "":

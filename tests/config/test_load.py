@@ -212,7 +212,7 @@ def test_overrides_given_in_code_are_a_list_of_strings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"strings; found int\.$"):
         load_config(path, 3, cwd=tmp_path)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"nothing to extract"):  # None: no overrides
-        load_config(path, None, cwd=tmp_path)  # type: ignore[arg-type]
+        load_config(path, None, cwd=tmp_path)
 
 
 def test_an_unreadable_config_is_a_config_error(tmp_path: Path, monkeypatch) -> None:

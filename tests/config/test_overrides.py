@@ -63,3 +63,13 @@ def test_bad_overrides(text: str, message: str) -> None:
     raw: dict[str, Any] = {"textual": {"items": {"model": [{}]}}}
     with pytest.raises(ConfigError, match=message):
         apply_override(raw, text)
+
+
+def test_overrides_are_not_dropped_when_the_config_is_already_resolved() -> None:
+    from ducho_fast.api import as_config
+
+    config = load_config(BASE)
+    assert as_config(config) is config and as_config(config, []) is config
+    with pytest.raises(ConfigError, match=r"\['runtime.threads=2'\] cannot apply to a Config"):
+        as_config(config, ["runtime.threads=2"])  # they were ignored without a word
+    assert as_config(BASE, ["runtime.threads=2"]).runtime.threads == 2
