@@ -16,7 +16,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -182,14 +182,36 @@ class Artifact:
         raise ArtifactError(f"artifact {self.path} has no output for layer {layer!r} ({known}).")
 
 
+def _not_an_artifact(path: Path) -> str:
+    """Why ``path`` is no artifact: missing, a model store (its artifacts named), or
+    incomplete."""
+    if not path.exists():
+        return (
+            f"artifact folder {path} does not exist.\nHint: run `ducho-fast export CONFIG` first."
+        )
+    inside = []
+    if path.is_dir():
+        with suppress(OSError):
+            inside = sorted(
+                p.name for p in path.iterdir() if (p / MANIFEST_FILE).is_file() and p.is_dir()
+            )
+    if inside:
+        shown = ", ".join(inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+        return (
+            f"{path} is a model store, not one artifact: give one of its folders ({shown}). "
+            "`ducho-fast inspect FOLDER` shows what one holds."
+        )
+    return (
+        f"no complete artifact at {path} (needs {MANIFEST_FILE} and {MODEL_FILE}).\n"
+        "Hint: run `ducho-fast export CONFIG` first."
+    )
+
+
 def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
     """Read and check an artifact directory (manifest present, graph hash matches)."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file() or not (path / MODEL_FILE).is_file():
-        raise ArtifactError(
-            f"no complete artifact at {path} (needs {MANIFEST_FILE} and {MODEL_FILE}).\n"
-            "Hint: run `ducho-fast export CONFIG` first."
-        )
+        raise ArtifactError(_not_an_artifact(path))
     try:
         manifest = json.loads(manifest_path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

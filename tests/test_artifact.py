@@ -207,3 +207,21 @@ def test_an_export_removes_what_a_killed_export_of_its_model_left(tmp_path, monk
     monkeypatch.setattr(lock.fcntl, "flock", no_locks)
     with exporting(store, slug):
         assert again.is_dir()
+
+
+def test_what_is_not_an_artifact_folder_says_why(tmp_path) -> None:
+    from ducho_fast.artifact import load_artifact
+    from ducho_fast.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"artifact folder .*missing does not exist"):
+        load_artifact(tmp_path / "missing")
+    store = tmp_path / "store"
+    for name in ("torch-b-1", "torch-a-2", "st-c-3", "st-d-4", "st-e-5", "st-f-6"):
+        _artifact(store / name)
+    (store / "notes").mkdir()
+    with pytest.raises(ArtifactError, match=r"is a model store, not one artifact") as caught:
+        load_artifact(store)  # a common slip: the store, not one of its artifacts
+    assert "(st-c-3, st-d-4, st-e-5, st-f-6, torch-a-2 and 1 more)" in str(caught.value)
+    with pytest.raises(ArtifactError, match=r"no complete artifact at .*notes \(needs manifest"):
+        load_artifact(store / "notes")
+    assert load_artifact(store / "torch-a-2", verify=False).path == store / "torch-a-2"
