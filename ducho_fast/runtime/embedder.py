@@ -309,6 +309,15 @@ class Embedder:
                 f"embed takes a list of inputs; an array of shape {inputs.shape} is not a stack "
                 f"of {kind}s (one {kind} per row of its first axis). Pass {one}."
             )
+        if (
+            isinstance(inputs, np.ndarray)
+            and kind == "waveform"
+            and inputs.shape[0] > inputs.shape[1]
+        ):
+            raise DataError(
+                f"embed takes a list of inputs; an array of shape {inputs.shape} looks like one "
+                "clip, (samples, channels), not a stack of clips, (N, samples): pass [array]."
+            )
         if isinstance(inputs, str | bytes | bytearray | os.PathLike | Image.Image):
             raise DataError(
                 f"embed takes a list of inputs, not one {type(inputs).__name__}: pass [input]."

@@ -75,6 +75,31 @@ def test_folder_of_mixed_files_matches_the_eager_model(tmp_path, store, tiny_wav
         np.testing.assert_allclose(ours[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_embed_takes_waveforms_listed_or_stacked(tmp_path, store, tiny_wav2vec2_dir) -> None:
+    from ducho_fast.errors import DataError
+
+    config = audio_config(
+        tmp_path, entry(tiny_wav2vec2_dir, output_layers=[1], pooling="mean"), store
+    )
+    (result,) = ducho_fast.export(config)
+    emb = ducho_fast.load(result.artifact.path)
+    t = np.arange(8000, dtype=np.float32) / 16000
+    waves = [np.sin(2 * np.pi * f * t).astype(np.float32) for f in (220.0, 440.0)]
+    listed = emb.embed(waves)
+    np.testing.assert_array_equal(emb.embed(np.stack(waves)), listed)
+    stereo = np.stack([waves[0], waves[0]], axis=1)  # (samples, 2): its mean is waves[0]
+    np.testing.assert_allclose(emb.embed([stereo])[0], listed[0], rtol=1e-5, atol=1e-6)
+    alone = [
+        (waves[0], r"shape \(8000,\) is not a stack of waveforms .* \[array\]"),
+        (stereo, r"shape \(8000, 2\) looks like one clip, \(samples, channels\)"),
+    ]
+    for inputs, says in alone:
+        with pytest.raises(DataError, match=says):
+            emb.embed(inputs)
+    with pytest.raises(DataError, match=r"^inputs\[1\]: a waveform of shape \(2, 8000\) has"):
+        emb.embed([waves[0], stereo.T])  # (channels, samples), as torchaudio loads it
+
+
 def test_audio_config_rules(tmp_path, store) -> None:
     torch_entry = {"model_name": "WAV2VEC2_BASE", "backend": "torch"}
     with pytest.raises(ConfigError, match=r"needs the key .*output_layers.*num_layers=12"):
