@@ -96,6 +96,18 @@ def test_unclosed_quote_names_the_line(tmp_path: Path) -> None:
         read_text_items(path, None, None)
 
 
+def test_a_quote_followed_by_text_names_the_tab_it_expected(tmp_path: Path) -> None:
+    path = write(tmp_path, 'id\tdesc\n1\t"a "quoted" text\n2\tok\n')
+    with pytest.raises(DataError, match=r"d.tsv:2: .* badly quoted \('\\t' expected after") as e:
+        read_text_items(path, None, None)
+    assert "\t" not in str(e.value)  # printed as an escape, not as blank space
+
+
+def test_blank_lines_before_the_header_are_skipped_as_pandas_skips_them(tmp_path: Path) -> None:
+    items = read_text_items(write(tmp_path, "\n\nid\tdesc\n\n1\ta\n"), None, None)
+    assert [(i.item_id, i.raw) for i in items] == [("1", "a")]
+
+
 def test_empty_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"the file is empty"):
         read_text_items(write(tmp_path, "", "empty.tsv"), None, None)
@@ -110,8 +122,9 @@ def test_check_refuses_a_table_with_no_data_rows(tmp_path: Path) -> None:
         path = write(tmp_path, text)
         with pytest.raises(DataError, match=r"d\.tsv: the file has a header row but no data"):
             check_text_table(path, None, None)
-    with pytest.raises(DataError, match=r"the file is empty; it needs a header row"):
-        check_text_table(write(tmp_path, ""), None, None)
+    for blank in ("", "\n\n"):
+        with pytest.raises(DataError, match=r"the file is empty or blank; it needs a header row"):
+            check_text_table(write(tmp_path, blank), None, None)  # it said "no column 'item_id'"
 
 
 def test_check_names_bad_columns_as_reading_would(tmp_path: Path) -> None:

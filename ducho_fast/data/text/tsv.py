@@ -17,6 +17,7 @@ from ducho_fast.data.items import Item
 from ducho_fast.errors import DataError
 
 csv.field_size_limit(1 << 30)
+TAB, ESCAPED_TAB = "\t", "\\t"  # the csv module's messages print the delimiter as is
 
 
 def resolve_tsv(path: Path) -> Path:
@@ -138,9 +139,10 @@ def _table(path: Path) -> tuple[Path, list[str], list[tuple[int, list[str]]]]:
 
 
 def _header(tsv: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
-    first = next(rows, None)
+    """The first row that is not blank (pandas, and so Ducho, skips blank lines)."""
+    first = next((row for row in rows if _is_data(row[1])), None)
     if first is None:
-        raise DataError(f"{tsv}: the file is empty; it needs a header row.")
+        raise DataError(f"{tsv}: the file is empty or blank; it needs a header row.")
     header = first[1]
     if any(_undecodable(h) for h in header):
         raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
@@ -169,7 +171,8 @@ def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
                 start = reader.line_num + 1
         except csv.Error as e:
             raise DataError(
-                f"{tsv}:{start}: the row starting on this line is badly quoted ({e}). A cell "
+                f"{tsv}:{start}: the row starting on this line is badly quoted "
+                f"({str(e).replace(TAB, ESCAPED_TAB)}). A cell "
                 'that starts with " must end with " and write quotes inside it as "". Fix the '
                 "row, or remove the opening quote to keep quotes as plain text."
             ) from e
