@@ -316,7 +316,11 @@ def _print_inputs(report: Any) -> None:
             err.print(f"{job}: {len(bad)} input item(s) skipped (bad or duplicate ids).")
     for job, files in report.ignored_files.items():
         if files:
-            err.print(f"{job}: {len(files)} non-image file(s) ignored, e.g. {files[0].name}.")
+            kind = "audio" if job.startswith("audio") else "image"
+            err.print(
+                f"{job}: {len(files)} file(s) ignored (hidden, or not {kind} files), e.g. "
+                f"{files[0].name}."
+            )
     for job, unpaired in report.unpaired.items():
         if unpaired:
             sample = ", ".join(repr(e.item_id) for e in unpaired[:5])

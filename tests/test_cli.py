@@ -281,3 +281,15 @@ def test_an_ignored_sigterm_stays_ignored() -> None:
             time.sleep(0.05)
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
+    from types import SimpleNamespace
+
+    from ducho_fast.cli import _print_inputs
+
+    ignored = {"audio.items": [Path("._a.wav")], "visual.items": [Path("notes.txt")]}
+    _print_inputs(SimpleNamespace(input_errors={}, ignored_files=ignored, unpaired={}))
+    said = capsys.readouterr().err
+    assert "audio.items: 1 file(s) ignored (hidden, or not audio files), e.g. ._a.wav." in said
+    assert "visual.items: 1 file(s) ignored (hidden, or not image files), e.g. notes.txt." in said

@@ -26,14 +26,16 @@ from tests.conftest import write_image
 
 
 def test_listing_is_ducho_natural_order_and_stems_cut_at_first_dot(tmp_path: Path) -> None:
-    for name in ["img10.jpg", "img2.png", "img1.tar.jpg", "notes.txt"]:
+    for name in ["img10.jpg", "img2.png", "img1.tar.jpg", "notes.txt", "._img2.png"]:
         if name.endswith(".txt"):
             (tmp_path / name).write_text("x")
         else:
             write_image(tmp_path / name)
+    (tmp_path / ".jpg").write_bytes((tmp_path / "img10.jpg").read_bytes())
     items, ignored = list_images(tmp_path)
     assert [i.item_id for i in items] == ["img1", "img2", "img10"]
-    assert [p.name for p in ignored] == ["notes.txt"]
+    # hidden files (macOS's ._ copies): counted as ignored, not items with an empty id
+    assert sorted(p.name for p in ignored) == ["._img2.png", ".jpg", "notes.txt"]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
@@ -151,6 +153,9 @@ def test_check_refuses_a_folder_with_no_image_files(tmp_path: Path) -> None:
         DataError,
         match=r"its 4 file\(s\) \(notes1\.txt, notes2\.txt, notes3\.txt, \.\.\.\) are not",
     ):
+        check_files(folder, IMAGE_SUFFIXES, "image")
+    write_image(folder / "._a.jpg")
+    with pytest.raises(DataError, match=r"its 5 file\(s\) .* \(hidden ones, named '\.…', are not"):
         check_files(folder, IMAGE_SUFFIXES, "image")
     write_image(folder / "a.JPG")
     check_files(folder, IMAGE_SUFFIXES, "image")

@@ -44,7 +44,8 @@ def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
 def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[Item], list[Path]]:
     """Items for the files of ``folder`` with one of ``suffixes``, in Ducho's natural order.
 
-    Ids are Ducho's: the file name up to its first '.'. Other files are returned to be counted.
+    Ids are Ducho's: the file name up to its first '.'. Other files, hidden ones included, are
+    returned to be counted.
     """
     if not folder.exists():
         raise DataError(_missing(folder, kind))
@@ -58,9 +59,16 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[
         )
     except OSError as e:
         raise DataError(_unlisted(folder, kind, e)) from e
-    chosen = [p for p in files if p.suffix.lower() in suffixes]
-    others = [p for p in files if p.suffix.lower() not in suffixes]
+    chosen = [p for p in files if _listed(p.name, suffixes)]
+    others = [p for p in files if not _listed(p.name, suffixes)]
     return [Item(image_id(p), str(p), p) for p in chosen], others
+
+
+def _listed(name: str, suffixes: frozenset[str]) -> bool:
+    """Whether a file of a folder is an item: its suffix is one of ``suffixes`` and it is not
+    hidden. A hidden file is no item: its id, the name up to its first '.', would be empty,
+    and such files are mostly what macOS leaves beside copies (``._photo.jpg``)."""
+    return not name.startswith(".") and Path(name).suffix.lower() in suffixes
 
 
 def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
@@ -77,7 +85,7 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
             for entry in entries:
                 if not (entry.is_file() or entry.is_symlink()):
                     continue
-                if Path(entry.name).suffix.lower() in suffixes:
+                if _listed(entry.name, suffixes):
                     return
                 others.append(entry.name)
     except OSError as e:
@@ -90,7 +98,8 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
     )
     raise DataError(
         f"{kind} folder {folder} holds nothing to extract: {found}. {kind.capitalize()} files "
-        f"end in {', '.join(sorted(suffixes))}. Check 'input_path'."
+        f"end in {', '.join(sorted(suffixes))} (hidden ones, named '.…', are not read). Check "
+        "'input_path'."
     )
 
 
