@@ -283,6 +283,8 @@ class Embedder:
         key = str(layer) if layer is not None else self.layers[0]
         if key not in self.layers:
             raise DataError(f"this artifact has no layer {key!r}; it has {self.layers}.")
+        if clean and self.modality != "textual":
+            raise DataError(f"clean=True cleans texts; this is a {self.modality} model.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
         items = self._input_list(inputs)
