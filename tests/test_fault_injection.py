@@ -37,7 +37,6 @@ BAD_IMAGES = {
     "gone.jpg": "file not found",
     "bomb.png": "decompression bomb",
     "new\nline.jpg": "control characters",
-    ".hidden.jpg": "empty",
     "good03.png": "duplicate id",
 }
 ODD_BUT_GOOD = ["cmyk.jpg", "gray16.png", "gray.jpg", "rgba.png", "palette.png", "exif.jpg"]
@@ -73,7 +72,8 @@ def bad_images(folder: Path) -> None:
     (folder / "gone.jpg").symlink_to(folder / "deleted-after-listing.jpg")
     Image.new("1", (20_000, 20_000)).save(folder / "bomb.png")
     write_image(folder / "new\nline.jpg", seed=31)
-    write_image(folder / ".hidden.jpg", seed=32)
+    write_image(folder / ".hidden.jpg", seed=32)  # ignored (its id would be empty), not failed
+    write_image(folder / "._good01.jpg", seed=34)  # macOS's copy of good01.jpg's attributes
     write_image(folder / "good03.png", seed=33)
     (folder / "notes.txt").write_text("not an input")
 
@@ -132,6 +132,8 @@ def test_images(tmp_path: Path, store: Path, resnet18_state_dict: Path) -> None:
     reported = errors(tmp_path / "messy" / "out")
     assert_reasons_by_file(reported, BAD_IMAGES)
     assert len(reported) == len(BAD_IMAGES) and report.failed == len(BAD_IMAGES)
+    ignored = sorted(p.name for files in report.ignored_files.values() for p in files)
+    assert ignored == ["._good01.jpg", ".hidden.jpg", "notes.txt"]
     expected = assert_same_features(tmp_path, "good00.npy")
     assert len(expected) == 10 + len(ODD_BUT_GOOD) + 1
     assert (tmp_path / "messy/out/torch/resnet18/avgpool/good00.npy").is_file()
