@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from ducho_fast.errors import MissingExtraError
@@ -131,8 +132,38 @@ def import_keras() -> tuple[Any, Any]:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        import keras
-        import tensorflow as tf
+        with _c_stderr_muted():
+            import keras
+            import tensorflow as tf
     except ImportError as e:
         raise MissingExtraError("tensorflow-cpu", "tf", "Exporting TensorFlow/Keras models") from e
     return tf, keras
+
+
+@contextlib.contextmanager
+def _c_stderr_muted() -> Iterator[None]:
+    """The process's standard error (file descriptor 2) sent to /dev/null, then restored.
+
+    TensorFlow 2.21's C++ libraries print absl lines as they load ("oneDNN custom operations
+    are on", "All log messages before absl::InitializeLog() ...") whatever
+    TF_CPP_MIN_LOG_LEVEL says. Only the import is muted, and Python's own errors are raised,
+    not printed, so none is lost. ``DUCHO_FAST_TF_LOGS=1`` keeps them.
+    """
+    import os
+
+    if os.environ.get("DUCHO_FAST_TF_LOGS") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing to mute
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

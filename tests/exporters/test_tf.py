@@ -248,3 +248,24 @@ def test_layers_command_lists_keras_names() -> None:
     assert result.exit_code == 0, result.output
     names = result.output.split()
     assert names[-2:] == ["avg_pool", "predictions"] and "conv4_block6_out" in names
+
+
+def test_tensorflow_s_start_up_lines_are_muted_and_stderr_restored() -> None:
+    """TF 2.21's C++ libraries print absl lines on import whatever TF_CPP_MIN_LOG_LEVEL says;
+    only the import is muted, and what is written to stderr after it still arrives."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from ducho_fast.exporters.compat import import_keras\n"
+        "import_keras()\n"
+        "print('after', file=sys.stderr, flush=True)\n"
+        "os.write(2, b'fd2\\n')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    env.pop("DUCHO_FAST_TF_LOGS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "after\nfd2\n"
