@@ -32,7 +32,7 @@ from ducho_fast.data.items import Item
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.runtime.batcher import Batcher
-from ducho_fast.runtime.embedder import Embedder
+from ducho_fast.runtime.embedder import Embedder, ItemOutputs
 from ducho_fast.runtime.pipeline import (
     Batch,
     LoadFn,
@@ -67,12 +67,14 @@ def import_ray() -> Any:
 class RayEmbedder:
     """``ds.map_batches(RayEmbedder, fn_constructor_args=(artifact_dir,), concurrency=2)``.
 
-    The session is built once per actor. A batch holds decoded inputs in one column, ``image``
-    (uint8 N x H x W x 3, as :meth:`Embedder.prepare` gives), ``text`` (strings) or
-    ``waveform`` (float32 at the model's rate), and any other columns (ids), which are passed
-    through. One float32 column is added per layer (``layers`` picks them; all by default), and
-    ``error``: empty, or why the model failed on that row, whose values are then NaN. A batch
-    in which every row fails raises :class:`DataError` naming them.
+    The session is built once per actor. A batch holds inputs in one column, ``image`` (uint8
+    arrays of any size, such as ``ray.data.read_images`` gives, resized as the artifact says;
+    paths; or image files' bytes), ``text`` (strings) or ``waveform`` (arrays at the model's
+    rate, or paths), and any other columns (ids), which are passed through. One float32
+    column is added per layer (``layers`` picks them; all by default), and ``error``: empty,
+    or why that row failed (not an input of this model, or the model failed on it), whose
+    values are then NaN. A batch in which every row fails raises :class:`DataError` naming
+    them.
     """
 
     def __init__(
@@ -95,9 +97,7 @@ class RayEmbedder:
                 f"RayEmbedder for a {self.embedder.modality} model needs a column "
                 f"{self.column!r}; the batch has {sorted(batch)}."
             )
-        values = batch[self.column]
-        payloads = [str(v) for v in values] if self.column == "text" else list(values)
-        outputs = infer(self.embedder, Batch([], payloads))
+        outputs = self._outputs(batch[self.column])
         good = [o for o in outputs if not isinstance(o, str)]
         if not good:
             raise DataError(
@@ -111,6 +111,25 @@ class RayEmbedder:
             out[layer] = _column(rows)
         out["error"] = np.array([o if isinstance(o, str) else "" for o in outputs], dtype=object)
         return out
+
+    def _outputs(self, values: np.ndarray) -> list[ItemOutputs | str]:
+        """Each row's outputs, or why it has none. Every row is prepared as ``embed``
+        prepares its inputs first: an image of any size is resized as the artifact says (an
+        image already prepared comes out the same), and a row that is not an input of this
+        model (a null text, a number) fails alone. Rows were passed to the model as they
+        came: a null text was embedded as the string "None", and an image at its own size
+        ran through a model whose graph takes any size, so its feature differed from
+        extract's without a word."""
+        prepared: list[Any] = []
+        outputs: list[ItemOutputs | str | None] = []
+        for value in values:
+            try:
+                prepared.append(self.embedder.prepare(value))
+                outputs.append(None)
+            except DataError as e:
+                outputs.append(str(e))
+        ran = iter(infer(self.embedder, Batch([], prepared)) if prepared else [])
+        return [next(ran) if out is None else out for out in outputs]
 
 
 def _column(rows: list[np.ndarray]) -> np.ndarray:

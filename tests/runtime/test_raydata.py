@@ -145,6 +145,42 @@ def test_ray_embedder_in_map_batches(local_ray, store: Path, resnet18_state_dict
     )
 
 
+def test_ray_embedder_prepares_each_row_as_embed_does(
+    store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Rows as Ray Data reads them: images at their own size (``read_images``), file bytes
+    (``read_binary_files``), nulls. They were passed to the model as they came: a null text
+    was embedded as "None", and a full-size image through a graph that takes any size gave
+    another feature than extract's, both without a word."""
+    from PIL import Image
+
+    from tests.conftest import resnet18_entry, textual_config, visual_config
+
+    path = write_image(tmp_path / "a.png", (48, 36), seed=1)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    artifact = ducho_fast.export(config)[0].artifact.path
+    expected = ducho_fast.load(artifact).embed([path])[0]
+    full = np.asarray(Image.open(path).convert("RGB"))  # 48 x 36, not the model's 64 x 64
+    column = np.empty(4, dtype=object)
+    column[:] = [full, path.read_bytes(), str(path), None]
+    out = RayEmbedder(artifact)({"id": np.array(list("abcd")), "image": column})
+    assert list(out["error"][:3]) == ["", "", ""]
+    assert out["error"][3].startswith("an image input must be a file path")
+    for row in out["avgpool"][:3]:
+        np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-6)
+    assert np.isnan(out["avgpool"][3]).all()
+
+    model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooler_output"]}
+    text_artifact = ducho_fast.export(textual_config(tmp_path, model, store))[0].artifact.path
+    texts = np.array(["red", None, "None"], dtype=object)
+    out = RayEmbedder(text_artifact)({"id": np.array(list("abc")), "text": texts})
+    assert list(out["error"]) == ["", "text inputs must be strings, found NoneType.", ""]
+    assert np.isnan(out["pooler_output"][1]).all()
+    np.testing.assert_allclose(
+        out["pooler_output"][[0, 2]], ducho_fast.load(text_artifact).embed(["red", "None"])
+    )
+
+
 def test_ray_embedder_says_which_column_it_needs(store: Path, resnet18_state_dict, tmp_path):
     from tests.conftest import resnet18_entry, visual_config
 
