@@ -164,15 +164,17 @@ class Embedder:
 
     # -- host-side preparation -------------------------------------------------------------
 
-    def prepare(self, raw: Any) -> Any:
+    def prepare(self, raw: Any, sample_rate: int | None = None) -> Any:
         """Decode one raw input (path, array, PIL image, waveform or text) as the readers do.
 
-        Waveform arrays are taken at the model's sample rate.
+        Waveform arrays are taken at ``sample_rate`` (the model's when None) and resampled to
+        the model's; files say their own rate.
         """
         if self.modality == "visual":
             return prepare_image(raw, self.manifest["preprocessing"], self.input_options)
         if self.modality == "audio":
-            return prepare_audio(raw, self.manifest["preprocessing"], self.input_options)
+            pre = self.manifest["preprocessing"]
+            return prepare_audio(raw, pre, self.input_options, source_rate=sample_rate)
         if not isinstance(raw, str | Tokens):
             raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
         return raw
@@ -263,6 +265,7 @@ class Embedder:
         *,
         batch_size: int = 32,
         clean: bool = False,
+        sample_rate: int | None = None,
     ) -> np.ndarray | list[np.ndarray]:
         """Embed in-memory inputs: images, audio clips or texts.
 
@@ -275,6 +278,8 @@ class Embedder:
             layer: which exported layer to return; the first by default.
             batch_size: items per ONNX Runtime call.
             clean: apply Ducho's ``clear_text`` to texts first.
+            sample_rate: the rate of waveform arrays (audio models; the model's own when
+                None), which are resampled to the model's as files are.
 
         Returns:
             An ``(N, ...)`` array, or a list of per-item arrays for token-level layers
@@ -285,13 +290,19 @@ class Embedder:
             raise DataError(f"this artifact has no layer {key!r}; it has {self.layers}.")
         if clean and self.modality != "textual":
             raise DataError(f"clean=True cleans texts; this is a {self.modality} model.")
+        if sample_rate is not None:
+            if self.modality != "audio":
+                raise DataError(f"sample_rate is for waveforms; this is a {self.modality} model.")
+            if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+                raise DataError(f"sample_rate must be a whole number of Hz, not {sample_rate!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
         items = self._input_list(inputs)
         out: list[np.ndarray] = []
         for start in range(0, len(items), batch_size):
             chunk = [
-                self._prepared(i, x) for i, x in enumerate(items[start : start + batch_size], start)
+                self._prepared(i, x, sample_rate)
+                for i, x in enumerate(items[start : start + batch_size], start)
             ]
             if clean:
                 chunk = [clear_text(t) for t in chunk]
@@ -344,10 +355,10 @@ class Embedder:
             return "audio paths or waveform arrays"
         return "strings"
 
-    def _prepared(self, index: int, raw: Any) -> Any:
+    def _prepared(self, index: int, raw: Any, sample_rate: int | None = None) -> Any:
         """:meth:`prepare` for ``embed``: an error names the input by its position."""
         try:
-            return self.prepare(raw)
+            return self.prepare(raw, sample_rate)
         except DataError as e:
             e.args = (f"inputs[{index}]: {e}", *e.args[1:])
             raise

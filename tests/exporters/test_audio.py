@@ -99,6 +99,18 @@ def test_embed_takes_waveforms_listed_or_stacked(tmp_path, store, tiny_wav2vec2_
     with pytest.raises(DataError, match=r"^inputs\[1\]: a waveform of shape \(2, 8000\) has"):
         emb.embed([waves[0], stereo.T])  # (channels, samples), as torchaudio loads it
 
+    # a waveform at another rate: resampled as a file at that rate is
+    import soundfile as sf
+
+    slow = waves[1][::2].copy()  # 440 Hz at 8 kHz
+    sf.write(tmp_path / "slow.wav", slow, 8000, subtype="FLOAT")
+    from_file = emb.embed([tmp_path / "slow.wav"])
+    np.testing.assert_allclose(emb.embed([slow], sample_rate=8000), from_file, rtol=1e-6)
+    assert not np.allclose(emb.embed([slow]), from_file, rtol=1e-3)  # taken as 16 kHz
+    for rate in (0, 8000.0, True):
+        with pytest.raises(DataError, match=r"sample_rate must be a whole number of Hz"):
+            emb.embed([slow], sample_rate=rate)  # type: ignore[arg-type]
+
 
 def test_audio_config_rules(tmp_path, store) -> None:
     torch_entry = {"model_name": "WAV2VEC2_BASE", "backend": "torch"}

@@ -71,6 +71,8 @@ def test_embed_takes_any_iterable_or_a_stack_and_refuses_one_input_alone(
             emb.embed(inputs)
     with pytest.raises(DataError, match=r"clean=True cleans texts; this is a visual model"):
         emb.embed(arrays, clean=True)
+    with pytest.raises(DataError, match=r"sample_rate is for waveforms; this is a visual model"):
+        emb.embed(arrays, sample_rate=16000)
     for size in (0, -1, True, 2.0):
         with pytest.raises(DataError, match=r"batch_size must be a whole number of 1 or more"):
             emb.embed(arrays, batch_size=size)  # type: ignore[arg-type]
