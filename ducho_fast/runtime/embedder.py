@@ -272,7 +272,7 @@ class Embedder:
         Args:
             inputs: a list (or any iterable) of images (paths, open binary files, the
                 bytes of image files, uint8 arrays, PIL images), waveforms (paths, arrays at
-                the model's rate) or strings, as the artifact takes; or one array stacking
+                ``sample_rate``) or strings, as the artifact takes; or one array stacking
                 images (N, H, W, C) or waveforms (N, samples). A bad input raises a
                 ``DataError`` that names it by its position, ``inputs[i]``.
             layer: which exported layer to return; the first by default.
@@ -288,15 +288,7 @@ class Embedder:
         key = str(layer) if layer is not None else self.layers[0]
         if key not in self.layers:
             raise DataError(f"this artifact has no layer {key!r}; it has {self.layers}.")
-        if clean and self.modality != "textual":
-            raise DataError(f"clean=True cleans texts; this is a {self.modality} model.")
-        if sample_rate is not None:
-            if self.modality != "audio":
-                raise DataError(f"sample_rate is for waveforms; this is a {self.modality} model.")
-            if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
-                raise DataError(f"sample_rate must be a whole number of Hz, not {sample_rate!r}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
+        self._check_embed_options(batch_size, clean, sample_rate)
         items = self._input_list(inputs)
         out: list[np.ndarray] = []
         for start in range(0, len(items), batch_size):
@@ -310,27 +302,23 @@ class Embedder:
         token_level = any(varies_per_item(o) and str(o["layer"]) == key for o in self._outputs)
         return out if token_level else np.stack(out) if out else np.empty((0,), np.float32)
 
+    def _check_embed_options(self, batch_size: Any, clean: Any, sample_rate: Any) -> None:
+        if clean and self.modality != "textual":
+            raise DataError(f"clean=True cleans texts; this is a {self.modality} model.")
+        if sample_rate is not None:
+            if self.modality != "audio":
+                raise DataError(f"sample_rate is for waveforms; this is a {self.modality} model.")
+            if not _whole(sample_rate):
+                raise DataError(f"sample_rate must be a whole number of Hz, not {sample_rate!r}.")
+        if not _whole(batch_size):
+            raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
+
     def _input_list(self, inputs: Any) -> list[Any]:
         """``embed``'s inputs as a list: any iterable of inputs, or an array stacking them
         (images (N, H, W, C), waveforms (N, samples)); one input alone is an error, not an
         iterable of characters, pixel rows or samples."""
-        kind = {"visual": "image", "audio": "waveform"}.get(self.modality, "text")
-        stacked = {"visual": 4, "audio": 2}.get(self.modality, 1)
-        if isinstance(inputs, np.ndarray) and inputs.ndim != stacked:
-            one = "a list of strings" if kind == "text" else f"one {kind} as [array]"
-            raise DataError(
-                f"embed takes a list of inputs; an array of shape {inputs.shape} is not a stack "
-                f"of {kind}s (one {kind} per row of its first axis). Pass {one}."
-            )
-        if (
-            isinstance(inputs, np.ndarray)
-            and kind == "waveform"
-            and inputs.shape[0] > inputs.shape[1]
-        ):
-            raise DataError(
-                f"embed takes a list of inputs; an array of shape {inputs.shape} looks like one "
-                "clip, (samples, channels), not a stack of clips, (N, samples): pass [array]."
-            )
+        if isinstance(inputs, np.ndarray):
+            self._check_stack(inputs)
         if isinstance(inputs, str | bytes | bytearray | os.PathLike | Image.Image):
             raise DataError(
                 f"embed takes a list of inputs, not one {type(inputs).__name__}: pass [input]."
@@ -348,6 +336,20 @@ class Embedder:
                 f"embed takes a list of inputs ({self._takes()}); found {type(inputs).__name__}."
             ) from None
 
+    def _check_stack(self, stack: np.ndarray) -> None:
+        kind = {"visual": "image", "audio": "waveform"}.get(self.modality, "text")
+        if stack.ndim != {"visual": 4, "audio": 2}.get(self.modality, 1):
+            one = "a list of strings" if kind == "text" else f"one {kind} as [array]"
+            raise DataError(
+                f"embed takes a list of inputs; an array of shape {stack.shape} is not a stack "
+                f"of {kind}s (one {kind} per row of its first axis). Pass {one}."
+            )
+        if kind == "waveform" and stack.shape[0] > stack.shape[1]:
+            raise DataError(
+                f"embed takes a list of inputs; an array of shape {stack.shape} looks like one "
+                "clip, (samples, channels), not a stack of clips, (N, samples): pass [array]."
+            )
+
     def _takes(self) -> str:
         if self.modality == "visual":
             return "image paths, uint8 arrays, PIL images or image file bytes"
@@ -362,6 +364,11 @@ class Embedder:
         except DataError as e:
             e.args = (f"inputs[{index}]: {e}", *e.args[1:])
             raise
+
+
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is an int of 1 or more (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _make_binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IOBinder | None:
