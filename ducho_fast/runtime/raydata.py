@@ -51,6 +51,9 @@ from ducho_fast.runtime.pipeline import (
 
 DECODE_TASK_MEMORY = 256 * 2**20  # bytes reserved per decode task: one window, decoded
 INPUT_COLUMNS = {"visual": "image", "textual": "text", "audio": "waveform"}
+# What ray.data.read_audio gives: (channels, samples) float32 per row, with a sample_rate column.
+RAY_AUDIO_COLUMN = "amplitude"
+RATE_COLUMN = "sample_rate"
 
 
 def import_ray() -> Any:
@@ -69,8 +72,10 @@ class RayEmbedder:
 
     The session is built once per actor. A batch holds inputs in one column, ``image`` (uint8
     arrays of any size, such as ``ray.data.read_images`` gives, resized as the artifact says;
-    paths; or image files' bytes), ``text`` (strings) or ``waveform`` (arrays at the model's
-    rate, or paths), and any other columns (ids), which are passed through. One float32
+    paths; or image files' bytes), ``text`` (strings) or ``waveform`` (arrays, or paths; or
+    ``amplitude``, as ``ray.data.read_audio`` gives it), and any other columns (ids), which
+    are passed through. Waveforms are at the rate of a ``sample_rate`` column where the batch
+    has one (read_audio's), else at ``sample_rate``, else at the model's. One float32
     column is added per layer (``layers`` picks them; all by default), and ``error``: empty,
     or why that row failed (not an input of this model, or the model failed on it), whose
     values are then NaN. A batch in which every row fails raises :class:`DataError` naming
@@ -82,22 +87,35 @@ class RayEmbedder:
         artifact: str | Path,
         runtime: RuntimeOptions | Mapping[str, Any] | None = None,
         layers: Sequence[str | int] | None = None,
+        sample_rate: int | None = None,
     ) -> None:
         options = runtime_options(runtime, "RayEmbedder's runtime")
         self.embedder = Embedder(load_artifact(Path(artifact)), options)
         self.column = INPUT_COLUMNS[self.embedder.modality]
+        if sample_rate is not None and self.embedder.modality != "audio":
+            raise ConfigError(f"{artifact}: sample_rate is for audio models.")
+        self.sample_rate = sample_rate
         self.layers = [str(x) for x in layers] if layers is not None else self.embedder.layers
         unknown = [x for x in self.layers if x not in self.embedder.layers]
         if unknown:
             raise ConfigError(f"{artifact}: no layer(s) {unknown}; it has {self.embedder.layers}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.column not in batch:
+        column = self.column
+        if column == "waveform" and column not in batch and RAY_AUDIO_COLUMN in batch:
+            column = RAY_AUDIO_COLUMN
+        if column not in batch:
+            also = (
+                f" (or {RAY_AUDIO_COLUMN!r}, as read_audio gives)" if column == "waveform" else ""
+            )
             raise DataError(
                 f"RayEmbedder for a {self.embedder.modality} model needs a column "
-                f"{self.column!r}; the batch has {sorted(batch)}."
+                f"{column!r}{also}; the batch has {sorted(batch)}."
             )
-        outputs = self._outputs(batch[self.column])
+        values = list(batch[column])
+        if column == RAY_AUDIO_COLUMN:  # (channels, samples) -> (samples, channels)
+            values = [np.asarray(v).T for v in values]
+        outputs = self._outputs(values, self._rates(batch, len(values)))
         good = [o for o in outputs if not isinstance(o, str)]
         if not good:
             raise DataError(
@@ -112,7 +130,13 @@ class RayEmbedder:
         out["error"] = np.array([o if isinstance(o, str) else "" for o in outputs], dtype=object)
         return out
 
-    def _outputs(self, values: np.ndarray) -> list[ItemOutputs | str]:
+    def _rates(self, batch: dict[str, np.ndarray], rows: int) -> list[int | None]:
+        """Each row's waveform rate: the batch's ``sample_rate`` column, else the one given."""
+        if self.embedder.modality != "audio" or RATE_COLUMN not in batch:
+            return [self.sample_rate] * rows
+        return [int(rate) for rate in batch[RATE_COLUMN]]
+
+    def _outputs(self, values: list[Any], rates: list[int | None]) -> list[ItemOutputs | str]:
         """Each row's outputs, or why it has none. Every row is prepared as ``embed``
         prepares its inputs first: an image of any size is resized as the artifact says (an
         image already prepared comes out the same), and a row that is not an input of this
@@ -122,9 +146,9 @@ class RayEmbedder:
         extract's without a word."""
         prepared: list[Any] = []
         outputs: list[ItemOutputs | str | None] = []
-        for value in values:
+        for value, rate in zip(values, rates, strict=True):
             try:
-                prepared.append(self.embedder.prepare(value))
+                prepared.append(self.embedder.prepare(value, rate))
                 outputs.append(None)
             except DataError as e:
                 outputs.append(str(e))

@@ -139,3 +139,11 @@ def test_what_is_not_a_waveform_is_named_as_such(source: object, says: str) -> N
 def test_a_path_too_long_for_the_system_is_a_data_error() -> None:
     with pytest.raises(DataError, match=r"^a{200}\.\.\. \(5000 characters\): "):
         prepare_audio("a" * 5000, PRE)
+
+
+@pytest.mark.parametrize("rate", [0, -8000])
+def test_a_waveform_rate_that_is_no_rate_is_a_data_error(rate: int) -> None:
+    with pytest.raises(
+        DataError, match=rf"an array of shape \(800,\) \(float32\): a sample rate of {rate} Hz"
+    ):
+        prepare_audio(np.zeros(800, np.float32), PRE, source_rate=rate)

@@ -163,6 +163,8 @@ def test_ray_embedder_prepares_each_row_as_embed_does(
     full = np.asarray(Image.open(path).convert("RGB"))  # 48 x 36, not the model's 64 x 64
     column = np.empty(4, dtype=object)
     column[:] = [full, path.read_bytes(), str(path), None]
+    with pytest.raises(ConfigError, match=r"sample_rate is for audio models"):
+        RayEmbedder(artifact, sample_rate=16000)
     out = RayEmbedder(artifact)({"id": np.array(list("abcd")), "image": column})
     assert list(out["error"][:3]) == ["", "", ""]
     assert out["error"][3].startswith("an image input must be a file path")
@@ -179,6 +181,36 @@ def test_ray_embedder_prepares_each_row_as_embed_does(
     np.testing.assert_allclose(
         out["pooler_output"][[0, 2]], ducho_fast.load(text_artifact).embed(["red", "None"])
     )
+
+
+def test_ray_embedder_reads_what_read_audio_gives(
+    local_ray, store: Path, tiny_wav2vec2_dir: Path, tmp_path: Path
+) -> None:
+    """``ray.data.read_audio`` gives ``amplitude`` (channels, samples) and ``sample_rate``
+    per row: embedded as the files themselves are, whatever their rate and channels."""
+    from tests.conftest import audio_config, write_tone
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    files = [
+        write_tone(folder / "a.wav", seconds=0.5, subtype="FLOAT"),
+        write_tone(folder / "b.wav", seconds=0.6, rate=8000, channels=2, subtype="FLOAT"),
+    ]
+    entry = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers"}
+    config = audio_config(tmp_path, {**entry, "output_layers": [1], "pooling": "mean"}, store)
+    artifact = ducho_fast.export(config)[0].artifact.path
+    expected = ducho_fast.load(artifact).embed(files)
+    ds = ray.data.read_audio([str(f) for f in files], include_paths=True)
+    out = ds.map_batches(RayEmbedder, fn_constructor_args=(artifact,), concurrency=1).take_all()
+    rows = sorted(out, key=lambda r: r["path"])
+    assert [r["error"] for r in rows] == ["", ""]
+    np.testing.assert_allclose(np.stack([r["1"] for r in rows]), expected, rtol=1e-5, atol=1e-6)
+
+    stage = RayEmbedder(artifact, sample_rate=8000)  # a waveform column at a rate given once
+    slow = np.empty(1, dtype=object)
+    slow[0] = np.asarray(ducho_fast.load(artifact).prepare(files[1], None))  # 16 kHz mono
+    at_16k = RayEmbedder(artifact)({"waveform": slow})["1"]
+    assert not np.allclose(stage({"waveform": slow})["1"], at_16k, rtol=1e-3)  # read as 8 kHz
 
 
 def test_ray_embedder_says_which_column_it_needs(store: Path, resnet18_state_dict, tmp_path):

@@ -43,6 +43,8 @@ def prepare_audio(
             ``source_rate`` (the model's rate when not given).
     """
     rate = int(pre["sample_rate"])
+    if source_rate is not None and not source_rate > 0:
+        raise DataError(f"{source_name(source)}: a sample rate of {source_rate} Hz.")
     if isinstance(source, np.ndarray):
         wave, have = _from_array(source), source_rate or rate
     elif isinstance(source, str | os.PathLike) and os.fspath(source):
