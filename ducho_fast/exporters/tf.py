@@ -292,19 +292,18 @@ def _check_model_file(spec: ModelSpec, path: Path) -> None:
     if not path.is_file():
         return  # Keras's own "File not found" is right
     try:
-        if path.suffix.lower() == ".keras":
-            kind, valid = "a whole zip archive", zipfile.is_zipfile(path)
-        else:
-            import h5py  # Keras's own dependency for .h5 files
-
-            kind, valid = "an HDF5 file", h5py.is_hdf5(str(path))
-        with path.open("rb"):
-            pass  # is_zipfile and is_hdf5 answer False for a file they cannot open
+        path.open("rb").close()  # first: is_zipfile and is_hdf5 answer False if they cannot
     except OSError as e:
         raise ExportError(
             f"'{spec.key_path}.model_name' {path} cannot be read ({e.strerror or e}); check its "
             "permissions."
         ) from e
+    if path.suffix.lower() == ".keras":
+        kind, valid = "a whole zip archive", zipfile.is_zipfile(path)
+    else:
+        import h5py  # Keras's own dependency for .h5 files
+
+        kind, valid = "an HDF5 file", h5py.is_hdf5(str(path))
     if not valid:
         raise ExportError(
             f"'{spec.key_path}.model_name' {path} is not {kind}, as a {path.suffix} model file "
