@@ -34,6 +34,7 @@ from ducho_fast.outputs.lock import FolderLocks
 from ducho_fast.outputs.manifest import (
     OutputFolder,
     check_complete,
+    feature_path,
     features,
     open_folder,
     read_manifest,
@@ -102,9 +103,9 @@ def _unit(row: np.ndarray) -> np.ndarray:
     return row / np.float32(norm) if norm > 0 else row
 
 
-def feature_ids(folder: Path) -> dict[str, tuple[Path, int]]:
-    """``{id: (file, when written)}`` for the features of an input folder, refusing an
-    unfinished run's."""
+def feature_ids(folder: Path) -> dict[str, int]:
+    """``{id: when written}`` for the features of an input folder, refusing an unfinished
+    run's."""
     if not folder.is_dir():
         raise DataError(
             f"feature folder {folder} does not exist. Extract that modality first, or fix the "
@@ -139,7 +140,7 @@ def fuse_folders(
     ids = [i for i in (order or list(found[0])) if all(i in f for f in found)]
     result.missing = _missing(found, folders, set(ids))
     if ids:
-        first = [load_feature(f[ids[0]][0]) for f in found]
+        first = [load_feature(feature_path(folder, ids[0])) for folder in folders]
         check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
     key = _fusion_key(folders, mode, normalize, options)
     with FolderLocks(f"ducho-fast fusion '{where}'") as locks:  # another run fusing into it
@@ -148,9 +149,10 @@ def fuse_folders(
             output, key, resume=written_under(output, key), what=f"fusion '{where}'"
         )
         for item_id in ids:
-            _fuse_item(
-                result, record, item_id, [f[item_id] for f in found], mode, normalize, options
-            )
+            inputs = [
+                (feature_path(d, item_id), f[item_id]) for d, f in zip(folders, found, strict=True)
+            ]
+            _fuse_item(result, record, item_id, inputs, mode, normalize, options)
         counts = {
             "fused": result.written,
             "reused": result.reused,
@@ -204,17 +206,18 @@ def _fusion_key(
 
 
 def _missing(
-    found: list[dict[str, tuple[Path, int]]], folders: Sequence[Path], fused: set[str]
+    found: list[dict[str, int]], folders: Sequence[Path], fused: set[str]
 ) -> list[ItemError]:
     missing = []
     for index, present in enumerate(found):
-        for item_id, (path, _) in present.items():
+        for item_id in present:
             if item_id in fused:
                 continue
             absent = [str(folders[j]) for j, f in enumerate(found) if item_id not in f]
             if absent and index == min(j for j, f in enumerate(found) if item_id in f):
                 reason = f"not fused: no feature in {', '.join(absent)}"
-                missing.append(ItemError(item_id, str(path), reason))
+                origin = str(feature_path(folders[index], item_id))
+                missing.append(ItemError(item_id, origin, reason))
     return missing
 
 

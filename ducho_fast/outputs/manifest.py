@@ -17,7 +17,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Set
+from collections.abc import Collection, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,30 +54,34 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 MIN_NPY_BYTES = 129
 
 
-def feature_files(folder: Path) -> dict[str, Path]:
-    """``{id: file}`` for the complete ``.npy`` features in ``folder``."""
-    return {item_id: path for item_id, (path, _) in features(folder).items()}
+def features(folder: Path) -> dict[str, int]:
+    """``{id: modification time in ns}`` for the complete ``.npy`` features in ``folder``, in
+    the order of their names; each is the file :func:`feature_path` names.
 
-
-def features(folder: Path) -> dict[str, tuple[Path, int]]:
-    """``{id: (file, modification time in ns)}`` for the complete features in ``folder``."""
+    No Path object per file: over 300,000 features here, listing and stat-ing them took 1.6 s
+    this way and 3.8 s with a Path for each.
+    """
     if not folder.is_dir():
         return {}
-    found = {}
-    # Names sorted as strings, not Path objects: 0.05 s instead of 0.065 s for 4096 files here.
-    with os.scandir(folder) as entries:
+    base = os.fspath(folder)
+    with os.scandir(base) as entries:
         names = sorted(e.name for e in entries)
+    found = {}
     for name in names:
         if not name.endswith(".npy") or name == ".npy" or name.startswith(TMP_PREFIX):
             continue
-        path = folder / name
         try:
-            info = path.stat()
+            info = os.stat(os.path.join(base, name))
         except OSError:
             continue  # removed meanwhile, or a dangling or looping link: not a feature
         if stat.S_ISREG(info.st_mode) and info.st_size >= MIN_NPY_BYTES:
-            found[name[: -len(".npy")]] = (path, info.st_mtime_ns)
+            found[name[: -len(".npy")]] = info.st_mtime_ns
     return found
+
+
+def feature_path(folder: Path, item_id: str) -> Path:
+    """The feature file of ``item_id`` in ``folder``."""
+    return folder / f"{item_id}.npy"
 
 
 @dataclass
@@ -99,7 +103,7 @@ class OutputFolder:
 
     def feature(self, item_id: str) -> Path:
         """Where ``item_id``'s feature file is (see :func:`features`)."""
-        return self.path / f"{item_id}.npy"
+        return feature_path(self.path, item_id)
 
     def forget(self, stale: Set[str]) -> None:
         """Reuse none of ``stale`` and remove their files, so that nothing (a matrix, a
@@ -125,8 +129,9 @@ class OutputFolder:
 def check_folder(path: Path, key: dict[str, Any], *, resume: bool, what: str) -> None:
     """Refuse, before any work starts, a folder whose features a resumed run cannot reuse."""
     if resume and path.is_dir():
-        key = _on_disk(key)
-        _reusable(path, key, read_manifest(path), feature_files(path), what)
+        key, old = _on_disk(key), read_manifest(path)
+        if old is None or old.get("key") != key:  # else every file is reusable: none is read
+            _reusable(path, key, old, features(path), what)
 
 
 def written_under(path: Path, key: dict[str, Any]) -> bool:
@@ -159,12 +164,11 @@ def open_folder(
             _remove_temporaries(path)
         old = read_manifest(path)
         found = features(path)
-        files = {item_id: file for item_id, (file, _) in found.items()}
-        existing = _reusable(path, key, old, files, what) if resume else set()
+        existing = _reusable(path, key, old, found, what) if resume else set()
         removing = None
-        if not resume and old is not None and files:
-            removing = _remove_aside(path, list(files.values()))
-        written = {item_id: found[item_id][1] for item_id in existing}
+        if not resume and old is not None and found:
+            removing = _remove_aside(path, [feature_path(path, item_id) for item_id in found])
+        written = {item_id: found[item_id] for item_id in existing}
         folder = OutputFolder(path, key, existing, written=written, removing=removing)
         _write(path, key, "running", counts={"reusable": len(existing)})
     except OSError as e:
@@ -176,8 +180,9 @@ def open_folder(
 
 
 def _reusable(
-    path: Path, key: dict[str, Any], old: dict[str, Any] | None, files: dict[str, Path], what: str
+    path: Path, key: dict[str, Any], old: dict[str, Any] | None, files: Collection[str], what: str
 ) -> set[str]:
+    """The ids of ``files`` (features in ``path``) a run under ``key`` can reuse."""
     if old is None:
         if files:
             raise OutputError(

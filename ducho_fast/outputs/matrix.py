@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from ducho_fast.data.items import FileStamp, ItemError
 from ducho_fast.errors import DataError, OutputError
 from ducho_fast.outputs.atomic import open_temp, write_text
 from ducho_fast.outputs.ducho import load_feature
-from ducho_fast.outputs.manifest import digest, features
+from ducho_fast.outputs.manifest import digest, feature_path, features
 
 MATRIX_DIR = "matrix"
 IDS_FILE = "ids.txt"
@@ -87,23 +87,21 @@ def write_matrix(
         id_order: every row's id. Ids with no feature get the mean of the others and are
             listed in ``missing.tsv``; features of ids it does not list are left out and listed.
     """
-    found = features(parts)
-    files = {item_id: path for item_id, (path, _) in found.items()}
-    present = [i for i in ids if i in files]
+    found = features(parts)  # id: when written
+    present = [i for i in ids if i in found]
     result = MatrixResult(target / f"{name}.npy")
     if id_order is None:
         rows: Sequence[str] = present
     else:
         rows = id_order
         listed = set(id_order)
+        reason = "not in the id_order file; left out of the matrix"
         result.dropped = [
-            ItemError(i, str(files[i]), "not in the id_order file; left out of the matrix")
-            for i in present
-            if i not in listed
+            ItemError(i, str(feature_path(parts, i)), reason) for i in present if i not in listed
         ]
     if not present:
         raise DataError(f"{parts}: no features to assemble a matrix from.")
-    missing = [i for i in rows if i not in files]
+    missing = [i for i in rows if i not in found]
     result.filled = [
         ItemError(i, str(parts), "no feature (failed or not in the input); filled with the mean")
         for i in missing
@@ -116,15 +114,15 @@ def write_matrix(
         "missing_sha256": digest(missing),
         "left_out_sha256": digest([e.item_id for e in result.dropped]),
         # Rewriting a feature gives it a later time: then the matrix is made again.
-        "newest_feature_ns": max(found[i][1] for i in rows if i in files),
+        "newest_feature_ns": max(found[i] for i in rows if i in found),
     }
     if _unchanged(target, result.path, made_from):
         result.reused = True
         return result
-    shape = _item_shape(load_feature(files[present[0]]))
-    mean = _mean(files, [i for i in rows if i in files], shape) if missing else None
+    shape = _item_shape(load_feature(feature_path(parts, present[0])))
+    mean = _mean(parts, [i for i in rows if i in found], shape) if missing else None
     try:
-        _save(result.path, files, rows, shape, mean, dtype)
+        _save(result.path, parts, found, rows, shape, mean, dtype)
         write_text(target / IDS_FILE, "".join(f"{i}\n" for i in rows))
         _save_missing(target / MISSING_FILE, result.filled + result.dropped)
         record = {**made_from, "matrix": _stamp(result.path), "ids": _stamp(target / IDS_FILE)}
@@ -169,16 +167,17 @@ def _load(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _mean(files: dict[str, Path], ids: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
+def _mean(parts: Path, ids: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
     total = np.zeros(shape, dtype=np.float64)
     for item_id in ids:
-        total += _load(files[item_id], shape)
+        total += _load(feature_path(parts, item_id), shape)
     return (total / max(len(ids), 1)).astype(np.float32)
 
 
 def _save(
     path: Path,
-    files: dict[str, Path],
+    parts: Path,
+    found: Collection[str],
     rows: Sequence[str],
     shape: tuple[int, ...],
     mean: np.ndarray | None,
@@ -190,7 +189,7 @@ def _save(
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(rows), *shape))
         for row, item_id in enumerate(rows):
-            out[row] = _load(files[item_id], shape) if item_id in files else mean
+            out[row] = _load(feature_path(parts, item_id), shape) if item_id in found else mean
         out.flush()
         del out
         os.replace(tmp, path)

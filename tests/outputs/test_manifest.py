@@ -18,9 +18,10 @@ from ducho_fast.outputs.manifest import (
     MANIFEST_FILE,
     check_complete,
     check_folder,
-    feature_files,
+    feature_path,
     open_folder,
 )
+from ducho_fast.outputs.manifest import features as listed_features
 
 KEY = {"model_sha256": "abc", "layer": "avgpool", "dtype": "float32", "squeeze": False}
 
@@ -61,16 +62,18 @@ def test_other_settings_are_refused_naming_what_changed(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"--fresh"):
         open_folder(out, changed, resume=True, what="'m'")
     fresh = open_folder(out, changed, resume=False, what="'m'")
-    assert fresh.existing == set() and feature_files(out) == {}  # ours, so removed
+    assert fresh.existing == set() and listed_features(out) == {}  # ours, so removed
 
 
 def test_features_no_manifest_describes_are_not_reused(tmp_path: Path) -> None:
     out = tmp_path / "from-ducho"
     features(out, ["a", "b"])
-    with pytest.raises(OutputError, match=r"2 .npy file\(s\) that no ducho-fast.manifest.json"):
-        open_folder(out, KEY, resume=True, what="'m'")
+    for check in (check_folder, open_folder):
+        with pytest.raises(OutputError, match=r"2 .npy file\(s\) that no ducho-fast.manifes"):
+            check(out, KEY, resume=True, what="'m'")
     open_folder(out, KEY, resume=False, what="'m'")
-    assert set(feature_files(out)) == {"a", "b"}  # not ours: overwritten item by item, not removed
+    # Not ours: overwritten item by item, not removed.
+    assert set(listed_features(out)) == {"a", "b"}
 
 
 def test_a_file_in_place_of_the_folder_is_an_output_error(tmp_path: Path) -> None:
@@ -89,7 +92,7 @@ def test_empty_and_header_only_files_are_not_complete(tmp_path: Path) -> None:
     (out / "c.npy").write_bytes(header_only)
     (out / "d.npy").symlink_to(out / "gone.npy")  # dangling
     (out / "e.npy").symlink_to(out / "e.npy")  # a loop
-    assert set(feature_files(out)) == {"a"}
+    assert set(listed_features(out)) == {"a"}
     assert (out / "a.npy").stat().st_size == 144  # the smallest real feature is larger
 
 
@@ -102,8 +105,9 @@ def test_features_are_the_npy_files_sorted_by_name_without_temporaries(tmp_path:
     np.save(out / f"{TMP_PREFIX}1234-5-6.npy", np.zeros((1, 4), np.float32))
     (out / "notes.txt").write_text("not a feature")
     (out / "dir.npy").mkdir()
-    assert list(feature_files(out)) == sorted(ids)  # item0, item1, item10, item11, ...
-    assert feature_files(out)["item7"] == out / "item7.npy"
+    assert list(listed_features(out)) == sorted(ids)  # item0, item1, item10, item11, ...
+    assert listed_features(out)["item7"] == (out / "item7.npy").stat().st_mtime_ns
+    assert feature_path(out, "item7") == out / "item7.npy"
 
 
 def test_fresh_sets_the_earlier_features_aside_and_deletes_them_on_a_thread(
@@ -124,7 +128,7 @@ def test_fresh_sets_the_earlier_features_aside_and_deletes_them_on_a_thread(
 
     monkeypatch.setattr(manifest_module.shutil, "rmtree", slow_rmtree)
     fresh = open_folder(out, KEY, resume=False, what="'m'")
-    assert fresh.existing == set() and feature_files(out) == {}
+    assert fresh.existing == set() and listed_features(out) == {}
     assert fresh.removing is not None
     fresh.settle()
     assert not fresh.removing.is_alive()
@@ -137,3 +141,22 @@ def test_fresh_sets_the_earlier_features_aside_and_deletes_them_on_a_thread(
     assert left.is_dir()  # other shards may be writing the folder
     open_folder(out, KEY, resume=True, what="'m'")
     assert not left.exists()
+
+
+def test_checking_a_folder_made_with_the_same_settings_lists_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a run checks of each output folder before any work: under the same settings
+    every feature is reusable, so none is listed (300,000 took 1.6 s here); a run that will
+    open the folder lists them once then."""
+    out = tmp_path / "avgpool"
+    open_folder(out, KEY, resume=True, what="'m'").finish({})
+    features(out, ["a", "b"])
+
+    def listing(folder: Path) -> dict[str, int]:
+        raise AssertionError(f"{folder} listed")
+
+    monkeypatch.setattr(manifest_module, "features", listing)
+    check_folder(out, KEY, resume=True, what="'m'")
+    with pytest.raises(AssertionError, match="listed"):
+        open_folder(out, KEY, resume=True, what="'m'")

@@ -562,3 +562,29 @@ def test_the_next_window_is_read_while_this_ones_batches_wait(
     assert report.runs[0].result.written == 24
     assert ahead == [True], windows_read
     assert len(windows_read) == 2
+
+
+def test_readers_take_cheap_items_in_slices_and_costly_ones_one_by_one() -> None:
+    """A text window's thousands of rows go to the reader pool in a few slices, a batch of
+    images one image per task; results keep the items' order, and an empty window (every
+    item complete from an earlier run) sends nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ducho_fast.runtime.pipeline import TASKS_PER_WORKER, map_in_slices
+
+    tasks: list[int] = []
+
+    class Counting(ThreadPoolExecutor):
+        def map(self, fn, *iterables, **kwargs):  # type: ignore[no-untyped-def]
+            parts = list(iterables[0])
+            tasks.append(len(parts))
+            return super().map(fn, parts, **kwargs)
+
+    with Counting(2) as pool:
+        texts = list(range(2048))
+        assert map_in_slices(pool, lambda v: v * v, texts, 2) == [v * v for v in texts]
+        assert tasks == [2 * TASKS_PER_WORKER]
+        assert map_in_slices(pool, str, list(range(20)), 2) == [str(v) for v in range(20)]
+        assert tasks[-1] == 20
+        assert map_in_slices(pool, str, list(range(100)), 3) == [str(v) for v in range(100)]
+        assert map_in_slices(pool, str, [], 2) == [] and tasks[-1] == 0
