@@ -203,8 +203,7 @@ def read_features(output: Path, ids: list[str]) -> np.ndarray:
 
 def bare_batches(artifact: Any, texts: list[str], batch_size: int, budget: int) -> list[Any]:
     """The batches extract builds (tokenized, sorted by length in its windows, padded)."""
-    from ducho_fast.runtime.batcher import Batcher
-    from ducho_fast.runtime.pipeline import TEXT_WINDOW_BATCHES
+    from ducho_fast.runtime.batcher import TEXT_WINDOW_BATCHES, Batcher
 
     batcher = Batcher(artifact)
     window = batch_size * TEXT_WINDOW_BATCHES
@@ -232,8 +231,8 @@ def main() -> None:
     from ducho_fast import api
     from ducho_fast.artifact import find_artifact
     from ducho_fast.exporters.compat import import_sentence_transformers
+    from ducho_fast.runtime.batcher import AUTO_TOKENS_PER_ROW
     from ducho_fast.runtime.cpu import cpu_quota
-    from ducho_fast.runtime.pipeline import AUTO_TOKENS_PER_ROW
 
     work = work_folder(args.work, "ducho-bench-text-")
     texts = descriptions(args.n, args.seed)

@@ -55,7 +55,7 @@ from ducho_fast.outputs.matrix import (
 )
 from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
 from ducho_fast.outputs.unreadable import forget_unreadable, load_unreadable, save_unreadable
-from ducho_fast.runtime.batcher import sorts_by_length
+from ducho_fast.runtime.batcher import sorts_by_length, window_size
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
 from ducho_fast.runtime.pipeline import (
@@ -65,7 +65,6 @@ from ducho_fast.runtime.pipeline import (
     ProgressFn,
     RunResult,
     shared_window,
-    window_size,
 )
 from ducho_fast.runtime.session import (
     PendingSession,

@@ -10,6 +10,20 @@ import numpy as np
 from ducho_fast.artifact import Artifact
 from ducho_fast.data.text.tokenize import TextEncoder, length_batches
 
+# Texts are sorted by length within windows of this many batches, cut at fixed positions of the
+# item list: the longer, the less padding (2048 generated descriptions in batches of 32: 7.5%
+# of the tokens padding in windows of 16 batches, 2.2% in 64; the bare session 1.06x faster in
+# fp32 and 1.12x in int8), the later the first batch (tokenizing 2048 texts: 0.17 s) and the
+# coarser the windows that shards and resumed runs share out.
+TEXT_WINDOW_BATCHES = 64
+AUTO_TOKENS_PER_ROW = 64
+
+
+def window_size(sorts_by_length: bool, batch_size: int, sort_window: int = 0) -> int:
+    """Items per window for a model: one batch, or ``sort_window`` batches of texts
+    (``sorts_by_length``; 0: ``TEXT_WINDOW_BATCHES``)."""
+    return batch_size * (sort_window or TEXT_WINDOW_BATCHES) if sorts_by_length else batch_size
+
 
 class Batcher:
     """Tokenizes texts, plans batches and builds a batch's graph inputs for one artifact."""

@@ -31,7 +31,11 @@ import numpy as np
 from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import DataError, DuchoError, UnreadableFile
-from ducho_fast.runtime.batcher import Batcher
+from ducho_fast.runtime.batcher import (
+    AUTO_TOKENS_PER_ROW,
+    Batcher,
+    window_size,
+)
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
 from ducho_fast.runtime.shard import Shard
 from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, put, put_alive
@@ -76,13 +80,6 @@ class PipelineOptions:
     sort_window: int = 0  # text: batches per length-sorted window; 0: TEXT_WINDOW_BATCHES
 
 
-# Texts are sorted by length within windows of this many batches, cut at fixed positions of the
-# item list: the longer, the less padding (2048 generated descriptions in batches of 32: 7.5%
-# of the tokens padding in windows of 16 batches, 2.2% in 64; the bare session 1.06x faster in
-# fp32 and 1.12x in int8), the later the first batch (tokenizing 2048 texts: 0.17 s) and the
-# coarser the windows that shards and resumed runs share out.
-TEXT_WINDOW_BATCHES = 64
-AUTO_TOKENS_PER_ROW = 64
 # Models share decoding when a window holding a whole number of each one's windows (their
 # least common multiple) is at most this many times the largest: batch sizes 32 and 64 share
 # windows of 64; 7 and 9 (63 > 4 x 9) run apart.
@@ -110,12 +107,6 @@ class WindowedRun:
         for w, begin in enumerate(range(0, len(items), self.window)):
             if shard is None or shard.owns(w):
                 yield items[begin : begin + self.window]
-
-
-def window_size(sorts_by_length: bool, batch_size: int, sort_window: int = 0) -> int:
-    """Items per window for a model: one batch, or ``sort_window`` batches of texts
-    (``sorts_by_length``; 0: ``TEXT_WINDOW_BATCHES``)."""
-    return batch_size * (sort_window or TEXT_WINDOW_BATCHES) if sorts_by_length else batch_size
 
 
 def shared_window(windows: Sequence[int]) -> int | None:

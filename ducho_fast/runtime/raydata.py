@@ -32,7 +32,7 @@ from ducho_fast.data.items import Item
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.runtime.batcher import Batcher
-from ducho_fast.runtime.embedder import Embedder, ItemOutputs
+from ducho_fast.runtime.embedder import Embedder, ItemOutputs, whole
 from ducho_fast.runtime.pipeline import (
     Batch,
     LoadFn,
@@ -54,6 +54,7 @@ INPUT_COLUMNS = {"visual": "image", "textual": "text", "audio": "waveform"}
 # What ray.data.read_audio gives: (channels, samples) float32 per row, with a sample_rate column.
 RAY_AUDIO_COLUMN = "amplitude"
 RATE_COLUMN = "sample_rate"
+TEXT_BATCH_SIZE = 32  # RayEmbedder's texts per call by default, a config's default batch_size
 
 
 def import_ray() -> Any:
@@ -79,7 +80,9 @@ class RayEmbedder:
     column is added per layer (``layers`` picks them; all by default), and ``error``: empty,
     or why that row failed (not an input of this model, or the model failed on it), whose
     values are then NaN. A batch in which every row fails raises :class:`DataError` naming
-    them.
+    them. ``batch_size``: rows per ONNX Runtime call, texts sorted by length first (as
+    ``embed`` batches them); by default a batch of images or audio runs in one call, and
+    texts 32 to a call, so that few are padded to a much longer one.
     """
 
     def __init__(
@@ -88,13 +91,19 @@ class RayEmbedder:
         runtime: RuntimeOptions | Mapping[str, Any] | None = None,
         layers: Sequence[str | int] | None = None,
         sample_rate: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
+        if batch_size is not None and not whole(batch_size):
+            raise ConfigError(
+                f"RayEmbedder's batch_size must be a whole number of 1 or more, not {batch_size!r}."
+            )
         options = runtime_options(runtime, "RayEmbedder's runtime")
         self.embedder = Embedder(load_artifact(Path(artifact)), options)
         self.column = INPUT_COLUMNS[self.embedder.modality]
         if sample_rate is not None and self.embedder.modality != "audio":
             raise ConfigError(f"{artifact}: sample_rate is for audio models.")
         self.sample_rate = sample_rate
+        self.batch_size = batch_size
         self.layers = [str(x) for x in layers] if layers is not None else self.embedder.layers
         unknown = [x for x in self.layers if x not in self.embedder.layers]
         if unknown:
@@ -152,8 +161,25 @@ class RayEmbedder:
                 outputs.append(None)
             except DataError as e:
                 outputs.append(str(e))
-        ran = iter(infer(self.embedder, Batch([], prepared)) if prepared else [])
+        ran = iter(self._run(prepared))
         return [next(ran) if out is None else out for out in outputs]
+
+    def _run(self, prepared: list[Any]) -> list[ItemOutputs | str]:
+        """Each prepared row's outputs, or why the model failed on it, in calls of at most
+        ``batch_size`` rows; texts sorted by length first (as ``embed`` runs them)."""
+        if self.embedder.sorts_by_length:
+            batches = self.embedder.text_batches(prepared, self.batch_size or TEXT_BATCH_SIZE)
+        else:
+            size = self.batch_size or len(prepared) or 1
+            batches = (
+                (list(range(b, min(b + size, len(prepared)))), prepared[b : b + size])
+                for b in range(0, len(prepared), size)
+            )
+        ran: list[ItemOutputs | str] = [""] * len(prepared)
+        for positions, rows in batches:
+            for i, out in zip(positions, infer(self.embedder, Batch([], rows)), strict=True):
+                ran[i] = out
+        return ran
 
 
 def _column(rows: list[np.ndarray]) -> np.ndarray:

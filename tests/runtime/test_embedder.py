@@ -121,6 +121,48 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
         emb.embed([3])
 
 
+def test_embed_batches_texts_by_length_and_keeps_their_order(
+    tmp_path, store, tiny_bert_dir, monkeypatch
+) -> None:
+    """Texts of mixed lengths are batched as extract batches them: sorted by length within
+    windows of 64 batches, each batch within batch_size x 64 tokens, so little is padding.
+    Row i is still inputs[i], as embedding it alone gives."""
+    import random
+
+    from ducho_fast.data.text.clean import clear_text
+    from ducho_fast.runtime.batcher import TEXT_WINDOW_BATCHES
+
+    config = textual_config(tmp_path, {"model_name": str(tiny_bert_dir)}, store)
+    (result,) = ducho_fast.export(config)
+    emb = ducho_fast.load(result.artifact.path)
+    rng = random.Random(0)
+    words = ["red", "blue", "soft", "cotton", "shirt", "with", "long", "sleeves", "a", "pocket"]
+    texts = [" ".join(rng.choices(words, k=rng.choice([1, 2, 30, 60]))) for _ in range(300)]
+    alone = np.concatenate([emb.embed([t]) for t in texts])
+    batches: list[list[int]] = []
+    run = emb.run_prepared
+
+    def recording(payloads):  # type: ignore[no-untyped-def]
+        batches.append([len(p) for p in payloads])  # token counts
+        return run(payloads)
+
+    monkeypatch.setattr(emb, "run_prepared", recording)
+    together = emb.embed(texts, batch_size=2)
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    lengths = [n for batch in batches for n in batch]
+    assert len(lengths) == 300 and all(len(b) <= 2 for b in batches)
+    window = 2 * TEXT_WINDOW_BATCHES
+    for begin in range(0, 300, window):  # each window's texts, shortest first
+        own = sorted(len(t) for t in emb.tokenize(texts[begin : begin + window]))
+        assert lengths[begin : begin + window] == own
+    padded = sum(len(b) * max(b) for b in batches)
+    assert padded <= 1.05 * sum(lengths)  # batches of 2 in input order: 1.55x
+    messy = ["Red <b>shoe</b> size 7 !!", "it's a cup"]
+    cleaned = emb.embed(messy, clean=True)  # Ducho's clear_text first
+    np.testing.assert_array_equal(cleaned, emb.embed([clear_text(t) for t in messy]))
+    assert not np.allclose(cleaned[0], emb.embed(messy)[0])
+
+
 def test_sessions_spin_unless_readers_decode_images(
     resnet_artifact, tmp_path, store, tiny_bert_dir
 ) -> None:

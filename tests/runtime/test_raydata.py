@@ -171,6 +171,12 @@ def test_ray_embedder_prepares_each_row_as_embed_does(
     for row in out["avgpool"][:3]:
         np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-6)
     assert np.isnan(out["avgpool"][3]).all()
+    for batch_size, sizes in [(None, [3]), (2, [2, 1])]:  # a call per batch, or of batch_size
+        stage = RayEmbedder(artifact, batch_size=batch_size)
+        made = _recorded_calls(stage)
+        again = stage({"image": column})
+        assert [len(c) for c in made] == sizes
+        assert np.array_equal(again["avgpool"], out["avgpool"], equal_nan=True)
 
     model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooler_output"]}
     text_artifact = ducho_fast.export(textual_config(tmp_path, model, store))[0].artifact.path
@@ -240,6 +246,57 @@ def test_ray_embedder_token_layers_keep_each_length(store: Path, tiny_bert_dir: 
     assert list(out["id"]) == ["a", "b"] and list(out["error"]) == ["", ""]
 
 
+def test_ray_embedder_runs_a_batch_of_texts_sorted_by_length(
+    store: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """A Ray batch of texts runs as ``embed`` runs texts: sorted by length, in calls of
+    ``batch_size`` rows (32 by default), not as one call padded to the batch's longest text.
+    Each row keeps its own result, and a row that is no text still fails alone."""
+    from tests.conftest import textual_config
+
+    model = {"model_name": str(tiny_bert_dir), "output_layers": ["pooler_output"]}
+    artifact = ducho_fast.export(textual_config(tmp_path, model, store))[0].artifact.path
+    words = ["soft", "cotton", "shirt", "with", "long", "sleeves"]
+    # 20 of one word, 20 of 60 words, alternating; one of the long ones is a null
+    texts = np.array([" ".join(words[: 1 + k % 2 * 5] * (1 + k % 2 * 9)) for k in range(40)])
+    column = texts.astype(object)
+    column[7] = None
+    alone = ducho_fast.load(artifact)
+
+    stage = RayEmbedder(artifact, batch_size=20)
+    made = _recorded_calls(stage)
+    out = stage({"id": np.arange(40), "text": column})
+    lengths = [[len(tokens) for tokens in c] for c in made]
+    assert [(len(c), len(set(c))) for c in lengths] == [(20, 1), (19, 1)]  # short, then long
+    assert out["error"][7] == "text inputs must be strings, found NoneType."
+    for k in (0, 1, 38, 39):
+        np.testing.assert_allclose(
+            out["pooler_output"][k], alone.embed([str(texts[k])])[0], rtol=1e-5, atol=1e-6
+        )
+    stage = RayEmbedder(artifact)
+    made = _recorded_calls(stage)
+    again = stage({"id": np.arange(40), "text": column})
+    lengths = [[len(tokens) for tokens in c] for c in made]
+    assert [len(c) for c in lengths] == [32, 7] and lengths[0] == sorted(lengths[0])
+    np.testing.assert_allclose(again["pooler_output"], out["pooler_output"], rtol=1e-5, atol=1e-6)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ConfigError, match=r"batch_size must be a whole number of 1 or more"):
+            RayEmbedder(artifact, batch_size=bad)  # type: ignore[arg-type]
+
+
 def test_ray_embedder_checks_its_runtime_options_before_loading(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^RayEmbedder's runtime: key 'runtime\.spin_wait'"):
         RayEmbedder(tmp_path / "not-loaded", {"spin_wait": "yes"})
+
+
+def _recorded_calls(stage: RayEmbedder) -> list[list[Any]]:
+    """The rows of each call ``stage`` makes to its model, from now on."""
+    calls: list[list[Any]] = []
+    run = stage.embedder.run_prepared
+
+    def recording(rows: Any) -> Any:
+        calls.append(list(rows))
+        return run(rows)
+
+    stage.embedder.run_prepared = recording  # type: ignore[method-assign]
+    return calls
