@@ -142,7 +142,7 @@ def test_embed_batches_texts_by_length_and_keeps_their_order(
     batches: list[list[int]] = []
     run = emb.run_prepared
 
-    def recording(payloads):  # type: ignore[no-untyped-def]
+    def recording(payloads):
         batches.append([len(p) for p in payloads])  # token counts
         return run(payloads)
 

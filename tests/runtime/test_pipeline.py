@@ -575,7 +575,7 @@ def test_readers_take_cheap_items_in_slices_and_costly_ones_one_by_one() -> None
     tasks: list[int] = []
 
     class Counting(ThreadPoolExecutor):
-        def map(self, fn, *iterables, **kwargs):  # type: ignore[no-untyped-def]
+        def map(self, fn, *iterables, **kwargs):
             parts = list(iterables[0])
             tasks.append(len(parts))
             return super().map(fn, parts, **kwargs)
