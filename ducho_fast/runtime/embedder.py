@@ -327,6 +327,8 @@ class Embedder:
         batch is padded to its longest text: 1024 generated descriptions (``benchmarks/
         text.py``'s) ran through ``embed`` at 38-41 texts/s that way, 130-140/s sorted
         (all-MiniLM-L6-v2, fp32, here)."""
+        if not whole(batch_size):
+            raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
         window, budget = window_size(True, batch_size), batch_size * AUTO_TOKENS_PER_ROW
         for begin in range(0, len(texts), window):
             tokens = self.tokenize(texts[begin : begin + window])

@@ -157,6 +157,8 @@ def test_embed_batches_texts_by_length_and_keeps_their_order(
         assert lengths[begin : begin + window] == own
     padded = sum(len(b) * max(b) for b in batches)
     assert padded <= 1.05 * sum(lengths)  # batches of 2 in input order: 1.55x
+    with pytest.raises(DataError, match=r"batch_size must be a whole number of 1 or more"):
+        next(emb.text_batches(texts, 0))  # not range()'s "arg 3 must not be zero"
     messy = ["Red <b>shoe</b> size 7 !!", "it's a cup"]
     cleaned = emb.embed(messy, clean=True)  # Ducho's clear_text first
     np.testing.assert_array_equal(cleaned, emb.embed([clear_text(t) for t in messy]))
