@@ -170,11 +170,8 @@ class RayEmbedder:
         if self.embedder.sorts_by_length:
             batches = self.embedder.text_batches(prepared, self.batch_size or TEXT_BATCH_SIZE)
         else:
-            size = self.batch_size or len(prepared) or 1
-            batches = (
-                (list(range(b, min(b + size, len(prepared)))), prepared[b : b + size])
-                for b in range(0, len(prepared), size)
-            )
+            plan = self.embedder.plan(prepared, self.batch_size or len(prepared) or 1, 0)
+            batches = ((idx, [prepared[i] for i in idx]) for idx in plan)
         ran: list[ItemOutputs | str] = [""] * len(prepared)
         for positions, rows in batches:
             for i, out in zip(positions, infer(self.embedder, Batch([], rows)), strict=True):
