@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -88,6 +90,38 @@ def test_image_tower_alone_matches_transformers(
         ref = hf_reference(model_dir, Image.open(path), None).image_embeds[0].numpy()
         within_fp32_bounds(row, ref)
         assert abs(np.linalg.norm(row) - 1.0) < 1e-5  # normalized, as Transformers returns
+
+
+@pytest.mark.parametrize("crop", [(8, 8), (11, 11), (9, 12)])
+def test_host_resize_and_crop_match_the_pil_image_processor(tmp_path: Path, crop: tuple) -> None:
+    """Shortest-edge resize then centre crop, pixel for pixel against Transformers' PIL
+    processor; a crop larger than the resized image pads it with zeros, an odd pixel of
+    padding before the image (torchvision's crop puts it after)."""
+    from ducho_fast.data.visual.images import finish_image
+    from ducho_fast.exporters.compat import import_transformers
+    from ducho_fast.exporters.hf_towers import pixel_preprocessing
+
+    width, height = crop
+    config = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": 8},
+        "crop_size": {"height": height, "width": width},
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_rescale": False,  # the host's uint8 pixels, compared as they are
+        "do_normalize": False,
+        "resample": 3,
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    processor = import_transformers().AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    pre = pixel_preprocessing(processor, cast(Any, SimpleNamespace(key_path="m")))
+    rng = np.random.default_rng(0)
+    for size in [(20, 30), (30, 20), (8, 8), (9, 13), (13, 9), (5, 3)]:
+        image = Image.fromarray(rng.integers(1, 256, (size[1], size[0], 3), dtype=np.uint8))
+        expected = processor(images=image, return_tensors="np")["pixel_values"][0]
+        ours = finish_image(image, pre)
+        assert ours.shape == (height, width, 3)
+        np.testing.assert_array_equal(ours, expected.transpose(1, 2, 0), err_msg=str(size))
 
 
 def test_text_tower_alone_matches_transformers(exported: tuple[Path, list[Any]]) -> None:

@@ -199,12 +199,14 @@ def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
 
 
 def center_crop(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
-    """The centred (width, height) window; zero padding where the image is smaller."""
+    """The centred (width, height) window; zero padding where the image is smaller, as
+    Transformers' PIL image processors pad: an odd pixel of padding goes before the image
+    (top, left), where torchvision's ``center_crop`` puts it after."""
     width, height = int(size[0]), int(size[1])
     h, w = array.shape[:2]
     if h < height or w < width:
         padded = np.zeros((max(h, height), max(w, width), 3), dtype=np.uint8)
-        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
+        top, left = (padded.shape[0] - h + 1) // 2, (padded.shape[1] - w + 1) // 2
         padded[top : top + h, left : left + w] = array
         array, h, w = padded, padded.shape[0], padded.shape[1]
     top, left = (h - height) // 2, (w - width) // 2
