@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMBERSHIP = Path("/proc/self/cgroup")
 
 
 def cpu_quota() -> int:
@@ -13,23 +17,75 @@ def cpu_quota() -> int:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         count = os.cpu_count() or 1
-    limit = _cgroup_limit()
+    limit = cgroup_cpu_limit()
     if limit is not None:
         count = min(count, max(1, math.floor(limit)))
     return max(1, count)
 
 
-def _cgroup_limit() -> float | None:
-    v2 = Path("/sys/fs/cgroup/cpu.max")
-    if v2.is_file():
-        quota, _, period = v2.read_text().strip().partition(" ")
-        if quota != "max" and period:
-            return int(quota) / int(period)
-        return None
-    quota_file = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-    period_file = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-    if quota_file.is_file() and period_file.is_file():
-        quota_us = int(quota_file.read_text())
-        if quota_us > 0:
-            return quota_us / int(period_file.read_text())
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP) -> float | None:
+    """The tightest CPU quota, in CPUs, of this process's cgroup and the cgroups above it;
+    None where none is set (or there are no cgroups).
+
+    ``membership`` (``/proc/self/cgroup``) names the process's cgroup in each hierarchy. In a
+    container with its own cgroup namespace that is ``/``, the root of what is mounted at
+    ``root``; on a host, a path below it (a systemd slice with ``CPUQuota=``, a batch job's
+    cgroup), whose parents may hold a tighter quota. A path that is not under ``root`` (a
+    container that sees the host's names but has its own cgroup mounted) reads ``root``'s.
+    cgroup v2: ``cpu.max`` (``max`` or ``<quota> <period>``); v1: ``cpu.cfs_quota_us`` (-1:
+    none) over ``cpu.cfs_period_us``, in the hierarchy of the ``cpu`` controller.
+    """
+    paths = _memberships(membership)
+    if (root / "cgroup.controllers").is_file() or (root / "cpu.max").is_file():
+        return _tightest(root, paths.get("", "/"), _v2_quota)
+    for controllers in (("cpu",), ("cpu", "cpuacct"), ("cpuacct", "cpu")):
+        base = root / ",".join(controllers)
+        if base.is_dir():
+            path = next((p for c, p in paths.items() if "cpu" in c.split(",")), "/")
+            return _tightest(base, path, _v1_quota)
     return None
+
+
+def _memberships(membership: Path) -> dict[str, str]:
+    """``{controllers: path}`` from ``/proc/self/cgroup`` (``id:controllers:path`` lines; v2's
+    controllers are empty)."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return {}
+    paths = {}
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths[parts[1]] = parts[2]
+    return paths
+
+
+def _tightest(base: Path, path: str, quota: Callable[[Path], float | None]) -> float | None:
+    """The smallest quota over ``base / path`` and its parents up to ``base``."""
+    relative = Path(path.strip("/"))
+    folder = base / relative
+    if ".." in relative.parts or not folder.is_dir():
+        folder = base
+    depth = len(folder.relative_to(base).parts)
+    limits = [quota(level) for level in (folder, *folder.parents[:depth])]
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, _, period = (folder / "cpu.max").read_text().strip().partition(" ")
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+        if quota_us <= 0:
+            return None
+        return quota_us / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None

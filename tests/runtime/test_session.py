@@ -22,10 +22,84 @@ HAS_CUDA = CUDA in ort.get_available_providers()
 
 def test_cpu_session_threads_follow_the_quota(monkeypatch) -> None:
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
-    monkeypatch.setattr(cpu, "_cgroup_limit", lambda: 1.5)
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 1.5)
     assert cpu.cpu_quota() == 1
     _, info = make_session(PROBE, RuntimeOptions(device="cpu"))
     assert info.provider == "CPUExecutionProvider" and info.threads == 1
+
+
+def cgroups(tmp_path: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:
+    """A fake ``/sys/fs/cgroup`` holding ``files`` and a fake ``/proc/self/cgroup``."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "membership").write_text(membership)
+    return root, tmp_path / "membership"
+
+
+@pytest.mark.parametrize(
+    ("files", "membership", "limit"),
+    [
+        # cgroup v2 in a container with its own namespace (Docker, Kubernetes): the root's.
+        ({"cgroup.controllers": "cpu", "cpu.max": "250000 100000\n"}, "0::/\n", 2.5),
+        ({"cgroup.controllers": "cpu", "cpu.max": "max 100000\n"}, "0::/\n", None),
+        # v2 on a host: the process's own cgroup, and the tightest of its parents.
+        (
+            {
+                "cgroup.controllers": "cpu",
+                "batch.slice/cpu.max": "300000 100000",
+                "batch.slice/job-7.scope/cpu.max": "max 100000",
+            },
+            "0::/batch.slice/job-7.scope\n",
+            3.0,
+        ),
+        (
+            {
+                "cgroup.controllers": "cpu",
+                "a/cpu.max": "200000 100000",
+                "a/b/cpu.max": "50000 100000",
+            },
+            "0::/a/b\n",
+            0.5,
+        ),
+        # a path not under the mount (the host's names, the container's own mount): the root.
+        ({"cgroup.controllers": "", "cpu.max": "100000 100000"}, "0::/docker/abc\n", 1.0),
+        (
+            {"cgroup.controllers": "", "cpu.max": "100000 100000", "../up/cpu.max": "1 100000"},
+            "0::/../up\n",
+            1.0,
+        ),
+        # cgroup v1, the cpu controller's hierarchy (alone, or joint with cpuacct).
+        (
+            {"cpu/cpu.cfs_quota_us": "150000", "cpu/cpu.cfs_period_us": "100000"},
+            "3:cpu:/\n",
+            1.5,
+        ),
+        (
+            {
+                "cpu,cpuacct/cpu.cfs_quota_us": "-1",
+                "cpu,cpuacct/cpu.cfs_period_us": "100000",
+                "cpu,cpuacct/slurm/cpu.cfs_quota_us": "400000",
+                "cpu,cpuacct/slurm/cpu.cfs_period_us": "100000",
+                "cpu,cpuacct/slurm/job/cpu.cfs_quota_us": "-1",
+                "cpu,cpuacct/slurm/job/cpu.cfs_period_us": "100000",
+            },
+            "5:memory:/slurm/job\n4:cpu,cpuacct:/slurm/job\n0::/\n",
+            4.0,
+        ),
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, "3:cpu:/\n", None),
+        # no cgroups at all, or files that cannot be read as numbers
+        ({}, "", None),
+        ({"cgroup.controllers": "", "cpu.max": "garbage"}, "0::/\n", None),
+    ],
+)
+def test_the_cgroup_quota_is_the_tightest_above_the_process(
+    tmp_path: Path, files: dict[str, str], membership: str, limit: float | None
+) -> None:
+    root, proc = cgroups(tmp_path, files, membership)
+    assert cpu.cgroup_cpu_limit(root, proc) == limit
 
 
 def test_explicit_threads_win() -> None:
