@@ -56,6 +56,57 @@ def test_bad_images_are_recorded_and_neighbours_extracted(
     assert not list((tmp_path / "out").rglob(".tmp-*"))
 
 
+def test_a_batch_that_fails_to_stage_or_to_copy_back_loses_no_other_item(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """The device stage's failures (on CUDA: a copy to or from the GPU): a batch whose inputs
+    cannot be built is run item by item on the model's thread; a batch whose outputs cannot
+    be copied back fails its own items, named in the errors file, and a rerun extracts them."""
+    from ducho_fast.runtime import pipeline
+    from ducho_fast.runtime.embedder import Embedder
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=3), store)
+    artifact = ducho_fast.export(config)[0].artifact.path
+    batch_ids = threading.local()  # the pipeline's batch that the embedder's call is for
+
+    def watched(stage: Any) -> Any:
+        def call(embedder: Any, batch: Any, *rest: Any) -> Any:
+            batch_ids.ids = [item.item_id for item in batch.items]
+            return stage(embedder, batch, *rest)
+
+        return call
+
+    def failing(method: Any, item_id: str) -> Any:
+        def call(self: Embedder, value: Any) -> Any:
+            if item_id in getattr(batch_ids, "ids", ()):  # not the model thread's calls
+                raise RuntimeError(f"{method.__name__} failed on the device")
+            return method(self, value)
+
+        return call
+
+    monkeypatch.setattr(pipeline, "_prepare", watched(pipeline._prepare))
+    monkeypatch.setattr(pipeline, "collect", watched(pipeline.collect))
+    monkeypatch.setattr(Embedder, "prepare_batch", failing(Embedder.prepare_batch, "B005"))
+    monkeypatch.setattr(Embedder, "collect", failing(Embedder.collect, "B008"))
+    run = ducho_fast.extract(config).runs[0]
+    lost = ["B007", "B008", "B009"]  # B004-B006 ran item by item instead
+    assert run.result.written == 7 and sorted(e.item_id for e in run.result.errors) == lost
+    rows = read_errors(tmp_path / "out" / ERRORS_FILE)
+    assert [r["item_id"] for r in rows] == lost
+    reason = "copying the model's outputs back failed: RuntimeError: collect failed on the device"
+    assert all(r["reason"] == reason for r in rows)
+
+    monkeypatch.undo()
+    again = ducho_fast.extract(config).runs[0].result
+    assert again.written == 3 and again.reused == 7 and not again.errors
+    files = sorted(image_dir.iterdir())
+    expected = ducho_fast.load(artifact).embed(files)
+    folder = tmp_path / "out/torch/resnet18/avgpool"
+    for path, row in zip(files, expected, strict=True):
+        np.testing.assert_allclose(np.load(folder / f"{path.stem}.npy")[0], row, atol=1e-5)
+
+
 def test_blocks_and_configs_sharing_an_output_path_keep_each_others_failures(
     tmp_path, store, resnet18_state_dict, tiny_bert_dir
 ) -> None:
