@@ -76,6 +76,22 @@ def test_features_no_manifest_describes_are_not_reused(tmp_path: Path) -> None:
     assert set(listed_features(out)) == {"a", "b"}
 
 
+@pytest.mark.parametrize("damage", [b'{"key": ', b"\xff\xfe{}"])
+def test_a_damaged_manifest_is_named_with_the_fix(tmp_path: Path, damage: bytes) -> None:
+    """Whose features the folder holds is unknown: refused even with --fresh until the
+    manifest is deleted, then --fresh overwrites them."""
+    out = tmp_path / "avgpool"
+    open_folder(out, KEY, resume=True, what="'m'").finish({})
+    features(out, ["a"])
+    (out / MANIFEST_FILE).write_bytes(damage)
+    says = rf"{MANIFEST_FILE} cannot be read \(.+\)\. Delete it and run with --fresh"
+    for check, resume in ((check_folder, True), (open_folder, True), (open_folder, False)):
+        with pytest.raises(OutputError, match=says):
+            check(out, KEY, resume=resume, what="'m'")
+    (out / MANIFEST_FILE).unlink()
+    assert open_folder(out, KEY, resume=False, what="'m'").existing == set()
+
+
 def test_a_file_in_place_of_the_folder_is_an_output_error(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("x")
     with pytest.raises(OutputError, match=r"cannot write to the output folder"):

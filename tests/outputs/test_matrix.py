@@ -70,6 +70,12 @@ def test_id_order_file(tmp_path: Path) -> None:
         read_id_order(path)
     with pytest.raises(DataError, match=r"does not exist \(check 'output.id_order'\)"):
         read_id_order(tmp_path / "none.txt")
+    path.write_text("\n  \n")
+    with pytest.raises(DataError, match=r"order.txt lists no ids"):
+        read_id_order(path)
+    path.write_bytes(b"a\n\xff\n")
+    with pytest.raises(DataError, match=r"order.txt cannot be read as UTF-8 text"):
+        read_id_order(path)
 
 
 @pytest.mark.parametrize("damage", ["zeros", "text"])
