@@ -44,17 +44,25 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
     if isinstance(node, list):
         index = _index(node, last, path, text)
         node[index] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise _not_a_mapping(text, path)
+
+
+def _not_a_mapping(text: str, where: list[str]) -> ConfigError:
+    parent = ".".join(where[:-1])
+    return ConfigError(
+        f"override '{text}': '{parent}' is a value, not a mapping or list; set it whole "
+        f"({parent}=VALUE)."
+    )
 
 
 def _step(node: Any, part: str, where: list[str], *, create: bool, text: str) -> Any:
     if isinstance(node, list):
         return node[_index(node, part, where, text)]
     if not isinstance(node, dict):
-        raise ConfigError(
-            f"override '{text}': '{'.'.join(where[:-1])}' is a value, not a mapping or list."
-        )
+        raise _not_a_mapping(text, where)
     if part not in node or node[part] is None:
         if not create:
             raise ConfigError(f"override '{text}': no key '{'.'.join(where)}'.")

@@ -57,10 +57,20 @@ def test_overridden_values_are_validated() -> None:
         ("a..b=1", "empty key"),
         ("textual.items.model.5.batch_size=1", "index 5 is out of range"),
         ("textual.items.model.x=1", "is a list; use an index"),
+        ("a=[1, 2", r"the value is not valid YAML \(while parsing a flow sequence"),
+        (
+            "textual.items.input_path.visual=images",
+            r"'textual.items.input_path' is a value, not a mapping or list; set it whole "
+            r"\(textual.items.input_path=VALUE\)",
+        ),
+        (
+            "textual.items.input_path.visual.x=1",
+            r"'textual.items.input_path' is a value, not a mapping or list",
+        ),
     ],
 )
 def test_bad_overrides(text: str, message: str) -> None:
-    raw: dict[str, Any] = {"textual": {"items": {"model": [{}]}}}
+    raw: dict[str, Any] = {"textual": {"items": {"model": [{}], "input_path": "d.tsv"}}}
     with pytest.raises(ConfigError, match=message):
         apply_override(raw, text)
 
