@@ -302,8 +302,10 @@ class Embedder:
                     for i, x in enumerate(items[start : start + batch_size], start)
                 ]
                 out.extend(item[key] for item in self.run_prepared(chunk))
-        token_level = any(varies_per_item(o) and str(o["layer"]) == key for o in self._outputs)
-        return out if token_level else np.stack(out) if out else np.empty((0,), np.float32)
+        spec = next(o for o in self._outputs if str(o["layer"]) == key)
+        if varies_per_item(spec):
+            return out  # token- or frame-level: one array per item, of its own length
+        return np.stack(out) if out else np.empty((0, *_item_shape(spec)), np.float32)
 
     def _embed_texts(
         self, items: list[Any], key: str, batch_size: int, clean: bool
@@ -402,6 +404,13 @@ class Embedder:
 def whole(value: Any) -> bool:
     """Whether ``value`` is an int of 1 or more (not a bool, not a float)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _item_shape(output: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one item's features of a fixed-size output, as :meth:`Embedder.embed`
+    returns them (squeezed where the output is saved squeezed)."""
+    shape = [int(d) for d in output.get("item_shape") or [output["dim"]]]
+    return tuple(d for d in shape if d != 1) if output.get("squeeze") else tuple(shape)
 
 
 def _make_binder(session: Any, info: SessionInfo, options: RuntimeOptions) -> IOBinder | None:

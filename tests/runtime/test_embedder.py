@@ -39,6 +39,9 @@ def test_paths_arrays_and_pil_images_agree(resnet_artifact, image_dir) -> None:
     np.testing.assert_allclose(from_paths, from_pil, rtol=1e-5, atol=1e-6)
     maps = emb.embed(paths[:2], layer="layer4")
     assert isinstance(maps, np.ndarray) and maps.shape == (2, 512, 2, 2)
+    for layer, shape in (("avgpool", (0, 512)), ("layer4", (0, 512, 2, 2))):
+        none = emb.embed([], layer=layer)
+        assert isinstance(none, np.ndarray) and none.shape == shape
 
 
 def test_bad_inputs(resnet_artifact) -> None:
@@ -119,6 +122,9 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
     assert isinstance(pooled, np.ndarray) and pooled.shape == (2, 32)
     with pytest.raises(DataError, match=r"text inputs must be strings"):
         emb.embed([3])
+    none = emb.embed([])  # stacks with other results: (0, D), not (0,)
+    assert isinstance(none, np.ndarray) and none.shape == (0, 32) and none.dtype == np.float32
+    assert emb.embed([], layer="last_hidden_state") == []
 
 
 def test_embed_batches_texts_by_length_and_keeps_their_order(
