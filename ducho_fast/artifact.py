@@ -183,12 +183,14 @@ class Artifact:
 
 
 def _not_an_artifact(path: Path) -> str:
-    """Why ``path`` is no artifact: missing, a model store (its artifacts named), or
-    incomplete."""
+    """Why ``path`` is no artifact: missing, a file in one (its folder named), a model store
+    (its artifacts named), or incomplete."""
     if not path.exists():
         return (
             f"artifact folder {path} does not exist.\nHint: run `ducho-fast export CONFIG` first."
         )
+    if path.is_file() and (path.parent / MANIFEST_FILE).is_file():
+        return f"{path} is a file of an artifact; give the artifact's folder, {path.parent}."
     inside = []
     if path.is_dir():
         with suppress(OSError):

@@ -224,4 +224,7 @@ def test_what_is_not_an_artifact_folder_says_why(tmp_path) -> None:
     assert "(st-c-3, st-d-4, st-e-5, st-f-6, torch-a-2 and 1 more)" in str(caught.value)
     with pytest.raises(ArtifactError, match=r"no complete artifact at .*notes \(needs manifest"):
         load_artifact(store / "notes")
+    for name in ("model.onnx", "manifest.json"):  # the other common slip: a file in it
+        with pytest.raises(ArtifactError, match=r"is a file of an artifact; give the artifact's"):
+            load_artifact(store / "torch-a-2" / name)
     assert load_artifact(store / "torch-a-2", verify=False).path == store / "torch-a-2"
