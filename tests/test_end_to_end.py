@@ -83,7 +83,10 @@ def test_visual_model_dir_is_the_file_stem(tmp_path, store, image_dir, resnet18_
 
 
 def test_sentence_transformers_items_equal_encode(tmp_path, store, texts_tsv, minilm_dir) -> None:
-    from sentence_transformers import SentenceTransformer
+    from ducho_fast.exporters.compat import import_sentence_transformers
+
+    # Through compat: run alone, a plain import fails on torchvision's missing operators.
+    SentenceTransformer = import_sentence_transformers().SentenceTransformer
 
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
     model = {

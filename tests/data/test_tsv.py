@@ -35,6 +35,21 @@ def test_missing_column_lists_header(tmp_path: Path) -> None:
         read_text_items(path, "asin", None)
 
 
+def test_the_text_column_cannot_be_the_id_column(tmp_path: Path) -> None:
+    """Not the ids embedded as texts: a table of one column, or both keys on one column."""
+    from ducho_fast.data.text.tsv import check_text_table
+
+    one = write(tmp_path, "asin\nB01\nB02\n")
+    for read in (read_text_items, check_text_table):
+        with pytest.raises(
+            DataError, match=r"text column 'asin' is also the id column \(the header has no other"
+        ):
+            read(one, None, None)
+    two = write(tmp_path, "asin\tdesc\nB01\thello\n", "two.tsv")
+    with pytest.raises(DataError, match=r"'desc' is also the id column; each item needs"):
+        read_text_items(two, "desc", None)
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
     # Excel's "CSV UTF-8" starts the file with one; pandas (Ducho) drops it, and so do we.
     path = tmp_path / "excel.tsv"

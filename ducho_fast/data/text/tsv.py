@@ -183,7 +183,14 @@ def _text_columns(
 ) -> tuple[int, int]:
     """Positions of the id and the text columns."""
     id_at = _column(header, item_column, 0, "item_column", tsv)
-    return id_at, _column(header, text_column, len(header) - 1, "text_column", tsv)
+    text_at = _column(header, text_column, len(header) - 1, "text_column", tsv)
+    if text_at == id_at:
+        alone = " (the header has no other)" if len(header) == 1 else ""
+        raise DataError(
+            f"{tsv}: the text column '{header[text_at]}' is also the id column{alone}; each "
+            "item needs an id column and a text column: set item_column and text_column."
+        )
+    return id_at, text_at
 
 
 def _interaction_columns(
