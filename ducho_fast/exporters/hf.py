@@ -76,9 +76,22 @@ def loading_error(
     reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
     if Path(source).is_dir():
         fix = "A file of that folder is missing, damaged or not what the library expects."
+    elif _a_path(source):  # not a hub name: the library's "Repo id must…" misleads
+        under = "the working directory"
+        under = under if key == "layers" else f"dataset_path, then {under}"
+        return ExportError(
+            f"'{key}': cannot load the {what} '{source}': no such folder (a path, not a hub "
+            f"name). Check it: a relative path is looked for under {under}."
+        )
     else:
         fix = remote or "Without network, give a local model folder."
     return ExportError(f"'{key}': cannot load the {what} '{source}' ({reason}). {fix}")
+
+
+def _a_path(source: str) -> bool:
+    """Whether ``source`` can only be a local path: a hub name is ``name`` or
+    ``namespace/name``, never absolute, never starting with '.' or '~'."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
 def available_layers(model: Any) -> list[str | int]:

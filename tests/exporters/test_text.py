@@ -80,6 +80,17 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, store) -> None:
 
 
 @pytest.mark.parametrize("backend", ["transformers", "sentence_transformers"])
+@pytest.mark.parametrize("name", ["./models/missing", "models/org/missing", "/no/such/model"])
+def test_a_model_path_that_does_not_exist_is_named_as_a_path(
+    tmp_path, store, backend: str, name: str
+) -> None:
+    """Not the library's "Repo id must use alphanumeric chars": no hub name looks so."""
+    model = {"model_name": name, "backend": backend, "output_layers": [1]}
+    with pytest.raises(ExportError, match=r"'[^']+': no such folder \(a path, not a hub name\)"):
+        export_one(tmp_path, model, store)
+
+
+@pytest.mark.parametrize("backend", ["transformers", "sentence_transformers"])
 @pytest.mark.parametrize("damage", ["truncated weights", "weights header", "tokenizer"])
 def test_a_damaged_file_in_a_model_folder_is_named_as_such(
     tmp_path, store, tiny_bert_dir, backend: str, damage: str
