@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
-    """One thing to embed: its id (the output file stem), where it came from, its raw input."""
+    """One thing to embed: its id (the output file stem), where it came from, its raw input.
+    Slotted: a run holds one per input (a large text job's whole table)."""
 
     item_id: str
     origin: str
