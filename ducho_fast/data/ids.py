@@ -7,14 +7,17 @@ import re
 from ducho_fast.errors import DataError
 
 _MAX_NAME_BYTES = 255
+# ducho-fast's temporary files (a write in progress, a killed run's leftovers) start so; they
+# are never read as features and are removed when a run starts, so no id may start so.
+TMP_PREFIX = ".tmp-"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_id(item_id: str, suffix: str = ".npy") -> str:
     """Return ``item_id`` if ``item_id + suffix`` is a safe single file name, else raise.
 
-    Rejects separators, ``.``/``..``, NUL and control characters, and names over 255 bytes,
-    so no id can write outside its output folder.
+    Rejects separators, ``.``/``..``, NUL and control characters, names over 255 bytes (so no
+    id can write outside its output folder) and the temporary files' prefix ``.tmp-``.
     """
     reason = unsafe_reason(item_id, suffix)
     if reason:
@@ -27,6 +30,8 @@ def unsafe_reason(item_id: str, suffix: str = ".npy") -> str | None:
         return "it is empty, '.' or '..'"
     if "/" in item_id or "\\" in item_id:
         return "it contains a path separator"
+    if item_id.startswith(TMP_PREFIX):
+        return f"it starts with {TMP_PREFIX!r}, which names ducho-fast's temporary files"
     if _CONTROL.search(item_id):
         return "it contains NUL or control characters"
     try:

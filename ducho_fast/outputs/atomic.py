@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-TMP_PREFIX = ".tmp-"  # a killed run's leftovers; never read, removed when a run starts
+from ducho_fast.data.ids import TMP_PREFIX  # a killed run's leftovers; never read, removed
+
 _TOKEN = secrets.token_hex(4)
 _COUNT = itertools.count()
 
