@@ -317,6 +317,7 @@ def test_an_unlistable_folder_is_a_data_error(tmp_path: Path, monkeypatch) -> No
 
     monkeypatch.setattr(os, "scandir", denied)  # root lists any folder: simulate the denial
     monkeypatch.setattr(os, "listdir", denied)
+    monkeypatch.setattr(Path, "iterdir", denied)  # Python 3.10's took os.listdir at import
     for listing in (
         lambda: list_images(tmp_path),
         lambda: check_files(tmp_path, IMAGE_SUFFIXES, "image"),
