@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ducho_fast import __version__
-from ducho_fast.runtime.cpu import cpu_quota
+from ducho_fast.runtime.cpu import cpu_quota_report
 from ducho_fast.runtime.session import CPU, CUDA, session_options
 
 PACKAGES = (
@@ -105,5 +105,5 @@ def report() -> Health:
             "onnxruntime (pip install 'ducho-fast[gpu]')."
         )
     lines.append(f"CPU session runs on: {probe(CPU)}")
-    lines.append(f"CPUs this process may use: {cpu_quota()}")
+    lines.append(f"CPUs this process may use: {cpu_quota_report()}")
     return health

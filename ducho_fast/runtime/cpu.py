@@ -13,14 +13,25 @@ MEMBERSHIP = Path("/proc/self/cgroup")
 
 def cpu_quota() -> int:
     """Usable CPUs: the smaller of the affinity mask and the cgroup (v2 or v1) CPU quota."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        count = os.cpu_count() or 1
+    count = _affinity()
     limit = cgroup_cpu_limit()
     if limit is not None:
         count = min(count, max(1, math.floor(limit)))
     return max(1, count)
+
+
+def cpu_quota_report() -> str:
+    """:func:`cpu_quota` and what it was found from (``ducho-fast doctor``)."""
+    limit = cgroup_cpu_limit()
+    quota = "no cgroup CPU quota" if limit is None else f"a cgroup quota of {limit:g} CPUs"
+    return f"{cpu_quota()} (affinity mask {_affinity()} CPUs, {quota})"
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP) -> float | None:

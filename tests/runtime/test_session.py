@@ -24,6 +24,7 @@ def test_cpu_session_threads_follow_the_quota(monkeypatch) -> None:
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
     monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 1.5)
     assert cpu.cpu_quota() == 1
+    assert cpu.cpu_quota_report() == "1 (affinity mask 4 CPUs, a cgroup quota of 1.5 CPUs)"
     _, info = make_session(PROBE, RuntimeOptions(device="cpu"))
     assert info.provider == "CPUExecutionProvider" and info.threads == 1
 
