@@ -292,17 +292,39 @@ def exporting(store: Path, slug: str) -> Iterator[None]:
             unlock_file(fd, path)
 
 
+_LEFTOVER = re.compile(re.escape(BUILDING) + r"(.+)-[0-9a-f]{12}")
+
+
 def _remove_leftovers(store: Path, slug: str) -> None:
-    """Remove the build folders a killed export of ``slug`` left (SIGKILL, the OOM killer, a
-    power loss; a failed or stopped export removes its own): no other export of it can be
-    running while this one holds its lock."""
-    own = re.compile(re.escape(f"{BUILDING}{slug}-") + r"[0-9a-f]{12}")
+    """Remove the build folders killed exports left (SIGKILL, the OOM killer, a power loss; a
+    failed or stopped export removes its own): ``slug``'s, whose lock this export holds, and
+    another model's where no export of it holds that model's lock now (every build folder is
+    made and used under its model's lock)."""
     with os.scandir(store) as entries:
         left = [
-            e.path for e in entries if own.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+            (match.group(1), Path(e.path))
+            for e in entries
+            if (match := _LEFTOVER.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
         ]
-    for path in left:
+    for owner, path in left:
+        if owner == slug:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _remove_unless_exporting(store, owner, path)
+
+
+def _remove_unless_exporting(store: Path, owner: str, path: Path) -> None:
+    lock = store / f".exporting-{owner}.lock"
+    try:
+        fd = lock_file(lock)
+    except (Busy, OSError):
+        return  # an export of that model is running (this may be its folder), or unknown
+    if fd is None:
+        return  # a file system without locks: exports run unlocked, so it may be in use
+    try:
         shutil.rmtree(path, ignore_errors=True)
+    finally:
+        unlock_file(fd, lock)
 
 
 def write_artifact(store: Path, slug: str, build_dir: Path, manifest: dict[str, Any]) -> Artifact:

@@ -181,10 +181,10 @@ def test_a_manifest_that_is_not_a_json_object_is_refused(tmp_path, text: str, sa
         load_artifact(folder)
 
 
-def test_an_export_removes_what_a_killed_export_of_its_model_left(tmp_path, monkeypatch) -> None:
+def test_an_export_removes_what_killed_exports_left(tmp_path, monkeypatch) -> None:
     """SIGKILL or the OOM killer leaves a build folder (maybe GBs of weights): the next export
-    of that model removes it, holding the lock no other export of it holds meanwhile. Other
-    models' build folders may be exports running now: they stay."""
+    removes its own model's, holding the lock no other export of it holds meanwhile, and other
+    models' whose lock no export holds now. A model being exported keeps its folder."""
     from ducho_fast.artifact import exporting
     from ducho_fast.outputs import lock
 
@@ -192,21 +192,27 @@ def test_an_export_removes_what_a_killed_export_of_its_model_left(tmp_path, monk
     slug = "torch-resnet18-0123456789ab"
     left = new_build_dir(store, slug)
     (left / "model.onnx.data").write_bytes(b"weights")
-    others = [
-        new_build_dir(store, "torch-resnet50-0123456789ab"),
-        new_build_dir(store, f"{slug}-image"),  # a name that starts with this slug
-        store / f".building-{slug}-notatoken",
-    ]
-    others[-1].mkdir()
-    with exporting(store, slug):
-        assert not left.exists() and all(p.is_dir() for p in others)
-    assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in others)
+    other = new_build_dir(store, "torch-resnet50-0123456789ab")  # a killed export of another
+    prefixed = new_build_dir(store, f"{slug}-image")  # a name that starts with this slug
+    running = new_build_dir(store, "st-minilm-0123456789ab")
+    kept = [running, store / f".building-{slug}-notatoken"]  # being built; not a build folder
+    kept[-1].mkdir()
+    held = lock.lock_file(store / ".exporting-st-minilm-0123456789ab.lock")  # its export
+    assert held is not None
+    try:
+        with exporting(store, slug):
+            assert not left.exists() and not other.exists() and not prefixed.exists()
+            assert all(p.is_dir() for p in kept)
+    finally:
+        lock.unlock_file(held, store / ".exporting-st-minilm-0123456789ab.lock")
+    assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in kept)
 
-    # Without locks, another export of the model may be building it: nothing is removed.
+    # Without locks, another export of any model may be building it: nothing is removed.
     again = new_build_dir(store, slug)
+    other = new_build_dir(store, "torch-resnet50-0123456789ab")
     monkeypatch.setattr(lock.fcntl, "flock", no_locks)
     with exporting(store, slug):
-        assert again.is_dir()
+        assert again.is_dir() and other.is_dir()
 
 
 def test_what_is_not_an_artifact_folder_says_why(tmp_path) -> None:
