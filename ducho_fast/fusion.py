@@ -178,7 +178,7 @@ def _fuse_item(
         result.ids.append(item_id)
         return
     try:
-        fused = fuse([load_feature(path) for path, _ in inputs], mode, normalize=normalize)
+        fused = fuse([_finite_feature(path) for path, _ in inputs], mode, normalize=normalize)
     except (DataError, ValueError, OSError) as e:
         result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
         return
@@ -187,6 +187,17 @@ def _fuse_item(
     )
     result.written += 1
     result.ids.append(item_id)
+
+
+def _finite_feature(path: Path) -> np.ndarray:
+    """An input's feature; one holding NaN or infinity (an input folder not made by
+    ``extract``, which refuses such outputs) fails its item instead of being fused."""
+    feature = load_feature(path)
+    if np.issubdtype(feature.dtype, np.number) and not np.isfinite(feature).all():
+        raise DataError(
+            f"{path} holds NaN or infinite values, which fusing would pass on; remake or remove it"
+        )
+    return feature
 
 
 def _fusion_key(

@@ -77,6 +77,27 @@ def test_folders_join_by_id_and_report_the_rest(tmp_path: Path) -> None:
     assert [e.item_id for e in result.errors] == ["bad"]
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_feature_holding_nan_or_inf_fails_its_item_naming_the_file(
+    tmp_path: Path, bad: float
+) -> None:
+    """A folder not made by extract (which refuses such outputs): not fused into every mode's
+    output, where one NaN spoils the whole vector."""
+    write_features(tmp_path / "a", ["x1", "x2"], 4, 1)
+    write_features(tmp_path / "b", ["x1", "x2"], 4, 2)
+    spoiled = rows(9, 4)
+    spoiled[0, 2] = bad
+    np.save(tmp_path / "b" / "x2.npy", spoiled)
+    np.save(tmp_path / "a" / "x3.npy", np.ones((1, 4), np.int64))  # integers fuse as floats
+    np.save(tmp_path / "b" / "x3.npy", rows(8, 4))
+    for mode in ("concat", "mean"):
+        result = fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / mode, mode)
+        assert result.written == 2 and [e.item_id for e in result.errors] == ["x2"]
+        says = f"{tmp_path / 'b' / 'x2.npy'} holds NaN or infinite values"
+        assert says in result.errors[0].reason
+        assert not (tmp_path / mode / "x2.npy").exists()
+
+
 def test_missing_feature_folder_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"does not exist. Extract that modality first"):
         fuse_folders([tmp_path / "none", tmp_path / "b"], tmp_path / "out", "sum")
