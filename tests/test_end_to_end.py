@@ -244,6 +244,10 @@ def test_audio_demo_config_runs(tmp_path, store, minilm_dir) -> None:
     features = data / "features"
     assert np.load(features / "audio/torch/HUBERT_BASE/4/T02.npy").shape == (1, 768)
     assert np.load(features / "audio_textual_concat/matrix/fused_feat.npy").shape == (6, 768 + 384)
+    generate["tracks"]()  # `make demo-audio` again: the tracks stay, so the run resumes
+    generate["model"](models / "hubert_4.pth")
+    again = ducho_fast.extract(config)
+    assert [(r.result.written, r.result.reused) for r in again.runs] == [(0, 6), (0, 6)]
 
 
 def test_reviews_demo_config_runs(tmp_path, store, minilm_dir) -> None:
