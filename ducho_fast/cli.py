@@ -236,8 +236,8 @@ def extract(
 ) -> None:
     """Extract features for every block of CONFIG with its exported artifacts.
 
-    Items already written by the same model and settings are skipped, so a killed run
-    started again finishes the work.
+    Items already written by the same model and settings are skipped,
+    so a killed run started again finishes the work.
     """
     import ducho_fast
 
@@ -572,8 +572,8 @@ def doctor(
 ) -> None:
     """Versions, execution providers that really work, and the CPU quota.
 
-    Exits 1 when the install is broken (both onnxruntime packages) or when CUDA is required
-    and a real session does not run on it.
+    Exits 1 when the install is broken (both onnxruntime packages),
+    or when CUDA is required and a real session does not run on it.
     """
     from ducho_fast.doctor import report
 
