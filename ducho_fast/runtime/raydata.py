@@ -122,6 +122,9 @@ class RayEmbedder:
                 f"{column!r}{also}; the batch has {sorted(batch)}."
             )
         values = list(batch[column])
+        if not values:  # a block of no rows: its columns, no rows each
+            layers = {x: _no_rows(self.embedder.embed([], x)) for x in self.layers}
+            return {**batch, **layers, "error": np.empty(0, dtype=object)}
         if column == RAY_AUDIO_COLUMN:  # (channels, samples) -> (samples, channels)
             values = [np.asarray(v).T for v in values]
         outputs = self._outputs(values, self._rates(batch, len(values)))
@@ -177,6 +180,12 @@ class RayEmbedder:
             for i, out in zip(positions, infer(self.embedder, Batch([], rows)), strict=True):
                 ran[i] = out
         return ran
+
+
+def _no_rows(empty: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """A layer's column for a batch of no rows: ``embed([])``'s (0, ...) array, or an empty
+    object column for token-level layers."""
+    return empty if isinstance(empty, np.ndarray) else np.empty(0, dtype=object)
 
 
 def _column(rows: list[np.ndarray]) -> np.ndarray:

@@ -187,6 +187,10 @@ def test_ray_embedder_prepares_each_row_as_embed_does(
     np.testing.assert_allclose(
         out["pooler_output"][[0, 2]], ducho_fast.load(text_artifact).embed(["red", "None"])
     )
+    # A batch of no rows (a filtered block) keeps its columns, with no rows and their shapes.
+    none = RayEmbedder(text_artifact)({"id": np.array([]), "text": np.array([], dtype=object)})
+    assert none["pooler_output"].shape == (0, 32) and none["error"].shape == (0,)
+    assert RayEmbedder(artifact)({"image": np.empty(0, dtype=object)})["avgpool"].shape == (0, 512)
 
 
 def test_ray_embedder_reads_what_read_audio_gives(
