@@ -29,7 +29,13 @@ from ducho_fast.config.model import (
 )
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import ConfigError, DataError
-from ducho_fast.outputs.ducho import layer_dir, layer_parts, load_feature, save_feature
+from ducho_fast.outputs.ducho import (
+    check_range,
+    layer_dir,
+    layer_parts,
+    load_feature,
+    save_feature,
+)
 from ducho_fast.outputs.lock import FolderLocks
 from ducho_fast.outputs.manifest import (
     OutputFolder,
@@ -179,6 +185,7 @@ def _fuse_item(
         return
     try:
         fused = fuse([_finite_feature(path) for path, _ in inputs], mode, normalize=normalize)
+        check_range(fused, options.dtype, "the fused features")
     except (DataError, ValueError, OSError) as e:
         result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
         return

@@ -98,6 +98,18 @@ def test_a_feature_holding_nan_or_inf_fails_its_item_naming_the_file(
         assert not (tmp_path / mode / "x2.npy").exists()
 
 
+def test_a_fused_vector_beyond_float16s_range_fails_its_item(tmp_path: Path) -> None:
+    for folder, value in (("a", 300.0), ("b", 300.0)):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "big.npy", np.full((1, 4), value, np.float32))
+        np.save(tmp_path / folder / "ok.npy", np.full((1, 4), 2.0, np.float32))
+    half = OutputOptions(dtype="float16")
+    result = fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "m", "mul", options=half)
+    assert result.written == 1 and [e.item_id for e in result.errors] == ["big"]
+    assert "the fused features exceed float16's range" in result.errors[0].reason
+    np.testing.assert_array_equal(np.load(tmp_path / "m" / "ok.npy"), np.full((1, 4), 4.0))
+
+
 def test_missing_feature_folder_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"does not exist. Extract that modality first"):
         fuse_folders([tmp_path / "none", tmp_path / "b"], tmp_path / "out", "sum")

@@ -63,6 +63,9 @@ class DuchoWriter:
         return self._dirs[layer] / f"{check_id(item_id)}.npy"
 
     def write(self, item_id: str, outputs: dict[str, np.ndarray]) -> None:
+        for layer, value in outputs.items():  # every layer checked before any is written
+            if layer in self._dirs:
+                check_range(value, self._dtype, f"the {layer!r} features")
         for layer, value in outputs.items():
             if layer not in self._dirs:
                 continue
@@ -73,6 +76,17 @@ class DuchoWriter:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self._made.add(path.parent)
                 self._files.save(path, array.astype(self._dtype, copy=False))
+
+
+def check_range(array: np.ndarray, dtype: str, what: str) -> None:
+    """A DataError where ``array`` holds values ``dtype`` cannot hold (float16 beyond
+    +-65504 would be saved as infinity)."""
+    limit = float(np.finfo(dtype).max)
+    if array.size and float(np.abs(array).max()) > limit:
+        raise DataError(
+            f"{what} exceed {dtype}'s range (+-{limit:g}), so they would be saved as "
+            "infinity; set output.dtype: float32"
+        )
 
 
 def load_feature(path: Path) -> np.ndarray:

@@ -45,3 +45,19 @@ def test_unsafe_ids_are_never_written(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=r"cannot be a file name"):
             writer.write(item_id, {"pooler_output": np.zeros(3, np.float32)})
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_float16_features_beyond_its_range_fail_instead_of_becoming_infinity(
+    tmp_path: Path,
+) -> None:
+    model = ModelSpec(**{**spec("bert").__dict__, "output_layers": ("pooler_output", "1")})
+    writer = DuchoWriter(job(tmp_path, model), model, squeeze=True, dtype="float16")
+    big = {"pooler_output": np.ones(3, np.float32), "1": np.array([1.0, -7e4, 0], np.float32)}
+    with pytest.raises(DataError, match=r"the '1' features exceed float16's range \(\+-65504\)"):
+        writer.write("a", big)
+    assert not [p for p in tmp_path.rglob("*.npy")]  # neither layer: no half-written item
+    writer.write("b", {"pooler_output": np.ones(3, np.float32), "1": np.full(3, 6e4, np.float32)})
+    assert np.isfinite(np.load(writer.path("1", "b"))).all()
+    wide = DuchoWriter(job(tmp_path, model), model, squeeze=True)  # float32 holds it
+    wide.write("a", big)
+    assert np.load(wide.path("1", "a"))[1] == -7e4
