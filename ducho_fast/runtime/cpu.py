@@ -13,18 +13,19 @@ MEMBERSHIP = Path("/proc/self/cgroup")
 
 def cpu_quota() -> int:
     """Usable CPUs: the smaller of the affinity mask and the cgroup (v2 or v1) CPU quota."""
-    count = _affinity()
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        count = min(count, max(1, math.floor(limit)))
-    return max(1, count)
+    return _usable(_affinity(), cgroup_cpu_limit())
 
 
 def cpu_quota_report() -> str:
     """:func:`cpu_quota` and what it was found from (``ducho-fast doctor``)."""
-    limit = cgroup_cpu_limit()
+    affinity, limit = _affinity(), cgroup_cpu_limit()
     quota = "no cgroup CPU quota" if limit is None else f"a cgroup quota of {limit:g} CPUs"
-    return f"{cpu_quota()} (affinity mask {_affinity()} CPUs, {quota})"
+    return f"{_usable(affinity, limit)} (affinity mask {affinity} CPUs, {quota})"
+
+
+def _usable(affinity: int, limit: float | None) -> int:
+    count = affinity if limit is None else min(affinity, max(1, math.floor(limit)))
+    return max(1, count)
 
 
 def _affinity() -> int:
