@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from enum import Enum
@@ -175,8 +176,16 @@ def export(
         )
 
 
+# Where stderr is not a terminal (a batch job's log, ``nohup``, a container run without -t),
+# a bar is drawn only when it ends: extract prints a plain line this often instead.
+PROGRESS_LINE_SECONDS = 30.0
+
+
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Any]:
+    if not err.is_terminal:
+        yield _ProgressLines(label, total, PROGRESS_LINE_SECONDS).tick
+        return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -194,6 +203,43 @@ def _progress(label: str, total: int) -> Iterator[Any]:
             bar.update(task, rate=f"{done / elapsed:.1f} items/s" if elapsed else "")
 
         yield tick
+
+
+class _ProgressLines:
+    """Progress as plain lines for a log: one when the run starts, then one at the first
+    tick ``every`` seconds after the last line, with the rate and the time left. Ticks come
+    from the writer's thread (or a Ray engine's loop); the summary line ends the run."""
+
+    def __init__(self, label: str, total: int, every: float) -> None:
+        self._label, self._total, self._every = label, total, every
+        self._done = 0
+        self._start = self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._print(f"{total} item(s) to extract")
+
+    def tick(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+            now = time.monotonic()
+            if now - self._last < self._every or self._done >= self._total:
+                return
+            self._last = now
+            rate = self._done / (now - self._start)
+            left = (self._total - self._done) / rate if rate > 0 else 0.0
+            share = 100 * self._done / self._total
+            self._print(
+                f"{self._done}/{self._total} ({share:.0f}%), {rate:.1f} items/s, about "
+                f"{_clock(left)} left"
+            )
+
+    def _print(self, text: str) -> None:
+        err.print(f"{self._label}: {text}", highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    """``H:MM:SS``."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 @app.command(context_settings=_EXTRA)

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from ducho_fast import cli
 from ducho_fast.cli import ITEMS_FAILED_EXIT, app
 from tests.conftest import textual_config
 
@@ -128,6 +129,50 @@ def test_failed_items_give_their_own_exit_code(text_config: Path, tmp_path: Path
     result = runner.invoke(app, ["extract", str(text_config), "--no-progress"])
     assert result.exit_code == ITEMS_FAILED_EXIT
     assert "1 item(s) failed" in result.output
+
+
+@pytest.mark.slow
+def test_a_log_gets_progress_lines_while_extract_runs(
+    text_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where stderr is not a terminal (a batch job's log; CliRunner's), rich draws its bar
+    only when it ends: extract prints plain lines as it goes instead."""
+    assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
+    monkeypatch.setattr(cli, "PROGRESS_LINE_SECONDS", 0.0)  # a line at every batch
+    batches = ["--set", "textual.items.model.0.batch_size=2"]
+    result = runner.invoke(app, ["extract", str(text_config), *batches])
+    assert result.exit_code == 0, result.output
+    assert "━" not in result.output  # no bar
+    lines = result.output.splitlines()
+    assert lines[0] == "textual.items all-MiniLM-L6-v2: 11 item(s) to extract"
+    shown = [
+        re.fullmatch(
+            r"textual\.items all-MiniLM-L6-v2: (\d+)/11 \((\d+)%\), [\d.]+ items/s, "
+            r"about \d+:\d\d:\d\d left",
+            line,
+        )
+        for line in lines[1:]
+    ]
+    counts = [int(m.group(1)) for m in shown if m]
+    assert len(counts) >= 2 and counts == sorted(counts) and counts[-1] < 11, result.output
+    assert "11 written" in result.output
+
+
+def test_progress_lines_come_at_most_every_so_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([100.0, 110.0, 112.0, 116.0, 125.0, 130.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    printed: list[str] = []
+    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
+    lines = cli._ProgressLines("job model", 40, every=5.0)  # starts at 100 s
+    for n in (10, 2, 3, 5, 20):  # at 110, 112, 116, 125 and 130 s
+        lines.tick(n)
+    assert printed == [
+        "job model: 40 item(s) to extract",
+        "job model: 10/40 (25%), 1.0 items/s, about 0:00:30 left",
+        "job model: 15/40 (38%), 0.9 items/s, about 0:00:27 left",  # 5 s after the last line
+        "job model: 20/40 (50%), 0.8 items/s, about 0:00:25 left",
+    ]  # none at the end: the summary line follows
+    assert cli._clock(3 * 3600 + 62.4) == "3:01:02"
 
 
 def test_config_error_exit_1_with_message(tmp_path: Path) -> None:
