@@ -157,23 +157,38 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Export again even if valid.")] = False,
 ) -> None:
     """Export every model of CONFIG to a parity-checked ONNX artifact in the model store."""
-    import ducho_fast
+    from ducho_fast.api import as_config
 
     _quiet_frameworks()
     with _errors(stopped=STOPPED_EXPORT):
-        results = ducho_fast.export(config, _overrides(ctx, set_), force=force)
-    for r in results:
-        layers = r.artifact.manifest["parity"]["layers"]
-        cos = min(v["min_cosine"] for v in layers.values())
-        rel = max(v["max_rel_diff"] for v in layers.values())
-        status = "reused" if r.reused else f"exported in {r.seconds:.1f}s"
-        out.print(
-            f"{r.spec.key_path} {Path(r.spec.model_dir).name} "
-            f"[{', '.join(r.spec.layer_labels())}]: {status} -> {_rel(r.artifact.path)} "
-            f"({_precision(r.spec.precision)}parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
-            highlight=False,
-            soft_wrap=True,
-        )
+        cfg = as_config(config, _overrides(ctx, set_))
+        from ducho_fast.exporters import export_model  # the frameworks load only here
+
+        # Model by model, as ``ducho_fast.export`` does, saying which one is being worked
+        # on: loading, converting and checking a large model takes minutes, and the lines of
+        # those done stay on screen (and in a log) if a later one fails.
+        for spec in cfg.models():
+            err.print(
+                f"{spec.key_path} {Path(spec.model_dir).name}: exporting...",
+                highlight=False,
+                soft_wrap=True,
+            )
+            for r in export_model(spec, cfg.store, force=force):
+                _print_exported(r)
+
+
+def _print_exported(r: Any) -> None:
+    layers = r.artifact.manifest["parity"]["layers"]
+    cos = min(v["min_cosine"] for v in layers.values())
+    rel = max(v["max_rel_diff"] for v in layers.values())
+    status = "reused" if r.reused else f"exported in {r.seconds:.1f}s"
+    out.print(
+        f"{r.spec.key_path} {Path(r.spec.model_dir).name} "
+        f"[{', '.join(r.spec.layer_labels())}]: {status} -> {_rel(r.artifact.path)} "
+        f"({_precision(r.spec.precision)}parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # Where stderr is not a terminal (a batch job's log, ``nohup``, a container run without -t),

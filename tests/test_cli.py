@@ -292,6 +292,28 @@ def test_export_lists_the_layers(tmp_path: Path, store: Path, resnet18_state_dic
     assert " [avgpool]: " in result.output
 
 
+@pytest.mark.slow
+def test_export_says_each_model_as_it_goes(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path
+) -> None:
+    """Each model is announced before its (maybe minutes-long) export, and its line printed
+    when it is done: a later model's failure does not hide the ones exported before it."""
+    from tests.conftest import resnet18_entry, visual_config
+
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    bad = resnet18_entry(resnet18_state_dict, output_layers=["no_such_layer"])
+    config["visual"]["items"]["model"].append(bad)
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["export", str(path)])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0] == "visual.items.model.0 resnet18: exporting..."
+    assert lines[1].startswith("visual.items.model.0 resnet18 [avgpool]: ")
+    assert lines[2] == "visual.items.model.1 resnet18: exporting..."
+    assert "no_such_layer" in result.output
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_command_says_what_it_kept_and_exits_128_plus_the_signal(
     sig: signal.Signals, capsys: pytest.CaptureFixture[str]
