@@ -190,6 +190,9 @@ def extract(
 
     ``engine="ray"`` runs each model across a Ray cluster (``ray``: where, and how many
     actors) instead of in this process; the files are the same.
+
+    ``progress``: called with a label and a total for each model run and fusion with items to
+    do, gives a context manager yielding a callback that advances it by a count.
     """
     cfg = as_config(config, overrides)
     part = _shard(shard, cfg)
@@ -238,7 +241,8 @@ def _extract(ctx: _Context) -> ExtractReport:
             report.runs += _run_models(ctx, job, list(job.models), items.good, report)
         _save_errors(job, report)
     if part is None:
-        report.fusions += [_section_fusion(cfg, f, id_order, report) for f in cfg.fusions]
+        fusions = [_section_fusion(cfg, f, id_order, report, ctx.progress) for f in cfg.fusions]
+        report.fusions += fusions
     return report
 
 
@@ -296,14 +300,20 @@ def _own_inputs(found: list[Any], part: Shard | None) -> list[Any]:
     return found if part is None or part.index == 0 else []
 
 
-def fuse(config: ConfigLike, overrides: Iterable[str] = ()) -> list[FusionRun]:
-    """Run the config's fusions over features already extracted; no model runs."""
+def fuse(
+    config: ConfigLike, overrides: Iterable[str] = (), *, progress: ProgressFactory | None = None
+) -> list[FusionRun]:
+    """Run the config's fusions over features already extracted; no model runs.
+
+    ``progress``: called with a label and a total for each fusion with ids to fuse, gives a
+    context manager yielding a callback to advance it (as ``extract``'s).
+    """
     cfg = as_config(config, overrides)
     _check_distinct_folders(cfg)
     id_order = _id_order(cfg)
     report = ExtractReport()
     runs = [
-        tower_fusion(job, spec, cfg.output)
+        tower_fusion(job, spec, cfg.output, progress=progress)
         for job in cfg.jobs
         for spec in job.models
         if spec.fusion
@@ -311,7 +321,7 @@ def fuse(config: ConfigLike, overrides: Iterable[str] = ()) -> list[FusionRun]:
     for run in runs:
         _save_fusion_errors(run)
         _fusion_matrices(cfg, run, id_order, report)
-    runs += [_section_fusion(cfg, f, id_order, report) for f in cfg.fusions]
+    runs += [_section_fusion(cfg, f, id_order, report, progress) for f in cfg.fusions]
     if report.matrix_errors:
         raise DataError("\n".join(report.matrix_errors))
     return runs
@@ -334,16 +344,20 @@ def _run_pairs(ctx: _Context, job: Job, report: ExtractReport) -> None:
             continue
         failed = {e.item_id for run in runs for e in run.result.errors}
         ids = [i.item_id for i in pairs.images if i.item_id not in failed]
-        fusion = tower_fusion(job, spec, ctx.cfg.output, ids=ids)
+        fusion = tower_fusion(job, spec, ctx.cfg.output, ids=ids, progress=ctx.progress)
         _save_fusion_errors(fusion)
         _fusion_matrices(ctx.cfg, fusion, ctx.id_order, report)
         report.fusions.append(fusion)
 
 
 def _section_fusion(
-    cfg: Config, fusion: FusionSpec, id_order: list[str] | None, report: ExtractReport
+    cfg: Config,
+    fusion: FusionSpec,
+    id_order: list[str] | None,
+    report: ExtractReport,
+    progress: ProgressFactory | None = None,
 ) -> FusionRun:
-    run = section_fusion(cfg, fusion)
+    run = section_fusion(cfg, fusion, progress)
     _save_fusion_errors(run)
     _fusion_matrices(cfg, run, id_order, report)
     return run

@@ -230,7 +230,7 @@ class _ProgressLines:
         self._done = 0
         self._start = self._last = time.monotonic()
         self._lock = threading.Lock()
-        self._print(f"{total} item(s) to extract")
+        self._print(f"{total} item(s) to do")
 
     def tick(self, n: int) -> None:
         with self._lock:
@@ -456,12 +456,18 @@ def _print_fusions(runs: list[Any]) -> None:
 
 
 @app.command(context_settings=_EXTRA)
-def fuse(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
+def fuse(
+    ctx: typer.Context,
+    config: ConfigArg,
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
     """Fuse features CONFIG has already extracted (its fusion keys), without running models."""
     import ducho_fast
 
     with _errors(stopped=STOPPED_FUSE):
-        runs = ducho_fast.fuse(config, _overrides(ctx, set_))
+        shown = _progress if progress else None
+        runs = ducho_fast.fuse(config, _overrides(ctx, set_), progress=shown)
     _print_fusions(runs)
     if not runs:
         err.print("nothing to fuse: the config has no 'fusion' keys.")

@@ -9,7 +9,8 @@ batch size (Ducho writes the visual embedding unfused when a batch holds one ite
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ from ducho_fast.outputs.manifest import (
 from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
 
 ELEMENTWISE = ("sum", "mul", "mean")
+# Given a label and a total, a context manager yielding a progress callback (the CLI's bar).
+Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
+TICK_ITEMS = 64  # the progress moves every this many fused items
 
 
 @dataclass
@@ -130,6 +134,7 @@ def fuse_folders(
     options: OutputOptions | None = None,
     where: str = "fusion",
     order: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> FusionResult:
     """Fuse the features every folder has for an id into ``output/<id>.npy``.
 
@@ -139,6 +144,7 @@ def fuse_folders(
 
     Args:
         order: ids in the order to write (by default the first folder's sorted order).
+        progress: shows the ids fused now (not those reused), labelled with ``where``.
     """
     options = options or OutputOptions()
     found = [feature_ids(f) for f in folders]
@@ -154,11 +160,20 @@ def fuse_folders(
         record = open_folder(
             output, key, resume=written_under(output, key), what=f"fusion '{where}'"
         )
-        for item_id in ids:
-            inputs = [
-                (feature_path(d, item_id), f[item_id]) for d, f in zip(folders, found, strict=True)
-            ]
-            _fuse_item(result, record, item_id, inputs, mode, normalize, options)
+        todo = sum(not _reusable(record, i, [f[i] for f in found]) for i in ids)
+        before = f" ({len(ids) - todo} of {len(ids)} done before)" if todo < len(ids) else ""
+        label = f"{where} {mode} -> {output.name}{before}"
+        shown = progress(label, todo) if progress and todo else nullcontext(None)
+        with shown as tick:
+            ticks = _Ticks(tick)
+            for item_id in ids:
+                inputs = [
+                    (feature_path(d, item_id), f[item_id])
+                    for d, f in zip(folders, found, strict=True)
+                ]
+                if not _fuse_item(result, record, item_id, inputs, mode, normalize, options):
+                    ticks.add()
+            ticks.flush()
         counts = {
             "fused": result.written,
             "reused": result.reused,
@@ -177,23 +192,49 @@ def _fuse_item(
     mode: str,
     normalize: bool,
     options: OutputOptions,
-) -> None:
-    """Fuse one id's input features into ``record``'s folder, or reuse its fused file."""
-    if record.written.get(item_id, -1) >= max(written for _, written in inputs):
+) -> bool:
+    """Fuse one id's input features into ``record``'s folder, or reuse its fused file:
+    True when it was reused."""
+    if _reusable(record, item_id, [written for _, written in inputs]):
         result.reused += 1
         result.ids.append(item_id)
-        return
+        return True
     try:
         fused = fuse([_finite_feature(path) for path, _ in inputs], mode, normalize=normalize)
         check_range(fused, options.dtype, "the fused features")
     except (DataError, ValueError, OSError) as e:
         result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
-        return
+        return False
     save_feature(
         record.path / f"{item_id}.npy", fused[0] if options.squeeze else fused, options.dtype
     )
     result.written += 1
     result.ids.append(item_id)
+    return False
+
+
+class _Ticks:
+    """Moves a progress callback (if any) every ``TICK_ITEMS`` items, not at every one."""
+
+    def __init__(self, tick: Callable[[int], None] | None) -> None:
+        self._tick = tick
+        self._pending = 0
+
+    def add(self) -> None:
+        self._pending += 1
+        if self._pending == TICK_ITEMS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._tick and self._pending:
+            self._tick(self._pending)
+        self._pending = 0
+
+
+def _reusable(record: OutputFolder, item_id: str, inputs_written: Sequence[int]) -> bool:
+    """Whether an id's fused file was written after every input feature it reads (when
+    each was written: ``st_mtime_ns``)."""
+    return record.written.get(item_id, -1) >= max(inputs_written)
 
 
 def _finite_feature(path: Path) -> np.ndarray:
@@ -265,7 +306,11 @@ def fused_dir(job: Job, spec: ModelSpec, layer: Layer) -> Path:
 
 
 def tower_fusion(
-    job: Job, spec: ModelSpec, options: OutputOptions, ids: Sequence[str] | None = None
+    job: Job,
+    spec: ModelSpec,
+    options: OutputOptions,
+    ids: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> FusionRun:
     """Fuse a two-tower model's image and text features, layer by layer."""
     assert spec.fusion is not None
@@ -278,14 +323,16 @@ def tower_fusion(
         ]
         out = fused_dir(job, spec, layer)
         where = f"{spec.key_path}.fusion"
-        result = fuse_folders(folders, out, spec.fusion, options=options, where=where, order=ids)
+        result = fuse_folders(
+            folders, out, spec.fusion, options=options, where=where, order=ids, progress=progress
+        )
         parts = layer_parts(spec, layer_label(layer))
         result.matrix_dir = fused_root(job, spec).joinpath(MATRIX_DIR, *parts)
         run.results.append(result)
     return run
 
 
-def section_fusion(cfg: Config, fusion: FusionSpec) -> FusionRun:
+def section_fusion(cfg: Config, fusion: FusionSpec, progress: Progress | None = None) -> FusionRun:
     """Run one entry of the top-level ``fusion`` section over existing features."""
     folders = [_folder(cfg, i) for i in fusion.inputs]
     result = fuse_folders(
@@ -295,6 +342,7 @@ def section_fusion(cfg: Config, fusion: FusionSpec) -> FusionRun:
         normalize=fusion.normalize,
         options=cfg.output,
         where=fusion.key_path,
+        progress=progress,
     )
     result.matrix_dir = fusion.output_path / MATRIX_DIR
     return FusionRun(fusion.key_path, fusion.mode, [result])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,57 @@ def test_a_second_fusion_reuses_what_its_inputs_still_give(tmp_path: Path) -> No
     np.testing.assert_array_equal(np.load(out / "x2.npy"), a["x2"] + np.load(tmp_path / "b/x2.npy"))
     other = fuse_folders(folders, out, "mean")  # other settings: every file remade
     assert (other.written, other.reused) == (3, 0)
+
+
+class Recorder:
+    """A progress factory (as the CLI's) that keeps each label, total and tick."""
+
+    def __init__(self) -> None:
+        self.bars: list[tuple[str, int, list[int]]] = []
+
+    @contextmanager
+    def __call__(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        ticks: list[int] = []
+        self.bars.append((label, total, ticks))
+        yield ticks.append
+
+
+def test_fusing_shows_progress_for_the_ids_it_fuses_now(tmp_path: Path) -> None:
+    """A fusion of 300,000 items takes minutes: it moves a bar (a line in a log) in steps
+    of ``TICK_ITEMS``, over the ids fused now; reused ids are named in the label."""
+    import os
+
+    from ducho_fast.fusion import TICK_ITEMS
+
+    ids = [f"x{k}" for k in range(TICK_ITEMS * 2 + 5)]
+    a = write_features(tmp_path / "a", ids, 4, 1)
+    write_features(tmp_path / "b", ids, 4, 2)
+    folders, out = [tmp_path / "a", tmp_path / "b"], tmp_path / "out"
+    shown = Recorder()
+    fuse_folders(folders, out, "sum", where="fusion.0", progress=shown)
+    assert shown.bars == [("fusion.0 sum -> out", len(ids), [TICK_ITEMS, TICK_ITEMS, 5])]
+    fuse_folders(folders, out, "sum", where="fusion.0", progress=shown)
+    assert len(shown.bars) == 1  # nothing to fuse: no bar
+    np.save(tmp_path / "a" / "x7.npy", a["x7"] * 2)  # embedded again since
+    fused = (out / "x7.npy").stat().st_mtime_ns
+    os.utime(tmp_path / "a" / "x7.npy", ns=(fused + 1000, fused + 1000))
+    again = fuse_folders(folders, out, "sum", where="fusion.0", progress=shown)
+    assert (again.written, again.reused) == (1, len(ids) - 1)
+    label = f"fusion.0 sum -> out ({len(ids) - 1} of {len(ids)} done before)"
+    assert shown.bars[1] == (label, 1, [1])
+
+
+def test_fuse_and_extract_pass_their_progress_to_fusions(tmp_path: Path) -> None:
+    write_features(tmp_path / "old/visual", ["a", "b", "c"], 4, 1)
+    write_features(tmp_path / "old/audio", ["c", "b", "a"], 4, 2)
+    cfg = {
+        "dataset_path": str(tmp_path),
+        "fusion": {"inputs": ["old/visual", "old/audio"], "mode": "concat", "output_path": "f"},
+    }
+    shown = Recorder()
+    ducho_fast.fuse(cfg, progress=shown)
+    assert shown.bars == [("fusion.0 concat -> f", 3, [3])]
+    shown = Recorder()
+    report = ducho_fast.extract(cfg, ["fusion.output_path=g"], progress=shown)
+    assert report.fusions[0].results[0].written == 3
+    assert shown.bars == [("fusion.0 concat -> g", 3, [3])]

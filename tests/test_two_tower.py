@@ -16,6 +16,7 @@ from ducho_fast.cli import app
 from ducho_fast.errors import ConfigError, DataError
 from tests.conftest import within_fp32_bounds, write_image
 from tests.exporters.test_towers import hf_reference
+from tests.test_fusion import Recorder
 
 MODEL = "models/tiny-clip"  # a relative model name: Ducho's folders nest it verbatim
 # Rows in another order than the images, one text without an image (T9), one image without text.
@@ -62,8 +63,14 @@ def folder(data: Path, root: str) -> Path:
 def test_towers_are_paired_by_id_and_match_transformers(dataset: Path) -> None:
     cfg = config(dataset, fusion="concat")
     ducho_fast.export(cfg)
-    report = ducho_fast.extract(cfg)
+    shown = Recorder()
+    report = ducho_fast.extract(cfg, progress=shown)
     assert report.failed == 0
+    fused_bar = ("visual_textual.items.model.0.fusion concat -> 1", 4, [4])  # layer 1
+    assert [bar[:2] for bar in shown.bars[:2]] == [  # the towers', then the fusion's
+        ("visual_textual.items tiny-clip [image]", 4),
+        ("visual_textual.items tiny-clip [text]", 4),
+    ] and shown.bars[2] == fused_bar
     assert sorted(e.item_id for e in report.unpaired["visual_textual.items"]) == ["A5", "T9"]
     texts = dict(ROWS)
     for item_id in ["A1", "A2", "A3", "A4"]:
