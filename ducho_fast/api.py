@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +54,7 @@ from ducho_fast.outputs.matrix import (
 )
 from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
 from ducho_fast.outputs.unreadable import forget_unreadable, load_unreadable, save_unreadable
+from ducho_fast.progress import ProgressFactory, shown
 from ducho_fast.runtime.batcher import sorts_by_length, window_size
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
@@ -62,7 +62,6 @@ from ducho_fast.runtime.pipeline import (
     Member,
     Pipeline,
     PipelineOptions,
-    ProgressFn,
     RunResult,
     shared_window,
 )
@@ -79,8 +78,6 @@ if TYPE_CHECKING:
     from ducho_fast.runtime.raydata import RayOptions, RayPipeline
 
 ConfigLike = str | Path | dict[str, Any] | Config
-# Given a label and a total, returns a context manager yielding a progress callback.
-ProgressFactory = Callable[[str, int], AbstractContextManager[ProgressFn]]
 
 RESOLVED_CONFIG = "ducho-fast.resolved.yml"
 ENGINES = ("local", "ray")
@@ -320,7 +317,7 @@ def fuse(
     ]
     for run in runs:
         _save_fusion_errors(run)
-        _fusion_matrices(cfg, run, id_order, report)
+        _fusion_matrices(cfg, run, id_order, report, progress)
     runs += [_section_fusion(cfg, f, id_order, report, progress) for f in cfg.fusions]
     if report.matrix_errors:
         raise DataError("\n".join(report.matrix_errors))
@@ -346,7 +343,7 @@ def _run_pairs(ctx: _Context, job: Job, report: ExtractReport) -> None:
         ids = [i.item_id for i in pairs.images if i.item_id not in failed]
         fusion = tower_fusion(job, spec, ctx.cfg.output, ids=ids, progress=ctx.progress)
         _save_fusion_errors(fusion)
-        _fusion_matrices(ctx.cfg, fusion, ctx.id_order, report)
+        _fusion_matrices(ctx.cfg, fusion, ctx.id_order, report, ctx.progress)
         report.fusions.append(fusion)
 
 
@@ -359,18 +356,25 @@ def _section_fusion(
 ) -> FusionRun:
     run = section_fusion(cfg, fusion, progress)
     _save_fusion_errors(run)
-    _fusion_matrices(cfg, run, id_order, report)
+    _fusion_matrices(cfg, run, id_order, report, progress)
     return run
 
 
 def _fusion_matrices(
-    cfg: Config, run: FusionRun, id_order: list[str] | None, report: ExtractReport
+    cfg: Config,
+    run: FusionRun,
+    id_order: list[str] | None,
+    report: ExtractReport,
+    progress: ProgressFactory | None = None,
 ) -> None:
     if not cfg.output.matrix:
         return
     for res in run.results:
         assert res.matrix_dir is not None
-        matrix = _matrix(res.output, res.matrix_dir, "fused", res.ids, cfg, id_order, report)
+        label = f"{run.key} {run.mode} matrix ({res.output.name})"
+        matrix = _matrix(
+            res.output, res.matrix_dir, "fused", res.ids, cfg, id_order, report, progress, label
+        )
         if matrix is not None:
             res.matrix = matrix
 
@@ -383,10 +387,19 @@ def _matrix(
     cfg: Config,
     id_order: list[str] | None,
     report: ExtractReport,
+    progress: ProgressFactory | None = None,
+    label: str = "matrix",
 ) -> MatrixResult | None:
     try:
         return write_matrix(
-            parts, target, FILE_NAMES[kind], ids, id_order=id_order, dtype=cfg.output.dtype
+            parts,
+            target,
+            FILE_NAMES[kind],
+            ids,
+            id_order=id_order,
+            dtype=cfg.output.dtype,
+            progress=progress,
+            label=label,
         )
     except DataError as e:
         report.matrix_errors.append(f"matrix {target}: {e}")
@@ -738,9 +751,7 @@ def _run_group(
         pipeline = RayPipeline(
             only.artifact, cfg.runtime, only.loader, only.writer.write, options, ctx.ray
         )
-    names = " + ".join(
-        Path(p.spec.model_name).name + (f" [{p.spec.tower}]" if p.spec.tower else "") for p in group
-    )
+    names = " + ".join(_model_label(p.spec) for p in group)
     shard = f" (shard {ctx.shard})" if ctx.shard else ""
     scope = [item for chunk in pipeline.windows(items) for item in chunk]
     total = len(scope)
@@ -757,8 +768,7 @@ def _run_group(
     before = f" ({total - todo} of {total} done before)" if todo < total else ""
     label = f"{job.name} {names}{shard}{before}"
     # Nothing to embed (all done before, or an empty shard): the summary line says so, no bar.
-    context = ctx.progress(label, todo) if ctx.progress and todo else nullcontext(None)
-    with context as tick:
+    with shown(ctx.progress, label, todo) as tick:
         if isinstance(pipeline, Pipeline):
             results, providers = pipeline.run(items, tick), pipeline.providers
         else:
@@ -812,7 +822,18 @@ def _finish_outputs(
         if ctx.cfg.output.matrix:
             target = output_root(job, spec).joinpath(MATRIX_DIR, *layer_parts(spec, label))
             kind = spec.tower or spec.modality
-            matrix = _matrix(folder.path, target, kind, ids, ctx.cfg, ctx.id_order, report)
+            shown_as = f"{job.name} {_model_label(spec)} matrix ({label})"
+            matrix = _matrix(
+                folder.path,
+                target,
+                kind,
+                ids,
+                ctx.cfg,
+                ctx.id_order,
+                report,
+                ctx.progress,
+                shown_as,
+            )
             if matrix is not None:
                 run.matrices.append(matrix)
                 extra["matrix"] = _matrix_record(matrix)
@@ -843,6 +864,11 @@ def _timing_record(r: RunResult) -> dict[str, float]:
         "writer_cpu_seconds": round(r.timing.writer_cpu, 3),
         "concurrent_batches": r.timing.lanes,
     }
+
+
+def _model_label(spec: ModelSpec) -> str:
+    """A model as progress shows it: ``all-MiniLM-L6-v2``, ``clip [image]``."""
+    return Path(spec.model_name).name + (f" [{spec.tower}]" if spec.tower else "")
 
 
 def _matrix_record(matrix: MatrixResult) -> dict[str, Any]:

@@ -9,8 +9,7 @@ batch size (Ducho writes the visual embedding unfused when a batch holds one ite
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,9 @@ from ducho_fast.outputs.manifest import (
     written_under,
 )
 from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
+from ducho_fast.progress import ProgressFactory, Ticks, shown
 
 ELEMENTWISE = ("sum", "mul", "mean")
-# Given a label and a total, a context manager yielding a progress callback (the CLI's bar).
-Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 TICK_ITEMS = 64  # the progress moves every this many fused items
 
 
@@ -134,7 +132,7 @@ def fuse_folders(
     options: OutputOptions | None = None,
     where: str = "fusion",
     order: Sequence[str] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFactory | None = None,
 ) -> FusionResult:
     """Fuse the features every folder has for an id into ``output/<id>.npy``.
 
@@ -162,10 +160,8 @@ def fuse_folders(
         )
         todo = sum(not _reusable(record, i, [f[i] for f in found]) for i in ids)
         before = f" ({len(ids) - todo} of {len(ids)} done before)" if todo < len(ids) else ""
-        label = f"{where} {mode} -> {output.name}{before}"
-        shown = progress(label, todo) if progress and todo else nullcontext(None)
-        with shown as tick:
-            ticks = _Ticks(tick)
+        with shown(progress, f"{where} {mode} -> {output.name}{before}", todo) as tick:
+            ticks = Ticks(tick, TICK_ITEMS)
             for item_id in ids:
                 inputs = [
                     (feature_path(d, item_id), f[item_id])
@@ -211,24 +207,6 @@ def _fuse_item(
     result.written += 1
     result.ids.append(item_id)
     return False
-
-
-class _Ticks:
-    """Moves a progress callback (if any) every ``TICK_ITEMS`` items, not at every one."""
-
-    def __init__(self, tick: Callable[[int], None] | None) -> None:
-        self._tick = tick
-        self._pending = 0
-
-    def add(self) -> None:
-        self._pending += 1
-        if self._pending == TICK_ITEMS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._tick and self._pending:
-            self._tick(self._pending)
-        self._pending = 0
 
 
 def _reusable(record: OutputFolder, item_id: str, inputs_written: Sequence[int]) -> bool:
@@ -310,7 +288,7 @@ def tower_fusion(
     spec: ModelSpec,
     options: OutputOptions,
     ids: Sequence[str] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFactory | None = None,
 ) -> FusionRun:
     """Fuse a two-tower model's image and text features, layer by layer."""
     assert spec.fusion is not None
@@ -332,7 +310,9 @@ def tower_fusion(
     return run
 
 
-def section_fusion(cfg: Config, fusion: FusionSpec, progress: Progress | None = None) -> FusionRun:
+def section_fusion(
+    cfg: Config, fusion: FusionSpec, progress: ProgressFactory | None = None
+) -> FusionRun:
     """Run one entry of the top-level ``fusion`` section over existing features."""
     folders = [_folder(cfg, i) for i in fusion.inputs]
     result = fuse_folders(

@@ -299,8 +299,8 @@ def test_fuse_and_extract_pass_their_progress_to_fusions(tmp_path: Path) -> None
         "fusion": {"inputs": ["old/visual", "old/audio"], "mode": "concat", "output_path": "f"},
     }
     shown = Recorder()
-    ducho_fast.fuse(cfg, progress=shown)
-    assert shown.bars == [("fusion.0 concat -> f", 3, [3])]
+    ducho_fast.fuse(cfg, ["output.layouts=[ducho, matrix]"], progress=shown)
+    assert shown.bars == [("fusion.0 concat -> f", 3, [3]), ("fusion.0 concat matrix (f)", 3, [3])]
     shown = Recorder()
     report = ducho_fast.extract(cfg, ["fusion.output_path=g"], progress=shown)
     assert report.fusions[0].results[0].written == 3

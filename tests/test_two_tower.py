@@ -64,13 +64,17 @@ def test_towers_are_paired_by_id_and_match_transformers(dataset: Path) -> None:
     cfg = config(dataset, fusion="concat")
     ducho_fast.export(cfg)
     shown = Recorder()
-    report = ducho_fast.extract(cfg, progress=shown)
+    report = ducho_fast.extract(cfg, ["output.layouts=[ducho, matrix]"], progress=shown)
     assert report.failed == 0
-    fused_bar = ("visual_textual.items.model.0.fusion concat -> 1", 4, [4])  # layer 1
-    assert [bar[:2] for bar in shown.bars[:2]] == [  # the towers', then the fusion's
-        ("visual_textual.items tiny-clip [image]", 4),
-        ("visual_textual.items tiny-clip [text]", 4),
-    ] and shown.bars[2] == fused_bar
+    job, key = "visual_textual.items", "visual_textual.items.model.0"
+    assert [bar[:2] for bar in shown.bars] == [  # each tower and its matrix, then the fusion
+        (f"{job} tiny-clip [image]", 4),
+        (f"{job} tiny-clip [image] matrix (1)", 4),
+        (f"{job} tiny-clip [text]", 4),
+        (f"{job} tiny-clip [text] matrix (1)", 4),
+        (f"{key}.fusion concat -> 1", 4),  # layer 1
+        (f"{key} concat matrix (1)", 4),
+    ]
     assert sorted(e.item_id for e in report.unpaired["visual_textual.items"]) == ["A5", "T9"]
     texts = dict(ROWS)
     for item_id in ["A1", "A2", "A3", "A4"]:
@@ -111,8 +115,15 @@ def test_fuse_reuses_features_without_models(dataset: Path, mode: str) -> None:
     ducho_fast.export(config(dataset))
     ducho_fast.extract(config(dataset))
     shutil.rmtree(dataset / "store")  # no artifact, no model: fusion reads the features
-    (run,) = ducho_fast.fuse(config(dataset, fusion=mode))
+    shown = Recorder()
+    matrix = ["output.layouts=[ducho, matrix]"]
+    (run,) = ducho_fast.fuse(config(dataset, fusion=mode), matrix, progress=shown)
     assert run.results[0].written == 4
+    key = "visual_textual.items.model.0"
+    assert shown.bars == [
+        (f"{key}.fusion {mode} -> 1", 4, [4]),
+        (f"{key} {mode} matrix (1)", 4, [4]),
+    ]
     for item_id in ["A1", "A2", "A3", "A4"]:
         a = np.load(folder(dataset, "visual_embeddings") / f"{item_id}.npy")
         b = np.load(folder(dataset, "textual_embeddings") / f"{item_id}.npy")

@@ -31,6 +31,7 @@ import numpy as np
 from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import DataError, DuchoError, UnreadableFile
+from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import (
     AUTO_TOKENS_PER_ROW,
     Batcher,
@@ -42,7 +43,6 @@ from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, 
 
 LoadFn = Callable[[Item], Any]
 WriteFn = Callable[[str, ItemOutputs], None]
-ProgressFn = Callable[[int], None]
 
 
 @dataclass

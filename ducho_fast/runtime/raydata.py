@@ -31,13 +31,13 @@ from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.items import Item
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import ConfigError, DataError
+from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, whole
 from ducho_fast.runtime.pipeline import (
     Batch,
     LoadFn,
     PipelineOptions,
-    ProgressFn,
     RunResult,
     WindowedRun,
     WriteFn,

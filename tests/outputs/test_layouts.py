@@ -11,6 +11,7 @@ import pytest
 import ducho_fast
 from ducho_fast.errors import ArtifactError, ConfigError
 from tests.conftest import resnet18_entry
+from tests.test_fusion import Recorder
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +65,16 @@ def test_mmrec_matrices_follow_id_order(
         id_order="item_order.txt",
     )
     ducho_fast.export(config)
-    report = ducho_fast.extract(config)
+    shown = Recorder()
+    report = ducho_fast.extract(config, progress=shown)
     assert report.failed == 0
+    matrices = {label: (total, ticks) for label, total, ticks in shown.bars if "matrix" in label}
+    # The files read: every row's, and those averaged for the rows with no feature.
+    assert matrices == {
+        "visual.items resnet18 matrix (avgpool)": (10 + 12, [22]),  # "007", NEW1: no image
+        "textual.items all-MiniLM-L6-v2 matrix (1)": (11 + 12, [23]),  # NEW1: no text
+        "fusion.0 concat matrix (fused)": (10 + 12, [22]),
+    }
 
     per_item = tmp_path / "v/torch/resnet18/avgpool"
     image = np.load(tmp_path / "v/matrix/torch/resnet18/avgpool/image_feat.npy")

@@ -163,3 +163,21 @@ def test_the_gaps_list_is_remade_when_a_left_out_feature_goes(tmp_path: Path) ->
     (tmp_path / "p" / "x.npy").unlink()
     again = write_matrix(tmp_path / "p", tmp_path / "m", "f", ["a", "b"], id_order=order)
     assert not again.reused and not (tmp_path / "m/missing.tsv").exists()
+
+
+def test_assembling_shows_progress_over_the_files_it_reads(tmp_path: Path) -> None:
+    """A matrix of a million rows reads a million files (twice those of rows it averages):
+    its bar moves every ``TICK_ROWS`` files; a matrix kept from an earlier run shows none."""
+    from ducho_fast.outputs.matrix import TICK_ROWS
+    from tests.test_fusion import Recorder
+
+    ids = [f"i{k}" for k in range(TICK_ROWS + 3)]
+    parts(tmp_path / "p", dict(zip(ids, vectors(len(ids)), strict=True)))
+    shown = Recorder()
+    write_matrix(tmp_path / "p", tmp_path / "m", "f", ids, progress=shown, label="m of x")
+    assert shown.bars == [("m of x", len(ids), [TICK_ROWS, 3])]
+    write_matrix(tmp_path / "p", tmp_path / "m", "f", ids, progress=shown, label="m of x")
+    assert len(shown.bars) == 1  # kept
+    order = ["gap", *ids]
+    write_matrix(tmp_path / "p", tmp_path / "m", "f", ids, id_order=order, progress=shown)
+    assert shown.bars[1] == ("matrix", 2 * len(ids) + 1, [TICK_ROWS, TICK_ROWS, 2 * 3 + 1])

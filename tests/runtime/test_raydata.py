@@ -59,12 +59,12 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     # blank text fails from the listing alone: neither window runs again (no bar), and both
     # are still reported. Touched, the image is read again: only its window runs, and the
     # progress counts only it.
-    bars: list[tuple[int, list[int]]] = []
+    bars: list[tuple[str, int, list[int]]] = []
 
     @contextmanager
     def progress(label: str, total: int) -> Iterator[Any]:
-        bars.append((total, []))
-        yield bars[-1][1].append
+        bars.append((label, total, []))
+        yield bars[-1][2].append
 
     settled = ducho_fast.extract(on_ray, engine="ray", progress=progress)
     assert [r.result.written for r in settled.runs] == [0, 0] and bars == []
@@ -74,7 +74,9 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     assert [r.result.written for r in again.runs] == [2, 0]
     assert [r.result.reused for r in again.runs] == [19, 69]
     assert [e.item_id for r in again.runs for e in r.result.errors] == ["img05", "t009"]
-    assert [(total, sum(ticks)) for total, ticks in bars] == [(3, 3)]
+    # The image's window, then its matrix: remade, as a feature in it is new.
+    assert [(total, sum(ticks)) for _, total, ticks in bars] == [(3, 3), (21, 21)]
+    assert "matrix" not in bars[0][0] and "matrix" in bars[1][0]
     half = two_job_config(tmp_path / "half", store, resnet18_state_dict, tiny_bert_dir)
     shard = ducho_fast.extract(half, engine="ray", shard="1/2")
     # Windows 1, 3, 5, 7 of the images (3 + 3 + 3 + 1, img05 among them) and 1 of the texts.
