@@ -221,16 +221,16 @@ def _progress(label: str, total: int) -> Iterator[Any]:
 
 
 class _ProgressLines:
-    """Progress as plain lines for a log: one when the run starts, then one at the first
-    tick ``every`` seconds after the last line, with the rate and the time left. Ticks come
-    from the writer's thread (or a Ray engine's loop); the summary line ends the run."""
+    """Progress as plain lines for a log: one at the first tick ``every`` seconds after the
+    start or the last line, with the rate and the time left. Work done sooner (a small job,
+    a matrix of a few rows) prints none: its summary line says it all. Ticks come from the
+    writer's thread (or a Ray engine's loop, a fusion's, a matrix's)."""
 
     def __init__(self, label: str, total: int, every: float) -> None:
         self._label, self._total, self._every = label, total, every
         self._done = 0
         self._start = self._last = time.monotonic()
         self._lock = threading.Lock()
-        self._print(f"{total} item(s) to do")
 
     def tick(self, n: int) -> None:
         with self._lock:
@@ -242,13 +242,12 @@ class _ProgressLines:
             rate = self._done / (now - self._start)
             left = (self._total - self._done) / rate if rate > 0 else 0.0
             share = 100 * self._done / self._total
-            self._print(
-                f"{self._done}/{self._total} ({share:.0f}%), {rate:.1f} items/s, about "
-                f"{_clock(left)} left"
+            err.print(
+                f"{self._label}: {self._done}/{self._total} ({share:.0f}%), {rate:.1f} items/s, "
+                f"about {_clock(left)} left",
+                highlight=False,
+                soft_wrap=True,
             )
-
-    def _print(self, text: str) -> None:
-        err.print(f"{self._label}: {text}", highlight=False, soft_wrap=True)
 
 
 def _clock(seconds: float) -> str:
