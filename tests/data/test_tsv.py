@@ -123,6 +123,26 @@ def test_blank_lines_before_the_header_are_skipped_as_pandas_skips_them(tmp_path
     assert [(i.item_id, i.raw) for i in items] == [("1", "a")]
 
 
+def test_a_header_of_empty_cells_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """A first row of tabs (or spaces) would name no column, and the real header below it
+    would be embedded as an item (what pandas, and so Ducho, does)."""
+    from ducho_fast.data.text.tsv import check_text_table
+
+    for first in ("\t", " \t ", "   "):
+        path = write(tmp_path, f"\n{first}\nitem_id\tdesc\nA\thello\n")
+        expected = r"d\.tsv:2: the header row .* has only empty cells"
+        with pytest.raises(DataError, match=expected):
+            read_text_items(path, None, None)  # the defaults took the real header as an item
+        with pytest.raises(DataError, match=expected):
+            check_text_table(path, "item_id", "desc")  # before any work
+
+
+def test_a_header_cell_padded_or_empty_is_quoted_in_the_message(tmp_path: Path) -> None:
+    path = write(tmp_path, "id\t desc\t\n1\ta\tb\n")
+    with pytest.raises(DataError, match=r"the header has: id, ' desc', ''\.$"):
+        read_text_items(path, "id", "desc")
+
+
 def test_empty_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"the file is empty"):
         read_text_items(write(tmp_path, "", "empty.tsv"), None, None)

@@ -143,9 +143,14 @@ def _header(tsv: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
     first = next((row for row in rows if _is_data(row[1])), None)
     if first is None:
         raise DataError(f"{tsv}: the file is empty or blank; it needs a header row.")
-    header = first[1]
+    line, header = first
     if any(_undecodable(h) for h in header):
         raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
+    if not any(h.strip() for h in header):  # tabs or spaces only: read as a header, every
+        raise DataError(  # column unnamed, and the real header would be embedded as an item
+            f"{tsv}:{line}: the header row (the first that is not blank) has only empty "
+            f"cells ({len(header)}); it must name the columns. Remove that line."
+        )
     return header
 
 
@@ -200,7 +205,7 @@ def _interaction_columns(
     if columns is None and len(header) < 3:
         raise DataError(
             f"{tsv}: interactions need a user, an item and a text column; the header has "
-            f"{len(header)} ({', '.join(header)}). Name them with interaction_columns: "
+            f"{len(header)} ({_names(header)}). Name them with interaction_columns: "
             "[USER, ITEM] and text_column."
         )
     user_name, item_name = columns if columns else (None, None)
@@ -245,6 +250,11 @@ def _column(header: list[str], name: str | None, default: int, key: str, tsv: Pa
         return default
     if name not in header:
         raise DataError(
-            f"{tsv}: no column '{name}' (from '{key}'); the header has: {', '.join(header)}."
+            f"{tsv}: no column '{name}' (from '{key}'); the header has: {_names(header)}."
         )
     return header.index(name)
+
+
+def _names(header: list[str]) -> str:
+    """The header's cells as a message lists them; an empty or padded one quoted."""
+    return ", ".join(h if h and h == h.strip() else repr(h) for h in header)
