@@ -121,14 +121,20 @@ def test_a_quote_followed_by_text_names_the_tab_it_expected(tmp_path: Path) -> N
 def test_blank_lines_before_the_header_are_skipped_as_pandas_skips_them(tmp_path: Path) -> None:
     items = read_text_items(write(tmp_path, "\n\nid\tdesc\n\n1\ta\n"), None, None)
     assert [(i.item_id, i.raw) for i in items] == [("1", "a")]
+    # Lines of spaces are blank to pandas too, before the header or among the rows.
+    items = read_text_items(write(tmp_path, "   \nid\tdesc\n1\ta\n  \n2\tb\n"), None, None)
+    assert [(i.item_id, i.raw, i.origin) for i in items] == [
+        ("1", "a", "d.tsv:3"),
+        ("2", "b", "d.tsv:5"),
+    ]
 
 
 def test_a_header_of_empty_cells_is_refused_naming_its_line(tmp_path: Path) -> None:
-    """A first row of tabs (or spaces) would name no column, and the real header below it
+    """A first row of tabs (and spaces) would name no column, and the real header below it
     would be embedded as an item (what pandas, and so Ducho, does)."""
     from ducho_fast.data.text.tsv import check_text_table
 
-    for first in ("\t", " \t ", "   "):
+    for first in ("\t", " \t ", "\t\t"):
         path = write(tmp_path, f"\n{first}\nitem_id\tdesc\nA\thello\n")
         expected = r"d\.tsv:2: the header row .* has only empty cells"
         with pytest.raises(DataError, match=expected):

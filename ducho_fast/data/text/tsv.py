@@ -146,7 +146,7 @@ def _header(tsv: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
     line, header = first
     if any(_undecodable(h) for h in header):
         raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
-    if not any(h.strip() for h in header):  # tabs or spaces only: read as a header, every
+    if not any(h.strip() for h in header):  # tabs and spaces only: read as a header, every
         raise DataError(  # column unnamed, and the real header would be embedded as an item
             f"{tsv}:{line}: the header row (the first that is not blank) has only empty "
             f"cells ({len(header)}); it must name the columns. Remove that line."
@@ -155,7 +155,8 @@ def _header(tsv: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
 
 
 def _is_data(row: list[str]) -> bool:
-    return bool(row) and row != [""]
+    """Whether a row is not blank: pandas (Ducho) skips empty lines and lines of spaces."""
+    return bool(row) and not (len(row) == 1 and not row[0].strip(" \t"))
 
 
 def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
