@@ -188,8 +188,8 @@ def extract(
     ``engine="ray"`` runs each model across a Ray cluster (``ray``: where, and how many
     actors) instead of in this process; the files are the same.
 
-    ``progress``: called with a label and a total for each model run and fusion with items to
-    do, gives a context manager yielding a callback that advances it by a count.
+    ``progress``: called with a label and a total for each model run, fusion and matrix with
+    work to do, gives a context manager yielding a callback that advances it by a count.
     """
     cfg = as_config(config, overrides)
     part = _shard(shard, cfg)
@@ -302,8 +302,8 @@ def fuse(
 ) -> list[FusionRun]:
     """Run the config's fusions over features already extracted; no model runs.
 
-    ``progress``: called with a label and a total for each fusion with ids to fuse, gives a
-    context manager yielding a callback to advance it (as ``extract``'s).
+    ``progress``: called with a label and a total for each fusion and matrix with work to
+    do, gives a context manager yielding a callback to advance it (as ``extract``'s).
     """
     cfg = as_config(config, overrides)
     _check_distinct_folders(cfg)
