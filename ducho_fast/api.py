@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,10 +106,20 @@ def export(config: ConfigLike, overrides: Iterable[str] = (), *, force: bool = F
     Returns one ``ExportResult`` per model entry; artifacts already exported and valid are
     reused unless ``force``.
     """
+    return [r for _, run in export_steps(config, overrides, force=force) for r in run()]
+
+
+def export_steps(
+    config: ConfigLike, overrides: Iterable[str] = (), *, force: bool = False
+) -> Iterator[tuple[ModelSpec, Callable[[], list[Any]]]]:
+    """:func:`export` model by model: each model entry, and a call that exports it (its
+    ``ExportResult``s), so a caller can say which model it is on before the minutes a large
+    one takes (the CLI does)."""
     from ducho_fast.exporters import export_model  # heavy frameworks load only here
 
     cfg = as_config(config, overrides)
-    return [r for spec in cfg.models() for r in export_model(spec, cfg.store, force=force)]
+    for spec in cfg.models():
+        yield spec, partial(export_model, spec, cfg.store, force=force)
 
 
 # -- extract ------------------------------------------------------------------------------

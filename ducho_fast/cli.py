@@ -157,23 +157,20 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Export again even if valid.")] = False,
 ) -> None:
     """Export every model of CONFIG to a parity-checked ONNX artifact in the model store."""
-    from ducho_fast.api import as_config
+    from ducho_fast.api import export_steps
 
     _quiet_frameworks()
     with _errors(stopped=STOPPED_EXPORT):
-        cfg = as_config(config, _overrides(ctx, set_))
-        from ducho_fast.exporters import export_model  # the frameworks load only here
-
-        # Model by model, as ``ducho_fast.export`` does, saying which one is being worked
-        # on: loading, converting and checking a large model takes minutes, and the lines of
-        # those done stay on screen (and in a log) if a later one fails.
-        for spec in cfg.models():
+        # Saying which model is being worked on (loading, converting and checking a large
+        # one takes minutes), and each one's line when it is done: those lines stay on screen
+        # (and in a log) if a later model fails.
+        for spec, run in export_steps(config, _overrides(ctx, set_), force=force):
             err.print(
                 f"{spec.key_path} {Path(spec.model_dir).name}: exporting...",
                 highlight=False,
                 soft_wrap=True,
             )
-            for r in export_model(spec, cfg.store, force=force):
+            for r in run():
                 _print_exported(r)
 
 
