@@ -52,7 +52,8 @@ def test_torchvision_name_with_state_dict_several_layers(
     assert_artifact_files(result.artifact.path)
 
 
-def test_export_is_reused_until_something_changes(tmp_path, store, resnet18_state_dict) -> None:
+def test_export_is_reused_until_something_changes(tmp_path, resnet18_state_dict) -> None:
+    store = tmp_path / "store"  # its own: the shared one may hold these exports already
     first = export_one(tmp_path, resnet18_entry(resnet18_state_dict), store)
     again = export_one(tmp_path, resnet18_entry(resnet18_state_dict), store)
     assert again.reused and again.artifact.path == first.artifact.path
