@@ -742,6 +742,7 @@ def _run_group(
         token_budget=cfg.runtime.token_budget,
         shard=ctx.shard,
         sort_window=cfg.runtime.sort_window,
+        readers=cfg.runtime.readers,
     )
     pipeline: Pipeline | RayPipeline
     if ctx.ray is None:

@@ -145,6 +145,7 @@ class RuntimeOptions:
     threads: int = 0
     prefetch: int = 4
     workers: int = 0
+    readers: str = "threads"  # images/audio: threads | processes (decoder crashes isolated)
     token_budget: int = 0  # text: max rows x padded length per batch; 0: batch_size x 64
     sort_window: int = 0  # text: batches per length-sorted window; 0: 64
     concurrent_batches: int = 0  # CPU: batches run at once; 0: automatic (see batch_lanes)

@@ -92,6 +92,11 @@ RUNTIME_KEYS: dict[str, Key] = {
     "threads": _INT,
     "prefetch": _INT,
     "workers": _INT,
+    "readers": Key(
+        (str,),
+        choices=("threads", "processes"),
+        doc="images/audio: decoded in threads or processes",
+    ),
     "token_budget": Key((int,), doc="text: tokens per batch (rows x padded length); 0 = auto"),
     "sort_window": Key((int,), doc="text: batches sorted by length together; 0 = auto (64)"),
     "concurrent_batches": Key(

@@ -1,6 +1,7 @@
 """The batch pipeline: readers -> bounded queue -> ONNX Runtime -> writer thread.
 
-Readers decode a batch on a thread pool (PIL and tokenizers release the GIL) and build its
+Readers decode a batch on a thread pool (PIL and tokenizers release the GIL; images and audio
+in worker processes with ``runtime.readers: processes``, see :mod:`decoders`) and build its
 graph inputs (on CUDA: staged on the device) while the model runs the previous one; the writer
 copies a batch's outputs back and saves them while the model runs the next. Several models
 over the same items share the readers: each item is decoded once, in windows that hold a whole
@@ -21,6 +22,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -30,13 +32,14 @@ import numpy as np
 
 from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.sources import Loader
-from ducho_fast.errors import DataError, DuchoError, UnreadableFile
+from ducho_fast.errors import ConfigError, DataError, DuchoError, UnreadableFile
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import (
     AUTO_TOKENS_PER_ROW,
     Batcher,
     window_size,
 )
+from ducho_fast.runtime.decoders import DecoderPool, DecoderStartError, processable
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
 from ducho_fast.runtime.shard import Shard
 from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, put, put_alive
@@ -78,6 +81,23 @@ class PipelineOptions:
     token_budget: int = 0  # text: rows x padded length per batch; 0: batch_size x 64
     shard: Shard | None = None  # a job array's task: only its windows
     sort_window: int = 0  # text: batches per length-sorted window; 0: TEXT_WINDOW_BATCHES
+    readers: str = "threads"  # images, audio: threads | processes (see use_processes)
+
+
+# Images and audio: items read ahead per reader worker (see Pipeline.windows_ahead). On 16
+# CPUs with an H100 (the device tool's machine; 1024 JPEGs, batches of 32, one machine, runs
+# alternated), windows read one at a time left the model waiting 0.9-1.2 s per run for its
+# inputs, 8 items ahead per worker 0.0 s: ResNet50 1.03-1.18x the images/s, EfficientNet-Lite0
+# within noise (the writer was then what it waited for). On 2 CPUs with batches of 32 the
+# depth stays one window, as before.
+AHEAD_ITEMS_PER_WORKER = 8
+
+
+def use_processes(readers: str, loaders: Sequence[Loader]) -> bool:
+    """Whether the readers decode in worker processes (:mod:`ducho_fast.runtime.decoders`):
+    with ``readers: processes``, for image and audio files; texts are always tokenized in
+    threads."""
+    return readers == "processes" and processable(loaders, [])
 
 
 # Models share decoding when a window holding a whole number of each one's windows (their
@@ -218,26 +238,57 @@ class Pipeline(WindowedRun):
     # -- stages ----------------------------------------------------------------------------
 
     def _read(self, items: Sequence[Item], out: queue.Queue[Any], stop: threading.Event) -> None:
-        """Read, decode and cut each window into batches, one window ahead of the queue: the
-        next window is read (by ``pool``'s workers, for a thread of its own) while this one's
-        batches wait for room. A text window is 64 batches; read one after the other, the
-        next one's tokenizing would start only when ``prefetch`` batches were left to run,
-        and a model faster than that (a GPU) would wait for it at every window."""
+        """Read, decode and cut windows into batches, ahead of the queue: the next windows
+        (:meth:`windows_ahead`) are read by ``pool``'s workers, each for a thread of its own,
+        while this one's batches wait for room. A text window is 64 batches; read one after
+        the other, the next one's tokenizing would start only when ``prefetch`` batches were
+        left to run, and a model faster than that (a GPU) would wait for it at every window.
+        An image window is one batch, whose slowest items the workers would otherwise idle
+        beside."""
+        decoders = self._decoders()
+        depth = self.windows_ahead()
         workers = ThreadPoolExecutor(max_workers=self._opts.workers)
-        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ducho-window")
-        with workers as pool, ahead:
-            pending: Future[list[tuple[Member, Batch]]] | None = None
-            for chunk in self.windows(items):
-                if stop.is_set():
-                    break
-                windows = list(self._own_windows(chunk))
-                following = ahead.submit(self._assemble, chunk, windows, pool)
-                if pending is not None:
-                    self._queue(pending.result(), out, stop)
-                pending = following
-            if pending is not None and not stop.is_set():
-                self._queue(pending.result(), out, stop)
-        put(out, DONE, stop)
+        ahead = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="ducho-window")
+        try:
+            with workers as pool, ahead:
+                pending: deque[Future[list[tuple[Member, Batch]]]] = deque()
+                for chunk in self.windows(items):
+                    if stop.is_set():
+                        break
+                    windows = list(self._own_windows(chunk))
+                    pending.append(ahead.submit(self._assemble, chunk, windows, pool, decoders))
+                    if len(pending) > depth:
+                        self._queue(pending.popleft().result(), out, stop)
+                while pending and not stop.is_set():
+                    self._queue(pending.popleft().result(), out, stop)
+            put(out, DONE, stop)  # the model need not wait for the decoder processes' end
+        finally:
+            if decoders is not None:
+                decoders.close()
+
+    def windows_ahead(self) -> int:
+        """Windows read beside the one whose batches are being queued: one for texts (a
+        window is ``sort_window`` batches), and for images and audio enough to give each
+        worker ``AHEAD_ITEMS_PER_WORKER`` items, so the workers that finish a window's fast
+        items go on with the next windows' while its slowest finish."""
+        if self._batcher.sorts_by_length:
+            return 1
+        return max(1, math.ceil(self._opts.workers * AHEAD_ITEMS_PER_WORKER / self.window))
+
+    def _decoders(self) -> DecoderPool | None:
+        """Worker processes for the readers where :func:`use_processes` says so, started;
+        None: threads. Processes that cannot start stop the run, saying why."""
+        if not use_processes(self._opts.readers, [m.loader for m in self.members]):
+            return None
+        pool = DecoderPool(self._opts.workers)
+        try:
+            pool.start()
+        except DecoderStartError as e:
+            raise ConfigError(
+                f"runtime.readers: processes: the decoder processes could not start ({e}; "
+                "their error is printed above).\nHint: set runtime.readers: threads."
+            ) from e
+        return pool
 
     def _queue(
         self, batches: list[tuple[Member, Batch]], out: queue.Queue[Any], stop: threading.Event
@@ -271,7 +322,11 @@ class Pipeline(WindowedRun):
                 yield k, start, own, settled(own, member.done, member.loader)
 
     def _assemble(
-        self, chunk: Sequence[Item], windows: list[OwnWindow], pool: ThreadPoolExecutor
+        self,
+        chunk: Sequence[Item],
+        windows: list[OwnWindow],
+        pool: ThreadPoolExecutor,
+        decoders: DecoderPool | None = None,
     ) -> list[tuple[Member, Batch]]:
         """Decode a window once for the models that need its items, then cut each model's
         windows into batches as it wants. An item moves the progress once: with the batch of
@@ -289,7 +344,15 @@ class Pipeline(WindowedRun):
             return dict(zip(ks, load_each(loaders, chunk[position]), strict=True))
 
         needed = [position for position, ks in enumerate(users) if ks]
-        decoded = map_in_slices(pool, load, needed, self._opts.workers)
+        if decoders is not None and processable([], [chunk[p] for p in needed]):
+            pairs = [([self.members[k].loader for k in users[p]], chunk[p]) for p in needed]
+            results = decoders.map(pairs, slice_size(len(needed), self._opts.workers))
+            decoded = [
+                dict(zip(users[p], each, strict=True))
+                for p, each in zip(needed, results, strict=True)
+            ]
+        else:
+            decoded = map_in_slices(pool, load, needed, self._opts.workers)
         by_position = dict(zip(needed, decoded, strict=True))
         loaded = [by_position.get(position, {}) for position in range(len(chunk))]
         last = {id(item): max(ks, default=-1) for item, ks in zip(chunk, users, strict=True)}
@@ -415,12 +478,17 @@ OwnWindow = tuple[int, int, Sequence[Item], list[tuple[Item, Failed]] | None]
 TASKS_PER_WORKER = 16
 
 
+def slice_size(count: int, workers: int) -> int:
+    """Items per task when ``count`` items go to ``workers``: see ``TASKS_PER_WORKER``."""
+    return max(1, count // (max(workers, 1) * TASKS_PER_WORKER))
+
+
 def map_in_slices(
     pool: ThreadPoolExecutor, fn: Callable[[int], Any], values: Sequence[int], workers: int
 ) -> list[Any]:
     """``[fn(v) for v in values]`` run on ``pool``, in at most ``TASKS_PER_WORKER`` tasks
     per worker, each a slice of consecutive values."""
-    size = max(1, len(values) // (max(workers, 1) * TASKS_PER_WORKER))
+    size = slice_size(len(values), workers)
     slices = [values[i : i + size] for i in range(0, len(values), size)]
     parts = pool.map(lambda part: [fn(v) for v in part], slices)
     return [out for part in parts for out in part]

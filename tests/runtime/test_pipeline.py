@@ -615,6 +615,73 @@ def test_the_next_window_is_read_while_this_ones_batches_wait(
     assert len(windows_read) == 2
 
 
+def test_image_windows_are_read_several_ahead_to_keep_the_workers_busy(
+    tmp_path, store, resnet18_state_dict, monkeypatch
+) -> None:
+    """Images come in windows of one batch. With 2 workers and batches of 2, 8 items ahead
+    per worker are all 6 windows: every image is decoded while the model holds its first
+    batch (one window at a time, 4 of the 6 would be: the queued one, the one waiting for
+    room, the one read ahead, and the first). The features are those of any other run."""
+    from ducho_fast.data import sources
+    from ducho_fast.runtime import embedder as embedder_module
+
+    (tmp_path / "images").mkdir()
+    for k in range(12):
+        write_image(tmp_path / "images" / f"im{k:02d}.png", (20 + k, 16), seed=k)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
+    config["runtime"] = {"workers": 2, "prefetch": 1, "concurrent_batches": 1}
+    ducho_fast.export(config)
+    decoded: list[str] = []
+    real_decode, real_launch = sources.ImageLoader.decode, embedder_module.Embedder.launch
+    held: list[int] = []
+
+    def decode(self: Any, item: Any) -> Any:
+        out = real_decode(self, item)
+        decoded.append(item.item_id)
+        return out
+
+    def launch(self: Any, prepared: Any, lane: int = 0) -> Any:
+        if not held:  # the first batch: wait (at most 10 s) for every image's decoding
+            deadline = time.monotonic() + 10
+            while len(decoded) < 12 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            held.append(len(decoded))
+        return real_launch(self, prepared, lane)
+
+    monkeypatch.setattr(sources.ImageLoader, "decode", decode)
+    monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
+    report = ducho_fast.extract(config)
+    assert report.runs[0].result.written == 12 and held == [12], decoded
+    monkeypatch.undo()
+    again = {**config, "runtime": {"workers": 1, "prefetch": 4}}
+    again["visual"] = {"items": {**config["visual"]["items"], "output_path": "again"}}
+    ducho_fast.extract(again)
+    ours = sorted((tmp_path / "out").rglob("*.npy"))
+    assert len(ours) == 12
+    for file in ours:
+        twin = tmp_path / "again" / file.relative_to(tmp_path / "out")
+        assert twin.read_bytes() == file.read_bytes()
+
+
+def test_how_many_windows_are_read_ahead() -> None:
+    """Texts: one window (64 batches by default) whatever the workers; images and audio: 8
+    items per worker, at least one window (on 2 CPUs with batches of 32: one, as before)."""
+    from types import SimpleNamespace
+
+    from ducho_fast.runtime.pipeline import Pipeline
+
+    def ahead(sorts_by_length: bool, workers: int, window: int) -> int:
+        pipeline = Pipeline.__new__(Pipeline)  # only what windows_ahead reads
+        pipeline._batcher = SimpleNamespace(sorts_by_length=sorts_by_length)  # type: ignore[assignment]
+        pipeline._opts = SimpleNamespace(workers=workers)  # type: ignore[assignment]
+        pipeline._shared_window = window
+        return pipeline.windows_ahead()
+
+    assert ahead(True, 16, 2048) == 1 and ahead(True, 64, 4) == 1
+    assert ahead(False, 2, 32) == 1 and ahead(False, 16, 32) == 4 and ahead(False, 2, 2) == 8
+    assert ahead(False, 1, 64) == 1
+
+
 def test_readers_take_cheap_items_in_slices_and_costly_ones_one_by_one() -> None:
     """A text window's thousands of rows go to the reader pool in a few slices, a batch of
     images one image per task; results keep the items' order, and an empty window (every

@@ -1,0 +1,282 @@
+"""Readers in processes (``runtime.readers``): the same decoded inputs, features and errors as
+the reader threads, a file that kills its decoder process failing alone, and the processes
+ended with the run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.config.model import InputOptions
+from ducho_fast.data.items import Item
+from ducho_fast.data.sources import AudioLoader, ImageLoader, TextLoader
+from ducho_fast.errors import ConfigError
+from ducho_fast.runtime import decoders
+from ducho_fast.runtime.decoders import DecoderPool, DecoderStartError
+from ducho_fast.runtime.pipeline import Failed, load_each, use_processes
+from tests.conftest import (
+    audio_config,
+    npy_bytes,
+    resnet18_entry,
+    visual_config,
+    write_image,
+    write_tone,
+)
+from tests.runtime.crashing import ChattyLoader, CrashingLoader, HangingLoader
+
+PRE = {"resize": [32, 32], "interpolation": "bicubic"}
+
+
+def _images(folder: Path, names: list[str]) -> list[Item]:
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for k, name in enumerate(names):
+        path = write_image(folder / f"{name}.jpg", (40 + 7 * k, 30 + 3 * k), seed=k)
+        items.append(Item(name, str(path), path))
+    return items
+
+
+def _same(got: list[Any], want: list[Any]) -> None:
+    assert len(got) == len(want)
+    for g_each, w_each in zip(got, want, strict=True):
+        for g, w in zip(g_each, w_each, strict=True):
+            if isinstance(w, Failed):
+                assert g == w
+            else:
+                assert g.dtype == w.dtype and np.array_equal(g, w)
+
+
+def test_processes_decode_as_the_threads_in_order(tmp_path: Path) -> None:
+    items = _images(tmp_path, [f"im{k}" for k in range(9)])
+    (tmp_path / "broken.jpg").write_bytes(b"not a JPEG at all")
+    items.insert(4, Item("broken", str(tmp_path / "broken.jpg"), tmp_path / "broken.jpg"))
+    # two models sharing the decode, with their own sizes; and an unreadable file
+    small = ImageLoader(PRE, InputOptions())
+    large = ImageLoader({**PRE, "resize": [48, 40]}, InputOptions())
+    want = [load_each([small, large], item) for item in items]
+    assert isinstance(want[4][0], Failed) and not isinstance(want[3][0], Failed)
+    with DecoderPool(3) as pool:
+        for per_task in (1, 4, len(items)):
+            _same(pool.map([([small, large], item) for item in items], per_task), want)
+        assert pool.restarts == 0
+
+
+def test_a_file_that_kills_its_decoder_fails_alone(tmp_path: Path) -> None:
+    items = _images(tmp_path, ["a", "crash-here", "b", "c"])
+    loader = CrashingLoader(PRE, InputOptions())
+    plain = ImageLoader(PRE, InputOptions())
+    with DecoderPool(1) as pool:
+        got = pool.map([([loader], item) for item in items], per_task=4)  # one task
+        assert pool.restarts == 2  # the task's worker, then the one that tried it alone
+        (failed,) = got[1]
+        assert isinstance(failed, Failed) and "decoder process died" in failed.reason
+        assert "signal 11" in failed.reason and "check or remove it" in failed.reason
+        for k in (0, 2, 3):
+            _same([got[k]], [load_each([plain], items[k])])
+        # the pool goes on with a new worker
+        _same(pool.map([([loader], items[3])], 1), [load_each([plain], items[3])])
+
+
+def test_what_a_decoder_prints_goes_to_stderr_not_into_the_results(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    items = _images(tmp_path, ["a", "b"])
+    with DecoderPool(1) as pool:
+        got = pool.map([([ChattyLoader(PRE, InputOptions())], item) for item in items], 1)
+    _same(got, [load_each([ImageLoader(PRE, InputOptions())], item) for item in items])
+    err = capfd.readouterr().err
+    assert "python says a" in err and "C says b" in err
+
+
+def test_a_loader_bug_in_a_worker_stops_the_run_with_its_traceback(tmp_path: Path) -> None:
+    (item,) = _images(tmp_path, ["bug"])
+    with DecoderPool(1) as pool, pytest.raises(RuntimeError) as raised:
+        pool.map([([CrashingLoader(PRE, InputOptions())], item)], 1)
+    assert "ValueError: a bug in a loader, not a bad file" in str(raised.value)
+    assert "crashing.py" in str(raised.value)  # where, from the worker's traceback
+
+
+def test_workers_that_cannot_start_say_so(tmp_path: Path) -> None:
+    pool = DecoderPool(2, command=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    with pytest.raises(DecoderStartError, match=r"ended before it was ready \(exit code 3\)"):
+        pool.start()
+
+
+def test_close_ends_every_worker(tmp_path: Path) -> None:
+    (item,) = _images(tmp_path, ["a"])
+    pool = DecoderPool(3)
+    pool.start()
+    procs = list(pool._procs)
+    pool.map([([ImageLoader(PRE, InputOptions())], item)], 1)
+    pool.close()
+    assert all(p is not None and p.poll() == 0 for p in procs)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit([([ImageLoader(PRE, InputOptions())], item)])
+
+
+def test_close_ends_a_worker_stuck_on_a_file(tmp_path: Path) -> None:
+    stuck, after = _images(tmp_path, ["hang-here", "after"])
+    loader = HangingLoader(PRE, InputOptions())
+    pool = DecoderPool(1)
+    pool.start()
+    (proc,) = pool._procs
+    one = pool.submit([([loader], stuck)])
+    two = pool.submit([([loader], stuck), ([loader], after)])
+    time.sleep(0.5)  # the worker is inside the task
+    began = time.monotonic()
+    pool.close()
+    assert time.monotonic() - began < 15 and proc is not None and proc.poll() is not None
+    assert pool._procs == [None]  # not started again after the kill
+    (failed,) = one.result(timeout=1)[0]  # the stuck item: failed, as a crash
+    assert isinstance(failed, Failed) and "signal 9" in failed.reason
+    with pytest.raises(RuntimeError, match="closed"):  # queued: not run by a new worker
+        two.result(timeout=1)
+
+
+def test_loaders_sent_to_workers_leave_the_unreadable_records_behind() -> None:
+    loader = ImageLoader(PRE, InputOptions())
+    loader.unreadable = {(f"/data/{k}.jpg", None): "bad" for k in range(1000)}  # type: ignore[misc]
+    pool = DecoderPool(1)
+    light = pool._strip(loader)
+    assert isinstance(light, ImageLoader) and light.unreadable == {}
+    assert light.preprocessing == loader.preprocessing
+    assert len(loader.unreadable) == 1000  # the pipeline's own loader keeps them
+
+
+def test_which_readers_run_in_processes() -> None:
+    image, audio = ImageLoader(PRE, InputOptions()), AudioLoader({}, InputOptions())
+    text = TextLoader(clean=False)
+    assert use_processes("processes", [image]) and use_processes("processes", [audio, audio])
+    assert not use_processes("processes", [text])  # texts: always threads
+    assert not use_processes("threads", [image])
+
+
+def _run(config: dict[str, Any], readers: str, output: str, section: str) -> Any:
+    run = {**config, "runtime": {"readers": readers, "workers": 2}}
+    run[section] = {"items": {**config[section]["items"], "output_path": output}}
+    return ducho_fast.extract(run)
+
+
+def _written(report: Any) -> int:
+    return sum(run.result.written for run in report.runs)
+
+
+def _errors(report: Any) -> list[tuple[str, str]]:
+    return [(e.item_id, e.reason) for run in report.runs for e in run.result.errors]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many items each :meth:`DecoderPool.map` call got: proof processes decoded them."""
+    calls: list[int] = []
+    original = DecoderPool.map
+
+    def counted(self: DecoderPool, pairs: Any, per_task: int) -> list[Any]:
+        calls.append(len(pairs))
+        return original(self, pairs, per_task)
+
+    monkeypatch.setattr(DecoderPool, "map", counted)
+    return calls
+
+
+def test_extract_with_processes_writes_what_threads_write(
+    tmp_path: Path,
+    store: Path,
+    image_dir: Path,
+    resnet18_state_dict: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    ducho_fast.export(config)
+    calls = _spy(monkeypatch)
+    threads = _run(config, "threads", "threads", "visual")
+    assert calls == []
+    processes = _run(config, "processes", "processes", "visual")
+    assert sum(calls) == len(list(images.iterdir()))  # every file, the broken one too
+    assert _written(threads) == _written(processes) == len(list(image_dir.iterdir()))
+    assert _errors(processes) == _errors(threads) and [e[0] for e in _errors(threads)] == ["broken"]
+    assert npy_bytes(tmp_path / "processes") == npy_bytes(tmp_path / "threads")
+    assert len(npy_bytes(tmp_path / "threads")) == _written(threads)
+
+
+def test_audio_with_processes_writes_what_threads_write(
+    tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "audio").mkdir()
+    for k in range(5):
+        write_tone(tmp_path / "audio" / f"tone{k}.wav", 0.3 + 0.1 * k, freq=200.0 + 50 * k)
+    (tmp_path / "audio" / "noise.wav").write_bytes(b"RIFF....WAVEfmt nothing more")
+    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 2}
+    config = audio_config(tmp_path, model, store)
+    ducho_fast.export(config)
+    calls = _spy(monkeypatch)
+    threads = _run(config, "threads", "threads", "audio")
+    processes = _run(config, "processes", "processes", "audio")
+    assert sum(calls) == 6
+    assert _written(threads) == _written(processes) == 5
+    assert _errors(processes) == _errors(threads) and len(_errors(threads)) == 1
+    assert npy_bytes(tmp_path / "processes") == npy_bytes(tmp_path / "threads")
+
+
+def test_readers_that_cannot_start_stop_the_run_saying_why(
+    tmp_path: Path,
+    store: Path,
+    image_dir: Path,
+    resnet18_state_dict: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    ducho_fast.export(config)
+    monkeypatch.setattr(decoders, "WORKER", "import sys; sys.exit(3)")
+    with pytest.raises(ConfigError) as raised:
+        _run(config, "processes", "asked", "visual")
+    assert "runtime.readers: processes" in str(raised.value)
+    assert "exit code 3" in str(raised.value) and "runtime.readers: threads" in str(raised.value)
+
+
+def test_bad_readers_value_is_refused(tmp_path: Path, store: Path) -> None:
+    config = visual_config(tmp_path, {"model_name": "resnet18"}, store)
+    config["runtime"] = {"readers": "forks"}
+    with pytest.raises(ConfigError) as raised:
+        ducho_fast.extract(config)
+    assert "runtime.readers" in str(raised.value) and "processes" in str(raised.value)
+
+
+def test_worker_processes_do_not_outlive_a_stopped_run(
+    tmp_path: Path, store: Path, image_dir: Path, resnet18_state_dict: Path
+) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    (images / "broken.jpg").write_bytes(b"nope")
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    ducho_fast.export(config)
+    before = _children()
+    run = {**config, "runtime": {"readers": "processes", "workers": 2, "on_error": "fail"}}
+    with pytest.raises(Exception, match="broken"):
+        ducho_fast.extract(run)
+    assert _children() == before
+
+
+def _children() -> set[int]:
+    """This process's live child processes (Linux)."""
+    me = str(os.getpid())
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
