@@ -1,14 +1,18 @@
 """Readers: decoding in threads vs in processes, the choice the pipeline makes.
 
-    python benchmarks/readers.py --n 256
+    python benchmarks/readers.py --n 256 [--workers 16]
 
 N generated JPEGs (240 to 1200 px, as benchmarks/visual.py) read, decoded, converted and
-resized to 224 x 224 by the pipeline's own image loader, with one worker per usable CPU:
+resized to 224 x 224 by the pipeline's own image loader, with ``--workers`` workers (default:
+one per usable CPU):
 - ``serial``: one thread, the reference;
-- ``threads``: a ThreadPoolExecutor, as the pipeline's readers;
-- ``processes``: a ProcessPoolExecutor (already started: its start-up is not counted), the
-  decoded arrays sent back to the parent as a pipeline's would be.
-Both pools map in input order, best of ``--repeats``; arrays are checked equal to serial's.
+- ``threads``: a ThreadPoolExecutor, as the pipeline's readers with ``runtime.readers:
+  threads``;
+- ``processes``: the pipeline's decoder processes (``runtime.readers: processes``,
+  ducho_fast.runtime.decoders.DecoderPool; already started: its start-up is not counted), the
+  decoded arrays sent back to this process as the pipeline gets them.
+Both map in input order, in the tasks the pipeline would cut a window of N items into;
+items/s are medians over ``--repeats`` rounds; arrays are checked equal to serial's.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +33,28 @@ from visual import write_jpegs
 PRE = {"resize": [224, 224], "interpolation": "bicubic"}
 
 
-def load(path: Path) -> np.ndarray:
+def loader() -> Any:
     from ducho_fast.config.model import InputOptions
-    from ducho_fast.data.items import Item
     from ducho_fast.data.sources import ImageLoader
 
-    return ImageLoader(PRE, InputOptions())(Item(path.stem, str(path), path))
+    return ImageLoader(PRE, InputOptions())
+
+
+def item(path: Path) -> Any:
+    from ducho_fast.data.items import Item
+
+    return Item(path.stem, str(path), path)
+
+
+def load(path: Path) -> np.ndarray:
+    return loader()(item(path))
+
+
+def decoded(pool: Any, paths: list[Path], per_task: int) -> Callable[[], list[Any]]:
+    """The pipeline's decoder processes on ``paths``: each image's array."""
+    images = loader()
+    pairs = [([images], item(p)) for p in paths]
+    return lambda: [each[0] for each in pool.map(pairs, per_task)]
 
 
 def mapped(pool: Executor, paths: list[Path], chunksize: int) -> Callable[[], list[Any]]:
@@ -46,26 +66,29 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256, help="images (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--workers", type=int, default=0, help="0: one per usable CPU")
     parser.add_argument(
         "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
     )
     args = parser.parse_args()
 
     from ducho_fast.runtime.cpu import cpu_quota
+    from ducho_fast.runtime.decoders import DecoderPool
+    from ducho_fast.runtime.pipeline import slice_size
 
     work = work_folder(args.work, "ducho-bench-readers-")
     paths = write_jpegs(work / "images", args.n, args.seed)
-    workers = cpu_quota()
+    workers = args.workers or cpu_quota()
     print(f"{args.n} JPEGs to 224 x 224, {workers} workers, in {work}")
     reference = [load(p) for p in paths]  # warm-up: page cache
-    with ThreadPoolExecutor(workers) as threads, ProcessPoolExecutor(workers) as processes:
-        list(processes.map(load, paths[:workers]))  # start the workers, import everything
+    per_task = slice_size(args.n, workers)
+    with ThreadPoolExecutor(workers) as threads, DecoderPool(workers) as processes:
         seconds, values = rounds(
             args.repeats,
             {
                 "serial": lambda: [load(p) for p in paths],
-                "threads": mapped(threads, paths, 1),
-                "processes": mapped(processes, paths, 4),
+                "threads": mapped(threads, paths, per_task),
+                "processes": decoded(processes, paths, per_task),
             },
         )
     agree = all(
