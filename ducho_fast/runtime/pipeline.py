@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.data.items import FileStamp, Item, ItemError
-from ducho_fast.data.sources import Loader
+from ducho_fast.data.sources import ImageLoader, Loader
 from ducho_fast.errors import ConfigError, DataError, DuchoError, UnreadableFile
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import (
@@ -84,7 +84,7 @@ class PipelineOptions:
     readers: str = "threads"  # images, audio: threads | processes (see use_processes)
 
 
-# Images and audio: items read ahead per reader worker (see Pipeline.windows_ahead). On 16
+# Images: items read ahead per reader worker (see Pipeline.windows_ahead). On 16
 # CPUs with an H100 (the device tool's machine; 1024 JPEGs, batches of 32, one machine, runs
 # alternated), windows read one at a time left the model waiting 0.9-1.2 s per run for its
 # inputs, 8 items ahead per worker 0.0 s: ResNet50 1.03-1.18x the images/s, EfficientNet-Lite0
@@ -244,7 +244,7 @@ class Pipeline(WindowedRun):
         the other, the next one's tokenizing would start only when ``prefetch`` batches were
         left to run, and a model faster than that (a GPU) would wait for it at every window.
         An image window is one batch, whose slowest items the workers would otherwise idle
-        beside."""
+        beside: images are read several windows ahead."""
         decoders = self._decoders()
         depth = self.windows_ahead()
         workers = ThreadPoolExecutor(max_workers=self._opts.workers)
@@ -267,11 +267,12 @@ class Pipeline(WindowedRun):
                 decoders.close()
 
     def windows_ahead(self) -> int:
-        """Windows read beside the one whose batches are being queued: one for texts (a
-        window is ``sort_window`` batches), and for images and audio enough to give each
-        worker ``AHEAD_ITEMS_PER_WORKER`` items, so the workers that finish a window's fast
-        items go on with the next windows' while its slowest finish."""
-        if self._batcher.sorts_by_length:
+        """Windows read beside the one whose batches are being queued: for images enough to
+        give each worker ``AHEAD_ITEMS_PER_WORKER`` items, so the workers that finish a
+        window's fast items go on with the next windows' while its slowest finish; one for
+        texts (a window is ``sort_window`` batches) and audio (a clip can be minutes long:
+        38 MB for ten minutes at 16 kHz, and reading audio ahead was not measured)."""
+        if not all(isinstance(m.loader, ImageLoader) for m in self.members):
             return 1
         return max(1, math.ceil(self._opts.workers * AHEAD_ITEMS_PER_WORKER / self.window))
 

@@ -664,22 +664,28 @@ def test_image_windows_are_read_several_ahead_to_keep_the_workers_busy(
 
 
 def test_how_many_windows_are_read_ahead() -> None:
-    """Texts: one window (64 batches by default) whatever the workers; images and audio: 8
-    items per worker, at least one window (on 2 CPUs with batches of 32: one, as before)."""
+    """Images: 8 items per worker, at least one window (on 2 CPUs with batches of 32: one, as
+    before); texts and audio one window, whatever the workers."""
     from types import SimpleNamespace
 
+    from ducho_fast.config.model import InputOptions
+    from ducho_fast.data.sources import AudioLoader, ImageLoader, TextLoader
     from ducho_fast.runtime.pipeline import Pipeline
 
-    def ahead(sorts_by_length: bool, workers: int, window: int) -> int:
+    image = ImageLoader({"resize": [8, 8]}, InputOptions())
+    audio, text = AudioLoader({}, InputOptions()), TextLoader(clean=False)
+
+    def ahead(loaders: list[Any], workers: int, window: int) -> int:
         pipeline = Pipeline.__new__(Pipeline)  # only what windows_ahead reads
-        pipeline._batcher = SimpleNamespace(sorts_by_length=sorts_by_length)  # type: ignore[assignment]
+        pipeline.members = [SimpleNamespace(loader=loader) for loader in loaders]  # type: ignore[misc]
         pipeline._opts = SimpleNamespace(workers=workers)  # type: ignore[assignment]
         pipeline._shared_window = window
         return pipeline.windows_ahead()
 
-    assert ahead(True, 16, 2048) == 1 and ahead(True, 64, 4) == 1
-    assert ahead(False, 2, 32) == 1 and ahead(False, 16, 32) == 4 and ahead(False, 2, 2) == 8
-    assert ahead(False, 1, 64) == 1
+    assert ahead([image], 2, 32) == 1 and ahead([image], 16, 32) == 4
+    assert ahead([image, image], 2, 2) == 8 and ahead([image], 1, 64) == 1
+    assert ahead([text], 16, 2048) == 1 and ahead([text], 64, 4) == 1
+    assert ahead([audio], 16, 8) == 1 and ahead([audio], 2, 1) == 1
 
 
 def test_readers_take_cheap_items_in_slices_and_costly_ones_one_by_one() -> None:
