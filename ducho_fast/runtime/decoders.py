@@ -69,11 +69,14 @@ class WorkerDied(Exception):
     """A worker's pipe closed during a task: it crashed or was killed."""
 
 
-def processable(loaders: Sequence[Loader], items: Sequence[Item]) -> bool:
-    """Whether worker processes can read ``items`` for ``loaders``: image or audio files."""
-    return all(isinstance(loader, PROCESS_LOADERS) for loader in loaders) and all(
-        isinstance(item.raw, os.PathLike) for item in items
-    )
+def loaders_processable(loaders: Sequence[Loader]) -> bool:
+    """Whether worker processes can decode for ``loaders``: image or audio loaders."""
+    return all(isinstance(loader, PROCESS_LOADERS) for loader in loaders)
+
+
+def items_processable(items: Sequence[Item]) -> bool:
+    """Whether worker processes can read ``items``: files named by path."""
+    return all(isinstance(item.raw, os.PathLike) for item in items)
 
 
 class DecoderPool:

@@ -39,7 +39,12 @@ from ducho_fast.runtime.batcher import (
     Batcher,
     window_size,
 )
-from ducho_fast.runtime.decoders import DecoderPool, DecoderStartError, processable
+from ducho_fast.runtime.decoders import (
+    DecoderPool,
+    DecoderStartError,
+    items_processable,
+    loaders_processable,
+)
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
 from ducho_fast.runtime.shard import Shard
 from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, put, put_alive
@@ -97,7 +102,7 @@ def use_processes(readers: str, loaders: Sequence[Loader]) -> bool:
     """Whether the readers decode in worker processes (:mod:`ducho_fast.runtime.decoders`):
     with ``readers: processes``, for image and audio files; texts are always tokenized in
     threads."""
-    return readers == "processes" and processable(loaders, [])
+    return readers == "processes" and loaders_processable(loaders)
 
 
 # Models share decoding when a window holding a whole number of each one's windows (their
@@ -345,7 +350,7 @@ class Pipeline(WindowedRun):
             return dict(zip(ks, load_each(loaders, chunk[position]), strict=True))
 
         needed = [position for position, ks in enumerate(users) if ks]
-        if decoders is not None and processable([], [chunk[p] for p in needed]):
+        if decoders is not None and items_processable([chunk[p] for p in needed]):
             pairs = [([self.members[k].loader for k in users[p]], chunk[p]) for p in needed]
             results = decoders.map(pairs, slice_size(len(needed), self._opts.workers))
             decoded = [

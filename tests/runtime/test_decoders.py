@@ -186,6 +186,19 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _image_job(
+    tmp_path: Path, store: Path, image_dir: Path, weights: Path, broken: bytes | None = None
+) -> dict[str, Any]:
+    """A ResNet18 job (batches of 4) over a copy of the demo images, plus ``broken.jpg`` of
+    ``broken`` bytes if given; exported."""
+    shutil.copytree(image_dir, tmp_path / "images")
+    if broken is not None:
+        (tmp_path / "images" / "broken.jpg").write_bytes(broken)
+    config = visual_config(tmp_path, resnet18_entry(weights, batch_size=4), store)
+    ducho_fast.export(config)
+    return config
+
+
 def test_extract_with_processes_writes_what_threads_write(
     tmp_path: Path,
     store: Path,
@@ -193,11 +206,10 @@ def test_extract_with_processes_writes_what_threads_write(
     resnet18_state_dict: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    config = _image_job(
+        tmp_path, store, image_dir, resnet18_state_dict, b"\xff\xd8 not really a JPEG"
+    )
     images = tmp_path / "images"
-    shutil.copytree(image_dir, images)
-    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
-    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
-    ducho_fast.export(config)
     calls = _spy(monkeypatch)
     threads = _run(config, "threads", "threads", "visual")
     assert calls == []
@@ -235,9 +247,7 @@ def test_readers_that_cannot_start_stop_the_run_saying_why(
     resnet18_state_dict: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    (tmp_path / "images").symlink_to(image_dir)
-    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
-    ducho_fast.export(config)
+    config = _image_job(tmp_path, store, image_dir, resnet18_state_dict)
     monkeypatch.setattr(decoders, "WORKER", "import sys; sys.exit(3)")
     with pytest.raises(ConfigError) as raised:
         _run(config, "processes", "asked", "visual")
@@ -256,11 +266,7 @@ def test_bad_readers_value_is_refused(tmp_path: Path, store: Path) -> None:
 def test_worker_processes_do_not_outlive_a_stopped_run(
     tmp_path: Path, store: Path, image_dir: Path, resnet18_state_dict: Path
 ) -> None:
-    images = tmp_path / "images"
-    shutil.copytree(image_dir, images)
-    (images / "broken.jpg").write_bytes(b"nope")
-    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
-    ducho_fast.export(config)
+    config = _image_job(tmp_path, store, image_dir, resnet18_state_dict, b"nope")
     before = _children()
     run = {**config, "runtime": {"readers": "processes", "workers": 2, "on_error": "fail"}}
     with pytest.raises(Exception, match="broken"):
