@@ -114,22 +114,23 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def file_create_ms(folder: Path, files: int = 256, size: int = 1664) -> float:
     """CPU milliseconds (this thread's, the kernel's work included) to save one small file in
-    ``folder`` as extract saves a feature: a new temp file written, then renamed to its name.
-    The writer makes one per item and layer, and on some disks this is no small cost: this
-    VM's ext4 took 0.016 ms, then 0.23-0.38 ms minutes later (the same loop), tmpfs 0.006 ms.
-    Printed beside the efficiencies, which it lowers; the scratch files are removed."""
+    ``folder`` as extract saves a feature (its writer's ``NpyFiles``: on Linux an unnamed file
+    linked in). The writer makes one per item and layer, and on some disks this is no small
+    cost: this VM's ext4 took 0.016 ms, then 0.23-0.5 ms minutes later (the same loop), tmpfs
+    0.006 ms. The VM's ext4 has no journal, and then Linux does not reuse an inode freed in the
+    last 5 minutes while its inode table block is unwritten: after thousands of files were
+    deleted, each new file scans past them (``perf``: 70% of the time in ext4's
+    ``recently_deleted``). Printed beside the efficiencies, which it lowers; the scratch files
+    are removed."""
+    from ducho_fast.outputs.atomic import NpyFiles
+
     scratch = Path(tempfile.mkdtemp(prefix=".file-create-", dir=folder))
-    data = bytes(size)
+    writer = NpyFiles()
+    data = np.zeros(max(1, (size - 128) // 4), np.float32)
     try:
         start = time.thread_time()
         for i in range(files):
-            tmp = scratch / f".tmp-{i}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, scratch / f"{i}.npy")
+            writer.save(scratch / f"{i}.npy", data)
         return (time.thread_time() - start) / files * 1e3
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

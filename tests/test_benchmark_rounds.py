@@ -143,20 +143,22 @@ def test_a_temporary_work_folder_goes_when_the_benchmark_exits(tmp_path) -> None
 def test_the_file_saving_cost_is_measured_in_the_work_folder_and_leaves_nothing(
     common, tmp_path, monkeypatch
 ) -> None:
-    import os
+    """It saves files as extract's writer does (its NpyFiles), in a scratch folder inside the
+    work folder, then removes that folder."""
+    from ducho_fast.outputs.atomic import NpyFiles
 
     (tmp_path / "features").mkdir()
-    renamed: list[Path] = []
-    replace = os.replace
+    saved: list[Path] = []
+    save = NpyFiles.save
 
-    def recording(src, dst):
-        renamed.append(Path(dst))
-        replace(src, dst)
+    def recording(self, path, array):
+        saved.append(Path(path))
+        save(self, path, array)
 
-    monkeypatch.setattr(common.os, "replace", recording)
+    monkeypatch.setattr(NpyFiles, "save", recording)
     ms = common.file_create_ms(tmp_path, files=8)
     assert ms > 0
-    assert len(renamed) == 8 and all(p.parent.parent == tmp_path for p in renamed)
+    assert len(saved) == 8 and all(p.parent.parent == tmp_path for p in saved)
     assert [p.name for p in tmp_path.iterdir()] == ["features"]  # its scratch folder is gone
 
 

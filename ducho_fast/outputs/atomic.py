@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import os
@@ -65,10 +66,19 @@ class NpyFiles:
     same bytes as :func:`save_npy` and less work per file (the per-item writer's CPU time is
     taken from the model's threads): the header is built once per dtype and shape, and the
     file is written with one call.
+
+    On Linux a file is written unnamed (``O_TMPFILE``) and linked in under its name when
+    complete: one change to the folder instead of a named temporary's two (create, rename),
+    and nothing left behind by a killed run. Where the file system has no unnamed files (NFS,
+    other systems than Linux), the name is taken (an existing feature is replaced) or the link
+    fails, a named temporary is written and renamed, as :func:`replacing` does.
+    ``unnamed=False``: always a named temporary (to compare the two).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, unnamed: bool = True) -> None:
         self._headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._unnamed = unnamed and _UNNAMED is not None
+        self._named_folders: set[str] = set()  # folders whose file system has no unnamed files
 
     def save(self, path: Path, array: np.ndarray) -> None:
         """Write ``array`` to ``path`` (its folder must exist) so no reader sees a partial file."""
@@ -77,8 +87,60 @@ class NpyFiles:
         header = self._headers.get(key)
         if header is None:
             header = self._headers[key] = _npy_header(array)
+        data = header + array.tobytes()
+        if self._unnamed and self._linked(os.fspath(path), data):
+            return
         with replacing(path, ".npy") as fd:
-            _write_all(fd, header + array.tobytes())
+            _write_all(fd, data)
+
+    def unnamed_in(self, folder: Path) -> bool:
+        """Whether new files in ``folder`` are written unnamed: so far, if nothing was saved
+        there yet."""
+        return self._unnamed and os.fspath(folder) not in self._named_folders
+
+    def _linked(self, path: str, data: bytes) -> bool:
+        """Whether ``data`` was written unnamed in ``path``'s folder and linked in as ``path``.
+        False where it was not and nothing was left: the caller writes a named temporary,
+        which reports what is wrong with the folder, if anything."""
+        folder = os.path.dirname(path)
+        if folder in self._named_folders:
+            return False
+        try:
+            fd = os.open(folder or ".", _UNNAMED or 0, 0o666)
+        except OSError as e:
+            if e.errno in _NO_UNNAMED:
+                self._named_folders.add(folder)
+            return False
+        try:
+            _write_all(fd, data)  # a failure raises: the unnamed file goes with its descriptor
+            linked = _link(fd, path)
+        finally:
+            os.close(fd)
+        if linked is False:  # no /proc, or a file system refusing such links
+            self._named_folders.add(folder)
+        return bool(linked)
+
+
+def _link(fd: int, path: str) -> bool | None:
+    """Link the unnamed file open as ``fd`` in as ``path``: True; None where ``path`` exists
+    (a feature written before, to be replaced); False where such links fail here."""
+    try:
+        # linkat(2) with AT_SYMLINK_FOLLOW through /proc names the open file. Python calls
+        # linkat rather than link(2), which would link the /proc entry itself, only when given
+        # a directory descriptor: src_dir_fd, which an absolute path ignores.
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd)
+    except FileExistsError:
+        return None
+    except OSError:
+        return False
+    return True
+
+
+# O_TMPFILE with write access: an unnamed file in a folder (Linux 3.11 or later). Errors that
+# say the kernel or the folder's file system has none; any other (a missing or unwritable
+# folder) the named temporary reports.
+_UNNAMED = os.O_WRONLY | os.O_TMPFILE if hasattr(os, "O_TMPFILE") else None
+_NO_UNNAMED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP})
 
 
 def _npy_header(array: np.ndarray) -> bytes:

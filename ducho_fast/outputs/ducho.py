@@ -53,7 +53,7 @@ class DuchoWriter:
         self._squeeze = squeeze
         self._dtype = dtype
         self._files = NpyFiles()
-        self._made: set[Path] = set()
+        self._made: set[str] = set()  # layers whose folder exists
 
     @property
     def dirs(self) -> list[Path]:
@@ -63,19 +63,24 @@ class DuchoWriter:
         return self._dirs[layer] / f"{check_id(item_id)}.npy"
 
     def write(self, item_id: str, outputs: dict[str, np.ndarray]) -> None:
-        for layer, value in outputs.items():  # every layer checked before any is written
-            if layer in self._dirs:
+        """Save one item's outputs, every layer checked before any is written. The pipeline
+        (``write_checked``) has refused non-finite outputs: a layer saved in its own dtype
+        needs no range check, one cast to float16 does."""
+        for layer, value in outputs.items():
+            if layer in self._dirs and value.dtype != self._dtype:
                 check_range(value, self._dtype, f"the {layer!r} features")
         for layer, value in outputs.items():
             if layer not in self._dirs:
                 continue
             array = value if self._squeeze else value[np.newaxis]
             path = self.path(layer, item_id)
-            with _writing(path):
-                if path.parent not in self._made:  # once per folder, not per item
+            try:
+                if layer not in self._made:  # once per folder, not per item
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    self._made.add(path.parent)
+                    self._made.add(layer)
                 self._files.save(path, array.astype(self._dtype, copy=False))
+            except OSError as e:
+                raise _unwritable(path, e) from e
 
 
 def check_range(array: np.ndarray, dtype: str, what: str) -> None:
@@ -113,7 +118,11 @@ def _writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise OutputError(
-            f"cannot write {path}: {e.strerror or e}. Check that the output folder is "
-            "writable and has free space; items already written are complete."
-        ) from e
+        raise _unwritable(path, e) from e
+
+
+def _unwritable(path: Path, error: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write {path}: {error.strerror or error}. Check that the output folder is "
+        "writable and has free space; items already written are complete."
+    )
