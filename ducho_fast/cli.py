@@ -196,7 +196,12 @@ PROGRESS_LINE_SECONDS = 30.0
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Any]:
     if not err.is_terminal:
-        yield _ProgressLines(label, total, PROGRESS_LINE_SECONDS).tick
+        lines = _ProgressLines(label, total, PROGRESS_LINE_SECONDS)
+        lines.start()
+        try:
+            yield lines.tick
+        finally:
+            lines.close()
         return
     columns = (
         TextColumn("{task.description}"),
@@ -221,30 +226,69 @@ class _ProgressLines:
     """Progress as plain lines for a log: one at the first tick ``every`` seconds after the
     start or the last line, with the rate and the time left. Work done sooner (a small job,
     a matrix of a few rows) prints none: its summary line says it all. Ticks come from the
-    writer's thread (or a Ray engine's loop, a fusion's, a matrix's)."""
+    writer's thread (or a Ray engine's loop, a fusion's, a matrix's).
+
+    While no tick comes (a model slow to load, a first batch of large inputs, reads stuck on
+    a network file system), a line still comes every ``every`` seconds once :meth:`start`
+    is called, saying how long nothing was done: a log that goes quiet is a process that
+    stopped."""
 
     def __init__(self, label: str, total: int, every: float) -> None:
         self._label, self._total, self._every = label, total, every
         self._done = 0
-        self._start = self._last = time.monotonic()
+        self._start = self._last = self._last_tick = time.monotonic()
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Watch for a stall in a thread of its own, until :meth:`close` (no need where a
+        line may come at every tick: ``every`` 0)."""
+        if self._every <= 0:
+            return
+        self._watch = threading.Thread(target=self._watching, name="ducho-progress", daemon=True)
+        self._watch.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._watch is not None:
+            self._watch.join()
 
     def tick(self, n: int) -> None:
         with self._lock:
             self._done += n
-            now = time.monotonic()
+            now = self._last_tick = time.monotonic()
             if now - self._last < self._every or self._done >= self._total:
                 return
             self._last = now
             rate = self._done / (now - self._start)
             left = (self._total - self._done) / rate if rate > 0 else 0.0
             share = 100 * self._done / self._total
-            err.print(
-                f"{self._label}: {self._done}/{self._total} ({share:.0f}%), {rate:.1f} items/s, "
-                f"about {_clock(left)} left",
-                highlight=False,
-                soft_wrap=True,
+            self._print(
+                f"{self._done}/{self._total} ({share:.0f}%), {rate:.1f} items/s, "
+                f"about {_clock(left)} left"
             )
+
+    def stalled(self) -> None:
+        """A line if none came for ``every`` seconds: how long nothing was done."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self._every or self._done >= self._total:
+                return
+            self._last = now
+            if self._done:
+                share = 100 * self._done / self._total
+                since = _clock(now - self._last_tick)
+                self._print(f"{self._done}/{self._total} ({share:.0f}%), no item done for {since}")
+            else:
+                self._print(f"0/{self._total}, no item done yet, {_clock(now - self._start)} in")
+
+    def _watching(self) -> None:
+        while not self._closed.wait(self._every):
+            self.stalled()
+
+    def _print(self, text: str) -> None:
+        err.print(f"{self._label}: {text}", highlight=False, soft_wrap=True)
 
 
 def _clock(seconds: float) -> str:

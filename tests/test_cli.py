@@ -175,6 +175,50 @@ def test_progress_lines_come_at_most_every_so_often(monkeypatch: pytest.MonkeyPa
     assert cli._clock(3 * 3600 + 62.4) == "3:01:02"
 
 
+def test_a_stall_still_gets_a_line_every_so_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tick for a while: the watcher's lines say how long nothing was done."""
+    now = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    printed: list[str] = []
+    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
+    lines = cli._ProgressLines("job model", 40, every=30.0)  # starts at 100 s
+    for at in (110.0, 131.0):  # before the first batch
+        now[0] = at
+        lines.stalled()
+    now[0] = 162.0
+    lines.tick(10)  # a line: 31 s since the last one, at 131 s
+    for at in (180.0, 193.0, 210.0, 224.0):
+        now[0] = at
+        lines.stalled()
+    now[0] = 225.0
+    lines.tick(30)  # done: the summary line follows
+    now[0] = 300.0
+    lines.stalled()
+    assert printed == [
+        "job model: 0/40, no item done yet, 0:00:31 in",
+        "job model: 10/40 (25%), 0.2 items/s, about 0:03:06 left",
+        "job model: 10/40 (25%), no item done for 0:00:31",  # at 193 s
+        "job model: 10/40 (25%), no item done for 0:01:02",  # at 224 s
+    ]
+
+
+def test_the_stall_watcher_prints_while_nothing_ticks_and_stops_at_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    printed: list[str] = []
+    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
+    lines = cli._ProgressLines("job model", 40, every=0.05)
+    lines.start()
+    deadline = time.monotonic() + 10
+    while len(printed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lines.close()
+    count = len(printed)
+    time.sleep(0.2)
+    assert count >= 2 and len(printed) == count, printed  # nothing after close
+    assert all(re.fullmatch(r"job model: 0/40, no item done yet, 0:00:00 in", t) for t in printed)
+
+
 def test_config_error_exit_1_with_message(tmp_path: Path) -> None:
     path = tmp_path / "c.yml"
     path.write_text("visual:\n  items:\n    input_path: i\n    output_path: o\n    modle: []\n")
