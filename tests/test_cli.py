@@ -219,6 +219,26 @@ def test_the_stall_watcher_prints_while_nothing_ticks_and_stops_at_close(
     assert all(re.fullmatch(r"job model: 0/40, no item done yet, 0:00:00 in", t) for t in printed)
 
 
+def test_extract_progress_in_a_log_watches_for_stalls_until_its_work_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The progress extract is given where stderr is no terminal starts the watcher, and
+    ends it with the work."""
+    printed: list[str] = []
+    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
+    monkeypatch.setattr(type(cli.err), "is_terminal", property(lambda self: False))
+    monkeypatch.setattr(cli, "PROGRESS_LINE_SECONDS", 0.05)
+    with cli._progress("job model", 40) as tick:
+        deadline = time.monotonic() + 10
+        while not printed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tick(1)
+    count = len(printed)
+    time.sleep(0.2)
+    assert count >= 1 and len(printed) == count, printed
+    assert printed[0] == "job model: 0/40, no item done yet, 0:00:00 in"
+
+
 def test_config_error_exit_1_with_message(tmp_path: Path) -> None:
     path = tmp_path / "c.yml"
     path.write_text("visual:\n  items:\n    input_path: i\n    output_path: o\n    modle: []\n")
