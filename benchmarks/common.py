@@ -36,6 +36,13 @@ def work_folder(given: Path | None, prefix: str) -> Path:
     return folder
 
 
+def add_work_option(parser: argparse.ArgumentParser) -> None:
+    """``--work``: the folder :func:`work_folder` is given."""
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
+    )
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",

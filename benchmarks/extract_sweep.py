@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_option, check_device, work_folder
+from common import add_device_option, add_work_option, check_device, work_folder
 
 VARIANTS = ("threads", "processes", "ahead0")
 
@@ -101,9 +101,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--models", default="lite,resnet50", help="of lite, resnet50, text")
     parser.add_argument("--variants", default="threads,processes,threads,processes")
-    parser.add_argument(
-        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
-    )
+    add_work_option(parser)
     add_device_option(parser)
     args = parser.parse_args()
     args.variants = args.variants.split(",")

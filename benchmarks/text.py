@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     NewFolders,
     add_device_option,
+    add_work_option,
     bare_sessions,
     check_device,
     cosines,
@@ -221,9 +222,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument(
-        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
-    )
+    add_work_option(parser)
     add_device_option(parser)
     args = parser.parse_args()
     check_device(args.device)

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     NewFolders,
     add_device_option,
+    add_work_option,
     bare_sessions,
     check_device,
     cosines,
@@ -282,9 +283,7 @@ def main() -> None:
         action="store_true",
         help="also time extract with input.jpeg_decode: reduced",
     )
-    parser.add_argument(
-        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
-    )
+    add_work_option(parser)
     add_device_option(parser)
     args = parser.parse_args()
     check_device(args.device)

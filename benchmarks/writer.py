@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_rates, paired, ratio_summary, report, rounds, work_folder
+from common import add_work_option, median_rates, paired, ratio_summary, report, rounds, work_folder
 
 
 def file_system(folder: Path) -> str:
@@ -87,9 +87,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384, help="float32 values per feature")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=6, help="rounds (default 6)")
-    parser.add_argument(
-        "--work", type=Path, default=None, help="folder, kept (default: a temp one, removed)"
-    )
+    add_work_option(parser)
     args = parser.parse_args()
 
     from ducho_fast.outputs.atomic import NpyFiles
