@@ -297,3 +297,34 @@ def test_benchmark_configs_run_extract_on_the_benchmarks_device(tmp_path):
         assert runtime == {"device": device, "allow_fallback": False}
         config = visual.config_for(tmp_path, [{}], "out", 8, device=device)
         assert config["runtime"] == {"device": device, "allow_fallback": False}
+
+
+def test_the_capacity_clock_charges_each_threads_cpu_to_its_part_of_extract():
+    import threading
+    import time
+
+    capacity = _benchmark("capacity")
+    assert [capacity.group_of(n) for n in ("ducho-window_0", "ducho-decode_3", "ducho-reader")] == [
+        "tokenize"
+    ] * 3
+    assert capacity.group_of("ducho-lane-1") == "lanes"
+    assert capacity.group_of(None) == "library"
+    assert capacity.group_of("Thread-7") == "other"
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    clock = capacity.ThreadClock(every=0.01)
+    clock.start()
+    before = clock.by_group()
+    writer = threading.Thread(target=spin, args=(0.3,), name="ducho-writer")
+    writer.start()
+    writer.join()  # ended before the last sample: what the clock saw of it still counts
+    time.sleep(0.05)
+    clock.halt.set()
+    clock.join()
+    after = clock.by_group()
+    assert after["writer"] - before["writer"] >= 0.25
+    assert after["lanes"] == before["lanes"] == 0.0

@@ -199,8 +199,8 @@ class Pipeline(WindowedRun):
         start = time.perf_counter()
         batches: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         writes: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
-        reader = Worker(self._read, items, batches)
-        writer = Worker(self._drain, writes, progress)
+        reader = Worker(self._read, items, batches, "ducho-reader")
+        writer = Worker(self._drain, writes, progress, "ducho-writer")
         reader.start()
         writer.start()
         lanes: list[Lane] = []
@@ -252,7 +252,9 @@ class Pipeline(WindowedRun):
         beside: images are read several windows ahead."""
         decoders = self._decoders()
         depth = self.windows_ahead()
-        workers = ThreadPoolExecutor(max_workers=self._opts.workers)
+        workers = ThreadPoolExecutor(
+            max_workers=self._opts.workers, thread_name_prefix="ducho-decode"
+        )
         ahead = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="ducho-window")
         try:
             with workers as pool, ahead:

@@ -117,10 +117,11 @@ def merge_timing(waits: list[Timing]) -> Timing:
 
 
 class Worker(threading.Thread):
-    """A stage thread that keeps its exception for the main thread to re-raise."""
+    """A stage thread that keeps its exception for the main thread to re-raise; ``name``
+    tells it apart in profilers and thread dumps (``ducho-reader``, ``ducho-writer``)."""
 
-    def __init__(self, target: Callable[..., None], source: Any, sink: Any) -> None:
-        super().__init__(daemon=True)
+    def __init__(self, target: Callable[..., None], source: Any, sink: Any, name: str) -> None:
+        super().__init__(daemon=True, name=name)
         self._target_fn = target
         self._args = (source, sink)
         self.stop_event = threading.Event()

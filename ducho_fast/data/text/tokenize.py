@@ -38,6 +38,9 @@ class TextEncoder:
         self.max_length = max_length
         self.pad_id = pad_id
         self.pad_to_max = pad_to_max
+        # tokenizers >= 0.21 can skip the character offsets, which nothing here reads (the same
+        # ids; 8192 product descriptions on one thread: 44 against 54 us a text).
+        self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self.pad(self.tokenize(texts))
@@ -46,8 +49,8 @@ class TextEncoder:
         """Token ids of each text, truncated, unpadded (the Rust tokenizer runs in parallel,
         outside the GIL)."""
         return [
-            Tokens(np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64))
-            for e in self._tok.encode_batch(texts)
+            Tokens(np.array(e.ids, dtype=np.int64), np.array(e.type_ids, dtype=np.int64))
+            for e in self._encode_batch(texts)
         ]
 
     def padded_length(self, length: int) -> int:
