@@ -14,6 +14,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError
+from ducho_fast.exporters import hub
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_transformers
 from ducho_fast.exporters.layers import check_layers
@@ -60,10 +61,12 @@ def model_source(spec: ModelSpec) -> str:
 
 
 def load_pretrained(loader: Any, source: str, spec: ModelSpec, what: str) -> Any:
+    offline = hub.unreachable(source)
     try:
-        return loader.from_pretrained(source, trust_remote_code=spec.trust)
+        return loader.from_pretrained(source, trust_remote_code=spec.trust, **hub.options(offline))
     except Exception as e:  # a missing, damaged or foreign file raises anything (safetensors...)
-        raise loading_error(spec.key_path, what, source, e) from e
+        remote = hub.cache_fix(source, offline) if offline else ""
+        raise loading_error(spec.key_path, what, source, e, remote) from e
 
 
 def loading_error(
@@ -76,7 +79,7 @@ def loading_error(
     reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
     if Path(source).is_dir():
         fix = "A file of that folder is missing, damaged or not what the library expects."
-    elif _a_path(source):  # not a hub name: the library's "Repo id must…" misleads
+    elif not hub.is_hub_name(source):  # the library's "Repo id must…" misleads
         under = "the working directory"
         under = under if key == "layers" else f"dataset_path, then {under}"
         return ExportError(
@@ -86,12 +89,6 @@ def loading_error(
     else:
         fix = remote or "Without network, give a local model folder."
     return ExportError(f"'{key}': cannot load the {what} '{source}' ({reason}). {fix}")
-
-
-def _a_path(source: str) -> bool:
-    """Whether ``source`` can only be a local path: a hub name is ``name`` or
-    ``namespace/name``, never absolute, never starting with '.' or '~'."""
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
 def available_layers(model: Any) -> list[str | int]:
@@ -176,10 +173,14 @@ def _output(index: int, layer: str | int, shape: tuple[int, ...]) -> dict[str, A
 
 def list_layers(model_name: str, trust: bool = False) -> list[str]:
     """Selectable ``output_layers`` of a Transformers model (loads its config and weights)."""
+    offline = hub.unreachable(model_name)
     try:
-        model = transformers.AutoModel.from_pretrained(model_name, trust_remote_code=trust)
+        model = transformers.AutoModel.from_pretrained(
+            model_name, trust_remote_code=trust, **hub.options(offline)
+        )
     except Exception as e:
-        raise loading_error("layers", "model", model_name, e) from e
+        remote = hub.cache_fix(model_name, offline) if offline else ""
+        raise loading_error("layers", "model", model_name, e, remote) from e
     from ducho_fast.exporters.hf_towers import FAMILIES, tower_layers
 
     if type(model).__name__ in FAMILIES:

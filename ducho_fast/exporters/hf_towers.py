@@ -19,6 +19,7 @@ import numpy as np
 
 from ducho_fast.config.model import ModelSpec
 from ducho_fast.errors import ExportError
+from ducho_fast.exporters import hub
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_torch, import_transformers
 from ducho_fast.exporters.hf import load_pretrained, loading_error, model_source
@@ -278,13 +279,18 @@ def _output(index: int, label: str, shape: tuple[int, ...], tower: str) -> dict[
 
 def _image_processor(source: str, spec: ModelSpec) -> Any:
     loader = transformers.AutoImageProcessor
+    offline = hub.unreachable(source)
     try:
-        return loader.from_pretrained(source, backend="pil", trust_remote_code=spec.trust)
+        return loader.from_pretrained(
+            source, backend="pil", trust_remote_code=spec.trust, **hub.options(offline)
+        )
     except Exception as e:  # a missing, damaged or foreign file raises anything
         remote = (
             "Without network, give a local folder with preprocessor_config.json, or name one "
             "with image_processor."
         )
+        if offline:
+            remote = f"{hub.cache_fix(source, offline)} {remote}"
         raise loading_error(spec.key_path, "image processor", source, e, remote) from e
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.config.model import ModelSpec
+from ducho_fast.exporters import hub
 from ducho_fast.exporters.base import Built, Exporter
 from ducho_fast.exporters.compat import import_sentence_transformers, import_torch
 from ducho_fast.exporters.hf import loading_error, model_source
@@ -93,9 +94,12 @@ class SentenceTransformersExporter(Exporter):
 
 def _load(spec: ModelSpec) -> Any:
     source = model_source(spec)
+    offline = hub.unreachable(source)
     try:
         return sentence_transformers.SentenceTransformer(
-            source, device="cpu", trust_remote_code=spec.trust
+            source, device="cpu", trust_remote_code=spec.trust, **hub.options(offline)
         )
     except Exception as e:  # a missing, damaged or foreign file raises anything
-        raise loading_error(spec.key_path, "sentence-transformers model", source, e) from e
+        remote = hub.cache_fix(source, offline) if offline else ""
+        what = "sentence-transformers model"
+        raise loading_error(spec.key_path, what, source, e, remote) from e
