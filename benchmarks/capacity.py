@@ -59,7 +59,9 @@ def group_of(name: str | None) -> str:
 
 class ThreadClock(threading.Thread):
     """Every thread's CPU seconds (user and system, from /proc/self/task), sampled every
-    ``every`` seconds until stopped: threads that end between samples lose at most that."""
+    ``every`` seconds until stopped (later where the GIL is busy): a thread that ends between
+    samples loses what it used since the last, which is why the process's own total is
+    printed beside the groups (on 2 CPUs they summed to 97% of it)."""
 
     def __init__(self, every: float = 0.02) -> None:
         super().__init__(daemon=True, name="capacity-clock")
