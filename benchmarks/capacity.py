@@ -32,11 +32,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NewFolders, add_work_option, cpu_seconds, file_create_ms, report, work_folder
-from text import descriptions, minilm_folder
+from text import descriptions, descriptions_config, minilm_folder, write_descriptions
 
 TICKS = os.sysconf("SC_CLK_TCK")
 GROUPS = ("tokenize", "lanes", "main", "writer", "library", "other")
@@ -116,30 +114,8 @@ def tiny_bert(work: Path, layers: int, width: int) -> Path:
 
 
 def write_config(work: Path, model: Path, batch_size: int) -> Path:
-    config = {
-        "dataset_path": str(work),
-        "store": str(work / "store"),
-        "runtime": {"device": "cpu", "allow_fallback": False},
-        "output": {"resume": False},
-        "textual": {
-            "items": {
-                "input_path": "descriptions.tsv",
-                "item_column": "item_id",
-                "text_column": "description",
-                "output_path": "features",
-                "model": [
-                    {
-                        "model_name": str(model),
-                        "output_layers": ["pooler_output"],
-                        "batch_size": batch_size,
-                    }
-                ],
-            }
-        },
-    }
-    path = work / "capacity.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    entry = {"model_name": str(model), "output_layers": ["pooler_output"], "batch_size": batch_size}
+    return descriptions_config(work, "capacity", "features", entry)
 
 
 def main() -> None:
@@ -160,8 +136,7 @@ def main() -> None:
 
     work = work_folder(args.work, "ducho-bench-capacity-")
     texts = descriptions(args.n, args.seed)
-    rows = "".join(f"{i}\t{t}\n" for i, t in enumerate(texts))
-    (work / "descriptions.tsv").write_text("item_id\tdescription\n" + rows)
+    write_descriptions(work, texts)
     config = write_config(work, tiny_bert(work, args.layers, args.width), args.batch_size)
     api.export(config)
     print(

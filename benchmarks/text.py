@@ -164,9 +164,20 @@ def precisions(device: str) -> tuple[str, str]:
     return ("fp32", "int8") if device == "cpu" else ("fp32", "fp16")
 
 
-def write_config(
-    work: Path, model: Path, precision: str, batch_size: int, device: str = "cpu"
+def write_descriptions(work: Path, texts: list[str]) -> list[str]:
+    """``texts`` as ``descriptions.tsv`` in ``work`` (ids 0, 1, ...), as extract reads them;
+    the ids."""
+    ids = [str(i) for i in range(len(texts))]
+    rows = "".join(f"{i}\t{t}\n" for i, t in zip(ids, texts, strict=True))
+    (work / "descriptions.tsv").write_text("item_id\tdescription\n" + rows)
+    return ids
+
+
+def descriptions_config(
+    work: Path, name: str, output_path: str, model: dict[str, Any], device: str = "cpu"
 ) -> Path:
+    """A config embedding ``descriptions.tsv`` with ``model`` (one ``model`` entry) on
+    ``device``, written as ``work/<name>.yml``: no resume, no fallback to the CPU."""
     import yaml
 
     config = {
@@ -179,22 +190,27 @@ def write_config(
                 "input_path": "descriptions.tsv",
                 "item_column": "item_id",
                 "text_column": "description",
-                "output_path": f"features_{precision}",
-                "model": [
-                    {
-                        "model_name": str(model),
-                        "backend": "sentence_transformers",
-                        "output_layers": 1,
-                        "batch_size": batch_size,
-                        "precision": precision,
-                    }
-                ],
+                "output_path": output_path,
+                "model": [model],
             }
         },
     }
-    path = work / f"text_{precision}.yml"
+    path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def write_config(
+    work: Path, model: Path, precision: str, batch_size: int, device: str = "cpu"
+) -> Path:
+    entry = {
+        "model_name": str(model),
+        "backend": "sentence_transformers",
+        "output_layers": 1,
+        "batch_size": batch_size,
+        "precision": precision,
+    }
+    return descriptions_config(work, f"text_{precision}", f"features_{precision}", entry, device)
 
 
 def read_features(output: Path, ids: list[str]) -> np.ndarray:
@@ -235,9 +251,7 @@ def main() -> None:
 
     work = work_folder(args.work, "ducho-bench-text-")
     texts = descriptions(args.n, args.seed)
-    ids = [str(i) for i in range(args.n)]
-    rows = "".join(f"{i}\t{t}\n" for i, t in zip(ids, texts, strict=True))
-    (work / "descriptions.tsv").write_text("item_id\tdescription\n" + rows)
+    ids = write_descriptions(work, texts)
     model = minilm_folder(work)
     print(
         f"{args.n} descriptions, batch size {args.batch_size}, on {args.device}, "
