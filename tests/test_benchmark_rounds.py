@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 COMMON = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
@@ -334,3 +335,47 @@ def test_the_capacity_clock_charges_each_threads_cpu_to_its_part_of_extract():
     after = clock.by_group()  # it has ended: its last sample still counts
     assert after["writer"] - before["writer"] >= 0.25
     assert after["lanes"] - before["lanes"] < 0.1  # nothing of the writer charged elsewhere
+
+
+def _features(folder: Path, rows: dict[str, np.ndarray]) -> Path:
+    """A features folder as extract writes it: one .npy per item and the matrix."""
+    (folder / "matrix").mkdir(parents=True)
+    for name, row in rows.items():
+        np.save(folder / f"{name}.npy", row.reshape(1, -1).astype(np.float32))
+    np.save(folder / "matrix" / "m.npy", np.stack(list(rows.values())).astype(np.float32))
+    return folder
+
+
+def test_scale_runs_must_write_the_same_features_as_one_process(tmp_path):
+    scale = _benchmark("scale")
+    rng = np.random.default_rng(0)
+    rows = {str(i): rng.normal(size=8) for i in range(3)}
+    local = _features(tmp_path / "local", rows)
+    assert scale.compare(local, _features(tmp_path / "same", rows), 3, "cpu") == "identical"
+
+    # One last-bit difference: refused on the CPU, where shards write the same bytes...
+    nudged = {**rows, "1": np.nextafter(rows["1"].astype(np.float32), np.float32(9))}
+    other = _features(tmp_path / "nudged", nudged)
+    with pytest.raises(SystemExit, match="different files"):
+        scale.compare(local, other, 3, "cpu")
+    # ...allowed on CUDA, where each process may choose its own convolution algorithms,
+    said = scale.compare(local, other, 3, "cuda")
+    assert said.startswith("min cosine ") and 0.9999 <= float(said.split()[-1]) <= 1.0
+    # but not a feature that is not the same.
+    wrong = _features(tmp_path / "wrong", {**rows, "2": -rows["2"]})
+    with pytest.raises(SystemExit, match="min cosine"):
+        scale.compare(local, wrong, 3, "cuda")
+    missing = _features(tmp_path / "missing", {k: rows[k] for k in ("0", "1")})
+    with pytest.raises(SystemExit, match="different files"):
+        scale.compare(local, missing, 3, "cuda")
+    with pytest.raises(SystemExit, match="holds 4 .npy files, not 5"):
+        scale.compare(local, local, 4, "cpu")
+
+
+def test_scale_takes_shard_counts_of_two_or_more():
+    scale = _benchmark("scale")
+    assert scale.parse_counts("2") == [2]
+    assert scale.parse_counts("2,4") == [2, 4]
+    for bad in ("1", "2,x", ""):
+        with pytest.raises(SystemExit, match="--shards"):
+            scale.parse_counts(bad)
