@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, in the order a machine with a GPU should run them, each step's
+# output kept in a log.
+#
+#   bash benchmarks/gpu_suite.sh                 # every step
+#   bash benchmarks/gpu_suite.sh tests text      # some steps, in the order given
+#   bash benchmarks/gpu_suite.sh --list          # the steps and their commands
+#
+# Logs go to $LOGS (default: $OUT when set, else ./gpu-logs): STEP.log per step, and one line
+# per step in summary.txt (exit status, seconds). A failing step does not stop the others; the
+# script exits 1 if any failed. Each step stops after $STEP_LIMIT seconds (default 570, under
+# a 10-minute slot); by the H100 runs' times each takes 1-6 minutes there.
+# Python: $PYTHON (default: .venv/bin/python where it exists, else python3). The machine needs
+# onnxruntime-gpu in place of onnxruntime, torch with CUDA (for the source frameworks' side),
+# and the test extra's offline model packages; `doctor` says what CUDA is missing.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+LOGS=${LOGS:-${OUT:-gpu-logs}}
+LIMIT=${STEP_LIMIT:-570}
+SCRATCH=${TMPDIR:-/tmp}/ducho-gpu-suite
+
+declare -A STEPS=(
+  [doctor]="$PY -m ducho_fast doctor --require-cuda"
+  [tests]="$PY -m pytest -q -m gpu tests"
+  [text]="$PY benchmarks/text.py --device cuda --n 4096 --repeats 3"
+  [visual]="$PY benchmarks/visual.py --device cuda --n 512 --repeats 2"
+  [shards-text]="$PY benchmarks/scale.py --modality text --device cuda --n 16384 --shards 2,4 --repeats 2"
+  [shards-visual]="$PY benchmarks/scale.py --device cuda --n 2048 --shards 2,4 --repeats 2"
+  [capacity]="$PY benchmarks/capacity.py --n 32768 --work /dev/shm/ducho-capacity"
+  [writer]="$PY benchmarks/writer.py --n 4096 --repeats 4 --work $SCRATCH/writer"
+  [sweep]="$PY benchmarks/extract_sweep.py --device cuda --n 1024 --workers 16 --variants threads,processes,threads,processes"
+)
+ORDER=(doctor tests text visual shards-text shards-visual capacity writer sweep)
+
+if [ "${1:-}" = "--list" ]; then
+  for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done
+  exit 0
+fi
+chosen=("$@")
+[ ${#chosen[@]} -eq 0 ] && chosen=("${ORDER[@]}")
+for step in "${chosen[@]}"; do
+  if [ -z "${STEPS[$step]+set}" ]; then
+    echo "gpu_suite: no step '$step'; the steps are: ${ORDER[*]}" >&2
+    exit 2
+  fi
+done
+
+mkdir -p "$LOGS" "$SCRATCH"
+failed=0
+for step in "${chosen[@]}"; do
+  echo "== $step: ${STEPS[$step]}"
+  start=$(date +%s)
+  timeout "$LIMIT" bash -c "${STEPS[$step]}" > "$LOGS/$step.log" 2>&1 < /dev/null
+  rc=$?
+  took=$(( $(date +%s) - start ))
+  [ $rc -ne 0 ] && failed=1
+  printf '%-14s rc=%-3s %4ss  %s\n' "$step" "$rc" "$took" "${STEPS[$step]}" | tee -a "$LOGS/summary.txt"
+  tail -n 3 "$LOGS/$step.log"
+done
+rm -rf "$SCRATCH" /dev/shm/ducho-capacity
+exit $failed
