@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
@@ -91,11 +95,7 @@ def report() -> Health:
         got = probe(CUDA)
         health.cuda_ok = got == CUDA
         if not health.cuda_ok:
-            health.cuda_why = (
-                f"onnxruntime lists {CUDA}, but a session asked for it runs on {got} (the "
-                "CUDA/cuDNN libraries it needs are missing, or no GPU is visible: run the "
-                "container with --gpus all)."
-            )
+            health.cuda_why = cuda_diagnosis(got)
         lines.append(
             f"CUDA session really runs on: {got}" + ("" if health.cuda_ok else "  (not CUDA)")
         )
@@ -107,3 +107,96 @@ def report() -> Health:
     lines.append(f"CPU session runs on: {probe(CPU)}")
     lines.append(f"CPUs this process may use: {cpu_quota_report()}")
     return health
+
+
+# The NVIDIA driver's own library: missing where no driver is installed, or in a container
+# started without the GPU (the NVIDIA Container Toolkit mounts it with --gpus).
+DRIVER_LIBRARY = "libcuda.so.1"
+
+
+def cuda_diagnosis(got: str) -> str:
+    """Why a session asked for CUDA runs on ``got``, in words that say what to do: the
+    libraries the CUDA provider needs and the dynamic loader does not find (``ldd``), where
+    NVIDIA's pip packages hold them, or, when every one is found, that no GPU is usable."""
+    start = f"onnxruntime lists {CUDA}, but a session asked for it runs on {got}"
+    provider = cuda_provider_library()
+    missing = missing_libraries(provider) if provider else []
+    if provider is None or not missing:
+        return (
+            f"{start}. Its libraries load, so no GPU is usable here: check `nvidia-smi` (the "
+            "driver must be as new as this CUDA needs); run a container with --gpus all."
+        )
+    parts = [
+        f"{start}: {provider.name} needs {', '.join(missing)}, which the dynamic loader does "
+        "not find."
+    ]
+    if DRIVER_LIBRARY in missing:
+        parts.append(
+            f"{DRIVER_LIBRARY} is the NVIDIA driver's: install the driver, or run the container "
+            "with --gpus all."
+        )
+    toolkit = [name for name in missing if name != DRIVER_LIBRARY]
+    folders = folders_holding(toolkit, site_roots())
+    held = [name for name in toolkit if any(name in names for names in folders.values())]
+    if held:
+        path = ":".join(str(f) for f in folders)
+        parts.append(
+            f"NVIDIA's pip packages installed here hold {', '.join(held)}: export "
+            f"LD_LIBRARY_PATH={path}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}} and run again."
+        )
+    if len(held) < len(toolkit):
+        parts.append(
+            "Install the CUDA and cuDNN versions this onnxruntime-gpu is built for (not "
+            f"installed: {', '.join(n for n in toolkit if n not in held)}; see "
+            "https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html), "
+            "or use the CUDA image."
+        )
+    return " ".join(parts)
+
+
+def cuda_provider_library() -> Path | None:
+    """onnxruntime-gpu's CUDA provider, the library ONNX Runtime loads when CUDA is asked for."""
+    capi = Path(ort.__file__).parent / "capi"
+    found = sorted(capi.glob("libonnxruntime_providers_cuda*.so*"))
+    return found[0] if found else None
+
+
+def missing_libraries(library: Path) -> list[str]:
+    """The shared libraries ``library`` needs that the dynamic loader does not find, as ``ldd``
+    reports them; none where ``ldd`` cannot run."""
+    try:
+        listed = subprocess.run(
+            ["ldd", str(library)], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return not_found(listed)
+
+
+def not_found(ldd_output: str) -> list[str]:
+    """The names on ``ldd``'s "=> not found" lines, in its order, each once."""
+    names = [
+        line.split("=>")[0].strip() for line in ldd_output.splitlines() if "=> not found" in line
+    ]
+    return list(dict.fromkeys(names))
+
+
+def site_roots() -> list[Path]:
+    """The folders packages are installed into for this interpreter (venv, user, system)."""
+    roots = [Path(p) for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    return [r for r in dict.fromkeys(roots) if r.is_dir()]
+
+
+def folders_holding(names: Iterable[str], roots: Iterable[Path]) -> dict[Path, set[str]]:
+    """The folders of NVIDIA's pip packages (``<root>/nvidia/...``, any layout) that hold any
+    of the libraries ``names``, with the ones each holds, in a stable order."""
+    wanted = set(names)
+    folders: dict[Path, set[str]] = {}
+    for root in roots:
+        nvidia = root / "nvidia"
+        if not wanted or not nvidia.is_dir():
+            continue
+        for dirpath, _, files in sorted(os.walk(nvidia)):
+            if held := wanted.intersection(files):
+                folders.setdefault(Path(dirpath), set()).update(held)
+    return folders

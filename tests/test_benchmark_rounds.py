@@ -368,7 +368,7 @@ def test_scale_runs_must_write_the_same_features_as_one_process(tmp_path):
     missing = _features(tmp_path / "missing", {k: rows[k] for k in ("0", "1")})
     with pytest.raises(SystemExit, match="different files"):
         scale.compare(local, missing, 3, "cuda")
-    with pytest.raises(SystemExit, match="holds 4 .npy files, not 5"):
+    with pytest.raises(SystemExit, match=r"holds 4 \.npy files, not 5"):
         scale.compare(local, local, 4, "cpu")
 
 

@@ -78,6 +78,11 @@ def test_doctor_health_check_fails_when_cuda_required_but_inactive(gpu_venv: Pat
     assert required.returncode == 1
     assert "CUDA session really runs on: CPUExecutionProvider" in required.stdout
     assert "no CUDA session really runs" in required.stderr and "--gpus all" in required.stderr
+    # ldd of the real CUDA provider names what is missing here: the driver, and CUDA's own
+    # libraries, which no package of this venv holds.
+    said = " ".join(required.stderr.split())
+    assert "libcuda.so.1 is the NVIDIA driver's" in said
+    assert "needs libcublas" in said and "(not installed: libcublas" in said
 
 
 def test_install_script_refuses_both_onnxruntime_packages(gpu_venv: Path, context: Path) -> None:

@@ -1,0 +1,117 @@
+"""``ducho-fast doctor``'s account of why CUDA does not run: the libraries the CUDA provider
+needs and the dynamic loader does not find, and where NVIDIA's pip packages hold them. The
+slow GPU-install test runs it against a real onnxruntime-gpu on this GPU-less machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ducho_fast import doctor
+
+# ldd of onnxruntime-gpu 1.31.1's CUDA provider on a machine without CUDA or a driver
+LDD = """\
+\tlinux-vdso.so.1 (0x00007f5841254000)
+\tlibcublasLt.so.13 => not found
+\tlibcublas.so.13 => not found
+\tlibcurand.so.10 => not found
+\tlibcuda.so.1 => not found
+\tlibstdc++.so.6 => /lib/x86_64-linux-gnu/libstdc++.so.6 (0x00007f5840e00000)
+\tlibcublas.so.13 => not found
+\t/lib64/ld-linux-x86-64.so.2 (0x00007f5841256000)
+"""
+
+
+def test_ldd_not_found_lines_name_the_missing_libraries_once():
+    assert doctor.not_found(LDD) == [
+        "libcublasLt.so.13",
+        "libcublas.so.13",
+        "libcurand.so.10",
+        "libcuda.so.1",
+    ]
+    assert doctor.not_found("\tlibc.so.6 => /lib/libc.so.6 (0x1)\n") == []
+
+
+def test_a_library_that_loads_has_nothing_missing_and_a_missing_file_says_nothing():
+    import onnxruntime
+
+    capi = Path(onnxruntime.__file__).parent / "capi"
+    loadable = sorted(capi.glob("onnxruntime_pybind11_state*.so"))[0]
+    assert doctor.missing_libraries(loadable) == []
+    assert doctor.missing_libraries(capi / "no-such-library.so") == []
+
+
+def _site(tmp_path: Path, files: list[str]) -> Path:
+    root = tmp_path / "site-packages"
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    return root
+
+
+def test_nvidia_pip_package_folders_are_found_whatever_their_layout(tmp_path):
+    root = _site(
+        tmp_path,
+        [
+            "nvidia/cublas/lib/libcublas.so.13",
+            "nvidia/cublas/lib/libcublasLt.so.13",
+            "nvidia/cu13/lib/libcurand.so.10",
+            "nvidia/cudnn/lib/libcudnn.so.9",
+            "torch/lib/libcurand.so.10",  # not NVIDIA's package: not offered
+        ],
+    )
+    wanted = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10"]
+    assert doctor.folders_holding(wanted, [root, tmp_path / "nowhere"]) == {
+        root / "nvidia/cu13/lib": {"libcurand.so.10"},
+        root / "nvidia/cublas/lib": {"libcublas.so.13", "libcublasLt.so.13"},
+    }
+    assert doctor.folders_holding([], [root]) == {}
+
+
+@pytest.fixture
+def provider(tmp_path, monkeypatch):
+    """A CUDA provider whose ldd says what ``missing`` holds."""
+    library = tmp_path / "libonnxruntime_providers_cuda.so"
+    missing: list[str] = []
+    monkeypatch.setattr(doctor, "cuda_provider_library", lambda: library)
+    monkeypatch.setattr(doctor, "missing_libraries", lambda path: list(missing))
+    monkeypatch.setattr(doctor, "site_roots", lambda: [])
+    return missing
+
+
+def test_cuda_toolkit_libraries_in_pip_packages_get_the_exact_library_path(
+    provider, tmp_path, monkeypatch
+):
+    provider += ["libcublas.so.13", "libcurand.so.10"]
+    root = _site(
+        tmp_path, ["nvidia/cublas/lib/libcublas.so.13", "nvidia/curand/lib/libcurand.so.10"]
+    )
+    monkeypatch.setattr(doctor, "site_roots", lambda: [root])
+    said = doctor.cuda_diagnosis("CPUExecutionProvider")
+    assert "runs on CPUExecutionProvider" in said
+    assert "needs libcublas.so.13, libcurand.so.10, which the dynamic loader does not" in said
+    folders = f"{root}/nvidia/cublas/lib:{root}/nvidia/curand/lib"
+    assert f"export LD_LIBRARY_PATH={folders}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" in said
+    assert "Install the CUDA" not in said and "driver" not in said
+
+
+def test_libraries_installed_nowhere_and_a_missing_driver_are_each_named(provider):
+    provider += ["libcublas.so.13", "libcuda.so.1"]
+    said = doctor.cuda_diagnosis("CPUExecutionProvider")
+    assert "libcuda.so.1 is the NVIDIA driver's" in said and "--gpus all" in said
+    assert "Install the CUDA and cuDNN versions" in said
+    assert "(not installed: libcublas.so.13;" in said  # the driver is not a CUDA package
+    assert "LD_LIBRARY_PATH" not in said
+
+
+def test_only_the_driver_missing_asks_for_the_driver_alone(provider):
+    provider.append("libcuda.so.1")
+    said = doctor.cuda_diagnosis("CPUExecutionProvider")
+    assert "libcuda.so.1 is the NVIDIA driver's" in said
+    assert "Install the CUDA" not in said and "LD_LIBRARY_PATH" not in said
+
+
+def test_libraries_that_all_load_point_at_the_gpu_itself(provider):
+    said = doctor.cuda_diagnosis("CPUExecutionProvider")
+    assert "no GPU is usable here" in said and "nvidia-smi" in said and "--gpus all" in said
