@@ -95,15 +95,15 @@ def report() -> Health:
         got = probe(CUDA)
         health.cuda_ok = got == CUDA
         if not health.cuda_ok:
-            health.cuda_why = cuda_diagnosis(got)
+            health.cuda_why = (
+                f"onnxruntime lists {CUDA}, but a session asked for it runs on {got}. "
+                + why_no_cuda()
+            )
         lines.append(
             f"CUDA session really runs on: {got}" + ("" if health.cuda_ok else "  (not CUDA)")
         )
     else:
-        health.cuda_why = (
-            f"this onnxruntime build has no {CUDA}; install onnxruntime-gpu instead of "
-            "onnxruntime (pip install 'ducho-fast[gpu]')."
-        )
+        health.cuda_why = why_no_cuda()
     lines.append(f"CPU session runs on: {probe(CPU)}")
     lines.append(f"CPUs this process may use: {cpu_quota_report()}")
     return health
@@ -114,22 +114,24 @@ def report() -> Health:
 DRIVER_LIBRARY = "libcuda.so.1"
 
 
-def cuda_diagnosis(got: str) -> str:
-    """Why a session asked for CUDA runs on ``got``, in words that say what to do: the
-    libraries the CUDA provider needs and the dynamic loader does not find (``ldd``), where
-    NVIDIA's pip packages hold them, or, when every one is found, that no GPU is usable."""
-    start = f"onnxruntime lists {CUDA}, but a session asked for it runs on {got}"
+def why_no_cuda() -> str:
+    """Why a session asked for CUDA would not run on it, in words that say what to do: an
+    onnxruntime without CUDA; the libraries its CUDA provider needs that the dynamic loader
+    does not find (``ldd``), and where NVIDIA's pip packages hold them; or, when every one is
+    found, that no GPU is usable. Called once CUDA is known not to run."""
+    if CUDA not in ort.get_available_providers():
+        return (
+            f"This onnxruntime build has no {CUDA}; install onnxruntime-gpu instead of "
+            "onnxruntime (pip install 'ducho-fast[gpu]')."
+        )
     provider = cuda_provider_library()
     missing = missing_libraries(provider) if provider else []
     if provider is None or not missing:
         return (
-            f"{start}. Its libraries load, so no GPU is usable here: check `nvidia-smi` (the "
-            "driver must be as new as this CUDA needs); run a container with --gpus all."
+            "The CUDA provider's libraries load, so no GPU is usable here: check `nvidia-smi` "
+            "(the driver must be as new as this CUDA needs); run a container with --gpus all."
         )
-    parts = [
-        f"{start}: {provider.name} needs {', '.join(missing)}, which the dynamic loader does "
-        "not find."
-    ]
+    parts = [f"{provider.name} needs {', '.join(missing)}, which the dynamic loader does not find."]
     if DRIVER_LIBRARY in missing:
         parts.append(
             f"{DRIVER_LIBRARY} is the NVIDIA driver's: install the driver, or run the container "

@@ -77,6 +77,8 @@ def provider(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "cuda_provider_library", lambda: library)
     monkeypatch.setattr(doctor, "missing_libraries", lambda path: list(missing))
     monkeypatch.setattr(doctor, "site_roots", lambda: [])
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(doctor.ort, "get_available_providers", lambda: listed)
     return missing
 
 
@@ -88,9 +90,11 @@ def test_cuda_toolkit_libraries_in_pip_packages_get_the_exact_library_path(
         tmp_path, ["nvidia/cublas/lib/libcublas.so.13", "nvidia/curand/lib/libcurand.so.10"]
     )
     monkeypatch.setattr(doctor, "site_roots", lambda: [root])
-    said = doctor.cuda_diagnosis("CPUExecutionProvider")
-    assert "runs on CPUExecutionProvider" in said
-    assert "needs libcublas.so.13, libcurand.so.10, which the dynamic loader does not" in said
+    said = doctor.why_no_cuda()
+    assert said.startswith(
+        "libonnxruntime_providers_cuda.so needs libcublas.so.13, libcurand.so.10, which the "
+        "dynamic loader does not find."
+    )
     folders = f"{root}/nvidia/cublas/lib:{root}/nvidia/curand/lib"
     assert f"export LD_LIBRARY_PATH={folders}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" in said
     assert "Install the CUDA" not in said and "driver" not in said
@@ -98,7 +102,7 @@ def test_cuda_toolkit_libraries_in_pip_packages_get_the_exact_library_path(
 
 def test_libraries_installed_nowhere_and_a_missing_driver_are_each_named(provider):
     provider += ["libcublas.so.13", "libcuda.so.1"]
-    said = doctor.cuda_diagnosis("CPUExecutionProvider")
+    said = doctor.why_no_cuda()
     assert "libcuda.so.1 is the NVIDIA driver's" in said and "--gpus all" in said
     assert "Install the CUDA and cuDNN versions" in said
     assert "(not installed: libcublas.so.13;" in said  # the driver is not a CUDA package
@@ -107,11 +111,33 @@ def test_libraries_installed_nowhere_and_a_missing_driver_are_each_named(provide
 
 def test_only_the_driver_missing_asks_for_the_driver_alone(provider):
     provider.append("libcuda.so.1")
-    said = doctor.cuda_diagnosis("CPUExecutionProvider")
+    said = doctor.why_no_cuda()
     assert "libcuda.so.1 is the NVIDIA driver's" in said
     assert "Install the CUDA" not in said and "LD_LIBRARY_PATH" not in said
 
 
 def test_libraries_that_all_load_point_at_the_gpu_itself(provider):
-    said = doctor.cuda_diagnosis("CPUExecutionProvider")
+    said = doctor.why_no_cuda()
     assert "no GPU is usable here" in said and "nvidia-smi" in said and "--gpus all" in said
+
+
+def test_an_onnxruntime_without_cuda_is_told_to_install_onnxruntime_gpu(monkeypatch):
+    monkeypatch.setattr(doctor.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(doctor, "missing_libraries", lambda path: pytest.fail("no ldd needed"))
+    said = doctor.why_no_cuda()
+    assert "has no CUDAExecutionProvider; install onnxruntime-gpu" in said
+
+
+def test_extract_asked_for_cuda_says_why_it_does_not_run(monkeypatch, provider):
+    """The runtime's own error carries the same account, for a batch job's log."""
+    from ducho_fast.config.model import RuntimeOptions
+    from ducho_fast.errors import DeviceError
+    from ducho_fast.runtime import session
+
+    provider.append("libcublas.so.13")
+    probe = Path(session.__file__).parent / "probe.onnx"
+    with pytest.raises(DeviceError) as raised:
+        session.make_session(probe, RuntimeOptions(device="cuda", allow_fallback=False))
+    said = " ".join(str(raised.value).split())
+    assert "CUDA is not really active. libonnxruntime_providers_cuda.so needs libcublas" in said
+    assert said.endswith("Set runtime.allow_fallback: true to run on CPU.")

@@ -225,10 +225,11 @@ def _check(session: ort.InferenceSession, options: RuntimeOptions, threads: int)
     got = session.get_providers()[0]
     wanted_cuda = options.device.startswith("cuda")
     if wanted_cuda and got != CUDA:
+        from ducho_fast.doctor import why_no_cuda  # it imports this module
+
         message = (
             f"runtime.device is '{options.device}' but ONNX Runtime runs this model on {got}: "
-            "CUDA is not really active (is onnxruntime-gpu installed with CUDA/cuDNN libraries?"
-            " `ducho-fast doctor` checks)."
+            f"CUDA is not really active. {why_no_cuda()}"
         )
         if not options.allow_fallback:
             raise DeviceError(message + " Set runtime.allow_fallback: true to run on CPU.")
