@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -193,10 +194,22 @@ def _print_exported(r: Any) -> None:
 PROGRESS_LINE_SECONDS = 30.0
 
 
+ProgressEveryOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=1.0,
+        envvar="DUCHO_FAST_PROGRESS_EVERY",
+        help="Where stderr is not a terminal (a batch job's log): seconds between progress "
+        "lines, and between the lines saying nothing was done for that long  [default: 30]",
+        show_default=False,
+    ),
+]
+
+
 @contextmanager
-def _progress(label: str, total: int) -> Iterator[Any]:
+def _progress(label: str, total: int, every: float | None = None) -> Iterator[Any]:
     if not err.is_terminal:
-        lines = _ProgressLines(label, total, PROGRESS_LINE_SECONDS)
+        lines = _ProgressLines(label, total, PROGRESS_LINE_SECONDS if every is None else every)
         lines.start()
         try:
             yield lines.tick
@@ -303,6 +316,7 @@ def extract(
     config: ConfigArg,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress_every: ProgressEveryOpt = None,
     fresh: Annotated[
         bool,
         typer.Option("--fresh", help="Extract every item again (output.resume: false)."),
@@ -352,7 +366,7 @@ def extract(
         report = ducho_fast.extract(
             config,
             overrides,
-            progress=_progress if progress else None,
+            progress=partial(_progress, every=progress_every) if progress else None,
             shard=shard,
             engine=engine.value,
             ray=ray,
@@ -501,12 +515,13 @@ def fuse(
     config: ConfigArg,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress_every: ProgressEveryOpt = None,
 ) -> None:
     """Fuse features CONFIG has already extracted (its fusion keys), without running models."""
     import ducho_fast
 
     with _errors(stopped=STOPPED_FUSE):
-        shown = _progress if progress else None
+        shown = partial(_progress, every=progress_every) if progress else None
         runs = ducho_fast.fuse(config, _overrides(ctx, set_), progress=shown)
     _print_fusions(runs)
     if not runs:

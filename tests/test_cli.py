@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from ducho_fast import cli
 from ducho_fast.cli import ITEMS_FAILED_EXIT, app
+from ducho_fast.errors import DuchoError
 from tests.conftest import textual_config
 
 runner = CliRunner()
@@ -424,3 +425,36 @@ def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
     said = capsys.readouterr().err
     assert "audio.items: 1 file(s) ignored (hidden, or not audio files), e.g. ._a.wav." in said
     assert "visual.items: 1 file(s) ignored (hidden, or not image files), e.g. notes.txt." in said
+
+
+@pytest.mark.parametrize("command", ["extract", "fuse"])
+def test_the_progress_line_interval_comes_from_the_option_or_the_environment(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A week-long job may want a line every 10 minutes, a debugging run every few seconds."""
+    import ducho_fast
+
+    every: list[float] = []
+
+    class Lines(cli._ProgressLines):
+        def __init__(self, label: str, total: int, every_: float) -> None:
+            every.append(every_)
+            super().__init__(label, total, every_)
+
+    def run(config: Any, overrides: Any, progress: Any = None, **_: Any) -> Any:
+        with progress("job model", 3) as tick:
+            tick(3)
+        raise DuchoError("stop here")
+
+    monkeypatch.setattr(cli, "_ProgressLines", Lines)
+    monkeypatch.setattr(type(cli.err), "is_terminal", property(lambda self: False))
+    monkeypatch.setattr(ducho_fast, command, run)
+    monkeypatch.delenv("DUCHO_FAST_PROGRESS_EVERY", raising=False)
+    config = tmp_path / "c.yml"
+    config.write_text("{}\n")
+    runner.invoke(app, [command, str(config)])
+    runner.invoke(app, [command, str(config), "--progress-every", "600"])
+    runner.invoke(app, [command, str(config)], env={"DUCHO_FAST_PROGRESS_EVERY": "5"})
+    assert every == [30.0, 600.0, 5.0]
+    refused = runner.invoke(app, [command, str(config), "--progress-every", "0"])
+    assert refused.exit_code == 2 and "--progress-every" in refused.output
