@@ -125,8 +125,14 @@ def why_no_cuda() -> str:
             "onnxruntime (pip install 'ducho-fast[gpu]')."
         )
     provider = cuda_provider_library()
-    missing = missing_libraries(provider) if provider else []
-    if provider is None or not missing:
+    missing = missing_libraries(provider) if provider else None
+    if provider is None or missing is None:  # no provider file where looked, or no ldd
+        return (
+            "Its CUDA or cuDNN libraries are missing, or no GPU is usable: check `nvidia-smi` "
+            "and the CUDA and cuDNN versions this onnxruntime-gpu needs; run a container with "
+            "--gpus all."
+        )
+    if not missing:
         return (
             "The CUDA provider's libraries load, so no GPU is usable here: check `nvidia-smi` "
             "(the driver must be as new as this CUDA needs); run a container with --gpus all."
@@ -163,16 +169,16 @@ def cuda_provider_library() -> Path | None:
     return found[0] if found else None
 
 
-def missing_libraries(library: Path) -> list[str]:
+def missing_libraries(library: Path) -> list[str] | None:
     """The shared libraries ``library`` needs that the dynamic loader does not find, as ``ldd``
-    reports them; none where ``ldd`` cannot run."""
+    reports them; None where ``ldd`` cannot tell (not installed, or not a library it reads)."""
     try:
         listed = subprocess.run(
             ["ldd", str(library)], capture_output=True, text=True, timeout=60, check=False
-        ).stdout
+        )
     except (OSError, subprocess.SubprocessError):
-        return []
-    return not_found(listed)
+        return None
+    return not_found(listed.stdout) if listed.returncode == 0 else None
 
 
 def not_found(ldd_output: str) -> list[str]:

@@ -39,7 +39,7 @@ def test_a_library_that_loads_has_nothing_missing_and_a_missing_file_says_nothin
     capi = Path(onnxruntime.__file__).parent / "capi"
     loadable = sorted(capi.glob("onnxruntime_pybind11_state*.so"))[0]
     assert doctor.missing_libraries(loadable) == []
-    assert doctor.missing_libraries(capi / "no-such-library.so") == []
+    assert doctor.missing_libraries(capi / "no-such-library.so") is None
 
 
 def _site(tmp_path: Path, files: list[str]) -> Path:
@@ -141,3 +141,12 @@ def test_extract_asked_for_cuda_says_why_it_does_not_run(monkeypatch, provider):
     said = " ".join(str(raised.value).split())
     assert "CUDA is not really active. libonnxruntime_providers_cuda.so needs libcublas" in said
     assert said.endswith("Set runtime.allow_fallback: true to run on CPU.")
+
+
+def test_without_ldd_or_a_provider_file_the_account_stays_general(provider, monkeypatch):
+    monkeypatch.setattr(doctor, "missing_libraries", lambda path: None)  # ldd could not tell
+    said = doctor.why_no_cuda()
+    assert "CUDA or cuDNN libraries are missing, or no GPU is usable" in said
+    assert "libraries load" not in said
+    monkeypatch.setattr(doctor, "cuda_provider_library", lambda: None)
+    assert doctor.why_no_cuda() == said
