@@ -134,8 +134,9 @@ def why_no_cuda() -> str:
         )
     if not missing:
         return (
-            "The CUDA provider's libraries load, so no GPU is usable here: check `nvidia-smi` "
-            "(the driver must be as new as this CUDA needs); run a container with --gpus all."
+            "The CUDA provider's own libraries load, so no GPU is usable here (check "
+            "`nvidia-smi`: the driver must be as new as this CUDA needs; run a container with "
+            "--gpus all), or cuDNN, which it loads later, is missing."
         )
     parts = [f"{provider.name} needs {', '.join(missing)}, which the dynamic loader does not find."]
     if DRIVER_LIBRARY in missing:
