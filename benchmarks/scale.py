@@ -48,6 +48,7 @@ from ducho_fast.runtime.batcher import TEXT_WINDOW_BATCHES as SORT_WINDOW
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     add_work_option,
+    cosines,
     median_rates,
     npy_files,
     paired,
@@ -228,10 +229,8 @@ def compare(reference: Path, other: Path, n: int, device: str) -> str:
     lows = []
     for name in want:
         a = np.load(reference / name)
-        a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-        b = np.load(other / name).reshape(a.shape).astype(np.float64)
-        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        lows.append(float(cos.min()))
+        a = a.reshape(-1, a.shape[-1])
+        lows.append(float(cosines(a, np.load(other / name).reshape(a.shape)).min()))
     low = min(lows)
     if low < MIN_COSINE:
         sys.exit(f"{other}: min cosine {low:.6f} against {reference}, under {MIN_COSINE}")
