@@ -25,13 +25,14 @@ declare -A STEPS=(
   [tests]="$PY -m pytest -q -m gpu tests"
   [text]="$PY benchmarks/text.py --device cuda --n 4096 --repeats 3"
   [visual]="$PY benchmarks/visual.py --device cuda --n 512 --repeats 2"
+  [embed]="$PY benchmarks/embed.py --device cuda --n 1024 --models efficientnet_lite0,resnet50 --repeats 2"
   [shards-text]="$PY benchmarks/scale.py --modality text --device cuda --n 16384 --shards 2,4 --repeats 2"
   [shards-visual]="$PY benchmarks/scale.py --device cuda --n 2048 --shards 2,4 --repeats 2"
   [capacity]="$PY benchmarks/capacity.py --n 32768 --work /dev/shm/ducho-capacity"
   [writer]="$PY benchmarks/writer.py --n 4096 --repeats 4 --work $SCRATCH/writer"
   [sweep]="$PY benchmarks/extract_sweep.py --device cuda --n 1024 --workers 16 --variants threads,processes,threads,processes"
 )
-ORDER=(doctor tests text visual shards-text shards-visual capacity writer sweep)
+ORDER=(doctor tests text visual embed shards-text shards-visual capacity writer sweep)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done

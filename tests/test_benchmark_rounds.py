@@ -379,3 +379,17 @@ def test_scale_takes_shard_counts_of_two_or_more():
     for bad in ("1", "2,x", ""):
         with pytest.raises(SystemExit, match="--shards"):
             scale.parse_counts(bad)
+
+
+def test_embed_benchmark_compares_features_exactly_on_the_cpu_and_by_cosine_on_cuda():
+    embed = _benchmark("embed")
+    a = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    nudged = a.copy()
+    nudged[1, 3] = np.nextafter(nudged[1, 3], np.float32(9))
+    assert embed.agree("cpu", a, a.copy()) == (True, "identical")
+    assert embed.agree("cpu", a, nudged) == (False, "DIFFERENT")
+    same, how = embed.agree("cuda", a, nudged)
+    assert same and how.startswith("min cosine ")
+    wrong = a.copy()
+    wrong[2] = -wrong[2]
+    assert embed.agree("cuda", a, wrong)[0] is False

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,14 @@ from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import Tokens
 from ducho_fast.data.visual.images import prepare_image
 from ducho_fast.errors import ArtifactError, DataError
-from ducho_fast.runtime.batcher import AUTO_TOKENS_PER_ROW, Batcher, window_size
+from ducho_fast.runtime.batcher import (
+    AHEAD_ITEMS_PER_WORKER,
+    AUTO_TOKENS_PER_ROW,
+    Batcher,
+    window_size,
+)
 from ducho_fast.runtime.binding import IOBinder, cuda_pinning
+from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.session import (
     CUDA,
     PendingSession,
@@ -266,6 +274,7 @@ class Embedder:
         batch_size: int = 32,
         clean: bool = False,
         sample_rate: int | None = None,
+        workers: int | None = None,
     ) -> np.ndarray | list[np.ndarray]:
         """Embed in-memory inputs: images, audio clips or texts.
 
@@ -282,6 +291,9 @@ class Embedder:
             clean: apply Ducho's ``clear_text`` to texts first.
             sample_rate: the rate of waveform arrays (audio models; the model's own when
                 None), which are resampled to the model's as files are.
+            workers: threads that decode and resize images or clips while the session runs
+                the batch before (``runtime.workers`` when None, else the usable CPUs).
+                Results do not depend on it. Texts are tokenized on the calling thread.
 
         Returns:
             An ``(N, ...)`` array, or a list of per-item arrays for token-level layers
@@ -290,22 +302,58 @@ class Embedder:
         key = str(layer) if layer is not None else self.layers[0]
         if key not in self.layers:
             raise DataError(f"this artifact has no layer {key!r}; it has {self.layers}.")
-        self._check_embed_options(batch_size, clean, sample_rate)
+        self._check_embed_options(batch_size, clean, sample_rate, workers)
         items = self._input_list(inputs)
         if self.sorts_by_length:
             out = self._embed_texts(items, key, batch_size, clean)
         else:
-            out = []
-            for start in range(0, len(items), batch_size):
-                chunk = [
-                    self._prepared(i, x, sample_rate)
-                    for i, x in enumerate(items[start : start + batch_size], start)
-                ]
-                out.extend(item[key] for item in self.run_prepared(chunk))
+            count = workers or self._options.workers or cpu_quota()
+            out = self._embed_read(items, key, batch_size, sample_rate, count)
         spec = next(o for o in self._outputs if str(o["layer"]) == key)
         if varies_per_item(spec):
             return out  # token- or frame-level: one array per item, of its own length
         return np.stack(out) if out else np.empty((0, *_item_shape(spec)), np.float32)
+
+    def _embed_read(
+        self, items: list[Any], key: str, batch_size: int, sample_rate: int | None, workers: int
+    ) -> list[np.ndarray]:
+        """``key``'s output for each image or clip, in input order: ``workers`` threads
+        prepare the items (decoding and resizing release the GIL) at most
+        :func:`read_ahead` items ahead, so the next batch is being read while the session
+        runs one on this thread. The first bad input in input order is raised, as reading
+        them one by one would; the reading of those after it is cancelled. A PIL image or
+        open file given more than once is read once (a lazily loaded image, or a file's
+        position, is not safe to read from two threads at once)."""
+        out: list[np.ndarray] = []
+        ahead = read_ahead(batch_size, workers)
+        pending: deque[Future[Any]] = deque()
+        submitted = 0
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ducho-embed")
+
+        stateful: dict[int, Future[Any]] = {}  # by id: PIL images and open files
+
+        def fill() -> None:
+            nonlocal submitted
+            while submitted < len(items) and len(pending) < ahead:
+                raw = items[submitted]
+                shared = isinstance(raw, Image.Image) or hasattr(raw, "read")
+                if shared and id(raw) in stateful:  # one object twice: read once, not at once
+                    pending.append(stateful[id(raw)])
+                else:
+                    pending.append(pool.submit(self._prepared, submitted, raw, sample_rate))
+                    if shared:
+                        stateful[id(raw)] = pending[-1]
+                submitted += 1
+
+        try:
+            fill()
+            while pending:
+                chunk = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+                fill()  # the batches after this one are read while it runs
+                out.extend(item[key] for item in self.run_prepared(chunk))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out
 
     def _embed_texts(
         self, items: list[Any], key: str, batch_size: int, clean: bool
@@ -337,7 +385,9 @@ class Embedder:
             for batch in self.plan(tokens, batch_size, budget):
                 yield [begin + i for i in batch], [tokens[i] for i in batch]
 
-    def _check_embed_options(self, batch_size: Any, clean: Any, sample_rate: Any) -> None:
+    def _check_embed_options(
+        self, batch_size: Any, clean: Any, sample_rate: Any, workers: Any
+    ) -> None:
         if clean and self.modality != "textual":
             raise DataError(f"clean=True cleans texts; this is a {self.modality} model.")
         if sample_rate is not None:
@@ -347,6 +397,11 @@ class Embedder:
                 raise DataError(f"sample_rate must be a whole number of Hz, not {sample_rate!r}.")
         if not whole(batch_size):
             raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
+        if workers is not None and not whole(workers):
+            raise DataError(
+                f"workers must be a whole number of 1 or more (or None: the usable CPUs), "
+                f"not {workers!r}."
+            )
 
     def _input_list(self, inputs: Any) -> list[Any]:
         """``embed``'s inputs as a list: any iterable of inputs, or an array stacking them
@@ -399,6 +454,13 @@ class Embedder:
         except DataError as e:
             e.args = (f"inputs[{index}]: {e}", *e.args[1:])
             raise
+
+
+def read_ahead(batch_size: int, workers: int) -> int:
+    """How many items ``embed`` has read or is reading at once, beside the batch the session
+    runs: at least the next batch, and ``AHEAD_ITEMS_PER_WORKER`` a worker beyond the batch
+    being gathered, so that no worker idles behind a slow item."""
+    return max(2 * batch_size, batch_size + workers * AHEAD_ITEMS_PER_WORKER)
 
 
 def whole(value: Any) -> bool:

@@ -35,6 +35,7 @@ from ducho_fast.data.sources import ImageLoader, Loader
 from ducho_fast.errors import ConfigError, DataError, DuchoError, UnreadableFile
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import (
+    AHEAD_ITEMS_PER_WORKER,
     AUTO_TOKENS_PER_ROW,
     Batcher,
     window_size,
@@ -87,15 +88,6 @@ class PipelineOptions:
     shard: Shard | None = None  # a job array's task: only its windows
     sort_window: int = 0  # text: batches per length-sorted window; 0: TEXT_WINDOW_BATCHES
     readers: str = "threads"  # images, audio: threads | processes (see use_processes)
-
-
-# Images: items read ahead per reader worker (see Pipeline.windows_ahead). On 16
-# CPUs with an H100 (the device tool's machine; 1024 JPEGs, batches of 32, one machine, runs
-# alternated), windows read one at a time left the model waiting 0.9-1.2 s per run for its
-# inputs, 8 items ahead per worker 0.0 s: ResNet50 1.03-1.18x the images/s, EfficientNet-Lite0
-# within noise (the writer was then what it waited for). On 2 CPUs with batches of 32 the
-# depth stays one window, as before.
-AHEAD_ITEMS_PER_WORKER = 8
 
 
 def use_processes(readers: str, loaders: Sequence[Loader]) -> bool:

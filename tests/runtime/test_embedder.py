@@ -242,3 +242,93 @@ def test_embed_from_several_threads_at_once(resnet_artifact, image_dir, io_bindi
     for k in range(12):
         np.testing.assert_allclose(together[k], alone[k], rtol=1e-6, atol=1e-7)
     assert not np.array_equal(alone[0], alone[1])  # each call's own order
+
+
+def _serial(emb, inputs, batch_size) -> np.ndarray:
+    """``embed`` read on the calling thread, batch after batch (what it did before workers)."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = [emb.prepare(x) for x in inputs[start : start + batch_size]]
+        out.extend(item["avgpool"] for item in emb.run_prepared(chunk))
+    return np.stack(out)
+
+
+def test_embed_reads_images_in_workers_with_the_same_results(resnet_artifact, tmp_path) -> None:
+    """Any worker count and batch size give the features of reading one by one, in input
+    order, though images of very different sizes finish decoding out of order."""
+    from tests.conftest import write_image
+
+    emb = ducho_fast.load(resnet_artifact)
+    sizes = [(600, 500) if i % 3 == 0 else (32, 24) for i in range(11)]
+    paths = [write_image(tmp_path / f"{i}.png", s, seed=i) for i, s in enumerate(sizes)]
+    expected = _serial(emb, paths, 4)
+    for workers, batch_size in ((1, 4), (2, 4), (3, 1), (4, 5), (8, 32), (None, 3)):
+        got = emb.embed(paths, batch_size=batch_size, workers=workers)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=f"{workers}")
+    assert not np.allclose(expected[0], expected[1])
+    for bad in (0, -2, True, 1.5, "2"):
+        with pytest.raises(DataError, match=r"workers must be a whole number of 1 or more"):
+            emb.embed(paths, workers=bad)  # type: ignore[arg-type]
+
+
+def test_embed_reads_the_next_batches_while_the_session_runs(resnet_artifact, image_dir) -> None:
+    """While the session runs a batch, the workers are already reading the next ones."""
+    import threading
+    import time
+
+    emb = ducho_fast.load(resnet_artifact)
+    paths = sorted(image_dir.iterdir())[:4] * 3
+    started: list[str] = []
+    seen_at_runs: list[int] = []
+    prepare, run_prepared = emb.prepare, emb.run_prepared
+
+    def slow_prepare(raw, sample_rate=None):
+        started.append(threading.current_thread().name)
+        return prepare(raw, sample_rate)
+
+    def slow_run(payloads):
+        time.sleep(0.3)
+        seen_at_runs.append(len(started))
+        return run_prepared(payloads)
+
+    emb.prepare, emb.run_prepared = slow_prepare, slow_run  # type: ignore[method-assign]
+    out = emb.embed(paths, batch_size=4, workers=2)
+    assert isinstance(out, np.ndarray) and out.shape == (12, 512)
+    assert seen_at_runs[0] == 12  # all of the next batches were read during the first run
+    assert started and all(name.startswith("ducho-embed") for name in started)
+
+
+def test_embed_raises_the_first_bad_input_and_reads_one_object_once(
+    resnet_artifact, image_dir, tmp_path
+) -> None:
+    emb = ducho_fast.load(resnet_artifact)
+    paths = sorted(image_dir.iterdir())[:4]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
+    big = tmp_path / "big.png"
+    Image.fromarray(noise).save(big)
+    # inputs[5] is slow to read and bad; inputs[6] fails at once: the first in order is raised
+    slow_bad = tmp_path / "slow_bad.png"
+    slow_bad.write_bytes(big.read_bytes()[:-2000])
+    inputs = [*paths, big, slow_bad, broken, *paths]
+    with pytest.raises(UnreadableFile, match=r"^inputs\[5\]: .*slow_bad.png: not a readable"):
+        emb.embed(inputs, batch_size=2, workers=4)
+    # one lazily loaded PIL image (and one open file) given several times: read once, not by
+    # two workers at once (neither a lazy image's loading nor a file's position is thread-safe)
+    image = Image.open(paths[0])
+    read: list[object] = []
+    prepare = emb.prepare
+
+    def counted(raw, sample_rate=None):
+        read.append(raw)
+        return prepare(raw, sample_rate)
+
+    emb.prepare = counted  # type: ignore[method-assign]
+    with open(paths[1], "rb") as file:
+        got = emb.embed([image, file, image, file, image] * 2, batch_size=3, workers=4)
+    assert len(read) == 2
+    emb.prepare = prepare  # type: ignore[method-assign]
+    expected = emb.embed([paths[0], paths[1]])
+    for row, want in zip(got, [0, 1, 0, 1, 0] * 2, strict=True):
+        np.testing.assert_allclose(row, expected[want], rtol=1e-5, atol=1e-6)
