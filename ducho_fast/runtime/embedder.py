@@ -324,6 +324,10 @@ class Embedder:
         them one by one would; the reading of those after it is cancelled. A PIL image or
         open file given more than once is read once (a lazily loaded image, or a file's
         position, is not safe to read from two threads at once)."""
+        if len(items) == 1:  # nothing to read beside it: a thread would only add its wake-up
+            return [
+                item[key] for item in self.run_prepared([self._prepared(0, items[0], sample_rate)])
+            ]
         out: list[np.ndarray] = []
         ahead = read_ahead(batch_size, workers)
         pending: deque[Future[Any]] = deque()
@@ -498,4 +502,5 @@ def load(
         raise ArtifactError(
             f"load takes the path of an exported artifact's folder; found {type(path).__name__}."
         )
-    return Embedder(load_artifact(Path(path)), options, input_options=input_options)
+    # readers: embed's worker threads decode images and audio beside the session
+    return Embedder(load_artifact(Path(path)), options, readers=True, input_options=input_options)

@@ -109,7 +109,11 @@ def spins(options: RuntimeOptions, modality: str, *, readers: bool) -> bool:
     share the CPUs). ``spin_wait: auto`` spins unless readers decode images or audio for the
     model; text readers only tokenize. Measured in rounds here (spinning vs not, extract end
     to end): MiniLM fp32 1.11x (every one of 8 rounds faster), int8 1.05x; EfficientNet-Lite0
-    0.94x (14 rounds), ResNet50 1.05x (6 rounds, 0.80-1.10)."""
+    0.94x (14 rounds), ResNet50 1.05x (6 rounds, 0.80-1.10). ``embed``'s worker threads count
+    as readers (``load``): EfficientNet-Lite0 on 256 JPEGs in calls of 4 (``benchmarks/
+    embed.py --call-size 4``, 5 rounds) ran 1.23x (1.21-1.35) the images/s of reading on the
+    calling thread with spinning off, 0.96x (0.86-1.09) with it on: threads left spinning
+    after a run slow the decoding of the next call's images."""
     if options.spin_wait == "auto":
         return not readers or modality == "textual"
     return options.spin_wait == "on"

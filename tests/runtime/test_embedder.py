@@ -175,24 +175,29 @@ def test_sessions_spin_unless_readers_decode_images(
     resnet_artifact, tmp_path, store, tiny_bert_dir
 ) -> None:
     """``runtime.spin_wait: auto``: text readers only tokenize; image decoders need the CPUs.
-    Without readers (the embedding API), sessions spin."""
+    Without readers (a bare embedder), sessions spin."""
     from ducho_fast.config.model import RuntimeOptions
     from ducho_fast.runtime.embedder import Embedder
 
     (text,) = ducho_fast.export(textual_config(tmp_path, {"model_name": str(tiny_bert_dir)}, store))
 
-    def spinning(path: Path, spin_wait: str = "auto", readers: bool = True) -> bool:
-        options = RuntimeOptions(spin_wait=spin_wait)
-        session = Embedder(load_artifact(path), options, readers=readers).session
-        config = session.get_session_options()
+    def spins(embedder: Embedder) -> bool:
+        config = embedder.session.get_session_options()
         try:
             return config.get_session_config_entry("session.intra_op.allow_spinning") != "0"
         except Exception:  # unset: ORT's default, spinning
             return True
 
+    def spinning(path: Path, spin_wait: str = "auto", readers: bool = True) -> bool:
+        options = RuntimeOptions(spin_wait=spin_wait)
+        return spins(Embedder(load_artifact(path), options, readers=readers))
+
     assert spinning(text.artifact.path) and not spinning(resnet_artifact)
     assert spinning(resnet_artifact, readers=False)
     assert spinning(resnet_artifact, "on") and not spinning(text.artifact.path, "off")
+    # load: embed's worker threads decode images beside the session; texts are only tokenized
+    assert spins(ducho_fast.load(text.artifact.path))
+    assert not spins(ducho_fast.load(resnet_artifact))
 
 
 def test_embedder_waits_for_the_session_created_ahead(resnet_artifact) -> None:
