@@ -333,7 +333,6 @@ class Embedder:
         pending: deque[Future[Any]] = deque()
         submitted = 0
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ducho-embed")
-
         stateful: dict[int, Future[Any]] = {}  # by id: PIL images and open files
 
         def fill() -> None:
