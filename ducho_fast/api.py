@@ -660,8 +660,12 @@ def _run_models(
             if texts:
                 # Only the ids with a feature count (see recorded_texts): failures need no care.
                 unknown = p.still_unknown()
-                made = {i.item_id: texts[i.item_id] for i in scope if i.item_id in texts}
-                save_texts(p.paths, ctx.shard, {k: v for k, v in made.items() if k not in unknown})
+                made = {
+                    i.item_id: texts[i.item_id]
+                    for i in scope
+                    if i.item_id in texts and i.item_id not in unknown
+                }
+                save_texts(p.paths, ctx.shard, made)
             if ctx.shard is None:
                 ids = [i.item_id for i in items]
                 _finish_outputs(ctx, job, p.spec, run, p.folders, ids, report)

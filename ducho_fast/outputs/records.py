@@ -4,6 +4,7 @@ them; a plain run saw every window, so its record replaces the shards' records."
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +22,18 @@ def record_name(kind: str, shard: Shard | None) -> str:
 
 
 def record_files(folder: Path, kind: str) -> list[Path]:
-    """Every record of ``kind`` in ``folder``: a plain run's and the shards'."""
-    return sorted(folder.glob(f"ducho-fast.{kind}*.json"))
+    """Every record of ``kind`` in ``folder``: a plain run's and the shards'. The folder's
+    entries are filtered as they are listed: it holds a feature file per item, and a glob
+    holds them all at once (180 bytes an entry, 1.8 GB at 10 million)."""
+    prefix = f"ducho-fast.{kind}"
+    try:
+        with os.scandir(folder) as entries:
+            names = [
+                e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".json")
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(folder / name for name in names)
 
 
 def forget_records(folder: Path, kind: str) -> None:

@@ -44,7 +44,8 @@ def recorded_texts(folders: Iterable[Path], written: Mapping[str, int]) -> dict[
 def save_texts(folders: Iterable[Path], shard: Shard | None, digests: Mapping[str, str]) -> None:
     """Record ``digests`` (the ids this run has features for, and their texts) in each folder;
     a plain run covers every window, so its record replaces the shards' records."""
-    text = json.dumps({"schema_version": SCHEMA_VERSION, "texts": dict(digests)}) + "\n"
+    texts = digests if isinstance(digests, dict) else dict(digests)  # json takes dicts only
+    text = json.dumps({"schema_version": SCHEMA_VERSION, "texts": texts}) + "\n"
     save_record(folders, KIND, shard, text if digests else None)
 
 

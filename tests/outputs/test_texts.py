@@ -63,3 +63,21 @@ def test_a_record_that_cannot_be_written_is_an_output_error(tmp_path, monkeypatc
     monkeypatch.setattr(records, "write_text", full)
     with pytest.raises(OutputError, match=r"ducho-fast.texts.json: No space left on device"):
         save_texts([tmp_path], None, {"a": "1"})
+
+
+def test_record_files_lists_one_kind_among_the_features(tmp_path: Path) -> None:
+    names = [
+        "ducho-fast.texts.shard-1-of-2.json",
+        "ducho-fast.texts.json",
+        "ducho-fast.unreadable.json",  # another kind
+        "ducho-fast.texts.json.tmp",  # not a record
+        "0001.npy",
+        "ducho-fast.texts.npy",  # an item whose id starts like a record
+    ]
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in records.record_files(tmp_path, "texts")] == [
+        "ducho-fast.texts.json",
+        "ducho-fast.texts.shard-1-of-2.json",
+    ]
+    assert records.record_files(tmp_path / "absent", "texts") == []
