@@ -24,6 +24,9 @@ DEVICES = ("cpu", "cuda")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The scripts import these from here; the package's own, which `ducho-fast bench` times with.
+from ducho_fast.bench import cpu_seconds, rounds  # noqa: E402, F401
+
 
 def work_folder(given: Path | None, prefix: str) -> Path:
     """``given`` (created if missing, kept), or a temporary folder removed when the benchmark
@@ -158,39 +161,6 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return best, value
 
 
-def cpu_seconds() -> float:
-    """The CPU time this process has used so far, all its threads (user and system)."""
-    times = os.times()
-    return times.user + times.system
-
-
-def rounds(
-    repeats: int,
-    systems: dict[str, Callable[[], Any]],
-    cpu: dict[str, list[float]] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Every system timed once per round, ``repeats`` rounds, the order rotated each round.
-
-    This machine's speed drifts by up to 25% within minutes; timing the systems side by
-    side, round after round, lets that drift fall on all of them alike, so ratios are taken
-    within a round (:func:`paired`). Returns the seconds per round of each system, and the
-    value of each system's last run. ``cpu``, if given, gets each system's CPU seconds per
-    round (:func:`cpu_seconds` before and after: every thread of the process, those that the
-    libraries start included).
-    """
-    names = list(systems)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    values: dict[str, Any] = {}
-    for r in range(max(1, repeats)):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            began = cpu_seconds()
-            took, values[name] = timed(systems[name])
-            seconds[name].append(took)
-            if cpu is not None:
-                cpu.setdefault(name, []).append(cpu_seconds() - began)
-    return seconds, values
-
-
 def paired(seconds: dict[str, list[float]], fast: str, slow: str) -> dict[str, float]:
     """How many times faster ``fast`` ran than ``slow`` within each round: the median and
     the range over the rounds."""
@@ -257,44 +227,21 @@ def bare_sessions(
     device: str = "cpu",
 ) -> Callable[[], Any]:
     """The artifact's session alone on ``feeds`` (batches built beforehand), run as extract
-    runs its model: ``lanes`` batches at once (None: as many as extract uses, see
-    ``batch_lanes``), each lane taking the next batch; threads spin between ops, as nothing
-    shares their CPUs. On CUDA: one batch at a time, ``session.run`` on the host batches, so
-    its time includes the copies to and from the GPU that extract's I/O binding overlaps with
-    the model (there an efficiency above 1 is the overlap's gain)."""
-    import threading
-
+    runs its model (``ducho_fast.bench.session_alone``): ``lanes`` batches at once (None: as
+    many as extract uses, see ``batch_lanes``); threads spin between ops, as nothing shares
+    their CPUs. On CUDA: one batch at a time, ``session.run`` on the host batches, so its
+    time includes the copies to and from the GPU that extract's I/O binding overlaps with the
+    model (there an efficiency above 1 is the overlap's gain)."""
+    from ducho_fast.bench import alone, session_alone
     from ducho_fast.config.model import RuntimeOptions
     from ducho_fast.runtime.embedder import Embedder, Prepared
     from ducho_fast.runtime.session import batch_lanes
 
-    options = RuntimeOptions(device=device, allow_fallback=False, spin_wait="on", io_binding="off")
+    options = alone(RuntimeOptions(device=device, allow_fallback=False))
     count = batch_lanes(options) if lanes is None else lanes
     embedder = Embedder(artifact, options, lanes=count)
     batches = [Prepared([(list(range(len(next(iter(f.values()))))), f)], []) for f in feeds]
-    embedder.launch(batches[0])  # warm-up
-    if count == 1:
-        return lambda: [embedder.launch(b) for b in batches]
-
-    def run() -> None:
-        todo = iter(batches)
-        lock = threading.Lock()
-
-        def lane(k: int) -> None:
-            while True:
-                with lock:
-                    batch = next(todo, None)
-                if batch is None:
-                    return
-                embedder.launch(batch, k)
-
-        threads = [threading.Thread(target=lane, args=(k,)) for k in range(count)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    return run
+    return session_alone(embedder, batches)
 
 
 def efficiency_factors(

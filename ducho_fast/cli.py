@@ -51,6 +51,7 @@ STOPPED_EXPORT = (
     "command again to export the rest."
 )
 STOPPED_FUSE = "Run the same command again to finish the fusions."
+STOPPED_BENCH = "Nothing of the config's outputs was touched, and bench's work folder is removed."
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 ConfigArg = Annotated[Path, typer.Argument(help="Ducho-style YAML config.", show_default=False)]
@@ -532,6 +533,79 @@ def fuse(
             f"[yellow]{failed} item(s) failed to fuse; see ducho-fast.errors.tsv.[/]", markup=True
         )
         raise typer.Exit(ITEMS_FAILED_EXIT)
+
+
+@app.command(context_settings=_EXTRA)
+def bench(
+    ctx: typer.Context,
+    config: ConfigArg,
+    set_: SetOpt = None,
+    items: Annotated[
+        int, typer.Option(min=1, help="The sample: the first that many items of each job.")
+    ] = 256,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed rounds of each way.")] = 3,
+    work: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the sample's features go, in a folder removed at the end (default: "
+            "beside the first job's output folder, on the disk a real run writes to).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Also print one JSON line.")] = False,
+) -> None:
+    """Time extract on a sample of CONFIG's own data, against each model's session alone.
+
+    Each model's artifact must be exported. The config's output folders are not touched.
+    Extract's items/s over the session's is the pipeline's efficiency (1: the model is the
+    only bottleneck); the whole job's time is estimated from extract's rate.
+    """
+    from ducho_fast.bench import bench as run_bench
+
+    err.print(
+        f"bench: each model on up to {items} items of its job, {repeats} round(s) of extract "
+        "and of its session alone on the same batches read beforehand...",
+        highlight=False,
+        soft_wrap=True,
+    )
+    with _errors(stopped=STOPPED_BENCH):
+        report = run_bench(
+            config,
+            _overrides(ctx, set_),
+            items=items,
+            repeats=repeats,
+            work=work,
+            on_run=_print_bench,
+        )
+    for reason in report.skipped:
+        err.print(f"not timed: {reason}", highlight=False, soft_wrap=True)
+    if as_json:
+        runs = [r.as_dict() for r in report.runs]
+        out.print(json.dumps({"runs": runs, "skipped": report.skipped}), soft_wrap=True)
+
+
+def _print_bench(run: Any) -> None:
+    device = run.provider.removesuffix("ExecutionProvider") or "?"
+    low, high = run.efficiency_range
+    passed = f", {run.unreadable} that do not read passed over" if run.unreadable else ""
+    lines = [
+        f"{run.key_path} ({run.model}) on {device}: {run.items} of {run.job_items:,} items"
+        f"{passed}, {run.rounds} round(s)",
+        f"  extract        {run.extract_rate:10.1f} items/s",
+        f"  session alone  {run.session_rate:10.1f} items/s (the model on extract's batches)",
+        f"  efficiency     {run.efficiency:10.2f}   (rounds {low:.2f}-{high:.2f})",
+        f"  extract's time {run.extract_seconds:10.2f} s: {run.first_batch:.2f} until its first "
+        f"batch ran (the session made, the first window read); then its model waited "
+        f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for the writer",
+        f"  whole job      {run.job_items:,} items in about {_clock(run.job_seconds)} at this pace",
+    ]
+    if run.first_batch > 0.2 * run.extract_seconds:
+        lines.append(
+            "  (the start-up is much of this sample's time: a larger --items measures the pace "
+            "after it better)"
+        )
+    for line in lines:
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -272,6 +272,7 @@ def test_bare_sessions_run_on_the_benchmarks_device(common, monkeypatch):
     class Fake:
         def __init__(self, artifact, options, *, lanes):
             made.append((options, lanes))
+            self.lanes = lanes
 
         def launch(self, prepared, lane=0):
             return None
