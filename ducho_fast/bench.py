@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ducho_fast import api
 from ducho_fast.artifact import Artifact, find_artifact
 from ducho_fast.config import Config, Job, ModelSpec
@@ -34,13 +36,39 @@ from ducho_fast.data.sources import check_inputs, job_items, loader_for
 from ducho_fast.errors import ConfigError, DuchoError, OutputError
 from ducho_fast.fusion import graph_name
 from ducho_fast.runtime.batcher import AUTO_TOKENS_PER_ROW, window_size
+from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.session import batch_lanes
 from ducho_fast.runtime.stages import Timing
 
+CPU_PROVIDER = "CPUExecutionProvider"
 SAMPLE_ITEMS = 256
 ROUNDS = 3
 TEXT_ID, TEXT = "id", "text"  # the sample TSV's columns
+
+
+@dataclass(frozen=True)
+class Source:
+    """The source framework's model run eagerly on the session's batches: items/s (median
+    round), extract's speed over it per round (median, range), and the least cosine between
+    its outputs and the session's (the first output, every item of the last round)."""
+
+    framework: str
+    rate: float
+    speedup: float
+    speedup_range: tuple[float, float]
+    min_cosine: float
+    session_speedup: float = 0.0  # the session alone over the source, median round
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "framework": self.framework,
+            "items_per_second": round(self.rate, 2),
+            "extract_vs_source": round(self.speedup, 3),
+            "extract_vs_source_range": [round(x, 3) for x in self.speedup_range],
+            "session_vs_source": round(self.session_speedup, 3),
+            "min_cosine": round(self.min_cosine, 6),
+        }
 
 
 @dataclass(frozen=True)
@@ -64,6 +92,7 @@ class BenchRun:
     first_batch: float = 0.0
     waiting_for_inputs: float = 0.0
     waiting_for_writer: float = 0.0
+    source: Source | None = None  # the source framework's model, with --source
 
     @property
     def extract_seconds(self) -> float:
@@ -98,6 +127,7 @@ class BenchRun:
                 "waiting_for_inputs": round(self.waiting_for_inputs, 3),
                 "waiting_for_writer": round(self.waiting_for_writer, 3),
             },
+            "source": self.source.as_dict() if self.source is not None else None,
         }
 
 
@@ -114,6 +144,7 @@ def bench(
     items: int = SAMPLE_ITEMS,
     repeats: int = ROUNDS,
     work: Path | None = None,
+    source: bool = False,
     on_run: Callable[[BenchRun], None] | None = None,
 ) -> BenchReport:
     """Time every model of the config (already exported) on a sample of its job's items.
@@ -125,6 +156,8 @@ def bench(
         repeats: timed rounds of each way, in rotated order; the medians are reported.
         work: where the sample and its features go, in a folder removed at the end (by
             default beside the first job's output folder, on the disk a real run writes to).
+        source: also time the source framework's model (loaded as export loads it; the
+            framework's extra installed) eagerly on the session's batches, on the CPU.
         on_run: called with each model's result as soon as it is measured.
     """
     if not _whole(items) or not _whole(repeats):
@@ -144,7 +177,8 @@ def bench(
             listed = job_items(job).good
             for m, spec in enumerate(job.models):
                 sample = _Sample.take(listed, spec, artifacts[graph_name(spec)], cfg, items)
-                run = _bench_model(cfg, job, sample, repeats, folder / f"job{k}-model{m}")
+                place = folder / f"job{k}-model{m}"
+                run = _bench_model(cfg, job, sample, repeats, place, source, report)
                 if run is None:
                     report.skipped.append(f"{spec.key_path}: no item of the job reads")
                     continue
@@ -184,7 +218,13 @@ class _Sample:
 
 
 def _bench_model(
-    cfg: Config, job: Job, sample: _Sample, repeats: int, folder: Path
+    cfg: Config,
+    job: Job,
+    sample: _Sample,
+    repeats: int,
+    folder: Path,
+    source: bool,
+    report: BenchReport,
 ) -> BenchRun | None:
     if not sample.items:
         return None
@@ -197,8 +237,23 @@ def _bench_model(
         runs.extend(api.extract(replace(sub, jobs=(sub_job,))).runs)
 
     embedder = Embedder(sample.artifact, alone(cfg.runtime), lanes=batch_lanes(cfg.runtime))
-    session = session_alone(embedder, _batches(embedder, cfg, sample.spec, sample.payloads))
-    seconds, _ = rounds(repeats, {"extract": extract, "session": session})
+    batches = _batches(embedder, cfg, sample.spec, sample.payloads)
+    systems: dict[str, Callable[[], Any]] = {
+        "extract": extract,
+        "session": session_alone(embedder, batches),
+    }
+    eager = None
+    if source and embedder.info.provider != CPU_PROVIDER:
+        report.skipped.append(
+            f"{sample.spec.key_path}: --source times the source framework on the CPU only, and "
+            f"this model's session runs on {embedder.info.provider}; benchmarks/text.py and "
+            "visual.py --device cuda compare both on the GPU"
+        )
+    elif source:
+        eager = _eager(sample.spec, batches)
+        systems["source"] = eager.run
+    with _torch_threads(eager is not None):
+        seconds, values = rounds(repeats, systems)
     ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
     count = len(sample.items)
     return BenchRun(
@@ -214,7 +269,74 @@ def _bench_model(
         rounds=repeats,
         unreadable=sample.unreadable,
         **_waits([r.result.timing for r in runs]),
+        source=None if eager is None else eager.measured(seconds, values["source"], embedder),
     )
+
+
+@dataclass(frozen=True)
+class _Eager:
+    """The source model's eager runs over the session's batches (their feeds, group by
+    group), each returning the first output of every group."""
+
+    framework: str
+    step: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+    batches: list[Prepared]
+
+    def run(self) -> list[np.ndarray]:
+        return [self.step(feeds)[0] for b in self.batches for _, feeds in b.parts]
+
+    def measured(
+        self, seconds: dict[str, list[float]], outputs: list[np.ndarray], embedder: Embedder
+    ) -> Source:
+        ours = [out[0] for b in self.batches for _, out in embedder.launch(b).parts]
+        speedups = [s / e for e, s in zip(seconds["extract"], seconds["source"], strict=True)]
+        model = [s / e for e, s in zip(seconds["session"], seconds["source"], strict=True)]
+        count = sum(len(idx) for b in self.batches for idx, _ in b.parts)
+        return Source(
+            framework=self.framework,
+            rate=count / statistics.median(seconds["source"]),
+            speedup=statistics.median(speedups),
+            speedup_range=(min(speedups), max(speedups)),
+            min_cosine=min(_least_cosine(a, b) for a, b in zip(outputs, ours, strict=True)),
+            session_speedup=statistics.median(model),
+        )
+
+
+def _eager(spec: ModelSpec, batches: list[Prepared]) -> _Eager:
+    """The source model, loaded and cut as export loads and cuts it, run eagerly once on
+    the first batch (untimed: the framework's first call sets itself up)."""
+    from ducho_fast.exporters import exporter_for
+
+    exporter = exporter_for(spec)
+    step = exporter.eager(exporter.build(spec))
+    eager = _Eager(exporter.eager_name, step, batches)
+    if batches:
+        step(batches[0].parts[0][1])
+    return eager
+
+
+def _least_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The least cosine between the rows of two batches' outputs (each row flattened)."""
+    x = np.asarray(a, np.float64).reshape(len(a), -1)
+    y = np.asarray(b, np.float64).reshape(len(b), -1)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return float(np.min(np.sum(x * y, axis=1) / np.maximum(norms, 1e-30)))
+
+
+@contextmanager
+def _torch_threads(eager: bool) -> Iterator[None]:
+    """Torch on the CPUs this process may use (as the sessions are), while the source runs."""
+    if not eager:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_quota())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _waits(timings: list[Timing | None]) -> dict[str, float]:

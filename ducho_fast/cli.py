@@ -552,6 +552,14 @@ def bench(
             show_default=False,
         ),
     ] = None,
+    source: Annotated[
+        bool,
+        typer.Option(
+            "--source",
+            help="Also time the source framework's model (loaded as export loads it) eagerly "
+            "on the same batches, on the CPU.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Also print one JSON line.")] = False,
 ) -> None:
     """Time extract on a sample of CONFIG's own data, against each model's session alone.
@@ -561,6 +569,9 @@ def bench(
     only bottleneck); the whole job's time is estimated from extract's rate.
     """
     from ducho_fast.bench import bench as run_bench
+
+    if source:
+        _quiet_frameworks()
 
     err.print(
         f"bench: each model on up to {items} items of its job, {repeats} round(s) of extract "
@@ -575,6 +586,7 @@ def bench(
             items=items,
             repeats=repeats,
             work=work,
+            source=source,
             on_run=_print_bench,
         )
     for reason in report.skipped:
@@ -599,6 +611,14 @@ def _print_bench(run: Any) -> None:
         f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for the writer",
         f"  whole job      {run.job_items:,} items in about {_clock(run.job_seconds)} at this pace",
     ]
+    if run.source is not None:
+        low, high = run.source.speedup_range
+        lines[3:3] = [
+            f"  source         {run.source.rate:10.1f} items/s ({run.source.framework}, the same "
+            f"batches; outputs agree to min cosine {run.source.min_cosine:.6f})",
+            f"  extract/source {run.source.speedup:10.2f}x  (rounds {low:.2f}-{high:.2f}); the "
+            f"session alone {run.source.session_speedup:.2f}x",
+        ]
     if run.first_batch > 0.2 * run.extract_seconds:
         lines.append(
             "  (the start-up is much of this sample's time: a larger --items measures the pace "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,48 @@ def test_bench_command_prints_each_model_and_a_json_line(exported: dict[str, Any
     assert line["runs"][1]["items"] == 4 and line["skipped"] == []
     bad = runner.invoke(app, ["bench", str(path), "--items", "0"])
     assert bad.exit_code != 0
+
+
+def test_bench_source_runs_the_torch_models_on_the_same_batches(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager: list[int] = []  # rows of each batch the source model ran, every round
+    make = bench_module._eager
+
+    def spy(spec: Any, batches: Any) -> Any:
+        made = make(spec, batches)
+        step = made.step
+
+        def counted(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            eager.append(len(next(iter(feeds.values()))))
+            return step(feeds)
+
+        return replace(made, step=counted)
+
+    monkeypatch.setattr(bench_module, "_eager", spy)
+    visual, text = bench(exported, items=6, repeats=1, work=tmp_path, source=True).runs
+    for run in (visual, text):
+        assert run.source is not None and run.source.framework == "PyTorch eager"
+        assert run.source.min_cosine > 0.9999  # fp32: the session's outputs, item by item
+        assert run.source.rate > 0 and run.source.speedup_range == (run.source.speedup,) * 2
+        # one round: each ratio is the two rates' (the same items), extract's or the session's
+        assert run.source.speedup == pytest.approx(run.extract_rate / run.source.rate)
+        assert run.source.session_speedup == pytest.approx(run.session_rate / run.source.rate)
+    # ResNet18 at batch size 3: 2 batches; the text model at 2: 3 batches
+    assert eager == [3, 3] + [2, 2, 2]
+
+
+def test_least_cosine_is_over_rows() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert bench_module._least_cosine(a, np.array([[3.0, 0.0], [0.0, 1.0]])) == 1.0
+    assert bench_module._least_cosine(a, np.array([[3.0, 0.0], [1.0, 0.0]])) == 0.0
+    assert bench_module._least_cosine(a[:, :, None], -a[:, :, None]) == -1.0  # rows flattened
+
+
+def test_bench_source_is_for_cpu_sessions(exported: dict[str, Any], tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_module, "CPU_PROVIDER", "SomeOtherExecutionProvider")
+    report = bench(exported, items=2, repeats=1, work=tmp_path, source=True)
+    assert all(run.source is None for run in report.runs)
+    assert report.skipped[0].startswith(
+        "visual.items.model.0: --source times the source framework on the CPU only"
+    )

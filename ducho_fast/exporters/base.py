@@ -12,7 +12,7 @@ import shutil
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,7 @@ class Exporter(ABC):
     """A framework adapter."""
 
     reference_name: str = ""
+    eager_name: str = "PyTorch eager"  # what :meth:`eager` runs
 
     @abstractmethod
     def build(self, spec: ModelSpec) -> Built:
@@ -98,6 +99,21 @@ class Exporter(ABC):
         """The reference for one sample; adapters whose framework decodes ``raw`` itself
         (an image processor's own resize) override this."""
         return self.reference(built, payload)
+
+    def eager(self, built: Built) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        """The built module run eagerly in its framework on one batch of the graph's inputs
+        (``{input name: array}``, as ONNX Runtime takes them), its outputs in the graph's
+        order: what ``ducho-fast bench --source`` times beside the session. Torch adapters
+        share this; the Keras adapter runs its model."""
+        torch = import_torch()
+        module, names = built.module, built.input_names
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with torch.inference_mode():
+                out = module(*[torch.from_numpy(feeds[n]) for n in names])
+            return [o.numpy() for o in (out if isinstance(out, tuple | list) else (out,))]
+
+        return run
 
 
 def build_with_kwargs(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def apply_scheme(x: Any, scheme: str, mean: Any = IMAGENET_MEAN, std: Any = IMAG
 
 class KerasExporter(Exporter):
     reference_name = "Keras eager (the family's preprocess_input, the truncated keras.Model)"
+    eager_name = "Keras"
 
     def build(self, spec: ModelSpec) -> Built:
         base, source, family = load_keras_model(spec)
@@ -121,6 +123,17 @@ class KerasExporter(Exporter):
             source=source,
             reference=(truncated, family if not spec.preprocessing else None, scheme, spec),
         )
+
+    def eager(self, built: Built) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        model = built.module
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            out = model(feeds["pixels"], training=False)
+            return [
+                keras.ops.convert_to_numpy(v) for v in (out if isinstance(out, list) else [out])
+            ]
+
+        return run
 
     def convert(self, built: Built, path: Path) -> None:
         import tf2onnx

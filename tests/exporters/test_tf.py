@@ -269,3 +269,21 @@ def test_tensorflow_s_start_up_lines_are_muted_and_stderr_restored() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "after\nfd2\n"
+
+
+def test_bench_source_runs_the_keras_model_on_the_session_s_batches(
+    tmp_path: Path, store: Path
+) -> None:
+    from ducho_fast.bench import bench
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((40, 40, 3))
+    x = keras.layers.Conv2D(8, 3, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    model.save(tmp_path / "tiny.keras")
+    images(tmp_path / "images")
+    config = visual_config(tmp_path, entry(str(tmp_path / "tiny.keras"), ["gap"]), store)
+    ducho_fast.export(config)
+    (run,) = bench(config, items=3, repeats=1, work=tmp_path, source=True).runs
+    assert run.source is not None and run.source.framework == "Keras"
+    assert run.source.min_cosine > 0.9999 and run.source.rate > 0
