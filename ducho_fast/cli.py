@@ -591,6 +591,8 @@ def bench(
         )
     for reason in report.skipped:
         err.print(f"not timed: {reason}", highlight=False, soft_wrap=True)
+    if not report.runs and not report.skipped:
+        err.print("nothing to time: the config has no model jobs.")
     if as_json:
         runs = [r.as_dict() for r in report.runs]
         out.print(json.dumps({"runs": runs, "skipped": report.skipped}), soft_wrap=True)

@@ -134,3 +134,20 @@ def test_audio_config_rules(tmp_path, store) -> None:
     bad = audio_config(tmp_path, {"model_name": "m", "max_seconds": 0}, store)
     with pytest.raises(ConfigError, match=r"max_seconds' must be > 0"):
         load_config(bad)
+
+
+def test_bench_times_audio_clips_and_their_source_model(tmp_path, store, tiny_wav2vec2_dir) -> None:
+    from ducho_fast.bench import bench
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    write_tone(folder / "a1.wav", seconds=0.5)
+    write_tone(folder / "a2.flac", seconds=0.8, rate=44100, channels=2)  # another length
+    (folder / "a3.wav").write_bytes(b"not audio")
+    config = audio_config(
+        tmp_path, entry(tiny_wav2vec2_dir, output_layers=[1], pooling="mean"), store
+    )
+    ducho_fast.export(config)
+    (run,) = bench(config, items=5, repeats=1, work=tmp_path, source=True).runs
+    assert (run.items, run.job_items, run.unreadable) == (2, 3, 1)
+    assert run.source is not None and run.source.min_cosine > 0.9999
