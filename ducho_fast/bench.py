@@ -43,6 +43,7 @@ from ducho_fast.runtime.stages import Timing
 
 CPU_PROVIDER = "CPUExecutionProvider"
 SAMPLE_ITEMS = 256
+SAMPLE_BYTES = 1 << 30  # of decoded inputs, at most: the sample and its batches are held
 ROUNDS = 3
 TEXT_ID, TEXT = "id", "text"  # the sample TSV's columns
 
@@ -86,6 +87,7 @@ class BenchRun:
     efficiency_range: tuple[float, float]
     rounds: int
     unreadable: int = 0  # items of the sample's span left out: they fail to read
+    capped: bool = False  # the sample stopped short of ``items`` at SAMPLE_BYTES decoded
     # Where extract's time went (medians over rounds, seconds): until its first batch ran
     # (the session made, the first window read), and after that its model waiting for the
     # readers and for the writer.
@@ -113,6 +115,7 @@ class BenchRun:
             "items": self.items,
             "job_items": self.job_items,
             "unreadable": self.unreadable,
+            "capped": self.capped,
             "rounds": self.rounds,
             "items_per_second": {
                 "extract": round(self.extract_rate, 2),
@@ -198,6 +201,8 @@ class _Sample:
     payloads: list[Any]
     job_items: int  # the job's items, those the sample was taken from
     unreadable: int  # items passed over: they fail to read
+    nbytes: int = 0  # the decoded images' or clips' (texts: 0)
+    capped: bool = False  # stopped at SAMPLE_BYTES before ``items``
 
     @classmethod
     def take(
@@ -208,12 +213,17 @@ class _Sample:
         for item in listed:
             if len(sample.items) == items:
                 break
+            if sample.nbytes >= SAMPLE_BYTES:  # minutes-long clips: a sample that fits memory
+                sample.capped = True
+                break
             try:
-                sample.payloads.append(loader(item))
+                payload = loader(item)
             except DuchoError:
                 sample.unreadable += 1
                 continue
             sample.items.append(item)
+            sample.payloads.append(payload)
+            sample.nbytes += getattr(payload, "nbytes", 0)
         return sample
 
 
@@ -268,6 +278,7 @@ def _bench_model(
         efficiency_range=(min(ratios), max(ratios)),
         rounds=repeats,
         unreadable=sample.unreadable,
+        capped=sample.capped,
         **_waits([r.result.timing for r in runs]),
         source=None if eager is None else eager.measured(seconds, values["source"], embedder),
     )
@@ -326,10 +337,13 @@ def _least_cosine(a: np.ndarray, b: np.ndarray) -> float:
 @contextmanager
 def _torch_threads(eager: bool) -> Iterator[None]:
     """Torch on the CPUs this process may use (as the sessions are), while the source runs."""
+    try:
+        import torch
+    except ImportError:  # a Keras source, without the torch extra
+        eager = False
     if not eager:
         yield
         return
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(cpu_quota())

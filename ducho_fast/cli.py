@@ -602,6 +602,8 @@ def _print_bench(run: Any) -> None:
     device = run.provider.removesuffix("ExecutionProvider") or "?"
     low, high = run.efficiency_range
     passed = f", {run.unreadable} that do not read passed over" if run.unreadable else ""
+    if run.capped:
+        passed += ", stopped at 1 GiB of decoded inputs"
     lines = [
         f"{run.key_path} ({run.model}) on {device}: {run.items} of {run.job_items:,} items"
         f"{passed}, {run.rounds} round(s)",

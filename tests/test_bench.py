@@ -198,3 +198,10 @@ def test_bench_source_is_for_cpu_sessions(exported: dict[str, Any], tmp_path, mo
     assert report.skipped[0].startswith(
         "visual.items.model.0: --source times the source framework on the CPU only"
     )
+
+
+def test_bench_stops_a_sample_at_its_decoded_bytes(exported, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(bench_module, "SAMPLE_BYTES", 1)  # one decoded image is over it
+    visual, text = bench(exported, items=3, repeats=1, work=tmp_path).runs
+    assert (visual.items, visual.capped) == (1, True)
+    assert (text.items, text.capped) == (3, False)  # texts are not counted
