@@ -564,9 +564,8 @@ def bench(
 ) -> None:
     """Time extract on a sample of CONFIG's own data, against each model's session alone.
 
-    Each model's artifact must be exported. The config's output folders are not touched.
-    Extract's items/s over the session's is the pipeline's efficiency (1: the model is the
-    only bottleneck); the whole job's time is estimated from extract's rate.
+    Each model must be exported first; the config's output folders are not touched.
+    Extract's items/s over the session's is the pipeline's efficiency (1: only the model limits).
     """
     from ducho_fast.bench import bench as run_bench
 
