@@ -32,6 +32,7 @@ from ducho_fast.artifact import Artifact, find_artifact
 from ducho_fast.config import Config, Job, ModelSpec
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.items import Item
+from ducho_fast.data.pairs import paired_items
 from ducho_fast.data.sources import check_inputs, job_items, loader_for
 from ducho_fast.errors import ConfigError, DuchoError, OutputError
 from ducho_fast.fusion import graph_name
@@ -39,7 +40,6 @@ from ducho_fast.runtime.batcher import AUTO_TOKENS_PER_ROW, window_size
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.session import batch_lanes
-from ducho_fast.runtime.stages import Timing
 
 CPU_PROVIDER = "CPUExecutionProvider"
 SAMPLE_ITEMS = 256
@@ -174,14 +174,12 @@ def bench(
     report = BenchReport()
     with _work_folder(work, cfg) as folder:
         for k, job in enumerate(cfg.jobs):
-            if job.modality == "visual_textual":
-                report.skipped.append(f"{job.name}: two-tower jobs are not timed by bench yet")
-                continue
-            listed = job_items(job).good
+            listed = _listed(job)
             for m, spec in enumerate(job.models):
-                sample = _Sample.take(listed, spec, artifacts[graph_name(spec)], cfg, items)
+                towers = [_Tower(g, artifacts[graph_name(g)]) for g in spec.towers()]
+                sample = _Sample.take(listed, towers, cfg, items)
                 place = folder / f"job{k}-model{m}"
-                run = _bench_model(cfg, job, sample, repeats, place, source, report)
+                run = _bench_model(cfg, job, spec, sample, repeats, place, source, report)
                 if run is None:
                     report.skipped.append(f"{spec.key_path}: no item of the job reads")
                     continue
@@ -191,85 +189,109 @@ def bench(
     return report
 
 
+def _listed(job: Job) -> list[list[Item]]:
+    """The job's items, per graph a model runs: one list, or the image and the text items
+    of the ids a two-tower job pairs (in the same order)."""
+    if job.modality != "visual_textual":
+        return [job_items(job).good]
+    pairs = paired_items(job)
+    return [pairs.images, pairs.texts]
+
+
 @dataclass
-class _Sample:
-    """A model's sample of its job: the first items that read, and what they read as."""
+class _Tower:
+    """One graph of a model (a two-tower model has two), and the sample's inputs to it."""
 
     spec: ModelSpec
     artifact: Artifact
-    items: list[Item]
-    payloads: list[Any]
+    payloads: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _Sample:
+    """A model's sample of its job: the first items that read (per graph), and what they
+    read as."""
+
+    towers: list[_Tower]
+    rows: list[tuple[Item, ...]]  # per sample item, its item in each graph's list
     job_items: int  # the job's items, those the sample was taken from
-    unreadable: int  # items passed over: they fail to read
+    unreadable: int = 0  # items passed over: they fail to read
     nbytes: int = 0  # the decoded images' or clips' (texts: 0)
     capped: bool = False  # stopped at SAMPLE_BYTES before ``items``
 
     @classmethod
     def take(
-        cls, listed: list[Item], spec: ModelSpec, artifact: Artifact, cfg: Config, items: int
+        cls, listed: list[list[Item]], towers: list[_Tower], cfg: Config, items: int
     ) -> _Sample:
-        loader = loader_for(spec, artifact.manifest, cfg.input)
-        sample = cls(spec, artifact, [], [], len(listed), 0)
-        for item in listed:
-            if len(sample.items) == items:
+        loaders = [loader_for(t.spec, t.artifact.manifest, cfg.input) for t in towers]
+        sample = cls(towers, [], len(listed[0]))
+        for row in zip(*listed, strict=True):
+            if len(sample.rows) == items:
                 break
             if sample.nbytes >= SAMPLE_BYTES:  # minutes-long clips: a sample that fits memory
                 sample.capped = True
                 break
             try:
-                payload = loader(item)
+                payloads = [load(item) for load, item in zip(loaders, row, strict=True)]
             except DuchoError:
                 sample.unreadable += 1
                 continue
-            sample.items.append(item)
-            sample.payloads.append(payload)
-            sample.nbytes += getattr(payload, "nbytes", 0)
+            sample.rows.append(row)
+            for tower, payload in zip(towers, payloads, strict=True):
+                tower.payloads.append(payload)
+                sample.nbytes += getattr(payload, "nbytes", 0)
         return sample
 
 
 def _bench_model(
     cfg: Config,
     job: Job,
+    spec: ModelSpec,
     sample: _Sample,
     repeats: int,
     folder: Path,
     source: bool,
     report: BenchReport,
 ) -> BenchRun | None:
-    if not sample.items:
+    if not sample.rows:
         return None
-    sub = _sample_config(cfg, job, sample.spec, _write_sample(folder, job, sample.items), folder)
-    runs: list[Any] = []
+    sub = _sample_config(cfg, job, spec, _write_sample(folder, job, sample.rows))
+    runs: list[list[Any]] = []  # each round's model runs
     made = iter(range(1, 1 << 30))
 
-    def extract() -> None:  # each round into a new folder, as a first run writes
-        sub_job = replace(sub.jobs[0], output_path=folder / f"out{next(made)}")
-        runs.extend(api.extract(replace(sub, jobs=(sub_job,))).runs)
+    def extract() -> None:  # each round into new folders, as a first run writes
+        sub_job = _outputs(sub.jobs[0], folder / f"out{next(made)}")
+        runs.append(api.extract(replace(sub, jobs=(sub_job,))).runs)
 
-    embedder = Embedder(sample.artifact, alone(cfg.runtime), lanes=batch_lanes(cfg.runtime))
-    batches = _batches(embedder, cfg, sample.spec, sample.payloads)
+    lanes = batch_lanes(cfg.runtime)
+    embedders = [Embedder(t.artifact, alone(cfg.runtime), lanes=lanes) for t in sample.towers]
+    batches = [
+        _batches(e, cfg, t.spec, t.payloads) for e, t in zip(embedders, sample.towers, strict=True)
+    ]
+    alone_runs = [session_alone(e, b) for e, b in zip(embedders, batches, strict=True)]
     systems: dict[str, Callable[[], Any]] = {
         "extract": extract,
-        "session": session_alone(embedder, batches),
+        "session": lambda: [run() for run in alone_runs],  # a model's graphs, as extract runs them
     }
+    provider = embedders[0].info.provider
     eager = None
-    if source and embedder.info.provider != CPU_PROVIDER:
+    if source and provider != CPU_PROVIDER:
         report.skipped.append(
-            f"{sample.spec.key_path}: --source times the source framework on the CPU only, and "
-            f"this model's session runs on {embedder.info.provider}; benchmarks/text.py and "
-            "visual.py --device cuda compare both on the GPU"
+            f"{spec.key_path}: --source times the source framework on the CPU only, and this "
+            f"model's session runs on {provider}; benchmarks/text.py and visual.py --device "
+            "cuda compare both on the GPU"
         )
     elif source:
-        eager = _eager(sample.spec, batches)
+        eager = _eager([t.spec for t in sample.towers], batches)
         systems["source"] = eager.run
     with _torch_threads(eager is not None):
         seconds, values = rounds(repeats, systems)
     ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
-    count = len(sample.items)
+    count = len(sample.rows)
     return BenchRun(
-        key_path=sample.spec.key_path,
-        model=sample.spec.model_name,
-        provider=runs[-1].provider if runs else "",
+        key_path=spec.key_path,
+        model=spec.model_name,
+        provider=runs[-1][0].provider if runs and runs[-1] else "",
         items=count,
         job_items=sample.job_items,
         extract_rate=count / statistics.median(seconds["extract"]),
@@ -279,30 +301,40 @@ def _bench_model(
         rounds=repeats,
         unreadable=sample.unreadable,
         capped=sample.capped,
-        **_waits([r.result.timing for r in runs]),
-        source=None if eager is None else eager.measured(seconds, values["source"], embedder),
+        **_waits(runs),
+        source=None if eager is None else eager.measured(seconds, values["source"], embedders),
     )
 
 
 @dataclass(frozen=True)
 class _Eager:
     """The source model's eager runs over the session's batches (their feeds, group by
-    group), each returning the first output of every group."""
+    group), graph by graph, each returning the first output of every group."""
 
     framework: str
-    step: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
-    batches: list[Prepared]
+    steps: list[Callable[[dict[str, np.ndarray]], list[np.ndarray]]]
+    batches: list[list[Prepared]]  # per graph
 
     def run(self) -> list[np.ndarray]:
-        return [self.step(feeds)[0] for b in self.batches for _, feeds in b.parts]
+        return [
+            step(feeds)[0]
+            for step, batches in zip(self.steps, self.batches, strict=True)
+            for b in batches
+            for _, feeds in b.parts
+        ]
 
     def measured(
-        self, seconds: dict[str, list[float]], outputs: list[np.ndarray], embedder: Embedder
+        self, seconds: dict[str, list[float]], outputs: list[np.ndarray], embedders: list[Any]
     ) -> Source:
-        ours = [out[0] for b in self.batches for _, out in embedder.launch(b).parts]
+        ours = [
+            out[0]
+            for embedder, batches in zip(embedders, self.batches, strict=True)
+            for b in batches
+            for _, out in embedder.launch(b).parts
+        ]
         speedups = [s / e for e, s in zip(seconds["extract"], seconds["source"], strict=True)]
         model = [s / e for e, s in zip(seconds["session"], seconds["source"], strict=True)]
-        count = sum(len(idx) for b in self.batches for idx, _ in b.parts)
+        count = sum(len(idx) for b in self.batches[0] for idx, _ in b.parts)
         return Source(
             framework=self.framework,
             rate=count / statistics.median(seconds["source"]),
@@ -313,17 +345,17 @@ class _Eager:
         )
 
 
-def _eager(spec: ModelSpec, batches: list[Prepared]) -> _Eager:
-    """The source model, loaded and cut as export loads and cuts it, run eagerly once on
-    the first batch (untimed: the framework's first call sets itself up)."""
+def _eager(specs: list[ModelSpec], batches: list[list[Prepared]]) -> _Eager:
+    """The source model's graphs, each loaded and cut as export loads and cuts it, run
+    eagerly once on its first batch (untimed: the framework's first call sets itself up)."""
     from ducho_fast.exporters import exporter_for
 
-    exporter = exporter_for(spec)
-    step = exporter.eager(exporter.build(spec))
-    eager = _Eager(exporter.eager_name, step, batches)
-    if batches:
-        step(batches[0].parts[0][1])
-    return eager
+    exporter = exporter_for(specs[0])
+    steps = [exporter.eager(exporter.build(spec)) for spec in specs]
+    for step, graph_batches in zip(steps, batches, strict=True):
+        if graph_batches:
+            step(graph_batches[0].parts[0][1])
+    return _Eager(exporter.eager_name, steps, batches)
 
 
 def _least_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -344,7 +376,6 @@ def _torch_threads(eager: bool) -> Iterator[None]:
     if not eager:
         yield
         return
-
     before = torch.get_num_threads()
     torch.set_num_threads(cpu_quota())
     try:
@@ -353,46 +384,67 @@ def _torch_threads(eager: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _waits(timings: list[Timing | None]) -> dict[str, float]:
-    """The medians of extract's rounds' timings (none where the engine measures none)."""
-    known = [t for t in timings if t is not None]
-    if not known:
+def _waits(rounds_runs: list[list[Any]]) -> dict[str, float]:
+    """Where extract's time went: per round, the sum over the model's graphs' runs (a
+    two-tower model runs two), then the median over the rounds; nothing where the engine
+    measures nothing."""
+    timed = [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
+    timed = [t for t in timed if t]
+    if not timed:
         return {}
     return {
-        "first_batch": statistics.median(t.first_batch for t in known),
-        "waiting_for_inputs": statistics.median(t.inputs for t in known),
-        "waiting_for_writer": statistics.median(t.writer for t in known),
+        "first_batch": statistics.median(sum(t.first_batch for t in ts) for ts in timed),
+        "waiting_for_inputs": statistics.median(sum(t.inputs for t in ts) for ts in timed),
+        "waiting_for_writer": statistics.median(sum(t.writer for t in ts) for ts in timed),
     }
 
 
-def _write_sample(folder: Path, job: Job, sample: list[Item]) -> Path:
-    """The sample as a job's input: links to the files, or a TSV of ids and texts."""
+def _write_sample(folder: Path, job: Job, rows: list[tuple[Item, ...]]) -> tuple[Path, Path | None]:
+    """The sample as a job's input: links to the files or a TSV of ids and texts (a two-tower
+    job: both, the texts of the images' ids)."""
     folder.mkdir(parents=True)
     if job.modality == "textual":
-        path = folder / "texts.tsv"
-        with path.open("w", encoding="utf-8", newline="") as f:
-            # every cell quoted: a text may hold a carriage return, which ends an unquoted row
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_ALL)
-            writer.writerow([TEXT_ID, TEXT])
-            writer.writerows([item.item_id, item.raw] for item in sample)
-        return path
-    path = folder / "input"
-    path.mkdir()
-    for item in sample:
-        source = Path(item.raw).resolve()
-        (path / source.name).symlink_to(source)
+        return _write_texts(folder / "texts.tsv", [row[0] for row in rows]), None
+    files = folder / "input"
+    files.mkdir()
+    for row in rows:
+        target = Path(row[0].raw).resolve()
+        (files / target.name).symlink_to(target)
+    if job.modality != "visual_textual":
+        return files, None
+    return files, _write_texts(folder / "texts.tsv", [row[1] for row in rows])
+
+
+def _write_texts(path: Path, items: list[Item]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        # every cell quoted: a text may hold a carriage return, which ends an unquoted row
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_ALL)
+        writer.writerow([TEXT_ID, TEXT])
+        writer.writerows([item.item_id, item.raw] for item in items)
     return path
 
 
-def _sample_config(cfg: Config, job: Job, spec: ModelSpec, source: Path, folder: Path) -> Config:
-    """The config that runs ``spec`` alone on the sample into ``folder``, from scratch."""
+def _sample_config(
+    cfg: Config, job: Job, spec: ModelSpec, inputs: tuple[Path, Path | None]
+) -> Config:
+    """The config that runs ``spec`` alone on the sample, from scratch."""
+    source, texts = inputs
     if job.modality == "textual":  # interactions too: the sample's ids are the output names
         job = replace(
             job, origin="items", item_column=TEXT_ID, text_column=TEXT, interaction_columns=None
         )
-    job = replace(job, input_path=source, output_path=folder / "out", models=(spec,))
+    elif job.modality == "visual_textual":
+        job = replace(job, text_input_path=texts, item_column=TEXT_ID, text_column=TEXT)
+    job = replace(job, input_path=source, models=(spec,))
     output = replace(cfg.output, resume=False, id_order=None)
-    return replace(cfg, jobs=(job,), fusions=(), output=output, dataset_path=folder)
+    return replace(cfg, jobs=(job,), fusions=(), output=output, dataset_path=source.parent)
+
+
+def _outputs(job: Job, folder: Path) -> Job:
+    """``job`` writing into ``folder`` (a two-tower job: each tower into a folder of it)."""
+    if job.modality == "visual_textual":
+        return replace(job, output_path=folder / "visual", text_output_path=folder / "textual")
+    return replace(job, output_path=folder)
 
 
 def _batches(

@@ -161,15 +161,17 @@ def test_bench_source_runs_the_torch_models_on_the_same_batches(
     eager: list[int] = []  # rows of each batch the source model ran, every round
     make = bench_module._eager
 
-    def spy(spec: Any, batches: Any) -> Any:
-        made = make(spec, batches)
-        step = made.step
+    def spy(specs: Any, batches: Any) -> Any:
+        made = make(specs, batches)
 
-        def counted(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-            eager.append(len(next(iter(feeds.values()))))
-            return step(feeds)
+        def counted(step: Any) -> Any:
+            def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+                eager.append(len(next(iter(feeds.values()))))
+                return step(feeds)
 
-        return replace(made, step=counted)
+            return run
+
+        return replace(made, steps=[counted(step) for step in made.steps])
 
     monkeypatch.setattr(bench_module, "_eager", spy)
     visual, text = bench(exported, items=6, repeats=1, work=tmp_path, source=True).runs

@@ -176,11 +176,32 @@ def test_cli_reports_pairs_towers_and_fusion(
     assert fused.exit_code == 0 and "fusion concat: 0 fused, 4 already done" in fused.output
 
 
-def test_bench_says_it_does_not_time_two_tower_jobs(dataset: Path) -> None:
-    from ducho_fast.bench import bench
+def test_bench_times_both_towers_on_the_paired_ids(dataset: Path, monkeypatch) -> None:
+    from ducho_fast import bench as bench_module
 
+    written: list[dict[str, np.ndarray]] = []  # each round: both towers' features by name
+    starts: list[float] = []
+    extract = bench_module.api.extract
+
+    def spy(sub: Any) -> Any:
+        report = extract(sub)
+        job = sub.jobs[0]
+        for root in (job.output_path, job.text_output_path):
+            written.append({p.name: np.load(p) for p in root.rglob("*.npy")})
+        starts.append(sum(r.result.timing.first_batch for r in report.runs if r.result.timing))
+        return report
+
+    monkeypatch.setattr(bench_module.api, "extract", spy)
     cfg = config(dataset)
     ducho_fast.export(cfg)
-    report = bench(cfg, items=2, repeats=1, work=dataset)
-    assert report.runs == []
-    assert report.skipped == ["visual_textual.items: two-tower jobs are not timed by bench yet"]
+    (run,) = bench_module.bench(cfg, items=3, repeats=1, work=dataset, source=True).runs
+    # the folder's first 3 ids that have a row (A1, A2, A3), both towers, in one round
+    assert (run.key_path, run.items, run.job_items) == ("visual_textual.items.model.0", 3, 4)
+    assert [sorted(w) for w in written] == [["A1.npy", "A2.npy", "A3.npy"]] * 2
+    assert run.source is not None and run.source.min_cosine > 0.9999  # both towers checked
+    assert run.first_batch == pytest.approx(starts[0]) and len(starts) == 1
+    assert not (dataset / "visual_embeddings").exists()
+    ducho_fast.extract(cfg)  # the sample's features are the job's own: the same images and texts
+    for tower, root in zip(written, ("visual_embeddings", "textual_embeddings"), strict=True):
+        for name, value in tower.items():
+            np.testing.assert_array_equal(value, np.load(folder(dataset, root) / name))
