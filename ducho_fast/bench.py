@@ -1,14 +1,17 @@
 """``ducho-fast bench``: how fast extract runs a config's models here, on its own data.
 
-For each model of each job, the first ``items`` items of the job (those that read) are copied
-into a work folder (images and audio as links, texts as a TSV) and timed, rounds in rotated
-order, two ways: ``extract`` end to end into a new, empty folder (reading, decoding,
-tokenizing, the model, writing), and the model's session alone on the batches extract builds
-of them, decoded beforehand. Their ratio is the pipeline's efficiency: 1 where the model is
-the only bottleneck. From extract's rate comes an estimate of the whole job's time.
+For each model of each job, the first ``items`` items of the job that read (a two-tower
+model: ids that pair and read in both modalities) are copied into a work folder (images and
+audio as links, texts as a TSV) and timed, rounds in rotated order: ``extract`` end to end
+into a new, empty folder (reading, decoding, tokenizing, the model, writing), and the model's
+session alone on the batches extract builds of them, decoded beforehand. Their ratio is the
+pipeline's efficiency: 1 where the model is the only bottleneck. From extract's pace comes an
+estimate of the whole job's time.
 
-The comparison with the source frameworks run eagerly (Ducho's way) is the scripts in
-``benchmarks/``, on the models they name; this command needs only the core install.
+With ``source``, the source framework's model (PyTorch or Keras, loaded as export loads it)
+also runs eagerly on the same batches: the model alone, not Ducho's whole run, which also
+decodes (the scripts in ``benchmarks/`` measure that). Without it, only the core install is
+needed.
 """
 
 from __future__ import annotations
