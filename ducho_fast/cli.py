@@ -572,9 +572,10 @@ def bench(
     if source:
         _quiet_frameworks()
 
+    also = ", and of its source model" if source else ""
     err.print(
         f"bench: each model on up to {items} items of its job, {repeats} round(s) of extract "
-        "and of its session alone on the same batches read beforehand...",
+        f"and of its session alone on the same batches read beforehand{also}...",
         highlight=False,
         soft_wrap=True,
     )
