@@ -17,7 +17,6 @@ needed.
 from __future__ import annotations
 
 import csv
-import os
 import statistics
 import tempfile
 import threading
@@ -98,6 +97,9 @@ class BenchRun:
     waiting_for_inputs: float = 0.0
     waiting_for_writer: float = 0.0
     source: Source | None = None  # the source framework's model, with --source
+    # The process's CPU time per item of each way (every thread; median round), in ms: the
+    # session's is the model's; extract's adds reading, decoding, tokenizing and writing.
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def extract_seconds(self) -> float:
@@ -134,6 +136,7 @@ class BenchRun:
                 "waiting_for_writer": round(self.waiting_for_writer, 3),
             },
             "source": self.source.as_dict() if self.source is not None else None,
+            "cpu_ms_per_item": {k: round(v, 3) for k, v in self.cpu_ms.items()},
         }
 
 
@@ -287,8 +290,9 @@ def _bench_model(
     elif source:
         eager = _eager([t.spec for t in sample.towers], batches)
         systems["source"] = eager.run
+    cpu: dict[str, list[float]] = {}
     with _torch_threads(eager is not None):
-        seconds, values = rounds(repeats, systems)
+        seconds, values = rounds(repeats, systems, cpu)
     ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
     count = len(sample.rows)
     return BenchRun(
@@ -305,6 +309,7 @@ def _bench_model(
         unreadable=sample.unreadable,
         capped=sample.capped,
         **_waits(runs),
+        cpu_ms={k: statistics.median(v) / count * 1e3 for k, v in cpu.items()},
         source=None if eager is None else eager.measured(seconds, values["source"], embedders),
     )
 
@@ -509,9 +514,9 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
 
 
 def cpu_seconds() -> float:
-    """The CPU time this process has used so far, all its threads (user and system)."""
-    times = os.times()
-    return times.user + times.system
+    """The CPU time this process has used so far, all its threads (user and system; not its
+    child processes), to the nanosecond where ``os.times`` counts 10 ms ticks."""
+    return time.process_time()
 
 
 def rounds(

@@ -615,6 +615,9 @@ def _print_bench(run: Any) -> None:
         f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for the writer",
         f"  whole job      {run.job_items:,} items in about {_clock(run.job_seconds)} at this pace",
     ]
+    if run.cpu_ms:
+        cpu = ", ".join(f"{k} {v:.2f} ms" for k, v in run.cpu_ms.items())
+        lines.insert(-1, f"  CPU per item   {cpu} (this process's, every thread)")
     if run.source is not None:
         low, high = run.source.speedup_range
         lines[3:3] = [

@@ -73,6 +73,7 @@ def test_bench_times_extract_and_the_session_on_the_jobs_first_items(
         assert run.extract_rate > 0 and run.session_rate > 0
         low, high = run.efficiency_range
         assert low <= run.efficiency <= high
+        assert sorted(run.cpu_ms) == ["extract", "session"] and min(run.cpu_ms.values()) > 0
         # extract's own timing: its start-up counts once in the whole job, the rest per item
         assert 0 < run.first_batch < run.extract_seconds
         assert 0 <= run.waiting_for_inputs < run.extract_seconds
@@ -178,6 +179,7 @@ def test_bench_source_runs_the_torch_models_on_the_same_batches(
     for run in (visual, text):
         assert run.source is not None and run.source.framework == "PyTorch eager"
         assert run.source.min_cosine > 0.9999  # fp32: the session's outputs, item by item
+        assert sorted(run.cpu_ms) == ["extract", "session", "source"]
         assert run.source.rate > 0 and run.source.speedup_range == (run.source.speedup,) * 2
         # one round: each ratio is the two rates' (the same items), extract's or the session's
         assert run.source.speedup == pytest.approx(run.extract_rate / run.source.rate)
