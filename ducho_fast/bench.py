@@ -38,7 +38,6 @@ from ducho_fast.data.pairs import paired_items
 from ducho_fast.data.sources import check_inputs, job_items, loader_for
 from ducho_fast.errors import ConfigError, DuchoError, OutputError
 from ducho_fast.fusion import graph_name
-from ducho_fast.runtime.batcher import AUTO_TOKENS_PER_ROW, window_size
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.session import batch_lanes
@@ -464,14 +463,9 @@ def _batches(
     if not embedder.sorts_by_length:
         step = range(0, len(payloads), size)
         return [embedder.prepare_batch(payloads[b : b + size]) for b in step]
-    budget = cfg.runtime.token_budget or size * AUTO_TOKENS_PER_ROW
-    window = window_size(True, size, cfg.runtime.sort_window)
-    batches = []
-    for begin in range(0, len(payloads), window):
-        tokens = embedder.tokenize(payloads[begin : begin + window])
-        for idx in embedder.plan(tokens, size, budget):
-            batches.append(embedder.prepare_batch([tokens[i] for i in idx]))
-    return batches
+    options = cfg.runtime
+    planned = embedder.text_batches(payloads, size, options.sort_window, options.token_budget)
+    return [embedder.prepare_batch(tokens) for _, tokens in planned]
 
 
 def alone(options: RuntimeOptions) -> RuntimeOptions:

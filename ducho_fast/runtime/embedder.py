@@ -372,17 +372,19 @@ class Embedder:
         return out
 
     def text_batches(
-        self, texts: Sequence[Any], batch_size: int
+        self, texts: Sequence[Any], batch_size: int, sort_window: int = 0, token_budget: int = 0
     ) -> Iterator[tuple[list[int], list[Any]]]:
         """Texts batched as ``extract`` batches them: (positions in ``texts``, their tokens)
-        per batch, in windows of ``TEXT_WINDOW_BATCHES`` batches, each window sorted by length
-        and cut within ``batch_size`` x ``AUTO_TOKENS_PER_ROW`` tokens. In input order, a
-        batch is padded to its longest text: 1024 generated descriptions (``benchmarks/
-        text.py``'s) ran through ``embed`` at 38-41 texts/s that way, 130-140/s sorted
-        (all-MiniLM-L6-v2, fp32, here)."""
+        per batch, in windows of ``sort_window`` batches (0: ``TEXT_WINDOW_BATCHES``), each
+        window sorted by length and cut within ``token_budget`` tokens (0: ``batch_size`` x
+        ``AUTO_TOKENS_PER_ROW``), as ``runtime.sort_window`` and ``token_budget`` say. In
+        input order, a batch is padded to its longest text: 1024 generated descriptions
+        (``benchmarks/text.py``'s) ran through ``embed`` at 38-41 texts/s that way, 130-140/s
+        sorted (all-MiniLM-L6-v2, fp32, here)."""
         if not whole(batch_size):
             raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
-        window, budget = window_size(True, batch_size), batch_size * AUTO_TOKENS_PER_ROW
+        window = window_size(True, batch_size, sort_window)
+        budget = token_budget or batch_size * AUTO_TOKENS_PER_ROW
         for begin in range(0, len(texts), window):
             tokens = self.tokenize(texts[begin : begin + window])
             for batch in self.plan(tokens, batch_size, budget):
