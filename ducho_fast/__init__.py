@@ -1,19 +1,57 @@
-"""ducho-fast: export feature extractors to ONNX, extract multimodal features with ONNX Runtime."""
+"""ducho-fast: export feature extractors to ONNX, extract multimodal features with ONNX Runtime.
+
+The names below are imported on first use (PEP 562): ``import ducho_fast`` alone loads no
+ONNX Runtime, so the decoder worker processes (``runtime.readers: processes``), which import
+``ducho_fast.runtime.decoders``, start without it (36 MB and 0.25 s each instead of 65 MB and
+0.55 s here).
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.util import find_spec
+from typing import TYPE_CHECKING, Any
 
-try:
-    import onnxruntime  # noqa: F401
-except ImportError as e:  # the core install leaves the choice of package to the user
+__version__ = "0.1.0"
+__all__ = ["Embedder", "__version__", "export", "extract", "fuse", "load"]
+
+if TYPE_CHECKING:
+    from ducho_fast.api import export, extract, fuse
+    from ducho_fast.runtime.embedder import Embedder, load
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        return find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):  # blocked, or a module without a spec in its place
+        return False
+
+
+if not _has_onnxruntime():  # the core install leaves the choice of package to the user
     raise ImportError(
         "ducho-fast needs ONNX Runtime, from exactly one of its extras: "
         "pip install 'ducho-fast[cpu]' (onnxruntime), or pip install 'ducho-fast[gpu]' "
         "(onnxruntime-gpu, for CUDA). Never both: they install the same module."
-    ) from e
+    )
 
-from ducho_fast.api import export, extract, fuse
-from ducho_fast.runtime.embedder import Embedder, load
+_LAZY = {
+    "export": "ducho_fast.api",
+    "extract": "ducho_fast.api",
+    "fuse": "ducho_fast.api",
+    "Embedder": "ducho_fast.runtime.embedder",
+    "load": "ducho_fast.runtime.embedder",
+}
 
-__all__ = ["Embedder", "__version__", "export", "extract", "fuse", "load"]
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ducho_fast' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

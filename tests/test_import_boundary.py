@@ -46,6 +46,21 @@ def test_without_onnxruntime_the_error_names_the_extras(tmp_path: Path) -> None:
     assert "pip install 'ducho-fast[gpu]'" in proc.stderr and "Never both" in proc.stderr
 
 
+def test_decoder_workers_start_without_onnxruntime(tmp_path: Path) -> None:
+    """What a decoder worker process imports (``runtime.readers: processes``) loads no ONNX
+    Runtime: the package's names are imported on first use."""
+    code = """
+        import sys
+        import ducho_fast.runtime.decoders
+        assert "onnxruntime" not in sys.modules, "imported by the worker's modules"
+        from ducho_fast import extract, load
+        assert "onnxruntime" in sys.modules and callable(extract) and callable(load)
+        print("ok")
+    """
+    proc = run_blocked(code, tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 @pytest.mark.slow
 def test_extract_and_embed_without_frameworks(
     tmp_path,

@@ -20,7 +20,7 @@ workers import the user's ``__main__`` script again (a script calling ``ducho_fa
 without an ``if __name__ == "__main__"`` guard would run again in each), and ``fork`` copies
 a process whose other threads may hold ONNX Runtime's and CUDA's locks. A worker reads tasks
 from its stdin: (loaders, [(loader indices, item)]) as a pickle behind its length. It writes
-each item's :func:`~ducho_fast.runtime.pipeline.load_each` results the same way on a copy of
+each item's :func:`~ducho_fast.runtime.loading.load_each` results the same way on a copy of
 its stdout. Its own stdout is pointed at stderr, so nothing a library prints can get into
 them.
 
@@ -236,7 +236,7 @@ class DecoderPool:
 
 
 def _crashed(item: Item, died: WorkerDied) -> Any:
-    from ducho_fast.runtime.pipeline import Failed
+    from ducho_fast.runtime.loading import Failed
 
     return Failed(
         f"the decoder process died while reading this file ({died}): a file that crashes "
@@ -312,7 +312,7 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 
 def main() -> None:
     """A worker: decode tasks from stdin until it closes."""
-    from ducho_fast.runtime.pipeline import load_each
+    from ducho_fast.runtime.loading import load_each
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the pipeline, which ends us
     out = os.fdopen(os.dup(1), "wb")

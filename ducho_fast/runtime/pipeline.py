@@ -32,7 +32,7 @@ import numpy as np
 
 from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.sources import ImageLoader, Loader
-from ducho_fast.errors import ConfigError, DataError, DuchoError, UnreadableFile
+from ducho_fast.errors import ConfigError, DataError, DuchoError
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import (
     AHEAD_ITEMS_PER_WORKER,
@@ -47,6 +47,7 @@ from ducho_fast.runtime.decoders import (
     loaders_processable,
 )
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
+from ducho_fast.runtime.loading import Failed, failed, load_each
 from ducho_fast.runtime.shard import Shard
 from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, put, put_alive
 
@@ -423,7 +424,7 @@ def settled(
         try:
             loader.check_listed(item)
         except DuchoError as e:
-            known.append((item, _failed(item, e)))
+            known.append((item, failed(item, e)))
             continue
         return None
     return known
@@ -460,14 +461,6 @@ def record_failure(
         )
 
 
-@dataclass(frozen=True)
-class Failed:
-    """An item its loader could not decode, and why; ``stamp`` for an unreadable file."""
-
-    reason: str
-    stamp: FileStamp | None = None
-
-
 # A model's own window within a shared one: (model, start, items, settled).
 OwnWindow = tuple[int, int, Sequence[Item], list[tuple[Item, Failed]] | None]
 
@@ -492,36 +485,6 @@ def map_in_slices(
     slices = [values[i : i + size] for i in range(0, len(values), size)]
     parts = pool.map(lambda part: [fn(v) for v in part], slices)
     return [out for part in parts for out in part]
-
-
-def load_one(load: LoadFn, item: Item) -> Any:
-    """The decoded item, or :class:`Failed` with the reason."""
-    try:
-        return load(item)
-    except DuchoError as e:
-        return _failed(item, e)
-
-
-def load_each(loaders: Sequence[Loader], item: Item) -> list[Any]:
-    """``item`` for each of ``loaders`` (which share their ``decode_key``), decoded once and
-    finished once per distinct ``finish_key``; a :class:`Failed` where it could not be."""
-    try:
-        decoded = loaders[0].decode(item)
-    except DuchoError as e:
-        return [_failed(item, e)] * len(loaders)
-    finished: dict[Any, Any] = {}
-    for loader in loaders:
-        if loader.finish_key not in finished:
-            try:
-                finished[loader.finish_key] = loader.finish(decoded, item)
-            except DuchoError as e:
-                finished[loader.finish_key] = _failed(item, e)
-    return [finished[loader.finish_key] for loader in loaders]
-
-
-def _failed(item: Item, error: DuchoError) -> Failed:
-    stamp = error.stamp if isinstance(error, UnreadableFile) else None
-    return Failed(str(error).removeprefix(f"{item.origin}: "), stamp)
 
 
 def assemble(

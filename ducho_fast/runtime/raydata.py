@@ -34,6 +34,7 @@ from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, whole
+from ducho_fast.runtime.loading import load_one
 from ducho_fast.runtime.pipeline import (
     Batch,
     LoadFn,
@@ -43,7 +44,6 @@ from ducho_fast.runtime.pipeline import (
     WriteFn,
     assemble,
     infer,
-    load_one,
     record_failure,
     settled,
     write_checked,

@@ -21,7 +21,8 @@ from ducho_fast.data.sources import AudioLoader, ImageLoader, TextLoader
 from ducho_fast.errors import ConfigError
 from ducho_fast.runtime import decoders
 from ducho_fast.runtime.decoders import DecoderPool, DecoderStartError
-from ducho_fast.runtime.pipeline import Failed, load_each, use_processes
+from ducho_fast.runtime.loading import Failed, load_each
+from ducho_fast.runtime.pipeline import use_processes
 from tests.conftest import (
     audio_config,
     npy_bytes,
@@ -67,6 +68,20 @@ def test_processes_decode_as_the_threads_in_order(tmp_path: Path) -> None:
         for per_task in (1, 4, len(items)):
             _same(pool.map([([small, large], item) for item in items], per_task), want)
         assert pool.restarts == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_a_worker_decodes_without_loading_onnxruntime(tmp_path: Path) -> None:
+    # ONNX Runtime's library would cost a worker 46 MB and 0.1 s more here.
+    items = _images(tmp_path, ["a", "b"])
+    loader = ImageLoader(PRE, InputOptions())
+    with DecoderPool(1) as pool:
+        want = [load_each([loader], i) for i in items]
+        _same(pool.map([([loader], item) for item in items], 1), want)
+        (worker,) = pool._procs
+        assert worker is not None
+        maps = Path(f"/proc/{worker.pid}/maps").read_text()
+        assert "PIL" in maps and "onnxruntime" not in maps
 
 
 def test_a_file_that_kills_its_decoder_fails_alone(tmp_path: Path) -> None:

@@ -452,7 +452,8 @@ def test_a_resumed_run_does_not_rerun_windows_whose_texts_fail_from_the_listing(
     from ducho_fast.config.model import InputOptions
     from ducho_fast.data.items import FileStamp, Item
     from ducho_fast.data.sources import ImageLoader, TextLoader
-    from ducho_fast.runtime.pipeline import Failed, settled
+    from ducho_fast.runtime.loading import Failed
+    from ducho_fast.runtime.pipeline import settled
     from tests.conftest import npy_bytes, two_job_config
 
     config = two_job_config(tmp_path / "data", store, resnet18_state_dict, tiny_bert_dir)

@@ -18,7 +18,8 @@ from ducho_fast.data.items import Item
 from ducho_fast.errors import DataError
 from ducho_fast.runtime import pipeline
 from ducho_fast.runtime.batcher import TEXT_WINDOW_BATCHES, window_size
-from ducho_fast.runtime.pipeline import Failed, load_each, shared_window
+from ducho_fast.runtime.loading import Failed, load_each
+from ducho_fast.runtime.pipeline import shared_window
 from tests.conftest import (
     npy_bytes,
     resnet18_entry,
