@@ -636,7 +636,6 @@ def _run_models(
     window (:func:`shared_window`) run in one pipeline that reads and decodes each item once.
     Runs come back in ``specs``' order."""
     planned = [_plan(ctx, job, spec) for spec in specs]
-    texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
     groups: list[list[_Planned]] = []
     for p in planned:
         group = next((g for g in groups if ctx.ray is None and _shares(ctx, g, p)), None)
@@ -644,6 +643,9 @@ def _run_models(
             groups.append([p])
         else:
             group.append(p)
+    if ctx.shard is not None:
+        _drop_others_windows(items, [_group_window(ctx, g) for g in groups], ctx.shard)
+    texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
     runs: dict[int, ModelRun] = {}
     for group in groups:
         scope, group_runs = _run_group(ctx, job, group, items, texts, report)
@@ -696,12 +698,41 @@ def precision_advice(precision: str, provider: str) -> str | None:
 
 def _shares(ctx: _Context, group: list[_Planned], p: _Planned) -> bool:
     """Whether ``p`` can join ``group``'s pipeline: same decoding, and a shared window."""
-    sort_window = ctx.cfg.runtime.sort_window
-    windows = [
-        window_size(sorts_by_length(q.artifact.modality), q.spec.batch_size, sort_window)
-        for q in [*group, p]
-    ]
+    windows = _own_windows(ctx, [*group, p])
     return group[0].loader.decode_key == p.loader.decode_key and shared_window(windows) is not None
+
+
+def _own_windows(ctx: _Context, planned: list[_Planned]) -> list[int]:
+    """Each model's own window (items), as its pipeline member cuts them."""
+    sort_window = ctx.cfg.runtime.sort_window
+    return [
+        window_size(sorts_by_length(q.artifact.modality), q.spec.batch_size, sort_window)
+        for q in planned
+    ]
+
+
+def _group_window(ctx: _Context, group: list[_Planned]) -> int:
+    """The window of ``group``'s pipeline (:attr:`Pipeline.window`), known before it is made."""
+    window = shared_window(_own_windows(ctx, group))
+    assert window is not None, "a group is made of models that share a window"
+    return window
+
+
+def _drop_others_windows(items: list[Item], windows: list[int], shard: Shard) -> None:
+    """Keep only what a shard reads: the inputs of items in none of its windows (``windows``:
+    each pipeline's, over the same item list) are dropped, in place, from the caller's list,
+    which would hold them until the job ends: a text table's texts are most of a text job's
+    memory, and a shard of N reads about 1/N of them. The items keep their places (windows
+    are cut by position) and ids; their input is None and their origin empty, and no window
+    this shard runs holds them."""
+    keep = bytearray(len(items))
+    for window in windows:
+        for w, begin in enumerate(range(0, len(items), window)):
+            if shard.owns(w):
+                keep[begin : begin + window] = b"\1" * min(window, len(items) - begin)
+    for k, item in enumerate(items):
+        if not keep[k] and item.raw is not None:
+            items[k] = Item(item.item_id, "", None)
 
 
 def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
@@ -767,6 +798,9 @@ def _run_group(
         pipeline = RayPipeline(
             only.artifact, cfg.runtime, only.loader, only.writer.write, options, ctx.ray
         )
+    expected = _group_window(ctx, group)
+    if pipeline.window != expected:  # the window _drop_others_windows kept the inputs of
+        raise RuntimeError(f"the pipeline's window is {pipeline.window}, not {expected}")
     names = " + ".join(_model_label(p.spec) for p in group)
     shard = f" (shard {ctx.shard})" if ctx.shard else ""
     scope = [item for chunk in pipeline.windows(items) for item in chunk]

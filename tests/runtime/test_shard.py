@@ -190,3 +190,58 @@ def test_a_shard_embeds_again_only_the_changed_items_of_its_own_windows(
     assert t050.read_bytes() != before[1]
     third = _text_run(_extract(config, shard="2/3"))
     assert (third.changed, third.result.written) == (0, 0)  # nothing changed in its window
+
+
+@pytest.mark.slow
+def test_a_shard_holds_only_the_inputs_of_its_windows(
+    tmp_path: Path,
+    store: Path,
+    resnet18_state_dict: Path,
+    tiny_bert_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two text models whose windows (5 and 7 texts) share no window (35 > 4 x 7): two
+    # pipelines over the same list, each running its own windows of the shard. A text in
+    # either's windows is kept; the others' texts are dropped (a text job's memory is its
+    # table), and the files are still those of one run.
+    config = two_job_config(tmp_path / "one", store, resnet18_state_dict, tiny_bert_dir)
+    del config["visual"]
+    model = config["textual"]["items"]["model"][0]
+    config["textual"]["items"]["model"] = [
+        {**model, "batch_size": 5},
+        {**model, "output_layers": ["last_hidden_state"], "batch_size": 7},
+    ]
+    config["runtime"]["sort_window"] = 1
+    config["output"] = {"layouts": ["ducho"]}  # a token-level layer forms no matrix
+    ducho_fast.export(config)
+    _extract(config)
+    split = {**config, "dataset_path": str(tmp_path / "split")}
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split/descriptions.tsv").write_bytes(
+        (tmp_path / "one/descriptions.tsv").read_bytes()
+    )
+
+    seen: list[tuple[int, list[bool]]] = []  # (window, whether each item's text is held)
+    run = ducho_fast.runtime.pipeline.Pipeline.run
+
+    def spy(self, items, progress=None):
+        seen.append((self.window, [isinstance(i.raw, str) for i in items]))
+        return run(self, items, progress)
+
+    monkeypatch.setattr(ducho_fast.runtime.pipeline.Pipeline, "run", spy)
+    for index in range(3):
+        seen.clear()
+        report = _extract(split, shard=f"{index}/3")
+        assert sorted(w for w, _ in seen) == [5, 7]
+        shard = Shard(index, 3)
+        mine = {
+            p
+            for window in (5, 7)
+            for w, begin in enumerate(range(0, 70, window))
+            if shard.owns(w)
+            for p in range(begin, min(begin + window, 70))
+        }
+        for _, held in seen:
+            assert [k for k in range(70) if held[k]] == sorted(mine)
+        assert sum(r.result.written for r in report.runs) > 0
+    assert npy_bytes(tmp_path / "split") == npy_bytes(tmp_path / "one")
