@@ -2,8 +2,8 @@
 
 The names below are imported on first use (PEP 562): ``import ducho_fast`` alone loads no
 ONNX Runtime, so the decoder worker processes (``runtime.readers: processes``), which import
-``ducho_fast.runtime.decoders``, start without it (36 MB and 0.25 s each instead of 65 MB and
-0.55 s here).
+``ducho_fast.runtime.decoders``, start without it: 36 MB of memory each instead of 82, and two
+started in 0.22 s instead of 0.34 here.
 """
 
 from __future__ import annotations
