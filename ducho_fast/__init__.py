@@ -43,12 +43,17 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ducho_fast' has no attribute {name!r}")
+    """A name of ``__all__``, or a submodule (``ducho_fast.api``), imported as it is first
+    used: code that ran ``import ducho_fast`` alone finds them as before."""
     from importlib import import_module
 
-    value = getattr(import_module(module), name)
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(import_module(module), name)
+    elif not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
+        value = import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # later lookups skip this function
     return value
 

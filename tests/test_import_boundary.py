@@ -53,8 +53,12 @@ def test_decoder_workers_start_without_onnxruntime(tmp_path: Path) -> None:
         import sys
         import ducho_fast.runtime.decoders
         assert "onnxruntime" not in sys.modules, "imported by the worker's modules"
+        import ducho_fast
+        assert not hasattr(ducho_fast, "no_such_name")
+        assert ducho_fast.api.ExtractReport  # a submodule not imported yet: found as before
         from ducho_fast import extract, load
         assert "onnxruntime" in sys.modules and callable(extract) and callable(load)
+        assert ducho_fast.api.extract is extract
         print("ok")
     """
     proc = run_blocked(code, tmp_path)

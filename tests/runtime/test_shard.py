@@ -12,6 +12,7 @@ import ducho_fast
 from ducho_fast.cli import app
 from ducho_fast.errors import ConfigError, OutputError
 from ducho_fast.outputs.lock import LOCK_FILE, FolderLocks
+from ducho_fast.runtime.pipeline import Pipeline
 from ducho_fast.runtime.shard import Shard
 from tests.conftest import npy_bytes, two_job_config
 
@@ -222,13 +223,13 @@ def test_a_shard_holds_only_the_inputs_of_its_windows(
     )
 
     seen: list[tuple[int, list[bool]]] = []  # (window, whether each item's text is held)
-    run = ducho_fast.runtime.pipeline.Pipeline.run
+    run = Pipeline.run
 
     def spy(self, items, progress=None):
         seen.append((self.window, [isinstance(i.raw, str) for i in items]))
         return run(self, items, progress)
 
-    monkeypatch.setattr(ducho_fast.runtime.pipeline.Pipeline, "run", spy)
+    monkeypatch.setattr(Pipeline, "run", spy)
     for index in range(3):
         seen.clear()
         report = _extract(split, shard=f"{index}/3")
