@@ -9,7 +9,7 @@ import pytest
 
 from ducho_fast.config.model import Job, ModelSpec
 from ducho_fast.errors import DataError
-from ducho_fast.outputs.ducho import DuchoWriter, layer_dir
+from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, load_feature
 
 
 def spec(model_name: str, modality: str = "textual") -> ModelSpec:
@@ -61,3 +61,44 @@ def test_float16_features_beyond_its_range_fail_instead_of_becoming_infinity(
     wide = DuchoWriter(job(tmp_path, model), model, squeeze=True)  # float32 holds it
     wide.write("a", big)
     assert np.load(wide.path("1", "a"))[1] == -7e4
+
+
+def test_features_read_back_as_np_load_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # load_feature parses a header once per kind of file; every array comes back as np.load
+    # gives it (dtype, shape, values, writable), whatever the files read before it.
+    arrays: dict[str, np.ndarray] = {
+        "row": np.random.default_rng(0).random((1, 5), dtype=np.float32),
+        "half": np.arange(3, dtype=np.float16),
+        "tokens": np.ones((1, 7, 4), np.float32),
+        "tokens_longer": np.zeros((1, 9, 4), np.float32),  # same dtype, another shape
+        "scalar": np.array(2.5, np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+        "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        "big_endian": np.arange(5, dtype=">f4"),
+    }
+    for _ in range(2):  # the second time, every header is known
+        for name, array in arrays.items():
+            np.save(tmp_path / f"{name}.npy", array)
+            got = load_feature(tmp_path / f"{name}.npy")
+            assert got.dtype == array.dtype and got.shape == array.shape, name
+            assert np.array_equal(got, array) and got.flags.writeable, name
+    np.save(tmp_path / "plain.npy", arrays["row"])
+    with monkeypatch.context() as m:  # a plain, complete file never needs np.load
+        m.setattr(np, "load", lambda *a, **k: pytest.fail("np.load called"))
+        assert np.array_equal(load_feature(tmp_path / "plain.npy"), arrays["row"])
+    with (tmp_path / "v2.npy").open("wb") as f:  # format 2.0: a 4-byte header length
+        np.lib.format.write_array(f, np.ones((2, 3), np.float32), version=(2, 0))
+    assert np.array_equal(load_feature(tmp_path / "v2.npy"), np.ones((2, 3)))
+
+    whole = (tmp_path / "row.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[:-3])  # the header known, the data short
+    (tmp_path / "longer.npy").write_bytes(whole + b"\0")  # np.load reads what it needs
+    assert np.array_equal(load_feature(tmp_path / "longer.npy"), arrays["row"])
+    (tmp_path / "blank.npy").write_bytes(b"")
+    for name, why in [("cut", "ValueError"), ("blank", "EOFError"), ("none", "FileNotFound")]:
+        with pytest.raises(
+            DataError, match=rf"{name}\.npy is not a readable \.npy feature \({why}"
+        ):
+            load_feature(tmp_path / f"{name}.npy")
