@@ -29,6 +29,7 @@ from ducho_fast.config.model import (
 )
 from ducho_fast.data.items import ItemError
 from ducho_fast.errors import ConfigError, DataError
+from ducho_fast.outputs.atomic import NpyFiles
 from ducho_fast.outputs.ducho import (
     check_range,
     layer_dir,
@@ -159,6 +160,7 @@ def fuse_folders(
             output, key, resume=written_under(output, key), what=f"fusion '{where}'"
         )
         todo = sum(not _reusable(record, i, [f[i] for f in found]) for i in ids)
+        files = NpyFiles()  # into the folder open_folder made
         before = f" ({len(ids) - todo} of {len(ids)} done before)" if todo < len(ids) else ""
         with shown(progress, f"{where} {mode} -> {output.name}{before}", todo) as tick:
             ticks = Ticks(tick, TICK_ITEMS)
@@ -167,7 +169,7 @@ def fuse_folders(
                     (feature_path(d, item_id), f[item_id])
                     for d, f in zip(folders, found, strict=True)
                 ]
-                if not _fuse_item(result, record, item_id, inputs, mode, normalize, options):
+                if not _fuse_item(result, record, item_id, inputs, mode, normalize, options, files):
                     ticks.add()
             ticks.flush()
         counts = {
@@ -188,6 +190,7 @@ def _fuse_item(
     mode: str,
     normalize: bool,
     options: OutputOptions,
+    files: NpyFiles,
 ) -> bool:
     """Fuse one id's input features into ``record``'s folder, or reuse its fused file:
     True when it was reused."""
@@ -202,7 +205,10 @@ def _fuse_item(
         result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
         return False
     save_feature(
-        record.path / f"{item_id}.npy", fused[0] if options.squeeze else fused, options.dtype
+        record.path / f"{item_id}.npy",
+        fused[0] if options.squeeze else fused,
+        options.dtype,
+        files,
     )
     result.written += 1
     result.ids.append(item_id)

