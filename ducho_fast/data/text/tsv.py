@@ -76,10 +76,11 @@ def read_text_items(path: Path, item_column: str | None, text_column: str | None
     items = []
     with _table(path) as (tsv, header, rows):
         id_at, text_at = _text_columns(tsv, header, item_column, text_column)
+        name = tsv.name
         for line_no, row in rows:
             id_value = row[id_at] if id_at < len(row) else ""
             text = _text(row, text_at, len(header))
-            items.append(Item(id_value, f"{tsv.name}:{line_no}", text))
+            items.append(Item(id_value, f"{name}:{line_no}", text))
     return items
 
 
@@ -94,6 +95,7 @@ def read_interaction_items(
     items = []
     with _table(path) as (tsv, header, rows):
         user_at, item_at, text_at = _interaction_columns(tsv, header, columns, text_column)
+        name = tsv.name
         for line_no, row in rows:
             user = row[user_at] if user_at < len(row) else ""
             item = row[item_at] if item_at < len(row) else ""
@@ -101,7 +103,7 @@ def read_interaction_items(
             if not user.strip() or not item.strip():
                 which = "user" if not user.strip() else "item"
                 text = BadText(f"the {which} cell is empty; an interaction needs both ids")
-            items.append(Item(f"{user}__{item}", f"{tsv.name}:{line_no}", text))
+            items.append(Item(f"{user}__{item}", f"{name}:{line_no}", text))
     return items
 
 
@@ -240,6 +242,8 @@ def _text(row: list[str], at: int, columns: int) -> str | BadText | None:
 
 
 def _undecodable(text: str) -> bool:
+    if text.isascii():  # most cells: no character that could be an undecodable byte
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
