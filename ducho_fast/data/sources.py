@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +95,10 @@ def changed_files(items: Sequence[Item], written: Mapping[str, int]) -> set[str]
     changed = set()
     for item in items:
         at = written.get(item.item_id)
-        if at is None or not isinstance(item.raw, Path):
+        if at is None or not isinstance(item.raw, os.PathLike):  # a listed file, a Path
             continue
         try:
-            if item.raw.stat().st_mtime_ns > at:
+            if os.stat(item.raw).st_mtime_ns > at:
                 changed.add(item.item_id)
         except OSError:
             continue
@@ -251,7 +252,7 @@ def _check_file(loader: Loader, item: Item) -> None:
     """``Loader.check_listed`` for a file. One that is gone or empty (a failed download)
     fails as decoding it would, reading nothing; one recorded as unreadable with the stamp it
     has now fails with the recorded reason."""
-    if not isinstance(item.raw, Path):
+    if not isinstance(item.raw, os.PathLike):  # a listed file (FilePath), a Path
         return
     try:
         stamp = FileStamp.of(item.raw)

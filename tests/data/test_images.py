@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import errno
 import io
+import os
+import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +126,24 @@ def test_a_failed_read_of_the_disk_is_not_an_unreadable_file(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"good.jpg: not a readable image \(OSError") as caught:
         load_image(path, None)
     assert not isinstance(caught.value, UnreadableFile)
+
+
+def test_listed_files_are_light_paths_that_open_and_travel(tmp_path: Path) -> None:
+    # A job holds one item per file: its input is a path string with __fspath__ (48 bytes),
+    # not a pathlib.Path (about 260 with its parts); it opens, stats and pickles as a path.
+    write_image(tmp_path / "b.jpg")
+    (tmp_path / "sub").mkdir()  # a folder is no item, a dangling link is one
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    items, ignored = list_images(tmp_path)
+    assert [i.item_id for i in items] == ["b", "gone"] and ignored == []
+    raw = items[0].raw
+    assert os.fspath(raw) == str(raw) == items[0].origin == str(tmp_path / "b.jpg")
+    assert sys.getsizeof(raw) <= 64 and not hasattr(raw, "__dict__")
+    assert raw.stat().st_size == (tmp_path / "b.jpg").stat().st_size
+    assert pickle.loads(pickle.dumps(items[0])) == items[0]  # to decoder processes, Ray
+    assert load_image(raw, (8, 8)).shape == (8, 8, 3)
+    with pytest.raises(DataError, match=r"gone\.jpg: file not found"):
+        load_image(items[1].raw, (8, 8))
 
 
 def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> None:

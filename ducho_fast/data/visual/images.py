@@ -18,7 +18,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from ducho_fast.config.model import InputOptions
-from ducho_fast.data.items import FileStamp, Item, error_reason, source_name
+from ducho_fast.data.items import FilePath, FileStamp, Item, error_reason, source_name
 from ducho_fast.errors import DataError, decode_error, stamped
 
 IMAGE_SUFFIXES = frozenset(
@@ -50,25 +50,28 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[
     if not folder.exists():
         raise DataError(_missing(folder, kind))
     if folder.is_file():
-        return [Item(image_id(folder), str(folder), folder)], []
+        return [Item(image_id(folder), str(folder), FilePath(str(folder)))], []
     # A dangling link is listed: reading it reports the missing file instead of hiding it.
+    # Names and path strings, not Path objects: a job holds one item per file (FilePath).
     try:
-        files = sorted(
-            (p for p in folder.iterdir() if p.is_file() or p.is_symlink()),
-            key=lambda p: human_key(p.name),
-        )
+        with os.scandir(folder) as entries:
+            files = [(e.name, e.path) for e in entries if e.is_file() or e.is_symlink()]
     except OSError as e:
         raise DataError(_unlisted(folder, kind, e)) from e
-    chosen = [p for p in files if _listed(p.name, suffixes)]
-    others = [p for p in files if not _listed(p.name, suffixes)]
-    return [Item(image_id(p), str(p), p) for p in chosen], others
+    files.sort(key=lambda file: human_key(file[0]))
+    chosen = [
+        Item(name.split(".")[0], path, FilePath(path))
+        for name, path in files
+        if _listed(name, suffixes)
+    ]
+    return chosen, [Path(path) for name, path in files if not _listed(name, suffixes)]
 
 
 def _listed(name: str, suffixes: frozenset[str]) -> bool:
     """Whether a file of a folder is an item: its suffix is one of ``suffixes`` and it is not
     hidden. A hidden file is no item: its id, the name up to its first '.', would be empty,
     and such files are mostly what macOS leaves beside copies (``._photo.jpg``)."""
-    return not name.startswith(".") and Path(name).suffix.lower() in suffixes
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes
 
 
 def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
