@@ -46,13 +46,6 @@ class FilePath:
     def __reduce__(self) -> tuple[type[FilePath], tuple[str]]:
         return FilePath, (self._path,)
 
-    @property
-    def name(self) -> str:
-        return os.path.basename(self._path)
-
-    def stat(self) -> os.stat_result:
-        return os.stat(self._path)
-
 
 def source_name(source: Any, limit: int = 200) -> str:
     """How an error names one input: a path as written (shortened past ``limit``

@@ -31,9 +31,9 @@ def human_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def image_id(path: Path) -> str:
+def image_id(path: str | os.PathLike[str]) -> str:
     """Ducho's file stem rule: the file name up to its first '.'."""
-    return path.name.split(".")[0]
+    return os.path.basename(path).split(".")[0]
 
 
 def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
@@ -60,7 +60,7 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[
         raise DataError(_unlisted(folder, kind, e)) from e
     files.sort(key=lambda file: human_key(file[0]))
     chosen = [
-        Item(name.split(".")[0], path, FilePath(path))
+        Item(image_id(name), path, FilePath(path))
         for name, path in files
         if _listed(name, suffixes)
     ]
