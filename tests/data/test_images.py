@@ -5,6 +5,8 @@ import io
 import os
 import pickle
 import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +311,48 @@ def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
         prepare_image(bomb, {"resize": (8, 8)})
     with pytest.raises(UnreadableFile, match=r"Pillow refuses images this large"):
         prepare_image(bomb, {"resize": (8, 8)}, InputOptions(max_image_pixels=10**9))
+
+
+def test_pillows_bomb_warning_is_not_shown_beside_the_limit_error(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    big = tmp_path / "big.png"
+    Image.new("1", (10_000, 9_500)).save(big)  # over Pillow's warning limit, under its error
+    with pytest.raises(UnreadableFile, match=r"95000000 pixels, over the limit of 89478485"):
+        prepare_image(big, {"resize": (8, 8)})
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def _broken_exif_jpeg(path: Path) -> Path:
+    """A JPEG whose EXIF block names a tag beyond its end: Pillow warns reading it."""
+    ifd = b"\x01\x00" + (270).to_bytes(2, "little") + b"\x02\x00" + (100).to_bytes(4, "little")
+    tiff = b"II*\x00\x08\x00\x00\x00" + ifd + (1000).to_bytes(4, "little") + bytes(4)
+    Image.new("RGB", (16, 16), "gray").save(path, exif=b"Exif\x00\x00" + tiff)
+    return path
+
+
+def test_a_warning_per_file_is_shown_once_not_for_every_image(tmp_path: Path) -> None:
+    # Decoding once reset the record of warnings already shown (warnings.catch_warnings around
+    # each image), so a library's warning for a broken EXIF block came back for every image.
+    paths = [_broken_exif_jpeg(tmp_path / f"{i}.jpg") for i in range(6)]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")  # Python's own: each warning once per place
+        prepare_image(paths[0], {"resize": (8, 8)})
+        first = len(shown)
+        for path in paths[1:]:
+            prepare_image(path, {"resize": (8, 8)})
+    assert first > 0 and "Skipping tag 270" in str(shown[0].message)
+    assert len(shown) == first
+
+
+def test_decoding_in_threads_leaves_the_warning_filters_alone(tmp_path: Path) -> None:
+    paths = [write_image(tmp_path / f"{i}.jpg", size=(64, 48)) for i in range(32)]
+    with warnings.catch_warnings():
+        prepare_image(paths[0], {"resize": (8, 8)})  # adds Pillow's bomb filter once
+        before = list(warnings.filters)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: prepare_image(p, {"resize": (8, 8)}), paths))
+        assert warnings.filters == before
 
 
 def test_huge_genuine_image_decodes(tmp_path: Path) -> None:

@@ -263,13 +263,12 @@ def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Ima
     try:
         if isinstance(source, str | os.PathLike):  # not a file object a caller passed
             stamp = FileStamp.of(source)  # before reading: a file changed meanwhile differs
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            _check_pixels(name, image, max_pixels, stamp)  # from the header, not decoded
-            if draft:
-                image.draft(None, (draft, draft))  # JPEG only; a no-op for other formats
-            image.load()
+        _quiet_pillow_bombs()
+        image = Image.open(source)
+        _check_pixels(name, image, max_pixels, stamp)  # from the header, not decoded
+        if draft:
+            image.draft(None, (draft, draft))  # JPEG only; a no-op for other formats
+        image.load()
         return image
     except FileNotFoundError as e:
         raise DataError(f"{name}: file not found.") from e
@@ -286,6 +285,23 @@ def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Ima
             reason = reason.replace(f" {source!r}", "")
         message = f"{name}: not a readable image ({type(e).__name__}: {reason})."
         raise decode_error(message, e, stamp) from e
+
+
+def _quiet_pillow_bombs() -> None:
+    """Silence Pillow's DecompressionBombWarning, which it gives above its own pixel limit
+    whatever ``input.max_image_pixels`` says (:func:`_check_pixels` decides that instead).
+
+    A filter added once, checked per image (a caller may have reset the filters since): not
+    ``warnings.catch_warnings`` around each image, which is not thread-safe (reader threads
+    restoring each other's filters can drop one another thread added) and resets the "shown
+    once" record of every warning as it exits, so a warning a library gives per file (Pillow's
+    for a broken EXIF block) was printed for every image instead of once.
+    """
+    for action, message, category, module, _ in warnings.filters:
+        ours = action == "ignore" and category is Image.DecompressionBombWarning
+        if ours and message is None and (module is None or module.match("PIL.Image")):
+            return
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.Image")
 
 
 def _check_pixels(name: str, image: Image.Image, max_pixels: int, stamp: FileStamp | None) -> None:
