@@ -50,8 +50,15 @@ from ducho_fast.data.sources import AudioLoader, ImageLoader, Loader
 
 HEADER = struct.Struct("<Q")
 READY = b"ducho-fast decoder ready"
-# Not ``-m`` this module: importing the package imports it first, and runpy would warn.
-WORKER = "from ducho_fast.runtime.decoders import main; main()"
+# Not ``-m`` this module: importing the package imports it first, and runpy would warn. The
+# current folder that ``-c`` puts first on ``sys.path`` is taken off before anything is
+# imported: a ``PIL`` or ``numpy.py`` (or another ducho_fast checkout) in the folder a run
+# starts from is not what the worker should import. The worker's path is this process's
+# (``DecoderPool._spawn``).
+WORKER = (
+    "import sys; sys.path[:] = [p for p in sys.path if p]; "
+    "from ducho_fast.runtime.decoders import main; main()"
+)
 
 # The loaders whose items a worker process can decode: files named by path, no state shared
 # with the pipeline. Texts are tokenized by the readers' threads (the tokenizer is Rust, and a
@@ -218,9 +225,7 @@ class DecoderPool:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
-        # The worker imports ducho_fast (and the loaders' modules) from where this process
-        # does, installed or not.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env["PYTHONPATH"] = worker_path()
         return subprocess.Popen(
             self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
@@ -233,6 +238,13 @@ class DecoderPool:
             light.unreadable = {}
             self._stripped[id(loader)] = light
         return self._stripped[id(loader)]
+
+
+def worker_path() -> str:
+    """A worker's ``PYTHONPATH``: this process's ``sys.path``, so that it imports ducho_fast
+    (and the loaders' modules) from where this process does, installed or not. An empty entry
+    (the current folder, for ``python -c`` or a prompt) is named by its absolute path."""
+    return os.pathsep.join(p or os.getcwd() for p in sys.path)
 
 
 def _crashed(item: Item, died: WorkerDied) -> Any:

@@ -125,6 +125,29 @@ def test_workers_that_cannot_start_say_so(tmp_path: Path) -> None:
         pool.start()
 
 
+def test_workers_do_not_import_from_the_folder_the_run_starts_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``python -c`` puts the current folder first on a worker's path: a numpy.py there
+    # (or PIL, or another ducho_fast checkout) was what the worker imported.
+    (item,) = _images(tmp_path / "images", ["a"])
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "numpy.py").write_text("raise ImportError('the numpy.py of the current folder')\n")
+    monkeypatch.chdir(start)
+    loader = ImageLoader(PRE, InputOptions())
+    with DecoderPool(1) as pool:
+        _same(pool.map([([loader], item)], 1), [load_each([loader], item)])
+
+
+def test_a_worker_has_the_path_of_the_process_that_starts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", "/somewhere/else", *sys.path[1:]])
+    assert decoders.worker_path().split(os.pathsep)[:2] == [str(tmp_path), "/somewhere/else"]
+
+
 def test_close_ends_every_worker(tmp_path: Path) -> None:
     (item,) = _images(tmp_path, ["a"])
     pool = DecoderPool(3)
