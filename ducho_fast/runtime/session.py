@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -173,14 +172,14 @@ def make_session(
     batches at once, each gets its share of the threads."""
     threads = max(1, (options.threads or cpu_quota()) // lanes)
     providers = requested_providers(options.device, options.cuda_options)
-    with warnings.catch_warnings():
-        # ORT warns when CUDA is not available; _check says so in the project's own words.
-        warnings.simplefilter("ignore", UserWarning)
-        session = ort.InferenceSession(
-            str(model),
-            sess_options=session_options(threads, spinning=spinning),
-            providers=providers,
-        )
+    if CUDA not in ort.get_available_providers():
+        # This build has no CUDA (onnxruntime, not onnxruntime-gpu): asking for it only made
+        # ONNX Runtime log a line and warn before _check says why, and what to install. (Not
+        # warnings.catch_warnings: a session is made beside the reader threads.)
+        providers = [p for p in providers if p == CPU]
+    session = ort.InferenceSession(
+        str(model), sess_options=session_options(threads, spinning=spinning), providers=providers
+    )
     return session, replace(_check(session, options, threads), lanes=lanes)
 
 

@@ -125,12 +125,15 @@ def test_providers_asked_for() -> None:
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour where CUDA does not really run")
-def test_cuda_requested_but_not_active(caplog) -> None:
+def test_cuda_requested_but_not_active(caplog, capfd, recwarn) -> None:
     with pytest.raises(DeviceError, match=r"CUDA is not really active.*allow_fallback: true"):
         make_session(PROBE, RuntimeOptions(device="cuda", allow_fallback=False))
     with caplog.at_level(logging.WARNING, logger="ducho_fast"):
         _, info = make_session(PROBE, RuntimeOptions(device="cuda", allow_fallback=True))
     assert info.provider == "CPUExecutionProvider" and "Falling back to CPU" in caplog.text
+    # only ours: not ONNX Runtime's own log line and warning before it
+    assert "onnxruntime" not in capfd.readouterr().err
+    assert not [w for w in recwarn if "CUDAExecutionProvider" in str(w.message)]
 
 
 @pytest.mark.gpu
