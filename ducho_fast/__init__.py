@@ -49,13 +49,14 @@ def __getattr__(name: str) -> Any:
 
     module = _LAZY.get(name)
     if module is not None:
-        value = getattr(import_module(module), name)
-    elif not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
+        # Looked up in its module each time, not kept here: kept, a name first used while a
+        # test had replaced it there (monkeypatch of ducho_fast.api.extract) stayed replaced.
+        return getattr(import_module(module), name)
+    if not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
         value = import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups skip this function
-    return value
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -156,3 +156,16 @@ def test_export_without_torch_gives_install_hint(tmp_path: Path) -> None:
         tmp_path,
     )
     assert "pip install 'ducho-fast[torch]'" in proc.stdout, proc.stderr
+
+
+def test_the_packages_names_follow_their_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A name kept by the package the first time it was used, while a test had replaced it in
+    # its module, stayed replaced for every later test.
+    import ducho_fast
+    from ducho_fast import api
+
+    original = api.extract
+    monkeypatch.setattr(api, "extract", lambda *_: "replaced")
+    assert ducho_fast.extract() == "replaced"
+    monkeypatch.undo()
+    assert ducho_fast.extract is original
