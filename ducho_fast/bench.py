@@ -11,12 +11,14 @@ estimate of the whole job's time.
 With ``source``, the source framework's model (PyTorch or Keras, loaded as export loads it)
 also runs eagerly on the same batches: the model alone, not Ducho's whole run, which also
 decodes (the scripts in ``benchmarks/`` measure that). Without it, only the core install is
-needed.
+needed. With ``variants`` (``--vs KEY=VALUE``), extract also runs with each setting changed,
+in the same rounds (:mod:`ducho_fast.bench_variants`).
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import statistics
 import tempfile
 import threading
@@ -31,6 +33,7 @@ import numpy as np
 
 from ducho_fast import api
 from ducho_fast.artifact import Artifact, find_artifact
+from ducho_fast.bench_variants import Variant, compare_features, variant_configs
 from ducho_fast.config import Config, Job, ModelSpec
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.items import Item
@@ -99,6 +102,7 @@ class BenchRun:
     # The process's CPU time per item of each way (every thread; median round), in ms: the
     # session's is the model's; extract's adds reading, decoding, tokenizing and writing.
     cpu_ms: dict[str, float] = field(default_factory=dict)
+    variants: tuple[Variant, ...] = ()  # extract with a setting changed (--vs)
 
     @property
     def extract_seconds(self) -> float:
@@ -136,6 +140,7 @@ class BenchRun:
             },
             "source": self.source.as_dict() if self.source is not None else None,
             "cpu_ms_per_item": {k: round(v, 3) for k, v in self.cpu_ms.items()},
+            "variants": [v.as_dict() for v in self.variants],
         }
 
 
@@ -153,6 +158,7 @@ def bench(
     repeats: int = ROUNDS,
     work: Path | None = None,
     source: bool = False,
+    variants: Sequence[str] = (),
     on_run: Callable[[BenchRun], None] | None = None,
 ) -> BenchReport:
     """Time every model of the config (already exported) on a sample of its job's items.
@@ -166,6 +172,9 @@ def bench(
             default beside the first job's output folder, on the disk a real run writes to).
         source: also time the source framework's model (loaded as export loads it; the
             framework's extra installed) eagerly on the session's batches, on the CPU.
+        variants: settings (``KEY=VALUE``, as ``overrides`` take), each timed as extract
+            with that setting changed, in the same rounds, its features compared with those
+            of the config as it is. Not for a ``Config`` already resolved.
         on_run: called with each model's result as soon as it is measured.
     """
     if not _whole(items) or not _whole(repeats):
@@ -176,6 +185,7 @@ def bench(
     cfg = api.as_config(config, overrides)
     check_inputs(cfg.jobs)
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
+    others = variant_configs(config, overrides, variants, cfg)
     report = BenchReport()
     with _work_folder(work, cfg) as folder:
         for k, job in enumerate(cfg.jobs):
@@ -184,7 +194,8 @@ def bench(
                 towers = [_Tower(g, artifacts[graph_name(g)]) for g in spec.towers()]
                 sample = _Sample.take(listed, towers, cfg, items)
                 place = folder / f"job{k}-model{m}"
-                run = _bench_model(cfg, job, spec, sample, repeats, place, source, report)
+                ways = [(setting, other, k, m) for setting, other in others]
+                run = _bench_model(cfg, job, spec, sample, repeats, place, source, report, ways)
                 if run is None:
                     report.skipped.append(f"{spec.key_path}: no item of the job reads")
                     continue
@@ -257,16 +268,27 @@ def _bench_model(
     folder: Path,
     source: bool,
     report: BenchReport,
+    ways: Sequence[tuple[str, Config, int, int]] = (),
 ) -> BenchRun | None:
+    """``ways``: the variants, each (setting, its config, the job's and the model's index)."""
     if not sample.rows:
         return None
-    sub = _sample_config(cfg, job, spec, _write_sample(folder, job, sample.rows))
+    inputs = _write_sample(folder, job, sample.rows)
+    sub = _sample_config(cfg, job, spec, inputs)
     runs: list[list[Any]] = []  # each round's model runs
     made = iter(range(1, 1 << 30))
+    last: dict[str, Path] = {}  # each way's output folder, in its last round
 
-    def extract() -> None:  # each round into new folders, as a first run writes
-        sub_job = _outputs(sub.jobs[0], folder / f"out{next(made)}")
-        runs.append(api.extract(replace(sub, jobs=(sub_job,))).runs)
+    def extract_with(name: str, config: Config) -> Callable[[], list[Any]]:
+        def run() -> list[Any]:  # each round into new folders, as a first run writes
+            out = folder / f"out{next(made)}"
+            last[name] = out
+            return api.extract(replace(config, jobs=(_outputs(config.jobs[0], out),))).runs
+
+        return run
+
+    def extract() -> None:
+        runs.append(extract_with("extract", sub)())
 
     lanes = batch_lanes(cfg.runtime)
     embedders = [Embedder(t.artifact, alone(cfg.runtime), lanes=lanes) for t in sample.towers]
@@ -289,11 +311,16 @@ def _bench_model(
     elif source:
         eager = _eager([t.spec for t in sample.towers], batches)
         systems["source"] = eager.run
+    for setting, other, k, m in ways:
+        other_job = other.jobs[k]
+        other_sub = _sample_config(other, other_job, other_job.models[m], inputs)
+        systems[f"extract {setting}"] = extract_with(f"extract {setting}", other_sub)
     cpu: dict[str, list[float]] = {}
     with _torch_threads(eager is not None):
         seconds, values = rounds(repeats, systems, cpu)
     ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
     count = len(sample.rows)
+    variants = tuple(_variant(setting, count, seconds, last) for setting, *_ in ways)
     return BenchRun(
         key_path=spec.key_path,
         model=spec.model_name,
@@ -310,6 +337,24 @@ def _bench_model(
         **_waits(runs),
         cpu_ms={k: statistics.median(v) / count * 1e3 for k, v in cpu.items()},
         source=None if eager is None else eager.measured(seconds, values["source"], embedders),
+        variants=variants,
+    )
+
+
+def _variant(
+    setting: str, count: int, seconds: dict[str, list[float]], last: dict[str, Path]
+) -> Variant:
+    name = f"extract {setting}"
+    speedups = [b / v for b, v in zip(seconds["extract"], seconds[name], strict=True)]
+    identical, least, compared = compare_features(last["extract"], last[name])
+    return Variant(
+        setting=setting,
+        rate=count / statistics.median(seconds[name]),
+        speedup=statistics.median(speedups),
+        speedup_range=(min(speedups), max(speedups)),
+        identical=identical,
+        min_cosine=least,
+        compared=compared,
     )
 
 
@@ -508,9 +553,11 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
 
 
 def cpu_seconds() -> float:
-    """The CPU time this process has used so far, all its threads (user and system; not its
-    child processes), to the nanosecond where ``os.times`` counts 10 ms ticks."""
-    return time.process_time()
+    """The CPU time this process has used so far, all its threads (user and system, to the
+    nanosecond), and its child processes that have ended (``os.times``, in 10 ms ticks): the
+    decoder processes of ``runtime.readers: processes``, which end with each extract."""
+    children = os.times()
+    return time.process_time() + children.children_user + children.children_system
 
 
 def rounds(

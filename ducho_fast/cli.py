@@ -560,6 +560,16 @@ def bench(
             "on the same batches, on the CPU.",
         ),
     ] = False,
+    vs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--vs",
+            help="Also time extract with this KEY=VALUE set (as --set takes; repeat for more "
+            "variants), in the same rounds, its features compared with the config's: e.g. "
+            "runtime.readers=processes, runtime.workers=8, input.jpeg_decode=reduced.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Also print one JSON line.")] = False,
 ) -> None:
     """Time extract on a sample of CONFIG's own data, against each model's session alone.
@@ -587,6 +597,7 @@ def bench(
             repeats=repeats,
             work=work,
             source=source,
+            variants=vs or (),
             on_run=_print_bench,
         )
     for reason in report.skipped:
@@ -617,7 +628,9 @@ def _print_bench(run: Any) -> None:
     ]
     if run.cpu_ms:
         cpu = ", ".join(f"{k} {v:.2f} ms" for k, v in run.cpu_ms.items())
-        lines.insert(-1, f"  CPU per item   {cpu} (this process's, every thread)")
+        lines.insert(
+            -1, f"  CPU per item   {cpu} (this process's, every thread, and its decoder processes)"
+        )
     if run.source is not None:
         low, high = run.source.speedup_range
         lines[3:3] = [
@@ -626,6 +639,8 @@ def _print_bench(run: Any) -> None:
             f"  extract/source {run.source.speedup:10.2f}x  (rounds {low:.2f}-{high:.2f}); the "
             f"session alone {run.source.session_speedup:.2f}x",
         ]
+    for variant in run.variants:
+        lines.insert(-1, _variant_line(variant))
     if run.first_batch > 0.2 * run.extract_seconds:
         lines.append(
             "  (the start-up is much of this sample's time: a larger --items measures the pace "
@@ -633,6 +648,23 @@ def _print_bench(run: Any) -> None:
         )
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)
+
+
+def _variant_line(variant: Any) -> str:
+    low, high = variant.speedup_range
+    if variant.identical:
+        features = f"its {variant.compared} features identical to extract's"
+    elif variant.min_cosine is None:
+        features = "no feature of it to compare with extract's"
+    else:
+        features = (
+            f"its features differ from extract's: least cosine {variant.min_cosine:.6f} "
+            f"over {variant.compared}"
+        )
+    return (
+        f"  with {variant.setting}: {variant.rate:.1f} items/s, {variant.speedup:.2f}x extract "
+        f"as configured (rounds {low:.2f}-{high:.2f}); {features}"
+    )
 
 
 @app.command()

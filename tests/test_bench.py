@@ -209,3 +209,79 @@ def test_bench_stops_a_sample_at_its_decoded_bytes(exported, tmp_path, monkeypat
     visual, text = bench(exported, items=3, repeats=1, work=tmp_path).runs
     assert (visual.items, visual.capped) == (1, True)
     assert (text.items, text.capped) == (3, False)  # texts are not counted
+
+
+def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int | None, int]] = []  # each extract: its workers and batch size
+    extract = bench_module.api.extract
+
+    def spy(config: Any) -> Any:
+        calls.append((config.runtime.workers, config.jobs[0].models[0].batch_size))
+        return extract(config)
+
+    monkeypatch.setattr(bench_module.api, "extract", spy)
+    settings = ["runtime.workers=1", "visual.items.model.0.batch_size=1"]
+    report = bench(exported, items=4, repeats=2, work=tmp_path, variants=settings)
+    # per model, each round: the config's extract, then each variant (the order rotated)
+    assert sorted(calls[:6]) == [(1, 3), (1, 3), (2, 1), (2, 1), (2, 3), (2, 3)]
+    assert sorted(calls[6:]) == [(1, 2), (1, 2), (2, 2), (2, 2), (2, 2), (2, 2)]
+    for run in report.runs:
+        assert [v.setting for v in run.variants] == settings
+        for variant in run.variants:  # neither setting changes what is computed
+            assert variant.identical and variant.min_cosine == 1.0
+            assert variant.compared == 5  # the 4 items' features and the matrix
+            assert variant.rate > 0
+            assert variant.speedup_range[0] <= variant.speedup <= variant.speedup_range[1]
+            assert f"extract {variant.setting}" in run.cpu_ms
+        assert [v["setting"] for v in run.as_dict()["variants"]] == settings
+
+
+def test_variant_features_compared_file_by_file(tmp_path: Path) -> None:
+    from ducho_fast.bench_variants import compare_features
+
+    ours, theirs = tmp_path / "a" / "layer", tmp_path / "b" / "layer"
+    for folder in (ours, theirs):
+        folder.mkdir(parents=True)
+        np.save(folder / "x.npy", np.array([1.0, 2.0, 3.0], np.float32))
+        np.save(folder / "y.npy", np.array([[0.0, 1.0]], np.float32))
+    assert compare_features(ours.parent, theirs.parent) == (True, 1.0, 2)
+    np.save(theirs / "y.npy", np.array([[1.0, 1.0]], np.float32))
+    identical, least, compared = compare_features(ours.parent, theirs.parent)
+    assert not identical and least == pytest.approx(2**-0.5) and compared == 2
+    (theirs / "y.npy").unlink()  # written by one way only: not the same outputs
+    assert compare_features(ours.parent, theirs.parent) == (False, 1.0, 1)
+    assert compare_features(ours.parent, tmp_path / "empty") == (False, None, 0)
+
+
+def test_bench_refuses_variants_that_are_not_one_setting_of_the_same_models(
+    exported: dict[str, Any], tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"--vs 'runtime.workers': a variant is one KEY=VALUE"):
+        bench(exported, items=2, repeats=1, work=tmp_path, variants=["runtime.workers"])
+    two = f"[{{model_name: {tiny_bert_dir}}}, {{model_name: {tiny_bert_dir}}}]"
+    with pytest.raises(ConfigError, match=r"it changes the config's jobs or models"):
+        bench(exported, items=2, repeats=1, variants=[f"textual.items.model={two}"])
+    with pytest.raises(ArtifactError, match="export"):  # an int8 graph not exported yet
+        bench(exported, items=2, repeats=1, variants=["textual.items.model.0.precision=int8"])
+    resolved = ducho_fast.api.as_config(exported)
+    with pytest.raises(ConfigError, match=r"not to a Config already resolved"):
+        bench(resolved, items=2, repeats=1, variants=["runtime.workers=1"])
+
+
+def test_bench_command_prints_each_variant(exported: dict[str, Any], tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(exported))
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["bench", str(path), "--items", "3", "--repeats", "1", "--work", str(work)]
+    result = CliRunner().invoke(app, [*args, "--vs", "runtime.workers=1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("  with runtime.workers=1: ") == 2
+    assert "x extract as configured" in result.output
+    assert "its 4 features identical to extract's" in result.output  # 3 items and the matrix
+    line = json.loads(result.output.strip().splitlines()[-1])
+    assert [r["variants"][0]["identical"] for r in line["runs"]] == [True, True]

@@ -1,0 +1,107 @@
+"""``ducho-fast bench --vs KEY=VALUE``: extract with one setting changed, timed in the same
+rounds as extract with the config as it is, and its features compared with those.
+
+What is faster depends on the machine: reader threads or processes, how many decode workers,
+batches at once, the batch size, reduced JPEG decoding, int8. A variant answers that on the
+user's machine and data, side by side with the config's own run, and says whether the features
+stay the same (bit for bit, or the least cosine between them where they do not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ducho_fast import api
+from ducho_fast.artifact import find_artifact
+from ducho_fast.config import Config
+from ducho_fast.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Extract with ``setting`` on the same sample, in the same rounds: items/s (median
+    round), its speed over extract as configured (per round: median, range), and how its
+    features compare with the config's (those of each way's last round)."""
+
+    setting: str
+    rate: float
+    speedup: float
+    speedup_range: tuple[float, float]
+    identical: bool  # every feature the same array, bit for bit
+    min_cosine: float | None  # the least cosine between the two ways' features of an item
+    compared: int  # features compared (every one written by both ways)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "setting": self.setting,
+            "items_per_second": round(self.rate, 2),
+            "vs_extract": round(self.speedup, 3),
+            "vs_extract_range": [round(x, 3) for x in self.speedup_range],
+            "identical": self.identical,
+            "min_cosine": None if self.min_cosine is None else round(self.min_cosine, 6),
+            "compared": self.compared,
+        }
+
+
+def variant_configs(
+    config: api.ConfigLike, overrides: Sequence[str], settings: Sequence[str], base: Config
+) -> list[tuple[str, Config]]:
+    """Each setting applied over the config and its ``overrides``: the same jobs and models,
+    run another way. Their models must be exported (a precision of their own included)."""
+    if settings and isinstance(config, Config):
+        raise ConfigError(
+            "bench's variants (--vs) apply to a config's YAML file or mapping, not to a Config "
+            "already resolved: pass the path or the mapping."
+        )
+    made = []
+    for setting in settings:
+        if not isinstance(setting, str) or "=" not in setting:
+            raise ConfigError(
+                f"--vs {setting!r}: a variant is one KEY=VALUE, as --set takes, such as "
+                "runtime.readers=processes or runtime.workers=8."
+            )
+        other = api.as_config(config, [*overrides, setting])
+        if _shape(other) != _shape(base):
+            raise ConfigError(
+                f"--vs {setting}: it changes the config's jobs or models; a variant runs the "
+                "same models another way (runtime.*, input.*, a model's batch_size or "
+                "precision)."
+            )
+        for graph in other.graphs():
+            find_artifact(other.store, graph)  # not exported: says so, and how
+        made.append((setting, other))
+    return made
+
+
+def _shape(cfg: Config) -> list[tuple[str, int]]:
+    return [(job.modality, len(job.models)) for job in cfg.jobs]
+
+
+def compare_features(ours: Path, theirs: Path) -> tuple[bool, float | None, int]:
+    """Whether the features under two output folders are the same arrays, the least cosine
+    between an item's two features (flattened), and how many were compared: every ``.npy``
+    both hold, by its path under each folder."""
+    mine = {p.relative_to(ours) for p in ours.rglob("*.npy")}
+    other = {p.relative_to(theirs) for p in theirs.rglob("*.npy")}
+    common = sorted(mine & other)
+    identical = bool(common) and mine == other
+    least: float | None = None
+    for rel in common:
+        a, b = np.load(ours / rel), np.load(theirs / rel)
+        same = a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+        identical = identical and same
+        if a.size == b.size:
+            cosine = 1.0 if same else _cosine(a, b)
+            least = cosine if least is None else min(least, cosine)
+    return identical, least, len(common)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    norms = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y / norms) if norms > 0 else float(np.array_equal(x, y))
