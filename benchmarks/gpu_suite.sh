@@ -31,8 +31,10 @@ declare -A STEPS=(
   [capacity]="$PY benchmarks/capacity.py --n 32768 --work /dev/shm/ducho-capacity"
   [writer]="$PY benchmarks/writer.py --n 4096 --repeats 4 --work $SCRATCH/writer"
   [sweep]="$PY benchmarks/extract_sweep.py --device cuda --n 1024 --workers 16 --variants threads,processes,threads,processes"
+  # threads vs processes where the processes' start-up weighs less than in 1024 images
+  [sweep-long]="$PY benchmarks/extract_sweep.py --device cuda --n 4096 --workers 16 --models lite --variants threads,processes,threads,processes"
 )
-ORDER=(doctor tests text visual embed shards-text shards-visual capacity writer sweep)
+ORDER=(doctor tests text visual embed shards-text shards-visual capacity writer sweep sweep-long)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done
