@@ -166,6 +166,6 @@ def test_the_packages_names_follow_their_modules(monkeypatch: pytest.MonkeyPatch
 
     original = api.extract
     monkeypatch.setattr(api, "extract", lambda *_: "replaced")
-    assert ducho_fast.extract() == "replaced"
+    assert ducho_fast.extract({}) == "replaced"
     monkeypatch.undo()
     assert ducho_fast.extract is original
