@@ -34,7 +34,7 @@ class Variant:
     speedup_range: tuple[float, float]
     identical: bool  # every feature the same array, bit for bit
     min_cosine: float | None  # the least cosine between the two ways' features of an item
-    compared: int  # features compared (every one written by both ways)
+    compared: int  # feature files compared (every one written by both ways)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,7 +59,7 @@ def variant_configs(
             "already resolved: pass the path or the mapping."
         )
     made = []
-    for setting in settings:
+    for setting in dict.fromkeys(settings):  # one run of each, however often it is given
         if not isinstance(setting, str) or "=" not in setting:
             raise ConfigError(
                 f"--vs {setting!r}: a variant is one KEY=VALUE, as --set takes, such as "

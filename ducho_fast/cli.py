@@ -653,13 +653,13 @@ def _print_bench(run: Any) -> None:
 def _variant_line(variant: Any) -> str:
     low, high = variant.speedup_range
     if variant.identical:
-        features = f"its {variant.compared} features identical to extract's"
+        features = f"its {variant.compared} feature files identical to extract's"
     elif variant.min_cosine is None:
-        features = "no feature of it to compare with extract's"
+        features = "no feature file of it to compare with extract's"
     else:
         features = (
             f"its features differ from extract's: least cosine {variant.min_cosine:.6f} "
-            f"over {variant.compared}"
+            f"over {variant.compared} files"
         )
     return (
         f"  with {variant.setting}: {variant.rate:.1f} items/s, {variant.speedup:.2f}x extract "

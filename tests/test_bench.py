@@ -223,7 +223,7 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
 
     monkeypatch.setattr(bench_module.api, "extract", spy)
     settings = ["runtime.workers=1", "visual.items.model.0.batch_size=1"]
-    report = bench(exported, items=4, repeats=2, work=tmp_path, variants=settings)
+    report = bench(exported, items=4, repeats=2, work=tmp_path, variants=[*settings, settings[0]])
     # per model, each round: the config's extract, then each variant (the order rotated)
     assert sorted(calls[:6]) == [(1, 3), (1, 3), (2, 1), (2, 1), (2, 3), (2, 3)]
     assert sorted(calls[6:]) == [(1, 2), (1, 2), (2, 2), (2, 2), (2, 2), (2, 2)]
@@ -282,6 +282,6 @@ def test_bench_command_prints_each_variant(exported: dict[str, Any], tmp_path: P
     assert result.exit_code == 0, result.output
     assert result.output.count("  with runtime.workers=1: ") == 2
     assert "x extract as configured" in result.output
-    assert "its 4 features identical to extract's" in result.output  # 3 items and the matrix
+    assert "its 4 feature files identical to extract's" in result.output  # 3 items, the matrix
     line = json.loads(result.output.strip().splitlines()[-1])
     assert [r["variants"][0]["identical"] for r in line["runs"]] == [True, True]
