@@ -201,7 +201,7 @@ def test_bench_times_both_towers_on_the_paired_ids(dataset: Path, monkeypatch) -
     assert run.source is not None and run.source.min_cosine > 0.9999  # both towers checked
     assert run.first_batch == pytest.approx(starts[0]) and len(starts) == 1
     assert not (dataset / "visual_embeddings").exists()
-    ducho_fast.extract(cfg)  # the sample's features are the job's own: the same images and texts
+    extract(cfg)  # not the spy; the sample's features are the job's own: same images and texts
     for tower, root in zip(written, ("visual_embeddings", "textual_embeddings"), strict=True):
         for name, value in tower.items():
             np.testing.assert_array_equal(value, np.load(folder(dataset, root) / name))
