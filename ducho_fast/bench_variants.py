@@ -65,7 +65,10 @@ def variant_configs(
                 f"--vs {setting!r}: a variant is one KEY=VALUE, as --set takes, such as "
                 "runtime.readers=processes or runtime.workers=8."
             )
-        other = api.as_config(config, [*overrides, setting])
+        try:
+            other = api.as_config(config, [*overrides, setting])
+        except ConfigError as e:  # a bad key or value: say it came from this variant
+            raise ConfigError(f"--vs {setting}: {e}") from e
         if _shape(other) != _shape(base):
             raise ConfigError(
                 f"--vs {setting}: it changes the config's jobs or models; a variant runs the "

@@ -260,6 +260,8 @@ def test_bench_refuses_variants_that_are_not_one_setting_of_the_same_models(
 ) -> None:
     with pytest.raises(ConfigError, match=r"--vs 'runtime.workers': a variant is one KEY=VALUE"):
         bench(exported, items=2, repeats=1, work=tmp_path, variants=["runtime.workers"])
+    with pytest.raises(ConfigError, match=r"--vs runtime.workers=abc: .*'runtime.workers'"):
+        bench(exported, items=2, repeats=1, work=tmp_path, variants=["runtime.workers=abc"])
     two = f"[{{model_name: {tiny_bert_dir}}}, {{model_name: {tiny_bert_dir}}}]"
     with pytest.raises(ConfigError, match=r"it changes the config's jobs or models"):
         bench(exported, items=2, repeats=1, variants=[f"textual.items.model={two}"])
