@@ -243,10 +243,11 @@ def _extract(ctx: _Context) -> ExtractReport:
         if job.modality == "visual_textual":
             _run_pairs(ctx, job, report)
         else:
-            items = job_items(job)
+            models = _Models.of(ctx, job, job.models)
+            items = job_items(job, models.keep(ctx))
             report.input_errors[job.name] = _own_inputs(items.bad, part)
             report.ignored_files[job.name] = _own_inputs(items.ignored, part)
-            report.runs += _run_models(ctx, job, list(job.models), items.good, report)
+            report.runs += _run_models(ctx, job, models, items.good, report)
         _save_errors(job, report)
     if part is None:
         fusions = [_section_fusion(cfg, f, id_order, report, ctx.progress) for f in cfg.fusions]
@@ -344,8 +345,8 @@ def _run_pairs(ctx: _Context, job: Job, report: ExtractReport) -> None:
     for spec in job.models:
         image, text = spec.towers()
         runs = [
-            *_run_models(ctx, job, [image], pairs.images, report),
-            *_run_models(ctx, job, [text], pairs.texts, report),
+            *_run_models(ctx, job, _Models.of(ctx, job, [image]), pairs.images, report),
+            *_run_models(ctx, job, _Models.of(ctx, job, [text]), pairs.texts, report),
         ]
         report.runs += runs
         if spec.fusion is None or ctx.shard is not None:
@@ -563,16 +564,36 @@ def _check_layers(spec: ModelSpec, artifact: Artifact) -> None:
 
 @dataclass
 class _Planned:
-    """One model's part of a run: its artifact, where it writes, what is already there."""
+    """One model's part of a run: its artifact, its reader, where it writes (``folders``,
+    once :meth:`open`) and what is already there."""
 
     spec: ModelSpec
     artifact: Artifact
-    folders: dict[str, OutputFolder]
     writer: DuchoWriter
     loader: Loader
+    folders: dict[str, OutputFolder] = field(default_factory=dict)
     changed: int = 0
     # Reused features with no record of their text: id -> when written (st_mtime_ns).
     unknown: dict[str, int] = field(default_factory=dict)
+
+    def open(self, ctx: _Context, job: Job) -> None:
+        """Make the output folders ready, and learn what an earlier run left in them."""
+        cfg, spec = ctx.cfg, self.spec
+        self.folders = {
+            label: open_folder(
+                layer_dir(job, spec, label),
+                _feature_key(cfg, spec, self.artifact, label),
+                resume=cfg.output.resume,
+                what=f"'{spec.key_path}'",
+                alone=ctx.shard is None,
+            )
+            for label in spec.layer_labels()
+        }
+        if cfg.output.resume:
+            self.loader.unreadable = load_unreadable(self.paths, repr(self.loader.decode_key))
+        else:
+            for path in self.paths:
+                forget_unreadable(path)
 
     @property
     def done(self) -> set[str]:
@@ -628,26 +649,56 @@ class _Planned:
         return still
 
 
+@dataclass
+class _Models:
+    """Models over the same items, in the config's order, and the pipelines they run in.
+
+    Models whose inputs decode alike (all texts; images with the same EXIF and size
+    settings; audio with the same crop) and whose batch sizes fit one window
+    (:func:`shared_window`) run in one pipeline that reads and decodes each item once. The
+    pipelines, and so a shard's windows, are known before any item is read."""
+
+    planned: list[_Planned]
+    groups: list[list[_Planned]]
+
+    @classmethod
+    def of(cls, ctx: _Context, job: Job, specs: Iterable[ModelSpec]) -> _Models:
+        planned = [_plan(ctx, job, spec) for spec in specs]
+        groups: list[list[_Planned]] = []
+        for p in planned:
+            group = next((g for g in groups if ctx.ray is None and _shares(ctx, g, p)), None)
+            if group is None:
+                groups.append([p])
+            else:
+                group.append(p)
+        return cls(planned, groups)
+
+    def keep(self, ctx: _Context) -> Callable[[int], bool] | None:
+        """Whether this run reads the item at a position of the item list: a shard, one in
+        any of its windows of any pipeline (cut at fixed positions, see
+        :mod:`ducho_fast.runtime.shard`). None without a shard: every item is read."""
+        shard = ctx.shard
+        if shard is None:
+            return None
+        windows = sorted({_group_window(ctx, g) for g in self.groups})
+        if len(windows) == 1:
+            (window,) = windows
+            return lambda k: shard.owns(k // window)
+        return lambda k: any(shard.owns(k // w) for w in windows)
+
+
 def _run_models(
-    ctx: _Context, job: Job, specs: list[ModelSpec], items: list[Item], report: ExtractReport
+    ctx: _Context, job: Job, models: _Models, items: list[Item], report: ExtractReport
 ) -> list[ModelRun]:
-    """Models over the same items. Those whose inputs decode alike (all texts; images with
-    the same EXIF and size settings; audio with the same crop) and whose batch sizes fit one
-    window (:func:`shared_window`) run in one pipeline that reads and decodes each item once.
-    Runs come back in ``specs``' order."""
-    planned = [_plan(ctx, job, spec) for spec in specs]
-    groups: list[list[_Planned]] = []
-    for p in planned:
-        group = next((g for g in groups if ctx.ray is None and _shares(ctx, g, p)), None)
-        if group is None:
-            groups.append([p])
-        else:
-            group.append(p)
-    if ctx.shard is not None:
-        _drop_others_windows(items, [_group_window(ctx, g) for g in groups], ctx.shard)
+    """``models`` over ``items``; runs come back in the config's order."""
+    keep = models.keep(ctx)
+    if keep is not None:
+        _drop_others_windows(items, keep)
+    for p in models.planned:
+        p.open(ctx, job)
     texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
     runs: dict[int, ModelRun] = {}
-    for group in groups:
+    for group in models.groups:
         scope, group_runs = _run_group(ctx, job, group, items, texts, report)
         total = len(scope)
         for p in group:
@@ -673,7 +724,7 @@ def _run_models(
                 _finish_outputs(ctx, job, p.spec, run, p.folders, ids, report)
             else:
                 _record_shard(ctx.shard, p.folders, total, run.result)
-    return [runs[id(p)] for p in planned]
+    return [runs[id(p)] for p in models.planned]
 
 
 def precision_advice(precision: str, provider: str) -> str | None:
@@ -718,44 +769,22 @@ def _group_window(ctx: _Context, group: list[_Planned]) -> int:
     return window
 
 
-def _drop_others_windows(items: list[Item], windows: list[int], shard: Shard) -> None:
-    """Keep only what a shard reads: the inputs of items in none of its windows (``windows``:
-    each pipeline's, over the same item list) are dropped, in place, from the caller's list,
-    which would hold them until the job ends: a text table's texts are most of a text job's
-    memory, and a shard of N reads about 1/N of them. The items keep their places (windows
-    are cut by position) and ids; their input is None and their origin empty, and no window
-    this shard runs holds them."""
-    keep = bytearray(len(items))
-    for window in windows:
-        for w, begin in enumerate(range(0, len(items), window)):
-            if shard.owns(w):
-                keep[begin : begin + window] = b"\1" * min(window, len(items) - begin)
+def _drop_others_windows(items: list[Item], keep: Callable[[int], bool]) -> None:
+    """Keep only what a shard reads (``keep``, :meth:`_Models.keep`): the inputs of the other
+    items are dropped, in place, from the caller's list, which would hold them until the job
+    ends. A text job's table is read so already (:func:`job_items`); a two-tower block's
+    texts are paired first. The items keep their places (windows are cut by position) and
+    ids; their input is None and their origin empty."""
     for k, item in enumerate(items):
-        if not keep[k] and item.raw is not None:
+        if item.raw is not None and not keep(k):
             items[k] = Item(item.item_id, "", None)
 
 
 def _plan(ctx: _Context, job: Job, spec: ModelSpec) -> _Planned:
+    """A model's artifact, reader and writer; its folders are opened later (:meth:`open`)."""
     cfg, artifact = ctx.cfg, ctx.artifacts[graph_name(spec)]
-    folders = {
-        label: open_folder(
-            layer_dir(job, spec, label),
-            _feature_key(cfg, spec, artifact, label),
-            resume=cfg.output.resume,
-            what=f"'{spec.key_path}'",
-            alone=ctx.shard is None,
-        )
-        for label in spec.layer_labels()
-    }
     writer = DuchoWriter(job, spec, squeeze=cfg.output.squeeze, dtype=cfg.output.dtype)
-    loader = loader_for(spec, artifact.manifest, cfg.input)
-    planned = _Planned(spec, artifact, folders, writer, loader)
-    if cfg.output.resume:
-        loader.unreadable = load_unreadable(planned.paths, repr(loader.decode_key))
-    else:
-        for path in planned.paths:
-            forget_unreadable(path)
-    return planned
+    return _Planned(spec, artifact, writer, loader_for(spec, artifact.manifest, cfg.input))
 
 
 def _run_group(
@@ -799,7 +828,7 @@ def _run_group(
             only.artifact, cfg.runtime, only.loader, only.writer.write, options, ctx.ray
         )
     expected = _group_window(ctx, group)
-    if pipeline.window != expected:  # the window _drop_others_windows kept the inputs of
+    if pipeline.window != expected:  # _Models.keep kept the inputs of these windows
         raise RuntimeError(f"the pipeline's window is {pipeline.window}, not {expected}")
     names = " + ".join(_model_label(p.spec) for p in group)
     shard = f" (shard {ctx.shard})" if ctx.shard else ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,8 @@ from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tsv import (
     BadText,
     check_text_table,
-    read_interaction_items,
-    read_text_items,
+    iter_interaction_items,
+    iter_text_items,
     resolve_tsv,
 )
 from ducho_fast.data.visual.images import (
@@ -40,7 +40,11 @@ class Items:
     ignored: list[Path] = field(default_factory=list)
 
 
-def job_items(job: Job) -> Items:
+def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
+    """The job's items, ids checked. ``keep`` (a shard's): whether the good item at a position
+    of ``Items.good`` is read by this run; a text job drops the text of every other one as the
+    table is read, so a task holds only its own part of a large table (the item keeps its
+    place and id, with no input and an empty origin). Files are listed whole either way."""
     interactions = job.origin == "interactions"
     if job.modality == "visual":
         listed, ignored = list_images(job.input_path)
@@ -48,11 +52,13 @@ def job_items(job: Job) -> Items:
         listed, ignored = list_audio(job.input_path)
     elif interactions:
         columns = job.interaction_columns
-        listed, ignored = read_interaction_items(job.input_path, columns, job.text_column), []
+        rows = iter_interaction_items(job.input_path, columns, job.text_column)
+        return check_ids(rows, [], keep)
     else:
-        listed, ignored = read_text_items(job.input_path, job.item_column, job.text_column), []
+        rows = iter_text_items(job.input_path, job.item_column, job.text_column)
+        return check_ids(rows, [], keep)
     items = check_ids(listed, ignored)
-    if interactions and job.modality != "textual":
+    if interactions:
         items = _interaction_names(items)
     return items
 
@@ -134,8 +140,11 @@ def _interaction_names(items: Items) -> Items:
     return out
 
 
-def check_ids(listed: list[Item], ignored: list[Path]) -> Items:
-    """Unsafe and duplicate ids become bad items; the first of duplicates is kept."""
+def check_ids(
+    listed: Iterable[Item], ignored: list[Path], keep: Callable[[int], bool] | None = None
+) -> Items:
+    """Unsafe and duplicate ids become bad items; the first of duplicates is kept. ``keep``:
+    see :func:`job_items`."""
     out = Items(ignored=ignored)
     first_seen: dict[str, str] = {}
     for item in listed:
@@ -146,6 +155,8 @@ def check_ids(listed: list[Item], ignored: list[Path]) -> Items:
             out.bad.append(ItemError(item.item_id, item.origin, f"bad id: {reason}"))
             continue
         first_seen[item.item_id] = item.origin
+        if keep is not None and not keep(len(out.good)):
+            item = Item(item.item_id, "", None)
         out.good.append(item)
     return out
 

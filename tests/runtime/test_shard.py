@@ -214,6 +214,13 @@ def test_a_shard_holds_only_the_inputs_of_its_windows(
     ]
     config["runtime"]["sort_window"] = 1
     config["output"] = {"layouts": ["ducho"]}  # a token-level layer forms no matrix
+    # Rows that are no items (a duplicate id, an unsafe one) early in the table: windows
+    # are cut over the items, whose positions are no longer the rows'.
+    table = tmp_path / "one/descriptions.tsv"
+    header, *rows = table.read_text().splitlines(keepends=True)
+    table.write_text(
+        header + rows[0] + "t000\tagain\n" + rows[1] + "../up\tsoft\n" + "".join(rows[2:])
+    )
     ducho_fast.export(config)
     _extract(config)
     split = {**config, "dataset_path": str(tmp_path / "split")}
@@ -229,9 +236,19 @@ def test_a_shard_holds_only_the_inputs_of_its_windows(
         seen.append((self.window, [isinstance(i.raw, str) for i in items]))
         return run(self, items, progress)
 
+    read: list[list[bool]] = []  # whether each item's text is held as the table is read
+    job_items = ducho_fast.api.job_items
+
+    def reading(job, keep=None):
+        items = job_items(job, keep)
+        read.append([isinstance(i.raw, str) for i in items.good])
+        return items
+
     monkeypatch.setattr(Pipeline, "run", spy)
+    monkeypatch.setattr(ducho_fast.api, "job_items", reading)
     for index in range(3):
         seen.clear()
+        read.clear()
         report = _extract(split, shard=f"{index}/3")
         assert sorted(w for w, _ in seen) == [5, 7]
         shard = Shard(index, 3)
@@ -242,7 +259,9 @@ def test_a_shard_holds_only_the_inputs_of_its_windows(
             if shard.owns(w)
             for p in range(begin, min(begin + window, 70))
         }
-        for _, held in seen:
+        for held in [h for _, h in seen] + read:
             assert [k for k in range(70) if held[k]] == sorted(mine)
         assert sum(r.result.written for r in report.runs) > 0
+        errors = [e.item_id for r in report.runs for e in r.result.errors]
+        assert errors == (["t009", "t009"] if index == 1 else [])  # the blank text, read
     assert npy_bytes(tmp_path / "split") == npy_bytes(tmp_path / "one")

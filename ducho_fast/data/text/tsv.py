@@ -73,15 +73,19 @@ def read_text_items(path: Path, item_column: str | None, text_column: str | None
     bytes that are not UTF-8, more cells than the header) keeps its place as an item whose raw
     value is a ``BadText``, so it is reported in order and the rows around it go on.
     """
-    items = []
+    return list(iter_text_items(path, item_column, text_column))
+
+
+def iter_text_items(path: Path, item_column: str | None, text_column: str | None) -> Iterator[Item]:
+    """:func:`read_text_items` one item at a time, as the rows are read: a caller that keeps
+    only some texts (a shard) never holds the table."""
     with _table(path) as (tsv, header, rows):
         id_at, text_at = _text_columns(tsv, header, item_column, text_column)
         name = tsv.name
         for line_no, row in rows:
             id_value = row[id_at] if id_at < len(row) else ""
             text = _text(row, text_at, len(header))
-            items.append(Item(id_value, f"{name}:{line_no}", text))
-    return items
+            yield Item(id_value, f"{name}:{line_no}", text)
 
 
 def read_interaction_items(
@@ -92,7 +96,13 @@ def read_interaction_items(
     The user and item columns default to the first two, the text to the last. A row with an
     empty user or item cell is a bad item; the rows around it go on.
     """
-    items = []
+    return list(iter_interaction_items(path, columns, text_column))
+
+
+def iter_interaction_items(
+    path: Path, columns: tuple[str, str] | None, text_column: str | None
+) -> Iterator[Item]:
+    """:func:`read_interaction_items` one item at a time, as the rows are read."""
     with _table(path) as (tsv, header, rows):
         user_at, item_at, text_at = _interaction_columns(tsv, header, columns, text_column)
         name = tsv.name
@@ -103,8 +113,7 @@ def read_interaction_items(
             if not user.strip() or not item.strip():
                 which = "user" if not user.strip() else "item"
                 text = BadText(f"the {which} cell is empty; an interaction needs both ids")
-            items.append(Item(f"{user}__{item}", f"{name}:{line_no}", text))
-    return items
+            yield Item(f"{user}__{item}", f"{name}:{line_no}", text)
 
 
 def check_text_table(
