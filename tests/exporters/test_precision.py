@@ -128,7 +128,7 @@ def test_an_fp16_graph_run_on_the_cpu_is_told_what_suits_the_cpu(
 
 
 def test_precision_advice_is_about_fp16_on_cpus_and_int8_on_cuda_only() -> None:
-    from ducho_fast.api import precision_advice
+    from ducho_fast.model_runs import precision_advice
 
     cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
     assert "precision: fp32" in (precision_advice("fp16", cpu) or "")
