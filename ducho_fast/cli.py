@@ -11,7 +11,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from enum import Enum
@@ -20,11 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ducho_fast import __version__
+from ducho_fast.console import (
+    err,
+    out,
+    print_bench,
+    print_exported,
+    print_fusions,
+    print_report,
+    progress_display,
+)
 from ducho_fast.errors import DuchoError
 
 if TYPE_CHECKING:
@@ -35,10 +41,6 @@ app = typer.Typer(
     add_completion=False,
     help="Export feature extractors to ONNX and extract multimodal features with ONNX Runtime.",
 )
-# Markup only where a call asks for it: paths, ids, layer lists ("[avgpool]") and error
-# messages ("[ducho, matrix]") hold square brackets that rich would take for tags.
-err = Console(stderr=True, markup=False)
-out = Console(markup=False)
 
 ITEMS_FAILED_EXIT = 3
 # What a command stopped by Ctrl-C or SIGTERM leaves, and how to go on.
@@ -71,17 +73,6 @@ class Backend(str, Enum):
     tensorflow = "tensorflow"
     transformers = "transformers"
     sentence_transformers = "sentence_transformers"
-
-
-def _precision(precision: str) -> str:
-    return "" if precision == "fp32" else f"{precision}, "
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _quiet_frameworks() -> None:
@@ -173,26 +164,7 @@ def export(
                 soft_wrap=True,
             )
             for r in run():
-                _print_exported(r)
-
-
-def _print_exported(r: Any) -> None:
-    layers = r.artifact.manifest["parity"]["layers"]
-    cos = min(v["min_cosine"] for v in layers.values())
-    rel = max(v["max_rel_diff"] for v in layers.values())
-    status = "reused" if r.reused else f"exported in {r.seconds:.1f}s"
-    out.print(
-        f"{r.spec.key_path} {Path(r.spec.model_dir).name} "
-        f"[{', '.join(r.spec.layer_labels())}]: {status} -> {_rel(r.artifact.path)} "
-        f"({_precision(r.spec.precision)}parity: min cosine {cos:.7f}, max rel diff {rel:.1e})",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-# Where stderr is not a terminal (a batch job's log, ``nohup``, a container run without -t),
-# a bar is drawn only when it ends: extract prints a plain line this often instead.
-PROGRESS_LINE_SECONDS = 30.0
+                print_exported(r)
 
 
 ProgressEveryOpt = Annotated[
@@ -205,110 +177,6 @@ ProgressEveryOpt = Annotated[
         show_default=False,
     ),
 ]
-
-
-@contextmanager
-def _progress(label: str, total: int, every: float | None = None) -> Iterator[Any]:
-    if not err.is_terminal:
-        lines = _ProgressLines(label, total, PROGRESS_LINE_SECONDS if every is None else every)
-        lines.start()
-        try:
-            yield lines.tick
-        finally:
-            lines.close()
-        return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(escape(label), total=total, rate="")
-
-        def tick(n: int) -> None:
-            bar.advance(task, n)
-            elapsed = bar.tasks[task].elapsed or 0.0
-            done = bar.tasks[task].completed
-            bar.update(task, rate=f"{done / elapsed:.1f} items/s" if elapsed else "")
-
-        yield tick
-
-
-class _ProgressLines:
-    """Progress as plain lines for a log: one at the first tick ``every`` seconds after the
-    start or the last line, with the rate and the time left. Work done sooner (a small job,
-    a matrix of a few rows) prints none: its summary line says it all. Ticks come from the
-    writer's thread (or a Ray engine's loop, a fusion's, a matrix's).
-
-    While no tick comes (a model slow to load, a first batch of large inputs, reads stuck on
-    a network file system), a line still comes every ``every`` seconds once :meth:`start`
-    is called, saying how long nothing was done: a log that goes quiet is a process that
-    stopped."""
-
-    def __init__(self, label: str, total: int, every: float) -> None:
-        self._label, self._total, self._every = label, total, every
-        self._done = 0
-        self._start = self._last = self._last_tick = time.monotonic()
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._watch: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Watch for a stall in a thread of its own, until :meth:`close` (no need where a
-        line may come at every tick: ``every`` 0)."""
-        if self._every <= 0:
-            return
-        self._watch = threading.Thread(target=self._watching, name="ducho-progress", daemon=True)
-        self._watch.start()
-
-    def close(self) -> None:
-        self._closed.set()
-        if self._watch is not None:
-            self._watch.join()
-
-    def tick(self, n: int) -> None:
-        with self._lock:
-            self._done += n
-            now = self._last_tick = time.monotonic()
-            if now - self._last < self._every or self._done >= self._total:
-                return
-            self._last = now
-            rate = self._done / (now - self._start)
-            left = (self._total - self._done) / rate if rate > 0 else 0.0
-            share = 100 * self._done / self._total
-            self._print(
-                f"{self._done}/{self._total} ({share:.0f}%), {rate:.1f} items/s, "
-                f"about {_clock(left)} left"
-            )
-
-    def stalled(self) -> None:
-        """A line if none came for ``every`` seconds: how long nothing was done."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < self._every or self._done >= self._total:
-                return
-            self._last = now
-            if self._done:
-                share = 100 * self._done / self._total
-                since = _clock(now - self._last_tick)
-                self._print(f"{self._done}/{self._total} ({share:.0f}%), no item done for {since}")
-            else:
-                self._print(f"0/{self._total}, no item done yet, {_clock(now - self._start)} in")
-
-    def _watching(self) -> None:
-        while not self._closed.wait(self._every):
-            self.stalled()
-
-    def _print(self, text: str) -> None:
-        err.print(f"{self._label}: {text}", highlight=False, soft_wrap=True)
-
-
-def _clock(seconds: float) -> str:
-    """``H:MM:SS``."""
-    whole = round(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 @app.command(context_settings=_EXTRA)
@@ -367,12 +235,12 @@ def extract(
         report = ducho_fast.extract(
             config,
             overrides,
-            progress=partial(_progress, every=progress_every) if progress else None,
+            progress=partial(progress_display, every=progress_every) if progress else None,
             shard=shard,
             engine=engine.value,
             ray=ray,
         )
-    _print_report(report)
+    print_report(report)
     if report.shard is not None:
         err.print(
             f"shard {report.shard} done. Once every shard has finished, run "
@@ -395,121 +263,6 @@ def extract(
         raise typer.Exit(ITEMS_FAILED_EXIT)
 
 
-def _print_report(report: Any) -> None:
-    for run in report.runs:
-        r = run.result
-        tower = f" [{run.tower}]" if run.tower else ""
-        reused = f"{r.reused} already done, " if r.reused else ""
-        out.print(
-            f"{run.job} {Path(run.model).name}{tower}: {r.written} written, {reused}"
-            f"{len(r.errors)} failed, "
-            f"{_rate(r)} on {run.provider.replace('ExecutionProvider', '')}"
-            f" -> {', '.join(_rel(d) for d in run.output_dirs)}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
-        _print_timing(r)
-        if run.changed:
-            owner = ", each by the shard that owns it" if report.shard else ""
-            out.print(
-                f"  {run.changed} input(s) changed after their features were written (a file "
-                f"modified, a text edited): embedded again{owner}",
-                highlight=False,
-                soft_wrap=True,
-            )
-        for matrix in run.matrices:
-            _print_matrix(matrix)
-    _print_inputs(report)
-    _print_fusions(report.fusions)
-    for message in [*report.matrix_errors, *report.warnings]:
-        err.print(message, highlight=False, soft_wrap=True)
-
-
-def _print_inputs(report: Any) -> None:
-    for job, bad in report.input_errors.items():
-        if bad:
-            err.print(f"{job}: {len(bad)} input item(s) skipped (bad or duplicate ids).")
-    for job, files in report.ignored_files.items():
-        if files:
-            kind = "audio" if job.startswith("audio") else "image"
-            err.print(
-                f"{job}: {len(files)} file(s) ignored (hidden, or not {kind} files), e.g. "
-                f"{files[0].name}."
-            )
-    for job, unpaired in report.unpaired.items():
-        if unpaired:
-            sample = ", ".join(repr(e.item_id) for e in unpaired[:5])
-            err.print(
-                f"{job}: {len(unpaired)} id(s) in only one modality skipped (e.g. {sample}); "
-                "listed in ducho-fast.errors.tsv."
-            )
-
-
-# The model waited on its readers this much of the run, and this long: say so.
-INPUT_BOUND = 0.25
-INPUT_BOUND_MIN_SECONDS = 1.0
-
-
-def _print_timing(result: Any) -> None:
-    """Where the run's time went, when the local engine measured it."""
-    t = result.timing
-    if t is None or not result.written or result.seconds <= 0:
-        return
-    lanes = f", {t.lanes} batches at once" if t.lanes > 1 else ""
-    out.print(
-        f"  model busy {t.model / result.seconds:.0%} of {result.seconds:.1f}s{lanes} (first "
-        f"batch after {t.first_batch:.1f}s); then waited {t.inputs:.1f}s for inputs, "
-        f"{t.writer:.1f}s for the writer; the writer used {t.writer_cpu:.1f}s of CPU",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if t.inputs >= max(INPUT_BOUND * result.seconds, INPUT_BOUND_MIN_SECONDS):
-        out.print(
-            f"  the model waited for its inputs {t.inputs / result.seconds:.0%} of the run: "
-            "reading and decoding are slower than the model here. More decode threads "
-            "(runtime.workers) help where CPUs are free.",
-            highlight=False,
-            soft_wrap=True,
-        )
-
-
-def _rate(result: Any) -> str:
-    return f"{result.items_per_second:.1f} items/s" if result.written else "nothing to run"
-
-
-def _print_matrix(matrix: Any) -> None:
-    notes = []
-    if matrix.filled:
-        notes.append(f"{len(matrix.filled)} missing row(s) filled with the mean")
-    if matrix.dropped:
-        notes.append(f"{len(matrix.dropped)} id(s) not in id_order left out")
-    note = f" ({'; '.join(notes)}, listed in missing.tsv)" if notes else ""
-    kept = ", kept: no feature written since" if matrix.reused else ""
-    out.print(
-        f"  matrix {matrix.rows} rows{kept} -> {_rel(matrix.path)}{note}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-def _print_fusions(runs: list[Any]) -> None:
-    for run in runs:
-        for res in run.results:
-            missing = f", {len(res.missing)} id(s) not in every input" if res.missing else ""
-            reused = f"{res.reused} already done, " if res.reused else ""
-            out.print(
-                f"{run.key} fusion {run.mode}: {res.written} fused, {reused}"
-                f"{len(res.errors)} failed"
-                f"{missing} -> {_rel(res.output)}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            if res.matrix is not None:
-                _print_matrix(res.matrix)
-
-
 @app.command(context_settings=_EXTRA)
 def fuse(
     ctx: typer.Context,
@@ -522,9 +275,9 @@ def fuse(
     import ducho_fast
 
     with _errors(stopped=STOPPED_FUSE):
-        shown = partial(_progress, every=progress_every) if progress else None
+        shown = partial(progress_display, every=progress_every) if progress else None
         runs = ducho_fast.fuse(config, _overrides(ctx, set_), progress=shown)
-    _print_fusions(runs)
+    print_fusions(runs)
     if not runs:
         err.print("nothing to fuse: the config has no 'fusion' keys.")
     failed = sum(len(res.errors) for run in runs for res in run.results)
@@ -598,7 +351,7 @@ def bench(
             work=work,
             source=source,
             variants=vs or (),
-            on_run=_print_bench,
+            on_run=print_bench,
         )
     for reason in report.skipped:
         err.print(f"not timed: {reason}", highlight=False, soft_wrap=True)
@@ -607,64 +360,6 @@ def bench(
     if as_json:
         runs = [r.as_dict() for r in report.runs]
         out.print(json.dumps({"runs": runs, "skipped": report.skipped}), soft_wrap=True)
-
-
-def _print_bench(run: Any) -> None:
-    device = run.provider.removesuffix("ExecutionProvider") or "?"
-    low, high = run.efficiency_range
-    passed = f", {run.unreadable} that do not read passed over" if run.unreadable else ""
-    if run.capped:
-        passed += ", stopped at 1 GiB of decoded inputs"
-    lines = [
-        f"{run.key_path} ({run.model}) on {device}: {run.items} of {run.job_items:,} items"
-        f"{passed}, {run.rounds} round(s)",
-        f"  extract        {run.extract_rate:10.1f} items/s",
-        f"  session alone  {run.session_rate:10.1f} items/s (the model on extract's batches)",
-        f"  efficiency     {run.efficiency:10.2f}   (rounds {low:.2f}-{high:.2f})",
-        f"  extract's time {run.extract_seconds:10.2f} s: {run.first_batch:.2f} until its first "
-        f"batch ran (the session made, the first window read); then its model waited "
-        f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for the writer",
-        f"  whole job      {run.job_items:,} items in about {_clock(run.job_seconds)} at this pace",
-    ]
-    if run.cpu_ms:
-        cpu = ", ".join(f"{k} {v:.2f} ms" for k, v in run.cpu_ms.items())
-        lines.insert(
-            -1, f"  CPU per item   {cpu} (this process's, every thread, and its decoder processes)"
-        )
-    if run.source is not None:
-        low, high = run.source.speedup_range
-        lines[3:3] = [
-            f"  source         {run.source.rate:10.1f} items/s ({run.source.framework}, the same "
-            f"batches; outputs agree to min cosine {run.source.min_cosine:.6f})",
-            f"  extract/source {run.source.speedup:10.2f}x  (rounds {low:.2f}-{high:.2f}); the "
-            f"session alone {run.source.session_speedup:.2f}x",
-        ]
-    for variant in run.variants:
-        lines.insert(-1, _variant_line(variant))
-    if run.first_batch > 0.2 * run.extract_seconds:
-        lines.append(
-            "  (the start-up is much of this sample's time: a larger --items measures the pace "
-            "after it better)"
-        )
-    for line in lines:
-        out.print(line, highlight=False, soft_wrap=True)
-
-
-def _variant_line(variant: Any) -> str:
-    low, high = variant.speedup_range
-    if variant.identical:
-        features = f"its {variant.compared} feature files identical to extract's"
-    elif variant.min_cosine is None:
-        features = "no feature file of it to compare with extract's"
-    else:
-        features = (
-            f"its features differ from extract's: least cosine {variant.min_cosine:.6f} "
-            f"over {variant.compared} files"
-        )
-    return (
-        f"  with {variant.setting}: {variant.rate:.1f} items/s, {variant.speedup:.2f}x extract "
-        f"as configured (rounds {low:.2f}-{high:.2f}); {features}"
-    )
 
 
 @app.command()

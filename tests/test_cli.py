@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ducho_fast import cli
+from ducho_fast import console
 from ducho_fast.cli import ITEMS_FAILED_EXIT, app
 from ducho_fast.errors import DuchoError
 from tests.conftest import textual_config
@@ -85,7 +85,7 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
 ) -> None:
     import time
 
-    from ducho_fast import cli
+    from ducho_fast import console
     from ducho_fast.config.model import RuntimeOptions
     from ducho_fast.runtime import pipeline
     from ducho_fast.runtime.session import batch_lanes
@@ -112,7 +112,7 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
         return real_prepare(embedder, batch)
 
     monkeypatch.setattr(pipeline, "_prepare", slow_prepare)
-    monkeypatch.setattr(cli, "INPUT_BOUND_MIN_SECONDS", 0.2)
+    monkeypatch.setattr(console, "INPUT_BOUND_MIN_SECONDS", 0.2)
     slow = runner.invoke(app, extract)
     assert slow.exit_code == 0, slow.output
     assert re.search(
@@ -139,7 +139,7 @@ def test_a_log_gets_progress_lines_while_extract_runs(
     """Where stderr is not a terminal (a batch job's log; CliRunner's), rich draws its bar
     only when it ends: extract prints plain lines as it goes instead."""
     assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
-    monkeypatch.setattr(cli, "PROGRESS_LINE_SECONDS", 0.0)  # a line at every batch
+    monkeypatch.setattr(console, "PROGRESS_LINE_SECONDS", 0.0)  # a line at every batch
     batches = ["--set", "textual.items.model.0.batch_size=2"]
     result = runner.invoke(app, ["extract", str(text_config), *batches])
     assert result.exit_code == 0, result.output
@@ -162,10 +162,10 @@ def test_a_log_gets_progress_lines_while_extract_runs(
 
 def test_progress_lines_come_at_most_every_so_often(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([100.0, 110.0, 112.0, 116.0, 125.0, 130.0])
-    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
     printed: list[str] = []
-    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
-    lines = cli._ProgressLines("job model", 40, every=5.0)  # starts at 100 s
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    lines = console.ProgressLines("job model", 40, every=5.0)  # starts at 100 s
     for n in (10, 2, 3, 5, 20):  # at 110, 112, 116, 125 and 130 s
         lines.tick(n)
     assert printed == [  # none at the start
@@ -173,16 +173,16 @@ def test_progress_lines_come_at_most_every_so_often(monkeypatch: pytest.MonkeyPa
         "job model: 15/40 (38%), 0.9 items/s, about 0:00:27 left",  # 5 s after the last line
         "job model: 20/40 (50%), 0.8 items/s, about 0:00:25 left",
     ]  # none at the end: the summary line follows
-    assert cli._clock(3 * 3600 + 62.4) == "3:01:02"
+    assert console.clock(3 * 3600 + 62.4) == "3:01:02"
 
 
 def test_a_stall_still_gets_a_line_every_so_often(monkeypatch: pytest.MonkeyPatch) -> None:
     """No tick for a while: the watcher's lines say how long nothing was done."""
     now = [100.0]
-    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
     printed: list[str] = []
-    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
-    lines = cli._ProgressLines("job model", 40, every=30.0)  # starts at 100 s
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    lines = console.ProgressLines("job model", 40, every=30.0)  # starts at 100 s
     for at in (110.0, 131.0):  # before the first batch
         now[0] = at
         lines.stalled()
@@ -207,8 +207,8 @@ def test_the_stall_watcher_prints_while_nothing_ticks_and_stops_at_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     printed: list[str] = []
-    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
-    lines = cli._ProgressLines("job model", 40, every=0.05)
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    lines = console.ProgressLines("job model", 40, every=0.05)
     lines.start()
     deadline = time.monotonic() + 10
     while len(printed) < 2 and time.monotonic() < deadline:
@@ -226,10 +226,10 @@ def test_extract_progress_in_a_log_watches_for_stalls_until_its_work_ends(
     """The progress extract is given where stderr is no terminal starts the watcher, and
     ends it with the work."""
     printed: list[str] = []
-    monkeypatch.setattr(cli.err, "print", lambda text, **_: printed.append(text))
-    monkeypatch.setattr(type(cli.err), "is_terminal", property(lambda self: False))
-    monkeypatch.setattr(cli, "PROGRESS_LINE_SECONDS", 0.05)
-    with cli._progress("job model", 40) as tick:
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
+    monkeypatch.setattr(console, "PROGRESS_LINE_SECONDS", 0.05)
+    with console.progress_display("job model", 40) as tick:
         deadline = time.monotonic() + 10
         while not printed and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -418,7 +418,7 @@ def test_an_ignored_sigterm_stays_ignored() -> None:
 def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
     from types import SimpleNamespace
 
-    from ducho_fast.cli import _print_inputs
+    from ducho_fast.console import _print_inputs
 
     ignored = {"audio.items": [Path("._a.wav")], "visual.items": [Path("notes.txt")]}
     _print_inputs(SimpleNamespace(input_errors={}, ignored_files=ignored, unpaired={}))
@@ -436,7 +436,7 @@ def test_the_progress_line_interval_comes_from_the_option_or_the_environment(
 
     every: list[float] = []
 
-    class Lines(cli._ProgressLines):
+    class Lines(console.ProgressLines):
         def __init__(self, label: str, total: int, every_: float) -> None:
             every.append(every_)
             super().__init__(label, total, every_)
@@ -446,8 +446,8 @@ def test_the_progress_line_interval_comes_from_the_option_or_the_environment(
             tick(3)
         raise DuchoError("stop here")
 
-    monkeypatch.setattr(cli, "_ProgressLines", Lines)
-    monkeypatch.setattr(type(cli.err), "is_terminal", property(lambda self: False))
+    monkeypatch.setattr(console, "ProgressLines", Lines)
+    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
     monkeypatch.setattr(ducho_fast, command, run)
     monkeypatch.delenv("DUCHO_FAST_PROGRESS_EVERY", raising=False)
     config = tmp_path / "c.yml"
