@@ -205,3 +205,34 @@ def test_bench_times_both_towers_on_the_paired_ids(dataset: Path, monkeypatch) -
     for tower, root in zip(written, ("visual_embeddings", "textual_embeddings"), strict=True):
         for name, value in tower.items():
             np.testing.assert_array_equal(value, np.load(folder(dataset, root) / name))
+
+
+def test_shards_of_a_two_tower_block_make_the_files_of_one_run(
+    dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Each tower runs its own windows of the paired ids (a batch each here), and drops the
+    other inputs; the final plain run fuses. Byte for byte what one run writes."""
+    from tests.conftest import npy_bytes
+
+    split = tmp_path_factory.mktemp("split")
+    for name in ["images", "meta.tsv", MODEL]:
+        copy = shutil.copytree if (dataset / name).is_dir() else shutil.copy
+        copy(dataset / name, split / name)
+    one = config(dataset, fusion="mean", batch_size=1)
+    ducho_fast.export(one)
+    ducho_fast.extract(one)
+    cfg = config(split, fusion="mean", batch_size=1)
+    ducho_fast.export(cfg)
+    written: dict[str, list[str]] = {"image": [], "text": []}
+    for index in range(3):
+        report = ducho_fast.extract(cfg, shard=f"{index}/3")
+        assert not report.fusions and not report.failed
+        for run in report.runs:
+            assert run.tower is not None
+            written[run.tower] += [run.job] * run.result.written
+    assert {k: len(v) for k, v in written.items()} == {"image": 4, "text": 4}  # disjoint
+    assert not list(split.rglob("*_mean"))  # the fusion waits for the plain run
+    final = ducho_fast.extract(cfg)
+    assert [r.result.written for r in final.runs] == [0, 0]
+    assert [f.written for f in final.fusions[0].results] == [4]
+    assert npy_bytes(split) == npy_bytes(dataset)
