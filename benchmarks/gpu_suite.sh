@@ -33,8 +33,10 @@ declare -A STEPS=(
   [sweep]="$PY benchmarks/extract_sweep.py --device cuda --n 1024 --workers 16 --variants threads,processes,threads,processes"
   # threads vs processes where the processes' start-up weighs less than in 1024 images
   [sweep-long]="$PY benchmarks/extract_sweep.py --device cuda --n 4096 --workers 16 --models lite --variants threads,processes,threads,processes"
+  # the bench command itself on CUDA (never run on a GPU yet), with the settings to compare
+  [bench]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0,resnet50 --vs runtime.readers=processes --vs runtime.io_binding=off"
 )
-ORDER=(doctor tests text visual embed shards-text shards-visual capacity writer sweep sweep-long)
+ORDER=(doctor tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done
