@@ -178,6 +178,7 @@ def _extract(ctx: RunContext) -> ExtractReport:
             items = job_items(job, models.keep(ctx))
             report.input_errors[job.name] = _own_inputs(items.bad, part)
             report.ignored_files[job.name] = _own_inputs(items.ignored, part)
+            report.ignored_folders[job.name] = _own_inputs(items.folders, part)
             report.runs += run_models(ctx, job, models, items.good, report)
         save_errors(job, report)
     if part is None:
@@ -260,6 +261,7 @@ def _run_pairs(ctx: RunContext, job: Job, report: ExtractReport) -> None:
     report.input_errors[job.name] = _own_inputs(pairs.bad, ctx.shard)
     report.unpaired[job.name] = _own_inputs(pairs.unpaired, ctx.shard)
     report.ignored_files[job.name] = _own_inputs(pairs.ignored, ctx.shard)
+    report.ignored_folders[job.name] = _own_inputs(pairs.folders, ctx.shard)
     for spec in job.models:
         image, text = spec.towers()
         runs = [

@@ -197,6 +197,15 @@ def _print_inputs(report: Any) -> None:
                 f"{job}: {len(files)} file(s) ignored (hidden, or not {kind} files), e.g. "
                 f"{files[0].name}."
             )
+    for job, folders in report.ignored_folders.items():
+        if folders:
+            err.print(
+                f"{job}: {len(folders)} subfolder(s) not read (only the files directly in "
+                f"'input_path' are, as in Ducho), e.g. {folders[0].name}/; to embed their files, "
+                "run once per subfolder or move the files up.",
+                highlight=False,
+                soft_wrap=True,
+            )
     for job, unpaired in report.unpaired.items():
         if unpaired:
             sample = ", ".join(repr(e.item_id) for e in unpaired[:5])

@@ -43,6 +43,7 @@ class ExtractReport:
     runs: list[ModelRun] = field(default_factory=list)
     input_errors: dict[str, list[ItemError]] = field(default_factory=dict)
     ignored_files: dict[str, list[Path]] = field(default_factory=dict)
+    ignored_folders: dict[str, list[Path]] = field(default_factory=dict)  # subfolders, not read
     unpaired: dict[str, list[ItemError]] = field(default_factory=dict)
     fusions: list[FusionRun] = field(default_factory=list)
     matrix_errors: list[str] = field(default_factory=list)

@@ -421,10 +421,17 @@ def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
     from ducho_fast.console import _print_inputs
 
     ignored = {"audio.items": [Path("._a.wav")], "visual.items": [Path("notes.txt")]}
-    _print_inputs(SimpleNamespace(input_errors={}, ignored_files=ignored, unpaired={}))
+    folders = {"audio.items": [], "visual.items": [Path("in/shoes"), Path("in/hats")]}
+    report = SimpleNamespace(
+        input_errors={}, ignored_files=ignored, ignored_folders=folders, unpaired={}
+    )
+    _print_inputs(report)
     said = capsys.readouterr().err
     assert "audio.items: 1 file(s) ignored (hidden, or not audio files), e.g. ._a.wav." in said
     assert "visual.items: 1 file(s) ignored (hidden, or not image files), e.g. notes.txt." in said
+    assert "visual.items: 2 subfolder(s) not read" in said
+    assert "e.g. shoes/" in said
+    assert "audio.items: 0" not in said and "audio.items: 1 subfolder" not in said
 
 
 @pytest.mark.parametrize("command", ["extract", "fuse"])

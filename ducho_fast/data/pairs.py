@@ -30,16 +30,17 @@ class Pairs:
     bad: list[ItemError] = field(default_factory=list)
     unpaired: list[ItemError] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
 
 
 def paired_items(job: Job) -> Pairs:
     assert job.text_input_path is not None
-    listed, ignored = list_images(job.input_path)
-    images = check_ids(listed, ignored)
+    listing = list_images(job.input_path)
+    images = check_ids(listing.items, listing.ignored)
     texts = check_ids(read_text_items(job.text_input_path, job.item_column, job.text_column), [])
     by_id = {item.item_id: item for item in texts.good}
     image_ids = {item.item_id for item in images.good}
-    pairs = Pairs(bad=images.bad + texts.bad, ignored=images.ignored)
+    pairs = Pairs(bad=images.bad + texts.bad, ignored=images.ignored, folders=listing.folders)
     text_name = job.text_input_path.name
     for image in images.good:
         if image.item_id in by_id:

@@ -33,11 +33,13 @@ from ducho_fast.errors import DataError, UnreadableFile
 
 @dataclass
 class Items:
-    """A job's items with their ids checked: good ones, bad ones, files that were not inputs."""
+    """A job's items with their ids checked: good ones, bad ones, files that were not inputs
+    and subfolders that were not read."""
 
     good: list[Item] = field(default_factory=list)
     bad: list[ItemError] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
 
 
 def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
@@ -47,9 +49,9 @@ def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
     place and id, with no input and an empty origin). Files are listed whole either way."""
     interactions = job.origin == "interactions"
     if job.modality == "visual":
-        listed, ignored = list_images(job.input_path)
+        listing = list_images(job.input_path)
     elif job.modality == "audio":
-        listed, ignored = list_audio(job.input_path)
+        listing = list_audio(job.input_path)
     elif interactions:
         columns = job.interaction_columns
         rows = iter_interaction_items(job.input_path, columns, job.text_column)
@@ -57,7 +59,8 @@ def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
     else:
         rows = iter_text_items(job.input_path, job.item_column, job.text_column)
         return check_ids(rows, [], keep)
-    items = check_ids(listed, ignored)
+    items = check_ids(listing.items, listing.ignored)
+    items.folders = listing.folders
     if interactions:
         items = _interaction_names(items)
     return items
@@ -126,7 +129,7 @@ def table_changed_after(job: Job, written: Mapping[str, int]) -> Path | None:
 
 def _interaction_names(items: Items) -> Items:
     """Ducho's rule for image and audio interactions: the file is ``<user>__<item>.<ext>``."""
-    out = Items(bad=items.bad, ignored=items.ignored)
+    out = Items(bad=items.bad, ignored=items.ignored, folders=items.folders)
     for item in items.good:
         user, sep, rest = item.item_id.partition("__")
         if sep and user and rest:

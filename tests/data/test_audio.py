@@ -106,7 +106,7 @@ def test_too_short_for_the_model(tmp_path: Path) -> None:
 def test_listing_and_arrays(tmp_path: Path) -> None:
     for name in ("b10.wav", "b2.flac", "notes.txt"):
         (write_tone(tmp_path / name) if name != "notes.txt" else (tmp_path / name)).touch()
-    items, ignored = list_audio(tmp_path)
+    items, ignored, _ = list_audio(tmp_path)
     assert [i.item_id for i in items] == ["b2", "b10"] and [p.name for p in ignored] == [
         "notes.txt"
     ]

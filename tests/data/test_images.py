@@ -37,8 +37,8 @@ def test_listing_is_ducho_natural_order_and_stems_cut_at_first_dot(tmp_path: Pat
         else:
             write_image(tmp_path / name)
     (tmp_path / ".jpg").write_bytes((tmp_path / "img10.jpg").read_bytes())
-    items, ignored = list_images(tmp_path)
-    assert [i.item_id for i in items] == ["img1", "img2", "img10"]
+    items, ignored, folders = list_images(tmp_path)
+    assert [i.item_id for i in items] == ["img1", "img2", "img10"] and folders == []
     # hidden files (macOS's ._ copies): counted as ignored, not items with an empty id
     assert sorted(p.name for p in ignored) == ["._img2.png", ".jpg", "notes.txt"]
 
@@ -134,10 +134,11 @@ def test_listed_files_are_light_paths_that_open_and_travel(tmp_path: Path) -> No
     # A job holds one item per file: its input is a path string with __fspath__ (48 bytes),
     # not a pathlib.Path (about 260 with its parts); it opens, stats and pickles as a path.
     write_image(tmp_path / "b.jpg")
-    (tmp_path / "sub").mkdir()  # a folder is no item, a dangling link is one
+    (tmp_path / "sub").mkdir()  # a folder is no item (it is counted), a dangling link is one
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
-    items, ignored = list_images(tmp_path)
+    items, ignored, folders = list_images(tmp_path)
     assert [i.item_id for i in items] == ["b", "gone"] and ignored == []
+    assert folders == [tmp_path / "sub"]
     raw = items[0].raw
     assert os.fspath(raw) == str(raw) == items[0].origin == str(tmp_path / "b.jpg")
     assert sys.getsizeof(raw) <= 64 and not hasattr(raw, "__dict__")
@@ -151,7 +152,7 @@ def test_listed_files_are_light_paths_that_open_and_travel(tmp_path: Path) -> No
 def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> None:
     for name in ["a.jpg", "a.png", "b.jpg"]:
         write_image(tmp_path / name)
-    items, _ = list_images(tmp_path)
+    items, _, _ = list_images(tmp_path)
     checked = check_ids(items, [])
     assert [i.item_id for i in checked.good] == ["a", "b"]
     assert "duplicate id" in checked.bad[0].reason
@@ -169,6 +170,18 @@ def test_check_refuses_a_folder_with_no_image_files(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(DataError, match=r"images holds nothing to extract: it has no files\."):
         check_files(folder, IMAGE_SUFFIXES, "image")
+    for name in ("shoes", "hats"):  # images sorted into subfolders: say why none is read
+        (folder / name).mkdir()
+        write_image(folder / name / "a.jpg")
+    with pytest.raises(
+        DataError,
+        match=r"it has no files; its 2 subfolder\(s\) \(hats, shoes\) are not read: point "
+        r"'input_path' at the folder that holds the files",
+    ):
+        check_files(folder, IMAGE_SUFFIXES, "image")
+    for name in ("shoes", "hats"):
+        (folder / name / "a.jpg").unlink()
+        (folder / name).rmdir()
     (folder / "sub.jpg").mkdir()  # a folder is not an image file
     for i in (10, 2, 1, 3):
         (folder / f"notes{i}.txt").write_text("x")

@@ -29,6 +29,8 @@ def messy_images(tmp_path: Path, image_dir: Path) -> Path:
     (folder / "C003.jpg").write_bytes(b"")
     write_image(folder / "C004.png", size=(33, 17), mode="P")
     (folder / "readme.txt").write_text("not an input")
+    (folder / "more").mkdir()  # a subfolder is not read, as in Ducho: counted, not embedded
+    shutil.copy(folder / "B001.jpg", folder / "more" / "D001.jpg")
     return folder
 
 
@@ -49,6 +51,7 @@ def test_bad_images_are_recorded_and_neighbours_extracted(
     assert all("not a readable image" in e.reason for e in run.result.errors)
     assert report.failed == 3
     assert [p.name for p in report.ignored_files["visual.items"]] == ["readme.txt"]
+    assert report.ignored_folders["visual.items"] == [messy_images / "more"]
     written = sorted(p.stem for p in (tmp_path / "out/torch/resnet18/avgpool").glob("*.npy"))
     assert written == [f"B{i:03d}" for i in range(1, 11)] + ["C004"]
     rows = read_errors(tmp_path / "out" / ERRORS_FILE)

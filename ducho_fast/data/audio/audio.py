@@ -18,15 +18,15 @@ import soxr
 
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.items import FileStamp, Item, error_reason, source_name
-from ducho_fast.data.visual.images import list_files
+from ducho_fast.data.visual.images import Listing, list_files
 from ducho_fast.errors import DataError, decode_error, stamped
 
 SF_ERR_SYSTEM = 2  # libsndfile's code for a failed system call (sndfile.h)
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"})
 
 
-def list_audio(folder: Path) -> tuple[list[Item], list[Path]]:
-    """Items for every audio file of ``folder`` in Ducho's order, and the other files skipped."""
+def list_audio(folder: Path) -> Listing:
+    """Items for every audio file of ``folder`` in Ducho's order, and what is skipped."""
     return list_files(folder, AUDIO_SUFFIXES, "audio")
 
 

@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -36,26 +36,40 @@ def image_id(path: str | os.PathLike[str]) -> str:
     return os.path.basename(path).split(".")[0]
 
 
-def list_images(folder: Path) -> tuple[list[Item], list[Path]]:
-    """Items for every image file of ``folder`` in Ducho's order, and the other files skipped."""
+class Listing(NamedTuple):
+    """A folder's files that are items, in Ducho's order, and what is not read: its other
+    files (hidden ones included) and its subfolders, to be counted in the run's report."""
+
+    items: list[Item]
+    ignored: list[Path]
+    folders: list[Path]
+
+
+def list_images(folder: Path) -> Listing:
+    """Items for every image file of ``folder`` in Ducho's order, and what is skipped."""
     return list_files(folder, IMAGE_SUFFIXES, "image")
 
 
-def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[Item], list[Path]]:
+def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> Listing:
     """Items for the files of ``folder`` with one of ``suffixes``, in Ducho's natural order.
 
-    Ids are Ducho's: the file name up to its first '.'. Other files, hidden ones included, are
-    returned to be counted.
+    Ids are Ducho's: the file name up to its first '.'. Subfolders are not read (as Ducho,
+    which lists one folder); they and the other files are returned to be counted.
     """
     if not folder.exists():
         raise DataError(_missing(folder, kind))
     if folder.is_file():
-        return [Item(image_id(folder), str(folder), FilePath(str(folder)))], []
+        return Listing([Item(image_id(folder), str(folder), FilePath(str(folder)))], [], [])
     # A dangling link is listed: reading it reports the missing file instead of hiding it.
     # Names and path strings, not Path objects: a job holds one item per file (FilePath).
+    files, folders = [], []
     try:
         with os.scandir(folder) as entries:
-            files = [(e.name, e.path) for e in entries if e.is_file() or e.is_symlink()]
+            for e in entries:
+                if e.is_file() or e.is_symlink():
+                    files.append((e.name, e.path))
+                elif e.is_dir():
+                    folders.append(e.name)
     except OSError as e:
         raise DataError(_unlisted(folder, kind, e)) from e
     files.sort(key=lambda file: human_key(file[0]))
@@ -64,7 +78,8 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> tuple[list[
         for name, path in files
         if _listed(name, suffixes)
     ]
-    return chosen, [Path(path) for name, path in files if not _listed(name, suffixes)]
+    ignored = [Path(path) for name, path in files if not _listed(name, suffixes)]
+    return Listing(chosen, ignored, [folder / name for name in sorted(folders, key=human_key)])
 
 
 def _listed(name: str, suffixes: frozenset[str]) -> bool:
@@ -82,10 +97,13 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
         raise DataError(_missing(folder, kind))
     if folder.is_file():
         return
-    others = []
+    others, folders = [], []
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.name)
+                    continue
                 if not (entry.is_file() or entry.is_symlink()):
                     continue
                 if _listed(entry.name, suffixes):
@@ -94,16 +112,27 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
     except OSError as e:
         raise DataError(_unlisted(folder, kind, e)) from e
     found = (
-        f"its {len(others)} file(s) ({', '.join(sorted(others, key=human_key)[:3])}"
-        f"{', ...' if len(others) > 3 else ''}) are not {kind} files"
+        f"its {len(others)} file(s) ({_some(others)}) are not {kind} files"
         if others
         else "it has no files"
     )
+    if folders:
+        found += (
+            f"; its {len(folders)} subfolder(s) ({_some(folders)}) are not read: point "
+            "'input_path' at the folder that holds the files (where there are several, a run "
+            "per subfolder, each with its own 'output_path')"
+        )
     raise DataError(
         f"{kind} folder {folder} holds nothing to extract: {found}. {kind.capitalize()} files "
         f"end in {', '.join(sorted(suffixes))} (hidden ones, named '.…', are not read). Check "
         "'input_path'."
     )
+
+
+def _some(names: list[str]) -> str:
+    """The first three of ``names`` in Ducho's order, then '...' if there are more."""
+    first = ", ".join(sorted(names, key=human_key)[:3])
+    return first + (", ..." if len(names) > 3 else "")
 
 
 def _missing(folder: Path, kind: str) -> str:
