@@ -46,8 +46,35 @@ def test_the_text_column_cannot_be_the_id_column(tmp_path: Path) -> None:
         ):
             read(one, None, None)
     two = write(tmp_path, "asin\tdesc\nB01\thello\n", "two.tsv")
-    with pytest.raises(DataError, match=r"'desc' is also the id column; each item needs"):
+    with pytest.raises(DataError, match=r"'desc' is also the id column; each item needs an id column and a text column\. Set item_column"):
         read_text_items(two, "desc", None)
+
+
+def test_a_comma_separated_file_is_named_as_such(tmp_path: Path) -> None:
+    """A CSV read as a TSV has one column named 'id,text': say what the file is, not only
+    which column is missing."""
+    from ducho_fast.data.text.tsv import check_text_table, read_interaction_items
+
+    csv_file = write(tmp_path, 'id,text\n1,"a, b"\n', "items.csv")
+    said = r"has no tab but has commas: the file looks comma-separated\. Tables are read tab-sep"
+    with pytest.raises(DataError, match=said) as caught:
+        check_text_table(csv_file, None, None)
+    assert "Set item_column" not in str(caught.value)  # that would not fix it
+    with pytest.raises(DataError, match=r"no column 'id' .*the header has: id,text\. The header"):
+        read_text_items(csv_file, "id", "text")
+    with pytest.raises(DataError, match=r"interactions need .* looks comma-separated"):
+        read_interaction_items(csv_file, None, None)
+    semicolons = write(tmp_path, "id;text\n1;a\n", "items2.csv")
+    with pytest.raises(DataError, match=r"has semicolons: the file looks semicolon-separated"):
+        read_text_items(semicolons, None, None)
+    plain = write(tmp_path, "asin\nB01\n", "one.tsv")  # one column, no separator: no guess
+    with pytest.raises(DataError) as caught:
+        read_text_items(plain, None, None)
+    assert "looks" not in str(caught.value) and "Set item_column" in str(caught.value)
+    tabs = write(tmp_path, "title, long\tid\na\t1\n", "two.tsv")  # a TSV: a comma in a name
+    with pytest.raises(DataError, match=r"no column 'text'") as caught:
+        read_text_items(tabs, None, "text")
+    assert "looks" not in str(caught.value)
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:

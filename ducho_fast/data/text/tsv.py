@@ -206,9 +206,10 @@ def _text_columns(
     text_at = _column(header, text_column, len(header) - 1, "text_column", tsv)
     if text_at == id_at:
         alone = " (the header has no other)" if len(header) == 1 else ""
+        fix = _separator_hint(header) or " Set item_column and text_column."
         raise DataError(
             f"{tsv}: the text column '{header[text_at]}' is also the id column{alone}; each "
-            "item needs an id column and a text column: set item_column and text_column."
+            f"item needs an id column and a text column.{fix}"
         )
     return id_at, text_at
 
@@ -221,7 +222,7 @@ def _interaction_columns(
         raise DataError(
             f"{tsv}: interactions need a user, an item and a text column; the header has "
             f"{len(header)} ({_names(header)}). Name them with interaction_columns: "
-            "[USER, ITEM] and text_column."
+            "[USER, ITEM] and text_column." + _separator_hint(header)
         )
     user_name, item_name = columns if columns else (None, None)
     user_at = _column(header, user_name, 0, "interaction_columns", tsv)
@@ -268,8 +269,23 @@ def _column(header: list[str], name: str | None, default: int, key: str, tsv: Pa
     if name not in header:
         raise DataError(
             f"{tsv}: no column '{name}' (from '{key}'); the header has: {_names(header)}."
+            + _separator_hint(header)
         )
     return header.index(name)
+
+
+def _separator_hint(header: list[str]) -> str:
+    """What to say of a header of one cell holding commas or semicolons: a CSV file."""
+    if len(header) != 1:
+        return ""
+    for separator, name in ((",", "comma"), (";", "semicolon")):
+        if separator in header[0]:
+            return (
+                f" The header has no tab but has {name}s: the file looks {name}-separated. "
+                "Tables are read tab-separated, as Ducho reads them (pandas, sep='\\t'): save "
+                "it as tab-separated values (TSV)."
+            )
+    return ""
 
 
 def _names(header: list[str]) -> str:
