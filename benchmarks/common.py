@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # The scripts import these from here; the package's own, which `ducho-fast bench` times with.
-from ducho_fast.bench import cpu_seconds, rounds  # noqa: E402, F401
+from ducho_fast.bench_timing import cpu_seconds, rounds  # noqa: E402, F401
 
 
 def work_folder(given: Path | None, prefix: str) -> Path:
@@ -227,12 +227,12 @@ def bare_sessions(
     device: str = "cpu",
 ) -> Callable[[], Any]:
     """The artifact's session alone on ``feeds`` (batches built beforehand), run as extract
-    runs its model (``ducho_fast.bench.session_alone``): ``lanes`` batches at once (None: as
+    runs its model (``ducho_fast.bench_timing.session_alone``): ``lanes`` batches at once (None: as
     many as extract uses, see ``batch_lanes``); threads spin between ops, as nothing shares
     their CPUs. On CUDA: one batch at a time, ``session.run`` on the host batches, so its
     time includes the copies to and from the GPU that extract's I/O binding overlaps with the
     model (there an efficiency above 1 is the overlap's gain)."""
-    from ducho_fast.bench import alone, session_alone
+    from ducho_fast.bench_timing import alone, session_alone
     from ducho_fast.config.model import RuntimeOptions
     from ducho_fast.runtime.embedder import Embedder, Prepared
     from ducho_fast.runtime.session import batch_lanes

@@ -18,30 +18,25 @@ in the same rounds (:mod:`ducho_fast.bench_variants`).
 from __future__ import annotations
 
 import csv
-import os
 import statistics
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ducho_fast import api
+from ducho_fast import api, bench_source
 from ducho_fast.artifact import Artifact, find_artifact
+from ducho_fast.bench_source import Source, torch_threads
+from ducho_fast.bench_timing import alone, rounds, session_alone
 from ducho_fast.bench_variants import Variant, compare_features, variant_configs
 from ducho_fast.config import Config, Job, ModelSpec
-from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.data.items import Item
 from ducho_fast.data.pairs import paired_items
 from ducho_fast.data.sources import check_inputs, job_items, loader_for
 from ducho_fast.errors import ConfigError, DuchoError, OutputError
 from ducho_fast.fusion import graph_name
-from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.session import batch_lanes
 
@@ -50,30 +45,6 @@ SAMPLE_ITEMS = 256
 SAMPLE_BYTES = 1 << 30  # of decoded inputs, at most: the sample and its batches are held
 ROUNDS = 3
 TEXT_ID, TEXT = "id", "text"  # the sample TSV's columns
-
-
-@dataclass(frozen=True)
-class Source:
-    """The source framework's model run eagerly on the session's batches: items/s (median
-    round), extract's speed over it per round (median, range), and the least cosine between
-    its outputs and the session's (the first output, every item of the last round)."""
-
-    framework: str
-    rate: float
-    speedup: float
-    speedup_range: tuple[float, float]
-    min_cosine: float
-    session_speedup: float = 0.0  # the session alone over the source, median round
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "framework": self.framework,
-            "items_per_second": round(self.rate, 2),
-            "extract_vs_source": round(self.speedup, 3),
-            "extract_vs_source_range": [round(x, 3) for x in self.speedup_range],
-            "session_vs_source": round(self.session_speedup, 3),
-            "min_cosine": round(self.min_cosine, 6),
-        }
 
 
 @dataclass(frozen=True)
@@ -309,14 +280,14 @@ def _bench_model(
             "cuda compare both on the GPU"
         )
     elif source:
-        eager = _eager([t.spec for t in sample.towers], batches)
+        eager = bench_source.eager_source([t.spec for t in sample.towers], batches)
         systems["source"] = eager.run
     for setting, other, k, m in ways:
         other_job = other.jobs[k]
         other_sub = _sample_config(other, other_job, other_job.models[m], inputs)
         systems[f"extract {setting}"] = extract_with(f"extract {setting}", other_sub)
     cpu: dict[str, list[float]] = {}
-    with _torch_threads(eager is not None):
+    with torch_threads(eager is not None):
         seconds, values = rounds(repeats, systems, cpu)
     ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
     count = len(sample.rows)
@@ -356,84 +327,6 @@ def _variant(
         min_cosine=least,
         compared=compared,
     )
-
-
-@dataclass(frozen=True)
-class _Eager:
-    """The source model's eager runs over the session's batches (their feeds, group by
-    group), graph by graph, each returning the first output of every group."""
-
-    framework: str
-    steps: list[Callable[[dict[str, np.ndarray]], list[np.ndarray]]]
-    batches: list[list[Prepared]]  # per graph
-
-    def run(self) -> list[np.ndarray]:
-        return [
-            step(feeds)[0]
-            for step, batches in zip(self.steps, self.batches, strict=True)
-            for b in batches
-            for _, feeds in b.parts
-        ]
-
-    def measured(
-        self, seconds: dict[str, list[float]], outputs: list[np.ndarray], embedders: list[Any]
-    ) -> Source:
-        ours = [
-            out[0]
-            for embedder, batches in zip(embedders, self.batches, strict=True)
-            for b in batches
-            for _, out in embedder.launch(b).parts
-        ]
-        speedups = [s / e for e, s in zip(seconds["extract"], seconds["source"], strict=True)]
-        model = [s / e for e, s in zip(seconds["session"], seconds["source"], strict=True)]
-        count = sum(len(idx) for b in self.batches[0] for idx, _ in b.parts)
-        return Source(
-            framework=self.framework,
-            rate=count / statistics.median(seconds["source"]),
-            speedup=statistics.median(speedups),
-            speedup_range=(min(speedups), max(speedups)),
-            min_cosine=min(_least_cosine(a, b) for a, b in zip(outputs, ours, strict=True)),
-            session_speedup=statistics.median(model),
-        )
-
-
-def _eager(specs: list[ModelSpec], batches: list[list[Prepared]]) -> _Eager:
-    """The source model's graphs, each loaded and cut as export loads and cuts it, run
-    eagerly once on its first batch (untimed: the framework's first call sets itself up)."""
-    from ducho_fast.exporters import exporter_for
-
-    exporter = exporter_for(specs[0])
-    steps = [exporter.eager(exporter.build(spec)) for spec in specs]
-    for step, graph_batches in zip(steps, batches, strict=True):
-        if graph_batches:
-            step(graph_batches[0].parts[0][1])
-    return _Eager(exporter.eager_name, steps, batches)
-
-
-def _least_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """The least cosine between the rows of two batches' outputs (each row flattened)."""
-    x = np.asarray(a, np.float64).reshape(len(a), -1)
-    y = np.asarray(b, np.float64).reshape(len(b), -1)
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    return float(np.min(np.sum(x * y, axis=1) / np.maximum(norms, 1e-30)))
-
-
-@contextmanager
-def _torch_threads(eager: bool) -> Iterator[None]:
-    """Torch on the CPUs this process may use (as the sessions are), while the source runs."""
-    try:
-        import torch
-    except ImportError:  # a Keras source, without the torch extra
-        eager = False
-    if not eager:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(cpu_quota())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _waits(rounds_runs: list[list[Any]]) -> dict[str, float]:
@@ -511,80 +404,6 @@ def _batches(
     options = cfg.runtime
     planned = embedder.text_batches(payloads, size, options.sort_window, options.token_budget)
     return [embedder.prepare_batch(tokens) for _, tokens in planned]
-
-
-def alone(options: RuntimeOptions) -> RuntimeOptions:
-    """The session alone: its threads spin between ops, as nothing shares their CPUs; on
-    CUDA, ``session.run`` on host batches, so its time includes the copies that extract's
-    I/O binding overlaps with the model."""
-    return replace(options, spin_wait="on", io_binding="off")
-
-
-def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], None]:
-    """A call that runs ``embedder``'s session alone on ``batches`` (built beforehand) as
-    extract runs its model: as many batches at once as it has lanes, each lane taking the
-    next batch. The first batch runs once here, untimed (warm-up)."""
-    count = embedder.lanes
-    if batches:
-        embedder.launch(batches[0])
-
-    def run() -> None:
-        todo = iter(batches)
-        lock = threading.Lock()
-
-        def lane(k: int) -> None:
-            while True:
-                with lock:
-                    batch = next(todo, None)
-                if batch is None:
-                    return
-                embedder.launch(batch, k)
-
-        if count == 1:  # on the calling thread
-            lane(0)
-            return
-        threads = [threading.Thread(target=lane, args=(k,)) for k in range(count)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    return run
-
-
-def cpu_seconds() -> float:
-    """The CPU time this process has used so far, all its threads (user and system, to the
-    nanosecond), and its child processes that have ended (``os.times``, in 10 ms ticks): the
-    decoder processes of ``runtime.readers: processes``, which end with each extract."""
-    children = os.times()
-    return time.process_time() + children.children_user + children.children_system
-
-
-def rounds(
-    repeats: int,
-    systems: dict[str, Callable[[], Any]],
-    cpu: dict[str, list[float]] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Every system timed once per round, ``repeats`` rounds, the order rotated each round.
-
-    A machine's speed can drift by a quarter within minutes (shared VMs); timing the systems
-    side by side, round after round, lets that drift fall on all of them alike, so ratios are
-    taken within a round. Returns the seconds per round of each system, and the value of each
-    system's last run. ``cpu``, if given, gets each system's CPU seconds per round
-    (:func:`cpu_seconds` before and after: every thread of the process, those that the
-    libraries start included).
-    """
-    names = list(systems)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    values: dict[str, Any] = {}
-    for r in range(max(1, repeats)):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            began, start = cpu_seconds(), time.perf_counter()
-            values[name] = systems[name]()
-            seconds[name].append(time.perf_counter() - start)
-            if cpu is not None:
-                cpu.setdefault(name, []).append(cpu_seconds() - began)
-    return seconds, values
 
 
 @contextmanager

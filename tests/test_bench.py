@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import ducho_fast
 from ducho_fast import bench as bench_module
+from ducho_fast import bench_source
 from ducho_fast.bench import bench
 from ducho_fast.cli import app
 from ducho_fast.errors import ArtifactError, ConfigError, OutputError
@@ -160,7 +161,7 @@ def test_bench_source_runs_the_torch_models_on_the_same_batches(
     exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     eager: list[int] = []  # rows of each batch the source model ran, every round
-    make = bench_module._eager
+    make = bench_source.eager_source
 
     def spy(specs: Any, batches: Any) -> Any:
         made = make(specs, batches)
@@ -174,7 +175,7 @@ def test_bench_source_runs_the_torch_models_on_the_same_batches(
 
         return replace(made, steps=[counted(step) for step in made.steps])
 
-    monkeypatch.setattr(bench_module, "_eager", spy)
+    monkeypatch.setattr(bench_source, "eager_source", spy)
     visual, text = bench(exported, items=6, repeats=1, work=tmp_path, source=True).runs
     for run in (visual, text):
         assert run.source is not None and run.source.framework == "PyTorch eager"
@@ -190,9 +191,9 @@ def test_bench_source_runs_the_torch_models_on_the_same_batches(
 
 def test_least_cosine_is_over_rows() -> None:
     a = np.array([[1.0, 0.0], [0.0, 2.0]])
-    assert bench_module._least_cosine(a, np.array([[3.0, 0.0], [0.0, 1.0]])) == 1.0
-    assert bench_module._least_cosine(a, np.array([[3.0, 0.0], [1.0, 0.0]])) == 0.0
-    assert bench_module._least_cosine(a[:, :, None], -a[:, :, None]) == -1.0  # rows flattened
+    assert bench_source.least_cosine(a, np.array([[3.0, 0.0], [0.0, 1.0]])) == 1.0
+    assert bench_source.least_cosine(a, np.array([[3.0, 0.0], [1.0, 0.0]])) == 0.0
+    assert bench_source.least_cosine(a[:, :, None], -a[:, :, None]) == -1.0  # rows flattened
 
 
 def test_bench_source_is_for_cpu_sessions(exported: dict[str, Any], tmp_path, monkeypatch):

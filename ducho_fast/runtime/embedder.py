@@ -23,9 +23,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
-from ducho_fast.config.load import input_options as checked_input_options
-from ducho_fast.config.load import runtime_options
 from ducho_fast.config.model import InputOptions, RuntimeOptions
+from ducho_fast.config.options import input_options as checked_input_options
+from ducho_fast.config.options import runtime_options
 from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import Tokens

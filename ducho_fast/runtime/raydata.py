@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.artifact import Artifact, load_artifact
-from ducho_fast.config.load import runtime_options
 from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.config.options import runtime_options
 from ducho_fast.data.items import Item
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import ConfigError, DataError

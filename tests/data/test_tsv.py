@@ -46,7 +46,8 @@ def test_the_text_column_cannot_be_the_id_column(tmp_path: Path) -> None:
         ):
             read(one, None, None)
     two = write(tmp_path, "asin\tdesc\nB01\thello\n", "two.tsv")
-    with pytest.raises(DataError, match=r"'desc' is also the id column; each item needs an id column and a text column\. Set item_column"):
+    said = r"'desc' is also the id column; each item needs an id column and a text column\. Set"
+    with pytest.raises(DataError, match=said):
         read_text_items(two, "desc", None)
 
 

@@ -556,7 +556,7 @@ def test_options_given_in_code_are_checked_as_a_config_is(given: Any, message: s
     # ducho_fast.load and RayEmbedder take options in code; before, a bad value went through
     # unchecked (a misspelt spin_wait silently meant off, a CUDA value failed on the GPU node).
     from ducho_fast.artifact import Artifact
-    from ducho_fast.config.load import runtime_options
+    from ducho_fast.config.options import runtime_options
     from ducho_fast.errors import ConfigError
     from ducho_fast.runtime.embedder import Embedder
 
@@ -577,7 +577,7 @@ def test_options_given_in_code_are_checked_as_a_config_is(given: Any, message: s
 )
 def test_input_options_given_in_code_are_checked_as_a_config_is(given: Any, message: str) -> None:
     from ducho_fast.artifact import Artifact
-    from ducho_fast.config.load import input_options
+    from ducho_fast.config.options import input_options
     from ducho_fast.errors import ConfigError
     from ducho_fast.runtime.embedder import Embedder
 
@@ -590,7 +590,7 @@ def test_input_options_given_in_code_are_checked_as_a_config_is(given: Any, mess
 
 
 def test_options_given_in_code_take_yaml_switch_words_and_bools() -> None:
-    from ducho_fast.config.load import runtime_options
+    from ducho_fast.config.options import runtime_options
 
     assert runtime_options(None) == RuntimeOptions()
     options = runtime_options(RuntimeOptions(spin_wait=True, io_binding=False))  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import soundfile as sf
 import soxr
 
 from ducho_fast.config.model import InputOptions
-from ducho_fast.data.items import FileStamp, Item, error_reason, source_name
+from ducho_fast.data.items import FileStamp, error_reason, source_name
 from ducho_fast.data.visual.images import Listing, list_files
 from ducho_fast.errors import DataError, decode_error, stamped
 

@@ -1,0 +1,89 @@
+"""How ``ducho-fast bench`` and the scripts in ``benchmarks/`` time things: systems side by
+side in rotated rounds, a session alone as extract runs its model, CPU time with the decoder
+processes'."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.runtime.embedder import Embedder, Prepared
+
+
+def alone(options: RuntimeOptions) -> RuntimeOptions:
+    """The session alone: its threads spin between ops, as nothing shares their CPUs; on
+    CUDA, ``session.run`` on host batches, so its time includes the copies that extract's
+    I/O binding overlaps with the model."""
+    return replace(options, spin_wait="on", io_binding="off")
+
+
+def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], None]:
+    """A call that runs ``embedder``'s session alone on ``batches`` (built beforehand) as
+    extract runs its model: as many batches at once as it has lanes, each lane taking the
+    next batch. The first batch runs once here, untimed (warm-up)."""
+    count = embedder.lanes
+    if batches:
+        embedder.launch(batches[0])
+
+    def run() -> None:
+        todo = iter(batches)
+        lock = threading.Lock()
+
+        def lane(k: int) -> None:
+            while True:
+                with lock:
+                    batch = next(todo, None)
+                if batch is None:
+                    return
+                embedder.launch(batch, k)
+
+        if count == 1:  # on the calling thread
+            lane(0)
+            return
+        threads = [threading.Thread(target=lane, args=(k,)) for k in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return run
+
+
+def cpu_seconds() -> float:
+    """The CPU time this process has used so far, all its threads (user and system, to the
+    nanosecond), and its child processes that have ended (``os.times``, in 10 ms ticks): the
+    decoder processes of ``runtime.readers: processes``, which end with each extract."""
+    children = os.times()
+    return time.process_time() + children.children_user + children.children_system
+
+
+def rounds(
+    repeats: int,
+    systems: dict[str, Callable[[], Any]],
+    cpu: dict[str, list[float]] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Every system timed once per round, ``repeats`` rounds, the order rotated each round.
+
+    A machine's speed can drift by a quarter within minutes (shared VMs); timing the systems
+    side by side, round after round, lets that drift fall on all of them alike, so ratios are
+    taken within a round. Returns the seconds per round of each system, and the value of each
+    system's last run. ``cpu``, if given, gets each system's CPU seconds per round
+    (:func:`cpu_seconds` before and after: every thread of the process, those that the
+    libraries start included).
+    """
+    names = list(systems)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[str, Any] = {}
+    for r in range(max(1, repeats)):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            began, start = cpu_seconds(), time.perf_counter()
+            values[name] = systems[name]()
+            seconds[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(cpu_seconds() - began)
+    return seconds, values
