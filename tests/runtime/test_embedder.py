@@ -122,6 +122,17 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
     assert isinstance(pooled, np.ndarray) and pooled.shape == (2, 32)
     with pytest.raises(DataError, match=r"text inputs must be strings"):
         emb.embed([3])
+    # texts are embedded as given: the empty string too (a table's empty cell is extract's
+    # bad item, not the API's), as its own row, whatever it is batched with
+    empty = emb.embed(["", "one", "NaN"])
+    assert empty.shape == (3, 32) and np.isfinite(empty).all()
+    np.testing.assert_allclose(empty[0], emb.embed([""])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(empty[1], pooled[0], rtol=1e-5, atol=1e-6)
+    for bad, kind in ((None, "NoneType"), (float("nan"), "float"), (b"one", "bytes")):
+        with pytest.raises(
+            DataError, match=rf"^inputs\[0\]: text inputs must be strings, .* {kind}"
+        ):
+            emb.embed([bad])
     none = emb.embed([])  # stacks with other results: (0, D), not (0,)
     assert isinstance(none, np.ndarray) and none.shape == (0, 32) and none.dtype == np.float32
     assert emb.embed([], layer="last_hidden_state") == []
