@@ -43,18 +43,48 @@ def load_defaults() -> dict[str, Any]:
     return data
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping of a config."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``safe_load``'s loader, refusing a key given twice in one mapping. YAML keeps the last
+    silently: a second ``visual:`` block would drop the whole first one. A key after a merge
+    (``<<: *defaults``) still overrides the merged one, as YAML means it to."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue  # a merge, or a key YAML's own constructor refuses
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise DuplicateKey(
+                    f"key {key!r} is given twice in one mapping (lines {first[key]} and {line}): "
+                    "YAML keeps only the last, so what the first holds would be ignored. Merge "
+                    "the two into one."
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``safe_load`` only."""
+    """Read a YAML mapping with ``safe_load``'s loader, a key given twice refused."""
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a folder; give the YAML file in it.")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist.")
     try:
-        data = yaml.safe_load(path.read_text("utf-8"))
+        data = yaml.load(path.read_text("utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except OSError as e:
         raise ConfigError(
             f"config file '{path}' cannot be read ({e.strerror or e}); check its permissions."
         ) from e
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     except UnicodeDecodeError as e:

@@ -194,6 +194,52 @@ def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(tmp_path)  # it said "does not exist"
 
 
+def test_a_key_given_twice_is_refused_not_dropped(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys silently: a second 'visual:' block would drop
+    the first block's jobs. A key after a merge (<<) still overrides the merged one."""
+    config = """\
+dataset_path: .
+visual:
+  items: {input_path: images, output_path: out, model: [{model_name: resnet18, output_layers: fc}]}
+textual:
+  items: {input_path: texts.tsv, output_path: t, model: [{model_name: bert}]}
+visual:
+  interactions: {input_path: photos, output_path: p, model: [{model_name: resnet18}]}
+"""
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.yml: key 'visual' is given twice in one mapping \(lines 2 and 6\): YAML "
+        r"keeps only the last, so what the first holds would be ignored\. Merge",
+    ):
+        load_config(write(tmp_path, config))
+    nested = """\
+visual:
+  items:
+    input_path: images
+    output_path: out
+    model:
+      - model_name: resnet18
+        output_layers: fc
+        batch_size: 4
+        batch_size: 8
+"""
+    with pytest.raises(ConfigError, match=r"key 'batch_size' is given twice .*lines 8 and 9"):
+        load_config(write(tmp_path, nested))
+    merged = """\
+visual:
+  items:
+    input_path: images
+    output_path: out
+    model:
+      - &first {model_name: resnet18, output_layers: fc, batch_size: 4}
+      - <<: *first
+        output_layers: avgpool
+"""
+    first, second = load_config(write(tmp_path, merged)).jobs[0].models
+    assert (first.output_layers, second.output_layers) == (("fc",), ("avgpool",))
+    assert second.batch_size == 4
+
+
 @pytest.mark.parametrize(
     ("source", "found"),
     [(None, "NoneType"), (3, "int"), ([], "list"), ("", "an empty path"), (b"c.yml", "bytes")],

@@ -125,7 +125,7 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
     # texts are embedded as given: the empty string too (a table's empty cell is extract's
     # bad item, not the API's), as its own row, whatever it is batched with
     empty = emb.embed(["", "one", "NaN"])
-    assert empty.shape == (3, 32) and np.isfinite(empty).all()
+    assert isinstance(empty, np.ndarray) and empty.shape == (3, 32) and np.isfinite(empty).all()
     np.testing.assert_allclose(empty[0], emb.embed([""])[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(empty[1], pooled[0], rtol=1e-5, atol=1e-6)
     for bad, kind in ((None, "NoneType"), (float("nan"), "float"), (b"one", "bytes")):
