@@ -39,6 +39,8 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
     path, value = parse_override(text)
     node: Any = raw
     for depth, part in enumerate(path[:-1]):
+        if _is_index(path[depth + 1]) and isinstance(node, dict):
+            _check_indexable(node.get(part), path[: depth + 2], text)
         node = _step(node, part, path[: depth + 1], create=True, text=text)
     last = path[-1]
     if isinstance(node, list):
@@ -48,6 +50,27 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
         node[last] = value
     else:
         raise _not_a_mapping(text, path)
+
+
+def _is_index(part: str) -> bool:
+    return part.lstrip("-").isdigit()
+
+
+def _check_indexable(found: Any, where: list[str], text: str) -> None:
+    """An index into a key the config does not hold as a list would make a mapping with the
+    index as its key (``{'0': ...}``), which then reads as a misspelt key."""
+    parent, index = ".".join(where[:-1]), where[-1]
+    if found is None:
+        raise ConfigError(
+            f"override '{text}': the config has no '{parent}' list to index with {index}; an "
+            "override changes an entry of a list, it does not make one. Add the entry to the "
+            "config file."
+        )
+    if isinstance(found, dict):
+        raise ConfigError(
+            f"override '{text}': '{parent}' is a mapping, not a list; leave out the index "
+            f"({parent}.KEY=VALUE)."
+        )
 
 
 def _not_a_mapping(text: str, where: list[str]) -> ConfigError:

@@ -43,6 +43,9 @@ def test_override_creates_missing_sections() -> None:
     cfg = load_config(BASE, ["runtime.threads=3", "gpu_list=-1"])
     assert cfg.runtime.threads == 3
     assert cfg.runtime.device == "cpu"
+    nested: dict[str, Any] = {"a": [[1, 2], [3]]}  # lists of lists are indexed as they are
+    apply_override(nested, "a.0.1=9")
+    assert nested == {"a": [[1, 9], [3]]}
 
 
 def test_overridden_values_are_validated() -> None:
@@ -66,6 +69,17 @@ def test_overridden_values_are_validated() -> None:
         (
             "textual.items.input_path.visual.x=1",
             r"'textual.items.input_path' is a value, not a mapping or list",
+        ),
+        (  # it made {'0': {...}}, reported as the unknown key 'visual.items.model.0.0'
+            "visual.items.model.0.batch_size=3",
+            r"the config has no 'visual.items.model' list to index with 0; an override changes "
+            r"an entry of a list, it does not make one",
+        ),
+        ("textual.items.reshape.0=224", r"no 'textual.items.reshape' list to index with 0"),
+        (
+            "textual.items.0.model=x",
+            r"'textual.items' is a mapping, not a list; leave out the index "
+            r"\(textual.items.KEY=VALUE\)",
         ),
     ],
 )
