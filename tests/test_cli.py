@@ -103,7 +103,7 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
         quick.output,
     ), quick.output
     assert "waited for its inputs" not in quick.output
-    real_prepare = pipeline._prepare
+    real_prepare = pipeline.prepare
 
     def slow_prepare(embedder: Any, batch: Any) -> Any:
         # 6 batches of 0.3 s on the readers: the model waits about 0.9 s, far above the bound
@@ -111,7 +111,7 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
         time.sleep(0.3)
         return real_prepare(embedder, batch)
 
-    monkeypatch.setattr(pipeline, "_prepare", slow_prepare)
+    monkeypatch.setattr(pipeline, "prepare", slow_prepare)
     monkeypatch.setattr(console, "INPUT_BOUND_MIN_SECONDS", 0.2)
     slow = runner.invoke(app, extract)
     assert slow.exit_code == 0, slow.output

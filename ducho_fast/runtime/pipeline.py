@@ -40,28 +40,20 @@ from ducho_fast.runtime.batcher import (
     Batcher,
     window_size,
 )
+from ducho_fast.runtime.batches import Batch, collect, launch, prepare
 from ducho_fast.runtime.decoders import (
     DecoderPool,
     DecoderStartError,
     items_processable,
     loaders_processable,
 )
-from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
+from ducho_fast.runtime.embedder import Embedder, ItemOutputs
 from ducho_fast.runtime.loading import Failed, failed, load_each
 from ducho_fast.runtime.shard import Shard
 from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, put, put_alive
 
 LoadFn = Callable[[Item], Any]
 WriteFn = Callable[[str, ItemOutputs], None]
-
-
-@dataclass
-class Batch:
-    items: list[Item]
-    payloads: list[Any]
-    skipped: int = 0  # items of this chunk that failed to load (for progress)
-    ticks: int | None = None  # how far writing it moves the progress; None: items + skipped
-    prepared: Prepared | None = None  # graph inputs built (and staged) by the reader
 
 
 @dataclass
@@ -299,7 +291,7 @@ class Pipeline(WindowedRun):
                 return
             # Built (on CUDA: staged on the device) just before it is queued, so at most
             # ``prefetch`` + 1 batches hold inputs, however long the window.
-            batch.prepared = _prepare(member.embedder, batch)
+            batch.prepared = prepare(member.embedder, batch)
             put(out, (member, batch), stop)
 
     def todo(self, items: Sequence[Item]) -> int:
@@ -500,60 +492,3 @@ def assemble(
         return [Batch([], [], len(failures))], failures
     batches[0].skipped = len(failures)
     return batches, failures
-
-
-def _prepare(embedder: Embedder, batch: Batch) -> Prepared | None:
-    """The batch's graph inputs, built by the reader; None: the model thread finds out why."""
-    if not batch.items:
-        return None
-    try:
-        return embedder.prepare_batch(batch.payloads)
-    except Exception:
-        return None  # launch() runs it through infer(), which names the bad items
-
-
-def launch(embedder: Embedder, batch: Batch, lane: int = 0) -> Launched | list[ItemOutputs | str]:
-    """Run a batch on a model lane's thread. Launched: the writer collects its outputs (from
-    the device, with I/O binding) while the next batch runs. Otherwise the batch failed as a
-    whole and was run again item by item: each item's outputs, or why it failed."""
-    if batch.prepared is not None:
-        try:
-            return embedder.launch(batch.prepared, lane)
-        except DuchoError:
-            raise
-        except Exception:
-            pass  # infer() below finds the item at fault
-    return infer(embedder, batch)
-
-
-def collect(
-    embedder: Embedder, batch: Batch, ran: Launched | list[ItemOutputs | str]
-) -> list[ItemOutputs | str]:
-    """Per-item outputs of what :func:`launch` returned (on the writer's thread)."""
-    if not isinstance(ran, Launched):
-        return ran
-    try:
-        return list(embedder.collect(ran))
-    except DuchoError:
-        raise
-    except Exception as e:
-        reason = f"copying the model's outputs back failed: {type(e).__name__}: {e}"
-        return [reason] * len(batch.items)
-
-
-def infer(embedder: Embedder, batch: Batch) -> list[ItemOutputs | str]:
-    """Per-item outputs of one batch; a string is why the model failed on that item."""
-    try:
-        return list(embedder.run_prepared(batch.payloads))
-    except DuchoError:
-        raise
-    except Exception:
-        # One bad input can fail a whole batch; run items alone to find it.
-        return [_infer_one(embedder, p) for p in batch.payloads]
-
-
-def _infer_one(embedder: Embedder, payload: Any) -> ItemOutputs | str:
-    try:
-        return embedder.run_prepared([payload])[0]
-    except Exception as e:
-        return f"the model failed on this item: {type(e).__name__}: {e}"

@@ -33,17 +33,16 @@ from ducho_fast.data.sources import Loader
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import Batcher
+from ducho_fast.runtime.batches import Batch, infer
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, whole
 from ducho_fast.runtime.loading import load_one
 from ducho_fast.runtime.pipeline import (
-    Batch,
     LoadFn,
     PipelineOptions,
     RunResult,
     WindowedRun,
     WriteFn,
     assemble,
-    infer,
     record_failure,
     settled,
     write_checked,

@@ -88,7 +88,7 @@ def test_a_batch_that_fails_to_stage_or_to_copy_back_loses_no_other_item(
 
         return call
 
-    monkeypatch.setattr(pipeline, "_prepare", watched(pipeline._prepare))
+    monkeypatch.setattr(pipeline, "prepare", watched(pipeline.prepare))
     monkeypatch.setattr(pipeline, "collect", watched(pipeline.collect))
     monkeypatch.setattr(Embedder, "prepare_batch", failing(Embedder.prepare_batch, "B005"))
     monkeypatch.setattr(Embedder, "collect", failing(Embedder.collect, "B008"))
@@ -354,7 +354,7 @@ def test_batches_hold_inputs_only_near_the_queue_however_long_the_window(
     from tests.conftest import two_job_config
 
     live, peak, lock = [0], [0], threading.Lock()
-    real_prepare, real_collect = pipeline._prepare, pipeline.collect
+    real_prepare, real_collect = pipeline.prepare, pipeline.collect
 
     def prepare(embedder: Any, batch: Any) -> Any:
         prepared = real_prepare(embedder, batch)
@@ -369,7 +369,7 @@ def test_batches_hold_inputs_only_near_the_queue_however_long_the_window(
             live[0] -= batch.prepared is not None
         return out
 
-    monkeypatch.setattr(pipeline, "_prepare", prepare)
+    monkeypatch.setattr(pipeline, "prepare", prepare)
     monkeypatch.setattr(pipeline, "collect", collect)
     config = two_job_config(tmp_path / "data", store, resnet18_state_dict, tiny_bert_dir)
     config = {**config, "visual": None, "runtime": {"prefetch": 1}}
@@ -415,7 +415,7 @@ def test_extract_creates_the_first_session_while_it_checks_and_reads(
     def failing(model: Path, options: Any, *, spinning: bool, lanes: int = 1) -> Any:
         raise RuntimeError("no session here")
 
-    from ducho_fast.runtime import pipeline
+    from ducho_fast.runtime import batches
 
     one_by_one: list[Any] = []
 
@@ -424,7 +424,7 @@ def test_extract_creates_the_first_session_while_it_checks_and_reads(
         return []
 
     monkeypatch.setattr(session, "make_session", failing)
-    monkeypatch.setattr(pipeline, "infer", infer)
+    monkeypatch.setattr(batches, "infer", infer)
     with pytest.raises(RuntimeError, match="no session here"):
         ducho_fast.extract(config, ["output.resume=false"])
     assert not one_by_one
@@ -531,7 +531,7 @@ def test_timing_says_where_the_model_threads_time_went(
     # One lane: several split the waits among them (test_lanes checks their sum).
     config["runtime"] = {"prefetch": 1, "workers": 1, "concurrent_batches": 1}
     ducho_fast.export(config)
-    real_prepare, real_collect = pipeline._prepare, pipeline.collect
+    real_prepare, real_collect = pipeline.prepare, pipeline.collect
 
     def slow_prepare(embedder: Any, batch: Any) -> Any:
         time.sleep(0.2)
@@ -550,7 +550,7 @@ def test_timing_says_where_the_model_threads_time_went(
         assert t.model > 0 and t.first_batch + t.model + t.inputs + t.writer <= result.seconds
         return t
 
-    reading = timed("_prepare", slow_prepare)
+    reading = timed("prepare", slow_prepare)
     assert reading.first_batch >= 0.2
     assert reading.inputs >= 0.4 > reading.writer  # 4 more batches, each read in 0.2 s
     writing = timed("collect", slow_collect)
