@@ -21,6 +21,7 @@ from ducho_fast.config.model import Config, Job, Layer, ModelSpec, OutputOptions
 from ducho_fast.config.options import apply_gpu_list, checked_input, word_switches
 from ducho_fast.config.overrides import apply_override
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
+from ducho_fast.config.unique_keys import DuplicateKey, load_unique
 from ducho_fast.errors import ConfigError, NotSupportedYet
 
 RUNS_NOW = {
@@ -43,34 +44,6 @@ def load_defaults() -> dict[str, Any]:
     return data
 
 
-class DuplicateKey(yaml.YAMLError):
-    """A key given twice in one mapping of a config."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``safe_load``'s loader, refusing a key given twice in one mapping. YAML keeps the last
-    silently: a second ``visual:`` block would drop the whole first one. A key after a merge
-    (``<<: *defaults``) still overrides the merged one, as YAML means it to."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                key_node, yaml.ScalarNode
-            ):
-                continue  # a merge, or a key YAML's own constructor refuses
-            key = self.construct_object(key_node)
-            line = key_node.start_mark.line + 1
-            if key in first:
-                raise DuplicateKey(
-                    f"key {key!r} is given twice in one mapping (lines {first[key]} and {line}): "
-                    "YAML keeps only the last, so what the first holds would be ignored. Merge "
-                    "the two into one."
-                )
-            first[key] = line
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with ``safe_load``'s loader, a key given twice refused."""
     if path.is_dir():
@@ -78,7 +51,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist.")
     try:
-        data = yaml.load(path.read_text("utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
+        data = load_unique(path.read_text("utf-8"))
     except OSError as e:
         raise ConfigError(
             f"config file '{path}' cannot be read ({e.strerror or e}); check its permissions."

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ducho_fast.config.unique_keys import DuplicateKey, load_unique
 from ducho_fast.errors import ConfigError
 
 
@@ -23,7 +24,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not dotted.strip() or any(not p for p in parts):
         raise ConfigError(f"override '{text}' has an empty key. Write it as a.b.c=VALUE.")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = load_unique(raw_value) if raw_value.strip() else ""
+    except DuplicateKey as e:
+        raise ConfigError(f"override '{text}': {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({e}).") from e
     return _merge_space_keys(parts), value

@@ -76,6 +76,7 @@ def test_overridden_values_are_validated() -> None:
             r"an entry of a list, it does not make one",
         ),
         ("textual.items.reshape.0=224", r"no 'textual.items.reshape' list to index with 0"),
+        ("runtime={threads: 1, threads: 2}", r"^override 'runtime=.*': key 'threads' is given tw"),
         (
             "textual.items.0.model=x",
             r"'textual.items' is a mapping, not a list; leave out the index "
