@@ -13,6 +13,10 @@ from typer.testing import CliRunner
 
 import ducho_fast
 from ducho_fast.cli import app
+from ducho_fast.config import load_config
+from ducho_fast.data import sources
+from ducho_fast.data.ids import Folding
+from ducho_fast.data.pairs import paired_items
 from ducho_fast.errors import ConfigError, DataError
 from tests.conftest import within_fp32_bounds, write_image
 from tests.exporters.test_towers import hf_reference
@@ -236,3 +240,27 @@ def test_shards_of_a_two_tower_block_make_the_files_of_one_run(
     assert [r.result.written for r in final.runs] == [0, 0]
     assert [f.written for f in final.fusions[0].results] == [4]
     assert npy_bytes(split) == npy_bytes(dataset)
+
+
+def test_pairs_check_ids_against_both_output_folders(dataset: Path, monkeypatch) -> None:
+    shutil.copy(dataset / "images" / "A1.jpg", dataset / "images" / "a1.jpg")
+    with (dataset / "meta.tsv").open("a") as f:
+        f.write("a2\tA kettle, in lower case\n")
+    job = load_config(config(dataset)).jobs[0]
+    unpaired = {e.item_id for e in paired_items(job).unpaired}
+    assert {"a1", "a2"} <= unpaired  # ids of their own on this file system
+    probed: list[list[Path]] = []
+
+    def caseless(folders: list[Path]) -> Folding:
+        probed.append(list(folders))
+        return Folding(case=True)
+
+    monkeypatch.setattr(sources, "name_folding", caseless)
+    pairs = paired_items(job)
+    assert probed == [[dataset / "visual_embeddings", dataset / "textual_embeddings"]]
+    assert [(e.item_id, "ignores case" in e.reason) for e in pairs.bad] == [
+        ("a1", True),
+        ("a2", True),
+    ]
+    assert [i.item_id for i in pairs.images] == [i.item_id for i in pairs.texts]
+    assert not {"a1", "a2"} & {e.item_id for e in pairs.unpaired}

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import secrets
+import unicodedata
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
 
 from ducho_fast.errors import DataError
 
@@ -41,3 +48,73 @@ def unsafe_reason(item_id: str, suffix: str = ".npy") -> str | None:
     if len((item_id + suffix).encode("utf-8")) > _MAX_NAME_BYTES:
         return f"the file name would exceed {_MAX_NAME_BYTES} bytes"
     return None
+
+
+class Folding(NamedTuple):
+    """How a file system compares file names: whether it ignores case (macOS and Windows by
+    default) and whether it takes Unicode-equivalent names as one (macOS: an ``é`` typed as one
+    code point or as ``e`` plus an accent). Ids that differ only so name one feature file."""
+
+    case: bool = False
+    normalization: bool = False
+
+    def key(self) -> Callable[[str], str] | None:
+        """The name under which such a file system stores an id; None where ids compare as
+        they are. ``casefold`` folds at least what the file systems fold (a few more pairs,
+        ``ß`` and ``ss``, are also taken as one: refused, never overwritten)."""
+        if self.case and self.normalization:
+            return lambda item_id: unicodedata.normalize("NFC", item_id).casefold()
+        if self.case:
+            return str.casefold
+        if self.normalization:
+            return lambda item_id: unicodedata.normalize("NFC", item_id)
+        return None
+
+    def describe(self) -> str:
+        ways = ["ignores case in file names"] if self.case else []
+        ways += ["takes Unicode-equivalent file names as one"] if self.normalization else []
+        return " and ".join(ways)
+
+
+EXACT = Folding()
+
+
+def name_folding(folders: Iterable[Path]) -> Folding:
+    """How the file systems that will hold ``folders`` compare names, probed with a file of
+    ducho-fast's temporary prefix in each folder or its nearest existing parent (where the
+    folder will be made). A place that cannot be written to is taken as exact: the writer
+    says what is wrong when it gets there."""
+    case = normalization = False
+    for folder in folders:
+        found = _probe(_existing(folder))
+        case, normalization = case or found.case, normalization or found.normalization
+    return Folding(case, normalization)
+
+
+def _existing(folder: Path) -> Path:
+    folder = folder.absolute()
+    while not folder.is_dir() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def _probe(folder: Path) -> Folding:
+    name = f"{TMP_PREFIX}names-{secrets.token_hex(4)}-"
+    case = _same_file(folder, name + "A", name + "a")
+    composed = name + "\u00e9"  # é as one code point, then as e and a combining accent
+    return Folding(case, _same_file(folder, composed, unicodedata.normalize("NFD", composed)))
+
+
+def _same_file(folder: Path, name: str, other: str) -> bool:
+    """Whether ``other`` finds the file made as ``name`` in ``folder``; False where it cannot
+    be made (a folder not writable, a name its file system refuses)."""
+    path = folder / name
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        return False
+    try:
+        return os.path.lexists(folder / other)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ducho_fast.config.model import Job
 from ducho_fast.data.items import Item, ItemError
-from ducho_fast.data.sources import check_ids
+from ducho_fast.data.sources import check_ids, output_folding
 from ducho_fast.data.text.tsv import read_text_items
 from ducho_fast.data.visual.images import list_images
 from ducho_fast.errors import DataError
@@ -36,8 +36,10 @@ class Pairs:
 def paired_items(job: Job) -> Pairs:
     assert job.text_input_path is not None
     listing = list_images(job.input_path)
-    images = check_ids(listing.items, listing.ignored)
-    texts = check_ids(read_text_items(job.text_input_path, job.item_column, job.text_column), [])
+    folding = output_folding(job)
+    images = check_ids(listing.items, listing.ignored, folding=folding)
+    rows = read_text_items(job.text_input_path, job.item_column, job.text_column)
+    texts = check_ids(rows, [], folding=folding)
     by_id = {item.item_id: item for item in texts.good}
     image_ids = {item.item_id for item in images.good}
     pairs = Pairs(bad=images.bad + texts.bad, ignored=images.ignored, folders=listing.folders)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ducho_fast.config.model import InputOptions, Job, ModelSpec
 from ducho_fast.data.audio.audio import AUDIO_SUFFIXES, decode_audio, finish_audio, list_audio
-from ducho_fast.data.ids import unsafe_reason
+from ducho_fast.data.ids import EXACT, Folding, name_folding, unsafe_reason
 from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tsv import (
@@ -48,6 +48,7 @@ def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
     table is read, so a task holds only its own part of a large table (the item keeps its
     place and id, with no input and an empty origin). Files are listed whole either way."""
     interactions = job.origin == "interactions"
+    folding = output_folding(job)
     if job.modality == "visual":
         listing = list_images(job.input_path)
     elif job.modality == "audio":
@@ -55,15 +56,25 @@ def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
     elif interactions:
         columns = job.interaction_columns
         rows = iter_interaction_items(job.input_path, columns, job.text_column)
-        return check_ids(rows, [], keep)
+        return check_ids(rows, [], keep, folding)
     else:
         rows = iter_text_items(job.input_path, job.item_column, job.text_column)
-        return check_ids(rows, [], keep)
-    items = check_ids(listing.items, listing.ignored)
+        return check_ids(rows, [], keep, folding)
+    items = check_ids(listing.items, listing.ignored, folding=folding)
     items.folders = listing.folders
     if interactions:
         items = _interaction_names(items)
     return items
+
+
+def output_folding(job: Job) -> Folding:
+    """How the file systems of the job's output folders compare names (see ``check_ids``)."""
+    roots = (
+        [job.output_path]
+        if job.text_output_path is None
+        else [job.output_path, job.text_output_path]
+    )
+    return name_folding(roots)
 
 
 def check_inputs(jobs: Sequence[Job]) -> None:
@@ -144,24 +155,44 @@ def _interaction_names(items: Items) -> Items:
 
 
 def check_ids(
-    listed: Iterable[Item], ignored: list[Path], keep: Callable[[int], bool] | None = None
+    listed: Iterable[Item],
+    ignored: list[Path],
+    keep: Callable[[int], bool] | None = None,
+    folding: Folding = EXACT,
 ) -> Items:
     """Unsafe and duplicate ids become bad items; the first of duplicates is kept. ``keep``:
-    see :func:`job_items`."""
+    see :func:`job_items`. ``folding``: how the output folders' file system compares names;
+    ids it takes as one (``Photo`` and ``photo`` where it ignores case) are duplicates, as
+    their feature files would be one file."""
     out = Items(ignored=ignored)
-    first_seen: dict[str, str] = {}
+    key = folding.key()
+    first_seen: dict[str, str] = {}  # id (or its key) -> where it was first seen
+    first_ids: dict[str, str] = {}  # with a key: key -> the id first seen under it
     for item in listed:
-        reason = unsafe_reason(item.item_id)
-        if reason is None and item.item_id in first_seen:
-            reason = f"duplicate id; first seen at {first_seen[item.item_id]}, which is kept"
+        item_id = item.item_id
+        reason = unsafe_reason(item_id)
+        name = item_id if key is None or reason is not None else key(item_id)
+        if reason is None and name in first_seen:
+            reason = _duplicate(item_id, first_ids.get(name, item_id), first_seen[name], folding)
         if reason is not None:
-            out.bad.append(ItemError(item.item_id, item.origin, f"bad id: {reason}"))
+            out.bad.append(ItemError(item_id, item.origin, f"bad id: {reason}"))
             continue
-        first_seen[item.item_id] = item.origin
+        first_seen[name] = item.origin
+        if key is not None:
+            first_ids[name] = item_id
         if keep is not None and not keep(len(out.good)):
-            item = Item(item.item_id, "", None)
+            item = Item(item_id, "", None)
         out.good.append(item)
     return out
+
+
+def _duplicate(item_id: str, first: str, origin: str, folding: Folding) -> str:
+    if first == item_id:
+        return f"duplicate id; first seen at {origin}, which is kept"
+    return (
+        f"its feature file would be that of {first!r} (first seen at {origin}, which is kept): "
+        f"the output folder's file system {folding.describe()}; rename one of them"
+    )
 
 
 # The manifest keys that finishing reads (the rest, normalization, happens in the graph).

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from ducho_fast.data.ids import check_id, unsafe_reason
+from ducho_fast.data import ids
+from ducho_fast.data.ids import EXACT, Folding, _same_file, check_id, name_folding, unsafe_reason
 from ducho_fast.errors import DataError
 
 
@@ -30,3 +34,55 @@ def test_unsafe_ids(item_id: str, reason: str) -> None:
     assert reason in (unsafe_reason(item_id) or "")
     with pytest.raises(DataError, match=r"cannot be a file name"):
         check_id(item_id)
+
+
+def test_folding_keys() -> None:
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert EXACT.key() is None
+    case = Folding(case=True).key()
+    assert case is not None and case("Photo") == case("PHOTO") == case("photo")
+    assert case(nfc) != case(nfd)  # Windows: case folded, normalization kept
+    both = Folding(case=True, normalization=True).key()
+    assert both is not None and both("CAF\u00c9") == both(nfd) == both(nfc)
+    norm = Folding(normalization=True).key()
+    assert norm is not None and norm(nfc) == norm(nfd) and norm("A") != norm("a")
+
+
+def test_the_probe_sees_a_file_under_the_other_name_and_leaves_nothing(tmp_path: Path) -> None:
+    assert _same_file(tmp_path, "probe", "probe")  # what a folding file system answers
+    assert not _same_file(tmp_path, "probe", "other")
+    assert not _same_file(tmp_path / "missing", "probe", "probe")  # cannot be made: exact
+    folder = tmp_path / "out" / "deep"  # not made yet: probed where it will be made
+    expected = Folding(
+        case=_caseless(tmp_path), normalization=_same_file(tmp_path, "\u00e9", "e\u0301")
+    )
+    assert name_folding([folder, tmp_path]) == expected
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folders_on_several_file_systems_fold_as_any_of_them(tmp_path: Path, monkeypatch) -> None:
+    found = {tmp_path / "a": Folding(case=True), tmp_path / "b": Folding(normalization=True)}
+    for folder in found:
+        folder.mkdir()
+    monkeypatch.setattr(ids, "_probe", lambda folder: found.get(folder, EXACT))
+    assert name_folding([tmp_path / "a", tmp_path / "b" / "new"]) == Folding(True, True)
+    assert name_folding([tmp_path / "b", tmp_path]) == Folding(normalization=True)
+    assert name_folding([tmp_path]) == EXACT
+
+
+def _caseless(folder: Path) -> bool:
+    (folder / "Case").touch()
+    try:
+        return (folder / "case").exists()
+    finally:
+        (folder / "Case").unlink()
+
+
+@pytest.mark.skipif(
+    "DUCHO_FAST_TEST_CASELESS_DIR" not in os.environ,
+    reason="set DUCHO_FAST_TEST_CASELESS_DIR to a folder of a case-insensitive file system",
+)
+def test_a_case_insensitive_file_system_is_found() -> None:
+    folder = Path(os.environ["DUCHO_FAST_TEST_CASELESS_DIR"])
+    assert name_folding([folder / "not" / "made"]).case
+    assert not any(p.name.startswith(".tmp-") for p in folder.iterdir())

@@ -8,8 +8,10 @@ import pytest
 
 from ducho_fast.config import load_config
 from ducho_fast.config.model import Job
+from ducho_fast.data import sources
+from ducho_fast.data.ids import Folding
 from ducho_fast.data.items import Item
-from ducho_fast.data.sources import job_items
+from ducho_fast.data.sources import check_ids, job_items
 from ducho_fast.data.text.tsv import BadText
 
 
@@ -55,3 +57,53 @@ def test_keep_drops_the_texts_of_other_positions_as_the_table_is_read(
         assert mine == (full if k % 2 else Item(full.item_id, "", None))
     assert part.bad == whole.bad  # reported alike (by shard 0, see api._own_inputs)
     assert any(isinstance(i.raw, BadText) for i in part.good + whole.good)
+
+
+def _items(*ids: str) -> list[Item]:
+    return [Item(i, f"t.tsv:{n + 2}", f"text {n}") for n, i in enumerate(ids)]
+
+
+def test_ids_a_file_system_takes_as_one_are_duplicates() -> None:
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    listed = _items("Photo", "photo", "PHOTO", "x", nfc, nfd, "photo")
+    exact = check_ids(listed, [])
+    assert [i.item_id for i in exact.good] == ["Photo", "photo", "PHOTO", "x", nfc, nfd]
+    assert [(e.item_id, e.reason) for e in exact.bad] == [
+        ("photo", "bad id: duplicate id; first seen at t.tsv:3, which is kept")
+    ]
+    caseless = check_ids(listed, [], folding=Folding(case=True, normalization=True))
+    assert [i.item_id for i in caseless.good] == ["Photo", "x", nfc]
+    assert [e.item_id for e in caseless.bad] == ["photo", "PHOTO", nfd, "photo"]
+    assert caseless.bad[0].reason == (
+        "bad id: its feature file would be that of 'Photo' (first seen at t.tsv:2, which is "
+        "kept): the output folder's file system ignores case in file names and takes "
+        "Unicode-equivalent file names as one; rename one of them"
+    )
+    assert f"that of {nfc!r} (first seen at t.tsv:6" in caseless.bad[2].reason
+    windows = check_ids(listed, [], folding=Folding(case=True))
+    assert [i.item_id for i in windows.good] == ["Photo", "x", nfc, nfd]
+
+
+@pytest.mark.parametrize(
+    ("origin", "table", "ids"),
+    [
+        ("items", "id\ttext\nPhoto\tone\nphoto\ttwo\n", ["Photo", "photo"]),
+        ("interactions", "u\ti\ttext\nU\tx\tone\nu\tX\ttwo\n", ["U__x", "u__X"]),
+    ],
+)
+def test_a_job_checks_its_ids_against_its_output_folders(
+    tmp_path: Path, monkeypatch, origin: str, table: str, ids: list[str]
+) -> None:
+    job = _job(tmp_path, origin, table)
+    assert [i.item_id for i in job_items(job).good] == ids  # this file system tells them apart
+    probed: list[list[Path]] = []
+
+    def caseless(folders: list[Path]) -> Folding:
+        probed.append(list(folders))
+        return Folding(case=True)
+
+    monkeypatch.setattr(sources, "name_folding", caseless)
+    items = job_items(job)
+    assert probed == [[tmp_path / "out"]]
+    assert [i.item_id for i in items.good] == ids[:1]
+    assert "ignores case" in items.bad[0].reason
