@@ -10,6 +10,7 @@ from typing import Any
 from ducho_fast.artifact import Artifact, varies_per_item
 from ducho_fast.config import Config, Job, ModelSpec
 from ducho_fast.config.model import layer_label
+from ducho_fast.data.ids import FolderNames
 from ducho_fast.errors import ArtifactError, ConfigError
 from ducho_fast.fusion import fused_dir, graph_name
 from ducho_fast.outputs.ducho import layer_dir
@@ -45,13 +46,14 @@ def check_distinct_folders(cfg: Config) -> None:
     """Each folder of features and each fusion's folder has one writer: two writing one would
     replace or remove each other's files (``--fresh`` removes the first one's as the second
     starts), and a fusion must not write into a folder it reads."""
-    writers: dict[Path, tuple[str, str | None]] = {}
+    names = FolderNames()  # ``out/ResNet50`` is ``out/resnet50`` where case is ignored
+    writers: dict[str, tuple[str, str | None, Path]] = {}
     for path, this, block in _written_folders(cfg):
-        key = path.resolve()
+        key = names.key(path)
         if key not in writers:
-            writers[key] = (this, block)
+            writers[key] = (this, block, path)
             continue
-        first, first_block = writers[key]
+        first, first_block, first_path = writers[key]
         if first == this:
             raise ConfigError(f"{this} is listed twice in output_layers: list it once.")
         if block is None:
@@ -70,17 +72,24 @@ def check_distinct_folders(cfg: Config) -> None:
             else ""
         )
         raise ConfigError(
-            f"{first} and {this} would both write {path}, so one's files would replace or "
-            f"remove the other's{named}.\nHint: {hint}"
+            f"{first} and {this} would both write {path}{_as_one(first_path, path, names)}, "
+            f"so one's files would replace or remove the other's{named}.\nHint: {hint}"
         )
     for fusion in cfg.fusions:
-        read = [i.folder.resolve() for i in fusion.inputs if i.folder is not None]
-        if fusion.output_path.resolve() in read:
+        read = [names.key(i.folder) for i in fusion.inputs if i.folder is not None]
+        if names.key(fusion.output_path) in read:
             raise ConfigError(
                 f"'{fusion.key_path}' would write its fused features into {fusion.output_path}, "
                 f"which it reads as an input.\nHint: give '{fusion.key_path}.output_path' "
                 "another folder."
             )
+
+
+def _as_one(first: Path, path: Path, names: FolderNames) -> str:
+    """Where two folders are one only to their file system, the words that say so."""
+    if first.resolve() == path.resolve():
+        return ""
+    return f" (also named {first}: the file system there {names.folds(path).describe()})"
 
 
 def _written_folders(cfg: Config) -> Iterator[tuple[Path, str, str | None]]:

@@ -91,6 +91,27 @@ def name_folding(folders: Iterable[Path]) -> Folding:
     return Folding(case, normalization)
 
 
+class FolderNames:
+    """Folders as the file systems holding them name them: ``out/ResNet50`` and
+    ``out/resnet50`` are one folder where case is ignored. Each existing folder is probed once."""
+
+    def __init__(self) -> None:
+        self._found: dict[Path, Folding] = {}
+
+    def key(self, folder: Path) -> str:
+        """The folder's absolute path, folded as its file system folds names."""
+        folder = folder.resolve()
+        base = _existing(folder)
+        if base not in self._found:
+            self._found[base] = _probe(base)
+        fold = self._found[base].key()
+        return str(folder) if fold is None else fold(str(folder))
+
+    def folds(self, folder: Path) -> Folding:
+        """How the file system of ``folder`` (probed by :meth:`key`) compares names."""
+        return self._found.get(_existing(folder.resolve()), EXACT)
+
+
 def _existing(folder: Path) -> Path:
     folder = folder.absolute()
     while not folder.is_dir() and folder.parent != folder:

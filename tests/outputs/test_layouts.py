@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 import ducho_fast
+from ducho_fast.config import load_config
+from ducho_fast.data import ids
+from ducho_fast.data.ids import Folding
 from ducho_fast.errors import ArtifactError, ConfigError
+from ducho_fast.preflight import check_distinct_folders
 from tests.conftest import resnet18_entry
 from tests.test_fusion import Recorder
 
@@ -125,6 +129,32 @@ def test_cornac_ids_without_id_order_and_token_layers_refused(
     ducho_fast.export(config)
     with pytest.raises(ConfigError, match=r"one vector per token.*Choose a pooled layer"):
         ducho_fast.extract(config)
+
+
+def test_folders_one_only_to_their_file_system_are_one_writer(tmp_path, monkeypatch) -> None:
+    """``out`` and ``OUT`` are two folders here, one where case is ignored (macOS, Windows)."""
+    model = {"model_name": "resnet18", "output_layers": ["avgpool"]}
+    block = {"input_path": "images", "output_path": "out", "model": [model]}
+    other = {**block, "output_path": "OUT"}
+    fusion = {"inputs": ["Features/A", "features/b"], "mode": "concat", "output_path": "features/a"}
+    config = load_config(
+        {"dataset_path": str(tmp_path), "visual": {"items": block, "interactions": other}}
+    )
+    fused = load_config({"dataset_path": str(tmp_path), "fusion": [fusion]})
+    check_distinct_folders(config)
+    check_distinct_folders(fused)
+    assert list(tmp_path.iterdir()) == []  # probed: nothing left
+    monkeypatch.setattr(ids, "_probe", lambda folder: Folding(case=True))
+    first = tmp_path / "out" / "torch" / "resnet18" / "avgpool"
+    with pytest.raises(
+        ConfigError,
+        match=rf"'visual.items.model.0' layer 'avgpool' and 'visual.interactions.model.0' layer "
+        rf"'avgpool' would both write {tmp_path / 'OUT'}/torch/resnet18/avgpool \(also named "
+        rf"{first}: the file system there ignores case in file names\), so one's files",
+    ):
+        check_distinct_folders(config)
+    with pytest.raises(ConfigError, match=r"'fusion.0' would write .* which it reads as an input"):
+        check_distinct_folders(fused)
 
 
 def test_layouts_must_keep_the_per_item_parts(tmp_path: Path) -> None:
