@@ -204,12 +204,12 @@ def _fuse_item(
     except (DataError, ValueError, OSError) as e:
         result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
         return False
-    save_feature(
-        record.path / f"{item_id}.npy",
-        fused[0] if options.squeeze else fused,
-        options.dtype,
-        files,
-    )
+    target = record.path / f"{item_id}.npy"
+    try:
+        save_feature(target, fused[0] if options.squeeze else fused, options.dtype, files)
+    except DataError as e:  # a name its file system refuses; any other failure stops the run
+        result.errors.append(ItemError(item_id, str(inputs[0][0]), str(e)))
+        return False
     result.written += 1
     result.ids.append(item_id)
     return False

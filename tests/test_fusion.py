@@ -112,6 +112,23 @@ def test_a_fused_vector_beyond_float16s_range_fails_its_item(tmp_path: Path) -> 
     np.testing.assert_array_equal(np.load(tmp_path / "m" / "ok.npy"), np.full((1, 4), 4.0))
 
 
+def test_a_fused_file_name_the_file_system_refuses_fails_its_item(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import errno
+
+    from ducho_fast.outputs.atomic import NpyFiles
+    from tests.outputs.test_ducho import refusing
+
+    write_features(tmp_path / "a", ["x1", "x:2", "x3"], 4, 1)
+    write_features(tmp_path / "b", ["x1", "x:2", "x3"], 4, 2)
+    monkeypatch.setattr(NpyFiles, "save", refusing({"x:2.npy": errno.ENOENT}))
+    result = fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "f", "concat")
+    assert result.written == 2 and [e.item_id for e in result.errors] == ["x:2"]
+    assert "refuses the file name 'x:2.npy'" in result.errors[0].reason
+    assert sorted(p.name for p in (tmp_path / "f").glob("*.npy")) == ["x1.npy", "x3.npy"]
+
+
 def test_missing_feature_folder_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"does not exist. Extract that modality first"):
         fuse_folders([tmp_path / "none", tmp_path / "b"], tmp_path / "out", "sum")

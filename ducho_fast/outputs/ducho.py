@@ -7,6 +7,7 @@ word; ``<model dir>`` the visual model's file stem or the text model's name as n
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -83,7 +84,7 @@ class DuchoWriter:
                     self._made.add(layer)
                 self._files.save(path, array.astype(self._dtype, copy=False))
             except OSError as e:
-                raise _unwritable(path, e) from e
+                raise write_error(path, e) from e
 
 
 def check_range(array: np.ndarray, dtype: str, what: str) -> None:
@@ -174,7 +175,25 @@ def _writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise _unwritable(path, e) from e
+        raise write_error(path, e) from e
+
+
+# What a write in an existing folder fails with where its file system refuses the name:
+# exFAT, FAT and NTFS (also on Linux) refuse : * ? " < > | (ENOENT through FUSE, EINVAL from
+# the kernel's drivers); some refuse names not in their encoding (EILSEQ) or longer than theirs.
+_NAME_ERRORS = frozenset({errno.ENOENT, errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG})
+
+
+def write_error(path: Path, error: OSError) -> DataError | OutputError:
+    """The error of a failed write: a DataError (the item fails, the run goes on) where the
+    file system refuses this one file name, an OutputError (the run stops) otherwise."""
+    if error.errno in _NAME_ERRORS and path.parent.is_dir():
+        return DataError(
+            f"the file system of {path.parent} refuses the file name {path.name!r} "
+            f"({error.strerror or error}); rename the item (exFAT, FAT and NTFS refuse "
+            ': * ? " < > | in file names), or write to another file system'
+        )
+    return _unwritable(path, error)
 
 
 def _unwritable(path: Path, error: OSError) -> OutputError:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ducho_fast.config.model import Job, ModelSpec
-from ducho_fast.errors import DataError
-from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, load_feature
+from ducho_fast.errors import DataError, OutputError
+from ducho_fast.outputs.atomic import NpyFiles
+from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, load_feature, write_error
 
 
 def spec(model_name: str, modality: str = "textual") -> ModelSpec:
@@ -102,3 +105,42 @@ def test_features_read_back_as_np_load_reads_them(
             DataError, match=rf"{name}\.npy is not a readable \.npy feature \({why}"
         ):
             load_feature(tmp_path / f"{name}.npy")
+
+
+def refusing(names: dict[str, int]):
+    """``NpyFiles.save`` as a file system that refuses some names (errno by file name)."""
+    save = NpyFiles.save
+
+    def refuse(self: NpyFiles, path: Path, array: np.ndarray) -> None:
+        if path.name in names:
+            raise OSError(names[path.name], os.strerror(names[path.name]))
+        save(self, path, array)
+
+    return refuse
+
+
+def test_a_file_name_the_file_system_refuses_fails_only_its_item(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """exFAT, FAT and NTFS refuse ':' and '?' (ENOENT through FUSE, EINVAL from the kernel):
+    the item fails; anything else, or a folder gone, stops the run (OutputError)."""
+    names = {"a:b.npy": errno.ENOENT, "q?.npy": errno.EINVAL, "full.npy": errno.ENOSPC}
+    monkeypatch.setattr(NpyFiles, "save", refusing(names))
+    model = spec("bert")
+    writer = DuchoWriter(job(tmp_path, model), model, squeeze=False)
+    out = {"pooler_output": np.ones(3, np.float32)}
+    writer.write("ok", out)
+    folder = writer.path("pooler_output", "ok").parent
+    for item_id, why in (("a:b", "No such file or directory"), ("q?", "Invalid argument")):
+        with pytest.raises(DataError) as caught:
+            writer.write(item_id, out)
+        assert str(caught.value).startswith(
+            f"the file system of {folder} refuses the file name '{item_id}.npy' ({why}); "
+            "rename the item (exFAT, FAT and NTFS refuse"
+        )
+    with pytest.raises(OutputError, match=r"cannot write .*full\.npy: No space left on device"):
+        writer.write("full", out)
+    assert isinstance(
+        write_error(tmp_path / "gone" / "x.npy", OSError(errno.ENOENT, "no")), OutputError
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["ok.npy"]

@@ -251,6 +251,32 @@ def test_unwritable_output_stops_with_a_clear_error(
         ducho_fast.extract(config)
 
 
+def test_a_file_name_the_output_file_system_refuses_fails_its_item_not_the_run(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    import errno
+
+    from ducho_fast.outputs.atomic import NpyFiles
+    from tests.outputs.test_ducho import refusing
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    ducho_fast.export(config)
+    monkeypatch.setattr(NpyFiles, "save", refusing({"B003.npy": errno.EINVAL}))
+    report = ducho_fast.extract(config)
+    run = report.runs[0]
+    assert run.result.written == 9
+    assert [
+        (e.item_id, "refuses the file name 'B003.npy'" in e.reason) for e in run.result.errors
+    ] == [("B003", True)]
+    folder = tmp_path / "out" / "torch" / "resnet18" / "avgpool"
+    assert sorted(p.stem for p in folder.glob("*.npy")) == [
+        f"B{i:03d}" for i in range(1, 11) if i != 3
+    ]
+    errors = read_errors(tmp_path / "out" / "ducho-fast.errors.tsv")
+    assert [row["item_id"] for row in errors] == ["B003"]
+
+
 def test_progress_counts_every_item_bad_ones_too(
     tmp_path, store, messy_images, resnet18_state_dict
 ) -> None:
