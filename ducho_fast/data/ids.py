@@ -51,12 +51,15 @@ def unsafe_reason(item_id: str, suffix: str = ".npy") -> str | None:
 
 
 class Folding(NamedTuple):
-    """How a file system compares file names: whether it ignores case (macOS and Windows by
+    """How a file system takes file names: whether it ignores case (macOS and Windows by
     default) and whether it takes Unicode-equivalent names as one (macOS: an ``é`` typed as one
-    code point or as ``e`` plus an accent). Ids that differ only so name one feature file."""
+    code point or as ``e`` plus an accent), so that ids differing only so name one feature
+    file; and which characters of :data:`ODD_CHARACTERS` it refuses in names (exFAT, FAT and
+    NTFS: all of them)."""
 
     case: bool = False
     normalization: bool = False
+    refused: str = ""
 
     def key(self) -> Callable[[str], str] | None:
         """The name under which such a file system stores an id; None where ids compare as
@@ -70,6 +73,18 @@ class Folding(NamedTuple):
             return lambda item_id: unicodedata.normalize("NFC", item_id)
         return None
 
+    def refusal(self, item_id: str) -> str | None:
+        """Why this file system cannot hold ``item_id``'s feature file, if it cannot."""
+        if not self.refused:
+            return None
+        found = "".join(c for c in self.refused if c in item_id)
+        if not found:
+            return None
+        return (
+            f"the output folder's file system refuses {' '.join(found)} in file names; "
+            "rename the item, or write to another file system"
+        )
+
     def describe(self) -> str:
         ways = ["ignores case in file names"] if self.case else []
         ways += ["takes Unicode-equivalent file names as one"] if self.normalization else []
@@ -77,6 +92,8 @@ class Folding(NamedTuple):
 
 
 EXACT = Folding()
+# Characters that Linux file systems take in names and others refuse (exFAT, FAT, NTFS).
+ODD_CHARACTERS = ':*?"<>|'
 
 
 def name_folding(folders: Iterable[Path]) -> Folding:
@@ -85,10 +102,12 @@ def name_folding(folders: Iterable[Path]) -> Folding:
     folder will be made). A place that cannot be written to is taken as exact: the writer
     says what is wrong when it gets there."""
     case = normalization = False
+    refused = ""
     for folder in folders:
-        found = _probe(_existing(folder))
+        found = _probe(_existing(folder), characters=True)
         case, normalization = case or found.case, normalization or found.normalization
-    return Folding(case, normalization)
+        refused += "".join(c for c in found.refused if c not in refused)
+    return Folding(case, normalization, refused)
 
 
 class FolderNames:
@@ -119,11 +138,17 @@ def _existing(folder: Path) -> Path:
     return folder
 
 
-def _probe(folder: Path) -> Folding:
+def _probe(folder: Path, *, characters: bool = False) -> Folding:
+    """``characters``: also which of :data:`ODD_CHARACTERS` it refuses (where it can be
+    written to at all)."""
     name = f"{TMP_PREFIX}names-{secrets.token_hex(4)}-"
     case = _same_file(folder, name + "A", name + "a")
     composed = name + "\u00e9"  # é as one code point, then as e and a combining accent
-    return Folding(case, _same_file(folder, composed, unicodedata.normalize("NFD", composed)))
+    normalization = _same_file(folder, composed, unicodedata.normalize("NFD", composed))
+    refused = ""
+    if characters and _same_file(folder, name + "x", name + "x"):
+        refused = "".join(c for c in ODD_CHARACTERS if not _same_file(folder, name + c, name + c))
+    return Folding(case, normalization, refused)
 
 
 def _same_file(folder: Path, name: str, other: str) -> bool:

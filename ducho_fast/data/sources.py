@@ -170,7 +170,7 @@ def check_ids(
     first_ids: dict[str, str] = {}  # with a key: key -> the id first seen under it
     for item in listed:
         item_id = item.item_id
-        reason = unsafe_reason(item_id)
+        reason = unsafe_reason(item_id) or folding.refusal(item_id)
         name = item_id if key is None or reason is not None else key(item_id)
         if reason is None and name in first_seen:
             reason = _duplicate(item_id, first_ids.get(name, item_id), first_seen[name], folding)

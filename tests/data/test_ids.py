@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from ducho_fast.data import ids
-from ducho_fast.data.ids import EXACT, Folding, _same_file, check_id, name_folding, unsafe_reason
+from ducho_fast.data.ids import (
+    EXACT,
+    ODD_CHARACTERS,
+    Folding,
+    _same_file,
+    check_id,
+    name_folding,
+    unsafe_reason,
+)
 from ducho_fast.errors import DataError
 
 
@@ -56,18 +64,42 @@ def test_the_probe_sees_a_file_under_the_other_name_and_leaves_nothing(tmp_path:
     expected = Folding(
         case=_caseless(tmp_path), normalization=_same_file(tmp_path, "\u00e9", "e\u0301")
     )
-    assert name_folding([folder, tmp_path]) == expected
+    assert name_folding([folder, tmp_path]) == expected._replace(refused=_refused(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_folders_on_several_file_systems_fold_as_any_of_them(tmp_path: Path, monkeypatch) -> None:
-    found = {tmp_path / "a": Folding(case=True), tmp_path / "b": Folding(normalization=True)}
+    found = {
+        tmp_path / "a": Folding(case=True, refused=":?"),
+        tmp_path / "b": Folding(normalization=True, refused="?*"),
+    }
     for folder in found:
         folder.mkdir()
-    monkeypatch.setattr(ids, "_probe", lambda folder: found.get(folder, EXACT))
-    assert name_folding([tmp_path / "a", tmp_path / "b" / "new"]) == Folding(True, True)
-    assert name_folding([tmp_path / "b", tmp_path]) == Folding(normalization=True)
+    monkeypatch.setattr(ids, "_probe", lambda folder, **_: found.get(folder, EXACT))
+    assert name_folding([tmp_path / "a", tmp_path / "b" / "new"]) == Folding(True, True, ":?*")
+    assert name_folding([tmp_path / "b", tmp_path]) == Folding(normalization=True, refused="?*")
     assert name_folding([tmp_path]) == EXACT
+
+
+def _refused(folder: Path) -> str:
+    refused = ""
+    for c in ODD_CHARACTERS:
+        try:
+            (folder / f"x{c}").touch()
+            (folder / f"x{c}").unlink()
+        except OSError:
+            refused += c
+    return refused
+
+
+def test_refused_characters_make_bad_ids() -> None:
+    assert EXACT.refusal("a:b?") is None
+    fat = Folding(refused=ODD_CHARACTERS)
+    assert fat.refusal("B001") is None
+    assert fat.refusal("user:2?") == (
+        "the output folder's file system refuses : ? in file names; rename the item, or "
+        "write to another file system"
+    )
 
 
 def _caseless(folder: Path) -> bool:
@@ -84,5 +116,6 @@ def _caseless(folder: Path) -> bool:
 )
 def test_a_case_insensitive_file_system_is_found() -> None:
     folder = Path(os.environ["DUCHO_FAST_TEST_CASELESS_DIR"])
-    assert name_folding([folder / "not" / "made"]).case
+    found = name_folding([folder / "not" / "made"])
+    assert found.case and found.refused == _refused(folder)  # exFAT: all of ODD_CHARACTERS
     assert not any(p.name.startswith(".tmp-") for p in folder.iterdir())

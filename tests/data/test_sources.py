@@ -82,6 +82,17 @@ def test_ids_a_file_system_takes_as_one_are_duplicates() -> None:
     assert f"that of {nfc!r} (first seen at t.tsv:6" in caseless.bad[2].reason
     windows = check_ids(listed, [], folding=Folding(case=True))
     assert [i.item_id for i in windows.good] == ["Photo", "x", nfc, nfd]
+    fat = check_ids(_items("a:b", "a", "q?", "A"), [], folding=Folding(True, False, ":?"))
+    assert [i.item_id for i in fat.good] == ["a"]
+    assert [(e.item_id, e.reason.split(";")[0]) for e in fat.bad] == [
+        ("a:b", "bad id: the output folder's file system refuses : in file names"),
+        ("q?", "bad id: the output folder's file system refuses ? in file names"),
+        (
+            "A",
+            "bad id: its feature file would be that of 'a' (first seen at t.tsv:3, which is "
+            "kept): the output folder's file system ignores case in file names",
+        ),
+    ]
 
 
 @pytest.mark.parametrize(
