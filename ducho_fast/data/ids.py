@@ -97,10 +97,10 @@ ODD_CHARACTERS = ':*?"<>|'
 
 
 def name_folding(folders: Iterable[Path]) -> Folding:
-    """How the file systems that will hold ``folders`` compare names, probed with a file of
-    ducho-fast's temporary prefix in each folder or its nearest existing parent (where the
-    folder will be made). A place that cannot be written to is taken as exact: the writer
-    says what is wrong when it gets there."""
+    """How the file systems that will hold ``folders`` take names (see :class:`Folding`),
+    probed with files of ducho-fast's temporary prefix in each folder or its nearest existing
+    parent (where the folder will be made), removed at once. A place that cannot be written to
+    is taken as exact: the writer says what is wrong when it gets there."""
     case = normalization = False
     refused = ""
     for folder in folders:

@@ -161,9 +161,9 @@ def check_ids(
     folding: Folding = EXACT,
 ) -> Items:
     """Unsafe and duplicate ids become bad items; the first of duplicates is kept. ``keep``:
-    see :func:`job_items`. ``folding``: how the output folders' file system compares names;
+    see :func:`job_items`. ``folding``: how the output folders' file system takes names;
     ids it takes as one (``Photo`` and ``photo`` where it ignores case) are duplicates, as
-    their feature files would be one file."""
+    their feature files would be one file, and ids holding characters it refuses are bad."""
     out = Items(ignored=ignored)
     key = folding.key()
     first_seen: dict[str, str] = {}  # id (or its key) -> where it was first seen
