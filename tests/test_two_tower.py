@@ -14,11 +14,10 @@ from typer.testing import CliRunner
 import ducho_fast
 from ducho_fast.cli import app
 from ducho_fast.config import load_config
-from ducho_fast.data import sources
-from ducho_fast.data.ids import Folding
 from ducho_fast.data.pairs import paired_items
 from ducho_fast.errors import ConfigError, DataError
 from tests.conftest import within_fp32_bounds, write_image
+from tests.data.test_sources import caseless_outputs
 from tests.exporters.test_towers import hf_reference
 from tests.test_fusion import Recorder
 
@@ -249,13 +248,7 @@ def test_pairs_check_ids_against_both_output_folders(dataset: Path, monkeypatch)
     job = load_config(config(dataset)).jobs[0]
     unpaired = {e.item_id for e in paired_items(job).unpaired}
     assert {"a1", "a2"} <= unpaired  # ids of their own on this file system
-    probed: list[list[Path]] = []
-
-    def caseless(folders: list[Path]) -> Folding:
-        probed.append(list(folders))
-        return Folding(case=True)
-
-    monkeypatch.setattr(sources, "name_folding", caseless)
+    probed = caseless_outputs(monkeypatch)
     pairs = paired_items(job)
     assert probed == [[dataset / "visual_embeddings", dataset / "textual_embeddings"]]
     assert [(e.item_id, "ignores case" in e.reason) for e in pairs.bad] == [

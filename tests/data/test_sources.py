@@ -95,6 +95,19 @@ def test_ids_a_file_system_takes_as_one_are_duplicates() -> None:
     ]
 
 
+def caseless_outputs(monkeypatch: pytest.MonkeyPatch) -> list[list[Path]]:
+    """Output folders taken as on a file system that ignores case; returns the folders
+    probed, one list per probe."""
+    probed: list[list[Path]] = []
+
+    def caseless(folders: list[Path]) -> Folding:
+        probed.append(list(folders))
+        return Folding(case=True)
+
+    monkeypatch.setattr(sources, "name_folding", caseless)
+    return probed
+
+
 @pytest.mark.parametrize(
     ("origin", "table", "ids"),
     [
@@ -107,13 +120,7 @@ def test_a_job_checks_its_ids_against_its_output_folders(
 ) -> None:
     job = _job(tmp_path, origin, table)
     assert [i.item_id for i in job_items(job).good] == ids  # this file system tells them apart
-    probed: list[list[Path]] = []
-
-    def caseless(folders: list[Path]) -> Folding:
-        probed.append(list(folders))
-        return Folding(case=True)
-
-    monkeypatch.setattr(sources, "name_folding", caseless)
+    probed = caseless_outputs(monkeypatch)
     items = job_items(job)
     assert probed == [[tmp_path / "out"]]
     assert [i.item_id for i in items.good] == ids[:1]
