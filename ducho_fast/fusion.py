@@ -27,7 +27,9 @@ from ducho_fast.config.model import (
     OutputOptions,
     layer_label,
 )
-from ducho_fast.data.items import ItemError
+from ducho_fast.data.ids import EXACT, name_folding
+from ducho_fast.data.items import Item, ItemError
+from ducho_fast.data.sources import check_ids
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.outputs.atomic import NpyFiles
 from ducho_fast.outputs.ducho import (
@@ -150,6 +152,7 @@ def fuse_folders(
     result = FusionResult(output)
     ids = [i for i in (order or list(found[0])) if all(i in f for f in found)]
     result.missing = _missing(found, folders, set(ids))
+    ids, result.errors = _nameable(ids, folders[0], output)
     if ids:
         first = [load_feature(feature_path(folder, ids[0])) for folder in folders]
         check_dims([a.shape[-1] for a in first], [str(f) for f in folders], mode, where)
@@ -180,6 +183,19 @@ def fuse_folders(
         }
         record.finish(counts, inputs=[str(f) for f in folders])
     return result
+
+
+def _nameable(ids: list[str], folder: Path, output: Path) -> tuple[list[str], list[ItemError]]:
+    """The ids whose fused files the output folder's file system holds apart and takes, and
+    an error for each other one: inputs on a file system telling ``B00X`` and ``b00x`` apart
+    and an output ignoring case would otherwise fuse both into one file, the second over the
+    first."""
+    folding = name_folding([output])
+    if folding == EXACT:
+        return ids, []
+    named = (Item(i, str(feature_path(folder, i)), None) for i in ids)
+    checked = check_ids(named, [], folding=folding)
+    return [item.item_id for item in checked.good], checked.bad
 
 
 def _fuse_item(

@@ -129,6 +129,34 @@ def test_a_fused_file_name_the_file_system_refuses_fails_its_item(
     assert sorted(p.name for p in (tmp_path / "f").glob("*.npy")) == ["x1.npy", "x3.npy"]
 
 
+def test_ids_the_output_file_system_takes_as_one_fuse_once(tmp_path: Path, monkeypatch) -> None:
+    """Inputs on a file system telling ``B00X`` and ``b00x`` apart, the fused folder on one
+    ignoring case (or refusing ``:``): the first id is fused, the others fail naming it,
+    instead of one fused file overwriting the other."""
+    from ducho_fast import fusion
+    from ducho_fast.data.ids import Folding
+
+    a = write_features(tmp_path / "a", ["B00X", "b00x", "c:1", "d"], 4, 1)
+    b = write_features(tmp_path / "b", ["B00X", "b00x", "c:1", "d"], 4, 2)
+    probed: list[list[Path]] = []
+
+    def caseless(folders: list[Path]) -> Folding:
+        probed.append(list(folders))
+        return Folding(case=True, refused=":")
+
+    monkeypatch.setattr(fusion, "name_folding", caseless)
+    result = fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "f", "sum")
+    assert probed == [[tmp_path / "f"]]
+    assert result.written == 2 and result.ids == ["B00X", "d"]
+    assert [e.item_id for e in result.errors] == ["b00x", "c:1"]
+    assert "would be that of 'B00X'" in result.errors[0].reason
+    assert "ignores case" in result.errors[0].reason
+    assert result.errors[0].origin == str(tmp_path / "a" / "b00x.npy")
+    assert "refuses :" in result.errors[1].reason
+    np.testing.assert_array_equal(np.load(tmp_path / "f" / "B00X.npy"), a["B00X"] + b["B00X"])
+    assert sorted(p.name for p in (tmp_path / "f").glob("*.npy")) == ["B00X.npy", "d.npy"]
+
+
 def test_missing_feature_folder_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"does not exist. Extract that modality first"):
         fuse_folders([tmp_path / "none", tmp_path / "b"], tmp_path / "out", "sum")
