@@ -56,8 +56,15 @@ def check_distinct_folders(cfg: Config) -> None:
         first, first_block, first_path = writers[key]
         if first == this:
             raise ConfigError(f"{this} is listed twice in output_layers: list it once.")
+        also = _as_one(first_path, path, names)
         if block is None:
             hint = f"give {this} another output_path."
+        elif block == first_block and also:  # ``Conv1`` and ``conv1``: not one model twice
+            hint = (
+                "their folders' names differ only where the file system there takes them as "
+                "one: extract one of them in a second config with another output_path, or "
+                "write to a file system that tells them apart."
+            )
         elif block == first_block:
             hint = (
                 "list the model once; the same model at other settings (another input size, "
@@ -72,7 +79,7 @@ def check_distinct_folders(cfg: Config) -> None:
             else ""
         )
         raise ConfigError(
-            f"{first} and {this} would both write {path}{_as_one(first_path, path, names)}, "
+            f"{first} and {this} would both write {path}{also}, "
             f"so one's files would replace or remove the other's{named}.\nHint: {hint}"
         )
     for fusion in cfg.fusions:

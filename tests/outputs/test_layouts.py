@@ -155,6 +155,15 @@ def test_folders_one_only_to_their_file_system_are_one_writer(tmp_path, monkeypa
         check_distinct_folders(config)
     with pytest.raises(ConfigError, match=r"'fusion.0' would write .* which it reads as an input"):
         check_distinct_folders(fused)
+    layers = {**block, "model": [{**model, "output_layers": ["avgpool", "AvgPool"]}]}
+    one_model = load_config({"dataset_path": str(tmp_path), "visual": {"items": layers}})
+    with pytest.raises(ConfigError) as refused:
+        check_distinct_folders(one_model)
+    assert "layer 'avgpool' and 'visual.items.model.0' layer 'AvgPool' would both" in str(
+        refused.value
+    )
+    assert "Hint: their folders' names differ only where the file system" in str(refused.value)
+    assert "list the model once" not in str(refused.value)
 
 
 def test_layouts_must_keep_the_per_item_parts(tmp_path: Path) -> None:
