@@ -56,7 +56,7 @@ def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
     elif interactions:
         columns = job.interaction_columns
         rows = iter_interaction_items(job.input_path, columns, job.text_column)
-        return check_ids(rows, [], keep, folding)
+        return check_ids(rows, [], keep, folding, joined=True)
     else:
         rows = iter_text_items(job.input_path, job.item_column, job.text_column)
         return check_ids(rows, [], keep, folding)
@@ -159,11 +159,15 @@ def check_ids(
     ignored: list[Path],
     keep: Callable[[int], bool] | None = None,
     folding: Folding = EXACT,
+    *,
+    joined: bool = False,
 ) -> Items:
     """Unsafe and duplicate ids become bad items; the first of duplicates is kept. ``keep``:
     see :func:`job_items`. ``folding``: how the output folders' file system takes names;
     ids it takes as one (``Photo`` and ``photo`` where it ignores case) are duplicates, as
-    their feature files would be one file, and ids holding characters it refuses are bad."""
+    their feature files would be one file, and ids holding characters it refuses are bad.
+    ``joined``: the ids are a table's ``<user>__<item>``, which two different pairs can make
+    (``a__b`` and ``c``, ``a`` and ``b__c``); a duplicate's error then says so."""
     out = Items(ignored=ignored)
     key = folding.key()
     first_seen: dict[str, str] = {}  # id (or its key) -> where it was first seen
@@ -173,7 +177,8 @@ def check_ids(
         reason = unsafe_reason(item_id) or folding.refusal(item_id)
         name = item_id if key is None or reason is not None else key(item_id)
         if reason is None and name in first_seen:
-            reason = _duplicate(item_id, first_ids.get(name, item_id), first_seen[name], folding)
+            first = first_ids.get(name, item_id)
+            reason = _duplicate(item_id, first, first_seen[name], folding, joined)
         if reason is not None:
             out.bad.append(ItemError(item_id, item.origin, f"bad id: {reason}"))
             continue
@@ -186,7 +191,13 @@ def check_ids(
     return out
 
 
-def _duplicate(item_id: str, first: str, origin: str, folding: Folding) -> str:
+def _duplicate(item_id: str, first: str, origin: str, folding: Folding, joined: bool) -> str:
+    if first == item_id and joined and item_id.count("__") > 1:
+        return (
+            f"duplicate id; first seen at {origin}, which is kept (an interaction's id is "
+            "<user>__<item>, so where a user or item id holds '__' two different pairs can "
+            "make one id: rename one)"
+        )
     if first == item_id:
         return f"duplicate id; first seen at {origin}, which is kept"
     return (

@@ -59,6 +59,26 @@ def test_keep_drops_the_texts_of_other_positions_as_the_table_is_read(
     assert any(isinstance(i.raw, BadText) for i in part.good + whole.good)
 
 
+def test_two_interactions_joined_into_one_id_say_how(tmp_path: Path) -> None:
+    """``a__b`` with ``c`` and ``a`` with ``b__c`` are both ``a__b__c``: a duplicate that the
+    rows do not show, so its error says why; a pair given twice and an item table's id keep
+    the plain message."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "i").mkdir()
+    table = "u\ti\ttext\na__b\tc\tone\na\tb__c\ttwo\nu\tx\tthree\nu\tx\tfour\n"
+    reasons = [e.reason for e in job_items(_job(tmp_path / "r", "interactions", table)).bad]
+    assert reasons == [
+        "bad id: duplicate id; first seen at t.tsv:2, which is kept (an interaction's id is "
+        "<user>__<item>, so where a user or item id holds '__' two different pairs can make "
+        "one id: rename one)",
+        "bad id: duplicate id; first seen at t.tsv:4, which is kept",
+    ]
+    items = job_items(_job(tmp_path / "i", "items", "id\ttext\na__b__c\tone\na__b__c\ttwo\n"))
+    assert [e.reason for e in items.bad] == [
+        "bad id: duplicate id; first seen at t.tsv:2, which is kept"
+    ]
+
+
 def _items(*ids: str) -> list[Item]:
     return [Item(i, f"t.tsv:{n + 2}", f"text {n}") for n, i in enumerate(ids)]
 
