@@ -13,10 +13,18 @@ from typing import TYPE_CHECKING, Any
 from ducho_fast.artifact import Artifact
 from ducho_fast.config import Config, Job, ModelSpec
 from ducho_fast.data.items import Item
-from ducho_fast.data.sources import Loader, changed_files, loader_for, table_changed_after
+from ducho_fast.data.sources import (
+    Listed,
+    Loader,
+    changed_files,
+    listed_files,
+    loader_for,
+    table_changed_after,
+)
 from ducho_fast.fusion import graph_name
 from ducho_fast.outputs.atomic import write_text
 from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, layer_parts, output_root
+from ducho_fast.outputs.listed import recorded_files, save_files
 from ducho_fast.outputs.manifest import OutputFolder, digest, open_folder
 from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
 from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
@@ -100,16 +108,23 @@ class _Planned:
         return set.intersection(*(f.existing for f in self.folders.values()))
 
     def forget_changed(
-        self, job: Job, items: list[Item], texts: dict[str, str], report: ExtractReport
+        self,
+        job: Job,
+        items: list[Item],
+        texts: dict[str, str],
+        files: dict[str, Listed],
+        report: ExtractReport,
     ) -> None:
-        """Reuse no feature older than its input, among ``items`` (this run's: a shard's own
-        windows). An image or audio file modified after its feature was written is embedded
-        again, and so is a text whose digest (``texts``) differs from the one recorded with
-        its feature; their stale files are removed first.
+        """Reuse no feature made from another input than this run's, among ``items`` (this
+        run's: a shard's own windows). An image or audio file (``files``, as listed now) not
+        as recorded with its feature (or, with no record, modified after its feature was
+        written) is embedded again, and so is a text whose digest (``texts``) differs from
+        the one recorded with its feature; their stale files are removed first.
         Features with no record of their text get a warning when the TSV was modified after
         them all."""
         written = {i: min(f.written[i] for f in self.folders.values()) for i in self.done}
-        changed = changed_files(items, written)
+        now = {i.item_id: files[i.item_id] for i in items if i.item_id in files}
+        changed = changed_files(now, written, recorded_files(self.paths, written))
         unknown = written
         if texts:
             recorded = recorded_texts(self.paths, written)
@@ -196,9 +211,10 @@ def run_models(
     for p in models.planned:
         p.open(ctx, job)
     texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
+    files = listed_files(items)  # before any is read
     runs: dict[int, ModelRun] = {}
     for group in models.groups:
-        scope, group_runs = _run_group(ctx, job, group, items, texts, report)
+        scope, group_runs = _run_group(ctx, job, group, items, texts, files, report)
         total = len(scope)
         for p in group:
             for folder in p.folders.values():
@@ -218,6 +234,10 @@ def run_models(
                     if i.item_id in texts and i.item_id not in unknown
                 }
                 save_texts(p.paths, ctx.shard, made)
+            if files:
+                # Reused features without a record passed the times' test: the same from now.
+                listed = {i.item_id: files[i.item_id] for i in scope if i.item_id in files}
+                save_files(p.paths, ctx.shard, listed)
             if ctx.shard is None:
                 ids = [i.item_id for i in items]
                 _finish_outputs(ctx, job, p.spec, run, p.folders, ids, report)
@@ -292,10 +312,12 @@ def _run_group(
     group: list[_Planned],
     items: list[Item],
     texts: dict[str, str],
+    files: dict[str, Listed],
     report: ExtractReport,
 ) -> tuple[list[Item], list[ModelRun]]:
     """The items this run embeds (all, or its shard's windows') and each model's run. Stale
-    features of those items are removed first (``texts``: the digests of the texts)."""
+    features of those items are removed first (``texts``: the digests of the texts;
+    ``files``: the input files as listed)."""
     cfg = ctx.cfg
     options = PipelineOptions(
         batch_size=group[0].spec.batch_size,
@@ -335,7 +357,7 @@ def _run_group(
     total = len(scope)
     # A shard looks at its own windows only: another task may be writing the others again.
     for p in group:
-        p.forget_changed(job, scope, texts, report)
+        p.forget_changed(job, scope, texts, files, report)
     if isinstance(pipeline, Pipeline):
         for member, p in zip(pipeline.members, group, strict=True):
             member.done = p.done

@@ -79,7 +79,8 @@ def test_visual_model_dir_is_the_file_stem(tmp_path, store, image_dir, resnet18_
     files = sorted(
         p.name for p in (tmp_path / "out" / "torch" / "resnet18_seed0" / "avgpool").iterdir()
     )
-    assert files == [f"B{i:03d}.npy" for i in range(1, 11)] + ["ducho-fast.manifest.json"]
+    records = ["ducho-fast.files.json", "ducho-fast.manifest.json"]
+    assert files == [f"B{i:03d}.npy" for i in range(1, 11)] + records
 
 
 def test_sentence_transformers_items_equal_encode(tmp_path, store, texts_tsv, minilm_dir) -> None:

@@ -108,20 +108,63 @@ def _check_input(job: Job) -> None:
         )
 
 
-def changed_files(items: Sequence[Item], written: Mapping[str, int]) -> set[str]:
-    """Ids of ``written`` (id: when its feature was written, st_mtime_ns) whose input file
-    was modified after that: an image or clip edited in place, whose feature is stale. A file
-    that cannot be stat'ed is left to the reader, which names the problem."""
-    changed = set()
+# What a run knows of a listed input file when it lists it: (size, st_mtime_ns).
+Listed = tuple[int, int]
+
+# Ticks of the file systems whose times are coarse, to which a copy (cp -a, rsync -t) floors
+# the times it keeps: whole seconds (exFAT through FUSE, measured here; ext3), 2 s (FAT).
+COARSE_TICKS_NS = (10**9, 2 * 10**9)
+
+
+def listed_files(items: Iterable[Item]) -> dict[str, Listed]:
+    """(size, modification time) of each listed input file among ``items``, taken before
+    any is read: recorded with the features (:mod:`ducho_fast.outputs.listed`), it tells a
+    file changed while its item was in flight, which the times alone cannot. A file that
+    cannot be stat'ed is left out, for the reader to name the problem."""
+    listed = {}
     for item in items:
-        at = written.get(item.item_id)
-        if at is None or not isinstance(item.raw, os.PathLike):  # a listed file, a Path
+        if isinstance(item.raw, os.PathLike):  # a listed file (FilePath), a Path
+            try:
+                info = os.stat(item.raw)
+            except OSError:
+                continue
+            listed[item.item_id] = (info.st_size, info.st_mtime_ns)
+    return listed
+
+
+def same_listed(then: Listed, now: Listed) -> bool:
+    """Whether a file listed as ``then`` is unchanged now: same size and modification time,
+    or a finer time floored to a coarse tick (a copy that kept the times onto such a file
+    system). A file changed since has a later time; one put back from an older copy an
+    earlier one, even by one tick where times are coarse: a time listed in whole seconds is
+    the same only when equal (so a copy from exFAT onto FAT reads its odd seconds as
+    changed: embedded again, never reused stale)."""
+    if then[0] != now[0]:
+        return False
+    mtime = now[1]
+    if mtime == then[1]:
+        return True
+    if then[1] % COARSE_TICKS_NS[0] == 0:  # listed where times were coarse already
+        return False
+    return any(mtime % tick == 0 and mtime <= then[1] < mtime + tick for tick in COARSE_TICKS_NS)
+
+
+def changed_files(
+    listed: Mapping[str, Listed], written: Mapping[str, int], recorded: Mapping[str, Listed]
+) -> set[str]:
+    """Ids of ``written`` (id: when its feature was written, st_mtime_ns) whose input file
+    (``listed`` now) changed since its feature was made: not as ``recorded`` when an earlier
+    run listed it, or, with no record (features of an older ducho-fast, or of a run killed
+    before it saved its record), modified after the feature was written, as ``make`` tells.
+    An image or clip edited in place, whose feature is stale."""
+    changed = set()
+    for item_id, at in written.items():
+        now = listed.get(item_id)
+        if now is None:  # not listed now, or no file
             continue
-        try:
-            if os.stat(item.raw).st_mtime_ns > at:
-                changed.add(item.item_id)
-        except OSError:
-            continue
+        then = recorded.get(item_id)
+        if (now[1] > at) if then is None else not same_listed(then, now):
+            changed.add(item_id)
     return changed
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ducho_fast.outputs.records import record_files, save_record
+from ducho_fast.outputs.records import save_record, vouched
 
 if TYPE_CHECKING:
     from ducho_fast.runtime.shard import Shard
@@ -34,11 +34,7 @@ def recorded_texts(folders: Iterable[Path], written: Mapping[str, int]) -> dict[
     """``{id: digest}`` for the features of ``written`` (id: st_mtime_ns of the feature, the
     oldest over a model's layer folders) that a record of every one of ``folders`` vouches for:
     saved after the feature was written."""
-    known: dict[str, str] | None = None
-    for folder in folders:
-        mine = _vouched(folder, written)
-        known = mine if known is None else {k: v for k, v in known.items() if mine.get(k) == v}
-    return known or {}
+    return vouched(folders, KIND, written, _digest)
 
 
 def save_texts(folders: Iterable[Path], shard: Shard | None, digests: Mapping[str, str]) -> None:
@@ -49,19 +45,5 @@ def save_texts(folders: Iterable[Path], shard: Shard | None, digests: Mapping[st
     save_record(folders, KIND, shard, text if digests else None)
 
 
-def _vouched(folder: Path, written: Mapping[str, int]) -> dict[str, str]:
-    known: dict[str, str] = {}
-    for path in record_files(folder, KIND):
-        try:
-            saved = path.stat().st_mtime_ns
-            record: Any = json.loads(path.read_text(encoding="utf-8"))
-            texts = record["texts"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # no readable record: its features are unknown, as before records
-        if not isinstance(texts, dict):
-            continue
-        for item_id, digest in texts.items():
-            at = written.get(item_id)
-            if at is not None and at <= saved and isinstance(digest, str):
-                known[item_id] = digest
-    return known
+def _digest(entry: Any) -> str | None:
+    return entry if isinstance(entry, str) else None

@@ -376,6 +376,34 @@ def test_an_image_edited_in_place_is_embedded_again(tmp_path, store, resnet18_st
     assert "item3" not in ids.read_text().split()
 
 
+def test_an_image_changed_while_in_flight_is_embedded_again(tmp_path, store, resnet18_state_dict):
+    """A file changed after it was read but before its feature was written has a modification
+    time older than the feature's, as if it had not changed: the time it had when the run
+    listed it is recorded, so the next run finds it. A copy onto a file system with whole
+    seconds (its times floored) still counts as the same files."""
+    images(tmp_path / "images", 10)
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    ducho_fast.export(config)
+    ducho_fast.extract(config)
+    written = next((tmp_path / "out").rglob("item3.npy")).stat().st_mtime_ns
+    edited = write_image(tmp_path / "images" / "item3.jpg", size=(50, 50), seed=99)
+    os.utime(edited, ns=(written - 1, written - 1))  # changed in flight: just before the write
+    report = ducho_fast.extract(config)
+    assert report.runs[0].changed == 1 and report.runs[0].result.written == 4  # its batch
+    fresh = config_for(tmp_path, store, resnet18_state_dict, "fresh", reshape=[64, 64])
+    ducho_fast.extract(fresh)
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "fresh")
+
+    for path in (tmp_path / "images").iterdir():  # as a copy onto exFAT or ext3 leaves them
+        at = path.stat().st_mtime_ns // 10**9 * 10**9
+        os.utime(path, ns=(at, at))
+    again = ducho_fast.extract(config).runs[0]
+    assert again.changed == 0 and again.result.reused == 10
+    at = edited.stat().st_mtime_ns
+    os.utime(edited, ns=(at - 10**9, at - 10**9))  # an older copy put back (rsync -t)
+    assert ducho_fast.extract(config).runs[0].changed == 1
+
+
 def test_a_text_edited_under_its_id_is_embedded_again(tmp_path, store, texts_tsv, minilm_dir):
     """Each feature folder records a digest of the text each feature was made from: a text
     edited in the TSV is embedded again (with its window, so the files are a fresh run's),
@@ -421,9 +449,9 @@ def test_a_text_edited_under_its_id_is_embedded_again(tmp_path, store, texts_tsv
     assert not ducho_fast.extract(config).warnings
 
 
-def test_changed_files_compares_each_input_file_with_its_feature(tmp_path):
+def test_changed_files_compares_each_input_file_with_its_record_or_its_feature(tmp_path):
     from ducho_fast.data.items import Item
-    from ducho_fast.data.sources import changed_files
+    from ducho_fast.data.sources import changed_files, listed_files
 
     old, new = write_image(tmp_path / "old.jpg"), write_image(tmp_path / "new.jpg")
     os.utime(old, ns=(1000, 1000))
@@ -435,9 +463,36 @@ def test_changed_files_compares_each_input_file_with_its_feature(tmp_path):
         Item("text", "d.tsv:2", "a text"),
         Item("fresh", "fresh.jpg", new),  # not written before
     ]
+    listed = listed_files(items)
+    size = old.stat().st_size
+    assert listed["fresh"] == listed["new"] == (new.stat().st_size, 3000)
+    assert listed == {"old": (size, 1000), "new": listed["new"], "fresh": listed["new"]}
     written = {"old": 2000, "new": 2000, "gone": 2000, "text": 2000}
-    assert changed_files(items, written) == {"new"}
-    assert changed_files(items, {"new": 3000}) == set()  # same time: not after
+    # No record: modified after the feature was written.
+    assert changed_files(listed, written, {}) == {"new"}
+    assert changed_files(listed, {"new": 3000}, {}) == set()  # same time: not after
+    # A record: not as it was listed then, whatever the feature's time.
+    assert changed_files(listed, written, {"old": (size, 999), "new": listed["new"]}) == {"old"}
+    assert changed_files(listed, written, {"old": (size + 1, 1000)}) == {"old", "new"}
+
+
+def test_a_listed_file_is_the_same_only_as_it_was_or_floored_by_a_copy():
+    from ducho_fast.data.sources import same_listed
+
+    then = (100, 1_700_000_000_123_456_789)
+    assert same_listed(then, then)
+    assert not same_listed(then, (101, then[1]))
+    assert not same_listed(then, (100, then[1] + 1))  # changed since
+    assert not same_listed(then, (100, then[1] - 1))  # an older copy put back
+    assert same_listed(then, (100, 1_700_000_000_000_000_000))  # exFAT, ext3: whole seconds
+    odd = 1_700_000_001_000_000_000  # a whole second, not a whole 2 s
+    assert not same_listed((100, odd + 1_123_456_789), (100, odd))
+    assert not same_listed((100, odd + 10**9), (100, odd))
+    even = odd + 10**9
+    assert same_listed((100, even + 1_500_000_000), (100, even))  # FAT: 2 s
+    assert not same_listed((100, even + 2 * 10**9), (100, even))
+    # Listed in whole seconds already: one second back is an older copy, not a FAT floor.
+    assert not same_listed((100, even + 10**9), (100, even))
 
 
 def test_empty_and_missing_images_do_not_make_their_window_run_again(
