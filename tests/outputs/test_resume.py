@@ -404,6 +404,38 @@ def test_an_image_changed_while_in_flight_is_embedded_again(tmp_path, store, res
     assert ducho_fast.extract(config).runs[0].changed == 1
 
 
+def test_a_file_rewritten_right_after_it_was_read_is_embedded_again(
+    tmp_path, store, resnet18_state_dict, monkeypatch
+):
+    """The race itself: a reader decodes item3, then its file is rewritten; the run writes a
+    feature of the old image after that, newer than the file. The next run embeds it again."""
+    from ducho_fast.data import sources
+
+    images(tmp_path / "images", 10)
+    config = config_for(tmp_path, store, resnet18_state_dict, "out", reshape=[64, 64])
+    config["runtime"] = {"readers": "threads"}  # the patched reader runs in this process
+    ducho_fast.export(config)
+    decode = sources.ImageLoader.decode
+
+    def then_rewrite(self: Any, item: Any) -> Any:
+        out = decode(self, item)
+        if item.item_id == "item3":
+            write_image(tmp_path / "images" / "item3.jpg", size=(50, 50), seed=99)
+        return out
+
+    monkeypatch.setattr(sources.ImageLoader, "decode", then_rewrite)
+    ducho_fast.extract(config)
+    monkeypatch.setattr(sources.ImageLoader, "decode", decode)
+    feature = next((tmp_path / "out").rglob("item3.npy"))
+    assert feature.stat().st_mtime_ns >= (tmp_path / "images" / "item3.jpg").stat().st_mtime_ns
+    stale = feature.read_bytes()
+    report = ducho_fast.extract(config)
+    assert report.runs[0].changed == 1
+    ducho_fast.extract(config_for(tmp_path, store, resnet18_state_dict, "fresh", reshape=[64, 64]))
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "fresh")
+    assert feature.read_bytes() != stale
+
+
 def test_a_text_edited_under_its_id_is_embedded_again(tmp_path, store, texts_tsv, minilm_dir):
     """Each feature folder records a digest of the text each feature was made from: a text
     edited in the TSV is embedded again (with its window, so the files are a fresh run's),
