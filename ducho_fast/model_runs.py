@@ -14,10 +14,9 @@ from ducho_fast.artifact import Artifact
 from ducho_fast.config import Config, Job, ModelSpec
 from ducho_fast.data.items import Item
 from ducho_fast.data.sources import (
-    Listed,
+    ListedFiles,
     Loader,
     changed_files,
-    listed_files,
     loader_for,
     table_changed_after,
 )
@@ -112,18 +111,19 @@ class _Planned:
         job: Job,
         items: list[Item],
         texts: dict[str, str],
-        files: dict[str, Listed],
+        files: ListedFiles,
         report: ExtractReport,
     ) -> None:
         """Reuse no feature made from another input than this run's, among ``items`` (this
-        run's: a shard's own windows). An image or audio file (``files``, as listed now) not
+        run's: a shard's own windows). An image or audio file (``files``: of ``items``, as
+        listed now) not
         as recorded with its feature (or, with no record, modified after its feature was
         written) is embedded again, and so is a text whose digest (``texts``) differs from
         the one recorded with its feature; their stale files are removed first.
         Features with no record of their text get a warning when the TSV was modified after
         them all."""
         written = {i: min(f.written[i] for f in self.folders.values()) for i in self.done}
-        now = {i.item_id: files[i.item_id] for i in items if i.item_id in files}
+        now = files.of_ids(items, written)
         changed = changed_files(now, written, recorded_files(self.paths, written))
         unknown = written
         if texts:
@@ -211,10 +211,9 @@ def run_models(
     for p in models.planned:
         p.open(ctx, job)
     texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
-    files = listed_files(items)  # before any is read
     runs: dict[int, ModelRun] = {}
     for group in models.groups:
-        scope, group_runs = _run_group(ctx, job, group, items, texts, files, report)
+        scope, files, group_runs = _run_group(ctx, job, group, items, texts, report)
         total = len(scope)
         for p in group:
             for folder in p.folders.values():
@@ -236,8 +235,8 @@ def run_models(
                 save_texts(p.paths, ctx.shard, made)
             if files:
                 # Reused features without a record passed the times' test: the same from now.
-                listed = {i.item_id: files[i.item_id] for i in scope if i.item_id in files}
-                save_files(p.paths, ctx.shard, listed)
+                listed = ((i.item_id, files.get(k)) for k, i in enumerate(scope))
+                save_files(p.paths, ctx.shard, ((i, f) for i, f in listed if f is not None))
             if ctx.shard is None:
                 ids = [i.item_id for i in items]
                 _finish_outputs(ctx, job, p.spec, run, p.folders, ids, report)
@@ -312,12 +311,11 @@ def _run_group(
     group: list[_Planned],
     items: list[Item],
     texts: dict[str, str],
-    files: dict[str, Listed],
     report: ExtractReport,
-) -> tuple[list[Item], list[ModelRun]]:
-    """The items this run embeds (all, or its shard's windows') and each model's run. Stale
-    features of those items are removed first (``texts``: the digests of the texts;
-    ``files``: the input files as listed)."""
+) -> tuple[list[Item], ListedFiles, list[ModelRun]]:
+    """The items this run embeds (all, or its shard's windows'), their files as listed
+    before any is read, and each model's run. Stale features of those items are removed
+    first (``texts``: the digests of the texts)."""
     cfg = ctx.cfg
     options = PipelineOptions(
         batch_size=group[0].spec.batch_size,
@@ -355,6 +353,7 @@ def _run_group(
     shard = f" (shard {ctx.shard})" if ctx.shard else ""
     scope = [item for chunk in pipeline.windows(items) for item in chunk]
     total = len(scope)
+    files = ListedFiles.of(scope)  # before any is read
     # A shard looks at its own windows only: another task may be writing the others again.
     for p in group:
         p.forget_changed(job, scope, texts, files, report)
@@ -373,19 +372,23 @@ def _run_group(
             results, providers = pipeline.run(items, tick), pipeline.providers
         else:
             results, providers = [pipeline.run(items, tick, group[0].done)], [pipeline.provider]
-    return scope, [
-        ModelRun(
-            job.name,
-            p.spec.model_name,
-            tuple(p.spec.layer_labels()),
-            provider,
-            result,
-            p.writer.dirs,
-            p.spec.tower,
-            changed=p.changed,
-        )
-        for p, result, provider in zip(group, results, providers, strict=True)
-    ]
+    return (
+        scope,
+        files,
+        [
+            ModelRun(
+                job.name,
+                p.spec.model_name,
+                tuple(p.spec.layer_labels()),
+                provider,
+                result,
+                p.writer.dirs,
+                p.spec.tower,
+                changed=p.changed,
+            )
+            for p, result, provider in zip(group, results, providers, strict=True)
+        ],
+    )
 
 
 def _record_shard(shard: Shard, folders: dict[str, OutputFolder], total: int, r: RunResult) -> None:

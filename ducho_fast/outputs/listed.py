@@ -33,12 +33,16 @@ def recorded_files(folders: Iterable[Path], written: Mapping[str, int]) -> dict[
     return vouched(folders, KIND, written, _listed)
 
 
-def save_files(folders: Iterable[Path], shard: Shard | None, listed: Mapping[str, Listed]) -> None:
+def save_files(
+    folders: Iterable[Path], shard: Shard | None, listed: Iterable[tuple[str, Listed]]
+) -> None:
     """Record ``listed`` (the ids this run has features for, and their files as listed) in
-    each folder; a plain run covers every window, so its record replaces the shards'."""
-    files = {item_id: list(stamp) for item_id, stamp in listed.items()}
-    text = json.dumps({"schema_version": SCHEMA_VERSION, KIND: files}) + "\n"
-    save_record(folders, KIND, shard, text if files else None)
+    each folder; a plain run covers every window, so its record replaces the shards'. The
+    JSON is written entry by entry: no second map of a million ids."""
+    dumps = json.dumps
+    entries = ",".join(f"{dumps(item_id)}:[{size},{mtime}]" for item_id, (size, mtime) in listed)
+    text = f'{{"schema_version":{SCHEMA_VERSION},"{KIND}":{{{entries}}}}}\n'
+    save_record(folders, KIND, shard, text if entries else None)
 
 
 def _listed(entry: Any) -> Listed | None:

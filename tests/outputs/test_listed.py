@@ -13,7 +13,7 @@ from ducho_fast.runtime.shard import Shard
 def test_a_record_gives_back_what_was_listed_for_features_written_before_it(
     tmp_path: Path,
 ) -> None:
-    save_files([tmp_path], None, {"a": (10, 1_000), "b": (20, -5_000)})  # b: before 1970
+    save_files([tmp_path], None, {"a": (10, 1_000), "b": (20, -5_000)}.items())  # b: before 1970
     record = tmp_path / "ducho-fast.files.json"
     assert json.loads(record.read_text()) == {
         "schema_version": 1,
@@ -38,10 +38,20 @@ def test_shards_merge_layers_must_agree_and_a_plain_run_replaces_them(tmp_path: 
     layers = [tmp_path / "avgpool", tmp_path / "fc"]
     for layer in layers:
         layer.mkdir()
-    save_files(layers, Shard(0, 2), {"a": (1, 1)})
-    save_files(layers, Shard(1, 2), {"b": (2, 2)})
-    save_files(layers[1:], Shard(1, 2), {"b": (2, 3)})
+    save_files(layers, Shard(0, 2), {"a": (1, 1)}.items())
+    save_files(layers, Shard(1, 2), {"b": (2, 2)}.items())
+    save_files(layers[1:], Shard(1, 2), {"b": (2, 3)}.items())
     assert recorded_files(layers, {"a": 0, "b": 0}) == {"a": (1, 1)}
-    save_files(layers, None, {"b": (2, 2)})
+    save_files(layers, None, {"b": (2, 2)}.items())
     assert [p.name for p in layers[0].iterdir()] == ["ducho-fast.files.json"]
     assert recorded_files(layers, {"a": 0, "b": 0}) == {"b": (2, 2)}
+
+
+def test_any_id_round_trips_and_nothing_listed_leaves_no_record(tmp_path: Path) -> None:
+    ids = ['a"b', "c\\d", "\udc80x", "é,:[]{}"]  # \udc80: a name that is not UTF-8
+    save_files([tmp_path], None, ((item_id, (k, k)) for k, item_id in enumerate(ids)))
+    assert recorded_files([tmp_path], dict.fromkeys(ids, 0)) == {
+        item_id: (k, k) for k, item_id in enumerate(ids)
+    }
+    save_files([tmp_path], None, iter(()))
+    assert not list(tmp_path.iterdir())

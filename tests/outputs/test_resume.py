@@ -483,7 +483,7 @@ def test_a_text_edited_under_its_id_is_embedded_again(tmp_path, store, texts_tsv
 
 def test_changed_files_compares_each_input_file_with_its_record_or_its_feature(tmp_path):
     from ducho_fast.data.items import Item
-    from ducho_fast.data.sources import changed_files, listed_files
+    from ducho_fast.data.sources import ListedFiles, changed_files
 
     old, new = write_image(tmp_path / "old.jpg"), write_image(tmp_path / "new.jpg")
     os.utime(old, ns=(1000, 1000))
@@ -495,7 +495,10 @@ def test_changed_files_compares_each_input_file_with_its_record_or_its_feature(t
         Item("text", "d.tsv:2", "a text"),
         Item("fresh", "fresh.jpg", new),  # not written before
     ]
-    listed = listed_files(items)
+    files = ListedFiles.of(items)
+    assert len(files) == 3 and files.get(2) is None and files.get(3) is None  # gone; a text
+    listed = files.of_ids(items, {"old", "new", "fresh", "gone", "text"})
+    assert files.of_ids(items, {"old", "gone"}) == {"old": listed["old"]}
     size = old.stat().st_size
     assert listed["fresh"] == listed["new"] == (new.stat().st_size, 3000)
     assert listed == {"old": (size, 1000), "new": listed["new"], "fresh": listed["new"]}
