@@ -116,10 +116,9 @@ class _Planned:
     ) -> None:
         """Reuse no feature made from another input than this run's, among ``items`` (this
         run's: a shard's own windows). An image or audio file (``files``: of ``items``, as
-        listed now) not
-        as recorded with its feature (or, with no record, modified after its feature was
-        written) is embedded again, and so is a text whose digest (``texts``) differs from
-        the one recorded with its feature; their stale files are removed first.
+        listed now) not as recorded with its feature (or, with no record, modified after its
+        feature was written) is embedded again, and so is a text whose digest (``texts``)
+        differs from the one recorded with its feature; their stale files are removed first.
         Features with no record of their text get a warning when the TSV was modified after
         them all."""
         written = {i: min(f.written[i] for f in self.folders.values()) for i in self.done}
