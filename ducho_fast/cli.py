@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from enum import Enum
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,13 +22,13 @@ from rich.markup import escape
 
 from ducho_fast import __version__
 from ducho_fast.console import (
+    Watched,
     err,
     out,
     print_bench,
     print_exported,
     print_fusions,
     print_report,
-    progress_display,
 )
 from ducho_fast.errors import DuchoError
 
@@ -118,6 +117,17 @@ def _errors(stopped: str | None = None) -> Iterator[None]:
                 soft_wrap=True,
             )
             raise typer.Exit(128 + number) from e
+
+
+@contextmanager
+def _watched(progress: bool, doing: str, every: float | None) -> Iterator[Any]:
+    """The progress factory a command's work is given (None with ``--no-progress``); where
+    it shows no bar for a while, it says the command is still at work (:class:`Watched`)."""
+    if not progress:
+        yield None
+        return
+    with Watched(doing, every) as watched:
+        yield watched.progress
 
 
 @contextmanager
@@ -231,14 +241,10 @@ def extract(
         from ducho_fast.runtime.raydata import RayOptions
 
         ray = RayOptions(actors=ray_actors, address=ray_address)
-    with _errors(stopped=STOPPED_EXTRACT):
+    doing = "extract: checking inputs, artifacts and outputs"
+    with _errors(stopped=STOPPED_EXTRACT), _watched(progress, doing, progress_every) as shown:
         report = ducho_fast.extract(
-            config,
-            overrides,
-            progress=partial(progress_display, every=progress_every) if progress else None,
-            shard=shard,
-            engine=engine.value,
-            ray=ray,
+            config, overrides, progress=shown, shard=shard, engine=engine.value, ray=ray
         )
     print_report(report)
     if report.shard is not None:
@@ -274,8 +280,8 @@ def fuse(
     """Fuse features CONFIG has already extracted (its fusion keys), without running models."""
     import ducho_fast
 
-    with _errors(stopped=STOPPED_FUSE):
-        shown = partial(progress_display, every=progress_every) if progress else None
+    doing = "fuse: reading features"
+    with _errors(stopped=STOPPED_FUSE), _watched(progress, doing, progress_every) as shown:
         runs = ducho_fast.fuse(config, _overrides(ctx, set_), progress=shown)
     print_fusions(runs)
     if not runs:

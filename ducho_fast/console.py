@@ -149,6 +149,86 @@ class ProgressLines:
         err.print(f"{self._label}: {text}", highlight=False, soft_wrap=True)
 
 
+# On a terminal, how long a run may show no bar before a spinner says it is still at work.
+QUIET_SPINNER_SECONDS = 2.0
+
+
+class Watched:
+    """A command's progress factory (:func:`progress_display`) that also speaks where the
+    command shows no bar for a while: before its first (checking its artifacts, listing a
+    folder of a million files, checking what an earlier run wrote), between two, after its
+    last (saving records): a spinner on a terminal after ``QUIET_SPINNER_SECONDS``, a line
+    every ``every`` seconds in a log. A log that goes quiet is a process that stopped.
+
+    Used as a context manager around the command's work; bars come from :meth:`progress`."""
+
+    def __init__(self, doing: str, every: float | None = None) -> None:
+        self._doing = doing  # what the command does between bars, in a few words
+        self._every = PROGRESS_LINE_SECONDS if every is None else every
+        self._terminal = err.is_terminal
+        self._bars = 0
+        self._quiet_since = self._said = time.monotonic()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._spinner: Any = None
+        self._watch = threading.Thread(target=self._watching, name="ducho-quiet", daemon=True)
+
+    def __enter__(self) -> Watched:
+        if self._terminal or self._every > 0:  # 0: a line at every tick, no watch (tests)
+            self._watch.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._closed.set()
+        if self._watch.is_alive():
+            self._watch.join()
+        with self._lock:
+            self._stop_spinner()
+
+    @contextmanager
+    def progress(self, label: str, total: int) -> Iterator[Any]:
+        with self._lock:
+            self._bars += 1
+            self._stop_spinner()  # one live display at a time on a terminal
+        try:
+            with progress_display(label, total, self._every) as tick:
+                yield tick
+        finally:
+            with self._lock:
+                self._bars -= 1
+                self._quiet_since = self._said = time.monotonic()
+
+    def quiet(self) -> None:
+        """Say so if no bar was shown for long enough (the watcher's step)."""
+        with self._lock:
+            if self._bars or self._closed.is_set():
+                return
+            now = time.monotonic()
+            since = now - self._quiet_since
+            if self._terminal:
+                if since < QUIET_SPINNER_SECONDS:
+                    return
+                text = f"{self._doing}, {clock(since)} in"
+                if self._spinner is None:
+                    self._spinner = err.status(text)
+                    self._spinner.start()
+                else:
+                    self._spinner.update(text)
+            elif now - self._said >= self._every:
+                err.print(f"{self._doing}, {clock(since)} in", highlight=False, soft_wrap=True)
+                self._said = now
+
+    def _stop_spinner(self) -> None:
+        if self._spinner is not None:
+            self._spinner.stop()
+            self._spinner = None
+
+    def _watching(self) -> None:
+        step = 0.5 if self._terminal else min(self._every, 0.5)
+        while not self._closed.wait(step):
+            self.quiet()
+
+
 def clock(seconds: float) -> str:
     """``H:MM:SS``."""
     whole = round(seconds)

@@ -7,7 +7,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +241,117 @@ def test_extract_progress_in_a_log_watches_for_stalls_until_its_work_ends(
     time.sleep(0.2)
     assert count >= 1 and len(printed) == count, printed
     assert printed[0] == "job model: 0/40, no item done yet, 0:00:00 in"
+
+
+def test_a_log_says_a_command_is_at_work_while_it_shows_no_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the first bar (listing a million files, checking an earlier run's outputs),
+    between two and after the last, a line every so often says what the command is doing:
+    none while a bar is shown, and the clock starts again when one ends."""
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    printed: list[str] = []
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
+    watched = console.Watched("extract: checking", every=30.0)  # its watcher not started
+    for at in (110.0, 131.0, 140.0, 161.0):
+        now[0] = at
+        watched.quiet()
+    with watched.progress("job model", 40) as tick:
+        for at in (200.0, 300.0):
+            now[0] = at
+            watched.quiet()  # the bar's own lines say how it goes
+        tick(40)
+    for at in (320.0, 331.0):
+        now[0] = at
+        watched.quiet()
+    assert printed == [
+        "extract: checking, 0:00:31 in",
+        "extract: checking, 0:01:01 in",
+        "extract: checking, 0:00:31 in",  # 31 s after the bar ended
+    ], printed
+
+
+def test_a_terminal_gets_a_spinner_while_no_bar_is_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a moment with no bar, a spinner; gone before a bar is drawn (a terminal shows
+    one live display at a time) and when the command ends."""
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: True))
+    events: list[str] = []
+
+    class Spinner:
+        def __init__(self, text: str) -> None:
+            events.append(f"show {text}")
+
+        def start(self) -> None:
+            pass
+
+        def update(self, text: str) -> None:
+            events.append(f"now {text}")
+
+        def stop(self) -> None:
+            events.append("gone")
+
+    @contextmanager
+    def bar(label: str, total: int, every: float) -> Iterator[Any]:
+        events.append(f"bar {label}")
+        yield lambda n: None
+
+    monkeypatch.setattr(console.err, "status", Spinner)
+    monkeypatch.setattr(console, "progress_display", bar)
+    watched = console.Watched("extract: checking")
+    for at in (101.0, 103.0, 105.0):
+        now[0] = at
+        watched.quiet()
+    with watched.progress("job model", 40):
+        now[0] = 200.0
+        watched.quiet()
+    now[0] = 201.0
+    watched.quiet()  # a moment after the bar: none yet
+    now[0] = 203.0
+    watched.quiet()
+    with watched:
+        pass
+    assert events == [
+        "show extract: checking, 0:00:03 in",
+        "now extract: checking, 0:00:05 in",
+        "gone",
+        "bar job model",
+        "show extract: checking, 0:00:03 in",
+        "gone",
+    ]
+
+
+@pytest.mark.slow
+def test_extract_says_it_is_at_work_while_its_checks_take_long(
+    text_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose checks take long (a slow file system, a large folder) says so in its
+    log before any bar, and stops saying it when the command ends."""
+    import ducho_fast.api
+
+    assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
+    listed = ducho_fast.api.job_items
+
+    def slow_listing(*args: Any) -> Any:
+        time.sleep(0.5)
+        return listed(*args)
+
+    monkeypatch.setattr(ducho_fast.api, "job_items", slow_listing)
+    monkeypatch.setattr(console, "PROGRESS_LINE_SECONDS", 0.1)
+    monkeypatch.setattr(console, "QUIET_SPINNER_SECONDS", 0.1)
+    result = runner.invoke(app, ["extract", str(text_config)])
+    assert result.exit_code == 0, result.output
+    said = result.output.splitlines()
+    first = next(k for k, line in enumerate(said) if line.startswith("textual.items"))
+    quiet = [line for line in said[:first] if line.startswith("extract: ")]
+    assert quiet and all(
+        re.fullmatch(r"extract: checking inputs, artifacts and outputs, 0:00:0\d in", line)
+        for line in quiet
+    ), said
+    assert not [t for t in threading.enumerate() if t.name == "ducho-quiet"]
 
 
 def test_config_error_exit_1_with_message(tmp_path: Path) -> None:
