@@ -73,12 +73,12 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> Listing:
     except OSError as e:
         raise DataError(_unlisted(folder, kind, e)) from e
     files.sort(key=lambda file: human_key(file[0]))
-    chosen = [
-        Item(image_id(name), path, FilePath(path))
-        for name, path in files
-        if _listed(name, suffixes)
-    ]
-    ignored = [Path(path) for name, path in files if not _listed(name, suffixes)]
+    chosen, ignored = [], []
+    for name, path in files:
+        if _listed(name, suffixes):
+            chosen.append(Item(image_id(name), path, FilePath(path)))
+        else:
+            ignored.append(Path(path))
     return Listing(chosen, ignored, [folder / name for name in sorted(folders, key=human_key)])
 
 
