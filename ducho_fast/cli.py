@@ -152,12 +152,25 @@ def _stop_on_sigterm(caught: list[int]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+ProgressEveryOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=1.0,
+        envvar="DUCHO_FAST_PROGRESS_EVERY",
+        help="Where stderr is not a terminal (a batch job's log): seconds between progress "
+        "lines, and between the lines saying the command is still at work  [default: 30]",
+        show_default=False,
+    ),
+]
+
+
 @app.command(context_settings=_EXTRA)
 def export(
     ctx: typer.Context,
     config: ConfigArg,
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Export again even if valid.")] = False,
+    progress_every: ProgressEveryOpt = None,
 ) -> None:
     """Export every model of CONFIG to a parity-checked ONNX artifact in the model store."""
     from ducho_fast.api import export_steps
@@ -167,26 +180,14 @@ def export(
         # Saying which model is being worked on (loading, converting and checking a large
         # one takes minutes), and each one's line when it is done: those lines stay on screen
         # (and in a log) if a later model fails.
+        # While one is: a spinner on a terminal, a line every 30 s in a log (:class:`Watched`).
         for spec, run in export_steps(config, _overrides(ctx, set_), force=force):
-            err.print(
-                f"{spec.key_path} {Path(spec.model_dir).name}: exporting...",
-                highlight=False,
-                soft_wrap=True,
-            )
-            for r in run():
+            model = f"{spec.key_path} {Path(spec.model_dir).name}"
+            err.print(f"{model}: exporting...", highlight=False, soft_wrap=True)
+            with Watched(f"{model}: exporting", progress_every):
+                results = run()
+            for r in results:
                 print_exported(r)
-
-
-ProgressEveryOpt = Annotated[
-    float | None,
-    typer.Option(
-        min=1.0,
-        envvar="DUCHO_FAST_PROGRESS_EVERY",
-        help="Where stderr is not a terminal (a batch job's log): seconds between progress "
-        "lines, and between the lines saying nothing was done for that long  [default: 30]",
-        show_default=False,
-    ),
-]
 
 
 @app.command(context_settings=_EXTRA)

@@ -354,6 +354,39 @@ def test_extract_says_it_is_at_work_while_its_checks_take_long(
     assert not [t for t in threading.enumerate() if t.name == "ducho-quiet"]
 
 
+def test_export_says_it_is_still_at_work_on_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading, converting and checking a large model takes minutes: a log hears of it
+    every so often, and hears no more once that model is done."""
+    import ducho_fast.api
+
+    printed: list[str] = []
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
+    monkeypatch.setattr(console, "PROGRESS_LINE_SECONDS", 0.05)
+    spec = type("Spec", (), {"key_path": "visual.items.model.0", "model_dir": "m/resnet50"})
+
+    def slow_export() -> list[Any]:
+        deadline = time.monotonic() + 10
+        while len(printed) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return []
+
+    monkeypatch.setattr(ducho_fast.api, "export_steps", lambda *_, **__: [(spec, slow_export)])
+    config = tmp_path / "c.yml"
+    config.write_text("{}\n")
+    result = runner.invoke(app, ["export", str(config)])
+    assert result.exit_code == 0, result.output
+    count = len(printed)
+    time.sleep(0.2)
+    assert len(printed) == count, printed  # nothing once the model is done
+    assert printed[0] == "visual.items.model.0 resnet50: exporting..."
+    assert printed[1:] and all(
+        line.startswith("visual.items.model.0 resnet50: exporting, 0:00:0") for line in printed[1:]
+    ), printed
+
+
 def test_config_error_exit_1_with_message(tmp_path: Path) -> None:
     path = tmp_path / "c.yml"
     path.write_text("visual:\n  items:\n    input_path: i\n    output_path: o\n    modle: []\n")
