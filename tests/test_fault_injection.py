@@ -7,7 +7,12 @@ reported with its reason, and nothing is written outside the output folder.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,8 @@ BAD_IMAGES = {
     "bomb.png": "decompression bomb",
     "new\nline.jpg": "control characters",
     "good03.png": "duplicate id",
+    "pipe.jpg": "not a regular file but a named pipe",  # a reader opening it would wait
+    "piped.jpg": "not a regular file but a named pipe",  # a link to one outside the folder
 }
 ODD_BUT_GOOD = ["cmyk.jpg", "gray16.png", "gray.jpg", "rgba.png", "palette.png", "exif.jpg"]
 
@@ -76,6 +83,38 @@ def bad_images(folder: Path) -> None:
     write_image(folder / "._good01.jpg", seed=34)  # macOS's copy of good01.jpg's attributes
     write_image(folder / "good03.png", seed=33)
     (folder / "notes.txt").write_text("not an input")
+    pipes(folder, "pipe.jpg", "piped.jpg")
+
+
+def pipes(folder: Path, named: str, linked: str) -> None:
+    """A named pipe in the input folder, and a link to one outside it."""
+    os.mkfifo(folder / named)
+    os.mkfifo(folder.parent / f"{linked}.target")
+    (folder / linked).symlink_to(folder.parent / f"{linked}.target")
+
+
+@contextmanager
+def unblocked(root: Path, after: float = 30.0) -> Iterator[None]:
+    """Where a reader opens a named pipe (a regression), it waits for a writer for good:
+    after a while, open each pipe under ``root`` for writing and close it, so that the
+    test fails on the reason given instead of hanging."""
+    done = threading.Event()
+
+    def release() -> None:
+        if done.wait(after):
+            return
+        for path in root.rglob("*"):
+            if stat.S_ISFIFO(path.lstat().st_mode):
+                with suppress(OSError):  # ENXIO: no reader waits on it
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def errors(folder: Path) -> dict[str, str]:
@@ -96,7 +135,8 @@ def extract_both(tmp_path: Path, clean: dict, messy: dict) -> ExtractReport:
     ducho_fast.export(clean)
     ducho_fast.extract(clean)
     before = files_outside(tmp_path / "messy", ("out",))
-    report = ducho_fast.extract(messy)
+    with unblocked(tmp_path / "messy"):
+        report = ducho_fast.extract(messy)
     assert files_outside(tmp_path / "messy", ("out",)) == before
     return report
 
@@ -202,6 +242,8 @@ BAD_AUDIO = {
     "long.wav": "over input.max_audio_seconds",
     "blip.wav": "shorter than the model's smallest input",
     "s1.x.wav": "duplicate id",
+    "pipe.wav": "not a regular file but a named pipe",
+    "piped.wav": "not a regular file but a named pipe",
 }
 
 
@@ -226,6 +268,7 @@ def bad_audio(folder: Path) -> None:
     write_tone(folder / "long.wav", seconds=3.0, rate=8000)
     write_tone(folder / "blip.wav", seconds=0.001)
     write_tone(folder / "s1.x.wav")  # id s1 again; s1.wav sorts first and is kept
+    pipes(folder, "pipe.wav", "piped.wav")
 
 
 def test_audio(tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
+
+from ducho_fast.errors import DataError
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,31 @@ class FileStamp:
     def of(cls, path: str | os.PathLike[str]) -> FileStamp:
         info = os.stat(path)
         return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+    @classmethod
+    def of_input(cls, name: str, path: str | os.PathLike[str]) -> FileStamp:
+        """An input file's stamp, taken before it is read (a file changed meanwhile differs);
+        a DataError naming it where it is no regular file (what a link points at counts). A
+        named pipe would stop its reader for good: opening one waits for a writer."""
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(
+                f"{name}: not a regular file but {_kind(info.st_mode)}, which is not read. "
+                "Replace it with the file, or move it out of the input folder."
+            )
+        return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "no file"
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,28 @@ def test_listed_files_are_light_paths_that_open_and_travel(tmp_path: Path) -> No
         load_image(items[1].raw, (8, 8))
 
 
+def test_what_is_no_regular_file_is_listed_then_refused_unread(tmp_path: Path) -> None:
+    """A named pipe named like an image is an item that fails, not one skipped in silence,
+    and its reader never opens it (opening a pipe waits for a writer); nor a link to a
+    folder. A folder holding only such an entry passes the check before the run: the run
+    reports it."""
+    write_image(tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "dir.jpg").symlink_to(tmp_path / "sub", target_is_directory=True)
+    items, ignored, folders = list_images(tmp_path)
+    assert [i.item_id for i in items] == ["a", "dir", "pipe"] and ignored == []
+    assert folders == [tmp_path / "sub"]
+    with pytest.raises(DataError, match=r"dir\.jpg: not a regular file but a folder, which is"):
+        load_image(items[1].raw, (8, 8))
+    with pytest.raises(DataError, match=r"pipe\.jpg: not a regular file but a named pipe"):
+        FileStamp.of_input(items[2].origin, items[2].raw)  # what the reader checks first
+    only = tmp_path / "only"
+    only.mkdir()
+    os.mkfifo(only / "pipe.jpg")
+    check_files(only, IMAGE_SUFFIXES, "image")
+
+
 def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> None:
     for name in ["a.jpg", "a.png", "b.jpg"]:
         write_image(tmp_path / name)

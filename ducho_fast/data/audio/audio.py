@@ -93,7 +93,7 @@ def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarra
     try:
         if not Path(path).exists():  # libsndfile says only "System error"
             raise DataError(f"{name}: file not found.")
-        stamp = FileStamp.of(path)  # before reading: a file changed meanwhile differs
+        stamp = FileStamp.of_input(name, path)  # a pipe would block the reader
         info = sf.info(str(path))
         seconds = info.frames / info.samplerate if info.samplerate else 0.0
         if crop is None and seconds > max_seconds:

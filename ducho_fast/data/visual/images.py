@@ -60,16 +60,17 @@ def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> Listing:
         raise DataError(_missing(folder, kind))
     if folder.is_file():
         return Listing([Item(image_id(folder), str(folder), FilePath(str(folder)))], [], [])
-    # A dangling link is listed: reading it reports the missing file instead of hiding it.
+    # A dangling link is listed, and so is a named pipe, socket or device: reading it reports
+    # what it is instead of hiding it. A link to a folder too (it is no file either).
     # Names and path strings, not Path objects: a job holds one item per file (FilePath).
     files, folders = [], []
     try:
         with os.scandir(folder) as entries:
             for e in entries:
-                if e.is_file() or e.is_symlink():
-                    files.append((e.name, e.path))
-                elif e.is_dir():
+                if e.is_dir(follow_symlinks=False):
                     folders.append(e.name)
+                else:
+                    files.append((e.name, e.path))
     except OSError as e:
         raise DataError(_unlisted(folder, kind, e)) from e
     files.sort(key=lambda file: human_key(file[0]))
@@ -103,8 +104,6 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(entry.name)
-                    continue
-                if not (entry.is_file() or entry.is_symlink()):
                     continue
                 if _listed(entry.name, suffixes):
                     return
@@ -291,7 +290,7 @@ def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Ima
         )
     try:
         if isinstance(source, str | os.PathLike):  # not a file object a caller passed
-            stamp = FileStamp.of(source)  # before reading: a file changed meanwhile differs
+            stamp = FileStamp.of_input(name, source)  # a pipe would block the reader
         _quiet_pillow_bombs()
         image = Image.open(source)
         _check_pixels(name, image, max_pixels, stamp)  # from the header, not decoded
