@@ -100,13 +100,14 @@ class FileStamp:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
             raise DataError(
-                f"{name}: not a regular file but {_kind(info.st_mode)}, which is not read. "
+                f"{name}: not a regular file but {file_kind(info.st_mode)}, which is not read. "
                 "Replace it with the file, or move it out of the input folder."
             )
         return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What an entry that is no regular file is, in words (``st_mode``: as ``os.stat``'s)."""
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,9 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         read_text_items(write(tmp_path, "", "empty.tsv"), None, None)
     with pytest.raises(DataError, match=r"does not exist"):
         read_text_items(tmp_path / "nope.tsv", None, None)
+    os.mkfifo(tmp_path / "piped.tsv")  # a shell's <(zcat texts.tsv.gz): it could be read once
+    with pytest.raises(DataError, match=r"piped\.tsv is not a regular file but a named pipe: a t"):
+        read_text_items(tmp_path / "piped.tsv", None, None)
 
 
 def test_check_refuses_a_table_with_no_data_rows(tmp_path: Path) -> None:

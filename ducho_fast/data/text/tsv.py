@@ -13,7 +13,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ducho_fast.data.items import Item
+from ducho_fast.data.items import Item, file_kind
 from ducho_fast.errors import DataError
 
 csv.field_size_limit(1 << 30)
@@ -30,6 +30,12 @@ def resolve_tsv(path: Path) -> Path:
             return files[0]
         raise DataError(
             f"{path} is a folder with {len(files)} files; point 'input_path' at the TSV itself."
+        )
+    if path.exists():  # a named pipe (a shell's <(...)), a device: a table is read twice
+        raise DataError(
+            f"text input {path} is not a regular file but {file_kind(path.stat().st_mode)}: a "
+            "table is read more than once (checked before any work, then read), so write it "
+            "to a file and point 'input_path' at that."
         )
     raise DataError(f"text input {path} does not exist (check 'input_path').")
 
