@@ -172,10 +172,13 @@ class Checker:
     def _value(self, value: Any, key: Key, where: str) -> None:
         if not _has_type(value, key.types):
             allowed = " or ".join(_type_name(t) for t in key.types)
-            raise ConfigError(
-                f"{self.source}: key '{where}' must be {allowed}, found {_type_name(type(value))} "
-                f"{value!r}."
+            found = (
+                "no value (null, or a YAML key with nothing after its colon): give it one, "
+                "or remove the key"
+                if value is None
+                else f"{_type_name(type(value))} {value!r}"
             )
+            raise ConfigError(f"{self.source}: key '{where}' must be {allowed}, found {found}.")
         if key.choices is not None and value not in key.choices:
             shown = ", ".join(repr(c) for c in key.choices)
             raise ConfigError(

@@ -85,6 +85,18 @@ def test_wrong_type_is_reported_with_what_was_found(tmp_path: Path) -> None:
         load_config(path, cwd=tmp_path)
 
 
+def test_a_key_left_empty_is_named_with_the_fix(tmp_path: Path) -> None:
+    """``visual:`` with nothing under it (its block deleted, or indented wrong) is null."""
+    path = tmp_path / "config.yml"
+    path.write_text("visual:\ntextual:\n  items:\n    input_path: d.tsv\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.yml: key 'visual' must be a mapping, found no value \(null, or a YAML "
+        r"key with nothing after its colon\): give it one, or remove the key\.$",
+    ):
+        load_config(path, cwd=tmp_path)
+
+
 def test_bool_is_not_an_integer(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "batch_size": True}))
     with pytest.raises(ConfigError, match=r"must be an integer, found true/false"):
