@@ -48,7 +48,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with ``safe_load``'s loader, a key given twice refused."""
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a folder; give the YAML file in it.")
-    if not path.is_file():
+    if not path.exists():  # a named pipe (a shell's <(...)) is read once, as a file
         raise ConfigError(f"config file '{path}' does not exist.")
     try:
         data = load_unique(path.read_text("utf-8"))

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import threading
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -204,6 +207,26 @@ def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(write(tmp_path, "visual: [unclosed"))
     with pytest.raises(ConfigError, match=r"is a folder; give the YAML file in it"):
         load_config(tmp_path)  # it said "does not exist"
+
+
+def test_a_config_from_a_pipe_is_read_once(tmp_path: Path) -> None:
+    """``ducho-fast extract <(sed ... config.yml)``: the shell gives a named pipe's path."""
+    pipe = tmp_path / "piped.yml"
+    os.mkfifo(pipe)
+    model = "{model_name: m, backend: sentence_transformers, output_layers: 1}"
+    items = f"{{input_path: d.tsv, output_path: out, model: [{model}]}}"
+    text = f"dataset_path: data\ntextual:\n  items: {items}\n"
+    # Opening a pipe to write waits for its reader: the config's, unless a regression
+    # refuses it unread; then the test fails without waiting for good.
+    writer = threading.Thread(target=pipe.write_text, args=(text,), daemon=True)
+    writer.start()
+    try:
+        cfg = load_config(pipe, cwd=tmp_path)
+    finally:
+        with suppress(OSError):  # no reader came: let the writer go
+            os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(10)
+    assert cfg.jobs[0].input_path == tmp_path / "data" / "d.tsv"
 
 
 def test_a_key_given_twice_is_refused_not_dropped(tmp_path: Path) -> None:
