@@ -205,17 +205,17 @@ class Watched:
                 return
             now = time.monotonic()
             since = now - self._quiet_since
+            text = f"{self._doing}, {clock(since)} in"
             if self._terminal:
                 if since < QUIET_SPINNER_SECONDS:
                     return
-                text = f"{self._doing}, {clock(since)} in"
                 if self._spinner is None:
                     self._spinner = err.status(text)
                     self._spinner.start()
                 else:
                     self._spinner.update(text)
             elif now - self._said >= self._every:
-                err.print(f"{self._doing}, {clock(since)} in", highlight=False, soft_wrap=True)
+                err.print(text, highlight=False, soft_wrap=True)
                 self._said = now
 
     def _stop_spinner(self) -> None:
