@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ducho_fast.config.model import ModelSpec
+from ducho_fast.config.paths import absent
 from ducho_fast.data.items import FileStamp
 from ducho_fast.errors import ArtifactError
 from ducho_fast.outputs.atomic import replacing
@@ -187,7 +188,7 @@ def _not_an_artifact(path: Path) -> str:
     (its artifacts named), or incomplete."""
     if not path.exists():
         return (
-            f"artifact folder {path} does not exist.\nHint: run `ducho-fast export CONFIG` first."
+            f"artifact folder {path} {absent(path)}.\nHint: run `ducho-fast export CONFIG` first."
         )
     if path.is_file() and (path.parent / MANIFEST_FILE).is_file():
         return f"{path} is a file of an artifact; give the artifact's folder, {path.parent}."

@@ -39,7 +39,8 @@ BAD_IMAGES = {
     "cut.jpg": "not a readable image",
     "cutpng.png": "not a readable image",
     "fake.jpg": "not a readable image",
-    "gone.jpg": "file not found",
+    "gone.jpg": "does not exist: it is a symbolic link to",
+    "loop.jpg": "a symbolic link on it leads round in a loop",
     "bomb.png": "decompression bomb",
     "new\nline.jpg": "control characters",
     "good03.png": "duplicate id",
@@ -77,6 +78,7 @@ def bad_images(folder: Path) -> None:
     (folder / "cutpng.png").write_bytes(png[: len(png) - 40])
     (folder / "fake.jpg").write_text("<html>not an image</html>")
     (folder / "gone.jpg").symlink_to(folder / "deleted-after-listing.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
     Image.new("1", (20_000, 20_000)).save(folder / "bomb.png")
     write_image(folder / "new\nline.jpg", seed=31)
     write_image(folder / ".hidden.jpg", seed=32)  # ignored (its id would be empty), not failed
@@ -238,7 +240,8 @@ BAD_AUDIO = {
     "zero.wav": "not a readable audio file",
     "fake.mp3": "not a readable audio file",
     "cut.flac": "not a readable audio file",
-    "gone.wav": "file not found",
+    "gone.wav": "does not exist: it is a symbolic link to",
+    "loop.wav": "a symbolic link on it leads round in a loop",
     "long.wav": "over input.max_audio_seconds",
     "blip.wav": "shorter than the model's smallest input",
     "s1.x.wav": "duplicate id",
@@ -265,6 +268,7 @@ def bad_audio(folder: Path) -> None:
     (folder / "fake.mp3").write_text("ID3 but not really")
     (folder / "cut.flac").write_bytes(write_tone(folder / "cut.flac").read_bytes()[:60])
     (folder / "gone.wav").symlink_to(folder / "deleted.wav")
+    (folder / "loop.wav").symlink_to(folder / "loop.wav")
     write_tone(folder / "long.wav", seconds=3.0, rate=8000)
     write_tone(folder / "blip.wav", seconds=0.001)
     write_tone(folder / "s1.x.wav")  # id s1 again; s1.wav sorts first and is kept

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ducho_fast.config.model import FusionInput, FusionSpec, Job, ModelSpec
+from ducho_fast.config.paths import resolved
 from ducho_fast.errors import ConfigError
 
 _MODEL_REF = re.compile(r"^(?P<key>[a-z_]+\.(items|interactions)\.model\.\d+)(:(?P<layer>.+))?$")
@@ -41,7 +42,7 @@ def _spec(
         inputs=inputs,
         mode=entry["mode"],
         normalize=bool(entry.get("normalize", False)),
-        output_path=(dataset / entry["output_path"]).resolve(),
+        output_path=resolved(dataset / entry["output_path"], name, f"{where}.output_path"),
     )
 
 
@@ -50,7 +51,7 @@ def _input(
 ) -> FusionInput:
     match = _MODEL_REF.match(text)
     if match is None:
-        return FusionInput(label=text, folder=(dataset / text).resolve())
+        return FusionInput(label=text, folder=resolved(dataset / text, name, where))
     key, layer = match["key"], match["layer"]
     spec = models.get(key)
     if spec is None:

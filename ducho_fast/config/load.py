@@ -20,6 +20,7 @@ from ducho_fast.config.fusion import fusion_specs
 from ducho_fast.config.model import Config, Job, Layer, ModelSpec, OutputOptions, RuntimeOptions
 from ducho_fast.config.options import apply_gpu_list, checked_input, word_switches
 from ducho_fast.config.overrides import apply_override
+from ducho_fast.config.paths import absent, resolved
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
 from ducho_fast.config.unique_keys import DuplicateKey, load_unique
 from ducho_fast.errors import ConfigError, NotSupportedYet
@@ -49,7 +50,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a folder; give the YAML file in it.")
     if not path.exists():  # a named pipe (a shell's <(...)) is read once, as a file
-        raise ConfigError(f"config file '{path}' does not exist.")
+        raise ConfigError(f"config file '{path}' {absent(path)}.")
     try:
         data = load_unique(path.read_text("utf-8"))
     except OSError as e:
@@ -134,7 +135,7 @@ def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(data: dict[str, Any], name: str, cwd: Path) -> Config:
-    dataset_path = (cwd / data.get("dataset_path", ".")).resolve()
+    dataset_path = resolved(cwd / data.get("dataset_path", "."), name, "dataset_path")
     jobs = tuple(
         _job(data[m][o], m, o, name, dataset_path, cwd)
         for m in MODALITIES
@@ -154,7 +155,7 @@ def _resolve(data: dict[str, Any], name: str, cwd: Path) -> Config:
         fusions=fusions,
         source=name,
         dataset_path=dataset_path,
-        store=(cwd / data["store"]).resolve(),
+        store=resolved(cwd / data["store"], name, "store"),
         jobs=jobs,
         runtime=runtime,
         output=_output(data["output"], name, dataset_path),
@@ -176,7 +177,7 @@ def _output(raw: dict[str, Any], name: str, dataset: Path) -> OutputOptions:
         squeeze=raw["squeeze"],
         layouts=layouts,
         dtype=raw["dtype"],
-        id_order=(dataset / id_order).resolve() if id_order else None,
+        id_order=resolved(dataset / id_order, name, "output.id_order") if id_order else None,
         resume=raw["resume"],
     )
 
@@ -257,15 +258,15 @@ def _paths(
             )
     if not two:
         return {
-            "input_path": (dataset / block["input_path"]).resolve(),
-            "output_path": (dataset / block["output_path"]).resolve(),
+            key: resolved(dataset / block[key], name, f"{where}.{key}")
+            for key in ("input_path", "output_path")
         }
-    inputs, outputs = block["input_path"], block["output_path"]
     return {
-        "input_path": (dataset / inputs["visual"]).resolve(),
-        "output_path": (dataset / outputs["visual"]).resolve(),
-        "text_input_path": (dataset / inputs["textual"]).resolve(),
-        "text_output_path": (dataset / outputs["textual"]).resolve(),
+        f"{prefix}{key}": resolved(
+            dataset / block[key][modality], name, f"{where}.{key}.{modality}"
+        )
+        for prefix, modality in (("", "visual"), ("text_", "textual"))
+        for key in ("input_path", "output_path")
     }
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
 from typing import Any
 
+from ducho_fast.config.paths import absent
 from ducho_fast.errors import DataError
 
 
@@ -97,7 +99,12 @@ class FileStamp:
         """An input file's stamp, taken before it is read (a file changed meanwhile differs);
         a DataError naming it where it is no regular file (what a link points at counts). A
         named pipe would stop its reader for good: opening one waits for a writer."""
-        info = os.stat(path)
+        try:
+            info = os.stat(path)
+        except OSError as e:  # a file just missing is the readers' "file not found"
+            if e.errno == errno.ELOOP or os.path.islink(path):
+                raise DataError(f"{name}: {absent(path)}.") from e
+            raise
         if not stat.S_ISREG(info.st_mode):
             raise DataError(
                 f"{name}: not a regular file but {file_kind(info.st_mode)}, which is not read. "

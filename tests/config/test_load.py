@@ -200,6 +200,40 @@ def test_empty_config_says_what_to_add(tmp_path: Path) -> None:
         load_config(write(tmp_path, {"dataset_path": "."}), cwd=tmp_path)
 
 
+def test_a_loop_of_links_on_a_path_is_named_by_its_key(tmp_path: Path) -> None:
+    """Path.resolve raises RuntimeError on a loop of symbolic links (before Python 3.13):
+    the run ended with a traceback; now the key and the fix are named."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for data, key in [
+        (visual(RESNET), "dataset_path"),
+        ({**visual(RESNET), "dataset_path": "."}, "visual.items.input_path"),
+        (visual(RESNET, store="a/models"), "store"),
+        (visual(RESNET, output={"id_order": "a"}), "output.id_order"),
+    ]:
+        if key == "dataset_path":
+            data = {**data, "dataset_path": "a"}
+        elif key == "visual.items.input_path":
+            data["visual"]["items"]["input_path"] = "a/images"
+        with pytest.raises(
+            ConfigError,
+            match=rf"config\.yml: key '{key}': \S+ cannot be reached: a symbolic link on it "
+            r"leads round in a loop \(.*\)\. Fix or remove that link\.",
+        ):
+            load_config(write(tmp_path, data), cwd=tmp_path)
+    fused = {"fusion": [{"inputs": ["x", "a"], "mode": "concat", "output_path": "f"}]}
+    with pytest.raises(ConfigError, match=r"key 'fusion\.0\.inputs\.1': .*a cannot be reached"):
+        load_config(write(tmp_path, fused), cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"config file '.*a' cannot be reached: a symbolic"):
+        load_config(tmp_path / "a")
+    (tmp_path / "gone.yml").symlink_to(tmp_path / "nowhere.yml")
+    with pytest.raises(
+        ConfigError,
+        match=r"gone\.yml' does not exist: it is a symbolic link to .*nowhere\.yml, which is miss",
+    ):
+        load_config(tmp_path / "gone.yml")
+
+
 def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "nope.yml")

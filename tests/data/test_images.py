@@ -145,7 +145,7 @@ def test_listed_files_are_light_paths_that_open_and_travel(tmp_path: Path) -> No
     assert os.stat(raw).st_size == (tmp_path / "b.jpg").stat().st_size
     assert pickle.loads(pickle.dumps(items[0])) == items[0]  # to decoder processes, Ray
     assert load_image(raw, (8, 8)).shape == (8, 8, 3)
-    with pytest.raises(DataError, match=r"gone\.jpg: file not found"):
+    with pytest.raises(DataError, match=r"gone\.jpg: does not exist: it is a symbolic link"):
         load_image(items[1].raw, (8, 8))
 
 
@@ -169,6 +169,35 @@ def test_what_is_no_regular_file_is_listed_then_refused_unread(tmp_path: Path) -
     only.mkdir()
     os.mkfifo(only / "pipe.jpg")
     check_files(only, IMAGE_SUFFIXES, "image")
+
+
+def test_links_that_loop_or_lead_nowhere_are_items_that_say_so(tmp_path: Path) -> None:
+    """A file that links to itself, or to a file since removed, is an item that fails with
+    what the link does (it said "Too many levels of symbolic links", or "file not found"); a
+    folder given as such a link says the same."""
+    write_image(tmp_path / "a.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "removed.jpg")
+    items, _, _ = list_images(tmp_path)
+    assert [i.item_id for i in items] == ["a", "gone", "loop"]
+    with pytest.raises(
+        DataError, match=r"gone\.jpg: does not exist: it is a symbolic link to .*removed\.jpg, "
+    ):
+        load_image(items[1].raw, (8, 8))
+    with pytest.raises(DataError, match=r"loop\.jpg: cannot be reached: a symbolic link on it"):
+        load_image(items[2].raw, (8, 8))
+    with pytest.raises(DataError, match=r"missing\.jpg: file not found\."):
+        load_image(tmp_path / "missing.jpg", (8, 8))  # no link: as before
+    (tmp_path / "folder").symlink_to(tmp_path / "folder")
+    with pytest.raises(DataError, match=r"folder/x\.jpg: cannot be reached: a symbolic link"):
+        load_image(tmp_path / "folder" / "x.jpg", (8, 8))  # the loop above the file
+    for look in (list_images, lambda f: check_files(f, IMAGE_SUFFIXES, "image")):
+        with pytest.raises(
+            DataError, match=r"image folder .*folder cannot be reached: a symbolic link on it "
+        ):
+            look(tmp_path / "folder")
+        with pytest.raises(DataError, match=r"image folder .*x does not exist \(check"):
+            look(tmp_path / "x")
 
 
 def test_unsafe_and_duplicate_ids_are_reported_not_written(tmp_path: Path) -> None:

@@ -91,8 +91,6 @@ def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarra
     name = source_name(path)
     stamp = None
     try:
-        if not Path(path).exists():  # libsndfile says only "System error"
-            raise DataError(f"{name}: file not found.")
         stamp = FileStamp.of_input(name, path)  # a pipe would block the reader
         info = sf.info(str(path))
         seconds = info.frames / info.samplerate if info.samplerate else 0.0
@@ -105,6 +103,8 @@ def _read(path: Path, max_seconds: float, crop: float | None) -> tuple[np.ndarra
             )
         frames = int(np.ceil(float(crop) * info.samplerate)) if crop else -1
         wave, rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
+    except FileNotFoundError as e:  # from the stamp: libsndfile says only "System error"
+        raise DataError(f"{name}: file not found.") from e
     except PermissionError as e:
         raise DataError(f"{name}: permission denied; make the file readable.") from e
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:

@@ -13,6 +13,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ducho_fast.config.paths import absent
 from ducho_fast.data.items import Item, file_kind
 from ducho_fast.errors import DataError
 
@@ -37,7 +38,7 @@ def resolve_tsv(path: Path) -> Path:
             "table is read more than once (checked before any work, then read), so write it "
             "to a file and point 'input_path' at that."
         )
-    raise DataError(f"text input {path} does not exist (check 'input_path').")
+    raise DataError(f"text input {path} {absent(path)} (check 'input_path').")
 
 
 @dataclass(frozen=True)

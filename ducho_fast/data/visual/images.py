@@ -18,6 +18,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from ducho_fast.config.model import InputOptions
+from ducho_fast.config.paths import absent
 from ducho_fast.data.items import FilePath, FileStamp, Item, error_reason, source_name
 from ducho_fast.errors import DataError, decode_error, stamped
 
@@ -135,7 +136,7 @@ def _some(names: list[str]) -> str:
 
 
 def _missing(folder: Path, kind: str) -> str:
-    return f"{kind} folder {folder} does not exist (check 'input_path')."
+    return f"{kind} folder {folder} {absent(folder)} (check 'input_path')."
 
 
 def _unlisted(folder: Path, kind: str, error: OSError) -> str:
