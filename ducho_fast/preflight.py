@@ -10,6 +10,7 @@ from typing import Any
 from ducho_fast.artifact import Artifact, varies_per_item
 from ducho_fast.config import Config, Job, ModelSpec
 from ducho_fast.config.model import layer_label
+from ducho_fast.config.paths import too_long
 from ducho_fast.data.ids import FolderNames
 from ducho_fast.errors import ArtifactError, ConfigError
 from ducho_fast.fusion import fused_dir, graph_name
@@ -49,6 +50,12 @@ def check_distinct_folders(cfg: Config) -> None:
     names = FolderNames()  # ``out/ResNet50`` is ``out/resnet50`` where case is ignored
     writers: dict[str, tuple[str, str | None, Path]] = {}
     for path, this, block in _written_folders(cfg):
+        if too_long(path):  # each check of the folder would end the run in a traceback
+            raise ConfigError(
+                f"{this} would write {path}, longer than its file system allows (a name over "
+                "255 bytes, or a whole path of 4096 or more).\nHint: shorten the output_path, or "
+                "the model's name (a file's name, where the model is one)."
+            )
         key = names.key(path)
         if key not in writers:
             writers[key] = (this, block, path)

@@ -20,7 +20,7 @@ from ducho_fast.config.fusion import fusion_specs
 from ducho_fast.config.model import Config, Job, Layer, ModelSpec, OutputOptions, RuntimeOptions
 from ducho_fast.config.options import apply_gpu_list, checked_input, word_switches
 from ducho_fast.config.overrides import apply_override
-from ducho_fast.config.paths import absent, resolved
+from ducho_fast.config.paths import absent, resolved, too_long
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
 from ducho_fast.config.unique_keys import DuplicateKey, load_unique
 from ducho_fast.errors import ConfigError, NotSupportedYet
@@ -454,7 +454,7 @@ def find_local(model_name: str, dataset: Path, cwd: Path) -> Path | None:
     """A model given as a path: tried under dataset_path first, then the working directory."""
     for base in (dataset, cwd):
         candidate = (base / model_name).expanduser()
-        if candidate.exists():
+        if "\0" not in model_name and not too_long(candidate) and candidate.exists():
             return candidate.resolve()
     return None
 

@@ -14,15 +14,41 @@ from ducho_fast.errors import ConfigError
 
 
 def resolved(path: Path, name: str, key: str) -> Path:
-    """``path`` made absolute, its links followed; a loop of links a ConfigError naming ``key``
-    of config ``name``."""
+    """``path`` made absolute, its links followed; a ConfigError naming ``key`` of config
+    ``name`` where no file system could find it: a loop of links, a NUL character, a name
+    too long (each would end a run in a traceback where the path is first used)."""
+    if "\0" in str(path):
+        raise ConfigError(
+            f"{name}: key '{key}' holds a NUL character ('\\0'), which no path may hold; remove it."
+        )
     try:
-        return path.resolve()
+        full = path.resolve()
     except (RuntimeError, OSError) as e:
         raise ConfigError(
             f"{name}: key '{key}': {path} cannot be reached: a symbolic link on it leads round "
             f"in a loop ({e}). Fix or remove that link."
         ) from e
+    if too_long(full):
+        raise ConfigError(
+            f"{name}: key '{key}': {path} is longer than its file system allows (a name over "
+            "255 bytes, or a whole path of 4096 or more): shorten it."
+        )
+    return full
+
+
+def too_long(path: str | os.PathLike[str]) -> bool:
+    """Whether the file system refuses ``path`` for its length (a name, or the whole): past
+    Linux's limits, which a path not yet made is checked against (the kernel stops at the
+    first missing folder), or refused by the file system where the path exists."""
+    raw = os.fsencode(path)
+    parts = raw.replace(os.altsep.encode(), os.sep.encode()) if os.altsep else raw
+    if len(raw) >= 4096 or any(len(part) > 255 for part in parts.split(os.sep.encode())):
+        return True
+    try:
+        os.lstat(raw)
+    except OSError as e:
+        return e.errno == errno.ENAMETOOLONG
+    return False
 
 
 def absent(path: str | os.PathLike[str]) -> str:

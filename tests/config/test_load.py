@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from contextlib import suppress
@@ -232,6 +233,47 @@ def test_a_loop_of_links_on_a_path_is_named_by_its_key(tmp_path: Path) -> None:
         match=r"gone\.yml' does not exist: it is a symbolic link to .*nowhere\.yml, which is miss",
     ):
         load_config(tmp_path / "gone.yml")
+
+
+def test_a_path_no_file_system_takes_is_named_by_its_key(tmp_path: Path, monkeypatch) -> None:
+    """A NUL character or a name over 255 bytes ended the load in ValueError or OSError."""
+    data = visual(RESNET)
+    data["visual"]["items"]["output_path"] = "o\0ut"
+    with pytest.raises(
+        ConfigError, match=r"key 'visual.items.output_path' holds a NUL character \('\\0'\)"
+    ):
+        load_config(write(tmp_path, data), cwd=tmp_path)
+    data["visual"]["items"]["output_path"] = "out"
+    long_names = [("dataset_path", "not-made/" + "d" * 256), ("store", "s" * 300 + "/models")]
+    for key, value in long_names:  # 256 bytes: one too many
+        with pytest.raises(
+            ConfigError, match=rf"key '{key}': .* is longer than its file system allows"
+        ):
+            load_config(write(tmp_path, {**data, key: value}), cwd=tmp_path)
+    load_config(write(tmp_path, {**data, "dataset_path": "not-made/" + "d" * 255}), cwd=tmp_path)
+
+    def path_of(length: int) -> str:  # an absolute path of ``length`` bytes, in short names
+        path = str(tmp_path / "not-made")
+        while length - len(path) > 202:
+            path += "/" + "d" * 200
+        return path + "/" + "d" * (length - len(path) - 1)
+
+    load_config(write(tmp_path, {**data, "store": path_of(4095)}), cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"key 'store': .* is longer than its file system"):
+        load_config(write(tmp_path, {**data, "store": path_of(4096)}), cwd=tmp_path)
+    lstat = os.lstat
+
+    def short_names(path, *args, **kwargs):  # a file system with a shorter limit (eCryptfs)
+        if b"short-fs" in os.fsencode(path):
+            raise OSError(errno.ENAMETOOLONG, "File name too long", path)
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", short_names)
+    with pytest.raises(ConfigError, match=r"key 'dataset_path': .*short-fs is longer than"):
+        load_config(write(tmp_path, {**data, "dataset_path": "short-fs"}), cwd=tmp_path)
+    for name in ("x" * 300, "x\0y"):  # no file: a name to look up (refused later, named)
+        spec = load_config(visual({**RESNET, "model_name": name}), cwd=tmp_path).jobs[0].models[0]
+        assert spec.model_name == name
 
 
 def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:

@@ -166,6 +166,22 @@ def test_folders_one_only_to_their_file_system_are_one_writer(tmp_path, monkeypa
     assert "list the model once" not in str(refused.value)
 
 
+def test_a_folder_named_longer_than_its_file_system_allows_is_refused_first(tmp_path) -> None:
+    """A model named in 300 characters names a folder no file system takes: its first check
+    ended the run in an OSError traceback (File name too long)."""
+    model = {"model_name": "m" * 300, "output_layers": ["avgpool"]}
+    block = {"input_path": "images", "output_path": "out", "model": [model]}
+    config = load_config({"dataset_path": str(tmp_path), "visual": {"items": block}})
+    with pytest.raises(
+        ConfigError,
+        match=rf"'visual.items.model.0' layer 'avgpool' would write {tmp_path}/out/torch/m+/"
+        r"avgpool, longer than its file system allows .*\nHint: shorten the output_path, or",
+    ):
+        check_distinct_folders(config)
+    model["model_name"] = "m" * 200
+    check_distinct_folders(load_config({"dataset_path": str(tmp_path), "visual": {"items": block}}))
+
+
 def test_layouts_must_keep_the_per_item_parts(tmp_path: Path) -> None:
     from ducho_fast.config import load_config
 
