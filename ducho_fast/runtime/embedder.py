@@ -185,6 +185,8 @@ class Embedder:
             return prepare_audio(raw, pre, self.input_options, source_rate=sample_rate)
         if not isinstance(raw, str | Tokens):
             raise DataError(f"text inputs must be strings, found {type(raw).__name__}.")
+        if isinstance(raw, str) and not raw.isascii():
+            _check_unicode(raw)
         return raw
 
     def batch_feeds(self, payloads: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -459,6 +461,21 @@ class Embedder:
         except DataError as e:
             e.args = (f"inputs[{index}]: {e}", *e.args[1:])
             raise
+
+
+def _check_unicode(text: str) -> None:
+    """A DataError where ``text`` holds a lone surrogate, which no tokenizer takes (it raised
+    a TypeError naming no input): what decoding bytes with ``errors="surrogateescape"``
+    leaves of bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"the text holds {text[e.start]!r} at character {e.start}, half of a UTF-16 pair "
+            "and no character (what decoding bytes with errors='surrogateescape' leaves of "
+            "bytes that are not UTF-8): decode the text with its real encoding, or drop those "
+            "characters."
+        ) from e
 
 
 def read_ahead(batch_size: int, workers: int) -> int:

@@ -133,6 +133,10 @@ def test_text_embedder_token_level_layers_are_lists(tmp_path, store, tiny_bert_d
             DataError, match=rf"^inputs\[0\]: text inputs must be strings, .* {kind}"
         ):
             emb.embed([bad])
+    with pytest.raises(  # a tokenizer's TypeError, naming no input, before
+        DataError, match=r"^inputs\[1\]: the text holds '\\udce9' at character 3, half of a"
+    ):
+        emb.embed(["café", b"caf\xe9".decode("utf-8", "surrogateescape")])
     none = emb.embed([])  # stacks with other results: (0, D), not (0,)
     assert isinstance(none, np.ndarray) and none.shape == (0, 32) and none.dtype == np.float32
     assert emb.embed([], layer="last_hidden_state") == []
