@@ -52,6 +52,14 @@ def test_token_level_features_are_refused() -> None:
         fuse([np.zeros((1, 3, 8), np.float32), rows(0)], "concat")
 
 
+def test_features_of_no_real_numbers_are_refused() -> None:
+    """A complex feature was cast to float32 with a ComplexWarning, its imaginary part lost."""
+    with pytest.raises(DataError, match=r"real numbers, found an array of complex64"):
+        fuse([np.ones(8, np.complex64), rows(0)], "concat")
+    ints = fuse([np.arange(8), np.ones(8, bool)], "sum")  # integers and flags are numbers
+    np.testing.assert_array_equal(ints, np.arange(1, 9, dtype=np.float32).reshape(1, 8))
+
+
 def write_features(folder: Path, ids: list[str], dim: int, seed: int) -> dict[str, np.ndarray]:
     folder.mkdir(parents=True)
     out = {}
