@@ -415,8 +415,9 @@ def _layer_names(
     trust: bool,
     kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
-    from ducho_fast.config.load import find_local
+    from ducho_fast.config.load import check_name, find_local
 
+    check_name(model, "the MODEL of `ducho-fast layers`")
     if backend is Backend.sentence_transformers:
         return [
             "(any label: sentence-transformers models output their sentence embedding; "

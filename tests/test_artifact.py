@@ -221,6 +221,9 @@ def test_what_is_not_an_artifact_folder_says_why(tmp_path) -> None:
 
     with pytest.raises(ArtifactError, match=r"artifact folder .*missing does not exist"):
         load_artifact(tmp_path / "missing")
+    for unusable in ("a" * 256, "a\0b", "d/" * 2050):  # each an OSError or ValueError before
+        with pytest.raises(ArtifactError, match=r"no artifact at .*: no file system takes it"):
+            load_artifact(tmp_path / unusable)
     store = tmp_path / "store"
     for name in ("torch-b-1", "torch-a-2", "st-c-3", "st-d-4", "st-e-5", "st-f-6"):
         _artifact(store / name)

@@ -446,6 +446,20 @@ def test_layers_of_a_folder_that_is_no_transformers_model_is_an_error(tmp_path: 
     assert "A file of that folder is missing, damaged or not what the library" in result.output
 
 
+def test_a_model_or_artifact_named_past_any_file_systems_limit_is_an_error() -> None:
+    """``layers`` and ``inspect`` ended in an OSError traceback (File name too long)."""
+    for backend in ("torch", "transformers", "tensorflow", "sentence_transformers"):
+        result = runner.invoke(app, ["layers", backend, "m" * 300])
+        assert result.exit_code == 1, result.output
+        assert "the MODEL of `ducho-fast layers` is 'mmm" in result.output
+        assert "which no file system takes as a path" in " ".join(result.output.split())
+    result = runner.invoke(app, ["inspect", "a" * 300])
+    assert result.exit_code == 1, result.output
+    assert f"no artifact at '{'a' * 300}': no file system takes it as a path" in " ".join(
+        result.output.split()
+    )
+
+
 def test_doctor_reports_real_providers() -> None:
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0

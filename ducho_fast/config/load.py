@@ -275,6 +275,8 @@ def _model(
 ) -> ModelSpec:
     if "model_name" not in m:
         raise ConfigError(f"{name}: '{where}' needs the key '{where}.model_name'.")
+    for key in ("model_name", "tokenizer_name", "image_processor"):
+        check_name(m.get(key), f"{name}: key '{where}.{key}'")
     backend_dir = m.get("backend") or _default_backend(modality)
     backend = backend_dir.replace("-", "_")
     if (modality, backend) in NOT_YET:
@@ -448,6 +450,19 @@ def _check_two_tower(spec: ModelSpec, raw: dict[str, Any], name: str) -> None:
                 "their image processor (resize, crop, normalization) comes with the model. "
                 "Remove the key, or name another processor with image_processor."
             )
+
+
+def check_name(value: Any, what: str) -> None:
+    """A ConfigError saying ``what`` (a config's key, an argument) is, where a model's name is
+    neither a path a file system takes nor a name (it ended a load in an OSError traceback
+    where the libraries look for it as a path)."""
+    if isinstance(value, str) and ("\0" in value or too_long(value)):
+        shown = repr(value if len(value) <= 80 else value[:80] + "...")
+        raise ConfigError(
+            f"{what} is {shown}, which no file system takes as a path (it holds "
+            "a NUL character, a name over 255 bytes or 4096 bytes or more in all) and no hub or "
+            "library names a model so: give the model's file or folder, or its name."
+        )
 
 
 def find_local(model_name: str, dataset: Path, cwd: Path) -> Path | None:

@@ -271,9 +271,21 @@ def test_a_path_no_file_system_takes_is_named_by_its_key(tmp_path: Path, monkeyp
     monkeypatch.setattr(os, "lstat", short_names)
     with pytest.raises(ConfigError, match=r"key 'dataset_path': .*short-fs is longer than"):
         load_config(write(tmp_path, {**data, "dataset_path": "short-fs"}), cwd=tmp_path)
-    for name in ("x" * 300, "x\0y"):  # no file: a name to look up (refused later, named)
-        spec = load_config(visual({**RESNET, "model_name": name}), cwd=tmp_path).jobs[0].models[0]
-        assert spec.model_name == name
+    # a model's name is looked for as a path (by the libraries too): the OSError of a stat
+    for key, value in [
+        ("model_name", "x" * 300),
+        ("model_name", "x\0y"),
+        ("tokenizer_name", "t" * 256),
+    ]:
+        with pytest.raises(
+            ConfigError,
+            match=rf"key 'visual.items.model.0.{key}' is '.+', which no file system takes as a "
+            r"path \(it holds a NUL character, a name over 255 bytes or 4096 bytes or more in "
+            r"all\) and no hub or library names a model so: give the model's file or folder",
+        ):
+            load_config(visual({**RESNET, key: value}), cwd=tmp_path)
+    spec = load_config(visual({**RESNET, "model_name": "x" * 255}), cwd=tmp_path).jobs[0].models[0]
+    assert spec.model_name == "x" * 255  # a name, for the exporter to look up (and refuse)
 
 
 def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
