@@ -167,19 +167,24 @@ def test_folders_one_only_to_their_file_system_are_one_writer(tmp_path, monkeypa
 
 
 def test_a_folder_named_longer_than_its_file_system_allows_is_refused_first(tmp_path) -> None:
-    """A model named in 300 characters names a folder no file system takes: its first check
-    ended the run in an OSError traceback (File name too long)."""
-    model = {"model_name": "m" * 300, "output_layers": ["avgpool"]}
+    """A layer named in 300 characters, or an output_path near 4096 bytes, names a folder no
+    file system takes: its first check ended the run in an OSError (File name too long)."""
+    model = {"model_name": "resnet18", "output_layers": ["l" * 300]}
     block = {"input_path": "images", "output_path": "out", "model": [model]}
-    config = load_config({"dataset_path": str(tmp_path), "visual": {"items": block}})
+    config = {"dataset_path": str(tmp_path), "visual": {"items": block}}
     with pytest.raises(
         ConfigError,
-        match=rf"'visual.items.model.0' layer 'avgpool' would write {tmp_path}/out/torch/m+/"
-        r"avgpool, longer than its file system allows .*\nHint: shorten the output_path, or",
+        match=rf"'visual.items.model.0' layer 'l+' would write {tmp_path}/out/torch/resnet18/"
+        r"l+, longer than its file system allows .*\nHint: shorten the output_path, or",
     ):
-        check_distinct_folders(config)
-    model["model_name"] = "m" * 200
-    check_distinct_folders(load_config({"dataset_path": str(tmp_path), "visual": {"items": block}}))
+        check_distinct_folders(load_config(config))
+    model["output_layers"] = ["l" * 255]
+    check_distinct_folders(load_config(config))
+    model["output_layers"] = ["avgpool"]
+    deep = "/".join(["o" * 200] * 21)  # the output_path fits; its feature folders do not
+    block["output_path"] = deep[: 4096 - len(str(tmp_path)) - 2]
+    with pytest.raises(ConfigError, match=r"layer 'avgpool' would write .*, longer than its"):
+        check_distinct_folders(load_config(config))
 
 
 def test_layouts_must_keep_the_per_item_parts(tmp_path: Path) -> None:
