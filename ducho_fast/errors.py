@@ -7,7 +7,9 @@ The CLI prints ``str(error)`` and exits with code 1; nothing else is caught.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,6 +56,24 @@ def decode_error(message: str, error: BaseException, stamp: FileStamp | None) ->
 def stamped(message: str, stamp: FileStamp | None) -> DataError:
     """:class:`UnreadableFile` for a file with a stamp, else a plain DataError."""
     return DataError(message) if stamp is None else UnreadableFile(message, stamp)
+
+
+def unwritable_folder(folder: Path, error: OSError) -> OutputError:
+    """The OutputError for an output folder that cannot be made or written: where a part of
+    its path is a file ("Not a directory"), that file is named, not the disk's free space."""
+    for part in (folder, *folder.parents):
+        if os.path.lexists(part):
+            if not part.is_dir():
+                return OutputError(
+                    f"cannot write to the output folder {folder}: {part} is a file, not a "
+                    "folder. Give an output_path that is a folder (or not there yet), or move "
+                    "that file."
+                )
+            break
+    return OutputError(
+        f"cannot write to the output folder {folder}: {error.strerror or error}. Check that "
+        "it is writable and that the disk has space."
+    )
 
 
 class ExportError(DuchoError):

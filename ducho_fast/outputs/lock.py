@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ducho_fast.errors import OutputError
+from ducho_fast.errors import OutputError, unwritable_folder
 
 try:
     import fcntl
@@ -63,10 +63,7 @@ class FolderLocks:
         except Busy as e:
             raise OutputError(self._busy_message(folder, e.holder)) from e
         except OSError as e:
-            raise OutputError(
-                f"cannot write to the output folder {folder}: {e.strerror or e}. Check that it "
-                "is writable and that the disk has space."
-            ) from e
+            raise unwritable_folder(folder, e) from e
         if fd is not None:  # None: a file system without locks, unlocked as before
             self._fds[key] = fd
             # Shared: the holder alone, as the tasks of a job array come and go (a process

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ducho_fast import __version__
-from ducho_fast.errors import DataError, OutputError
+from ducho_fast.errors import DataError, OutputError, unwritable_folder
 from ducho_fast.outputs.atomic import TMP_PREFIX, temp_path, write_text
 
 MANIFEST_FILE = "ducho-fast.manifest.json"
@@ -172,10 +172,7 @@ def open_folder(
         folder = OutputFolder(path, key, existing, written=written, removing=removing)
         _write(path, key, "running", counts={"reusable": len(existing)})
     except OSError as e:
-        raise OutputError(
-            f"cannot write to the output folder {path}: {e.strerror or e}. Check that it is "
-            "writable and that the disk has space."
-        ) from e
+        raise unwritable_folder(path, e) from e
     return folder
 
 

@@ -114,10 +114,26 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path: Path, monkeypatch) 
         two.take(tmp_path)
 
 
-def test_an_unwritable_folder_is_named(tmp_path: Path) -> None:
+def test_an_unwritable_folder_is_named(tmp_path: Path, monkeypatch) -> None:
+    """A file on the folder's path is named (the disk's free space was, for "Not a
+    directory"); any other error is given with the checks to make."""
     (tmp_path / "file").write_text("")
-    with pytest.raises(OutputError, match=r"cannot write to the output folder .*file/sub"):
-        FolderLocks("ducho-fast extract").take(tmp_path / "file" / "sub")
+    with pytest.raises(
+        OutputError,
+        match=r"cannot write to the output folder (\S+)/file/sub/deeper: \1/file is a file, not "
+        r"a folder\. Give an output_path that is a folder \(or not there yet\), or move that",
+    ):
+        FolderLocks("ducho-fast extract").take(tmp_path / "file" / "sub" / "deeper")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(
+        OutputError,
+        match=r"output folder .*/new: Permission denied\. Check that it is writable and that",
+    ):
+        FolderLocks("ducho-fast extract").take(tmp_path / "new")
 
 
 def test_a_fusion_into_a_folder_another_run_fuses_into_is_refused(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def test_a_damaged_manifest_is_named_with_the_fix(tmp_path: Path, damage: bytes)
 
 def test_a_file_in_place_of_the_folder_is_an_output_error(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("x")
-    with pytest.raises(OutputError, match=r"cannot write to the output folder"):
+    with pytest.raises(OutputError, match=r"output folder .*out: .*out is a file, not a folder"):
         open_folder(tmp_path / "out", KEY, resume=True, what="'m'")
 
 
