@@ -416,6 +416,7 @@ def _layer_names(
     kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
     from ducho_fast.config.load import check_name, find_local
+    from ducho_fast.config.paths import working_folder
 
     check_name(model, "the MODEL of `ducho-fast layers`")
     if backend is Backend.sentence_transformers:
@@ -427,7 +428,7 @@ def _layer_names(
         from ducho_fast.exporters.hf import list_layers
 
         return list_layers(model, trust)
-    cwd = Path.cwd()
+    cwd = working_folder()
     if backend is Backend.tensorflow:
         from ducho_fast.exporters.tf import keras_layer_names
 

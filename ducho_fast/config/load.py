@@ -20,7 +20,7 @@ from ducho_fast.config.fusion import fusion_specs
 from ducho_fast.config.model import Config, Job, Layer, ModelSpec, OutputOptions, RuntimeOptions
 from ducho_fast.config.options import apply_gpu_list, checked_input, word_switches
 from ducho_fast.config.overrides import apply_override
-from ducho_fast.config.paths import absent, resolved, too_long
+from ducho_fast.config.paths import absent, resolved, too_long, working_folder
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
 from ducho_fast.config.unique_keys import DuplicateKey, load_unique
 from ducho_fast.errors import ConfigError, NotSupportedYet
@@ -96,7 +96,7 @@ def load_config(
     raw = compat.normalize(raw)
     Checker(name).check(raw)
     merged = _with_defaults(raw)
-    return _resolve(merged, name, (cwd or Path.cwd()).resolve())
+    return _resolve(merged, name, (cwd or working_folder()).resolve())
 
 
 def _override_list(overrides: Iterable[str] | None) -> list[str]:

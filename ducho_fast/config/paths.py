@@ -23,10 +23,15 @@ def resolved(path: Path, name: str, key: str) -> Path:
         )
     try:
         full = path.resolve()
-    except (RuntimeError, OSError) as e:
+    except RuntimeError as e:
         raise ConfigError(
             f"{name}: key '{key}': {path} cannot be reached: a symbolic link on it leads round "
             f"in a loop ({e}). Fix or remove that link."
+        ) from e
+    except OSError as e:  # the working folder removed under a relative path, say
+        raise ConfigError(
+            f"{name}: key '{key}': {path} cannot be made absolute ({e.strerror or e}); check "
+            "that the working folder still exists, or give an absolute path."
         ) from e
     if too_long(full):
         raise ConfigError(
@@ -34,6 +39,18 @@ def resolved(path: Path, name: str, key: str) -> Path:
             "255 bytes, or a whole path of 4096 or more): shorten it."
         )
     return full
+
+
+def working_folder() -> Path:
+    """The working folder; a ConfigError where it was removed since the shell entered it
+    (``Path.cwd`` raised FileNotFoundError, a traceback)."""
+    try:
+        return Path.cwd()
+    except OSError as e:
+        raise ConfigError(
+            f"the working folder cannot be found ({e.strerror or e}): it was removed or moved "
+            "after the shell entered it. Change to a folder that exists, then run again."
+        ) from e
 
 
 def too_long(path: str | os.PathLike[str]) -> bool:

@@ -288,6 +288,24 @@ def test_a_path_no_file_system_takes_is_named_by_its_key(tmp_path: Path, monkeyp
     assert spec.model_name == "x" * 255  # a name, for the exporter to look up (and refuse)
 
 
+def test_a_working_folder_removed_under_the_shell_is_named(tmp_path: Path, monkeypatch) -> None:
+    """Path.cwd raised FileNotFoundError: a traceback from a run given an absolute config."""
+    from ducho_fast.config.paths import resolved
+
+    config = write(tmp_path, visual(RESNET))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(ConfigError, match=r"^the working folder cannot be found \(No such file"):
+        load_config(config)
+    with pytest.raises(
+        ConfigError, match=r"^c\.yml: key 'store': rel cannot be made absolute \(No such file"
+    ):
+        resolved(Path("rel"), "c.yml", "store")
+    assert load_config(config, cwd=tmp_path).jobs[0].input_path == tmp_path / "images"
+
+
 def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "nope.yml")
