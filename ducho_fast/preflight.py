@@ -54,7 +54,7 @@ def check_distinct_folders(cfg: Config) -> None:
             raise ConfigError(
                 f"{this} would write {path}, longer than its file system allows (a name over "
                 "255 bytes, or a whole path of 4096 or more).\nHint: shorten the output_path, or "
-                "the model's name (a file's name, where the model is one)."
+                "the name of the layer (output_layers) or of the model."
             )
         key = names.key(path)
         if key not in writers:
