@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ducho_fast.config.model import ModelSpec
-from ducho_fast.config.paths import absent, too_long
+from ducho_fast.config.paths import absent, no_path
 from ducho_fast.data.items import FileStamp
 from ducho_fast.errors import ArtifactError
 from ducho_fast.outputs.atomic import replacing
@@ -213,7 +213,7 @@ def _not_an_artifact(path: Path) -> str:
 def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
     """Read and check an artifact directory (manifest present, graph hash matches)."""
     manifest_path = path / MANIFEST_FILE
-    if "\0" in str(path) or too_long(manifest_path):  # is_file would raise
+    if no_path(manifest_path):  # is_file would raise
         raise ArtifactError(
             f"no artifact at {str(path)!r}: no file system takes it as a path (it holds a NUL "
             "character, a name over 255 bytes or 4096 bytes or more in all)."

@@ -100,11 +100,10 @@ def fuse(vectors: Sequence[np.ndarray], mode: str, *, normalize: bool = False) -
 
 
 def _row(value: np.ndarray) -> np.ndarray:
-    if np.asarray(value).dtype.kind not in "biuf":  # a complex one lost its imaginary part
-        raise DataError(
-            f"fusion needs features of real numbers, found an array of {np.asarray(value).dtype}"
-        )
-    array = np.asarray(value, dtype=np.float32)
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":  # a complex one lost its imaginary part
+        raise DataError(f"fusion needs features of real numbers, found an array of {array.dtype}")
+    array = array.astype(np.float32, copy=False)
     if array.ndim == 0 or array.size != array.shape[-1]:
         raise DataError(
             f"fusion needs one vector per item, found an array of shape {array.shape} "

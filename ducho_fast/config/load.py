@@ -20,7 +20,7 @@ from ducho_fast.config.fusion import fusion_specs
 from ducho_fast.config.model import Config, Job, Layer, ModelSpec, OutputOptions, RuntimeOptions
 from ducho_fast.config.options import apply_gpu_list, checked_input, word_switches
 from ducho_fast.config.overrides import apply_override
-from ducho_fast.config.paths import absent, resolved, too_long, working_folder
+from ducho_fast.config.paths import absent, no_path, resolved, working_folder
 from ducho_fast.config.schema import MODALITIES, ORIGINS, Checker
 from ducho_fast.config.unique_keys import DuplicateKey, load_unique
 from ducho_fast.errors import ConfigError, NotSupportedYet
@@ -456,7 +456,7 @@ def check_name(value: Any, what: str) -> None:
     """A ConfigError saying ``what`` (a config's key, an argument) is, where a model's name is
     neither a path a file system takes nor a name (it ended a load in an OSError traceback
     where the libraries look for it as a path)."""
-    if isinstance(value, str) and ("\0" in value or too_long(value)):
+    if isinstance(value, str) and no_path(value):
         shown = repr(value if len(value) <= 80 else value[:80] + "...")
         raise ConfigError(
             f"{what} is {shown}, which no file system takes as a path (it holds "
@@ -469,7 +469,7 @@ def find_local(model_name: str, dataset: Path, cwd: Path) -> Path | None:
     """A model given as a path: tried under dataset_path first, then the working directory."""
     for base in (dataset, cwd):
         candidate = (base / model_name).expanduser()
-        if "\0" not in model_name and not too_long(candidate) and candidate.exists():
+        if not no_path(candidate) and candidate.exists():
             return candidate.resolve()
     return None
 

@@ -53,6 +53,12 @@ def working_folder() -> Path:
         ) from e
 
 
+def no_path(path: str | os.PathLike[str]) -> bool:
+    """Whether no file system takes ``path``: it holds a NUL, or is :func:`too_long` (a stat
+    of it would raise ValueError or OSError)."""
+    return "\0" in os.fspath(path) or too_long(path)
+
+
 def too_long(path: str | os.PathLike[str]) -> bool:
     """Whether the file system refuses ``path`` for its length (a name, or the whole): past
     Linux's limits, which a path not yet made is checked against (the kernel stops at the
