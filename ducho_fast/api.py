@@ -69,9 +69,13 @@ ConfigLike = str | Path | dict[str, Any] | Config
 ENGINES = ("local", "ray")
 
 
-def as_config(config: ConfigLike, overrides: Iterable[str] | None = ()) -> Config:
+def as_config(
+    config: ConfigLike, overrides: Iterable[str] | None = (), *, name: str | None = None
+) -> Config:
+    """``config`` as a :class:`Config`, ``overrides`` applied; ``name``: what errors call a
+    mapping (the file it was read from)."""
     if not isinstance(config, Config):
-        return load_config(config, overrides)
+        return load_config(config, overrides, name=name)
     extra = list(overrides) if overrides is not None else []
     if extra:
         raise ConfigError(

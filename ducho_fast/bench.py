@@ -18,6 +18,7 @@ in the same rounds (:mod:`ducho_fast.bench_variants`).
 from __future__ import annotations
 
 import csv
+import os
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ from ducho_fast.bench_source import Source, torch_threads
 from ducho_fast.bench_timing import alone, rounds, session_alone
 from ducho_fast.bench_variants import Variant, compare_features, variant_configs
 from ducho_fast.config import Config, Job, ModelSpec
+from ducho_fast.config.load import read_config
 from ducho_fast.data.items import Item
 from ducho_fast.data.pairs import paired_items
 from ducho_fast.data.sources import check_inputs, job_items, loader_for
@@ -153,10 +155,14 @@ def bench(
             f"bench takes whole numbers of 1 or more for items and repeats, not {items!r} "
             f"and {repeats!r}."
         )
-    cfg = api.as_config(config, overrides)
+    name = None
+    if variants and isinstance(config, str | os.PathLike):
+        # Each variant is the YAML with its setting: read once (a pipe, stdin: only once).
+        config, name = read_config(config)
+    cfg = api.as_config(config, overrides, name=name)
     check_inputs(cfg.jobs)
     artifacts = {graph_name(g): find_artifact(cfg.store, g) for g in cfg.graphs()}
-    others = variant_configs(config, overrides, variants, cfg)
+    others = variant_configs(config, overrides, variants, cfg, name)
     report = BenchReport()
     with _work_folder(work, cfg) as folder:
         for k, job in enumerate(cfg.jobs):

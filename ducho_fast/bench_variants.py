@@ -49,10 +49,15 @@ class Variant:
 
 
 def variant_configs(
-    config: api.ConfigLike, overrides: Sequence[str], settings: Sequence[str], base: Config
+    config: api.ConfigLike,
+    overrides: Sequence[str],
+    settings: Sequence[str],
+    base: Config,
+    name: str | None = None,
 ) -> list[tuple[str, Config]]:
     """Each setting applied over the config and its ``overrides``: the same jobs and models,
-    run another way. Their models must be exported (a precision of their own included)."""
+    run another way. Their models must be exported (a precision of their own included).
+    ``name``: the file a mapping was read from, for errors."""
     if settings and isinstance(config, Config):
         raise ConfigError(
             "bench's variants (--vs) apply to a config's YAML file or mapping, not to a Config "
@@ -66,7 +71,7 @@ def variant_configs(
                 "runtime.readers=processes or runtime.workers=8."
             )
         try:
-            other = api.as_config(config, [*overrides, setting])
+            other = api.as_config(config, [*overrides, setting], name=name)
         except ConfigError as e:  # a bad key or value: say it came from this variant
             raise ConfigError(f"--vs {setting}: {e}") from e
         if _shape(other) != _shape(base):

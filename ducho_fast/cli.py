@@ -55,7 +55,12 @@ STOPPED_FUSE = "Run the same command again to finish the fusions."
 STOPPED_BENCH = "Nothing of the config's outputs was touched, and bench's work folder is removed."
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-ConfigArg = Annotated[Path, typer.Argument(help="Ducho-style YAML config.", show_default=False)]
+ConfigArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Ducho-style YAML config; - reads it from standard input.", show_default=False
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a key: a.b.c=VALUE (YAML-typed; list indices allowed)."),

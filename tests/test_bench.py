@@ -274,14 +274,15 @@ def test_bench_refuses_variants_that_are_not_one_setting_of_the_same_models(
 
 
 def test_bench_command_prints_each_variant(exported: dict[str, Any], tmp_path: Path) -> None:
+    """The config comes from standard input (``-``), which is read once: each variant was
+    the file read again, and a pipe's second read found nothing to extract."""
     import yaml
 
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump(exported))
     work = tmp_path / "work"
     work.mkdir()
-    args = ["bench", str(path), "--items", "3", "--repeats", "1", "--work", str(work)]
-    result = CliRunner().invoke(app, [*args, "--vs", "runtime.workers=1", "--json"])
+    args = ["bench", "-", "--items", "3", "--repeats", "1", "--work", str(work)]
+    text = yaml.safe_dump(exported)
+    result = CliRunner().invoke(app, [*args, "--vs", "runtime.workers=1", "--json"], input=text)
     assert result.exit_code == 0, result.output
     assert result.output.count("  with runtime.workers=1: ") == 2
     assert "x extract as configured" in result.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,9 @@ def load_defaults() -> dict[str, Any]:
     return data
 
 
+STDIN = "-"  # a config read from standard input: ``envsubst < c.yml | ducho-fast extract -``
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with ``safe_load``'s loader, a key given twice refused."""
     if path.is_dir():
@@ -52,21 +56,49 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():  # a named pipe (a shell's <(...)) is read once, as a file
         raise ConfigError(f"config file '{path}' {absent(path)}.")
     try:
-        data = load_unique(path.read_text("utf-8"))
+        text = path.read_bytes()
     except OSError as e:
         raise ConfigError(
             f"config file '{path}' cannot be read ({e.strerror or e}); check its permissions."
         ) from e
+    return _parse(text, str(path))
+
+
+def read_config(source: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """A config file's mapping and the name its errors give, read once: a named pipe or
+    standard input (``-``) cannot be read again, as ``bench --vs`` does for each variant."""
+    if os.fspath(source) != STDIN:
+        return read_yaml(Path(source)), str(source)
+    name = "<stdin>"
+    stream = sys.stdin
+    if stream is None or stream.closed:
+        raise ConfigError(f"config '{STDIN}' reads standard input, which this process has not.")
+    if stream.isatty():
+        raise ConfigError(
+            f"config '{STDIN}' reads the YAML from standard input, which is a terminal here: "
+            "pipe it in (envsubst < config.yml | ducho-fast extract -), or give the file's "
+            "path (./- for a file named '-')."
+        )
+    try:
+        text = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot be read ({e.strerror or e}).") from e
+    return _parse(text, name), name
+
+
+def _parse(text: str | bytes, name: str) -> dict[str, Any]:
+    try:
+        data = load_unique(text.decode("utf-8") if isinstance(text, bytes) else text)
     except DuplicateKey as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{name}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{name}: not valid YAML: {e}") from e
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e}).") from e
+        raise ConfigError(f"{name}: not UTF-8 text ({e}).") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, found {type(data).__name__}.")
+        raise ConfigError(f"{name}: the top level must be a mapping, found {type(data).__name__}.")
     return data
 
 
@@ -75,22 +107,28 @@ def load_config(
     overrides: Iterable[str] | None = (),
     *,
     cwd: Path | None = None,
+    name: str | None = None,
 ) -> Config:
     """Build a validated :class:`Config` from a YAML file (or an in-memory mapping).
 
     Args:
-        source: path of the YAML file, or the mapping itself.
+        source: path of the YAML file (``-``: read from standard input), or the mapping
+            itself.
         overrides: ``a.b.c=VALUE`` strings (``--`` prefix allowed), applied in order; None:
             none.
         cwd: directory relative paths start from; the working directory by default.
+        name: what errors call a mapping (the file it was read from); ``<config>`` by
+            default.
     """
     if not isinstance(source, str | os.PathLike | dict) or source == "":
         raise ConfigError(
             "a config is the path of a YAML file, a mapping of its keys, or a Config; found "
             f"{'an empty path' if source == '' else type(source).__name__}."
         )
-    name = str(source) if not isinstance(source, dict) else "<config>"
-    raw = copy.deepcopy(source) if isinstance(source, dict) else read_yaml(Path(source))
+    if isinstance(source, dict):
+        raw, name = copy.deepcopy(source), name or "<config>"
+    else:
+        raw, name = read_config(source)
     for text in _override_list(overrides):
         apply_override(raw, text)
     raw = compat.normalize(raw)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import threading
 from contextlib import suppress
@@ -335,6 +336,41 @@ def test_a_config_from_a_pipe_is_read_once(tmp_path: Path) -> None:
     assert cfg.jobs[0].input_path == tmp_path / "data" / "d.tsv"
 
 
+class _Stdin(io.TextIOWrapper):
+    def __init__(self, text: str, tty: bool = False) -> None:
+        super().__init__(io.BytesIO(text.encode("utf-8")), encoding="utf-8")
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_a_config_from_standard_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``envsubst < config.yml | ducho-fast extract -``: ``-`` reads standard input, its
+    errors named ``<stdin>``; a terminal there is refused, not waited on."""
+    model = "{model_name: m, backend: sentence_transformers, output_layers: 1}"
+    items = f"{{input_path: d.tsv, output_path: o, model: [{model}]}}"
+    text = f"dataset_path: data\ntextual:\n  items: {items}\n"
+    monkeypatch.setattr("sys.stdin", _Stdin(text))
+    cfg = load_config("-", cwd=tmp_path)
+    assert cfg.jobs[0].input_path == tmp_path / "data" / "d.tsv"
+    assert cfg.source == "<stdin>"
+    monkeypatch.setattr("sys.stdin", _Stdin(text))
+    with pytest.raises(ConfigError, match=r"^<stdin>: key 'runtime.workers' must be"):
+        load_config(Path("-"), ["runtime.workers=x"], cwd=tmp_path)
+    monkeypatch.setattr("sys.stdin", _Stdin("visual: [\n"))
+    with pytest.raises(ConfigError, match=r"^<stdin>: not valid YAML"):
+        load_config("-", cwd=tmp_path)
+    monkeypatch.setattr("sys.stdin", _Stdin(text, tty=True))
+    with pytest.raises(ConfigError, match=r"standard input, which is a terminal here: pipe it"):
+        load_config("-", cwd=tmp_path)
+    monkeypatch.setattr("sys.stdin", None)  # pythonw, a daemon with fd 0 closed
+    with pytest.raises(ConfigError, match=r"reads standard input, which this process has not"):
+        load_config("-", cwd=tmp_path)
+    (tmp_path / "-").write_text(text)  # a file named '-' is given with its folder
+    assert load_config(tmp_path / "-", cwd=tmp_path).source == str(tmp_path / "-")
+
+
 def test_a_key_given_twice_is_refused_not_dropped(tmp_path: Path) -> None:
     """YAML keeps the last of two equal keys silently: a second 'visual:' block would drop
     the first block's jobs. A key after a merge (<<) still overrides the merged one."""
@@ -405,10 +441,10 @@ def test_overrides_given_in_code_are_a_list_of_strings(tmp_path: Path) -> None:
 def test_an_unreadable_config_is_a_config_error(tmp_path: Path, monkeypatch) -> None:
     path = write(tmp_path, {"dataset_path": "."})
 
-    def denied(self: Path, *_: object, **__: object) -> str:
+    def denied(self: Path, *_: object, **__: object) -> bytes:
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_text", denied)
+    monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(ConfigError, match=r"cannot be read \(Permission denied\); check its"):
         load_config(path)
 
