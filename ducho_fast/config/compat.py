@@ -11,15 +11,20 @@ from __future__ import annotations
 from typing import Any
 
 from ducho_fast.config.schema import MODALITIES, ORIGINS
+from ducho_fast.errors import ConfigError
 
 _MODEL_RENAMES = {"name": "model_name", "image_processor_name": "image_processor"}
 # Lists whose mappings are separate entries, never merged into one.
 _LISTS_OF_MAPPINGS = ("model", "output_layers", "fusion")
+# Mappings passed on as they are (to a model's builder, to ONNX Runtime): a list of mappings
+# in them is an argument's value, such as a network's blocks, not a loose spelling.
+_VERBATIM = ("architecture_kwargs", "cuda_options")
 
 
-def normalize(raw: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``raw`` in ducho-fast's canonical spelling."""
-    data = _flatten(raw)
+def normalize(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
+    """Return a copy of ``raw`` in ducho-fast's canonical spelling; ``source`` names the
+    file in errors."""
+    data = _flatten(raw, "", source)
     if isinstance(data.get("fusion"), dict):
         data["fusion"] = [data["fusion"]]
     for modality in MODALITIES:
@@ -33,19 +38,40 @@ def normalize(raw: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _flatten(value: Any, key: str = "") -> Any:
-    """Merge Ducho's lists of mappings into one mapping, except under ``model``."""
+def _flatten(value: Any, where: str, source: str, deep: bool = True) -> Any:
+    """Merge Ducho's lists of mappings into one mapping, except under ``model``; a key that
+    two of the mappings give is refused, as YAML's own mappings' are (which would keep
+    only the last). ``deep=False``: that value alone, what it holds kept as written."""
+    key = where.rsplit(".", 1)[-1]
     if isinstance(value, dict):
-        return {k: _flatten(v, str(k)) for k, v in value.items()}
+        if not deep:
+            return value
+        return {
+            k: _flatten(v, f"{where}.{k}" if where else str(k), source, k not in _VERBATIM)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        items = [_flatten(v, key) for v in value]
+        items = (
+            [_flatten(v, f"{where}.{i}", source) for i, v in enumerate(value)] if deep else value
+        )
         if key not in _LISTS_OF_MAPPINGS and items and all(isinstance(v, dict) for v in items):
-            merged: dict[str, Any] = {}
-            for v in items:
-                merged.update(v)
-            return merged
+            return _merged(items, where, source)
         return items
     return value
+
+
+def _merged(items: list[dict[str, Any]], where: str, source: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for i, v in enumerate(items):
+        for k in v.keys() & merged.keys():
+            first = next(j for j, w in enumerate(items[:i]) if k in w)
+            raise ConfigError(
+                f"{source}: key '{where}.{k}' is given twice, in entries {first} and {i} of "
+                f"the list under '{where}', which are read as one mapping (the later would "
+                "replace the earlier): give it once, merging what the two hold."
+            )
+        merged.update(v)
+    return merged
 
 
 def _normalize_block(block: dict[str, Any]) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def load_config(
         raw, name = read_config(source)
     for text in _override_list(overrides):
         apply_override(raw, text)
-    raw = compat.normalize(raw)
+    raw = compat.normalize(raw, name)
     Checker(name).check(raw)
     merged = _with_defaults(raw)
     return _resolve(merged, name, (cwd or working_folder()).resolve())

@@ -70,6 +70,44 @@ textual:
     assert spec.model_dir == "sentence-transformers/all-mpnet-base-v2"
 
 
+def test_a_key_in_two_of_ducho_s_list_entries_is_refused(tmp_path: Path) -> None:
+    """Ducho's lists of one-key mappings are read as one mapping: a key two entries give
+    kept the later silently (a job's input folder, or a whole block, replaced)."""
+    text = """
+visual:
+  items:
+    - input_path: images
+    - output_path: out
+    - input_path: photos
+"""
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.yml: key 'visual\.items\.input_path' is given twice, in entries 0 and "
+        r"2 of the list under 'visual\.items', which are read as one mapping",
+    ):
+        load_config(write(tmp_path, text))
+    blocks = "textual:\n  - items: {input_path: a.tsv}\n  - items: {output_path: o}\n"
+    with pytest.raises(ConfigError, match=r"key 'textual\.items' is given twice, in entries 0"):
+        load_config(write(tmp_path, blocks))
+
+
+def test_a_model_builder_s_arguments_are_passed_as_written(tmp_path: Path) -> None:
+    """A list of mappings inside ``architecture_kwargs`` is an argument's value (a network's
+    blocks), not Ducho's loose spelling of one mapping: it was merged into its last entry."""
+    (tmp_path / "w.pth").write_bytes(b"")
+    kwargs = {"blocks": [{"k": 3}, {"k": 5}], "head": [{"units": 8}], "size": "b0"}
+    model = {**RESNET, "model_name": "w.pth", "architecture": "pkg.mod:build", "trust": True}
+    entry = visual({**model, "architecture_kwargs": kwargs})
+    assert load_config(entry, cwd=tmp_path).models()[0].architecture_kwargs == kwargs
+    defaults = visual(model, model={"architecture_kwargs": kwargs})  # every model's default
+    assert load_config(defaults, cwd=tmp_path).models()[0].architecture_kwargs == kwargs
+    loose = visual({**model, "architecture_kwargs": [{"blocks": kwargs["blocks"]}, {"k": 1}]})
+    assert load_config(loose, cwd=tmp_path).models()[0].architecture_kwargs == {
+        "blocks": kwargs["blocks"],  # Ducho's loose spelling of the mapping itself
+        "k": 1,
+    }
+
+
 def test_unknown_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
     bad = {**RESNET, "output_layer": "avgpool"}
     path = write(tmp_path, visual(bad))
