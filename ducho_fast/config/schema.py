@@ -7,6 +7,7 @@ what is allowed and the closest spelling.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +180,13 @@ class Checker:
                 else f"{_type_name(type(value))} {value!r}"
             )
             raise ConfigError(f"{self.source}: key '{where}' must be {allowed}, found {found}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            # YAML's .nan and .inf: a NaN mean makes every feature NaN, an infinite std zeros
+            # a channel, and no limit compares with NaN.
+            raise ConfigError(
+                f"{self.source}: key '{where}' must be a finite number, found {value!r} (YAML's "
+                f"{'.nan' if math.isnan(value) else '.inf'})."
+            )
         if key.choices is not None and value not in key.choices:
             shown = ", ".join(repr(c) for c in key.choices)
             raise ConfigError(

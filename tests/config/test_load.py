@@ -128,6 +128,33 @@ def test_wrong_type_is_reported_with_what_was_found(tmp_path: Path) -> None:
         load_config(path, cwd=tmp_path)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("entry", "where", "found"),
+    [
+        ({"mean": [NAN, 0.4, 0.4]}, "mean.0", r"nan \(YAML's \.nan\)"),
+        ({"std": [0.2, INF, 0.2]}, "std.1", r"inf \(YAML's \.inf\)"),
+        ({"std": [0.2, 0.2, -INF]}, "std.2", r"-inf \(YAML's \.inf\)"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_refused(
+    tmp_path: Path, entry: dict, where: str, found: str
+) -> None:
+    """An infinite std zeroed a channel silently, a NaN limit of seconds compared as no
+    limit, and a NaN mean failed export with "the source model itself returns NaN ... check
+    the weights"."""
+    key = rf"'visual\.items\.model\.0\.{where}'"
+    with pytest.raises(
+        ConfigError, match=rf"config\.yml: key {key} must be a finite number, found {found}"
+    ):
+        load_config(write(tmp_path, visual({**RESNET, **entry})))  # written .nan, .inf
+    limit = visual(RESNET, input={"max_audio_seconds": NAN})
+    with pytest.raises(ConfigError, match=r"'input\.max_audio_seconds' must be a finite number"):
+        load_config(write(tmp_path, limit))
+
+
 def test_a_key_left_empty_is_named_with_the_fix(tmp_path: Path) -> None:
     """``visual:`` with nothing under it (its block deleted, or indented wrong) is null."""
     path = tmp_path / "config.yml"
