@@ -48,9 +48,10 @@ class MatrixResult:
 
 
 def read_id_order(path: Path) -> list[str]:
-    """One id per line (blank lines skipped); duplicates are an error naming the line."""
+    """One id per line (blank lines skipped); duplicates are an error naming the line. A
+    byte order mark (Notepad's, Excel's "UTF-8" text) is not part of the first id."""
     try:
-        lines = path.read_text("utf-8").splitlines()
+        lines = path.read_text("utf-8-sig").splitlines()
     except FileNotFoundError as e:
         raise DataError(f"id order file {path} does not exist (check 'output.id_order').") from e
     except (OSError, UnicodeDecodeError) as e:

@@ -65,6 +65,8 @@ def test_id_order_file(tmp_path: Path) -> None:
     path = tmp_path / "order.txt"
     path.write_text("b\n\n a \nc\n")
     assert read_id_order(path) == ["b", "a", "c"]
+    path.write_bytes(b"\xef\xbb\xbfb\r\na\r\n\r\n")  # saved on Windows: its first row was 'b'
+    assert read_id_order(path) == ["b", "a"]  # with the mark, so filled with the mean
     path.write_text("b\na\nb\n")
     with pytest.raises(DataError, match=r"order.txt:3: id 'b' is listed twice \(first at line 1\)"):
         read_id_order(path)
