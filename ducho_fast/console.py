@@ -128,10 +128,13 @@ class ProgressLines:
             )
 
     def stalled(self) -> None:
-        """A line if none came for ``every`` seconds: how long nothing was done."""
+        """A line if neither a line nor an item came for ``every`` seconds: how long nothing
+        was done. Items still coming: the next one's tick prints the rate."""
         with self._lock:
             now = time.monotonic()
             if now - self._last < self._every or self._done >= self._total:
+                return
+            if now - self._last_tick < self._every:
                 return
             self._last = now
             if self._done:

@@ -206,6 +206,28 @@ def test_a_stall_still_gets_a_line_every_so_often(monkeypatch: pytest.MonkeyPatc
     ]
 
 
+def test_the_watcher_leaves_the_line_to_the_next_tick_while_items_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watcher wakes ``every`` seconds after the last line, a moment before the tick that
+    would print the rate: it printed "no item done for 0:00:00" there, so a log of a run
+    going well had that line in place of nearly every rate line."""
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    printed: list[str] = []
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    lines = console.ProgressLines("job model", 100, every=30.0)  # starts at 100 s
+    for second in range(101, 161):  # an item a second, half a second after the watcher
+        now[0] = second
+        lines.stalled()
+        now[0] = second + 0.5
+        lines.tick(1)
+    assert printed == [
+        "job model: 30/100 (30%), 1.0 items/s, about 0:01:11 left",  # at 130.5 s
+        "job model: 60/100 (60%), 1.0 items/s, about 0:00:40 left",  # at 160.5 s
+    ]
+
+
 def test_the_stall_watcher_prints_while_nothing_ticks_and_stops_at_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
