@@ -132,9 +132,8 @@ class ProgressLines:
         was done. Items still coming: the next one's tick prints the rate."""
         with self._lock:
             now = time.monotonic()
-            if now - self._last < self._every or self._done >= self._total:
-                return
-            if now - self._last_tick < self._every:
+            quiet = now - max(self._last, self._last_tick)
+            if quiet < self._every or self._done >= self._total:
                 return
             self._last = now
             if self._done:
