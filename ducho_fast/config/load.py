@@ -133,8 +133,12 @@ def load_config(
         apply_override(raw, text)
     raw = compat.normalize(raw, name)
     Checker(name).check(raw)
+    written = _entry_keys(raw)  # before the model defaults join each entry
     merged = _with_defaults(raw)
-    return _resolve(merged, name, (cwd or working_folder()).resolve())
+    cfg = _resolve(merged, name, (cwd or working_folder()).resolve())
+    for spec in cfg.models():
+        _check_applies(spec, written.get(spec.key_path, set()), name)
+    return cfg
 
 
 def _override_list(overrides: Iterable[str] | None) -> list[str]:
@@ -155,6 +159,56 @@ def _override_list(overrides: Iterable[str] | None) -> list[str]:
                 "'a.b.c=VALUE'."
             )
     return texts
+
+
+# Keys of ducho-fast's own that only some models read, and those models (modality, backend).
+# Any other model would ignore them, silently: a text model's `weights` (its fine-tuned
+# state dict) or `architecture` left the pretrained model in place. Ducho's own keys
+# (reshape, clear_text, task, preprocessing) stay accepted anywhere, as Ducho takes them.
+APPLIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "weights": (("visual", "torch"), ("visual", "tensorflow"), ("audio", "torch")),
+    "architecture": (("visual", "torch"), ("audio", "torch")),
+    "architecture_kwargs": (("visual", "torch"), ("visual", "tensorflow"), ("audio", "torch")),
+    "tokenizer_name": (("textual", "transformers"), ("visual_textual", "transformers")),
+    "image_processor": (("visual_textual", "transformers"),),
+    "max_length": (
+        ("textual", "transformers"),
+        ("textual", "sentence_transformers"),
+        ("visual_textual", "transformers"),
+    ),
+}
+
+
+def _entry_keys(raw: dict[str, Any]) -> dict[str, set[str]]:
+    """The keys each model entry of ``raw`` writes itself, by its key path."""
+    keys: dict[str, set[str]] = {}
+    for modality in MODALITIES:
+        for origin, block in (raw.get(modality) or {}).items():
+            if isinstance(block, dict) and isinstance(block.get("model"), list):
+                for i, entry in enumerate(block["model"]):
+                    if isinstance(entry, dict):
+                        keys[f"{modality}.{origin}.model.{i}"] = set(entry)
+    return keys
+
+
+def _check_applies(spec: ModelSpec, written: set[str], name: str) -> None:
+    """Refuse a key the entry writes that its model would ignore (``APPLIES``). From the
+    top-level ``model`` defaults, such a key applies only where it can."""
+    for key, models in APPLIES.items():
+        if key in written and (spec.modality, spec.backend) not in models:
+            takers = ", ".join(f"{m} {b}" for m, b in models)
+            fix = (
+                " A Transformers model's weights are those model_name names: save the "
+                "fine-tuned model with save_pretrained and name its folder."
+                if key.startswith(("weights", "architecture"))
+                and spec.backend in ("transformers", "sentence_transformers")
+                else ""
+            )
+            raise ConfigError(
+                f"{name}: key '{spec.key_path}.{key}' does not apply to {spec.modality} models "
+                f"of backend {spec.backend}, which would ignore it; only {takers} models read "
+                f"it. Remove it.{fix}"
+            )
 
 
 def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:

@@ -240,6 +240,54 @@ def test_later_blocks_say_not_supported_yet(tmp_path: Path, block: str, origin: 
         load_config(write(tmp_path, data), cwd=tmp_path)
 
 
+TEXT = {"model_name": "bert", "backend": "transformers"}
+
+
+@pytest.mark.parametrize(
+    ("modality", "entry", "key"),
+    [
+        ("textual", {**TEXT, "weights": "finetuned.pth"}, "weights"),
+        ("textual", {**TEXT, "architecture": "pkg.mod:build", "trust": True}, "architecture"),
+        (
+            "textual",
+            {**TEXT, "backend": "sentence_transformers", "output_layers": 1, "tokenizer_name": "b"},
+            "tokenizer_name",
+        ),
+        ("visual", {**RESNET, "max_length": 128}, "max_length"),
+        ("visual", {**RESNET, "backend": "tensorflow", "architecture": "a.b:c"}, "architecture"),
+        ("audio", {"model_name": "facebook/wav2vec2-base", "weights": "w.pth"}, "weights"),
+    ],
+)
+def test_a_key_the_model_would_ignore_is_refused(
+    tmp_path: Path, modality: str, entry: dict, key: str
+) -> None:
+    """A text model's ``weights`` (a fine-tuned state dict) or ``architecture`` was
+    ignored: the pretrained model's features came out, silently."""
+    (tmp_path / "finetuned.pth").write_bytes(b"")
+    (tmp_path / "w.pth").write_bytes(b"")
+    inputs = {"textual": "d.tsv", "visual": "images", "audio": "tracks"}
+    raw = {
+        modality: {"items": {"input_path": inputs[modality], "output_path": "o", "model": [entry]}}
+    }
+    with pytest.raises(
+        ConfigError, match=rf"key '{modality}\.items\.model\.0\.{key}' does not apply to "
+    ):
+        load_config(raw, cwd=tmp_path)
+
+
+def test_model_defaults_apply_where_they_can(tmp_path: Path) -> None:
+    """A key of the top-level ``model`` defaults is for every entry that reads it: a text
+    model's max_length beside an image model is not refused there."""
+    raw = visual(RESNET, model={"max_length": 64})
+    raw["textual"] = {"items": {"input_path": "d.tsv", "output_path": "t", "model": [TEXT]}}
+    cfg = load_config(raw, cwd=tmp_path)
+    assert [m.max_length for m in cfg.models()] == [64, 64]
+    assert (
+        load_config(visual(RESNET, model={"weights": "none"}), cwd=tmp_path).models()[0].weights
+        == "none"
+    )
+
+
 @pytest.mark.parametrize("backend", ["transformers"])
 def test_later_visual_backends_say_not_supported_yet(tmp_path: Path, backend: str) -> None:
     model = {**RESNET, "backend": backend}
