@@ -30,6 +30,7 @@ from ducho_fast.config.model import (
 from ducho_fast.data.ids import EXACT, name_folding
 from ducho_fast.data.items import Item, ItemError
 from ducho_fast.data.sources import check_ids
+from ducho_fast.data.visual.images import human_key
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.outputs.atomic import NpyFiles
 from ducho_fast.outputs.ducho import (
@@ -147,13 +148,14 @@ def fuse_folders(
     embedded again is fused again); other settings remake every file.
 
     Args:
-        order: ids in the order to write (by default the first folder's sorted order).
+        order: ids in the order to write; by default the first folder's, in Ducho's natural
+            order (``img2`` before ``img10``), as an image folder is read.
         progress: shows the ids fused now (not those reused), labelled with ``where``.
     """
     options = options or OutputOptions()
     found = [feature_ids(f) for f in folders]
     result = FusionResult(output)
-    ids = [i for i in (order or list(found[0])) if all(i in f for f in found)]
+    ids = [i for i in (order or sorted(found[0], key=human_key)) if all(i in f for f in found)]
     result.missing = _missing(found, folders, set(ids))
     ids, result.errors = _nameable(ids, folders[0], output)
     if ids:

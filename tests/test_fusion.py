@@ -87,6 +87,17 @@ def test_folders_join_by_id_and_report_the_rest(tmp_path: Path) -> None:
     assert [e.item_id for e in result.errors] == ["bad"]
 
 
+def test_fused_ids_come_in_duchos_natural_order(tmp_path: Path) -> None:
+    """The order a fused matrix's rows take without output.id_order: an image folder's
+    (img2 before img10), which was the files' sorted order (img10 before img2) and so
+    differed from the image model's own matrix."""
+    ids = ["img10", "img2", "img1", "a"]
+    write_features(tmp_path / "a", ids, 4, 1)
+    write_features(tmp_path / "b", ids, 4, 2)
+    result = fuse_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "sum")
+    assert result.ids == ["a", "img1", "img2", "img10"]
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_feature_holding_nan_or_inf_fails_its_item_naming_the_file(
     tmp_path: Path, bad: float
