@@ -28,7 +28,7 @@ def apply_gpu_list(runtime: RuntimeOptions, gpu_list: Any, name: str) -> Runtime
     first = first.split(",")[0].strip()
     if first in ("-1", ""):
         device = "cpu"
-    elif first.isdigit():
+    elif first.isascii() and first.isdigit():
         device = f"cuda:{first}"
     else:
         raise ConfigError(f"{name}: key 'gpu list' is {gpu_list!r}; use -1 for CPU or GPU ids.")
@@ -80,7 +80,9 @@ def input_options(
 
 def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
     device = runtime.device
-    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    ok = device in ("auto", "cpu", "cuda") or (
+        device.startswith("cuda:") and device[5:].isascii() and device[5:].isdigit()
+    )
     if not ok:
         raise ConfigError(
             f"{name}: key 'runtime.device' is {device!r}; allowed: auto, cpu, cuda, cuda:N."
@@ -131,7 +133,9 @@ def _check_cuda_option(key: str, value: Any, name: str) -> None:
             return
         raise ConfigError(f"{where}; allowed: true or false (1 or 0).")
     if kind == BYTES:
-        if str(value).isdigit() and int(value) > 0:  # not True, 8e9 or "8GB"
+        if (
+            str(value).isascii() and str(value).isdigit() and int(value) > 0
+        ):  # not True, 8e9, "8GB" or "²"
             return
         raise ConfigError(f"{where}; give the limit in bytes, e.g. {8 * 2**30} for 8 GiB.")
     if not (isinstance(value, str) and value in kind):

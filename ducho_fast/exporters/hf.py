@@ -101,7 +101,8 @@ def available_layers(model: Any) -> list[str | int]:
 
 def layer_ref(value: str | int) -> str | int:
     """A layer label as ``select`` takes it: digits name ``hidden_states[N]``."""
-    return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+    number = value.lstrip("-") if isinstance(value, str) else ""
+    return int(value) if number.isascii() and number.isdigit() else value
 
 
 class TransformersExporter(Exporter):

@@ -122,7 +122,8 @@ class TorchAudioExporter(Exporter):
 def _layers(spec: ModelSpec, model: Any) -> list[str | int]:
     wanted: list[str | int] = []
     for label in spec.layer_labels():
-        wanted.append(int(label) if str(label).lstrip("-").isdigit() else str(label))
+        number = str(label).lstrip("-")
+        wanted.append(int(label) if number.isascii() and number.isdigit() else str(label))
     numeric = [x for x in wanted if isinstance(x, int)]
     if numeric and len(numeric) != len(wanted):
         raise ExportError(

@@ -451,7 +451,7 @@ def _check_address(address: str, named_by: str) -> None:
 def _host_port(address: str) -> tuple[str | None, int | None]:
     """``HOST:PORT`` (``[v6]:PORT`` too) split; (None, None) for any other form."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         return None, None
     return host.strip("[]"), int(port)
 

@@ -577,6 +577,25 @@ def test_runtime_device_is_checked(tmp_path: Path) -> None:
         load_config(write(tmp_path, visual(RESNET, runtime={"device": "gpu"})), cwd=tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"runtime": {"device": "cuda:\u00b2"}}, r"'runtime\.device' is 'cuda:\u00b2'; allowed"),
+        ({"gpu list": "\u00b2"}, r"'gpu list' is '\u00b2'; use -1 for CPU or GPU ids"),
+        (
+            {"runtime": {"cuda_options": {"gpu_mem_limit": "\u00b2"}}},
+            r"'runtime\.cuda_options\.gpu_mem_limit' is '\u00b2'; give the limit in bytes",
+        ),
+    ],
+)
+def test_a_digit_that_is_no_number_is_refused_not_a_traceback(
+    tmp_path: Path, extra: dict, says: str
+) -> None:
+    """``²`` passes ``str.isdigit`` and fails ``int``: a ValueError traceback before."""
+    with pytest.raises(ConfigError, match=says):
+        load_config(visual(RESNET, **extra), cwd=tmp_path)
+
+
 def test_weights_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"'visual\.items\.model\.0\.weights' is 'w\.pth', which is neither"

@@ -43,6 +43,15 @@ def test_listing_is_ducho_natural_order_and_stems_cut_at_first_dot(tmp_path: Pat
     assert sorted(p.name for p in ignored) == ["._img2.png", ".jpg", "notes.txt"]
 
 
+def test_digits_of_other_kinds_sort_without_failing(tmp_path: Path) -> None:
+    """A superscript digit is no number: Ducho's sort key gave it to int(), whose ValueError
+    ended the listing of the whole folder. Decimal digits of any script are numbers."""
+    for name in ["1\u00b22.jpg", "2.jpg", "\u0661\u0660.jpg"]:  # 1²2; ten in Arabic-Indic
+        write_image(tmp_path / name)
+    items = list_images(tmp_path).items
+    assert [i.item_id for i in items] == ["1\u00b22", "2", "\u0661\u0660"]
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
 def test_any_mode_becomes_rgb_uint8(tmp_path: Path, mode: str) -> None:
     path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")

@@ -28,8 +28,10 @@ IMAGE_SUFFIXES = frozenset(
 
 
 def human_key(name: str) -> list[int | str]:
-    """Ducho's natural sort: ``img2`` before ``img10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    r"""Ducho's natural sort: ``img2`` before ``img10``. A run of ``\d`` (decimal digits, of
+    any script) is a number; a superscript or circled digit is a character, which Ducho's
+    ``isdigit`` took for a number and ``int`` then refused (``1²2``: a ValueError)."""
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", name)]
 
 
 def image_id(path: str | os.PathLike[str]) -> str:
