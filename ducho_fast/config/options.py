@@ -133,9 +133,8 @@ def _check_cuda_option(key: str, value: Any, name: str) -> None:
             return
         raise ConfigError(f"{where}; allowed: true or false (1 or 0).")
     if kind == BYTES:
-        if (
-            str(value).isascii() and str(value).isdigit() and int(value) > 0
-        ):  # not True, 8e9, "8GB" or "²"
+        digits = str(value)  # ASCII digits only: not True, 8e9, "8GB" or "²"
+        if digits.isascii() and digits.isdigit() and int(digits) > 0:
             return
         raise ConfigError(f"{where}; give the limit in bytes, e.g. {8 * 2**30} for 8 GiB.")
     if not (isinstance(value, str) and value in kind):
