@@ -433,7 +433,17 @@ def _reshape(value: list[int] | None, where: str, name: str) -> tuple[int, int] 
             f"{name}: key '{where}.reshape' is {value!r}; it must be two positive integers "
             "[width, height]."
         )
+    if any(v > MAX_RESHAPE_SIDE for v in value):  # a typo: exporting it ended in a traceback
+        raise ConfigError(  # from torch's allocator (100000 x 100000 asked for 60 GB)
+            f"{name}: key '{where}.reshape' is {value!r}; each side must be at most "
+            f"{MAX_RESHAPE_SIDE} pixels. It is the size images are resized to for the model "
+            "(224 x 224 for most ImageNet CNNs)."
+        )
     return (value[0], value[1])
+
+
+# The longest side a model's input may have: 8192 x 8192 is 1,337 times a 224 x 224 input.
+MAX_RESHAPE_SIDE = 8192
 
 
 def check_name(value: Any, what: str) -> None:

@@ -168,14 +168,44 @@ def export_with(exporter: Exporter, spec: ModelSpec, store: Path, *, force: bool
 def _export(
     exporter: Exporter, spec: ModelSpec, store: Path, slug: str, start: float
 ) -> ExportResult:
-    built = exporter.build(spec)
+    with _memory_named(spec):
+        built = exporter.build(spec)
     build_dir = new_build_dir(store, slug)
     try:
-        artifact = _convert_and_check(exporter, spec, built, build_dir, slug, store)
+        with _memory_named(spec):
+            artifact = _convert_and_check(exporter, spec, built, build_dir, slug, store)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
     return ExportResult(spec, artifact, False, time.perf_counter() - start)
+
+
+# How the frameworks say that an allocation failed: torch's CPU allocator ("can't allocate
+# memory") and CUDA ("out of memory"), ONNX Runtime ("Failed to allocate memory"), C++.
+_NO_MEMORY = ("can't allocate memory", "out of memory", "failed to allocate memory", "bad_alloc")
+
+
+@contextmanager
+def _memory_named(spec: ModelSpec) -> Iterator[None]:
+    """An allocation that fails while a model is built, converted or checked becomes an
+    ExportError naming the model and its input size; it was a framework's traceback."""
+    try:
+        yield
+    except DuchoError:
+        raise
+    except (MemoryError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+        if not isinstance(e, MemoryError) and not any(
+            words in str(e).lower() for words in _NO_MEMORY
+        ):
+            raise
+        size = f" at reshape {list(spec.reshape)}" if spec.reshape else ""
+        raise ExportError(
+            f"{spec.key_path} ({spec.model_name}): the export ran out of memory{size} "
+            f"({type(e).__name__}: {reason[0]}). Exporting runs the model on example "
+            "batches of 2 items; free memory or export on a machine with more"
+            + (", or check that reshape is the model's input size." if size else ".")
+        ) from e
 
 
 def _valid_existing(path: Path) -> Artifact | None:

@@ -181,6 +181,25 @@ def test_bad_choice_lists_allowed_values(tmp_path: Path) -> None:
         load_config(path, cwd=tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("reshape", "message"),
+    [
+        ([224, 0], r"is \[224, 0\]; it must be two positive integers"),
+        ([224], r"is \[224\]; it must be two positive integers"),
+        ([100000, 100000], r"is \[100000, 100000\]; each side must be at most 8192 pixels"),
+        ([224, 8193], r"is \[224, 8193\]; each side must be at most 8192"),
+    ],
+)
+def test_a_reshape_no_model_takes_is_refused(tmp_path: Path, reshape, message) -> None:
+    """Exporting at 100000 x 100000 ended in torch's allocator's traceback (60 GB)."""
+    path = write(tmp_path, visual({**RESNET, "reshape": reshape}))
+    with pytest.raises(ConfigError, match=r"'visual\.items\.model\.0\.reshape' " + message):
+        load_config(path, cwd=tmp_path)
+    assert load_config(
+        write(tmp_path, visual({**RESNET, "reshape": [8192, 8192]})), cwd=tmp_path
+    ).models()[0].reshape == (8192, 8192)
+
+
 def test_mean_std_need_zscore_as_ducho(tmp_path: Path) -> None:
     model = {**RESNET, "preprocessing": "minmax", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     with pytest.raises(ConfigError, match=r"only apply with preprocessing: zscore"):

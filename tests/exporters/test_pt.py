@@ -394,6 +394,52 @@ def test_parity_failure_is_a_typed_error_listing_each_layer(
     assert not [p for p in (tmp_path / "other-store").iterdir() if not p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("stage", ["build", "samples"])
+def test_memory_running_out_names_the_model_and_its_size(
+    tmp_path, store, resnet18_state_dict, stage
+) -> None:
+    """torch's allocator failing (a reshape too large for the machine) was a traceback."""
+    from ducho_fast.exporters.base import export_with
+    from ducho_fast.exporters.pt import TorchExporter
+
+    def no_memory(*args: Any) -> Any:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 4096000000 bytes. Error code 12"
+        )
+
+    exporter = TorchExporter()
+    setattr(exporter, stage, no_memory)
+    spec = load_config(
+        visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    ).models()[0]
+    with pytest.raises(
+        ExportError,
+        match=r"visual\.items\.model\.0 \(.*\): the export ran out of memory at reshape "
+        r"\[64, 64\] \(RuntimeError: .*can't allocate memory.*\)\..*check that reshape",
+    ):
+        export_with(exporter, spec, tmp_path / "other-store", force=True)
+    assert not [p for p in (tmp_path / "other-store").iterdir() if not p.name.startswith(".")]
+
+
+def test_other_runtime_errors_of_an_export_stay_as_they_are(
+    tmp_path, store, resnet18_state_dict
+) -> None:
+    from ducho_fast.exporters.base import export_with
+    from ducho_fast.exporters.pt import TorchExporter
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    exporter = TorchExporter()
+    exporter.build = broken  # type: ignore[assignment,method-assign]
+    spec = load_config(
+        visual_config(tmp_path, resnet18_entry(resnet18_state_dict), store)
+    ).models()[0]
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        export_with(exporter, spec, tmp_path / "other-store", force=True)
+
+
 def test_exports_of_one_model_at_once_build_it_once(tmp_path, resnet18_state_dict) -> None:
     """The tasks of a job array that each run ``export`` first: one builds the artifact, the
     others wait for it and reuse it, instead of replacing it under the extracts running."""
