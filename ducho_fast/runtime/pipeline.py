@@ -235,7 +235,7 @@ class Pipeline(WindowedRun):
         left to run, and a model faster than that (a GPU) would wait for it at every window.
         An image window is one batch, whose slowest items the workers would otherwise idle
         beside: images are read several windows ahead."""
-        decoders = self._decoders()
+        decoders = self._decoders(len(items))
         depth = self.windows_ahead()
         workers = ThreadPoolExecutor(
             max_workers=self._opts.workers, thread_name_prefix="ducho-decode"
@@ -268,12 +268,13 @@ class Pipeline(WindowedRun):
             return 1
         return max(1, math.ceil(self._opts.workers * AHEAD_ITEMS_PER_WORKER / self.window))
 
-    def _decoders(self) -> DecoderPool | None:
-        """Worker processes for the readers where :func:`use_processes` says so, started;
-        None: threads. Processes that cannot start stop the run, saying why."""
+    def _decoders(self, items: int) -> DecoderPool | None:
+        """Worker processes for the readers where :func:`use_processes` says so, started, no
+        more than there are ``items`` (each costs a Python start: 200 took 24 s for 9
+        images); None: threads. Processes that cannot start stop the run, saying why."""
         if not use_processes(self._opts.readers, [m.loader for m in self.members]):
             return None
-        pool = DecoderPool(self._opts.workers)
+        pool = DecoderPool(max(1, min(self._opts.workers, items)))
         try:
             pool.start()
         except DecoderStartError as e:

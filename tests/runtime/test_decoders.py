@@ -259,6 +259,30 @@ def test_extract_with_processes_writes_what_threads_write(
     assert len(npy_bytes(tmp_path / "threads")) == _written(threads)
 
 
+def test_no_more_decoder_processes_start_than_there_are_items(
+    tmp_path: Path,
+    store: Path,
+    image_dir: Path,
+    resnet18_state_dict: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """runtime.workers: 200 started 200 Python processes for 9 images (24 s)."""
+    config = _image_job(tmp_path, store, image_dir, resnet18_state_dict)
+    started: list[int] = []
+    original = DecoderPool.start
+
+    def counted(self: DecoderPool) -> None:
+        started.append(self.workers)
+        original(self)
+
+    monkeypatch.setattr(DecoderPool, "start", counted)
+    run = {**config, "runtime": {"readers": "processes", "workers": 50}}
+    report = ducho_fast.extract(run)
+    images = len(list((tmp_path / "images").iterdir()))
+    assert started == [images] and 1 < images < 50
+    assert _written(report) == images
+
+
 def test_audio_with_processes_writes_what_threads_write(
     tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
