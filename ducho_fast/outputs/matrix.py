@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,9 @@ class MatrixResult:
 
 
 def read_id_order(path: Path) -> list[str]:
-    """One id per line (blank lines skipped); duplicates are an error naming the line. A
-    byte order mark (Notepad's, Excel's "UTF-8" text) is not part of the first id."""
+    """One id per line, as written (blank lines skipped; :func:`ordered_rows` matches a line
+    with surrounding spaces to an id without them); duplicates are an error naming the line.
+    A byte order mark (Notepad's, Excel's "UTF-8" text) is not part of the first id."""
     try:
         lines = path.read_text("utf-8-sig").splitlines()
     except FileNotFoundError as e:
@@ -58,20 +59,29 @@ def read_id_order(path: Path) -> list[str]:
         raise DataError(f"id order file {path} cannot be read as UTF-8 text ({e}).") from e
     ids: list[str] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        item_id = line.strip()
-        if not item_id:
+    for number, item_id in enumerate(lines, start=1):
+        if not item_id.strip():
             continue
-        if item_id in seen:
+        if item_id.strip() in seen:
+            first = seen[item_id.strip()]
             raise DataError(
-                f"{path}:{number}: id {item_id!r} is listed twice (first at line "
-                f"{seen[item_id]}); matrix rows need one line per item."
+                f"{path}:{number}: id {item_id!r} is listed twice (first at line {first}"
+                + ("" if item_id == lines[first - 1] else f" as {lines[first - 1]!r}")
+                + "); matrix rows need one line per item."
             )
-        seen[item_id] = number
+        seen[item_id.strip()] = number
         ids.append(item_id)
     if not ids:
         raise DataError(f"id order file {path} lists no ids.")
     return ids
+
+
+def ordered_rows(id_order: Sequence[str], found: Container[str]) -> list[str]:
+    """The id of each line of an id order file: the line as written where an item has that
+    id (ids keep their spaces: a TSV's cell, a file's name, a matrix's ``ids.txt``), else
+    without its surrounding spaces (a hand-written file's trailing spaces). No two lines give
+    one id: :func:`read_id_order` refuses lines that differ only in those spaces."""
+    return [i if i in found else i.strip() for i in id_order]
 
 
 def write_matrix(
@@ -99,8 +109,8 @@ def write_matrix(
     if id_order is None:
         rows: Sequence[str] = present
     else:
-        rows = id_order
-        listed = set(id_order)
+        rows = ordered_rows(id_order, found)
+        listed = set(rows)
         reason = "not in the id_order file; left out of the matrix"
         result.dropped = [
             ItemError(i, str(feature_path(parts, i)), reason) for i in present if i not in listed

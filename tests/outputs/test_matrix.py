@@ -49,6 +49,24 @@ def test_id_order_fills_the_mean_and_lists_gaps(tmp_path: Path) -> None:
     assert listed[2].startswith("extra\tnot in the id_order file")
 
 
+def test_an_id_order_line_is_its_id_as_written_or_else_without_its_spaces(
+    tmp_path: Path,
+) -> None:
+    """Ids keep their spaces (a TSV's cells, file names), and so does a matrix's ids.txt
+    given back as an id order; a hand-written line's trailing spaces still find their id.
+    Each line was stripped, so ' x' (from ids.txt) was filled with the mean and ' x' left out."""
+    a, b, c = vectors(3)
+    parts(tmp_path / "p", {" x": a, "b": b, "c": c})
+    first = write_matrix(tmp_path / "p", tmp_path / "m", "f", [" x", "b", "c"])
+    assert first.rows == 3 and (tmp_path / "m" / "ids.txt").read_text() == " x\nb\nc\n"
+    (tmp_path / "order.txt").write_text("c \n x\n\tb\n")
+    order = read_id_order(tmp_path / "order.txt")
+    result = write_matrix(tmp_path / "p", tmp_path / "m2", "f", [" x", "b", "c"], id_order=order)
+    assert result.filled == [] and result.dropped == []
+    assert (tmp_path / "m2" / "ids.txt").read_text() == "c\n x\nb\n"
+    np.testing.assert_array_equal(np.load(tmp_path / "m2" / "f.npy"), np.concatenate([c, a, b]))
+
+
 def test_squeezed_parts_float16_and_shape_mismatch(tmp_path: Path) -> None:
     a, b = vectors(2)
     parts(tmp_path / "p", {"a": a[0], "b": b[0]})  # (D,) files from output.squeeze
@@ -64,11 +82,16 @@ def test_squeezed_parts_float16_and_shape_mismatch(tmp_path: Path) -> None:
 def test_id_order_file(tmp_path: Path) -> None:
     path = tmp_path / "order.txt"
     path.write_text("b\n\n a \nc\n")
-    assert read_id_order(path) == ["b", "a", "c"]
+    assert read_id_order(path) == ["b", " a ", "c"]  # matched to 'a' unless ' a ' is an id
     path.write_bytes(b"\xef\xbb\xbfb\r\na\r\n\r\n")  # saved on Windows: its first row was 'b'
     assert read_id_order(path) == ["b", "a"]  # with the mark, so filled with the mean
     path.write_text("b\na\nb\n")
     with pytest.raises(DataError, match=r"order.txt:3: id 'b' is listed twice \(first at line 1\)"):
+        read_id_order(path)
+    path.write_text("b\na\na \n")
+    with pytest.raises(
+        DataError, match=r"order.txt:3: id 'a ' is listed twice \(first at line 2 as 'a'\)"
+    ):
         read_id_order(path)
     with pytest.raises(DataError, match=r"does not exist \(check 'output.id_order'\)"):
         read_id_order(tmp_path / "none.txt")
