@@ -192,6 +192,12 @@ def _not_an_artifact(path: Path) -> str:
         )
     if path.is_file() and (path.parent / MANIFEST_FILE).is_file():
         return f"{path} is a file of an artifact; give the artifact's folder, {path.parent}."
+    if path.is_file() and path.suffix.lower() in (".yml", ".yaml"):
+        return (
+            f"{path} is a config file, not an artifact: give one of the folders of its model "
+            f"store (its key 'store', local/models by default). `ducho-fast export {path}` "
+            "names each model's folder (and reuses those already exported)."
+        )
     inside = []
     if path.is_dir():
         with suppress(OSError):

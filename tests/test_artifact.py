@@ -236,4 +236,7 @@ def test_what_is_not_an_artifact_folder_says_why(tmp_path) -> None:
     for name in ("model.onnx", "manifest.json"):  # the other common slip: a file in it
         with pytest.raises(ArtifactError, match=r"is a file of an artifact; give the artifact's"):
             load_artifact(store / "torch-a-2" / name)
+    (tmp_path / "config.yml").write_text("dataset_path: .\n")
+    with pytest.raises(ArtifactError, match=r"config.yml is a config file, not an artifact: give"):
+        load_artifact(tmp_path / "config.yml")  # `inspect config.yml`
     assert load_artifact(store / "torch-a-2", verify=False).path == store / "torch-a-2"
