@@ -90,6 +90,12 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
     for key in ("threads", "workers", "token_budget", "sort_window", "concurrent_batches"):
         if getattr(runtime, key) < 0:
             raise ConfigError(f"{name}: key 'runtime.{key}' must be >= 0 (0 = automatic).")
+    for key in ("threads", "workers"):
+        if getattr(runtime, key) > MAX_THREADS:
+            raise ConfigError(
+                f"{name}: key 'runtime.{key}' is {getattr(runtime, key)}; at most "
+                f"{MAX_THREADS} (0 = one per usable CPU, the best choice on most machines)."
+            )
     if runtime.prefetch < 1:
         raise ConfigError(f"{name}: key 'runtime.prefetch' must be >= 1.")
     for key, value in runtime.cuda_options.items():
@@ -101,6 +107,12 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
         _check_cuda_option(key, value, name)
     return runtime
 
+
+# The most threads ONNX Runtime or the readers may start: more than any machine's CPUs.
+# runtime.threads: 100000 took 4 GB and the system's thread limit (other processes' threads
+# could not start) and did not end on SIGTERM; as many workers would read the whole input
+# ahead (each reads 8 items ahead).
+MAX_THREADS = 1024
 
 # The CUDA execution provider's options (onnxruntime docs, "CUDA Execution Provider") and the
 # values its parser takes: names for the enums, 0/1/true/false for the switches, bytes for the

@@ -24,8 +24,8 @@ from PIL import Image
 
 from ducho_fast.artifact import Artifact, load_artifact, varies_per_item
 from ducho_fast.config.model import InputOptions, RuntimeOptions
+from ducho_fast.config.options import MAX_THREADS, runtime_options
 from ducho_fast.config.options import input_options as checked_input_options
-from ducho_fast.config.options import runtime_options
 from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import Tokens
@@ -404,10 +404,10 @@ class Embedder:
                 raise DataError(f"sample_rate must be a whole number of Hz, not {sample_rate!r}.")
         if not whole(batch_size):
             raise DataError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}.")
-        if workers is not None and not whole(workers):
+        if workers is not None and not (whole(workers) and workers <= MAX_THREADS):
             raise DataError(
-                f"workers must be a whole number of 1 or more (or None: the usable CPUs), "
-                f"not {workers!r}."
+                f"workers must be a whole number from 1 to {MAX_THREADS} (or None: the usable "
+                f"CPUs), not {workers!r}."
             )
 
     def _input_list(self, inputs: Any) -> list[Any]:

@@ -645,3 +645,15 @@ def test_batching_keys_are_counts(tmp_path: Path, key: str) -> None:
     assert getattr(cfg.runtime, key) == 8
     with pytest.raises(ConfigError, match=rf"'runtime\.{key}' must be >= 0 \(0 = automatic\)"):
         load_config(write(tmp_path, visual(RESNET, runtime={key: -1})), cwd=tmp_path)
+
+
+@pytest.mark.parametrize("key", ["threads", "workers"])
+def test_thread_counts_no_machine_has_are_refused(tmp_path: Path, key: str) -> None:
+    """runtime.threads: 100000 hung extract, taking the system's thread limit from every
+    other process; as many workers would read every input ahead."""
+    cfg = load_config(write(tmp_path, visual(RESNET, runtime={key: 1024})), cwd=tmp_path)
+    assert getattr(cfg.runtime, key) == 1024
+    with pytest.raises(
+        ConfigError, match=rf"'runtime\.{key}' is 100000; at most 1024 \(0 = one per usable CPU"
+    ):
+        load_config(write(tmp_path, visual(RESNET, runtime={key: 100000})), cwd=tmp_path)
