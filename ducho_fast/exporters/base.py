@@ -181,8 +181,15 @@ def _export(
 
 
 # How the frameworks say that an allocation failed: torch's CPU allocator ("can't allocate
-# memory") and CUDA ("out of memory"), ONNX Runtime ("Failed to allocate memory"), C++.
-_NO_MEMORY = ("can't allocate memory", "out of memory", "failed to allocate memory", "bad_alloc")
+# memory") and CUDA ("out of memory"), ONNX Runtime ("Failed to allocate memory"),
+# TensorFlow's ResourceExhaustedError ("OOM when allocating tensor"), C++.
+_NO_MEMORY = (
+    "can't allocate memory",
+    "out of memory",
+    "failed to allocate memory",
+    "oom when allocating",
+    "bad_alloc",
+)
 
 
 @contextmanager
@@ -193,16 +200,16 @@ def _memory_named(spec: ModelSpec) -> Iterator[None]:
         yield
     except DuchoError:
         raise
-    except (MemoryError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[-1:] or [type(e).__name__]
-        if not isinstance(e, MemoryError) and not any(
-            words in str(e).lower() for words in _NO_MEMORY
-        ):
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        said = [line for line in lines if any(w in line.lower() for w in _NO_MEMORY)]
+        if not isinstance(e, MemoryError) and not said:
             raise
+        reason = "".join(f": {line}" for line in (said or lines)[:1])  # not torch.fx's code
         size = f" at reshape {list(spec.reshape)}" if spec.reshape else ""
         raise ExportError(
             f"{spec.key_path} ({spec.model_name}): the export ran out of memory{size} "
-            f"({type(e).__name__}: {reason[0]}). Exporting runs the model on example "
+            f"({type(e).__name__}{reason}). Exporting runs the model on example "
             "batches of 2 items; free memory or export on a machine with more"
             + (", or check that reshape is the model's input size." if size else ".")
         ) from e

@@ -394,19 +394,39 @@ def test_parity_failure_is_a_typed_error_listing_each_layer(
     assert not [p for p in (tmp_path / "other-store").iterdir() if not p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("stage", ["build", "samples"])
+class ResourceExhaustedError(Exception):
+    """As TensorFlow's, which is no RuntimeError."""
+
+
+TORCH_NO_MEMORY = RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+    "memory: you tried to allocate 4096000000 bytes. Error code 12"
+)
+TF_NO_MEMORY = ResourceExhaustedError(
+    "{{function_node __wrapped__Conv2D}} OOM when allocating tensor with shape[2,32,4000,4000]"
+    "\nHint: If you want to see a list of allocated tensors when OOM happens, add "
+    "report_tensor_allocations_upon_oom to RunOptions."
+)
+
+
+@pytest.mark.parametrize(
+    ("stage", "error", "said"),
+    [
+        ("build", TORCH_NO_MEMORY, r"RuntimeError: .*can't allocate memory.*"),
+        ("samples", TORCH_NO_MEMORY, r"RuntimeError: .*can't allocate memory.*"),
+        ("build", TF_NO_MEMORY, r"ResourceExhaustedError: .*OOM when allocating.*4000\]"),
+        ("build", MemoryError(), r"MemoryError"),
+    ],
+)
 def test_memory_running_out_names_the_model_and_its_size(
-    tmp_path, store, resnet18_state_dict, stage
+    tmp_path, store, resnet18_state_dict, stage, error, said
 ) -> None:
     """torch's allocator failing (a reshape too large for the machine) was a traceback."""
     from ducho_fast.exporters.base import export_with
     from ducho_fast.exporters.pt import TorchExporter
 
     def no_memory(*args: Any) -> Any:
-        raise RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
-            "memory: you tried to allocate 4096000000 bytes. Error code 12"
-        )
+        raise error
 
     exporter = TorchExporter()
     setattr(exporter, stage, no_memory)
@@ -416,7 +436,7 @@ def test_memory_running_out_names_the_model_and_its_size(
     with pytest.raises(
         ExportError,
         match=r"visual\.items\.model\.0 \(.*\): the export ran out of memory at reshape "
-        r"\[64, 64\] \(RuntimeError: .*can't allocate memory.*\)\..*check that reshape",
+        rf"\[64, 64\] \({said}\)\. Exporting .*check that reshape",
     ):
         export_with(exporter, spec, tmp_path / "other-store", force=True)
     assert not [p for p in (tmp_path / "other-store").iterdir() if not p.name.startswith(".")]
