@@ -170,13 +170,12 @@ def _export(
 ) -> ExportResult:
     with _memory_named(spec):
         built = exporter.build(spec)
-    build_dir = new_build_dir(store, slug)
-    try:
-        with _memory_named(spec):
+        build_dir = new_build_dir(store, slug)
+        try:
             artifact = _convert_and_check(exporter, spec, built, build_dir, slug, store)
-    except BaseException:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise
     return ExportResult(spec, artifact, False, time.perf_counter() - start)
 
 

@@ -60,16 +60,17 @@ def read_id_order(path: Path) -> list[str]:
     ids: list[str] = []
     seen: dict[str, int] = {}
     for number, item_id in enumerate(lines, start=1):
-        if not item_id.strip():
+        key = item_id.strip()  # lines that differ only in surrounding spaces are one id
+        if not key:
             continue
-        if item_id.strip() in seen:
-            first = seen[item_id.strip()]
+        if key in seen:
+            first = lines[seen[key] - 1]
             raise DataError(
-                f"{path}:{number}: id {item_id!r} is listed twice (first at line {first}"
-                + ("" if item_id == lines[first - 1] else f" as {lines[first - 1]!r}")
+                f"{path}:{number}: id {item_id!r} is listed twice (first at line {seen[key]}"
+                + ("" if item_id == first else f" as {first!r}")
                 + "); matrix rows need one line per item."
             )
-        seen[item_id.strip()] = number
+        seen[key] = number
         ids.append(item_id)
     if not ids:
         raise DataError(f"id order file {path} lists no ids.")
