@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -214,6 +215,42 @@ def test_check_names_bad_columns_as_reading_would(tmp_path: Path) -> None:
     reviews = write(tmp_path, "user\titem\treview\nu1\ti1\tgood\n", "r.tsv")
     check_text_table(reviews, None, None, interactions=True)
     assert [i.item_id for i in read_interaction_items(reviews, None, None)] == ["u1__i1"]
+
+
+def test_a_configured_column_named_twice_reads_the_first_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pandas (so Ducho) reads the first of two columns of one name; that stays, and the check
+    a run makes before any work says which was read, and how to read the other."""
+    from ducho_fast.data.text.tsv import check_text_table, read_interaction_items
+
+    path = write(tmp_path, "id\tdesc\tdesc\tid\n1\tfirst\tsecond\t9\n")
+    with caplog.at_level(logging.WARNING, logger="ducho_fast"):
+        check_text_table(path, "id", "desc")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: the header names the column 'id' (from 'item_column') 2 times, as columns "
+        "1, 4; the first is read, as Ducho (pandas) reads it. Rename the others if one of "
+        "them is meant.",
+        f"{path}: the header names the column 'desc' (from 'text_column') 2 times, as columns "
+        "2, 3; the first is read, as Ducho (pandas) reads it. Rename the others if one of "
+        "them is meant.",
+    ]
+    (item,) = read_text_items(path, "id", "desc")
+    assert (item.item_id, item.raw) == ("1", "first")
+
+    caplog.clear()
+    reviews = write(tmp_path, "user\titem\tuser\treview\nu1\ti1\tu2\tgood\n", "r.tsv")
+    with caplog.at_level(logging.WARNING, logger="ducho_fast"):
+        check_text_table(reviews, None, "review", ("user", "item"), interactions=True)
+        check_text_table(reviews, None, None, interactions=True)  # no name: nothing to warn
+    assert [r.getMessage()[len(str(reviews)) :] for r in caplog.records] == [
+        ": the header names the column 'user' (from 'interaction_columns') 2 times, as "
+        "columns 1, 3; the first is read, as Ducho (pandas) reads it. Rename the others if "
+        "one of them is meant."
+    ]
+    assert [i.item_id for i in read_interaction_items(reviews, ("user", "item"), None)] == [
+        "u1__i1"
+    ]
 
 
 def test_check_reads_only_up_to_the_first_data_row(tmp_path: Path) -> None:

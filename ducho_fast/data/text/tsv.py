@@ -8,6 +8,7 @@ here every id is the exact string in the file. The text column defaults to the l
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from ducho_fast.config.paths import absent
 from ducho_fast.data.items import Item, file_kind
 from ducho_fast.errors import DataError
 
+log = logging.getLogger("ducho_fast")
 csv.field_size_limit(1 << 30)
 TAB, ESCAPED_TAB = "\t", "\\t"  # the csv module's messages print the delimiter as is
 
@@ -139,8 +141,12 @@ def check_text_table(
         header = _header(tsv, rows)
         if interactions:
             _interaction_columns(tsv, header, interaction_columns, text_column)
+            user_column, item_column = interaction_columns or (None, None)
+            named = {"interaction_columns": [user_column, item_column]}
         else:
             _text_columns(tsv, header, item_column, text_column)
+            named = {"item_column": [item_column]}
+        _warn_repeated(tsv, header, {**named, "text_column": [text_column]})
         if not any(_is_data(row) for _, row in rows):
             raise DataError(
                 f"{tsv}: the file has a header row but no data rows, so there is nothing to "
@@ -279,6 +285,20 @@ def _column(header: list[str], name: str | None, default: int, key: str, tsv: Pa
             + _separator_hint(header)
         )
     return header.index(name)
+
+
+def _warn_repeated(tsv: Path, header: list[str], named: dict[str, list[str | None]]) -> None:
+    """Warn where the header names a configured column more than once: the first is read, as
+    pandas (so Ducho) reads it, and the others are ignored."""
+    for key, names in named.items():
+        for name in dict.fromkeys(n for n in names if n is not None):
+            places = [str(at + 1) for at, cell in enumerate(header) if cell == name]
+            if len(places) > 1:
+                log.warning(
+                    f"{tsv}: the header names the column '{name}' (from '{key}') "
+                    f"{len(places)} times, as columns {', '.join(places)}; the first is read, "
+                    "as Ducho (pandas) reads it. Rename the others if one of them is meant."
+                )
 
 
 def _separator_hint(header: list[str]) -> str:
