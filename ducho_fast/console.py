@@ -268,17 +268,36 @@ def print_report(report: Any) -> None:
         err.print(message, highlight=False, soft_wrap=True)
 
 
+def _ignored(job: str, files: list[Path], kinds: int = 4) -> str:
+    """What a job's input folder holds that is not read, by kind (hidden, or by suffix: a
+    .heic or .m4a folder learns at once that its format is not one read), with what is."""
+    from ducho_fast.data.audio.audio import AUDIO_SUFFIXES  # numpy and libsndfile: not for
+    from ducho_fast.data.visual.images import IMAGE_SUFFIXES  # every command's start
+
+    kind, suffixes = (
+        ("audio", AUDIO_SUFFIXES) if job.startswith("audio") else ("image", IMAGE_SUFFIXES)
+    )
+    groups: dict[str, list[Path]] = {}
+    for file in files:
+        label = "hidden" if file.name.startswith(".") else file.suffix.lower() or "unsuffixed"
+        groups.setdefault(label, []).append(file)
+    ranked = sorted(groups.items(), key=lambda group: -len(group[1]))
+    parts = [f"{len(group)} {label} (e.g. {group[0].name})" for label, group in ranked[:kinds]]
+    if len(ranked) > kinds:
+        parts.append(f"{sum(len(group) for _, group in ranked[kinds:])} of other kinds")
+    return (
+        f"{job}: {len(files)} file(s) ignored: {', '.join(parts)}. {kind.capitalize()} files "
+        f"are read from {', '.join(sorted(suffixes))}."
+    )
+
+
 def _print_inputs(report: Any) -> None:
     for job, bad in report.input_errors.items():
         if bad:
             err.print(f"{job}: {len(bad)} input item(s) skipped (bad or duplicate ids).")
     for job, files in report.ignored_files.items():
         if files:
-            kind = "audio" if job.startswith("audio") else "image"
-            err.print(
-                f"{job}: {len(files)} file(s) ignored (hidden, or not {kind} files), e.g. "
-                f"{files[0].name}."
-            )
+            err.print(_ignored(job, files), highlight=False, soft_wrap=True)
     for job, folders in report.ignored_folders.items():
         if folders:
             err.print(

@@ -603,15 +603,26 @@ def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
 
     from ducho_fast.console import _print_inputs
 
-    ignored = {"audio.items": [Path("._a.wav")], "visual.items": [Path("notes.txt")]}
+    heics = [Path(f"in/IMG_{n}.HEIC") for n in range(3)]
+    others = [
+        Path(name) for name in ("in/.DS_Store", "in/README", "in/a.txt", "in/b.pdf", "in/c.svg")
+    ]
+    ignored = {"audio.items": [Path("._a.wav"), Path("b.m4a")], "visual.items": heics + others}
     folders = {"audio.items": [], "visual.items": [Path("in/shoes"), Path("in/hats")]}
     report = SimpleNamespace(
         input_errors={}, ignored_files=ignored, ignored_folders=folders, unpaired={}
     )
     _print_inputs(report)
     said = capsys.readouterr().err
-    assert "audio.items: 1 file(s) ignored (hidden, or not audio files), e.g. ._a.wav." in said
-    assert "visual.items: 1 file(s) ignored (hidden, or not image files), e.g. notes.txt." in said
+    assert (
+        "audio.items: 2 file(s) ignored: 1 hidden (e.g. ._a.wav), 1 .m4a (e.g. b.m4a). Audio "
+        "files are read from .aif, .aiff, .flac, .mp3, .oga, .ogg, .opus, .wav.\n"
+    ) in said
+    assert (
+        "visual.items: 8 file(s) ignored: 3 .heic (e.g. IMG_0.HEIC), 1 hidden (e.g. "
+        ".DS_Store), 1 unsuffixed (e.g. README), 1 .txt (e.g. a.txt), 2 of other kinds. Image "
+        "files are read from .avif, .bmp, "
+    ) in said
     assert "visual.items: 2 subfolder(s) not read" in said
     assert "e.g. shoes/" in said
     assert "audio.items: 0" not in said and "audio.items: 1 subfolder" not in said

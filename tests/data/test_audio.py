@@ -103,6 +103,17 @@ def test_too_short_for_the_model(tmp_path: Path) -> None:
         prepare_audio(path, {**PRE, "min_samples": 400})
 
 
+def test_opus_is_listed_and_read_at_its_own_rate(tmp_path: Path) -> None:
+    """Ogg Opus (.opus), which libsndfile reads from 1.0.29: a tone keeps its pitch."""
+    t = np.arange(48000) / 48000
+    wave = (0.4 * np.sin(2 * np.pi * 1000.0 * t)).astype(np.float32)
+    sf.write(str(tmp_path / "voice.opus"), wave, 48000, format="OGG", subtype="OPUS")
+    (item,) = list_audio(tmp_path).items
+    read = prepare_audio(item.raw, PRE)
+    assert item.item_id == "voice" and abs(len(read) - 16000) <= 1
+    assert abs(peak_hz(read, 16000) - 1000.0) <= 1.0
+
+
 def test_listing_and_arrays(tmp_path: Path) -> None:
     for name in ("b10.wav", "b2.flac", "notes.txt"):
         (write_tone(tmp_path / name) if name != "notes.txt" else (tmp_path / name)).touch()

@@ -4,12 +4,14 @@ import errno
 import io
 import os
 import pickle
+import re
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image, ImageOps
 
@@ -41,6 +43,46 @@ def test_listing_is_ducho_natural_order_and_stems_cut_at_first_dot(tmp_path: Pat
     assert [i.item_id for i in items] == ["img1", "img2", "img10"] and folders == []
     # hidden files (macOS's ._ copies): counted as ignored, not items with an empty id
     assert sorted(p.name for p in ignored) == ["._img2.png", ".jpg", "notes.txt"]
+
+
+def test_jpegs_named_jfif_or_jpe_avif_and_jpeg_2000_are_images(tmp_path: Path) -> None:
+    """What Pillow's wheels read beside the usual suffixes: a .jfif or .jpe is a JPEG (saved
+    from a browser) and decodes as the .jpg it is; AVIF and JPEG 2000 decode too."""
+    jpeg = write_image(tmp_path / "a.jpg", size=(40, 30))
+    for name in ("b.jfif", "c.JPE"):
+        (tmp_path / name).write_bytes(jpeg.read_bytes())
+    pixels = np.asarray(Image.open(jpeg).convert("RGB"))
+    Image.fromarray(pixels).save(tmp_path / "d.avif", quality=90)
+    Image.fromarray(pixels).save(tmp_path / "e.jp2")
+    items, ignored, _ = list_images(tmp_path)
+    assert [i.item_id for i in items] == ["a", "b", "c", "d", "e"] and ignored == []
+    decoded = [load_image(item.raw, None) for item in items]
+    for array in decoded[:3]:
+        np.testing.assert_array_equal(array, pixels)
+    assert np.abs(decoded[3].astype(int) - pixels).mean() < 8  # lossy
+    np.testing.assert_array_equal(decoded[4], pixels)  # JPEG 2000 is lossless by default
+
+
+def test_an_avif_this_pillow_cannot_read_says_which_pillow_can(tmp_path, monkeypatch) -> None:
+    from PIL import features
+
+    content = b"\x00\x00\x00\x1cftypavif" + bytes(64)  # no image Pillow knows
+    bad, other = tmp_path / "a.avif", tmp_path / "a.png"
+    bad.write_bytes(content)
+    other.write_bytes(content)
+
+    def reason(path: Path) -> str:
+        with pytest.raises(UnreadableFile, match=r"not a readable image") as caught:
+            load_image(path, None)
+        return str(caught.value)
+
+    assert "cannot read AVIF" not in reason(bad)  # this Pillow has a decoder: no advice
+    monkeypatch.setattr(features, "check", lambda feature: feature != "avif")
+    assert reason(bad).endswith(
+        f"This Pillow ({PIL.__version__}) cannot read AVIF: install Pillow 11.2 or later, or "
+        "convert the file to JPEG or PNG."
+    )
+    assert "AVIF" not in reason(other)  # not named .avif: nothing said of AVIF
 
 
 def test_digits_of_other_kinds_sort_without_failing(tmp_path: Path) -> None:
@@ -464,3 +506,15 @@ def test_an_unlistable_folder_is_a_data_error(tmp_path: Path, monkeypatch) -> No
             DataError, match=r"image folder .* cannot be listed \(Permission denied\)"
         ):
             listing()
+
+
+def test_the_readme_lists_the_suffixes_that_are_read() -> None:
+    from ducho_fast.data.audio.audio import AUDIO_SUFFIXES
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    for label, suffixes in (("Images", IMAGE_SUFFIXES), ("Audio", AUDIO_SUFFIXES)):
+        start = readme.index(f"{label}: `.")
+        listed = readme[
+            start : readme.index("\n  Audio: " if label == "Images" else " (what", start)
+        ]
+        assert set(re.findall(r"`(\.\w+)`", listed)) == suffixes, label

@@ -22,7 +22,8 @@ from ducho_fast.data.visual.images import Listing, list_files
 from ducho_fast.errors import DataError, decode_error, stamped
 
 SF_ERR_SYSTEM = 2  # libsndfile's code for a failed system call (sndfile.h)
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"})
+# What libsndfile reads (Opus in Ogg from libsndfile 1.0.29; soundfile's wheels bundle 1.2).
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif"})
 
 
 def list_audio(folder: Path) -> Listing:

@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+import PIL
+from PIL import ExifTags, Image, ImageOps, features
 
 from ducho_fast.config.model import InputOptions
 from ducho_fast.config.paths import absent
 from ducho_fast.data.items import FilePath, FileStamp, Item, error_reason, source_name
 from ducho_fast.errors import DataError, decode_error, stamped
 
+# Formats Pillow's wheels read (AVIF from Pillow 11.2); a JPEG saved from a browser may end
+# in .jfif or .jpe, a JPEG 2000 in .jp2 or .j2k.
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    | {".avif", ".jp2", ".j2k", ".ppm", ".pgm"}
 )
 
 
@@ -314,8 +318,19 @@ def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Ima
         reason = error_reason(e)
         if not isinstance(source, str | os.PathLike):  # Pillow names a file object by its repr
             reason = reason.replace(f" {source!r}", "")
-        message = f"{name}: not a readable image ({type(e).__name__}: {reason})."
+        message = f"{name}: not a readable image ({type(e).__name__}: {reason}).{_avif_hint(name)}"
         raise decode_error(message, e, stamp) from e
+
+
+def _avif_hint(name: str) -> str:
+    """What to say of an .avif file Pillow could not read where this Pillow has no AVIF
+    decoder (before 11.2, Pillow's wheels had none)."""
+    if not name.lower().endswith(".avif") or features.check("avif"):
+        return ""
+    return (
+        f" This Pillow ({PIL.__version__}) cannot read AVIF: install Pillow 11.2 or later, or "
+        "convert the file to JPEG or PNG."
+    )
 
 
 def _quiet_pillow_bombs() -> None:
