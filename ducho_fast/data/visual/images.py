@@ -118,7 +118,7 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
     except OSError as e:
         raise DataError(_unlisted(folder, kind, e)) from e
     found = (
-        f"its {len(others)} file(s) ({_some(others)}) are not {kind} files"
+        f"its {len(others)} file(s) ({_some(others)}) are not {kind} files of a format read"
         if others
         else "it has no files"
     )
