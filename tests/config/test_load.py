@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import threading
 from contextlib import suppress
 from pathlib import Path
@@ -657,3 +658,16 @@ def test_thread_counts_no_machine_has_are_refused(tmp_path: Path, key: str) -> N
         ConfigError, match=rf"'runtime\.{key}' is 100000; at most 1024 \(0 = one per usable CPU"
     ):
         load_config(write(tmp_path, visual(RESNET, runtime={key: 100000})), cwd=tmp_path)
+
+
+def test_the_readme_s_configs_load() -> None:
+    """Each YAML example of the README is a config as it stands; the fusion example is added
+    to the first, whose model entries it names."""
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    assert len(blocks) >= 6
+    for block in blocks:
+        raw = {**blocks[0], **block} if list(block) == ["fusion"] else block
+        load_config(raw, name="README.md")
