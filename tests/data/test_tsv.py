@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import logging
+import lzma
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -295,3 +300,87 @@ def test_reading_a_large_table_holds_no_rows_beside_the_items(tmp_path: Path) ->
         tracemalloc.stop()
     assert len(items) == 20000 and items[-1].raw == f"{text}19999"
     assert peak < 1.1 * held, (held, peak)
+
+
+BODY = 'item_id\tdescription\nA1\thello \u00e9\n\nA2\t"two\nlines"\nA3\tlast\n'
+WANTED = [("A1", "hello \u00e9", 2), ("A2", "two\nlines", 4), ("A3", "last", 6)]
+
+
+def _zipped(*members: tuple[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in members:
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("d.tsv.gz", gzip.compress(BODY.encode())),
+        ("d.tsv", gzip.compress(BODY.encode())),  # told by its content, not its name
+        ("d.tsv.bz2", bz2.compress(BODY.encode())),
+        ("d.tsv.xz", lzma.compress(BODY.encode())),
+        (
+            "d.zip",
+            _zipped(
+                ("d.tsv", BODY),
+                ("__MACOSX/._d.tsv", "x"),
+                ("__MACOSX/Icon", "x"),
+                ("sub/.DS_Store", "x"),
+            ),
+        ),
+        ("excel.txt", BODY.encode("utf-16")),  # Excel's "Unicode Text": UTF-16 LE with a mark
+        ("d.tsv", b"\xfe\xff" + BODY.encode("utf-16-be")),
+        ("d.tsv.gz", gzip.compress(BODY.encode("utf-16"))),
+    ],
+)
+def test_compressed_and_utf16_tables_read_as_the_plain_one(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    """pandas (so Ducho) reads .gz, .bz2, .xz and .zip tables decompressed; a UTF-16 table
+    (which pandas fails on) is read as its byte order mark says."""
+    from ducho_fast.data.text.tsv import check_text_table
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    check_text_table(path, "item_id", "description")
+    items = read_text_items(path, "item_id", "description")
+    assert [(i.item_id, i.raw, i.origin) for i in items] == [
+        (item_id, text, f"{name}:{line}") for item_id, text, line in WANTED
+    ]
+
+
+def test_a_broken_or_unread_compressed_table_says_what_it_is(tmp_path: Path) -> None:
+    from ducho_fast.data.text.tsv import check_text_table
+
+    rows = "".join(f"A{i}\t{i * 7919 % 104729} {i**3}\n" for i in range(5000))
+    whole = gzip.compress(("item_id\tdescription\n" + rows).encode())
+    cut = write(tmp_path, "", "cut.tsv.gz")
+    cut.write_bytes(whole[: len(whole) // 2])
+    check_text_table(cut, None, None)  # its start reads well: the check stops there
+    with pytest.raises(
+        DataError,
+        match=r"cut\.tsv\.gz: the gzip-compressed file cannot be read "
+        r"\(Compressed file ended before the end-of-stream marker was reached\): "
+        r"it is corrupt or cut short",
+    ):
+        read_text_items(cut, None, None)
+    flipped = tmp_path / "flip.tsv.xz"
+    data = bytearray(lzma.compress(("item_id\tdescription\n" + rows).encode()))
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"flip\.tsv\.xz: the xz-compressed file cannot be read"):
+        read_text_items(flipped, None, None)
+    two = tmp_path / "two.zip"
+    two.write_bytes(_zipped(("a.tsv", BODY), ("b.tsv", BODY)))
+    with pytest.raises(
+        DataError,
+        match=r"holds one file, as pandas reads it; this one holds 2 "
+        r"files \(a\.tsv, b\.tsv\)",
+    ):
+        check_text_table(two, None, None)
+    zstd = tmp_path / "d.tsv.zst"
+    zstd.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
+    with pytest.raises(DataError, match=r"Zstandard-compressed, which is not read here"):
+        check_text_table(zstd, None, None)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Generator, Iterator
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ducho_fast.config.paths import absent
 from ducho_fast.data.items import Item, file_kind
+from ducho_fast.data.text.compressed import BROKEN, broken, open_text
 from ducho_fast.errors import DataError
 
 log = logging.getLogger("ducho_fast")
@@ -187,21 +188,25 @@ def _is_data(row: list[str]) -> bool:
 
 
 def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
-    """``(first line, cells)`` per row; bytes that are not UTF-8 survive as surrogates.
-
-    A UTF-8 byte order mark (Excel's "CSV UTF-8") is dropped, as pandas (Ducho) drops it.
-    """
-    try:
-        opened = tsv.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="")
-    except OSError as e:
-        raise DataError(f"{tsv}: cannot be read ({e.strerror or e}); check its permissions.") from e
-    with opened as f:
+    """``(first line, cells)`` per row of the table, decompressed and decoded as
+    :func:`open_text` says; bytes that are not UTF-8 survive as surrogates."""
+    with ExitStack() as stack:
+        try:
+            f, kind = open_text(tsv, stack)
+        except OSError as e:
+            raise DataError(
+                f"{tsv}: cannot be read ({e.strerror or e}); check its permissions."
+            ) from e
         reader = csv.reader(f, delimiter="\t", strict=True)
         start = 1
         try:
             for row in reader:
                 yield start, row
                 start = reader.line_num + 1
+        except BROKEN as e:
+            if kind is None:  # the disk's error, not the file's content
+                raise
+            raise broken(tsv, kind, e) from e
         except csv.Error as e:
             raise DataError(
                 f"{tsv}:{start}: the row starting on this line is badly quoted "
