@@ -543,7 +543,7 @@ def doctor(
 
     health = report()
     for line in health.lines:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)
     failures = health.failures(require_cuda)
     for failure in failures:
         err.print(f"[bold red]error:[/] {escape(failure)}", markup=True, soft_wrap=True)

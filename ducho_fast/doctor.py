@@ -106,7 +106,29 @@ def report() -> Health:
         health.cuda_why = why_no_cuda()
     lines.append(f"CPU session runs on: {probe(CPU)}")
     lines.append(f"CPUs this process may use: {cpu_quota_report()}")
+    lines += media_formats()
     return health
+
+
+def media_formats() -> list[str]:
+    """Which image and audio formats that depend on how Pillow and libsndfile were built
+    decode here (AVIF from Pillow 11.2's wheels, MP3 from libsndfile 1.1, Opus from 1.0.29)."""
+    import soundfile
+    from PIL import features
+
+    def said(found: dict[str, bool]) -> str:
+        return ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in found.items())
+
+    images = {"AVIF": "avif", "JPEG 2000": "jpg_2000", "WebP": "webp"}
+    audio = {
+        "MP3": "MP3" in soundfile.available_formats(),
+        "Opus": "OPUS" in soundfile.available_subtypes("OGG"),
+    }
+    return [
+        f"image formats (Pillow {_version('pillow')}): "
+        + said({name: bool(features.check(f)) for name, f in images.items()}),
+        f"audio formats (libsndfile {soundfile.__libsndfile_version__}): {said(audio)}",
+    ]
 
 
 # The NVIDIA driver's own library: missing where no driver is installed, or in a container

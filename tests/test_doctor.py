@@ -152,3 +152,23 @@ def test_without_ldd_or_a_provider_file_the_account_stays_general(provider, monk
     assert "libraries load" not in said
     monkeypatch.setattr(doctor, "cuda_provider_library", lambda: None)
     assert doctor.why_no_cuda() == said
+
+
+def test_input_formats_say_what_this_pillow_and_libsndfile_decode(monkeypatch) -> None:
+    """Each format named is one a file of the listed suffixes may need: AVIF (Pillow 11.2's
+    wheels), MP3 and Opus (libsndfile 1.1 and 1.0.29) are not everywhere."""
+    import soundfile
+    from PIL import features
+
+    from ducho_fast.doctor import media_formats
+
+    images, audio = media_formats()
+    assert images.startswith("image formats (Pillow ") and "AVIF yes" in images
+    assert (
+        audio == f"audio formats (libsndfile {soundfile.__libsndfile_version__}): MP3 yes, Opus yes"
+    )
+    monkeypatch.setattr(features, "check", lambda feature: feature == "webp")
+    monkeypatch.setattr(soundfile, "available_subtypes", lambda kind: {"VORBIS": "Vorbis"})
+    images, audio = media_formats()
+    assert images.endswith("): AVIF no, JPEG 2000 no, WebP yes")
+    assert audio.endswith("): MP3 yes, Opus no")
