@@ -384,3 +384,14 @@ def test_a_broken_or_unread_compressed_table_says_what_it_is(tmp_path: Path) -> 
     zstd.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
     with pytest.raises(DataError, match=r"Zstandard-compressed, which is not read here"):
         check_text_table(zstd, None, None)
+
+
+def test_a_utf16_table_with_bytes_it_cannot_decode_keeps_its_other_rows(tmp_path: Path) -> None:
+    """Half a surrogate pair, an odd last byte: such rows are bad items (as rows of bytes that
+    are not UTF-8 are), not an error of the whole table."""
+    half = "A3\t".encode("utf-16-le") + b"\x00\xd8" + "x\n".encode("utf-16-le")
+    path = tmp_path / "d.tsv"
+    path.write_bytes("item_id\tdescription\nA1\thello\n".encode("utf-16") + half + b"\x41")
+    items = read_text_items(path, None, None)
+    assert [i.item_id for i in items] == ["A1", "A3", "\udcff"]
+    assert items[0].raw == "hello" and isinstance(items[1].raw, BadText) and items[2].raw is None

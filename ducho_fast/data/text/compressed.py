@@ -9,6 +9,7 @@ separated) is read as its byte order mark says, where pandas fails on it.
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import io
 import lzma
@@ -57,10 +58,27 @@ def open_text(tsv: Path, stack: ExitStack) -> tuple[IO[str], str | None]:
         stream = _decompressed(tsv, raw, kind, stack)
         mark = stream.peek(2)[:2]
     except BROKEN as e:
+        if kind is None:  # the disk's error: the caller says the file cannot be read
+            raise
         raise broken(tsv, kind, e) from e
-    encoding = "utf-16" if mark in _UTF16_MARKS else "utf-8-sig"
-    text = io.TextIOWrapper(stream, encoding=encoding, errors="surrogateescape", newline="")
+    if mark in _UTF16_MARKS:
+        text = io.TextIOWrapper(stream, encoding="utf-16", errors=_UNDECODABLE, newline="")
+    else:
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     return stack.enter_context(text), kind
+
+
+def _undecodable(error: UnicodeError) -> tuple[str, int]:
+    """A lone surrogate for each byte UTF-16 cannot decode (an odd last byte, half a pair),
+    which ``surrogateescape`` refuses below 0x80: the row is then a bad item, as one of bytes
+    that are not UTF-8 is."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return "\udcff" * (error.end - error.start), error.end
+
+
+_UNDECODABLE = "ducho-fast-undecodable"
+codecs.register_error(_UNDECODABLE, _undecodable)
 
 
 def broken(tsv: Path, kind: str | None, error: BaseException) -> DataError:
