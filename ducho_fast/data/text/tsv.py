@@ -142,8 +142,9 @@ def check_text_table(
         header = _header(tsv, rows)
         if interactions:
             _interaction_columns(tsv, header, interaction_columns, text_column)
-            user_column, item_column = interaction_columns or (None, None)
-            named = {"interaction_columns": [user_column, item_column]}
+            named: dict[str, list[str | None]] = {
+                "interaction_columns": list(interaction_columns or ())
+            }
         else:
             _text_columns(tsv, header, item_column, text_column)
             named = {"item_column": [item_column]}
