@@ -394,4 +394,11 @@ def test_a_utf16_table_with_bytes_it_cannot_decode_keeps_its_other_rows(tmp_path
     path.write_bytes("item_id\tdescription\nA1\thello\n".encode("utf-16") + half + b"\x41")
     items = read_text_items(path, None, None)
     assert [i.item_id for i in items] == ["A1", "A3", "\udcff"]
-    assert items[0].raw == "hello" and isinstance(items[1].raw, BadText) and items[2].raw is None
+    assert items[0].raw == "hello" and items[2].raw is None
+    assert items[1].raw == BadText("the text is not valid UTF-16; re-encode the file as UTF-8")
+    header = tmp_path / "header.tsv"
+    header.write_bytes(
+        "item_id\tdesc".encode("utf-16") + b"\x00\xd8" + "\nA1\tx\n".encode("utf-16-le")
+    )
+    with pytest.raises(DataError, match=r"header row is not UTF-16 text"):
+        read_text_items(header, None, None)

@@ -17,7 +17,7 @@ import zipfile
 import zlib
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ducho_fast.errors import DataError
 
@@ -42,7 +42,7 @@ def compression(head: bytes) -> str | None:
     return None
 
 
-def open_text(tsv: Path, stack: ExitStack) -> tuple[IO[str], str | None]:
+def open_text(tsv: Path, stack: ExitStack) -> tuple[io.TextIOWrapper, str | None]:
     """``tsv``'s text, decompressed, and its compression (None: plain), closed with
     ``stack``. Bytes that are not UTF-8 (UTF-16) survive as surrogates; a UTF-8 byte order
     mark (Excel's "CSV UTF-8") is dropped, as pandas drops it. An OSError is the file's

@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from ducho_fast.config.paths import absent
 from ducho_fast.data.items import Item, file_kind
@@ -89,12 +90,12 @@ def read_text_items(path: Path, item_column: str | None, text_column: str | None
 def iter_text_items(path: Path, item_column: str | None, text_column: str | None) -> Iterator[Item]:
     """:func:`read_text_items` one item at a time, as the rows are read: a caller that keeps
     only some texts (a shard) never holds the table."""
-    with _table(path) as (tsv, header, rows):
+    with _table(path) as (tsv, header, rows, encoding):
         id_at, text_at = _text_columns(tsv, header, item_column, text_column)
         name = tsv.name
         for line_no, row in rows:
             id_value = row[id_at] if id_at < len(row) else ""
-            text = _text(row, text_at, len(header))
+            text = _text(row, text_at, len(header), encoding)
             yield Item(id_value, f"{name}:{line_no}", text)
 
 
@@ -113,13 +114,13 @@ def iter_interaction_items(
     path: Path, columns: tuple[str, str] | None, text_column: str | None
 ) -> Iterator[Item]:
     """:func:`read_interaction_items` one item at a time, as the rows are read."""
-    with _table(path) as (tsv, header, rows):
+    with _table(path) as (tsv, header, rows, encoding):
         user_at, item_at, text_at = _interaction_columns(tsv, header, columns, text_column)
         name = tsv.name
         for line_no, row in rows:
             user = row[user_at] if user_at < len(row) else ""
             item = row[item_at] if item_at < len(row) else ""
-            text = _text(row, text_at, len(header))
+            text = _text(row, text_at, len(header), encoding)
             if not user.strip() or not item.strip():
                 which = "user" if not user.strip() else "item"
                 text = BadText(f"the {which} cell is empty; an interaction needs both ids")
@@ -138,8 +139,8 @@ def check_text_table(
     columns, or one saying it has no data rows: what a run checks of every job before any
     work. Reading stops at the first data row."""
     tsv = resolve_tsv(path)
-    with closing(_rows(tsv)) as rows:
-        header = _header(tsv, rows)
+    with _rows(tsv) as (encoding, rows):
+        header = _header(tsv, rows, encoding)
         if interactions:
             _interaction_columns(tsv, header, interaction_columns, text_column)
             named: dict[str, list[str | None]] = {
@@ -156,25 +157,31 @@ def check_text_table(
             )
 
 
+Rows = Iterator[tuple[int, list[str]]]
+
+
 @contextmanager
-def _table(path: Path) -> Iterator[tuple[Path, list[str], Iterator[tuple[int, list[str]]]]]:
-    """The TSV, its checked header and its non-blank data rows with their first lines, read
+def _table(path: Path) -> Iterator[tuple[Path, list[str], Rows, str]]:
+    """The TSV, its checked header, its non-blank data rows with their first lines, read
     as they are taken (the file stays open in the block): a table of millions of rows is never
-    held as rows beside the items made of them, which took 40% more memory at the peak."""
+    held as rows beside the items made of them, which took 40% more memory at the peak; and
+    the name of its encoding."""
     tsv = resolve_tsv(path)
-    with closing(_rows(tsv)) as rows:
-        header = _header(tsv, rows)
-        yield tsv, header, ((n, row) for n, row in rows if _is_data(row))
+    with _rows(tsv) as (encoding, rows):
+        header = _header(tsv, rows, encoding)
+        yield tsv, header, ((n, row) for n, row in rows if _is_data(row)), encoding
 
 
-def _header(tsv: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
+def _header(tsv: Path, rows: Rows, encoding: str) -> list[str]:
     """The first row that is not blank (pandas, and so Ducho, skips blank lines)."""
     first = next((row for row in rows if _is_data(row[1])), None)
     if first is None:
         raise DataError(f"{tsv}: the file is empty or blank; it needs a header row.")
     line, header = first
     if any(_undecodable(h) for h in header):
-        raise DataError(f"{tsv}: the header row is not UTF-8 text. Re-encode the file as UTF-8.")
+        raise DataError(
+            f"{tsv}: the header row is not {encoding} text. Re-encode the file as UTF-8."
+        )
     if not any(h.strip() for h in header):  # tabs and spaces only: read as a header, every
         raise DataError(  # column unnamed, and the real header would be embedded as an item
             f"{tsv}:{line}: the header row (the first that is not blank) has only empty "
@@ -188,9 +195,11 @@ def _is_data(row: list[str]) -> bool:
     return bool(row) and not (len(row) == 1 and not row[0].strip(" \t"))
 
 
-def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
-    """``(first line, cells)`` per row of the table, decompressed and decoded as
-    :func:`open_text` says; bytes that are not UTF-8 survive as surrogates."""
+@contextmanager
+def _rows(tsv: Path) -> Iterator[tuple[str, Rows]]:
+    """The name of the table's encoding ("UTF-8" or "UTF-16"), and ``(first line, cells)``
+    per row, decompressed and decoded as :func:`open_text` says; bytes the encoding cannot
+    decode survive as surrogates. The file stays open in the block."""
     with ExitStack() as stack:
         try:
             f, kind = open_text(tsv, stack)
@@ -198,23 +207,32 @@ def _rows(tsv: Path) -> Generator[tuple[int, list[str]], None, None]:
             raise DataError(
                 f"{tsv}: cannot be read ({e.strerror or e}); check its permissions."
             ) from e
-        reader = csv.reader(f, delimiter="\t", strict=True)
-        start = 1
-        try:
-            for row in reader:
-                yield start, row
-                start = reader.line_num + 1
-        except BROKEN as e:
-            if kind is None:  # the disk's error, not the file's content
-                raise
-            raise broken(tsv, kind, e) from e
-        except csv.Error as e:
-            raise DataError(
-                f"{tsv}:{start}: the row starting on this line is badly quoted "
-                f"({str(e).replace(TAB, ESCAPED_TAB)}). A cell "
-                'that starts with " must end with " and write quotes inside it as "". Fix the '
-                "row, or remove the opening quote to keep quotes as plain text."
-            ) from e
+        encoding = "UTF-16" if f.encoding == "utf-16" else "UTF-8"
+        rows = _read_rows(tsv, f, kind)
+        with closing(rows):
+            yield encoding, rows
+
+
+def _read_rows(
+    tsv: Path, f: IO[str], kind: str | None
+) -> Generator[tuple[int, list[str]], None, None]:
+    reader = csv.reader(f, delimiter="\t", strict=True)
+    start = 1
+    try:
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1
+    except BROKEN as e:
+        if kind is None:  # the disk's error, not the file's content
+            raise
+        raise broken(tsv, kind, e) from e
+    except csv.Error as e:
+        raise DataError(
+            f"{tsv}:{start}: the row starting on this line is badly quoted "
+            f"({str(e).replace(TAB, ESCAPED_TAB)}). A cell "
+            'that starts with " must end with " and write quotes inside it as "". Fix the '
+            "row, or remove the opening quote to keep quotes as plain text."
+        ) from e
 
 
 def _text_columns(
@@ -254,7 +272,7 @@ def _interaction_columns(
     return user_at, item_at, text_at
 
 
-def _text(row: list[str], at: int, columns: int) -> str | BadText | None:
+def _text(row: list[str], at: int, columns: int, encoding: str) -> str | BadText | None:
     if len(row) > columns:
         return BadText(
             f"the row has {len(row)} cells, the header {columns}: a tab inside the text? "
@@ -264,7 +282,7 @@ def _text(row: list[str], at: int, columns: int) -> str | BadText | None:
         return None
     text = row[at]
     if _undecodable(text):
-        return BadText("the text is not valid UTF-8; re-encode the file as UTF-8")
+        return BadText(f"the text is not valid {encoding}; re-encode the file as UTF-8")
     if text.strip() in MISSING_TEXT and text.strip():
         return BadText(f"the text is a missing-value marker ({text.strip()!r}), as pandas reads it")
     return text
