@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     no_args_is_help=True,
+    rich_markup_mode=None,
     add_completion=False,
     help="Export feature extractors to ONNX and extract multimodal features with ONNX Runtime.",
 )
@@ -58,12 +59,18 @@ _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 ConfigArg = Annotated[
     Path,
     typer.Argument(
-        help="Ducho-style YAML config; - reads it from standard input.", show_default=False
+        metavar="CONFIG",
+        help="Ducho-style YAML config; - reads it from standard input.",
+        show_default=False,
     ),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a key: a.b.c=VALUE (YAML-typed; list indices allowed)."),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a key: a.b.c=VALUE (YAML-typed; list indices allowed; repeat for more).",
+    ),
 ]
 
 
@@ -161,6 +168,7 @@ ProgressEveryOpt = Annotated[
     float | None,
     typer.Option(
         min=1.0,
+        metavar="SECONDS",
         envvar="DUCHO_FAST_PROGRESS_EVERY",
         help="Where stderr is not a terminal (a batch job's log): seconds between progress "
         "lines, and between the lines saying the command is still at work  [default: 30]",
@@ -169,7 +177,9 @@ ProgressEveryOpt = Annotated[
 ]
 
 
-@app.command(context_settings=_EXTRA)
+@app.command(
+    context_settings=_EXTRA, short_help="Export CONFIG's models to parity-checked ONNX artifacts."
+)
 def export(
     ctx: typer.Context,
     config: ConfigArg,
@@ -195,7 +205,9 @@ def export(
                 print_exported(r)
 
 
-@app.command(context_settings=_EXTRA)
+@app.command(
+    context_settings=_EXTRA, short_help="Extract CONFIG's features with its exported artifacts."
+)
 def extract(
     ctx: typer.Context,
     config: ConfigArg,
@@ -209,6 +221,7 @@ def extract(
     shard: Annotated[
         str | None,
         typer.Option(
+            metavar="INDEX/COUNT",
             help="INDEX/COUNT (0-based): this job-array task's part of every job, e.g. "
             "$SLURM_ARRAY_TASK_ID/4. Run once more without it after all tasks to write "
             "matrices, fusions and manifests.",
@@ -225,13 +238,16 @@ def extract(
     ray_address: Annotated[
         str | None,
         typer.Option(
+            metavar="HOST:PORT",
             help="A running Ray cluster to join from one of its nodes: HOST:PORT (port 6379 "
             "by default) or auto. Not ray:// (Ray Data does not run through Ray Client).",
         ),
     ] = None,
     ray_actors: Annotated[
         int,
-        typer.Option(min=0, help="Model actors per model (0: one per GPU on CUDA, else one)."),
+        typer.Option(
+            min=0, metavar="N", help="Model actors per model (0: one per GPU on CUDA, else one)."
+        ),
     ] = 0,
 ) -> None:
     """Extract features for every block of CONFIG with its exported artifacts.
@@ -275,7 +291,10 @@ def extract(
         raise typer.Exit(ITEMS_FAILED_EXIT)
 
 
-@app.command(context_settings=_EXTRA)
+@app.command(
+    context_settings=_EXTRA,
+    short_help="Fuse features CONFIG has extracted, without running models.",
+)
 def fuse(
     ctx: typer.Context,
     config: ConfigArg,
@@ -300,18 +319,23 @@ def fuse(
         raise typer.Exit(ITEMS_FAILED_EXIT)
 
 
-@app.command(context_settings=_EXTRA)
+@app.command(
+    context_settings=_EXTRA,
+    short_help="Time extract on a sample of CONFIG's data, against the sessions.",
+)
 def bench(
     ctx: typer.Context,
     config: ConfigArg,
     set_: SetOpt = None,
     items: Annotated[
-        int, typer.Option(min=1, help="The sample: the first that many items of each job.")
+        int,
+        typer.Option(min=1, metavar="N", help="The sample: the first that many items of each job."),
     ] = 256,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed rounds of each way.")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Timed rounds of each way.")] = 3,
     work: Annotated[
         Path | None,
         typer.Option(
+            metavar="FOLDER",
             help="Where the sample's features go, in a folder removed at the end (default: "
             "beside the first job's output folder, on the disk a real run writes to).",
             show_default=False,
@@ -329,6 +353,7 @@ def bench(
         list[str] | None,
         typer.Option(
             "--vs",
+            metavar="KEY=VALUE",
             help="Also time extract with this KEY=VALUE set (as --set takes; repeat for more "
             "variants), in the same rounds, its features compared with the config's: e.g. "
             "runtime.readers=processes, runtime.workers=8, input.jpeg_decode=reduced.",
@@ -376,12 +401,17 @@ def bench(
 
 @app.command()
 def layers(
-    backend: Annotated[Backend, typer.Argument(help="Source framework.")],
-    model: Annotated[str, typer.Argument(help="Model name or local path.")],
-    architecture: Annotated[str | None, typer.Option(help="For a state-dict file.")] = None,
+    backend: Annotated[Backend, typer.Argument(metavar="BACKEND", help="Source framework.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name or local path.")],
+    architecture: Annotated[
+        str | None, typer.Option(metavar="NAME", help="For a state-dict file.")
+    ] = None,
     architecture_kwargs: Annotated[
         str | None,
-        typer.Option(help='The architecture\'s arguments, as JSON: \'{"model_name": "b0"}\'.'),
+        typer.Option(
+            metavar="JSON",
+            help='The architecture\'s arguments, as JSON: \'{"model_name": "b0"}\'.',
+        ),
     ] = None,
     trust: Annotated[bool, typer.Option(help="Allow pickled models / module:callable.")] = False,
 ) -> None:
@@ -478,9 +508,11 @@ def _layers_spec(
     )
 
 
-@app.command()
+@app.command(short_help="Print an artifact's manifest.")
 def inspect(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory in the model store.")],
+    artifact: Annotated[
+        Path, typer.Argument(metavar="ARTIFACT", help="Artifact directory in the model store.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest.")] = False,
 ) -> None:
     """Print an artifact's manifest: source, layers, inputs, preprocessing, parity."""
@@ -524,7 +556,7 @@ def inspect(
         )
 
 
-@app.command()
+@app.command(short_help="Versions, working execution providers, the CPU quota.")
 def doctor(
     require_cuda: Annotated[
         bool,
@@ -559,8 +591,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show log messages of level INFO.")
+    ] = False,
 ) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,

@@ -659,3 +659,21 @@ def test_the_progress_line_interval_comes_from_the_option_or_the_environment(
     assert every == [30.0, 600.0, 5.0]
     refused = runner.invoke(app, [command, str(config), "--progress-every", "0"])
     assert refused.exit_code == 2 and "--progress-every" in refused.output
+
+
+def test_help_names_what_each_option_takes_and_fits_a_terminal() -> None:
+    """Plain help at 80 columns: each option with what it takes (KEY=VALUE, SECONDS, ...) and
+    its help beside it, no type column of <bool>/<list[str]> squeezing the text, and each
+    command's line in the command list whole (not cut with '...')."""
+    env = {"COLUMNS": "80", "DUCHO_FAST_PROGRESS_EVERY": ""}
+    top = runner.invoke(app, ["--help"], env=env)
+    assert top.exit_code == 0
+    commands = top.output.split("Commands:")[1]
+    assert "..." not in commands and "Extract CONFIG's features" in commands
+    assert "Print the version and exit." in top.output
+    result = runner.invoke(app, ["extract", "--help"], env=env)
+    assert result.exit_code == 0
+    for shown in ("--set KEY=VALUE", "--progress-every SECONDS", "--shard INDEX/COUNT"):
+        assert shown in result.output
+    assert "<bool>" not in result.output and "<list[str]>" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
