@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -54,6 +55,11 @@ STOPPED_EXPORT = (
 )
 STOPPED_FUSE = "Run the same command again to finish the fusions."
 STOPPED_BENCH = "Nothing of the config's outputs was touched, and bench's work folder is removed."
+# What a second signal, which ends the process at once, leaves (None: the command's STOPPED_).
+QUIT_BENCH = (
+    "Nothing of the config's outputs was touched; bench's work folder (.ducho-fast-bench-*, "
+    "beside the first job's output folder, or in --work) is left: remove it."
+)
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 ConfigArg = Annotated[
@@ -106,12 +112,15 @@ def _overrides(ctx: typer.Context, sets: list[str] | None) -> list[str]:
 
 
 @contextmanager
-def _errors(stopped: str | None = None) -> Iterator[None]:
+def _errors(stopped: str | None = None, quit_now: str | None = None) -> Iterator[None]:
     """A DuchoError as a message and exit 1. With ``stopped`` (what a stopped run leaves and
     how to go on), SIGTERM stops the command as Ctrl-C does, and both end it with that
-    message and exit 128 + the signal's number (130, 143)."""
+    message and exit 128 + the signal's number (130, 143); a second signal while it stops
+    ends the process at once, saying ``quit_now`` (default: ``stopped``) (see
+    :func:`_stop_on_signals`)."""
     caught: list[int] = []
-    with _stop_on_sigterm(caught) if stopped else nullcontext():
+    stopping = _stop_on_signals(caught, quit_now or stopped or "") if stopped else nullcontext()
+    with stopping:
         try:
             yield
         except DuchoError as e:
@@ -121,7 +130,7 @@ def _errors(stopped: str | None = None) -> Iterator[None]:
         except KeyboardInterrupt as e:
             if stopped is None:
                 raise
-            number = caught[0] if caught else signal.SIGINT  # Ctrl-C: Python's own handler
+            number = caught[0] if caught else signal.SIGINT  # raised by the code, not a signal
             err.print(
                 f"\nstopped by {signal.Signals(number).name}. {stopped}",
                 highlight=False,
@@ -143,25 +152,57 @@ def _watched(progress: bool, doing: str, every: float | None) -> Iterator[Any]:
 
 
 @contextmanager
-def _stop_on_sigterm(caught: list[int]) -> Iterator[None]:
-    """SIGTERM (a batch scheduler's stop, ``kill``) raises KeyboardInterrupt in the main
-    thread, as Ctrl-C does, so that a run stops as it does on Ctrl-C: once the main thread's
+def _stop_on_signals(caught: list[int], quit_now: str) -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM (a batch scheduler's stop, ``kill``) raise
+    KeyboardInterrupt in the main thread, so that a run stops in order: once the main thread's
     batch ends, the other lanes finish theirs and the writer saves every feature queued
-    (``Pipeline.run``). The signal's number goes into ``caught``."""
-    main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield  # only the main thread sets handlers; an ignored SIGTERM stays ignored
+    (``Pipeline.run``). That can take a while (a large batch, a reader stuck on a network
+    file system), so the first signal says so at once. A second signal, of either kind, ends
+    the process at once (``os._exit``): features already written are complete (each is
+    renamed into place whole), the batches under way are lost, and the next run removes
+    what was half written. Before, a second Ctrl-C broke into the stop's own clean-up and the
+    process could end in ONNX Runtime's "terminate called" abort (SIGABRT) or hang on a
+    thread. The first signal's number goes into ``caught``. A signal that was ignored when
+    the command began (SIGINT in a background job, ``nohup``'s SIGTERM...) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread sets handlers
         return
 
     def stop(number: int, _: Any) -> None:
+        name = signal.Signals(number).name
+        if caught:
+            _end_now(name, 128 + number, quit_now)
         caught.append(number)
+        err.print(
+            f"\n{name}: stopping once the work under way is done; Ctrl-C or SIGTERM again "
+            "stops at once.",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    taken = [
+        s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN
+    ]
+    previous = {s: signal.signal(s, stop) for s in taken}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def _end_now(name: str, code: int, quit_now: str) -> None:
+    """End the process at once, after saying what it leaves: no clean-up, no thread joined."""
+    try:
+        err.show_cursor(True)  # a progress bar hides it
+        err.print(
+            f"\nstopped at once by a second {name}. {quit_now}", highlight=False, soft_wrap=True
+        )
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(code)
 
 
 ProgressEveryOpt = Annotated[
@@ -379,7 +420,7 @@ def bench(
         highlight=False,
         soft_wrap=True,
     )
-    with _errors(stopped=STOPPED_BENCH):
+    with _errors(stopped=STOPPED_BENCH, quit_now=QUIT_BENCH):
         report = run_bench(
             config,
             _overrides(ctx, set_),

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -572,30 +573,72 @@ def test_a_stopped_command_says_what_it_kept_and_exits_128_plus_the_signal(
 
     from ducho_fast.cli import _errors
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(typer.Exit) as stopped, _errors(stopped="What was kept."):
-        if sig == signal.SIGINT:
-            raise KeyboardInterrupt
         os.kill(os.getpid(), sig)
         time.sleep(5)  # the handler raises before this ends
     assert stopped.value.exit_code == 128 + sig
-    assert f"stopped by {sig.name}. What was kept." in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) == before
+    said = capsys.readouterr().err
+    assert f"{sig.name}: stopping once the work under way is done; Ctrl-C or SIGTERM" in said
+    assert f"stopped by {sig.name}. What was kept." in said
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with pytest.raises(typer.Exit) as raised, _errors(stopped="What was kept."):
+        raise KeyboardInterrupt  # raised by the code (a test, a library): said as Ctrl-C
+    assert raised.value.exit_code == 128 + signal.SIGINT
     with pytest.raises(KeyboardInterrupt), _errors():  # no hint: not a stoppable command
         raise KeyboardInterrupt
 
 
-def test_an_ignored_sigterm_stays_ignored() -> None:
+@pytest.mark.parametrize(("first", "second"), [("SIGINT", "SIGTERM"), ("SIGINT", "SIGINT")])
+def test_a_second_signal_while_stopping_ends_the_process_at_once(
+    first: str, second: str, tmp_path: Path
+) -> None:
+    """The stop waits for the work under way (a large batch, a reader stuck on a network
+    file system); a second signal breaks off that wait and ends the process at once, with
+    exit 128 + its number and what it leaves, instead of raising KeyboardInterrupt into the
+    stop's clean-up (which ended in ONNX Runtime's "terminate called" abort or hung)."""
+    script = tmp_path / "stop.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, time
+            from ducho_fast.cli import _errors
+            with _errors(stopped="What was kept.", quit_now="What is left now."):
+                try:
+                    os.kill(os.getpid(), signal.{first})
+                    time.sleep(30)
+                except KeyboardInterrupt:  # the stop's clean-up, which takes long
+                    print("stopping", flush=True)
+                    os.kill(os.getpid(), signal.{second})
+                    time.sleep(30)
+                    print("not ended at once", flush=True)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    number = getattr(signal, second)
+    assert done.returncode == 128 + number, done.stderr
+    assert done.stdout == "stopping\n"
+    assert f"{first}: stopping once the work under way is done" in done.stderr
+    assert f"stopped at once by a second {second}. What is left now." in done.stderr
+    assert "What was kept." not in done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_ignored_signal_stays_ignored(sig: signal.Signals) -> None:
+    """nohup's SIGTERM... and SIGINT in a shell's background job."""
     from ducho_fast.cli import _errors
 
-    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    before = signal.signal(sig, signal.SIG_IGN)
     try:
         with _errors(stopped="What was kept."):
-            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-            os.kill(os.getpid(), signal.SIGTERM)  # ignored: the block goes on
+            assert signal.getsignal(sig) is signal.SIG_IGN
+            os.kill(os.getpid(), sig)  # ignored: the block goes on
             time.sleep(0.05)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(sig, before)
 
 
 def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
