@@ -118,6 +118,19 @@ class Embedder:
         self._names = list(dict.fromkeys(str(o["name"]) for o in self._outputs))
         self.batcher = Batcher(artifact)
 
+    def __repr__(self) -> str:
+        """What a notebook or a log shows: the model, its layers, its inputs and what it runs
+        on (once its session is made; asking does not wait for it)."""
+        source = self.manifest.get("source") or {}
+        name = Path(str(source.get("model_name") or self.artifact.path.name)).name
+        made = self._ready
+        runs = f"on {made.info.provider}" if made else "session being made"
+        precision = self.manifest.get("precision", "fp32")
+        return (
+            f"<Embedder {name} [{', '.join(self.layers)}]: {self.modality}, {precision}, "
+            f"{runs}; {self.artifact.path}>"
+        )
+
     def ready(self) -> None:
         """Wait for the session; an error creating it is raised here."""
         self._made()

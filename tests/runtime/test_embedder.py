@@ -44,6 +44,14 @@ def test_paths_arrays_and_pil_images_agree(resnet_artifact, image_dir) -> None:
         assert isinstance(none, np.ndarray) and none.shape == shape
 
 
+def test_an_embedder_says_what_it_runs(resnet_artifact) -> None:
+    emb = ducho_fast.load(resnet_artifact)
+    assert repr(emb) == (
+        f"<Embedder resnet18 [avgpool, layer4]: visual, fp32, on CPUExecutionProvider; "
+        f"{resnet_artifact}>"
+    )
+
+
 def test_bad_inputs(resnet_artifact) -> None:
     emb = ducho_fast.load(resnet_artifact)
     with pytest.raises(DataError, match=r"has no layer 'fc'"):
