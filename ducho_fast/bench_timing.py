@@ -9,10 +9,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.runtime.embedder import Embedder, Prepared
+from ducho_fast.runtime.stages import finish, wait_for
 
 
 def alone(options: RuntimeOptions) -> RuntimeOptions:
@@ -33,9 +35,10 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
     def run() -> None:
         todo = iter(batches)
         lock = threading.Lock()
+        stop = threading.Event()
 
         def lane(k: int) -> None:
-            while True:
+            while not stop.is_set():
                 with lock:
                     batch = next(todo, None)
                 if batch is None:
@@ -46,10 +49,14 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
             lane(0)
             return
         threads = [threading.Thread(target=lane, args=(k,)) for k in range(count)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                wait_for(t)  # not join: see wait_for
+        finally:  # stopped (Ctrl-C): the lanes end with their batch under way, not after
+            stop.set()  # every batch left, which went on after bench said it stopped
+            finish(*(partial(wait_for, t) for t in threads))
 
     return run
 

@@ -289,3 +289,45 @@ def test_bench_command_prints_each_variant(exported: dict[str, Any], tmp_path: P
     assert "its 4 feature files identical to extract's" in result.output  # 3 items, the matrix
     line = json.loads(result.output.strip().splitlines()[-1])
     assert [r["variants"][0]["identical"] for r in line["runs"]] == [True, True]
+
+
+def test_a_stopped_session_alone_ends_its_lanes_with_their_batch_under_way() -> None:
+    """Ctrl-C while bench times a session of two lanes: each lane ends with the batch it is
+    running, before bench says it stopped. Before, they went on through every batch left,
+    and a Ctrl-C then could abort the process in ONNX Runtime ("terminate called")."""
+    import signal
+    import threading
+    import time
+
+    from ducho_fast.bench_timing import session_alone
+
+    ran: list[int] = []
+    first_lane: list[int] = []  # its batches, the timed ones
+    running = [0]
+    lock = threading.Lock()
+
+    class Lanes:
+        lanes = 2
+
+        def launch(self, batch: int, lane: int = 0) -> None:
+            with lock:
+                ran.append(batch)
+                running[0] += 1
+            timed = threading.current_thread() is not threading.main_thread()  # not warm-up
+            if timed and lane == 0:
+                first_lane.append(batch)
+            if timed and lane == 0 and len(first_lane) == 3:  # Ctrl-C to the main thread,
+                # which by now waits for the lanes
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+                time.sleep(0.3)  # a long batch, under way when bench stops
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+
+    before = threading.active_count()
+    run = session_alone(Lanes(), list(range(200)))  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert running == [0]  # no batch still running
+    assert threading.active_count() == before
+    assert len(ran) < 12  # the warm-up, a few batches, and one each lane was running

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,17 @@ from ducho_fast.runtime.decoders import (
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs
 from ducho_fast.runtime.loading import Failed, failed, load_each
 from ducho_fast.runtime.shard import Shard
-from ducho_fast.runtime.stages import DONE, Lane, Timing, Worker, merge_timing, put, put_alive
+from ducho_fast.runtime.stages import (
+    DONE,
+    Lane,
+    Timing,
+    Worker,
+    finish,
+    merge_timing,
+    put,
+    put_alive,
+    wait_for,
+)
 
 LoadFn = Callable[[Item], Any]
 WriteFn = Callable[[str, ItemOutputs], None]
@@ -202,12 +213,13 @@ class Pipeline(WindowedRun):
             lanes[0].run()  # on this thread
         finally:
             stop.set()
-            for lane in lanes[1:]:
-                lane.join()
             reader.stop()
-            put_alive(writes, DONE, writer)
-            writer.join()
-            reader.join()
+            finish(
+                *(partial(wait_for, lane) for lane in lanes[1:]),
+                lambda: put_alive(writes, DONE, writer),
+                partial(wait_for, writer),
+                partial(wait_for, reader),
+            )
         for lane in lanes:
             lane.reraise()
         writer.reraise()

@@ -152,6 +152,40 @@ def put(q: queue.Queue[Any], value: Any, stop: threading.Event) -> None:
             continue
 
 
+def finish(*steps: Callable[[], Any]) -> None:
+    """Run each clean-up step (a :func:`wait_for`, a last put) to its end, even where Ctrl-C
+    lands in one: its KeyboardInterrupt is kept, the step run again, and raised after the
+    last. Otherwise a stop that came as a run ended (the main thread waiting for the writer)
+    or while the main thread waited for the other lanes left threads running and queued
+    features unwritten, after the command had said it stopped. A second KeyboardInterrupt in
+    the same clean-up is raised at once (the CLI ends the process at a second signal before
+    that)."""
+    interrupted: KeyboardInterrupt | None = None
+    for step in steps:
+        while True:
+            try:
+                step()
+                break
+            except KeyboardInterrupt as e:
+                if interrupted is not None:
+                    raise
+                interrupted = e
+    if interrupted is not None:
+        raise interrupted
+
+
+def wait_for(thread: threading.Thread) -> None:
+    """Wait until ``thread`` ends, where a KeyboardInterrupt may land and the wait be run
+    again. Not ``Thread.join``: in Python 3.11 a join that a KeyboardInterrupt interrupts
+    marks the live thread as ended (bpo-45274's clean-up releases its lock), so a second join
+    returns at once, with the thread still running. Polls ``is_alive`` every 1 ms at first,
+    50 ms at most."""
+    delay = 0.001
+    while thread.is_alive():
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
 def put_alive(q: queue.Queue[Any], value: Any, consumer: threading.Thread) -> bool:
     """Put unless the consumer has died (its error is re-raised by the caller)."""
     while consumer.is_alive():

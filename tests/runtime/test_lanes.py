@@ -235,3 +235,27 @@ def _extract_within(config: dict[str, Any], seconds: float = 120) -> Any:
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
+
+
+def test_clean_up_runs_every_step_through_one_ctrl_c_and_raises_it_after() -> None:
+    from ducho_fast.runtime.stages import finish
+
+    done: list[str] = []
+    tries = [0]
+
+    def interrupted_once() -> None:
+        tries[0] += 1
+        if tries[0] == 1:
+            raise KeyboardInterrupt
+        done.append("a")
+
+    with pytest.raises(KeyboardInterrupt):
+        finish(interrupted_once, lambda: done.append("b"))
+    assert done == ["a", "b"]
+
+    def interrupted_always() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is not held back
+        finish(interrupted_always, lambda: done.append("c"))
+    assert done == ["a", "b"]

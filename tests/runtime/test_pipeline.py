@@ -173,6 +173,37 @@ def test_nan_outputs_are_bad_items(tmp_path, store, resnet18_state_dict) -> None
     ]
 
 
+def test_ctrl_c_as_the_run_ends_still_writes_every_feature_queued(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """Ctrl-C that lands while the main thread waits for the writer (the models are done,
+    features are still being written) stops the run only once every queued feature is
+    written. Before, the KeyboardInterrupt broke out of that wait: the command said it had
+    stopped while the writer went on, and the interpreter's exit ended it mid-queue."""
+    import signal
+
+    from ducho_fast.runtime import pipeline
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    ducho_fast.export(config)
+    ids = sorted(p.stem for p in image_dir.iterdir())
+    real = pipeline.write_checked
+
+    def slow_last(write: Any, item: Any, out: Any) -> str | None:
+        if item.item_id == ids[-1]:  # a slow disk; Ctrl-C once the models are done
+            main = threading.main_thread().ident or 0
+            threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
+            time.sleep(0.6)
+        return real(write, item, out)
+
+    monkeypatch.setattr(pipeline, "write_checked", slow_last)
+    with pytest.raises(KeyboardInterrupt):
+        ducho_fast.extract(config)
+    written = sorted(p.stem for p in (tmp_path / "out/torch/resnet18/avgpool").glob("*.npy"))
+    assert written == ids
+
+
 def test_same_outputs_for_any_batch_size_and_worker_count(
     tmp_path, store, image_dir, resnet18_state_dict
 ) -> None:
