@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -395,3 +396,12 @@ def closed_port() -> int:
 def no_locks(fd: int, operation: int) -> None:
     """``fcntl.flock`` on a file system without locks (some NFS and FUSE mounts)."""
     raise OSError(errno.ENOLCK, "No locks available")
+
+
+@pytest.fixture
+def ctrl_c() -> Any:
+    """SIGINT raising KeyboardInterrupt, as in a terminal, also where the suite runs with it
+    ignored (a background job of a non-interactive shell: SIG_IGN is inherited)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

@@ -291,7 +291,7 @@ def test_bench_command_prints_each_variant(exported: dict[str, Any], tmp_path: P
     assert [r["variants"][0]["identical"] for r in line["runs"]] == [True, True]
 
 
-def test_a_stopped_session_alone_ends_its_lanes_with_their_batch_under_way() -> None:
+def test_a_stopped_session_alone_ends_its_lanes_with_their_batch_under_way(ctrl_c: None) -> None:
     """Ctrl-C while bench times a session of two lanes: each lane ends with the batch it is
     running, before bench says it stopped. Before, they went on through every batch left,
     and a Ctrl-C then could abort the process in ONNX Runtime ("terminate called")."""

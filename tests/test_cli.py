@@ -565,7 +565,7 @@ def test_export_says_each_model_as_it_goes(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_command_says_what_it_kept_and_exits_128_plus_the_signal(
-    sig: signal.Signals, capsys: pytest.CaptureFixture[str]
+    sig: signal.Signals, capsys: pytest.CaptureFixture[str], ctrl_c: None
 ) -> None:
     """SIGTERM raises KeyboardInterrupt in the main thread as Ctrl-C does (Python's own
     handler); the command's hint is printed and the handler given back afterwards."""
@@ -603,6 +603,7 @@ def test_a_second_signal_while_stopping_ends_the_process_at_once(
             f"""
             import os, signal, time
             from ducho_fast.cli import _errors
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
             with _errors(stopped="What was kept.", quit_now="What is left now."):
                 try:
                     os.kill(os.getpid(), signal.{first})

@@ -174,7 +174,7 @@ def test_nan_outputs_are_bad_items(tmp_path, store, resnet18_state_dict) -> None
 
 
 def test_ctrl_c_as_the_run_ends_still_writes_every_feature_queued(
-    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch, ctrl_c
 ) -> None:
     """Ctrl-C that lands while the main thread waits for the writer (the models are done,
     features are still being written) stops the run only once every queued feature is
