@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -157,9 +158,11 @@ def finish(*steps: Callable[[], Any]) -> None:
     lands in one: its KeyboardInterrupt is kept, the step run again, and raised after the
     last. Otherwise a stop that came as a run ended (the main thread waiting for the writer)
     or while the main thread waited for the other lanes left threads running and queued
-    features unwritten, after the command had said it stopped. A second KeyboardInterrupt in
-    the same clean-up is raised at once (the CLI ends the process at a second signal before
-    that)."""
+    features unwritten, after the command had said it stopped. A second KeyboardInterrupt is
+    raised at once: one in the same clean-up, or one while the clean-up runs for a
+    KeyboardInterrupt already on its way (in a ``finally``). The CLI ends the process at a
+    second signal before that; a script calling the API gets its second Ctrl-C."""
+    stopping = isinstance(sys.exc_info()[1], KeyboardInterrupt)
     interrupted: KeyboardInterrupt | None = None
     for step in steps:
         while True:
@@ -167,7 +170,7 @@ def finish(*steps: Callable[[], Any]) -> None:
                 step()
                 break
             except KeyboardInterrupt as e:
-                if interrupted is not None:
+                if stopping or interrupted is not None:
                     raise
                 interrupted = e
     if interrupted is not None:

@@ -259,3 +259,10 @@ def test_clean_up_runs_every_step_through_one_ctrl_c_and_raises_it_after() -> No
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is not held back
         finish(interrupted_always, lambda: done.append("c"))
     assert done == ["a", "b"]
+    tries[0] = 0
+    with pytest.raises(KeyboardInterrupt):  # a clean-up for a Ctrl-C already on its way
+        try:
+            raise KeyboardInterrupt
+        finally:
+            finish(interrupted_once, lambda: done.append("d"))
+    assert done == ["a", "b"]  # its first interruption is the second Ctrl-C: raised at once
