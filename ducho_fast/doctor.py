@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from ducho_fast import __version__
 from ducho_fast.runtime.cpu import cpu_quota_report
+from ducho_fast.runtime.memory import memory_report
 from ducho_fast.runtime.session import CPU, CUDA, session_options
 
 PACKAGES = (
@@ -106,6 +107,7 @@ def report() -> Health:
         health.cuda_why = why_no_cuda()
     lines.append(f"CPU session runs on: {probe(CPU)}")
     lines.append(f"CPUs this process may use: {cpu_quota_report()}")
+    lines.append(f"memory this process may take: {memory_report()}")
     lines += media_formats()
     return health
 

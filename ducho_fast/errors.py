@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,48 @@ class MissingExtraError(DuchoError):
             f"{purpose} needs the Python package '{package}', which is not installed.\n"
             f"Hint: pip install 'ducho-fast[{extra}]'"
         )
+
+
+# How the frameworks say that an allocation failed: torch's CPU allocator ("can't allocate
+# memory") and CUDA ("out of memory"), ONNX Runtime ("Failed to allocate memory"; its arena,
+# past ``runtime.memory_limit``: "Available memory of X is smaller than requested bytes of
+# Y"), TensorFlow's ResourceExhaustedError ("OOM when allocating tensor"), C++.
+NO_MEMORY = (
+    "can't allocate memory",
+    "out of memory",
+    "failed to allocate memory",
+    "smaller than requested bytes",
+    "oom when allocating",
+    "bad_alloc",
+)
+
+
+def memory_lines(error: BaseException) -> list[str]:
+    """The lines of ``error``'s message that say an allocation failed; empty where none do."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return [line for line in lines if any(w in line.lower() for w in NO_MEMORY)]
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (a MemoryError, or a framework's
+    error saying so)."""
+    return isinstance(error, MemoryError) or bool(memory_lines(error))
+
+
+# What ONNX Runtime says of an allocation, without the source file and function before it.
+_ALLOCATION = re.compile(
+    r"Available memory of \d+ is smaller than requested bytes of \d+|"
+    r"Failed to allocate memory for requested buffer of size \d+"
+)
+
+
+def allocation_said(error: BaseException) -> str:
+    """What ``error`` says of the allocation that failed, in one short line."""
+    found = _ALLOCATION.search(str(error))
+    if found:
+        return found.group(0)
+    lines = memory_lines(error) or [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].strip()[:200] if lines else ""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

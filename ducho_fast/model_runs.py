@@ -34,6 +34,7 @@ from ducho_fast.report import ERRORS_FILE, ExtractReport, ModelRun, matrix_of
 from ducho_fast.runtime.batcher import sorts_by_length, window_size
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
+from ducho_fast.runtime.memory import size_text
 from ducho_fast.runtime.pipeline import Member, Pipeline, PipelineOptions, RunResult, shared_window
 from ducho_fast.runtime.session import PendingSession, batch_lanes, for_artifact, spins
 from ducho_fast.runtime.shard import Shard
@@ -244,6 +245,26 @@ def run_models(
     return [runs[id(p)] for p in models.planned]
 
 
+def memory_advice(embedder: Embedder) -> str | None:
+    """Which batch size fits, where batches of this run ran out of memory; None if none did."""
+    splits = embedder.memory_splits
+    if not splits.any:
+        return None
+    limit = embedder.info.memory_limit
+    within = f"within runtime.memory_limit ({size_text(limit)})" if limit else "on this machine"
+    said = f"batches of {splits.too_big} items or more ran out of memory {within}"
+    if not splits.largest_part:
+        return (
+            f"{said}, and so did single items (see the errors file). Raise "
+            "runtime.memory_limit, or free memory."
+        )
+    return (
+        f"{said}, and ran in parts of at most {splits.largest_part} items. Set batch_size: "
+        f"{splits.largest_part} for this model, which saves the attempts that failed"
+        + (", or raise runtime.memory_limit where the machine has the memory." if limit else ".")
+    )
+
+
 def precision_advice(precision: str, provider: str) -> str | None:
     """Why an artifact's precision does not suit what its session ran on; None if it does."""
     if precision == "fp16" and provider == "CPUExecutionProvider":
@@ -371,6 +392,11 @@ def _run_group(
             results, providers = pipeline.run(items, tick), pipeline.providers
         else:
             results, providers = [pipeline.run(items, tick, group[0].done)], [pipeline.provider]
+    if isinstance(pipeline, Pipeline):
+        for member, p in zip(pipeline.members, group, strict=True):
+            advice = memory_advice(member.embedder)
+            if advice:
+                report.warnings.append(f"{p.spec.key_path}: {advice}")
     return (
         scope,
         files,

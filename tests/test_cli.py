@@ -488,6 +488,9 @@ def test_doctor_reports_real_providers() -> None:
     assert result.exit_code == 0
     assert "CPU session runs on: CPUExecutionProvider" in result.output
     assert "CPUs this process may use:" in result.output
+    assert re.search(
+        r"memory this process may take: [\d.]+ GiB now .* auto: [\d.]+ GiB", result.output
+    )
 
 
 @pytest.mark.slow

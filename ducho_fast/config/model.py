@@ -152,6 +152,7 @@ class RuntimeOptions:
     io_binding: str = "auto"  # auto (on for CUDA) | on | off
     spin_wait: str = "auto"  # auto (off while images/audio decode beside) | on | off
     cuda_options: dict[str, Any] = field(default_factory=dict)  # CUDA provider options
+    memory_limit: str = "auto"  # CPU: ORT's activations; auto | off | a size (8GB, 512MiB)
     on_error: str = "skip"
 
 

@@ -4,6 +4,7 @@ provider options checked where the config is written rather than on the GPU node
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +40,9 @@ def word_switches(runtime: dict[str, Any]) -> dict[str, Any]:
     """``io_binding`` and ``spin_wait`` as words: YAML reads a bare ``on``/``off`` as a bool."""
     words = {True: "on", False: "off"}
     return {
-        k: words[v] if k in ("io_binding", "spin_wait") and isinstance(v, bool) else v
+        k: words[v]
+        if k in ("io_binding", "spin_wait", "memory_limit") and isinstance(v, bool)
+        else v
         for k, v in runtime.items()
     }
 
@@ -98,6 +101,7 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
             )
     if runtime.prefetch < 1:
         raise ConfigError(f"{name}: key 'runtime.prefetch' must be >= 1.")
+    limit_value(runtime.memory_limit, name)
     for key, value in runtime.cuda_options.items():
         if key not in CUDA_OPTIONS:
             raise ConfigError(
@@ -106,6 +110,35 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
             )
         _check_cuda_option(key, value, name)
     return runtime
+
+
+# runtime.memory_limit (see ducho_fast.runtime.memory).
+LEAST = 64 * 2**20  # the smallest limit a config may set: less fails single items
+
+UNITS = {"mb": 10**6, "gb": 10**9, "mib": 2**20, "gib": 2**30}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*")
+
+
+def limit_value(value: Any, where: str) -> int | str | None:
+    """``runtime.memory_limit`` checked: ``"auto"``, None for ``off``, or bytes."""
+    if value == "auto":
+        return "auto"
+    if value == "off" or value is False:  # YAML reads a bare off as false
+        return None
+    match = _SIZE.fullmatch(str(value).lower()) if isinstance(value, str) else None
+    if match is None or match.group(2) not in UNITS:
+        raise ConfigError(
+            f"{where}: key 'runtime.memory_limit' is {value!r}; use auto, off, or a size with "
+            "its unit: 8GB, 8GiB, 512MB or 512MiB (MB and GB count in 1000s, MiB and GiB in "
+            "1024s)."
+        )
+    size = int(float(match.group(1)) * UNITS[match.group(2)])
+    if size < LEAST:
+        raise ConfigError(
+            f"{where}: key 'runtime.memory_limit' is {value!r}, under 64MiB: a model's "
+            "activations for one item need more. Set a larger size, or auto."
+        )
+    return size
 
 
 # The most threads ONNX Runtime or the readers may start: more than any machine's CPUs.

@@ -108,6 +108,10 @@ RUNTIME_KEYS: dict[str, Key] = {
         (str, bool), choices=_SWITCH, doc="CPU: ORT's threads spin; auto: not beside decoders"
     ),
     "cuda_options": Key((dict,), doc="CUDA provider options, e.g. cudnn_conv_algo_search"),
+    "memory_limit": Key(
+        (str, bool, int, float),
+        doc="CPU: memory for the model's activations; auto, off, or 8GB, 512MiB",
+    ),
     "on_error": Key((str,), choices=("skip", "fail")),
 }
 

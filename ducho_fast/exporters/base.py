@@ -33,7 +33,14 @@ from ducho_fast.artifact import (
     write_artifact,
 )
 from ducho_fast.config.model import ModelSpec
-from ducho_fast.errors import ArtifactError, DuchoError, ExportError, ParityError
+from ducho_fast.errors import (
+    ArtifactError,
+    DuchoError,
+    ExportError,
+    ParityError,
+    memory_lines,
+    out_of_memory,
+)
 from ducho_fast.exporters.compat import import_torch
 from ducho_fast.exporters.graphs import load_graph, save_graph, scratch
 from ducho_fast.exporters.precision import MIN_COSINE, apply_precision
@@ -179,18 +186,6 @@ def _export(
     return ExportResult(spec, artifact, False, time.perf_counter() - start)
 
 
-# How the frameworks say that an allocation failed: torch's CPU allocator ("can't allocate
-# memory") and CUDA ("out of memory"), ONNX Runtime ("Failed to allocate memory"),
-# TensorFlow's ResourceExhaustedError ("OOM when allocating tensor"), C++.
-_NO_MEMORY = (
-    "can't allocate memory",
-    "out of memory",
-    "failed to allocate memory",
-    "oom when allocating",
-    "bad_alloc",
-)
-
-
 @contextmanager
 def _memory_named(spec: ModelSpec) -> Iterator[None]:
     """An allocation that fails while a model is built, converted or checked becomes an
@@ -200,10 +195,10 @@ def _memory_named(spec: ModelSpec) -> Iterator[None]:
     except DuchoError:
         raise
     except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        said = [line for line in lines if any(w in line.lower() for w in _NO_MEMORY)]
-        if not isinstance(e, MemoryError) and not said:
+        said = memory_lines(e)
+        if not out_of_memory(e):
             raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = "".join(f": {line}" for line in (said or lines)[:1])  # not torch.fx's code
         size = f" at reshape {list(spec.reshape)}" if spec.reshape else ""
         raise ExportError(

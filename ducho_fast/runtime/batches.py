@@ -1,6 +1,7 @@
 """A batch on its way through a model: its graph inputs built by a reader, run on a model
-lane (item by item where the batch fails as a whole, to find the items at fault), and its
-outputs collected on the writer's thread."""
+lane (item by item where the batch fails as a whole, to find the items at fault; in parts
+where it runs out of memory, see ``Embedder.run_prepared``), and its outputs collected on the
+writer's thread."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ducho_fast.data.items import Item
-from ducho_fast.errors import DuchoError
+from ducho_fast.errors import DuchoError, out_of_memory
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, Launched, Prepared
 
 
@@ -35,13 +36,18 @@ def launch(embedder: Embedder, batch: Batch, lane: int = 0) -> Launched | list[I
     """Run a batch on a model lane's thread. Launched: the writer collects its outputs (from
     the device, with I/O binding) while the next batch runs. Otherwise the batch failed as a
     whole and was run again item by item: each item's outputs, or why it failed."""
-    if batch.prepared is not None:
+    if batch.prepared is not None and embedder.memory_splits.fits(len(batch.payloads)):
         try:
-            return embedder.launch(batch.prepared, lane)
+            launched = embedder.launch(batch.prepared, lane)
         except DuchoError:
             raise
-        except Exception:
-            pass  # infer() below finds the item at fault
+        except Exception as e:
+            if out_of_memory(e):  # infer() runs it in parts, without trying it whole again
+                embedder.ran_out_of_memory(len(batch.payloads), e)
+            # else infer() below finds the item at fault
+        else:
+            embedder.memory_splits.ran(len(batch.payloads))
+            return launched
     return infer(embedder, batch)
 
 

@@ -47,18 +47,18 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP) ->
     cgroup v2: ``cpu.max`` (``max`` or ``<quota> <period>``); v1: ``cpu.cfs_quota_us`` (-1:
     none) over ``cpu.cfs_period_us``, in the hierarchy of the ``cpu`` controller.
     """
-    paths = _memberships(membership)
+    paths = memberships(membership)
     if (root / "cgroup.controllers").is_file() or (root / "cpu.max").is_file():
-        return _tightest(root, paths.get("", "/"), _v2_quota)
+        return tightest(root, paths.get("", "/"), _v2_quota)
     for controllers in (("cpu",), ("cpu", "cpuacct"), ("cpuacct", "cpu")):
         base = root / ",".join(controllers)
         if base.is_dir():
             path = next((p for c, p in paths.items() if "cpu" in c.split(",")), "/")
-            return _tightest(base, path, _v1_quota)
+            return tightest(base, path, _v1_quota)
     return None
 
 
-def _memberships(membership: Path) -> dict[str, str]:
+def memberships(membership: Path) -> dict[str, str]:
     """``{controllers: path}`` from ``/proc/self/cgroup`` (``id:controllers:path`` lines; v2's
     controllers are empty)."""
     try:
@@ -73,8 +73,9 @@ def _memberships(membership: Path) -> dict[str, str]:
     return paths
 
 
-def _tightest(base: Path, path: str, quota: Callable[[Path], float | None]) -> float | None:
-    """The smallest quota over ``base / path`` and its parents up to ``base``."""
+def tightest(base: Path, path: str, quota: Callable[[Path], float | None]) -> float | None:
+    """The smallest ``quota`` (a limit read from a cgroup folder; None: none) over
+    ``base / path`` and its parents up to ``base``."""
     relative = Path(path.strip("/"))
     folder = base / relative
     if ".." in relative.parts or not folder.is_dir():

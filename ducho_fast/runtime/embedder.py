@@ -9,6 +9,7 @@ with nothing but the core install: no files written, no framework imported.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -30,7 +31,7 @@ from ducho_fast.data.audio.audio import prepare_audio
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tokenize import Tokens
 from ducho_fast.data.visual.images import prepare_image
-from ducho_fast.errors import ArtifactError, DataError
+from ducho_fast.errors import ArtifactError, DataError, allocation_said
 from ducho_fast.runtime.batcher import (
     AHEAD_ITEMS_PER_WORKER,
     AUTO_TOKENS_PER_ROW,
@@ -39,6 +40,7 @@ from ducho_fast.runtime.batcher import (
 )
 from ducho_fast.runtime.binding import IOBinder, cuda_pinning
 from ducho_fast.runtime.cpu import cpu_quota
+from ducho_fast.runtime.memory import MemorySplits, run_fitting, size_text
 from ducho_fast.runtime.session import (
     CUDA,
     PendingSession,
@@ -50,6 +52,8 @@ from ducho_fast.runtime.session import (
 )
 
 ItemOutputs = dict[str, np.ndarray]
+
+log = logging.getLogger("ducho_fast")
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Embedder:
             raise ValueError(f"{pending.model} is not the session {artifact.path} needs")
         self._pending = pending
         self._ready: _Ready | None = None
+        self.memory_splits = MemorySplits()
         self._lock = threading.Lock()
         if pending is None:
             self.ready()
@@ -121,8 +126,7 @@ class Embedder:
     def __repr__(self) -> str:
         """What a notebook or a log shows: the model, its layers, its inputs and what it runs
         on (once its session is made; asking does not wait for it)."""
-        source = self.manifest.get("source") or {}
-        name = Path(str(source.get("model_name") or self.artifact.path.name)).name
+        name = self.name
         made = self._ready
         runs = f"on {made.info.provider}" if made else "session being made"
         precision = self.manifest.get("precision", "fp32")
@@ -130,6 +134,12 @@ class Embedder:
             f"<Embedder {name} [{', '.join(self.layers)}]: {self.modality}, {precision}, "
             f"{runs}; {self.artifact.path}>"
         )
+
+    @property
+    def name(self) -> str:
+        """The model's name (its file's, for a local file), as a log line names it."""
+        source = self.manifest.get("source") or {}
+        return Path(str(source.get("model_name") or self.artifact.path.name)).name
 
     def ready(self) -> None:
         """Wait for the session; an error creating it is raised here."""
@@ -263,10 +273,33 @@ class Embedder:
         return [r for r in results if r is not None]
 
     def run_prepared(self, payloads: Sequence[Any]) -> list[ItemOutputs]:
-        """Per-item outputs ``{layer: array}`` for decoded images or texts, in input order."""
+        """Per-item outputs ``{layer: array}`` for decoded images or texts, in input order. A
+        batch that runs out of memory runs in halves, and halves of those where they do too
+        (:func:`run_fitting`); batches as big as one that did go to halves at once."""
         if not payloads:
             return []
+        return run_fitting(self._run_whole, payloads, self.memory_splits, self._say_out_of_memory)
+
+    def _run_whole(self, payloads: Sequence[Any]) -> list[ItemOutputs]:
         return self.collect(self.launch(self.prepare_batch(payloads)))
+
+    def ran_out_of_memory(self, size: int, error: BaseException) -> None:
+        """Note that a batch of ``size`` items ran out of memory; the first time, say so."""
+        if self.memory_splits.failed(size):
+            self._say_out_of_memory(size, error)
+
+    def _say_out_of_memory(self, size: int, error: BaseException) -> None:
+        limit = self.info.memory_limit
+        within = f"within runtime.memory_limit ({size_text(limit)})" if limit else "here"
+        log.warning(
+            "%s: a batch of %d items ran out of memory %s (%s: %s); batches this big now run "
+            "in parts.",
+            self.name,
+            size,
+            within,
+            type(error).__name__,
+            allocation_said(error),
+        )
 
     def _item(self, outputs: list[np.ndarray], row: int, length: int | None) -> ItemOutputs:
         item: ItemOutputs = {}

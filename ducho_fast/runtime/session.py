@@ -20,6 +20,7 @@ import onnxruntime as ort
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DeviceError
 from ducho_fast.runtime.cpu import cpu_quota, cpu_quota_report
+from ducho_fast.runtime.memory import use_limited_arena
 
 log = logging.getLogger("ducho_fast")
 
@@ -35,20 +36,29 @@ class SessionInfo:
     threads: int  # per batch
     note: str = ""
     lanes: int = 1  # batches run at once (see :func:`batch_lanes`)
+    memory_limit: int | None = None  # bytes of the shared CPU arena (runtime.memory_limit)
 
 
-def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int, *, spinning: bool = True, shared_arena: bool = False
+) -> ort.SessionOptions:
     """Throughput settings: every graph optimization (ORT's fusions), one intra-op thread per
     usable CPU, and ``spinning``: ORT's threads spin briefly between ops before they sleep
-    (ORT's default) or sleep at once."""
+    (ORT's default) or sleep at once. ``shared_arena``: the CPU arena registered with
+    ``runtime.memory_limit`` (:mod:`ducho_fast.runtime.memory`). ONNX Runtime logs nothing
+    short of a fatal error: what fails reaches the caller as an exception, which ducho-fast
+    words, and ONNX Runtime's own line for it came first, in red, for every batch that did
+    not fit in the limit."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if shared_arena:
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     return opts
 
 
@@ -202,10 +212,10 @@ def make_session(
         # ONNX Runtime log a line and warn before _check says why, and what to install. (Not
         # warnings.catch_warnings: a session is made beside the reader threads.)
         providers = [p for p in providers if p == CPU]
-    session = ort.InferenceSession(
-        str(model), sess_options=session_options(threads, spinning=spinning), providers=providers
-    )
-    return session, replace(_check(session, options, threads), lanes=lanes)
+    limit = use_limited_arena(options.memory_limit) if providers == [CPU] else None
+    opts = session_options(threads, spinning=spinning, shared_arena=limit is not None)
+    session = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+    return session, replace(_check(session, options, threads), lanes=lanes, memory_limit=limit)
 
 
 class PendingSession:

@@ -20,7 +20,15 @@ from tests.conftest import REPO
 VALUES: list[Any] = [None, "", -1, 0, [], {}, "x", 1.5, True, [1, 2, 3], {"a": 1}, 10**12]
 # Keys the shipped configs leave to their defaults, where a wrong value is as likely.
 UNSET = {
-    "runtime": ["device", "prefetch", "workers", "concurrent_batches", "spin_wait", "io_binding"],
+    "runtime": [
+        "device",
+        "prefetch",
+        "workers",
+        "concurrent_batches",
+        "spin_wait",
+        "io_binding",
+        "memory_limit",
+    ],
     "input": ["jpeg_decode", "exif_orientation", "max_image_pixels", "max_audio_seconds"],
     "output": ["resume", "id_order", "layouts"],
 }
