@@ -22,6 +22,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from ducho_fast.data.sources import check_inputs, job_items, loader_for
 from ducho_fast.errors import ConfigError, DuchoError, OutputError
 from ducho_fast.fusion import graph_name
 from ducho_fast.runtime.embedder import Embedder, Prepared
+from ducho_fast.runtime.memory import fitting_parts
 from ducho_fast.runtime.session import batch_lanes
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -402,14 +404,25 @@ def _batches(
     embedder: Embedder, cfg: Config, spec: ModelSpec, payloads: list[Any]
 ) -> list[Prepared]:
     """The batches extract builds of the payloads: consecutive images or clips; texts
-    tokenized and sorted by length in windows, within the token budget."""
+    tokenized and sorted by length in windows, within the token budget. Where the first
+    ones, run as many at once as extract runs, run out of memory (``runtime.memory_limit``),
+    each is cut in the parts extract runs."""
     size = spec.batch_size
     if not embedder.sorts_by_length:
-        step = range(0, len(payloads), size)
-        return [embedder.prepare_batch(payloads[b : b + size]) for b in step]
-    options = cfg.runtime
-    planned = embedder.text_batches(payloads, size, options.sort_window, options.token_budget)
-    return [embedder.prepare_batch(tokens) for _, tokens in planned]
+        chunks = [payloads[b : b + size] for b in range(0, len(payloads), size)]
+    else:
+        options = cfg.runtime
+        planned = embedder.text_batches(payloads, size, options.sort_window, options.token_budget)
+        chunks = [tokens for _, tokens in planned]
+    splits = embedder.memory_splits
+    while True:  # the first parts, as many at once as extract runs: what fits at once
+        known = splits.too_big
+        parts = [part for chunk in chunks for part in fitting_parts(chunk, splits)]
+        with ThreadPoolExecutor(embedder.lanes) as pool:
+            for done in [pool.submit(embedder.run_prepared, p) for p in parts[: embedder.lanes]]:
+                done.result()
+        if splits.too_big == known:
+            return [embedder.prepare_batch(part) for part in parts]
 
 
 @contextmanager

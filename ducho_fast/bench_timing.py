@@ -13,7 +13,9 @@ from functools import partial
 from typing import Any
 
 from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.errors import DuchoError, allocation_said, out_of_memory
 from ducho_fast.runtime.embedder import Embedder, Prepared
+from ducho_fast.runtime.memory import size_text
 from ducho_fast.runtime.stages import finish, wait_for
 
 
@@ -27,7 +29,9 @@ def alone(options: RuntimeOptions) -> RuntimeOptions:
 def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], None]:
     """A call that runs ``embedder``'s session alone on ``batches`` (built beforehand) as
     extract runs its model: as many batches at once as it has lanes, each lane taking the
-    next batch. The first batch runs once here, untimed (warm-up)."""
+    next batch. The first batch runs once here, untimed (warm-up). A lane that fails stops
+    the others, and the call raises its error: a lane that ended on an error had left its
+    batches untimed, and the session's rate too high."""
     count = embedder.lanes
     if batches:
         embedder.launch(batches[0])
@@ -36,6 +40,7 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
         todo = iter(batches)
         lock = threading.Lock()
         stop = threading.Event()
+        errors: list[Exception] = []
 
         def lane(k: int) -> None:
             while not stop.is_set():
@@ -43,22 +48,44 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
                     batch = next(todo, None)
                 if batch is None:
                     return
-                embedder.launch(batch, k)
+                try:
+                    embedder.launch(batch, k)
+                except Exception as e:
+                    errors.append(e)
+                    stop.set()
 
         if count == 1:  # on the calling thread
             lane(0)
-            return
-        threads = [threading.Thread(target=lane, args=(k,)) for k in range(count)]
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                wait_for(t)  # not join: see wait_for
-        finally:  # stopped (Ctrl-C): the lanes end with their batch under way, not after
-            stop.set()  # every batch left, which went on after bench said it stopped
-            finish(*(partial(wait_for, t) for t in threads))
+        else:
+            threads = [threading.Thread(target=lane, args=(k,)) for k in range(count)]
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    wait_for(t)  # not join: see wait_for
+            finally:  # stopped (Ctrl-C): the lanes end with their batch under way, not after
+                stop.set()  # every batch left, which went on after bench said it stopped
+                finish(*(partial(wait_for, t) for t in threads))
+        if errors:
+            raise alone_failed(embedder, errors[0], count) from errors[0]
 
     return run
+
+
+def alone_failed(embedder: Embedder, error: Exception, lanes: int) -> Exception:
+    """What to raise when the session alone fails on a batch that extract ran: a DuchoError
+    where it ran out of memory (extract runs such a batch in parts), else ``error``."""
+    if not out_of_memory(error):
+        return error
+    limit = embedder.info.memory_limit
+    within = f" within runtime.memory_limit ({size_text(limit)})" if limit else ""
+    return DuchoError(
+        f"{embedder.name}: the session alone ran out of memory{within} with {lanes} "
+        f"batch{'es' if lanes > 1 else ''} at once ({allocation_said(error)}), on batches "
+        "that fitted when it ran them first. Bench with a smaller batch_size for this model "
+        "(--set with its key, such as visual.items.model.0.batch_size=N), or with --set "
+        "runtime.concurrent_batches=1."
+    )
 
 
 def cpu_seconds() -> float:

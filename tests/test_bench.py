@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ducho_fast import bench as bench_module
 from ducho_fast import bench_source
 from ducho_fast.bench import bench
 from ducho_fast.cli import app
-from ducho_fast.errors import ArtifactError, ConfigError, OutputError
+from ducho_fast.errors import ArtifactError, ConfigError, DuchoError, OutputError
 from tests.conftest import two_job_config
 
 
@@ -297,7 +298,6 @@ def test_a_stopped_session_alone_ends_its_lanes_with_their_batch_under_way(ctrl_
     and a Ctrl-C then could abort the process in ONNX Runtime ("terminate called")."""
     import signal
     import threading
-    import time
 
     from ducho_fast.bench_timing import session_alone
 
@@ -331,3 +331,44 @@ def test_a_stopped_session_alone_ends_its_lanes_with_their_batch_under_way(ctrl_
     assert running == [0]  # no batch still running
     assert threading.active_count() == before
     assert len(ran) < 12  # the warm-up, a few batches, and one each lane was running
+
+
+@pytest.mark.parametrize(
+    ("error", "raised", "match"),
+    [
+        (
+            RuntimeError("Available memory of 0 is smaller than requested bytes of 411041792"),
+            DuchoError,
+            r"^tiny: the session alone ran out of memory within runtime\.memory_limit \(1\.0 "
+            r"GiB\) with 2 batches at once \(Available memory of 0 is smaller than requested "
+            r"bytes of 411041792\), on batches that fitted .* runtime\.concurrent_batches=1\.$",
+        ),
+        (ValueError("a bad graph"), ValueError, "^a bad graph$"),
+    ],
+)
+def test_a_lane_of_the_session_alone_that_fails_stops_the_others_and_its_error_is_raised(
+    error: Exception, raised: type[Exception], match: str
+) -> None:
+    """A lane's error ended its thread and no more: the other lane ran its batches, the
+    failed lane's were never timed, and bench printed a session rate too high."""
+    from types import SimpleNamespace
+
+    from ducho_fast.bench_timing import session_alone
+
+    ran: list[int] = []
+
+    class Lanes:
+        lanes = 2
+        name = "tiny"
+        info = SimpleNamespace(memory_limit=2**30)
+
+        def launch(self, batch: int, lane: int = 0) -> None:
+            if batch == 6:
+                raise error
+            time.sleep(0.01)
+            ran.append(batch)
+
+    run = session_alone(Lanes(), list(range(100)))  # type: ignore[arg-type]
+    with pytest.raises(raised, match=match):
+        run()
+    assert len(ran) < 20  # the other lane stopped after its batch under way

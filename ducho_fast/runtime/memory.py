@@ -220,3 +220,12 @@ def _halves(
     half = (len(payloads) + 1) // 2
     first = run_fitting(run, payloads[:half], splits, say)
     return first + run_fitting(run, payloads[half:], splits, say)
+
+
+def fitting_parts(payloads: Sequence[Any], splits: MemorySplits) -> list[Sequence[Any]]:
+    """``payloads`` cut as :func:`run_fitting` cuts a batch that is too big by now: in
+    halves, and halves of those, until each part fits."""
+    if splits.fits(len(payloads)):
+        return [payloads]
+    half = (len(payloads) + 1) // 2
+    return fitting_parts(payloads[:half], splits) + fitting_parts(payloads[half:], splits)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import ducho_fast
+from ducho_fast.bench import bench
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.config.options import limit_value
 from ducho_fast.errors import ConfigError
@@ -235,6 +236,10 @@ def test_a_run_under_a_tight_limit_splits_its_batches_and_writes_the_same_featur
     )
     assert said and 1 <= int(said[2]) < int(said[1]) <= 10, warning
     assert any("resnet18" in r.getMessage() for r in caplog.records)
+
+    # bench times the session alone on the parts that fit, as many at once as extract runs.
+    (benched,) = bench(tight_config, items=10, repeats=1).runs
+    assert benched.items == 10 and benched.session_rate > 0
 
     # The embedding API runs its calls' batches in parts too.
     images = sorted(image_dir.iterdir())
