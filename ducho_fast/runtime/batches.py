@@ -42,7 +42,8 @@ def launch(embedder: Embedder, batch: Batch, lane: int = 0) -> Launched | list[I
         except DuchoError:
             raise
         except Exception as e:
-            if out_of_memory(e):  # infer() runs it in parts, without trying it whole again
+            if out_of_memory(e) and len(batch.payloads) > 1:  # infer() runs it in parts,
+                # without trying it whole again (an item alone: infer() says why it failed)
                 embedder.ran_out_of_memory(len(batch.payloads), e)
             # else infer() below finds the item at fault
         else:

@@ -105,6 +105,13 @@ def test_a_prepared_batch_that_runs_out_of_memory_goes_to_halves_without_a_secon
     assert values(launch(tight, batch)) == [1, 2, 3, 4, 5, 6]  # type: ignore[arg-type]
     assert tight.runs == [6, 3, 3]
 
+    # A batch of one item that runs out of memory (another lane's batch held it) fails
+    # alone: later batches are not cut to single items for it.
+    tight = Tight(fits=0)
+    out = launch(tight, Batch([], [1], prepared=[1]))  # type: ignore[arg-type]
+    assert "Available memory" in out[0]  # type: ignore[index]
+    assert not tight.memory_splits.any
+
 
 @pytest.mark.parametrize(
     ("value", "expected"),
