@@ -44,7 +44,11 @@ def available_memory(
     """Bytes this process could still take: the system's ``MemAvailable``, or less where its
     cgroup or one above it (a container's limit, a batch job's) has less left before its
     limit (v2: ``memory.max`` less ``memory.current``; v1: ``memory.limit_in_bytes`` less
-    ``memory.usage_in_bytes``). None where neither is known (not Linux)."""
+    ``memory.usage_in_bytes``). The usage counts the page cache of files the cgroup read,
+    which the kernel takes back before it fails an allocation: the inactive part of it
+    (``memory.stat``'s ``inactive_file``, v1's ``total_inactive_file``) counts as free, as
+    Kubernetes' working set does. Without that, a pod that had read its images would find
+    its memory near full. None where neither is known (not Linux)."""
     system = _mem_available(meminfo)
     left = _cgroup_left(root, membership)
     known = [b for b in (system, left) if b is not None]
@@ -75,21 +79,34 @@ def _cgroup_left(root: Path, membership: Path) -> int | None:
 
 
 def _v2_left(folder: Path) -> float | None:
-    return _left(folder / "memory.max", folder / "memory.current")
+    return _left(folder, "memory.max", "memory.current", "inactive_file")
 
 
 def _v1_left(folder: Path) -> float | None:
-    return _left(folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes")
+    return _left(folder, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
-def _left(limit_file: Path, usage_file: Path) -> float | None:
+def _left(folder: Path, limit_name: str, usage_name: str, cache_key: str) -> float | None:
     try:
-        limit = limit_file.read_text().strip()
+        limit = (folder / limit_name).read_text().strip()
         if limit == "max" or int(limit) >= 2**60:  # v1's "no limit" is a huge number
             return None
-        return int(limit) - int(usage_file.read_text())
+        usage = int((folder / usage_name).read_text())
     except (OSError, ValueError):
         return None
+    return int(limit) - max(0, usage - _stat(folder / "memory.stat", cache_key))
+
+
+def _stat(path: Path, key: str) -> int:
+    """One counter of a cgroup's ``memory.stat`` (``key value`` lines); 0 where absent."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        return 0
+    return 0
 
 
 _LOCK = threading.Lock()

@@ -186,6 +186,25 @@ MEMINFO = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   200000
             "4:memory:/slurm\n3:cpu,cpuacct:/other\n",
             2500000000,
         ),
+        (  # v2: the page cache of files read (its inactive part) is taken back: free
+            {
+                "cgroup.controllers": "",
+                "memory.max": "16000000000",
+                "memory.current": "15000000000",
+                "memory.stat": "anon 3000000000\nfile 12000000000\ninactive_file 11000000000\n",
+            },
+            "0::/\n",
+            12000000000,
+        ),
+        (  # v1: the same, from total_inactive_file
+            {
+                "memory/memory.limit_in_bytes": "4000000000",
+                "memory/memory.usage_in_bytes": "3000000000",
+                "memory/memory.stat": "cache 2000000000\ntotal_inactive_file 1500000000\n",
+            },
+            "4:memory:/\n",
+            2500000000,
+        ),
         (  # over its limit already: nothing left
             {"cgroup.controllers": "", "memory.max": "100", "memory.current": "200"},
             "0::/\n",
