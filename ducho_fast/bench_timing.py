@@ -29,9 +29,11 @@ def alone(options: RuntimeOptions) -> RuntimeOptions:
 def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], None]:
     """A call that runs ``embedder``'s session alone on ``batches`` (built beforehand) as
     extract runs its model: as many batches at once as it has lanes, each lane taking the
-    next batch. The first batch runs once here, untimed (warm-up). A lane that fails stops
-    the others, and the call raises its error: a lane that ended on an error had left its
-    batches untimed, and the session's rate too high."""
+    next batch. The first batch runs once here, untimed (warm-up). A batch that runs out of
+    memory runs in parts, as extract runs it (its batches under ``runtime.memory_limit`` fit
+    one at a time, but two at once may not). A lane that fails otherwise stops the others,
+    and the call raises its error: a lane that ended on an error had left its batches
+    untimed, and the session's rate too high."""
     count = embedder.lanes
     if batches:
         embedder.launch(batches[0])
@@ -49,7 +51,7 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
                 if batch is None:
                     return
                 try:
-                    embedder.launch(batch, k)
+                    launch(embedder, batch, k)
                 except Exception as e:
                     errors.append(e)
                     stop.set()
@@ -70,6 +72,18 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
             raise alone_failed(embedder, errors[0], count) from errors[0]
 
     return run
+
+
+def launch(embedder: Embedder, batch: Prepared, lane: int) -> None:
+    """Run one batch of the session alone; in parts where it runs out of memory."""
+    try:
+        embedder.launch(batch, lane)
+    except Exception as e:
+        payloads = getattr(batch, "payloads", ())
+        if not out_of_memory(e) or len(payloads) < 2:
+            raise
+        embedder.ran_out_of_memory(len(payloads), e)
+        embedder.run_prepared(payloads)
 
 
 def alone_failed(embedder: Embedder, error: Exception, lanes: int) -> Exception:

@@ -372,3 +372,33 @@ def test_a_lane_of_the_session_alone_that_fails_stops_the_others_and_its_error_i
     with pytest.raises(raised, match=match):
         run()
     assert len(ran) < 20  # the other lane stopped after its batch under way
+
+
+def test_a_batch_of_the_session_alone_that_runs_out_of_memory_runs_in_parts() -> None:
+    """Batches that fit one at a time under runtime.memory_limit may not fit two at once:
+    the session alone then runs that batch in parts, as extract does, instead of failing."""
+    from types import SimpleNamespace
+
+    from ducho_fast.bench_timing import session_alone
+
+    noted: list[int] = []
+    parts: list[list[int]] = []
+
+    class Lanes:
+        lanes = 2
+        name = "tiny"
+        info = SimpleNamespace(memory_limit=2**30)
+
+        def launch(self, batch: Any, lane: int = 0) -> None:
+            if batch.payloads == [6, 7]:
+                raise RuntimeError("Available memory of 0 is smaller than requested bytes of 8")
+
+        def ran_out_of_memory(self, size: int, error: BaseException) -> None:
+            noted.append(size)
+
+        def run_prepared(self, payloads: list[int]) -> None:
+            parts.append(payloads)
+
+    batches = [SimpleNamespace(payloads=[k, k + 1]) for k in range(0, 20, 2)]
+    session_alone(Lanes(), batches)()  # type: ignore[arg-type]
+    assert noted == [2] and parts == [[6, 7]]

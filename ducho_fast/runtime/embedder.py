@@ -59,10 +59,12 @@ log = logging.getLogger("ducho_fast")
 @dataclass
 class Prepared:
     """A batch's graph inputs: per same-shape group, its positions and its feeds (numpy, or
-    staged on the device); per item, its token count (texts) for per-token outputs."""
+    staged on the device); per item, its token count (texts) for per-token outputs; and
+    what they were built from (to run it in parts where it runs out of memory)."""
 
     parts: list[tuple[list[int], Any]]
     lengths: list[int | None]
+    payloads: Sequence[Any] = ()
 
 
 @dataclass(frozen=True)
@@ -245,8 +247,9 @@ class Embedder:
             parts = [(list(range(len(tokens))), self.batch_feeds(tokens))]
             lengths = [len(t) for t in tokens]
         if self._binder is None:
-            return Prepared(parts, lengths)
-        return Prepared([(idx, self._binder.stage(feeds)) for idx, feeds in parts], lengths)
+            return Prepared(parts, lengths, payloads)
+        staged = [(idx, self._binder.stage(feeds)) for idx, feeds in parts]
+        return Prepared(staged, lengths, payloads)
 
     def launch(self, prepared: Prepared, lane: int = 0) -> Launched:
         """Run the session on a prepared batch; with I/O binding the outputs stay on the device.

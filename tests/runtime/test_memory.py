@@ -245,7 +245,9 @@ def test_a_run_under_a_tight_limit_splits_its_batches_and_writes_the_same_featur
     expected = npy_bytes(tmp_path / "out")
 
     (tmp_path / "tight").symlink_to(image_dir)
-    tight_config = {**config, "runtime": {"memory_limit": "64MiB"}}
+    # One batch at a time: two single images at once may not fit in 64 MiB (the lanes' own
+    # splitting is tested above, with a stand-in model).
+    tight_config = {**config, "runtime": {"memory_limit": "64MiB", "concurrent_batches": 1}}
     tight_config["visual"]["items"] = {**config["visual"]["items"], "output_path": "tight_out"}
     tight_config["visual"]["items"]["input_path"] = "tight"
     with caplog.at_level(logging.WARNING, "ducho_fast"):
