@@ -212,31 +212,21 @@ def run_fitting(
     and in halves of those where they do too; a batch as big as one that did goes to halves
     without being tried (``splits`` records the sizes). ``say`` is told of the first batch
     that runs out of memory: its size and the error. Other errors are raised."""
-    if not splits.fits(len(payloads)):
-        return _halves(run, payloads, splits, say)
-    try:
-        outputs = run(payloads)
-    except DuchoError:
-        raise
-    except Exception as e:
-        if len(payloads) < 2 or not out_of_memory(e):
+    if splits.fits(len(payloads)):
+        try:
+            outputs = run(payloads)
+        except DuchoError:
             raise
-        if splits.failed(len(payloads)):
-            say(len(payloads), e)
-        return _halves(run, payloads, splits, say)
-    splits.ran(len(payloads))
-    return outputs
-
-
-def _halves(
-    run: Callable[[Sequence[Any]], list[T]],
-    payloads: Sequence[Any],
-    splits: MemorySplits,
-    say: Callable[[int, BaseException], None],
-) -> list[T]:
-    half = (len(payloads) + 1) // 2
-    first = run_fitting(run, payloads[:half], splits, say)
-    return first + run_fitting(run, payloads[half:], splits, say)
+        except Exception as e:
+            if len(payloads) < 2 or not out_of_memory(e):
+                raise
+            if splits.failed(len(payloads)):
+                say(len(payloads), e)
+        else:
+            splits.ran(len(payloads))
+            return outputs
+    parts = fitting_parts(payloads, splits)
+    return [out for part in parts for out in run_fitting(run, part, splits, say)]
 
 
 def fitting_parts(payloads: Sequence[Any], splits: MemorySplits) -> list[Sequence[Any]]:
