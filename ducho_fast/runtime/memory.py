@@ -5,7 +5,7 @@ A batch too big for the machine's memory was ended by the kernel's OOM killer, w
 EfficientNet-Lite0 took 6.3 GB of RSS for one batch of 600 images here (about 10 MB an image,
 nearly all activations), so ``batch_size: 2048`` asked for 20 GB. Under a limit, ONNX
 Runtime's CPU arena refuses the allocation instead, with an error; the batch then runs in
-halves (:mod:`ducho_fast.runtime.batches`) and the run says which batch size fits.
+halves (:func:`run_fitting`) and the run says which batch size fits.
 
 The limit is that of the arena which the CPU sessions ducho-fast makes share (ONNX Runtime's
 environment allocator, session option ``session.use_env_allocators``). It holds the
@@ -143,8 +143,8 @@ def use_limited_arena(value: Any) -> int | None:
             info = ort.OrtMemoryInfo(
                 "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
             )
-            # max_mem, then ONNX Runtime's defaults (-1): extend strategy, first chunk, and
-            # dead bytes per chunk (the positional form, as old as the dict one is not).
+            # max_mem, then -1 for ONNX Runtime's defaults of the extend strategy, the first
+            # chunk and the dead bytes per chunk.
             ort.create_and_register_allocator(info, ort.OrtArenaCfg(limit, -1, -1, -1))
             _REGISTERED[:] = [limit]
     return limit
