@@ -15,7 +15,7 @@ from typing import Any
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DuchoError, allocation_said, out_of_memory
 from ducho_fast.runtime.embedder import Embedder, Prepared
-from ducho_fast.runtime.memory import size_text
+from ducho_fast.runtime.memory import within_limit
 from ducho_fast.runtime.stages import finish, wait_for
 
 
@@ -36,7 +36,7 @@ def session_alone(embedder: Embedder, batches: list[Prepared]) -> Callable[[], N
     untimed, and the session's rate too high."""
     count = embedder.lanes
     if batches:
-        embedder.launch(batches[0])
+        launch(embedder, batches[0], 0)
 
     def run() -> None:
         todo = iter(batches)
@@ -92,9 +92,10 @@ def alone_failed(embedder: Embedder, error: Exception, lanes: int) -> Exception:
     if not out_of_memory(error):
         return error
     limit = embedder.info.memory_limit
-    within = f" within runtime.memory_limit ({size_text(limit)})" if limit else ""
+    within = f" {within_limit(limit, '')}" if limit else ""
     return DuchoError(
-        f"{embedder.name}: the session alone ran out of memory{within} with {lanes} "
+        f"{embedder.name}: the session alone ran out of memory{within} "
+        f"with {lanes} "
         f"batch{'es' if lanes > 1 else ''} at once ({allocation_said(error)}), on batches "
         "that fitted when it ran them first. Bench with a smaller batch_size for this model "
         "(--set with its key, such as visual.items.model.0.batch_size=N), or with --set "

@@ -34,7 +34,7 @@ from ducho_fast.report import ERRORS_FILE, ExtractReport, ModelRun, matrix_of
 from ducho_fast.runtime.batcher import sorts_by_length, window_size
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder
-from ducho_fast.runtime.memory import size_text
+from ducho_fast.runtime.memory import within_limit
 from ducho_fast.runtime.pipeline import Member, Pipeline, PipelineOptions, RunResult, shared_window
 from ducho_fast.runtime.session import PendingSession, batch_lanes, for_artifact, spins
 from ducho_fast.runtime.shard import Shard
@@ -251,7 +251,7 @@ def memory_advice(embedder: Embedder) -> str | None:
     if not splits.any:
         return None
     limit = embedder.info.memory_limit
-    within = f"within runtime.memory_limit ({size_text(limit)})" if limit else "on this machine"
+    within = within_limit(limit, "on this machine")
     said = f"batches of {splits.too_big} items or more ran out of memory {within}"
     if not splits.largest_part:
         return (

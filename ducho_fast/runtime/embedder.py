@@ -40,7 +40,7 @@ from ducho_fast.runtime.batcher import (
 )
 from ducho_fast.runtime.binding import IOBinder, cuda_pinning
 from ducho_fast.runtime.cpu import cpu_quota
-from ducho_fast.runtime.memory import MemorySplits, run_fitting, size_text
+from ducho_fast.runtime.memory import MemorySplits, run_fitting, within_limit
 from ducho_fast.runtime.session import (
     CUDA,
     PendingSession,
@@ -293,7 +293,7 @@ class Embedder:
 
     def _say_out_of_memory(self, size: int, error: BaseException) -> None:
         limit = self.info.memory_limit
-        within = f"within runtime.memory_limit ({size_text(limit)})" if limit else "here"
+        within = within_limit(limit, "here")
         log.warning(
             "%s: a batch of %d items ran out of memory %s (%s: %s); batches this big now run "
             "in parts.",

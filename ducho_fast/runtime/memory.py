@@ -157,6 +157,12 @@ def size_text(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
 
 
+def within_limit(limit: int | None, otherwise: str) -> str:
+    """Where an allocation failed, in a message: within the limit of that many bytes, or
+    ``otherwise`` where there was none."""
+    return f"within runtime.memory_limit ({size_text(limit)})" if limit else otherwise
+
+
 def memory_report() -> str:
     """:func:`available_memory` and ``auto``'s limit from it (``ducho-fast doctor``)."""
     available = available_memory()
