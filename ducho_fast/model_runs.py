@@ -346,6 +346,7 @@ def _run_group(
         shard=ctx.shard,
         sort_window=cfg.runtime.sort_window,
         readers=cfg.runtime.readers,
+        writers=cfg.runtime.writers,
     )
     pipeline: Pipeline | RayPipeline
     if ctx.ray is None:

@@ -90,7 +90,14 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
         raise ConfigError(
             f"{name}: key 'runtime.device' is {device!r}; allowed: auto, cpu, cuda, cuda:N."
         )
-    for key in ("threads", "workers", "token_budget", "sort_window", "concurrent_batches"):
+    for key in (
+        "threads",
+        "workers",
+        "writers",
+        "token_budget",
+        "sort_window",
+        "concurrent_batches",
+    ):
         if getattr(runtime, key) < 0:
             raise ConfigError(f"{name}: key 'runtime.{key}' must be >= 0 (0 = automatic).")
     for key in ("threads", "workers"):
@@ -99,6 +106,11 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
                 f"{name}: key 'runtime.{key}' is {getattr(runtime, key)}; at most "
                 f"{MAX_THREADS} (0 = one per usable CPU, the best choice on most machines)."
             )
+    if runtime.writers > MAX_WRITERS:
+        raise ConfigError(
+            f"{name}: key 'runtime.writers' is {runtime.writers}; at most {MAX_WRITERS} "
+            "(0 = 4 where a model runs on CUDA, else 1)."
+        )
     if runtime.prefetch < 1:
         raise ConfigError(f"{name}: key 'runtime.prefetch' must be >= 1.")
     limit_value(runtime.memory_limit, name)
@@ -146,6 +158,7 @@ def limit_value(value: Any, where: str) -> int | str | None:
 # could not start) and did not end on SIGTERM; as many workers would read the whole input
 # ahead (each reads 8 items ahead).
 MAX_THREADS = 1024
+MAX_WRITERS = 64  # threads saving features: past a few, they only wait on one another
 
 # The CUDA execution provider's options (onnxruntime docs, "CUDA Execution Provider") and the
 # values its parser takes: names for the enums, 0/1/true/false for the switches, bytes for the

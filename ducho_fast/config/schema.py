@@ -93,6 +93,7 @@ RUNTIME_KEYS: dict[str, Key] = {
     "threads": _INT,
     "prefetch": _INT,
     "workers": _INT,
+    "writers": _INT,
     "readers": Key(
         (str,),
         choices=("threads", "processes"),

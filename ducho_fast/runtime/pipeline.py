@@ -1,9 +1,10 @@
-"""The batch pipeline: readers -> bounded queue -> ONNX Runtime -> writer thread.
+"""The batch pipeline: readers -> bounded queue -> ONNX Runtime -> writer threads.
 
 Readers decode a batch on a thread pool (PIL and tokenizers release the GIL; images and audio
 in worker processes with ``runtime.readers: processes``, see :mod:`decoders`) and build its
-graph inputs (on CUDA: staged on the device) while the model runs the previous one; the writer
-copies a batch's outputs back and saves them while the model runs the next. Several models
+graph inputs (on CUDA: staged on the device) while the model runs the previous one; a writer
+copies a batch's outputs back and saves them while the model runs the next (several writers
+take batches at once where the model is fast: :func:`writer_count`). Several models
 over the same items share the readers: each item is decoded once, in windows that hold a whole
 number of each model's windows. A bad item is recorded and skipped (or, with
 ``on_error: fail``, stops the run); the items around it go on.
@@ -56,10 +57,10 @@ from ducho_fast.runtime.stages import (
     Lane,
     Timing,
     Worker,
+    Writers,
     finish,
     merge_timing,
     put,
-    put_alive,
     wait_for,
 )
 
@@ -92,6 +93,7 @@ class PipelineOptions:
     shard: Shard | None = None  # a job array's task: only its windows
     sort_window: int = 0  # text: batches per length-sorted window; 0: TEXT_WINDOW_BATCHES
     readers: str = "threads"  # images, audio: threads | processes (see use_processes)
+    writers: int = 0  # threads saving features; 0: writer_count's choice
 
 
 def use_processes(readers: str, loaders: Sequence[Loader]) -> bool:
@@ -177,7 +179,8 @@ class Pipeline(WindowedRun):
         self._shared_window = shared
         self.members = list(members)
         self._lock = threading.Lock()
-        self._writer_cpu = 0.0  # the writer thread's CPU time in the last run
+        self._progress_lock = threading.Lock()
+        self._writer_cpu = 0.0  # the writer threads' CPU time in the last run
 
     @property
     def window(self) -> int:
@@ -196,17 +199,18 @@ class Pipeline(WindowedRun):
         batches: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         writes: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         reader = Worker(self._read, items, batches, "ducho-reader")
-        writer = Worker(self._drain, writes, progress, "ducho-writer")
+        writers = Writers(self._drain, writes, progress)
+        self._writer_cpu = 0.0
         reader.start()
-        writer.start()
         lanes: list[Lane] = []
         stop = threading.Event()
         try:
             for member in self.members:
                 # A session created ahead of the run fails here, not as a failed batch.
                 member.embedder.ready()
+            writers.start(writer_count(self._opts.writers, self.providers))
             count = min(m.embedder.lanes for m in self.members)
-            stages = (batches, reader, writes, writer)
+            stages = (batches, reader, writes, writers)
             lanes = [Lane(k, start, stages, stop, launch) for k in range(count)]
             for lane in lanes[1:]:
                 lane.start()
@@ -216,13 +220,13 @@ class Pipeline(WindowedRun):
             reader.stop()
             finish(
                 *(partial(wait_for, lane) for lane in lanes[1:]),
-                lambda: put_alive(writes, DONE, writer),
-                partial(wait_for, writer),
+                writers.end,
+                writers.wait,
                 partial(wait_for, reader),
             )
         for lane in lanes:
             lane.reraise()
-        writer.reraise()
+        writers.reraise()
         seconds = time.perf_counter() - start
         waits = merge_timing([lane.waits for lane in lanes])
         for member in self.members:
@@ -397,9 +401,11 @@ class Pipeline(WindowedRun):
                             member.result.written += 1
                 ticks = len(batch.items) + batch.skipped if batch.ticks is None else batch.ticks
                 if progress and ticks:
-                    progress(ticks)
+                    with self._progress_lock:
+                        progress(ticks)
         finally:
-            self._writer_cpu = time.thread_time() - began
+            with self._lock:
+                self._writer_cpu += time.thread_time() - began
 
     def _write_one(self, member: Member, item: Item, out: ItemOutputs) -> bool:
         reason = write_checked(member.write, item, out)
@@ -433,6 +439,20 @@ def settled(
             continue
         return None
     return known
+
+
+# Writer threads where a model runs on CUDA: its batches take milliseconds, and one thread
+# saving one file at a time bounded the run (benchmarks/RESULTS.md, "Several writers").
+CUDA_WRITERS = 4
+
+
+def writer_count(writers: int, providers: Sequence[str]) -> int:
+    """The writer threads of a run: ``runtime.writers``, or for 0, ``CUDA_WRITERS`` where a
+    model runs on CUDA, else one (on the CPUs the model is slower than one writer, whose
+    CPU time is taken from the model's)."""
+    if writers:
+        return writers
+    return CUDA_WRITERS if any(p.startswith("CUDA") for p in providers) else 1
 
 
 def _own_options(options: PipelineOptions, batch_size: int) -> PipelineOptions:

@@ -1,6 +1,7 @@
-"""The pipeline's stage threads and the queues between them: reader and writer workers, and
-the model lanes, each running one batch at a time (several at once with
-``runtime.concurrent_batches``); how long each waited (:class:`Timing`)."""
+"""The pipeline's stage threads and the queues between them: reader and writer workers (one
+reader, one or more writers: :class:`Writers`), and the model lanes, each running one batch at
+a time (several at once with ``runtime.concurrent_batches``); how long each waited
+(:class:`Timing`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 DONE = object()  # the last entry of a queue
 LaunchFn = Callable[[Any, Any, int], Any]  # (embedder, batch, lane) -> what the writer takes
@@ -22,8 +23,8 @@ class Timing:
     """Where a local pipeline's time went, in seconds: until its first batch ran (the
     session made, the first window read), in one model's runs, and waiting after that for the
     readers (reading, decoding, tokenizing) or the writer. The rest is the last writes.
-    ``writer_cpu``: the CPU time the writer thread used (its own clock), for every model of
-    the pipeline: taken from the CPUs the model runs on, mostly the file system creating one
+    ``writer_cpu``: the CPU time the writer threads used (their own clocks), for every model
+    of the pipeline: taken from the CPUs the model runs on, mostly the file system creating one
     file per item, it makes the model slower rather than making it wait."""
 
     first_batch: float = 0.0
@@ -88,9 +89,15 @@ class Lane(threading.Thread):
             raise self.error
 
 
+class Alive(Protocol):
+    """A stage a queue feeds: a thread, or :class:`Writers`."""
+
+    def is_alive(self) -> bool: ...
+
+
 # What a model lane reads from and writes to: the batches queue and its reader, the writes
-# queue and its writer.
-Stages = tuple[queue.Queue[Any], "Worker", queue.Queue[Any], threading.Thread]
+# queue and its writers.
+Stages = tuple[queue.Queue[Any], "Worker", queue.Queue[Any], Alive]
 
 
 def next_entry(batches: queue.Queue[Any], stop: threading.Event) -> Any:
@@ -153,6 +160,55 @@ def put(q: queue.Queue[Any], value: Any, stop: threading.Event) -> None:
             continue
 
 
+class Writers:
+    """The writer threads of a run: ``count`` :class:`Worker` s taking batches from one queue,
+    each running ``target(writes, progress, stop)``. One thread saves one file at a time, and
+    each of the file system calls of a file gives Python's GIL away: where reader threads keep
+    the GIL busy, each call waits up to a switch interval (5 ms) to get it back, and on a
+    GPU one writer thread bounded the run. Several writers wait at once.
+
+    Alive while every writer is: one that failed stops the lanes, as a lone writer's end did;
+    the others write what is queued before their end mark."""
+
+    def __init__(self, target: Callable[..., None], writes: queue.Queue[Any], progress: Any):
+        self._target = target
+        self._writes = writes
+        self._progress = progress
+        self.threads: list[Worker] = []
+
+    def start(self, count: int) -> None:
+        names = [f"ducho-writer-{k}" for k in range(count)] if count > 1 else ["ducho-writer"]
+        self.threads = [Worker(self._target, self._writes, self._progress, n) for n in names]
+        for thread in self.threads:
+            thread.start()
+
+    def is_alive(self) -> bool:
+        return bool(self.threads) and all(t.is_alive() for t in self.threads)
+
+    def end(self) -> None:
+        """Queue an end mark for each writer, while any is left to take one."""
+        anyone = _AnyAlive(self.threads)
+        for _ in self.threads:
+            if not put_alive(self._writes, DONE, anyone):
+                return
+
+    def wait(self) -> None:
+        for thread in self.threads:
+            wait_for(thread)
+
+    def reraise(self) -> None:
+        for thread in self.threads:
+            thread.reraise()
+
+
+class _AnyAlive:
+    def __init__(self, threads: list[Worker]) -> None:
+        self._threads = threads
+
+    def is_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+
 def finish(*steps: Callable[[], Any]) -> None:
     """Run each clean-up step (a :func:`wait_for`, a last put) to its end, even where Ctrl-C
     lands in one: its KeyboardInterrupt is kept, the step run again, and raised after the
@@ -189,7 +245,7 @@ def wait_for(thread: threading.Thread) -> None:
         delay = min(2 * delay, 0.05)
 
 
-def put_alive(q: queue.Queue[Any], value: Any, consumer: threading.Thread) -> bool:
+def put_alive(q: queue.Queue[Any], value: Any, consumer: Alive) -> bool:
     """Put unless the consumer has died (its error is re-raised by the caller)."""
     while consumer.is_alive():
         try:

@@ -28,6 +28,7 @@ UNSET = {
         "spin_wait",
         "io_binding",
         "memory_limit",
+        "writers",
     ],
     "input": ["jpeg_decode", "exif_orientation", "max_image_pixels", "max_audio_seconds"],
     "output": ["resume", "id_order", "layouts"],

@@ -640,7 +640,7 @@ def test_model_level_defaults_apply_to_every_entry(tmp_path: Path) -> None:
     assert cfg.models()[0].batch_size == 7
 
 
-@pytest.mark.parametrize("key", ["token_budget", "sort_window", "concurrent_batches"])
+@pytest.mark.parametrize("key", ["token_budget", "sort_window", "concurrent_batches", "writers"])
 def test_batching_keys_are_counts(tmp_path: Path, key: str) -> None:
     cfg = load_config(write(tmp_path, visual(RESNET, runtime={key: 8})), cwd=tmp_path)
     assert getattr(cfg.runtime, key) == 8
@@ -658,6 +658,15 @@ def test_thread_counts_no_machine_has_are_refused(tmp_path: Path, key: str) -> N
         ConfigError, match=rf"'runtime\.{key}' is 100000; at most 1024 \(0 = one per usable CPU"
     ):
         load_config(write(tmp_path, visual(RESNET, runtime={key: 100000})), cwd=tmp_path)
+
+
+def test_more_writers_than_ever_help_are_refused(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, visual(RESNET, runtime={"writers": 64})), cwd=tmp_path)
+    assert cfg.runtime.writers == 64
+    with pytest.raises(
+        ConfigError, match=r"'runtime\.writers' is 65; at most 64 \(0 = 4 where a model runs on"
+    ):
+        load_config(write(tmp_path, visual(RESNET, runtime={"writers": 65})), cwd=tmp_path)
 
 
 def test_the_readme_s_configs_load() -> None:

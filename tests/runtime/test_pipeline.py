@@ -173,8 +173,9 @@ def test_nan_outputs_are_bad_items(tmp_path, store, resnet18_state_dict) -> None
     ]
 
 
+@pytest.mark.parametrize("writers", [1, 3])
 def test_ctrl_c_as_the_run_ends_still_writes_every_feature_queued(
-    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch, ctrl_c
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch, ctrl_c, writers
 ) -> None:
     """Ctrl-C that lands while the main thread waits for the writer (the models are done,
     features are still being written) stops the run only once every queued feature is
@@ -186,6 +187,7 @@ def test_ctrl_c_as_the_run_ends_still_writes_every_feature_queued(
 
     (tmp_path / "images").symlink_to(image_dir)
     config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    config["runtime"] = {"writers": writers}
     ducho_fast.export(config)
     ids = sorted(p.stem for p in image_dir.iterdir())
     real = pipeline.write_checked
