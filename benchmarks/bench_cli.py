@@ -60,7 +60,7 @@ def main() -> None:
         api.export(config)
         bench = [*command, str(config), "--items", str(args.n), "--repeats", str(args.repeats)]
         bench += [f"--vs={v}" for v in args.vs] + ["--json"]
-        print("$ ducho-fast", " ".join(bench[4:]), flush=True)
+        print("$ ducho-fast", " ".join(bench[3:]), flush=True)
         done = subprocess.run(bench, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
         if done.returncode:
             sys.exit(f"ducho-fast bench exited with {done.returncode} on {name}")

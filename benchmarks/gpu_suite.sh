@@ -22,7 +22,8 @@ SCRATCH=${TMPDIR:-/tmp}/ducho-gpu-suite
 
 declare -A STEPS=(
   [doctor]="$PY -m ducho_fast doctor --require-cuda"
-  [tests]="$PY -m pytest -q -m gpu tests"
+  # the files that hold gpu tests: collecting every file needs the test extra's TensorFlow too
+  [tests]="$PY -m pytest -q -m gpu \$(grep -rlE 'mark\.gpu|mark\(\"gpu' tests)"
   [text]="$PY benchmarks/text.py --device cuda --n 4096 --repeats 3"
   [visual]="$PY benchmarks/visual.py --device cuda --n 512 --repeats 2"
   [embed]="$PY benchmarks/embed.py --device cuda --n 1024 --models efficientnet_lite0,resnet50 --repeats 2"
@@ -33,8 +34,9 @@ declare -A STEPS=(
   [sweep]="$PY benchmarks/extract_sweep.py --device cuda --n 1024 --workers 16 --variants threads,processes,threads,processes"
   # threads vs processes where the processes' start-up weighs less than in 1024 images
   [sweep-long]="$PY benchmarks/extract_sweep.py --device cuda --n 4096 --workers 16 --models lite --variants threads,processes,threads,processes"
-  # the bench command itself on CUDA (never run on a GPU yet), with the settings to compare
-  [bench]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0,resnet50 --vs runtime.readers=processes --vs runtime.io_binding=off"
+  # the bench command itself on CUDA, with the settings to compare: one writer against the
+  # default's four (runtime.writers, not yet measured on a GPU)
+  [bench]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0,resnet50 --vs runtime.writers=1 --vs runtime.readers=processes --vs runtime.io_binding=off"
 )
 ORDER=(doctor tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
 
