@@ -442,7 +442,8 @@ def settled(
 
 
 # Writer threads where a model runs on CUDA: its batches take milliseconds, and one thread
-# saving one file at a time bounded the run (benchmarks/RESULTS.md, "Several writers").
+# saving one file at a time bounded the run (benchmarks/RESULTS.md, "On a GPU again"). The
+# 4 is also written in config/defaults.yml, the README and config.options' refusal message.
 CUDA_WRITERS = 4
 
 
