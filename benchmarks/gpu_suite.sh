@@ -34,11 +34,14 @@ declare -A STEPS=(
   [sweep]="$PY benchmarks/extract_sweep.py --device cuda --n 1024 --workers 16 --variants threads,processes,threads,processes"
   # threads vs processes where the processes' start-up weighs less than in 1024 images
   [sweep-long]="$PY benchmarks/extract_sweep.py --device cuda --n 4096 --workers 16 --models lite --variants threads,processes,threads,processes"
-  # the bench command itself on CUDA, with the settings to compare: one writer against the
-  # default's four (runtime.writers, not yet measured on a GPU)
-  [bench]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0,resnet50 --vs runtime.writers=1 --vs runtime.readers=processes --vs runtime.io_binding=off"
+  # the bench command itself on CUDA, with the settings to compare
+  [bench]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0,resnet50 --vs runtime.readers=processes --vs runtime.io_binding=off"
+  # runtime.writers' CUDA default (4) against one and eight writer threads, where one writer
+  # bounded extract (not yet measured on a GPU: run it first). bench says each round on
+  # stderr as it ends, so a step stopped at its limit still logs what it measured.
+  [bench-writers]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0 --vs runtime.writers=1 --vs runtime.writers=8"
 )
-ORDER=(doctor tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
+ORDER=(doctor bench-writers tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done

@@ -119,6 +119,18 @@ class BenchRun:
         }
 
 
+@dataclass(frozen=True)
+class BenchRound:
+    """One round of a model's timing, as soon as it is measured."""
+
+    key_path: str
+    number: int  # from 1
+    rounds: int
+    # items/s of each way in this round: "extract", "session" (alone), "source" (with
+    # --source), "extract KEY=VALUE" (each variant)
+    rates: dict[str, float]
+
+
 @dataclass
 class BenchReport:
     runs: list[BenchRun] = field(default_factory=list)
@@ -135,6 +147,7 @@ def bench(
     source: bool = False,
     variants: Sequence[str] = (),
     on_run: Callable[[BenchRun], None] | None = None,
+    on_round: Callable[[BenchRound], None] | None = None,
 ) -> BenchReport:
     """Time every model of the config (already exported) on a sample of its job's items.
 
@@ -151,6 +164,8 @@ def bench(
             with that setting changed, in the same rounds, its features compared with those
             of the config as it is. Not for a ``Config`` already resolved.
         on_run: called with each model's result as soon as it is measured.
+        on_round: called after each round of each model with its items/s per way: what a
+            long bench has measured so far, also when it is stopped before its end.
     """
     if not _whole(items) or not _whole(repeats):
         raise ConfigError(
@@ -174,7 +189,9 @@ def bench(
                 sample = _Sample.take(listed, towers, cfg, items)
                 place = folder / f"job{k}-model{m}"
                 ways = [(setting, other, k, m) for setting, other in others]
-                run = _bench_model(cfg, job, spec, sample, repeats, place, source, report, ways)
+                run = _bench_model(
+                    cfg, job, spec, sample, repeats, place, source, report, ways, on_round
+                )
                 if run is None:
                     report.skipped.append(f"{spec.key_path}: no item of the job reads")
                     continue
@@ -248,6 +265,7 @@ def _bench_model(
     source: bool,
     report: BenchReport,
     ways: Sequence[tuple[str, Config, int, int]] = (),
+    on_round: Callable[[BenchRound], None] | None = None,
 ) -> BenchRun | None:
     """``ways``: the variants, each (setting, its config, the job's and the model's index)."""
     if not sample.rows:
@@ -295,10 +313,16 @@ def _bench_model(
         other_sub = _sample_config(other, other_job, other_job.models[m], inputs)
         systems[f"extract {setting}"] = extract_with(f"extract {setting}", other_sub)
     cpu: dict[str, list[float]] = {}
-    with torch_threads(eager is not None):
-        seconds, values = rounds(repeats, systems, cpu)
-    ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
     count = len(sample.rows)
+
+    def said(number: int, took: dict[str, float]) -> None:
+        if on_round is not None:
+            rates = {name: count / s for name, s in took.items()}
+            on_round(BenchRound(spec.key_path, number, max(1, repeats), rates))
+
+    with torch_threads(eager is not None):
+        seconds, values = rounds(repeats, systems, cpu, said)
+    ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
     variants = tuple(_variant(setting, count, seconds, last) for setting, *_ in ways)
     return BenchRun(
         key_path=spec.key_path,

@@ -115,6 +115,7 @@ def rounds(
     repeats: int,
     systems: dict[str, Callable[[], Any]],
     cpu: dict[str, list[float]] | None = None,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Every system timed once per round, ``repeats`` rounds, the order rotated each round.
 
@@ -123,7 +124,9 @@ def rounds(
     taken within a round. Returns the seconds per round of each system, and the value of each
     system's last run. ``cpu``, if given, gets each system's CPU seconds per round
     (:func:`cpu_seconds` before and after: every thread of the process, those that the
-    libraries start included).
+    libraries start included). ``on_round``, if given, is called after each round with its
+    number (from 1) and its seconds per system, in the systems' order: a long run says what
+    it has measured so far, and a run stopped before its end has said it.
     """
     names = list(systems)
     seconds: dict[str, list[float]] = {name: [] for name in names}
@@ -135,4 +138,6 @@ def rounds(
             seconds[name].append(time.perf_counter() - start)
             if cpu is not None:
                 cpu.setdefault(name, []).append(cpu_seconds() - began)
+        if on_round is not None:
+            on_round(r + 1, {name: seconds[name][-1] for name in names})
     return seconds, values

@@ -27,6 +27,7 @@ from ducho_fast.console import (
     err,
     out,
     print_bench,
+    print_bench_round,
     print_exported,
     print_fusions,
     print_report,
@@ -430,6 +431,7 @@ def bench(
             source=source,
             variants=vs or (),
             on_run=print_bench,
+            on_round=print_bench_round,
         )
     for reason in report.skipped:
         err.print(f"not timed: {reason}", highlight=False, soft_wrap=True)

@@ -423,6 +423,23 @@ def print_bench(run: Any) -> None:
         out.print(line, highlight=False, soft_wrap=True)
 
 
+def print_bench_round(timed: Any) -> None:
+    """One round of a model's timing, on stderr as it ends: what a long bench has measured
+    so far (the report on stdout comes when the model's rounds are done)."""
+    ways = ", ".join(f"{_way(name)} {rate:.1f}/s" for name, rate in timed.rates.items())
+    err.print(
+        f"  {timed.key_path}: round {timed.number}/{timed.rounds}: {ways}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _way(name: str) -> str:
+    """A way of bench's rounds as the report names it: the session alone, a variant by its
+    setting."""
+    return "session alone" if name == "session" else name.removeprefix("extract ")
+
+
 def _variant_line(variant: Any) -> str:
     low, high = variant.speedup_range
     if variant.identical:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -225,7 +226,15 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
 
     monkeypatch.setattr(bench_module.api, "extract", spy)
     settings = ["runtime.workers=1", "visual.items.model.0.batch_size=1"]
-    report = bench(exported, items=4, repeats=2, work=tmp_path, variants=[*settings, settings[0]])
+    timed: list[bench_module.BenchRound] = []
+    report = bench(
+        exported,
+        items=4,
+        repeats=2,
+        work=tmp_path,
+        variants=[*settings, settings[0]],
+        on_round=timed.append,
+    )
     # per model, each round: the config's extract, then each variant (the order rotated)
     assert sorted(calls[:6]) == [(1, 3), (1, 3), (2, 1), (2, 1), (2, 3), (2, 3)]
     assert sorted(calls[6:]) == [(1, 2), (1, 2), (2, 2), (2, 2), (2, 2), (2, 2)]
@@ -238,6 +247,18 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
             assert variant.speedup_range[0] <= variant.speedup <= variant.speedup_range[1]
             assert f"extract {variant.setting}" in run.cpu_ms
         assert [v["setting"] for v in run.as_dict()["variants"]] == settings
+    # each round said as it ended, with the rates the report's medians are taken from
+    ways = ["extract", "session", *(f"extract {s}" for s in settings)]
+    assert [(t.key_path, t.number, t.rounds, list(t.rates)) for t in timed] == [
+        (run.key_path, n, 2, ways) for run in report.runs for n in (1, 2)
+    ]
+    for run, said in zip(report.runs, (timed[:2], timed[2:]), strict=True):
+        for way, rate in (("extract", run.extract_rate), ("session", run.session_rate)):
+            seconds = [run.items / t.rates[way] for t in said]
+            assert rate == pytest.approx(run.items / np.median(seconds))
+        for variant in run.variants:
+            seconds = [run.items / t.rates[f"extract {variant.setting}"] for t in said]
+            assert variant.rate == pytest.approx(run.items / np.median(seconds))
 
 
 def test_variant_features_compared_file_by_file(tmp_path: Path) -> None:
@@ -287,6 +308,12 @@ def test_bench_command_prints_each_variant(exported: dict[str, Any], tmp_path: P
     assert result.exit_code == 0, result.output
     assert result.output.count("  with runtime.workers=1: ") == 2
     assert "x extract as configured" in result.output
+    for key in ("visual.items.model.0", "textual.items.model.0"):  # said as each round ends
+        said = re.search(rf"  {key}: round 1/1: (.*)", result.output)
+        assert said, result.output
+        assert re.fullmatch(
+            r"extract [\d.]+/s, session alone [\d.]+/s, runtime.workers=1 [\d.]+/s", said[1]
+        )
     assert "its 4 feature files identical to extract's" in result.output  # 3 items, the matrix
     line = json.loads(result.output.strip().splitlines()[-1])
     assert [r["variants"][0]["identical"] for r in line["runs"]] == [True, True]
