@@ -39,9 +39,12 @@ declare -A STEPS=(
   # runtime.writers' CUDA default (4) against one and eight writer threads, where one writer
   # bounded extract (not yet measured on a GPU: run it first). bench says each round on
   # stderr as it ends, so a step stopped at its limit still logs what it measured.
+  # writer threads against a writer process beside 16 decoding threads, on that disk: if
+  # bench-writers finds four threads too few, whether a process would do better there
+  [writers-gil]="$PY benchmarks/writers_gil.py --readers 16 --n 8192 --repeats 3 --writers 1,4,8,p --work $SCRATCH/writers-gil"
   [bench-writers]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0 --vs runtime.writers=1 --vs runtime.writers=8"
 )
-ORDER=(doctor bench-writers tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
+ORDER=(doctor bench-writers writers-gil tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done
