@@ -50,7 +50,7 @@ def group_of(name: str | None) -> str:
         return "lanes"
     if name == "MainThread":
         return "main"
-    if name == "ducho-writer":
+    if name.startswith("ducho-writer"):  # one, or several (runtime.writers)
         return "writer"
     return "other"
 

@@ -37,13 +37,14 @@ declare -A STEPS=(
   [sweep-long]="$PY benchmarks/extract_sweep.py --device cuda --n 4096 --workers 16 --models lite --variants threads,processes,threads,processes"
   # the bench command itself on CUDA, with the settings to compare
   [bench]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0,resnet50 --vs runtime.readers=processes --vs runtime.io_binding=off"
-  # runtime.writers' CUDA default (4) against one and eight writer threads, where one writer
-  # bounded extract (not yet measured on a GPU: run it first). bench says each round on
-  # stderr as it ends, so a step stopped at its limit still logs what it measured.
-  # writer threads against a writer process beside 16 decoding threads, on that disk: if
-  # bench-writers finds four threads too few, whether a process would do better there
-  [writers-gil]="$PY benchmarks/writers_gil.py --readers 16 --n 8192 --repeats 3 --writers 1,4,8,p --work $SCRATCH/writers-gil"
+  # runtime.writers' default (one writer, more added while the model waits for them and CPUs
+  # are idle) against one and eight writer threads, where one writer bounded extract: run it
+  # first. bench says each round on stderr as it ends, so a step stopped at its limit still
+  # logs what it measured.
   [bench-writers]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0 --vs runtime.writers=1 --vs runtime.writers=8"
+  # writer threads against a writer process beside 16 decoding threads, on that disk: if
+  # bench-writers finds threads too few, whether a process would do better there
+  [writers-gil]="$PY benchmarks/writers_gil.py --readers 16 --n 8192 --repeats 3 --writers 1,4,8,p --work $SCRATCH/writers-gil"
 )
 ORDER=(doctor bench-writers writers-gil tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
 

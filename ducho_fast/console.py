@@ -329,10 +329,13 @@ def _print_timing(result: Any) -> None:
     if t is None or not result.written or result.seconds <= 0:
         return
     lanes = f", {t.lanes} batches at once" if t.lanes > 1 else ""
+    writers = "the writer" if t.writers == 1 else f"the {t.writers} writer threads"
+    if t.writers_added:
+        writers += f" ({t.writers_added} added as the model waited for them)"
     out.print(
         f"  model busy {t.model / result.seconds:.0%} of {result.seconds:.1f}s{lanes} (first "
         f"batch after {t.first_batch:.1f}s); then waited {t.inputs:.1f}s for inputs, "
-        f"{t.writer:.1f}s for the writer; the writer used {t.writer_cpu:.1f}s of CPU",
+        f"{t.writer:.1f}s for the writer; {writers} used {t.writer_cpu:.1f}s of CPU",
         highlight=False,
         soft_wrap=True,
     )

@@ -146,7 +146,7 @@ class RuntimeOptions:
     prefetch: int = 4
     workers: int = 0
     readers: str = "threads"  # images/audio: threads | processes (decoder crashes isolated)
-    writers: int = 0  # threads saving features; 0: 4 where a model runs on CUDA, else 1
+    writers: int = 0  # threads saving features; 0: 1, up to 8 as they fall behind the model
     token_budget: int = 0  # text: max rows x padded length per batch; 0: batch_size x 64
     sort_window: int = 0  # text: batches per length-sorted window; 0: 64
     concurrent_batches: int = 0  # CPU: batches run at once; 0: automatic (see batch_lanes)

@@ -109,7 +109,7 @@ def _check_device(runtime: RuntimeOptions, name: str) -> RuntimeOptions:
     if runtime.writers > MAX_WRITERS:
         raise ConfigError(
             f"{name}: key 'runtime.writers' is {runtime.writers}; at most {MAX_WRITERS} "
-            "(0 = 4 where a model runs on CUDA, else 1)."
+            "(0 = one, and up to 8 as the writers fall behind the model)."
         )
     if runtime.prefetch < 1:
         raise ConfigError(f"{name}: key 'runtime.prefetch' must be >= 1.")

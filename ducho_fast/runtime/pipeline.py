@@ -3,10 +3,10 @@
 Readers decode a batch on a thread pool (PIL and tokenizers release the GIL; images and audio
 in worker processes with ``runtime.readers: processes``, see :mod:`decoders`) and build its
 graph inputs (on CUDA: staged on the device) while the model runs the previous one; a writer
-copies a batch's outputs back and saves them while the model runs the next (several writers
-take batches at once where the model is fast: :func:`writer_count`). Several models
-over the same items share the readers: each item is decoded once, in windows that hold a whole
-number of each model's windows. A bad item is recorded and skipped (or, with
+copies a batch's outputs back and saves them while the model runs the next (more writers
+take batches at once where they fall behind the model: :func:`writer_plan`). Several models
+over the same items share the readers: each item is decoded once, in windows that hold a
+whole number of each model's windows. A bad item is recorded and skipped (or, with
 ``on_error: fail``, stops the run); the items around it go on.
 
 Items are read in windows cut at fixed positions of the full item list: one batch for images
@@ -43,6 +43,7 @@ from ducho_fast.runtime.batcher import (
     window_size,
 )
 from ducho_fast.runtime.batches import Batch, collect, launch, prepare
+from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.decoders import (
     DecoderPool,
     DecoderStartError,
@@ -93,7 +94,7 @@ class PipelineOptions:
     shard: Shard | None = None  # a job array's task: only its windows
     sort_window: int = 0  # text: batches per length-sorted window; 0: TEXT_WINDOW_BATCHES
     readers: str = "threads"  # images, audio: threads | processes (see use_processes)
-    writers: int = 0  # threads saving features; 0: writer_count's choice
+    writers: int = 0  # threads saving features; 0: as many as needed (writer_plan)
 
 
 def use_processes(readers: str, loaders: Sequence[Loader]) -> bool:
@@ -199,7 +200,7 @@ class Pipeline(WindowedRun):
         batches: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         writes: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         reader = Worker(self._read, items, batches, "ducho-reader")
-        writers = Writers(self._drain, writes, progress)
+        writers = Writers(self._drain, writes, progress, cpus=cpu_quota())
         self._writer_cpu = 0.0
         reader.start()
         lanes: list[Lane] = []
@@ -208,7 +209,7 @@ class Pipeline(WindowedRun):
             for member in self.members:
                 # A session created ahead of the run fails here, not as a failed batch.
                 member.embedder.ready()
-            writers.start(writer_count(self._opts.writers, self.providers))
+            writers.start(*writer_plan(self._opts.writers))
             count = min(m.embedder.lanes for m in self.members)
             stages = (batches, reader, writes, writers)
             lanes = [Lane(k, start, stages, stop, launch) for k in range(count)]
@@ -232,7 +233,13 @@ class Pipeline(WindowedRun):
         for member in self.members:
             busy = sum(lane.busy.get(id(member), 0.0) for lane in lanes) / len(lanes)
             member.result.seconds = seconds
-            member.result.timing = replace(waits, model=busy, writer_cpu=self._writer_cpu)
+            member.result.timing = replace(
+                waits,
+                model=busy,
+                writer_cpu=self._writer_cpu,
+                writers=len(writers.threads),
+                writers_added=writers.added,
+            )
         if any(m.result.errors for m in self.members):
             # Failures in input order: lanes finish batches out of order, and texts are
             # batched by length.
@@ -441,19 +448,19 @@ def settled(
     return known
 
 
-# Writer threads where a model runs on CUDA: its batches take milliseconds, and one thread
-# saving one file at a time bounded the run (benchmarks/RESULTS.md, "On a GPU again"). The
-# 4 is also written in config/defaults.yml, the README and config.options' refusal message.
-CUDA_WRITERS = 4
+# Writer threads that ``runtime.writers: 0`` may grow to: one thread saving one file at a
+# time bounded a run on a GPU (benchmarks/RESULTS.md, "On a GPU again"), and on 2 CPUs beside
+# 8 decoding threads 8 writers saved 2.1x the files/s of one, 4 writers 1.9x. The 8 is also
+# written in config/defaults.yml, the README and config.options' refusal message.
+AUTO_WRITERS = 8
 
 
-def writer_count(writers: int, providers: Sequence[str]) -> int:
-    """The writer threads of a run: ``runtime.writers``, or for 0, ``CUDA_WRITERS`` where a
-    model runs on CUDA, else one (on the CPUs the model is slower than one writer, whose
-    CPU time is taken from the model's)."""
-    if writers:
-        return writers
-    return CUDA_WRITERS if any(p.startswith("CUDA") for p in providers) else 1
+def writer_plan(writers: int) -> tuple[int, int]:
+    """The writer threads of a run, at its start and at most: ``runtime.writers`` threads,
+    or for 0, one, to which the lanes add more (:meth:`Writers.grow`) up to ``AUTO_WRITERS``
+    while they find the writers behind and CPUs idle. On the CPUs a model is mostly slower
+    than one writer, whose CPU time is taken from the model's, and one stays."""
+    return (writers, writers) if writers else (1, AUTO_WRITERS)
 
 
 def _own_options(options: PipelineOptions, batch_size: int) -> PipelineOptions:

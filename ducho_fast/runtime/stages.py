@@ -33,6 +33,8 @@ class Timing:
     writer: float = 0.0
     lanes: int = 1  # batches run at once: model, inputs and writer are the lanes' means
     writer_cpu: float = 0.0
+    writers: int = 1  # writer threads at the end (``runtime.writers: 0`` adds them as needed)
+    writers_added: int = 0  # of those, added during the run (see :meth:`Writers.grow`)
 
 
 class Lane(threading.Thread):
@@ -69,6 +71,10 @@ class Lane(threading.Thread):
                 ran = self._launch(member.embedder, batch, self.k) if batch.items else []
                 mark = time.perf_counter()
                 self.busy[id(member)] = self.busy.get(id(member), 0.0) + mark - began
+                if writes.full():  # the writers are behind: the model is about to wait
+                    grow = getattr(writer, "grow", None)
+                    if grow is not None:
+                        grow()
                 if not put_alive(writes, (member, batch, ran), writer):
                     self._halt.set()  # the writer failed: the run raises its error
                     return
@@ -160,33 +166,89 @@ def put(q: queue.Queue[Any], value: Any, stop: threading.Event) -> None:
             continue
 
 
-class Writers:
-    """The writer threads of a run: ``count`` :class:`Worker` s taking batches from one queue,
-    each running ``target(writes, progress, stop)``. One thread saves one file at a time, and
-    each of the file system calls of a file gives Python's GIL away: where reader threads keep
-    the GIL busy, each call waits up to a switch interval (5 ms) to get it back, and on a
-    GPU one writer thread bounded the run. Several writers wait at once.
+# Writer threads are added no more often than this, in seconds: each new one gets time to
+# show whether the writers still fall behind.
+GROW_SPACING = 0.05
 
+
+class Writers:
+    """The writer threads of a run: :class:`Worker` s taking batches from one queue, each
+    running ``target(writes, progress, stop)``. One thread saves one file at a time, and each
+    of the file system calls of a file gives Python's GIL away: where reader threads keep the
+    GIL busy, each call waits up to a switch interval (5 ms) to get it back, and on a GPU one
+    writer thread bounded the run. A slow file system (NFS) makes each call wait too. Several
+    writers wait at once.
+
+    ``start(count, most)``: ``count`` writers, and up to ``most`` as :meth:`grow` adds them.
     Alive while every writer is: one that failed stops the lanes, as a lone writer's end did;
     the others write what is queued before their end mark."""
 
-    def __init__(self, target: Callable[..., None], writes: queue.Queue[Any], progress: Any):
+    def __init__(
+        self,
+        target: Callable[..., None],
+        writes: queue.Queue[Any],
+        progress: Any,
+        cpus: int = 1,
+        clock: Callable[[], tuple[float, float]] | None = None,
+    ):
         self._target = target
         self._writes = writes
         self._progress = progress
+        self._cpus = cpus
+        self._clock = clock or _clock
+        self._lock = threading.Lock()
+        self._most = 0
+        self._ended = False
+        self._mark = self._clock()
+        self.added = 0
         self.threads: list[Worker] = []
 
-    def start(self, count: int) -> None:
-        names = [f"ducho-writer-{k}" for k in range(count)] if count > 1 else ["ducho-writer"]
-        self.threads = [Worker(self._target, self._writes, self._progress, n) for n in names]
-        for thread in self.threads:
+    def start(self, count: int, most: int | None = None) -> None:
+        self._most = max(count, most or count)
+        names = [self._name(k) for k in range(count)]
+        threads = [Worker(self._target, self._writes, self._progress, n) for n in names]
+        for thread in threads:
             thread.start()
+        self.threads = threads
+        self._mark = self._clock()
+
+    def _name(self, k: int) -> str:
+        return "ducho-writer" if self._most == 1 else f"ducho-writer-{k}"
+
+    def grow(self) -> bool:
+        """Add a writer where the lanes find the writers behind (the writes queue full): at
+        most one every ``GROW_SPACING`` seconds, up to ``most``, and only while the process
+        used at least one CPU less than it may (``cpus``) since the last look. Writers short
+        of the GIL or waiting on the file system leave CPUs idle, and another one helps; where
+        the CPUs are all busy (a small model on a few CPUs), another one would only take CPU
+        from the model and the readers. Whether one was added."""
+        with self._lock:
+            if self._ended or len(self.threads) >= self._most:
+                return False
+            wall, cpu = self._clock()
+            since_wall, since_cpu = wall - self._mark[0], cpu - self._mark[1]
+            if since_wall < GROW_SPACING:
+                return False
+            self._mark = (wall, cpu)
+            if since_cpu / since_wall > self._cpus - 1:
+                return False
+            thread = Worker(
+                self._target, self._writes, self._progress, self._name(len(self.threads))
+            )
+            thread.start()
+            self.threads = [*self.threads, thread]  # a new list: others may be iterating
+            self.added += 1
+            return True
 
     def is_alive(self) -> bool:
-        return bool(self.threads) and all(t.is_alive() for t in self.threads)
+        threads = self.threads
+        return bool(threads) and all(t.is_alive() for t in threads)
 
     def end(self) -> None:
-        """Queue an end mark for each writer, while any is left to take one."""
+        """Queue an end mark for each writer, while any is left to take one; none is added
+        after this."""
+        with self._lock:
+            self._ended = True
         anyone = _AnyAlive(self.threads)
         for _ in self.threads:
             if not put_alive(self._writes, DONE, anyone):
@@ -199,6 +261,11 @@ class Writers:
     def reraise(self) -> None:
         for thread in self.threads:
             thread.reraise()
+
+
+def _clock() -> tuple[float, float]:
+    """Now, and the CPU time this process has used (every thread)."""
+    return time.perf_counter(), time.process_time()
 
 
 class _AnyAlive:

@@ -664,7 +664,7 @@ def test_more_writers_than_ever_help_are_refused(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, visual(RESNET, runtime={"writers": 64})), cwd=tmp_path)
     assert cfg.runtime.writers == 64
     with pytest.raises(
-        ConfigError, match=r"'runtime\.writers' is 65; at most 64 \(0 = 4 where a model runs on"
+        ConfigError, match=r"'runtime\.writers' is 65; at most 64 \(0 = one, and up to 8 as"
     ):
         load_config(write(tmp_path, visual(RESNET, runtime={"writers": 65})), cwd=tmp_path)
 

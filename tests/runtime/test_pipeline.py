@@ -587,8 +587,9 @@ def test_timing_says_where_the_model_threads_time_went(
 
     (tmp_path / "images").symlink_to(image_dir)
     config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
-    # One lane: several split the waits among them (test_lanes checks their sum).
-    config["runtime"] = {"prefetch": 1, "workers": 1, "concurrent_batches": 1}
+    # One lane: several split the waits among them (test_lanes checks their sum). One
+    # writer: more would be added while it sleeps (test_writers checks that).
+    config["runtime"] = {"prefetch": 1, "workers": 1, "concurrent_batches": 1, "writers": 1}
     ducho_fast.export(config)
     real_prepare, real_collect = pipeline.prepare, pipeline.collect
 

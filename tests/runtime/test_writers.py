@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,120 @@ import numpy as np
 import pytest
 
 import ducho_fast
-from ducho_fast.runtime.pipeline import CUDA_WRITERS, writer_count
-from ducho_fast.runtime.stages import DONE, Writers
+from ducho_fast.runtime import stages
+from ducho_fast.runtime.pipeline import AUTO_WRITERS, writer_plan
+from ducho_fast.runtime.stages import DONE, GROW_SPACING, Writers
 from tests.conftest import resnet18_entry, visual_config
 
 
-def test_writer_count_is_the_setting_or_several_on_cuda_only() -> None:
-    assert writer_count(0, ["CPUExecutionProvider"]) == 1
-    assert writer_count(0, ["CUDAExecutionProvider"]) == CUDA_WRITERS > 1
-    assert writer_count(0, ["CPUExecutionProvider", "CUDAExecutionProvider"]) == CUDA_WRITERS
-    assert writer_count(3, ["CPUExecutionProvider"]) == 3
-    assert writer_count(1, ["CUDAExecutionProvider"]) == 1
+def test_writer_plan_is_the_setting_or_one_that_may_grow() -> None:
+    assert writer_plan(0) == (1, AUTO_WRITERS) and AUTO_WRITERS > 1
+    assert writer_plan(3) == (3, 3)
+    assert writer_plan(1) == (1, 1)
+
+
+class Clock:
+    """Wall and CPU seconds, moved by hand."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __call__(self) -> tuple[float, float]:
+        return self.wall, self.cpu
+
+    def tick(self, wall: float, cpus_busy: float) -> None:
+        self.wall += wall
+        self.cpu += wall * cpus_busy
+
+
+def idle_drain(source: queue.Queue[Any], _: Any, stop: Any) -> None:
+    while source.get() is not DONE:
+        pass
+
+
+def test_writers_grow_one_at_a_time_while_cpus_are_idle_up_to_the_most() -> None:
+    writes: queue.Queue[Any] = queue.Queue()
+    clock = Clock()
+    writers = Writers(idle_drain, writes, None, cpus=4, clock=clock)
+    writers.start(1, 3)
+    assert [t.name for t in writers.threads] == ["ducho-writer-0"]  # may grow: numbered
+    clock.tick(GROW_SPACING / 2, cpus_busy=3.5)
+    assert not writers.grow()  # too soon after the start
+    clock.tick(2 * GROW_SPACING, cpus_busy=3.5)
+    assert not writers.grow()  # 3.5 of 4 CPUs busy: another writer would take the model's
+    clock.tick(2 * GROW_SPACING, cpus_busy=2.9)
+    assert writers.grow()  # a CPU idle since the last look
+    assert not writers.grow()  # no time has passed since
+    clock.tick(2 * GROW_SPACING, cpus_busy=0.5)
+    assert writers.grow()
+    clock.tick(2 * GROW_SPACING, cpus_busy=0.5)
+    assert not writers.grow()  # at the most
+    assert [t.name for t in writers.threads] == [f"ducho-writer-{k}" for k in range(3)]
+    assert writers.added == 2 and writers.is_alive()
+    writers.end()
+    writers.wait()
+    assert writes.empty() and not writers.is_alive()  # each took its end mark
+
+
+def test_no_writer_is_added_after_the_end_marks() -> None:
+    """One added then would wait for an end mark that never comes."""
+    writes: queue.Queue[Any] = queue.Queue()
+    clock = Clock()
+    writers = Writers(idle_drain, writes, None, cpus=4, clock=clock)
+    writers.start(1, 3)
+    writers.end()
+    clock.tick(2 * GROW_SPACING, cpus_busy=0.0)
+    assert not writers.grow() and len(writers.threads) == 1
+    writers.wait()
+
+
+def test_writers_of_a_set_count_never_grow() -> None:
+    writes: queue.Queue[Any] = queue.Queue()
+    clock = Clock()
+    writers = Writers(idle_drain, writes, None, cpus=64, clock=clock)
+    writers.start(2)
+    clock.tick(1.0, cpus_busy=0.0)
+    assert not writers.grow() and len(writers.threads) == 2
+    writers.end()
+    writers.wait()
+
+
+@pytest.mark.slow
+def test_a_lane_that_finds_the_writers_behind_adds_one(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """Through a real run: a writer slower than the model (a slow file system: it sleeps,
+    leaving the CPUs idle) gets help; the files are the same as one writer's, and the
+    summary says how many wrote them."""
+    from ducho_fast.runtime import pipeline
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=1), store)
+    config["runtime"] = {"prefetch": 1}
+    ducho_fast.export(config)
+    folder = tmp_path / "out/torch/resnet18/avgpool"
+    one = ducho_fast.extract(config, ["runtime.writers=1"]).runs[0].result
+    assert one.timing is not None and (one.timing.writers, one.timing.writers_added) == (1, 0)
+    alone = {p.name: p.read_bytes() for p in folder.glob("*.npy")}
+
+    monkeypatch.setattr(stages, "GROW_SPACING", 0.0)
+    monkeypatch.setattr(pipeline, "cpu_quota", lambda: 64)  # CPUs to spare
+    real = pipeline.write_checked
+    names: set[str] = set()
+
+    def slow(write: Any, item: Any, out: Any) -> str | None:
+        names.add(threading.current_thread().name)
+        time.sleep(0.1)
+        return real(write, item, out)
+
+    monkeypatch.setattr(pipeline, "write_checked", slow)
+    report = ducho_fast.extract(config, ["output.resume=false"])
+    result = report.runs[0].result
+    assert result.written == 10 and not result.errors
+    assert result.timing is not None and result.timing.writers_added >= 1
+    assert result.timing.writers == 1 + result.timing.writers_added <= AUTO_WRITERS
+    assert len(names) >= 2  # the added writers took batches
+    assert {p.name: p.read_bytes() for p in folder.glob("*.npy")} == alone
 
 
 def test_a_failed_writer_stops_the_lanes_and_the_others_write_what_is_queued() -> None:
@@ -168,3 +272,21 @@ def test_several_writers_record_bad_items_in_order_and_stop_on_a_full_disk(
     monkeypatch.setattr(NpyFiles, "save", disk_full)
     with pytest.raises(OutputError, match=r"cannot write .*\.npy: No space left on device"):
         ducho_fast.extract(config, ["output.resume=false"])
+
+
+def test_the_summary_says_how_many_writers_wrote_and_how_many_were_added(capsys) -> None:
+    from ducho_fast.console import _print_timing
+    from ducho_fast.runtime.pipeline import RunResult
+    from ducho_fast.runtime.stages import Timing
+
+    timing = Timing(first_batch=0.1, model=1.0, writer=0.5, writer_cpu=0.2)
+    _print_timing(RunResult(written=8, seconds=2.0, timing=timing))
+    grown = Timing(first_batch=0.1, model=1.0, writer=0.5, writer_cpu=0.2, writers=3)
+    _print_timing(RunResult(written=8, seconds=2.0, timing=replace(grown, writers_added=2)))
+    _print_timing(RunResult(written=8, seconds=2.0, timing=grown))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("0.5s for the writer; the writer used 0.2s of CPU")
+    assert lines[1].endswith(
+        "; the 3 writer threads (2 added as the model waited for them) used 0.2s of CPU"
+    )
+    assert lines[2].endswith("; the 3 writer threads used 0.2s of CPU")
