@@ -4,8 +4,8 @@
 actor and embeds batches they have already decoded. ``RayPipeline`` runs one model of an
 ``extract`` across a Ray cluster: windows of items go to CPU tasks that decode and cut them into
 batches exactly as the local pipeline does, the batches go to model actors (``num_gpus`` when
-the session is on CUDA), and the driver writes the features. Batches are the local pipeline's,
-so the files are byte-identical to a single-process run's.
+the session is on CUDA), and the driver's writer threads save the features. Batches are the
+local pipeline's, so the files are byte-identical to a single-process run's.
 
 Needs the ``scale`` extra (``pip install 'ducho-fast[scale]'``); ``ray`` is imported only here.
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import re
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, replace
@@ -28,12 +30,13 @@ import numpy as np
 from ducho_fast.artifact import Artifact, load_artifact
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.config.options import runtime_options
-from ducho_fast.data.items import Item
+from ducho_fast.data.items import FileStamp, Item
 from ducho_fast.data.sources import Loader
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import Batcher
 from ducho_fast.runtime.batches import Batch, infer
+from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, ItemOutputs, whole
 from ducho_fast.runtime.loading import load_one
 from ducho_fast.runtime.pipeline import (
@@ -46,7 +49,9 @@ from ducho_fast.runtime.pipeline import (
     record_failure,
     settled,
     write_checked,
+    writer_plan,
 )
+from ducho_fast.runtime.stages import DONE, Writers, finish, put_alive
 
 DECODE_TASK_MEMORY = 256 * 2**20  # bytes reserved per decode task: one window, decoded
 INPUT_COLUMNS = {"visual": "image", "textual": "text", "audio": "waveform"}
@@ -240,10 +245,36 @@ class RayPipeline(WindowedRun):
         result = RunResult()
         windows = self._windows(items, done, result)
         if windows:
-            for row in self._dataset(windows).iter_rows():
-                self._collect(pickle.loads(row["result"]), result, progress)
+            self._write_rows(self._dataset(windows).iter_rows(), result, progress)
+        if result.errors:  # in input order: several writers record them as they go
+            position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
+            result.errors.sort(key=lambda e: position.get(e.item_id, len(items)))
         result.seconds = time.perf_counter() - start
         return result
+
+    def _write_rows(self, rows: Any, result: RunResult, progress: ProgressFn | None) -> None:
+        """Save the actors' results as they come, by writer threads as the local pipeline's
+        (``runtime.writers``: one, and more while the driver finds them behind and CPUs idle;
+        a shared file system's round trips are waited for at once). A writer that fails, or
+        a bad item under ``on_error: fail``, stops the loop; what is queued is written."""
+        writes: queue.Queue[Any] = queue.Queue(maxsize=max(1, self._opts.prefetch))
+        lock = threading.Lock()
+
+        def drain(source: queue.Queue[Any], _: Any, stop: threading.Event) -> None:
+            while (entry := source.get()) is not DONE:
+                self._collect(entry, result, progress, lock)
+
+        writers = Writers(drain, writes, None, cpus=cpu_quota())
+        writers.start(*writer_plan(self._opts.writers))
+        try:
+            for row in rows:
+                if writes.full():
+                    writers.grow()
+                if not put_alive(writes, pickle.loads(row["result"]), writers):
+                    break  # a writer failed: its error is raised below
+        finally:
+            finish(writers.end, writers.wait)
+        writers.reraise()
 
     def todo(self, items: Sequence[Item], done: Set[str]) -> int:
         """How many of this run's items are embedded: those of windows not settled (see
@@ -308,22 +339,35 @@ class RayPipeline(WindowedRun):
             )
         )
 
-    def _collect(self, result: Any, run: RunResult, progress: ProgressFn | None) -> None:
+    def _collect(
+        self,
+        result: Any,
+        run: RunResult,
+        progress: ProgressFn | None,
+        lock: threading.Lock,
+    ) -> None:
         provider, items, outputs, failures = result
         self.provider = f"ray: {provider}"
+
+        def fail(item: Item, reason: str, stamp: FileStamp | None = None) -> None:
+            with lock:
+                record_failure(run, item, reason, self._opts.on_error, stamp)
+
         for item, failed in failures:
-            record_failure(run, item, failed.reason, self._opts.on_error, failed.stamp)
+            fail(item, failed.reason, failed.stamp)
         for item, out in zip(items, outputs, strict=True):
             if isinstance(out, str):
-                record_failure(run, item, out, self._opts.on_error)
+                fail(item, out)
                 continue
             reason = write_checked(self._write, item, out)
-            if reason is None:
+            if reason is not None:
+                fail(item, reason)
+                continue
+            with lock:
                 run.written += 1
-            else:
-                record_failure(run, item, reason, self._opts.on_error)
         if progress:
-            progress(len(items) + len(failures))
+            with lock:
+                progress(len(items) + len(failures))
 
 
 class _DecodeWindow:

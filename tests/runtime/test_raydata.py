@@ -84,6 +84,74 @@ def test_engine_ray_writes_the_files_of_a_local_run(
     assert [e.item_id for r in shard.runs for e in r.result.errors] == ["img05"]
 
 
+def test_engine_ray_writes_with_several_writers_as_with_one(
+    local_ray,
+    tmp_path: Path,
+    store: Path,
+    resnet18_state_dict: Path,
+    tiny_bert_dir: Path,
+    monkeypatch,
+) -> None:
+    """The driver's writer threads (``runtime.writers``): the same files and bad items, in
+    input order, as a local run; each item counted once; a bad item under ``on_error: fail``
+    stops the run with what the writers had queued written."""
+    import threading
+    import time
+
+    from ducho_fast.runtime import raydata
+
+    local = two_job_config(tmp_path / "local", store, resnet18_state_dict, tiny_bert_dir)
+    ducho_fast.export(local)
+    expected = ducho_fast.extract(local)
+    real = raydata.write_checked
+    names: set[str] = set()
+
+    def slow(write: Any, item: Any, out: Any) -> str | None:
+        names.add(threading.current_thread().name)
+        time.sleep(0.005)  # a shared file system's round trip
+        return real(write, item, out)
+
+    monkeypatch.setattr(raydata, "write_checked", slow)
+    on_ray = two_job_config(tmp_path / "ray", store, resnet18_state_dict, tiny_bert_dir)
+    bars: list[tuple[int, list[int]]] = []
+
+    @contextmanager
+    def progress(label: str, total: int) -> Iterator[Any]:
+        bars.append((total, []))
+        yield bars[-1][1].append
+
+    report = ducho_fast.extract(
+        on_ray, ["runtime.writers=3"], engine="ray", ray=RayOptions(actors=1), progress=progress
+    )
+    assert [r.result.written for r in report.runs] == [21, 69]
+    assert [total for total, _ in bars] == [22, 21, 70, 69]  # items, then each matrix's rows
+    assert all(sum(ticks) == total for total, ticks in bars)
+    assert [[e.item_id for e in r.result.errors] for r in report.runs] == [
+        [e.item_id for e in r.result.errors] for r in expected.runs
+    ]
+    assert names == {f"ducho-writer-{k}" for k in range(3)}  # each took batches
+    assert npy_bytes(tmp_path / "ray") == npy_bytes(tmp_path / "local")
+
+    # Bad items written by different writers at different paces: recorded in input order.
+    refused = {"img01": 0.3, "img08": 0.0, "img14": 0.0}  # the first one the slowest
+
+    def refusing(write: Any, item: Any, out: Any) -> str | None:
+        if item.item_id in refused:
+            time.sleep(refused[item.item_id])
+            return "refused by the test"
+        return real(write, item, out)
+
+    monkeypatch.setattr(raydata, "write_checked", refusing)
+    order = two_job_config(tmp_path / "order", store, resnet18_state_dict, tiny_bert_dir)
+    run = ducho_fast.extract(order, ["runtime.writers=3"], engine="ray", ray=RayOptions(actors=1))
+    assert [e.item_id for e in run.runs[0].result.errors] == ["img01", "img05", "img08", "img14"]
+
+    failing = two_job_config(tmp_path / "fail", store, resnet18_state_dict, tiny_bert_dir)
+    failing["runtime"] = {"on_error": "fail", "writers": 2}
+    with pytest.raises(DataError, match=r"item 'img01' .*: refused by the test"):  # in a writer
+        ducho_fast.extract(failing, engine="ray", ray=RayOptions(actors=1))
+
+
 def test_a_cluster_that_cannot_be_joined_stops_the_run_before_any_work(
     tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
 ) -> None:
