@@ -218,7 +218,8 @@ class Writers:
     def grow(self) -> bool:
         """Add a writer where the lanes find the writers behind (the writes queue full): at
         most one every ``GROW_SPACING`` seconds, up to ``most``, and only while the process
-        used at least one CPU less than it may (``cpus``) since the last look. Writers short
+        used at least one CPU less than it may (``cpus``; half of one where it may use one)
+        since the last look. Writers short
         of the GIL or waiting on the file system leave CPUs idle, and another one helps; where
         the CPUs are all busy (a small model on a few CPUs), another one would only take CPU
         from the model and the readers. Whether one was added."""
@@ -230,7 +231,7 @@ class Writers:
             if since_wall < GROW_SPACING:
                 return False
             self._mark = (wall, cpu)
-            if since_cpu / since_wall > self._cpus - 1:
+            if since_cpu / since_wall > max(self._cpus - 1, 0.5):
                 return False
             thread = Worker(
                 self._target, self._writes, self._progress, self._name(len(self.threads))

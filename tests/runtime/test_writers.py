@@ -81,6 +81,20 @@ def test_no_writer_is_added_after_the_end_marks() -> None:
     writers.wait()
 
 
+def test_on_one_cpu_a_writer_is_added_while_it_is_mostly_idle() -> None:
+    """A job with one CPU writing to NFS: its writer waits, and the CPU is mostly idle."""
+    writes: queue.Queue[Any] = queue.Queue()
+    clock = Clock()
+    writers = Writers(idle_drain, writes, None, cpus=1, clock=clock)
+    writers.start(1, 8)
+    clock.tick(2 * GROW_SPACING, cpus_busy=0.8)
+    assert not writers.grow()
+    clock.tick(2 * GROW_SPACING, cpus_busy=0.3)
+    assert writers.grow()
+    writers.end()
+    writers.wait()
+
+
 def test_writers_of_a_set_count_never_grow() -> None:
     writes: queue.Queue[Any] = queue.Queue()
     clock = Clock()
