@@ -211,7 +211,7 @@ class Pipeline(WindowedRun):
                 member.embedder.ready()
             writers.start(*writer_plan(self._opts.writers))
             count = min(m.embedder.lanes for m in self.members)
-            stages = (batches, reader, writes, writers)
+            stages = (batches, reader, writers)
             lanes = [Lane(k, start, stages, stop, launch) for k in range(count)]
             for lane in lanes[1:]:
                 lane.start()
@@ -240,12 +240,8 @@ class Pipeline(WindowedRun):
                 writers=len(writers.threads),
                 writers_added=writers.added,
             )
-        if any(m.result.errors for m in self.members):
-            # Failures in input order: lanes finish batches out of order, and texts are
-            # batched by length.
-            position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
-            for member in self.members:
-                member.result.errors.sort(key=lambda e: position.get(e.item_id, len(items)))
+        # Lanes finish batches out of order, and texts are batched by length.
+        sort_errors([m.result for m in self.members], items)
         return [m.result for m in self.members]
 
     # -- stages ----------------------------------------------------------------------------
@@ -479,6 +475,15 @@ def write_checked(write: WriteFn, item: Item, out: ItemOutputs) -> str | None:
     except DataError as e:
         return str(e)
     return None
+
+
+def sort_errors(results: Sequence[RunResult], items: Sequence[Item]) -> None:
+    """Put each result's failures in input order (``items``'), however they were recorded."""
+    if not any(r.errors for r in results):
+        return
+    position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
+    for result in results:
+        result.errors.sort(key=lambda e: position.get(e.item_id, len(items)))
 
 
 def record_failure(

@@ -48,10 +48,11 @@ from ducho_fast.runtime.pipeline import (
     assemble,
     record_failure,
     settled,
+    sort_errors,
     write_checked,
     writer_plan,
 )
-from ducho_fast.runtime.stages import DONE, Writers, finish, put_alive
+from ducho_fast.runtime.stages import DONE, Writers, finish
 
 DECODE_TASK_MEMORY = 256 * 2**20  # bytes reserved per decode task: one window, decoded
 INPUT_COLUMNS = {"visual": "image", "textual": "text", "audio": "waveform"}
@@ -246,9 +247,7 @@ class RayPipeline(WindowedRun):
         windows = self._windows(items, done, result)
         if windows:
             self._write_rows(self._dataset(windows).iter_rows(), result, progress)
-        if result.errors:  # in input order: several writers record them as they go
-            position = {item.item_id: k for k, item in reversed(list(enumerate(items)))}
-            result.errors.sort(key=lambda e: position.get(e.item_id, len(items)))
+        sort_errors([result], items)  # several writers record them as they go
         result.seconds = time.perf_counter() - start
         return result
 
@@ -268,9 +267,7 @@ class RayPipeline(WindowedRun):
         writers.start(*writer_plan(self._opts.writers))
         try:
             for row in rows:
-                if writes.full():
-                    writers.grow()
-                if not put_alive(writes, pickle.loads(row["result"]), writers):
+                if not writers.put(pickle.loads(row["result"])):
                     break  # a writer failed: its error is raised below
         finally:
             finish(writers.end, writers.wait)

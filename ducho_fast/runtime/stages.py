@@ -58,7 +58,7 @@ class Lane(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        batches, reader, writes, writer = self._stages
+        batches, reader, writer = self._stages
         try:
             mark = None
             while (entry := next_entry(batches, self._halt)) is not DONE:
@@ -71,11 +71,7 @@ class Lane(threading.Thread):
                 ran = self._launch(member.embedder, batch, self.k) if batch.items else []
                 mark = time.perf_counter()
                 self.busy[id(member)] = self.busy.get(id(member), 0.0) + mark - began
-                if writes.full():  # the writers are behind: the model is about to wait
-                    grow = getattr(writer, "grow", None)
-                    if grow is not None:
-                        grow()
-                if not put_alive(writes, (member, batch, ran), writer):
+                if not writer.put((member, batch, ran)):
                     self._halt.set()  # the writer failed: the run raises its error
                     return
                 now = time.perf_counter()
@@ -101,9 +97,9 @@ class Alive(Protocol):
     def is_alive(self) -> bool: ...
 
 
-# What a model lane reads from and writes to: the batches queue and its reader, the writes
-# queue and its writers.
-Stages = tuple[queue.Queue[Any], "Worker", queue.Queue[Any], Alive]
+# What a model lane reads from and writes to: the batches queue and its reader, and the
+# writers (their queue in them).
+Stages = tuple[queue.Queue[Any], "Worker", "Writers"]
 
 
 def next_entry(batches: queue.Queue[Any], stop: threading.Event) -> Any:
@@ -240,6 +236,13 @@ class Writers:
             self.threads = [*self.threads, thread]  # a new list: others may be iterating
             self.added += 1
             return True
+
+    def put(self, value: Any) -> bool:
+        """Queue ``value`` for the writers, adding one first where they are behind (the queue
+        full: the caller is about to wait, see :meth:`grow`); False if a writer has died."""
+        if self._writes.full():
+            self.grow()
+        return put_alive(self._writes, value, self)
 
     def is_alive(self) -> bool:
         threads = self.threads
