@@ -4,7 +4,6 @@ processes'."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any
 
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DuchoError, allocation_said, out_of_memory
+from ducho_fast.runtime.cpu import family_cpu_time
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.memory import within_limit
 from ducho_fast.runtime.stages import finish, wait_for
@@ -104,11 +104,10 @@ def alone_failed(embedder: Embedder, error: Exception, lanes: int) -> Exception:
 
 
 def cpu_seconds() -> float:
-    """The CPU time this process has used so far, all its threads (user and system, to the
-    nanosecond), and its child processes that have ended (``os.times``, in 10 ms ticks): the
-    decoder processes of ``runtime.readers: processes``, which end with each extract."""
-    children = os.times()
-    return time.process_time() + children.children_user + children.children_system
+    """The CPU time this process has used so far, all its threads, and its child processes
+    (:func:`~ducho_fast.runtime.cpu.family_cpu_time`): the decoder processes of
+    ``runtime.readers: processes``."""
+    return family_cpu_time()
 
 
 def rounds(

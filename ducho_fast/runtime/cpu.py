@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MEMBERSHIP = Path("/proc/self/cgroup")
+PROC = Path("/proc")
 
 
 def cpu_quota() -> int:
@@ -102,3 +104,41 @@ def _v1_quota(folder: Path) -> float | None:
         return quota_us / int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError, ZeroDivisionError):
         return None
+
+
+def family_cpu_time(proc: Path = PROC) -> float:
+    """CPU seconds used by this process (every thread) and by its child processes: those
+    still running (read from ``proc``; Linux) and those already waited for. A run's decoder
+    processes (``runtime.readers: processes``) keep CPUs busy that this process's own clock
+    does not count. Where ``proc`` cannot be read, the running children count nothing."""
+    running = running_children_cpu_time(proc)  # first: one waited for meanwhile counts twice
+    waited = os.times()  # rather than not at all (a rate too high adds no writer)
+    return time.process_time() + waited.children_user + waited.children_system + running
+
+
+def running_children_cpu_time(proc: Path = PROC) -> float:
+    """CPU seconds used so far by this process's running (or not yet waited for) children:
+    every thread's ``task/<tid>/children`` names those it started; each one's ``stat`` holds
+    its user and system clock ticks. 0.0 where ``proc`` has no such files (not Linux, or a
+    kernel without ``CONFIG_PROC_CHILDREN``)."""
+    try:
+        threads = os.listdir(proc / "self" / "task")
+    except OSError:
+        return 0.0
+    pids: set[str] = set()
+    for tid in threads:
+        try:
+            pids.update((proc / "self" / "task" / tid / "children").read_text().split())
+        except OSError:
+            continue  # a thread that ended meanwhile
+    ticks = 0
+    for pid in pids:
+        try:
+            stat = (proc / pid / "stat").read_text()
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses; utime and
+            # stime are the 14th and 15th fields, the 12th and 13th after comm's ")".
+            after = stat[stat.rindex(")") + 2 :].split()
+            ticks += int(after[11]) + int(after[12])
+        except (OSError, ValueError, IndexError):
+            continue  # it ended meanwhile (its time moves to the waited-for children's)
+    return ticks / os.sysconf("SC_CLK_TCK") if ticks else 0.0

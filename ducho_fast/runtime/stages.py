@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ducho_fast.runtime.cpu import family_cpu_time
+
 DONE = object()  # the last entry of a queue
 LaunchFn = Callable[[Any, Any, int], Any]  # (embedder, batch, lane) -> what the writer takes
 
@@ -185,17 +187,21 @@ class Writers:
         writes: queue.Queue[Any],
         progress: Any,
         cpus: int = 1,
-        clock: Callable[[], tuple[float, float]] | None = None,
+        wall: Callable[[], float] = time.perf_counter,
+        cpu_time: Callable[[], float] = family_cpu_time,
     ):
+        """``wall`` and ``cpu_time``: the clocks :meth:`grow` reads (seconds; CPU seconds of
+        this process and its decoder processes)."""
         self._target = target
         self._writes = writes
         self._progress = progress
         self._cpus = cpus
-        self._clock = clock or _clock
+        self._wall = wall
+        self._cpu_time = cpu_time
         self._lock = threading.Lock()
         self._most = 0
         self._ended = False
-        self._mark = self._clock()
+        self._mark = (self._wall(), self._cpu_time())
         self.added = 0
         self.threads: list[Worker] = []
 
@@ -206,7 +212,7 @@ class Writers:
         for thread in threads:
             thread.start()
         self.threads = threads
-        self._mark = self._clock()
+        self._mark = (self._wall(), self._cpu_time())
 
     def _name(self, k: int) -> str:
         return "ducho-writer" if self._most == 1 else f"ducho-writer-{k}"
@@ -214,18 +220,20 @@ class Writers:
     def grow(self) -> bool:
         """Add a writer where the lanes find the writers behind (the writes queue full): at
         most one every ``GROW_SPACING`` seconds, up to ``most``, and only while the process
-        used at least one CPU less than it may (``cpus``; half of one where it may use one)
-        since the last look. Writers short
+        and its child processes (decoder processes) used at least one CPU less than it may
+        (``cpus``; half of one where it may use one) since the last look. Writers short
         of the GIL or waiting on the file system leave CPUs idle, and another one helps; where
         the CPUs are all busy (a small model on a few CPUs), another one would only take CPU
         from the model and the readers. Whether one was added."""
         with self._lock:
             if self._ended or len(self.threads) >= self._most:
                 return False
-            wall, cpu = self._clock()
-            since_wall, since_cpu = wall - self._mark[0], cpu - self._mark[1]
+            wall = self._wall()
+            since_wall = wall - self._mark[0]
             if since_wall < GROW_SPACING:
                 return False
+            cpu = self._cpu_time()  # here: reading the children's costs ~0.3 ms
+            since_cpu = cpu - self._mark[1]
             self._mark = (wall, cpu)
             if since_cpu / since_wall > max(self._cpus - 1, 0.5):
                 return False
@@ -265,11 +273,6 @@ class Writers:
     def reraise(self) -> None:
         for thread in self.threads:
             thread.reraise()
-
-
-def _clock() -> tuple[float, float]:
-    """Now, and the CPU time this process has used (every thread)."""
-    return time.perf_counter(), time.process_time()
 
 
 class _AnyAlive:

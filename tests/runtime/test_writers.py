@@ -32,8 +32,11 @@ class Clock:
     def __init__(self) -> None:
         self.wall = self.cpu = 0.0
 
-    def __call__(self) -> tuple[float, float]:
-        return self.wall, self.cpu
+    def now(self) -> float:
+        return self.wall
+
+    def used(self) -> float:
+        return self.cpu
 
     def tick(self, wall: float, cpus_busy: float) -> None:
         self.wall += wall
@@ -48,7 +51,7 @@ def idle_drain(source: queue.Queue[Any], _: Any, stop: Any) -> None:
 def test_writers_grow_one_at_a_time_while_cpus_are_idle_up_to_the_most() -> None:
     writes: queue.Queue[Any] = queue.Queue()
     clock = Clock()
-    writers = Writers(idle_drain, writes, None, cpus=4, clock=clock)
+    writers = Writers(idle_drain, writes, None, cpus=4, wall=clock.now, cpu_time=clock.used)
     writers.start(1, 3)
     assert [t.name for t in writers.threads] == ["ducho-writer-0"]  # may grow: numbered
     clock.tick(GROW_SPACING / 2, cpus_busy=3.5)
@@ -73,7 +76,7 @@ def test_no_writer_is_added_after_the_end_marks() -> None:
     """One added then would wait for an end mark that never comes."""
     writes: queue.Queue[Any] = queue.Queue()
     clock = Clock()
-    writers = Writers(idle_drain, writes, None, cpus=4, clock=clock)
+    writers = Writers(idle_drain, writes, None, cpus=4, wall=clock.now, cpu_time=clock.used)
     writers.start(1, 3)
     writers.end()
     clock.tick(2 * GROW_SPACING, cpus_busy=0.0)
@@ -85,7 +88,7 @@ def test_on_one_cpu_a_writer_is_added_while_it_is_mostly_idle() -> None:
     """A job with one CPU writing to NFS: its writer waits, and the CPU is mostly idle."""
     writes: queue.Queue[Any] = queue.Queue()
     clock = Clock()
-    writers = Writers(idle_drain, writes, None, cpus=1, clock=clock)
+    writers = Writers(idle_drain, writes, None, cpus=1, wall=clock.now, cpu_time=clock.used)
     writers.start(1, 8)
     clock.tick(2 * GROW_SPACING, cpus_busy=0.8)
     assert not writers.grow()
@@ -98,12 +101,37 @@ def test_on_one_cpu_a_writer_is_added_while_it_is_mostly_idle() -> None:
 def test_writers_of_a_set_count_never_grow() -> None:
     writes: queue.Queue[Any] = queue.Queue()
     clock = Clock()
-    writers = Writers(idle_drain, writes, None, cpus=64, clock=clock)
+    writers = Writers(idle_drain, writes, None, cpus=64, wall=clock.now, cpu_time=clock.used)
     writers.start(2)
     clock.tick(1.0, cpus_busy=0.0)
     assert not writers.grow() and len(writers.threads) == 2
     writers.end()
     writers.wait()
+
+
+def test_busy_decoder_processes_count_as_busy_cpus(monkeypatch) -> None:
+    """By default the CPU time read is the family's: child processes (decoder processes,
+    ``runtime.readers: processes``) keeping both CPUs busy leave none idle for a writer,
+    though this process itself only sleeps."""
+    from ducho_fast.runtime import cpu
+
+    def run(children_busy: float) -> bool:
+        start = time.perf_counter()
+        monkeypatch.setattr(
+            cpu,
+            "running_children_cpu_time",
+            lambda *_: (time.perf_counter() - start) * children_busy,
+        )
+        writers = Writers(idle_drain, queue.Queue(), None, cpus=2)
+        writers.start(1, 2)
+        time.sleep(3 * GROW_SPACING)
+        grew = writers.grow()
+        writers.end()
+        writers.wait()
+        return grew
+
+    assert run(children_busy=0.0)
+    assert not run(children_busy=2.0)
 
 
 @pytest.mark.slow
