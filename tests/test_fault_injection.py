@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 # file name -> what the errors file must say about it
 BAD_IMAGES = {
-    "zero.jpg": "not a readable image",
+    "zero.jpg": "the file is empty (0 bytes)",
     "cut.jpg": "not a readable image",
     "cutpng.png": "not a readable image",
     "fake.jpg": "not a readable image",
@@ -237,7 +237,7 @@ def test_texts(tmp_path: Path, store: Path, minilm_dir: Path) -> None:
 
 BAD_AUDIO = {
     "empty.wav": "the audio is empty",
-    "zero.wav": "not a readable audio file",
+    "zero.wav": "the file is empty (0 bytes)",
     "fake.mp3": "not a readable audio file",
     "cut.flac": "not a readable audio file",
     "gone.wav": "does not exist: it is a symbolic link to",

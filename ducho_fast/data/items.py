@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ducho_fast.config.paths import absent
-from ducho_fast.errors import DataError
+from ducho_fast.errors import DataError, UnreadableFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +97,9 @@ class FileStamp:
     @classmethod
     def of_input(cls, name: str, path: str | os.PathLike[str]) -> FileStamp:
         """An input file's stamp, taken before it is read (a file changed meanwhile differs);
-        a DataError naming it where it is no regular file (what a link points at counts). A
-        named pipe would stop its reader for good: opening one waits for a writer."""
+        a DataError naming it where it is no regular file (what a link points at counts), an
+        :class:`UnreadableFile` where it is empty. A named pipe would stop its reader for
+        good: opening one waits for a writer."""
         try:
             info = os.stat(path)
         except OSError as e:  # a file just missing is the readers' "file not found"
@@ -110,7 +111,14 @@ class FileStamp:
                 f"{name}: not a regular file but {file_kind(info.st_mode)}, which is not read. "
                 "Replace it with the file, or move it out of the input folder."
             )
-        return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+        stamp = cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+        if not info.st_size:  # the decoders would say only that they know no such format
+            raise UnreadableFile(
+                f"{name}: the file is empty (0 bytes), as a copy or download that did not "
+                "finish leaves one. Copy it again, or remove it.",
+                stamp,
+            )
+        return stamp
 
 
 def file_kind(mode: int) -> str:

@@ -118,10 +118,13 @@ def test_truncated_and_fake_images_are_data_errors(tmp_path: Path) -> None:
     fake.write_text("not an image")
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    for path in (truncated, fake, empty):
-        with pytest.raises(UnreadableFile, match=r"not a readable image") as caught:
+    for path, said in ((truncated, "not a readable image"), (fake, "not a readable image")):
+        with pytest.raises(UnreadableFile, match=said) as caught:
             load_image(path, None)
         assert caught.value.stamp == FileStamp.of(path)  # recorded, so not read again
+    with pytest.raises(UnreadableFile, match=r"empty.png: the file is empty \(0 bytes\)") as caught:
+        load_image(empty, None)
+    assert caught.value.stamp == FileStamp.of(empty)
     with pytest.raises(DataError, match=r"file not found"):
         load_image(tmp_path / "missing.jpg", None)
 
