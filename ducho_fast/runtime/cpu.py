@@ -120,7 +120,9 @@ def running_children_cpu_time(proc: Path = PROC) -> float:
     """CPU seconds used so far by this process's running (or not yet waited for) children:
     every thread's ``task/<tid>/children`` names those it started; each one's ``stat`` holds
     its user and system clock ticks. 0.0 where ``proc`` has no such files (not Linux, or a
-    kernel without ``CONFIG_PROC_CHILDREN``)."""
+    kernel without ``CONFIG_PROC_CHILDREN``). The kernel's lists may miss a child starting or
+    ending as they are read: a look that finds the CPUs less busy than they were (at worst, a
+    writer added that was not needed)."""
     try:
         threads = os.listdir(proc / "self" / "task")
     except OSError:
