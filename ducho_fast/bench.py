@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -73,6 +74,13 @@ class BenchRun:
     first_batch: float = 0.0
     waiting_for_inputs: float = 0.0
     waiting_for_writer: float = 0.0
+    # The writer threads extract ended with, and how many of them it added as the model
+    # waited for the writers (``runtime.writers: 0``): the round with the median count.
+    writers: int = 0
+    writers_added: int = 0
+    # The sample's files were copied into the work folder, whose file system makes no links:
+    # extract read them from there (perhaps from the page cache), not from where they are.
+    sample_copied: bool = False
     source: Source | None = None  # the source framework's model, with --source
     # The process's CPU time per item of each way (every thread; median round), in ms: the
     # session's is the model's; extract's adds reading, decoding, tokenizing and writing.
@@ -113,6 +121,8 @@ class BenchRun:
                 "waiting_for_inputs": round(self.waiting_for_inputs, 3),
                 "waiting_for_writer": round(self.waiting_for_writer, 3),
             },
+            "writers": {"threads": self.writers, "added": self.writers_added},
+            "sample_copied": self.sample_copied,
             "source": self.source.as_dict() if self.source is not None else None,
             "cpu_ms_per_item": {k: round(v, 3) for k, v in self.cpu_ms.items()},
             "variants": [v.as_dict() for v in self.variants],
@@ -270,7 +280,8 @@ def _bench_model(
     """``ways``: the variants, each (setting, its config, the job's and the model's index)."""
     if not sample.rows:
         return None
-    inputs = _write_sample(folder, job, sample.rows)
+    files, texts, copied = _write_sample(folder, job, sample.rows)
+    inputs = (files, texts)
     sub = _sample_config(cfg, job, spec, inputs)
     runs: list[list[Any]] = []  # each round's model runs
     made = iter(range(1, 1 << 30))
@@ -338,6 +349,7 @@ def _bench_model(
         unreadable=sample.unreadable,
         capped=sample.capped,
         **_waits(runs),
+        sample_copied=copied,
         cpu_ms={k: statistics.median(v) / count * 1e3 for k, v in cpu.items()},
         source=None if eager is None else eager.measured(seconds, values["source"], embedders),
         variants=variants,
@@ -361,10 +373,11 @@ def _variant(
     )
 
 
-def _waits(rounds_runs: list[list[Any]]) -> dict[str, float]:
+def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:
     """Where extract's time went: per round, the sum over the model's graphs' runs (a
-    two-tower model runs two), then the median over the rounds; nothing where the engine
-    measures nothing."""
+    two-tower model runs two), then the median over the rounds; and the writers of the round
+    with the median count (the most of its graphs' runs). Nothing where the engine measures
+    nothing."""
     timed = [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
     timed = [t for t in timed if t]
     if not timed:
@@ -373,23 +386,57 @@ def _waits(rounds_runs: list[list[Any]]) -> dict[str, float]:
         "first_batch": statistics.median(sum(t.first_batch for t in ts) for ts in timed),
         "waiting_for_inputs": statistics.median(sum(t.inputs for t in ts) for ts in timed),
         "waiting_for_writer": statistics.median(sum(t.writer for t in ts) for ts in timed),
+        **_writers(timed),
     }
 
 
-def _write_sample(folder: Path, job: Job, rows: list[tuple[Item, ...]]) -> tuple[Path, Path | None]:
+def _writers(timed: list[list[Any]]) -> dict[str, int]:
+    """The writer threads of the round whose count is the median (the lower of two), and how
+    many of them were added."""
+    by_round = sorted(
+        (max(t.writers for t in ts), max(t.writers_added for t in ts)) for ts in timed
+    )
+    threads, added = by_round[(len(by_round) - 1) // 2]
+    return {"writers": threads, "writers_added": added}
+
+
+def _write_sample(
+    folder: Path, job: Job, rows: list[tuple[Item, ...]]
+) -> tuple[Path, Path | None, bool]:
     """The sample as a job's input: links to the files or a TSV of ids and texts (a two-tower
-    job: both, the texts of the images' ids)."""
+    job: both, the texts of the images' ids); and whether the files were copied, not linked
+    (see :func:`_link_or_copy`)."""
     folder.mkdir(parents=True)
     if job.modality == "textual":
-        return _write_texts(folder / "texts.tsv", [row[0] for row in rows]), None
+        return _write_texts(folder / "texts.tsv", [row[0] for row in rows]), None, False
     files = folder / "input"
     files.mkdir()
+    copied = False
     for row in rows:
         target = Path(row[0].raw).resolve()
-        (files / target.name).symlink_to(target)
+        copied = _link_or_copy(target, files / target.name) or copied
     if job.modality != "visual_textual":
-        return files, None
-    return files, _write_texts(folder / "texts.tsv", [row[1] for row in rows])
+        return files, None, copied
+    return files, _write_texts(folder / "texts.tsv", [row[1] for row in rows]), copied
+
+
+def _link_or_copy(target: Path, link: Path) -> bool:
+    """A symbolic link at ``link`` to ``target``, or a copy where the work folder's file
+    system makes no links (FAT and exFAT refuse them, some network and FUSE file systems
+    too); whether it copied."""
+    try:
+        link.symlink_to(target)
+        return False
+    except OSError as refused:
+        try:
+            shutil.copyfile(target, link)
+        except OSError as e:
+            raise OutputError(
+                f"bench cannot put its sample's files in its work folder {link.parent}: a "
+                f"link to {target} was refused ({refused.strerror or refused}), and a copy "
+                f"failed ({e.strerror or e}). Name another folder with --work."
+            ) from e
+        return True
 
 
 def _write_texts(path: Path, items: list[Item]) -> Path:

@@ -399,7 +399,8 @@ def print_bench(run: Any) -> None:
         f"  efficiency     {run.efficiency:10.2f}   (rounds {low:.2f}-{high:.2f})",
         f"  extract's time {run.extract_seconds:10.2f} s: {run.first_batch:.2f} until its first "
         f"batch ran (the session made, the first window read); then its model waited "
-        f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for the writer",
+        f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for "
+        f"{_bench_writers(run.writers, run.writers_added)}",
         f"  whole job      {run.job_items:,} items in about {clock(run.job_seconds)} at this pace",
     ]
     if run.cpu_ms:
@@ -417,6 +418,12 @@ def print_bench(run: Any) -> None:
         ]
     for variant in run.variants:
         lines.insert(-1, _variant_line(variant))
+    if run.sample_copied:
+        lines.append(
+            "  (the work folder's file system makes no links: the sample's files were copied "
+            "there, and extract read the copies, which may read faster than the originals; "
+            "--work on another disk reads them where they are)"
+        )
     if run.first_batch > 0.2 * run.extract_seconds:
         lines.append(
             "  (the start-up is much of this sample's time: a larger --items measures the pace "
@@ -424,6 +431,14 @@ def print_bench(run: Any) -> None:
         )
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)
+
+
+def _bench_writers(threads: int, added: int) -> str:
+    """Bench's words for extract's writers (those of its median round)."""
+    if threads <= 1:
+        return "the writer"
+    grown = f", {added} of them added as the model waited for them" if added else ""
+    return f"its {threads} writer threads{grown}"
 
 
 def print_bench_round(timed: Any) -> None:

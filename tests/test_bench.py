@@ -7,6 +7,7 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from ducho_fast import bench_source
 from ducho_fast.bench import bench
 from ducho_fast.cli import app
 from ducho_fast.errors import ArtifactError, ConfigError, DuchoError, OutputError
+from ducho_fast.runtime.stages import Timing
 from tests.conftest import two_job_config
 
 
@@ -157,6 +159,81 @@ def test_bench_command_prints_each_model_and_a_json_line(exported: dict[str, Any
     assert line["runs"][1]["items"] == 4 and line["skipped"] == []
     bad = runner.invoke(app, ["bench", str(path), "--items", "0"])
     assert bad.exit_code != 0
+
+
+def test_bench_says_which_writers_extract_ended_with(exported: dict[str, Any], tmp_path) -> None:
+    """The writers of the round whose count is the median: a bench of ``--vs
+    runtime.writers=8`` says how many threads the default grew to beside eight."""
+    import yaml
+
+    path = tmp_path / "config.yml"
+    exported["runtime"] = {"writers": 3}
+    path.write_text(yaml.safe_dump(exported))
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["bench", str(path), "--items", "3", "--repeats", "1", "--work", str(work), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(" for its 3 writer threads\n") == 2, result.output
+    line = json.loads(result.output.strip().splitlines()[-1])
+    assert [r["writers"] for r in line["runs"]] == [{"threads": 3, "added": 0}] * 2
+
+
+def test_bench_writers_are_the_median_rounds() -> None:
+    def timing(writers: int, added: int) -> Any:
+        return replace(Timing(), writers=writers, writers_added=added)
+
+    def round_of(*graphs: tuple[int, int]) -> list[Any]:
+        return [SimpleNamespace(result=SimpleNamespace(timing=timing(*g))) for g in graphs]
+
+    # a two-tower model's round: its graphs' most; three rounds: the middle count
+    rounds = [round_of((5, 4)), round_of((1, 0), (3, 2)), round_of((2, 1))]
+    waits = bench_module._waits(rounds)
+    assert (waits["writers"], waits["writers_added"]) == (3, 2)
+    two = bench_module._waits([round_of((8, 7)), round_of((1, 0))])  # the lower of two
+    assert (two["writers"], two["writers_added"]) == (1, 0)
+
+
+def test_bench_copies_its_sample_where_the_work_folder_makes_no_links(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAT and exFAT (and some FUSE and network file systems) refuse symbolic links: the
+    sample's files are copied, the report says so, and the features are the same."""
+    import yaml
+
+    def refused(self: Path, target: Any, *_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "symlink_to", refused)
+    exported = {k: v for k, v in exported.items() if k != "textual"}
+    extract = bench_module.api.extract
+    written: list[list[str]] = []
+
+    def spy(config: Any) -> Any:
+        report = extract(config)
+        written.append(sorted(p.stem for p in config.jobs[0].output_path.rglob("img*.npy")))
+        return report
+
+    monkeypatch.setattr(bench_module.api, "extract", spy)
+    work = tmp_path / "work"
+    work.mkdir()
+    (run,) = bench(exported, items=3, repeats=1, work=work).runs
+    assert run.sample_copied and run.items == 3
+    assert written == [["img00", "img01", "img02"]]  # every file of the sample copied
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(exported))
+    args = ["bench", str(path), "--items", "3", "--repeats", "1", "--work", str(work)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "the sample's files were copied there" in result.output
+
+    def full(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench_module.shutil, "copyfile", full)
+    with pytest.raises(OutputError, match=r"a link to .* was refused \(Operation not permitted\)"):
+        bench(exported, items=3, repeats=1, work=work)
+    assert list(work.iterdir()) == []  # the work folder removed all the same
 
 
 def test_bench_source_runs_the_torch_models_on_the_same_batches(
