@@ -322,6 +322,9 @@ INPUT_BOUND = 0.25
 
 INPUT_BOUND_MIN_SECONDS = 1.0
 
+# Writes after the model's last batch are said from this long: a slow file system's.
+LAST_WRITES = 0.1
+
 
 def _print_timing(result: Any) -> None:
     """Where the run's time went, when the local engine measured it."""
@@ -332,10 +335,13 @@ def _print_timing(result: Any) -> None:
     writers = "the writer" if t.writers == 1 else f"the {t.writers} writer threads"
     if t.writers_added:
         writers += f" ({t.writers_added} added as the model waited for them)"
+    last = (
+        f", then {t.last_writes:.1f}s for the last writes" if t.last_writes >= LAST_WRITES else ""
+    )
     out.print(
         f"  model busy {t.model / result.seconds:.0%} of {result.seconds:.1f}s{lanes} (first "
         f"batch after {t.first_batch:.1f}s); then waited {t.inputs:.1f}s for inputs, "
-        f"{t.writer:.1f}s for the writer; {writers} used {t.writer_cpu:.1f}s of CPU",
+        f"{t.writer:.1f}s for the writer{last}; {writers} used {t.writer_cpu:.1f}s of CPU",
         highlight=False,
         soft_wrap=True,
     )

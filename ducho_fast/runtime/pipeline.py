@@ -205,6 +205,7 @@ class Pipeline(WindowedRun):
         reader.start()
         lanes: list[Lane] = []
         stop = threading.Event()
+        written = start  # when the writers had written every batch
         try:
             for member in self.members:
                 # A session created ahead of the run fails here, not as a failed batch.
@@ -219,10 +220,16 @@ class Pipeline(WindowedRun):
         finally:
             stop.set()
             reader.stop()
+
+            def writers_done() -> None:
+                nonlocal written
+                writers.wait()
+                written = time.perf_counter()
+
             finish(
                 *(partial(wait_for, lane) for lane in lanes[1:]),
                 writers.end,
-                writers.wait,
+                writers_done,
                 partial(wait_for, reader),
             )
         for lane in lanes:
@@ -239,6 +246,7 @@ class Pipeline(WindowedRun):
                 writer_cpu=self._writer_cpu,
                 writers=len(writers.threads),
                 writers_added=writers.added,
+                last_writes=max(0.0, written - max((lane.ended for lane in lanes), default=start)),
             )
         # Lanes finish batches out of order, and texts are batched by length.
         sort_errors([m.result for m in self.members], items)

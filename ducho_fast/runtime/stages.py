@@ -24,7 +24,9 @@ LaunchFn = Callable[[Any, Any, int], Any]  # (embedder, batch, lane) -> what the
 class Timing:
     """Where a local pipeline's time went, in seconds: until its first batch ran (the
     session made, the first window read), in one model's runs, and waiting after that for the
-    readers (reading, decoding, tokenizing) or the writer. The rest is the last writes.
+    readers (reading, decoding, tokenizing) or the writer, and ``last_writes``: from the end
+    of the lanes' last batches until the writers had written them (a slow file system, or a
+    run of few batches that never filled the writers' queue).
     ``writer_cpu``: the CPU time the writer threads used (their own clocks), for every model
     of the pipeline: taken from the CPUs the model runs on, mostly the file system creating one
     file per item, it makes the model slower rather than making it wait."""
@@ -37,6 +39,7 @@ class Timing:
     writer_cpu: float = 0.0
     writers: int = 1  # writer threads at the end (``runtime.writers: 0`` adds them as needed)
     writers_added: int = 0  # of those, added during the run (see :meth:`Writers.grow`)
+    last_writes: float = 0.0
 
 
 class Lane(threading.Thread):
@@ -56,6 +59,7 @@ class Lane(threading.Thread):
         self._stages = stages
         self._halt = stop
         self.waits = Timing(first_batch=math.inf)
+        self.ended = start  # when it handed its last batch to the writers
         self.busy: dict[int, float] = {}  # seconds in each model's runs, by id(member)
         self.error: BaseException | None = None
 
@@ -78,7 +82,7 @@ class Lane(threading.Thread):
                     return
                 now = time.perf_counter()
                 self.waits.writer += now - mark
-                mark = now
+                mark = self.ended = now
             if not self._halt.is_set():
                 batches.put_nowait(DONE)  # the last entry: passed on to the other lanes
                 reader.reraise()

@@ -578,7 +578,8 @@ def test_timing_says_where_the_model_threads_time_went(
     tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
 ) -> None:
     """To the first batch, in the model, then waiting: a slow reader shows as waits for
-    inputs, a slow writer as waits for the writer; the manifest records them."""
+    inputs, a slow writer as waits for the writer and as the last writes (those after the
+    model's last batch); the manifest records them."""
     import json
 
     from ducho_fast.runtime import pipeline
@@ -605,14 +606,17 @@ def test_timing_says_where_the_model_threads_time_went(
             result = ducho_fast.extract(config, ["output.resume=false"]).runs[0].result
         assert result.written == 10 and result.timing is not None  # 5 batches of 2
         t = result.timing
-        assert t.model > 0 and t.first_batch + t.model + t.inputs + t.writer <= result.seconds
+        spent = t.first_batch + t.model + t.inputs + t.writer + t.last_writes
+        assert t.model > 0 and spent <= result.seconds
         return t
 
     reading = timed("prepare", slow_prepare)
     assert reading.first_batch >= 0.2
     assert reading.inputs >= 0.4 > reading.writer  # 4 more batches, each read in 0.2 s
+    assert reading.last_writes < 0.2
     writing = timed("collect", slow_collect)
     assert writing.writer >= 0.4 > writing.inputs  # 5 batches, each written in 0.2 s
+    assert writing.last_writes >= 0.2  # the last batch at least, written after the model's end
     assert writing.writer_cpu < 0.5  # the writer waited (slept): no CPU used
 
     def busy_collect(embedder: Any, batch: Any, ran: Any) -> Any:
@@ -630,6 +634,7 @@ def test_timing_says_where_the_model_threads_time_went(
     assert manifest["seconds_in_model"] == round(writing.model, 3)
     assert manifest["seconds_to_first_batch"] == round(writing.first_batch, 3)
     assert manifest["writer_cpu_seconds"] == round(writing.writer_cpu, 3)
+    assert manifest["seconds_of_last_writes"] == round(writing.last_writes, 3) >= 0.2
 
 
 def test_the_next_window_is_read_while_this_ones_batches_wait(

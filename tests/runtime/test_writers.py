@@ -326,7 +326,13 @@ def test_the_summary_says_how_many_writers_wrote_and_how_many_were_added(capsys)
     grown = Timing(first_batch=0.1, model=1.0, writer=0.5, writer_cpu=0.2, writers=3)
     _print_timing(RunResult(written=8, seconds=2.0, timing=replace(grown, writers_added=2)))
     _print_timing(RunResult(written=8, seconds=2.0, timing=grown))
+    for last in (0.09, 0.4):  # the writes after the last batch, where they took a while
+        _print_timing(RunResult(written=8, seconds=2.0, timing=replace(timing, last_writes=last)))
     lines = capsys.readouterr().out.splitlines()
+    assert lines[3].endswith("0.5s for the writer; the writer used 0.2s of CPU")
+    assert lines[4].endswith(
+        "0.5s for the writer, then 0.4s for the last writes; the writer used 0.2s of CPU"
+    )
     assert lines[0].endswith("0.5s for the writer; the writer used 0.2s of CPU")
     assert lines[1].endswith(
         "; the 3 writer threads (2 added as the model waited for them) used 0.2s of CPU"
