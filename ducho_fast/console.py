@@ -334,7 +334,7 @@ def _print_timing(result: Any) -> None:
     lanes = f", {t.lanes} batches at once" if t.lanes > 1 else ""
     writers = "the writer" if t.writers == 1 else f"the {t.writers} writer threads"
     if t.writers_added:
-        writers += f" ({t.writers_added} added as the model waited for them)"
+        writers += f" ({t.writers_added} added as they fell behind)"
     last = (
         f", then {t.last_writes:.1f}s for the last writes" if t.last_writes >= LAST_WRITES else ""
     )
@@ -443,7 +443,7 @@ def _bench_writers(threads: int, added: int) -> str:
     """Bench's words for extract's writers (those of its median round)."""
     if threads <= 1:
         return "the writer"
-    grown = f", {added} of them added as the model waited for them" if added else ""
+    grown = f", {added} of them added as they fell behind" if added else ""
     return f"its {threads} writer threads{grown}"
 
 

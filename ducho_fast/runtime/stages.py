@@ -241,13 +241,14 @@ class Writers:
             self._mark = (wall, cpu)
             if since_cpu / since_wall > max(self._cpus - 1, 0.5):
                 return False
-            thread = Worker(
-                self._target, self._writes, self._progress, self._name(len(self.threads))
-            )
-            thread.start()
-            self.threads = [*self.threads, thread]  # a new list: others may be iterating
-            self.added += 1
+            self._add()
             return True
+
+    def _add(self) -> None:
+        thread = Worker(self._target, self._writes, self._progress, self._name(len(self.threads)))
+        thread.start()
+        self.threads = [*self.threads, thread]  # a new list: others may be iterating
+        self.added += 1
 
     def put(self, value: Any) -> bool:
         """Queue ``value`` for the writers, adding one first where they are behind (the queue
@@ -262,8 +263,14 @@ class Writers:
 
     def end(self) -> None:
         """Queue an end mark for each writer, while any is left to take one; none is added
-        after this."""
+        after this. First, where more batches wait than there are writers (the model is done
+        and the rest is writing: a slow file system, or a run of so few batches that the
+        queue never filled and :meth:`grow` never ran), add writers up to one a batch, within
+        ``most``: with the model done, they take no CPU from it."""
         with self._lock:
+            backlog = min(self._most, self._writes.qsize()) - len(self.threads)
+            for _ in range(max(0, backlog)):
+                self._add()
             self._ended = True
         anyone = _AnyAlive(self.threads)
         for _ in self.threads:

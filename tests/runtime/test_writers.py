@@ -109,6 +109,40 @@ def test_writers_of_a_set_count_never_grow() -> None:
     writers.wait()
 
 
+@pytest.mark.parametrize(("count", "most", "expected"), [(1, 8, 5), (1, 3, 3), (2, 2, 2)])
+def test_writers_are_added_at_the_end_for_the_batches_left(count, most, expected) -> None:
+    """The model done, more batches queued than writers (a slow file system, or a run too
+    short to fill the queue): writers are added up to one a batch, within the most, whatever
+    the CPUs did (the model no longer needs them); a set count stays as it is."""
+    release = threading.Event()
+    taken: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def slow_drain(source: queue.Queue[Any], _: Any, stop: Any) -> None:
+        while (entry := source.get()) is not DONE:
+            release.wait()
+            with lock:
+                taken.append((threading.current_thread().name, entry))
+
+    writes: queue.Queue[Any] = queue.Queue()
+    clock = Clock()  # the CPUs all busy: grow() would add none
+    writers = Writers(slow_drain, writes, None, cpus=2, wall=clock.now, cpu_time=clock.used)
+    writers.start(count, most)
+    for k in range(6):
+        writes.put(k)
+    while writes.qsize() > 6 - count:  # each writer has taken a batch and waits in it
+        time.sleep(0.001)
+    clock.tick(1.0, cpus_busy=2.0)
+    assert not writers.grow()
+    writers.end()
+    assert len(writers.threads) == expected and writers.added == expected - count
+    assert not writers.grow()  # none after the end
+    release.set()
+    writers.wait()
+    assert sorted(k for _, k in taken) == list(range(6))
+    assert len({name for name, _ in taken}) == expected  # each writer took a batch
+
+
 def test_busy_decoder_processes_count_as_busy_cpus(monkeypatch) -> None:
     """By default the CPU time read is the family's: child processes (decoder processes,
     ``runtime.readers: processes``) keeping both CPUs busy leave none idle for a writer,
@@ -335,6 +369,6 @@ def test_the_summary_says_how_many_writers_wrote_and_how_many_were_added(capsys)
     )
     assert lines[0].endswith("0.5s for the writer; the writer used 0.2s of CPU")
     assert lines[1].endswith(
-        "; the 3 writer threads (2 added as the model waited for them) used 0.2s of CPU"
+        "; the 3 writer threads (2 added as they fell behind) used 0.2s of CPU"
     )
     assert lines[2].endswith("; the 3 writer threads used 0.2s of CPU")
