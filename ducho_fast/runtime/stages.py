@@ -181,7 +181,8 @@ class Writers:
     writer thread bounded the run. A slow file system (NFS) makes each call wait too. Several
     writers wait at once.
 
-    ``start(count, most)``: ``count`` writers, and up to ``most`` as :meth:`grow` adds them.
+    ``start(count, most)``: ``count`` writers, and up to ``most`` as :meth:`grow` and
+    :meth:`end` add them.
     Alive while every writer is: one that failed stops the lanes, as a lone writer's end did;
     the others write what is queued before their end mark."""
 
