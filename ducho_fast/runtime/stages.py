@@ -38,7 +38,7 @@ class Timing:
     lanes: int = 1  # batches run at once: model, inputs and writer are the lanes' means
     writer_cpu: float = 0.0
     writers: int = 1  # writer threads at the end (``runtime.writers: 0`` adds them as needed)
-    writers_added: int = 0  # of those, added during the run (see :meth:`Writers.grow`)
+    writers_added: int = 0  # of those, added during the run (:meth:`Writers.grow`, ``end``)
     last_writes: float = 0.0
 
 
