@@ -56,8 +56,24 @@ def test_bad_inputs(resnet_artifact) -> None:
     emb = ducho_fast.load(resnet_artifact)
     with pytest.raises(DataError, match=r"has no layer 'fc'"):
         emb.embed([np.zeros((8, 8, 3), np.uint8)], layer="fc")
-    with pytest.raises(DataError, match=r"must be uint8"):
-        emb.embed([np.zeros((8, 8, 3), np.float32)])
+    fixes = [
+        (np.zeros((8, 8, 3), np.float32), r"uint8, found float32: .*0\.\.1 .*\* 255\)\.round"),
+        (
+            np.zeros((8, 8, 3), np.int64),
+            r"uint8, found int64: .*pass array\.astype\(np\.uint8\)\.$",
+        ),
+        (np.zeros((8, 8, 3), bool), r"uint8, found bool\.$"),
+        (np.zeros((3, 8, 9), np.uint8), r"found \(3, 8, 9\): .*array\.transpose\(1, 2, 0\)"),
+        (np.zeros((8, 9, 1), np.uint8), r"found \(8, 9, 1\): one channel; pass array\[:, :, 0\]"),
+        (
+            np.zeros((2, 8, 9, 3), np.uint8),
+            r"several inputs: embed\(array\), not embed\(\[array\]\)",
+        ),
+        (np.zeros((8, 9, 5), np.uint8), r"found \(8, 9, 5\)\.$"),
+    ]
+    for array, says in fixes:
+        with pytest.raises(DataError, match=r"inputs\[0\]: image arrays must be .*" + says):
+            emb.embed([array])
 
 
 def test_embed_takes_any_iterable_or_a_stack_and_refuses_one_input_alone(

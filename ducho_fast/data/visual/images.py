@@ -363,9 +363,35 @@ def _check_pixels(name: str, image: Image.Image, max_pixels: int, stamp: FileSta
 
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
-        raise DataError(f"image arrays must be uint8, found {array.dtype}.")
+        raise DataError(f"image arrays must be uint8, found {array.dtype}{_dtype_fix(array)}.")
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)):
         if not array.size:
             raise DataError(f"an image array of shape {array.shape} is empty.")
         return Image.fromarray(array)
-    raise DataError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); found {array.shape}.")
+    raise DataError(
+        f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); found {array.shape}"
+        f"{_shape_fix(array.shape)}."
+    )
+
+
+def _dtype_fix(array: np.ndarray) -> str:
+    """How an array of another type becomes a uint8 image, where that is plain."""
+    if array.dtype.kind == "f":
+        return (
+            ": an image with values in 0..1 becomes one with (array * 255).round().astype("
+            "np.uint8), one in 0..255 with array.round().astype(np.uint8)"
+        )
+    if array.dtype.kind in "iu":
+        return ": if its values are 0..255, pass array.astype(np.uint8)"
+    return ""
+
+
+def _shape_fix(shape: tuple[int, ...]) -> str:
+    """What to pass for a shape that is one transpose or one axis away from an image."""
+    if len(shape) == 3 and shape[0] in (3, 4) and shape[2] not in (1, 3, 4):
+        return ": is it (channels, H, W), as torch tensors are? Pass array.transpose(1, 2, 0)"
+    if len(shape) == 3 and shape[2] == 1:
+        return ": one channel; pass array[:, :, 0]"
+    if len(shape) == 4:
+        return ": a stack of images is several inputs: embed(array), not embed([array])"
+    return ""
