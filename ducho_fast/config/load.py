@@ -93,7 +93,7 @@ def _parse(text: str | bytes, name: str) -> dict[str, Any]:
     except DuplicateKey as e:
         raise ConfigError(f"{name}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}: not valid YAML: {e}") from e
+        raise ConfigError(f"{name}: {_yaml_error(e)}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{name}: not UTF-8 text ({e}).") from e
     if data is None:
@@ -101,6 +101,24 @@ def _parse(text: str | bytes, name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: the top level must be a mapping, found {type(data).__name__}.")
     return data
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """PyYAML's reason with the line and column first, the offending line and its caret after,
+    and the fix for the common case (a tab in the indentation)."""
+    mark = getattr(error, "problem_mark", None)
+    if not isinstance(error, yaml.MarkedYAMLError) or mark is None:
+        return f"not valid YAML: {error}"
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context = error.context or ""
+    began = error.context_mark
+    if context and began is not None and (began.line, began.column) != (mark.line, mark.column):
+        context += f" that starts at line {began.line + 1}, column {began.column + 1}"
+    said = f"not valid YAML at {where}: {error.problem}" + (f" ({context})." if context else ".")
+    if "'\\t'" in (error.problem or ""):
+        said += " YAML indents with spaces only: replace the tab with spaces."
+    snippet = mark.get_snippet() or ""
+    return f"{said}\n{snippet}" if snippet.strip(" ^\n") else said
 
 
 def load_config(

@@ -443,8 +443,22 @@ def test_a_working_folder_removed_under_the_shell_is_named(tmp_path: Path, monke
 def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "nope.yml")
-    with pytest.raises(ConfigError, match=r"not valid YAML"):
-        load_config(write(tmp_path, "visual: [unclosed"))
+    with pytest.raises(
+        ConfigError,
+        match=r"not valid YAML at line 2, column 1: expected ',' or "
+        r"'\]', but got '<stream end>' \(while parsing a flow sequence that starts "
+        r"at line 1, column 9\)\.$",
+    ):
+        load_config(write(tmp_path, "visual: [unclosed\n"))
+    tab = (
+        r"config\.yml: not valid YAML at line 3, column 1: found character '\\t' .* replace the tab"
+    )
+    with pytest.raises(ConfigError, match=tab + r" with spaces\.\n\s+input_path: x\n\s+\^$"):
+        load_config(write(tmp_path, "visual:\n  items:\n\tinput_path: x\n"))
+    with pytest.raises(
+        ConfigError, match=r"line 1, column 5: mapping values are not allowed here\.\n"
+    ):
+        load_config(write(tmp_path, "a: b: c\n"))
     with pytest.raises(ConfigError, match=r"is a folder; give the YAML file in it"):
         load_config(tmp_path)  # it said "does not exist"
 

@@ -65,6 +65,7 @@ def test_bad_inputs(resnet_artifact) -> None:
         (np.zeros((8, 8, 3), bool), r"uint8, found bool\.$"),
         (np.zeros((3, 8, 9), np.uint8), r"found \(3, 8, 9\): .*array\.transpose\(1, 2, 0\)"),
         (np.zeros((8, 9, 1), np.uint8), r"found \(8, 9, 1\): one channel; pass array\[:, :, 0\]"),
+        (np.zeros((3, 9, 1), np.uint8), r"found \(3, 9, 1\): one channel; pass array\[:, :, 0\]"),
         (
             np.zeros((2, 8, 9, 3), np.uint8),
             r"several inputs: embed\(array\), not embed\(\[array\]\)",
