@@ -170,8 +170,8 @@ class Checker:
             if key is None:
                 allowed = ", ".join(sorted(spec))
                 raise ConfigError(
-                    f"{self.source}: unknown key '{where}'.{did_you_mean(str(name), spec)}\n"
-                    f"Allowed here: {allowed}"
+                    f"{self.source}: unknown key '{where}'.{did_you_mean(str(name), spec)}"
+                    f"{_elsewhere(str(name), path)}\nAllowed here: {allowed}"
                 )
             self._value(value, key, where)
 
@@ -222,3 +222,40 @@ def _type_name(t: type) -> str:
         dict: "a mapping",
         type(None): "null",
     }.get(t, t.__name__)
+
+
+def _homes() -> dict[str, list[str]]:
+    """Each key's places in a config, written as a path (``<modality>`` and ``[]`` for any)."""
+    sections: list[tuple[str, dict[str, Key]]] = [
+        ("", TOP_KEYS),
+        ("<modality>.", MODALITY_KEYS),
+        ("<modality>.<items|interactions>.", BLOCK_KEYS),
+        ("<modality>.<items|interactions>.model[].", MODEL_KEYS),
+        ("model.", MODEL_KEYS),
+        ("runtime.", RUNTIME_KEYS),
+        ("output.", OUTPUT_KEYS),
+        ("input.", INPUT_KEYS),
+        ("fusion[].", FUSION_KEYS),
+    ]
+    homes: dict[str, list[str]] = {}
+    for prefix, keys in sections:
+        for name in keys:
+            homes.setdefault(name, []).append(prefix + name)
+    return homes
+
+
+HOMES = _homes()
+
+
+def _elsewhere(name: str, path: str) -> str:
+    """Where a key that is unknown at ``path`` is known: a key written at the wrong level.
+    Inside a modality's block, its places there are named with that block's words."""
+    homes = HOMES.get(name)
+    if not homes:
+        return ""
+    parts = path.split(".")
+    if parts[0] in MODALITIES:
+        homes = [h.replace("<modality>", parts[0]) for h in homes]
+        if len(parts) > 1 and parts[1] in ORIGINS:
+            homes = [h.replace("<items|interactions>", parts[1]) for h in homes]
+    return f" '{name}' is a key of another section: " + " or ".join(homes) + "; move it there."

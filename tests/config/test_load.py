@@ -120,6 +120,38 @@ def test_unknown_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
         load_config(path, cwd=tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        (
+            {"device": "cuda"},
+            r"'device'\. 'device' is a key of another section: runtime\.device; move it there\."
+            r"\nAllowed here: audio, ",
+        ),
+        (
+            {"batch_size": 4},
+            r"'batch_size'\. .*: <modality>\.<items\|interactions>\.model\[\]\.batch_size or "
+            r"model\.batch_size; move",
+        ),
+        ({"runtime": {"squeeze": True}}, r"'runtime\.squeeze'\. .*: output\.squeeze; move"),
+        ({"mode": "x"}, r"'mode'\. Did you mean 'model'\? 'mode' is .*: fusion\[\]\.mode;"),
+        ({"visual": {"input_path": "x"}}, r"'visual\.input_path'\. .*: visual\.<items\|"),
+        (
+            {"visual": {"items": {"batch_size": 4}}},
+            r"'visual\.items\.batch_size'\. .*: visual\.items\.model\[\]\.batch_size or",
+        ),
+        (
+            {"visual": {"items": {"model": [{"input_path": "x"}]}}},
+            r"'visual\.items\.model\.0\.input_path'\. .*: visual\.items\.input_path;",
+        ),
+        ({"dataset": "x"}, r"'dataset'\. Did you mean 'dataset_path'\?\nAllowed"),
+    ],
+)
+def test_a_key_at_the_wrong_level_names_where_it_goes(tmp_path: Path, where, says) -> None:
+    with pytest.raises(ConfigError, match=r"config\.yml: unknown key " + says):
+        load_config(write(tmp_path, where), cwd=tmp_path)
+
+
 def test_wrong_type_is_reported_with_what_was_found(tmp_path: Path) -> None:
     path = write(tmp_path, visual({**RESNET, "batch_size": "big"}))
     with pytest.raises(
