@@ -41,6 +41,7 @@ from ducho_fast.data.pairs import paired_items
 from ducho_fast.data.sources import check_inputs, job_items, loader_for
 from ducho_fast.errors import ConfigError, DuchoError, OutputError
 from ducho_fast.fusion import graph_name
+from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.memory import fitting_parts
 from ducho_fast.runtime.session import batch_lanes
@@ -49,6 +50,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 SAMPLE_ITEMS = 256
 SAMPLE_BYTES = 1 << 30  # of decoded inputs, at most: the sample and its batches are held
 ROUNDS = 3
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe")
 TEXT_ID, TEXT = "id", "text"  # the sample TSV's columns
 
 
@@ -86,6 +88,19 @@ class BenchRun:
     # session's is the model's; extract's adds reading, decoding, tokenizing and writing.
     cpu_ms: dict[str, float] = field(default_factory=dict)
     variants: tuple[Variant, ...] = ()  # extract with a setting changed (--vs)
+    cpus: int = 0  # the CPUs this process may use (affinity and quota), which extract shares
+    # An image model whose sample holds JPEGs decoded in full (``input.jpeg_decode: full``):
+    # the reduced decoding is a setting worth timing where decoding bounds the run.
+    jpegs_in_full: bool = False
+
+    @property
+    def cpu_bound(self) -> float | None:
+        """What efficiency the CPUs allow where the model and the work around it share
+        them: the session's CPU per item over extract's (None where either is unmeasured)."""
+        model, whole = self.cpu_ms.get("session"), self.cpu_ms.get("extract")
+        if not model or not whole:
+            return None
+        return min(1.0, model / whole)
 
     @property
     def extract_seconds(self) -> float:
@@ -125,6 +140,8 @@ class BenchRun:
             "sample_copied": self.sample_copied,
             "source": self.source.as_dict() if self.source is not None else None,
             "cpu_ms_per_item": {k: round(v, 3) for k, v in self.cpu_ms.items()},
+            "cpus": self.cpus,
+            "cpu_bound": None if self.cpu_bound is None else round(self.cpu_bound, 3),
             "variants": [v.as_dict() for v in self.variants],
         }
 
@@ -353,7 +370,16 @@ def _bench_model(
         cpu_ms={k: statistics.median(v) / count * 1e3 for k, v in cpu.items()},
         source=None if eager is None else eager.measured(seconds, values["source"], embedders),
         variants=variants,
+        cpus=cpu_quota(),
+        jpegs_in_full=_jpegs_in_full(cfg, job, sample),
     )
+
+
+def _jpegs_in_full(cfg: Config, job: Job, sample: _Sample) -> bool:
+    """Whether an image model's sample holds JPEGs (by name) that extract decodes in full."""
+    if job.modality not in ("visual", "visual_textual") or cfg.input.jpeg_decode != "full":
+        return False
+    return any(Path(row[0].raw).suffix.lower() in JPEG_SUFFIXES for row in sample.rows)
 
 
 def _variant(

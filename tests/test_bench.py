@@ -20,6 +20,8 @@ from ducho_fast import bench_source
 from ducho_fast.bench import bench
 from ducho_fast.cli import app
 from ducho_fast.errors import ArtifactError, ConfigError, DuchoError, OutputError
+from ducho_fast.console import _cpu_shared
+from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.stages import Timing
 from tests.conftest import two_job_config
 
@@ -157,6 +159,10 @@ def test_bench_command_prints_each_model_and_a_json_line(exported: dict[str, Any
     line = json.loads(result.output.strip().splitlines()[-1])
     assert [r["model"] for r in line["runs"]] == ["visual.items.model.0", "textual.items.model.0"]
     assert line["runs"][1]["items"] == 4 and line["skipped"] == []
+    for run in line["runs"]:
+        cpu = run["cpu_ms_per_item"]
+        assert run["cpus"] == cpu_quota()
+        assert run["cpu_bound"] == round(min(1.0, cpu["session"] / cpu["extract"]), 3)
     bad = runner.invoke(app, ["bench", str(path), "--items", "0"])
     assert bad.exit_code != 0
 
@@ -177,6 +183,68 @@ def test_bench_says_which_writers_extract_ended_with(exported: dict[str, Any], t
     assert result.output.count(" for its 3 writer threads\n") == 2, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
     assert [r["writers"] for r in line["runs"]] == [{"threads": 3, "added": 0}] * 2
+
+
+def test_bench_knows_a_sample_of_jpegs_decoded_in_full(exported: dict[str, Any], tmp_path):
+    """Only an image job whose sample holds JPEGs, with ``input.jpeg_decode: full``."""
+    work = tmp_path / "work"
+    work.mkdir()
+    report = bench(exported, items=2, repeats=1, work=work)
+    assert [r.jpegs_in_full for r in report.runs] == [True, False]  # images, texts
+    reduced = bench(exported, ["input.jpeg_decode=reduced"], items=2, repeats=1, work=work)
+    assert [r.jpegs_in_full for r in reduced.runs] == [False, False]
+    for image in (tmp_path / "images").glob("*.jpg"):
+        image.rename(image.with_suffix(".png"))  # named so: read by its content all the same
+    pngs = bench(exported, items=2, repeats=1, work=work)
+    assert [r.jpegs_in_full for r in pngs.runs] == [False, False]
+    cfg = ducho_fast.api.as_config(exported)
+    text = SimpleNamespace(rows=[(SimpleNamespace(raw="a text that ends in photo.jpg"),)])
+    assert not bench_module._jpegs_in_full(cfg, cfg.jobs[1], text)  # type: ignore[arg-type]
+    assert bench_module._jpegs_in_full(cfg, cfg.jobs[0], text)  # type: ignore[arg-type]
+
+
+def _run(**given: Any) -> bench_module.BenchRun:
+    fields: dict[str, Any] = dict(
+        key_path="visual.items.model.0",
+        model="m",
+        provider="CPUExecutionProvider",
+        items=64,
+        job_items=64,
+        extract_rate=60.0,
+        session_rate=100.0,
+        efficiency=0.6,
+        efficiency_range=(0.6, 0.6),
+        rounds=1,
+        cpu_ms={"extract": 16.0, "session": 10.0},
+        cpus=2,
+        jpegs_in_full=True,
+    )
+    return bench_module.BenchRun(**{**fields, **given})
+
+
+def test_bench_says_when_the_cpu_time_beside_the_model_bounds_extract() -> None:
+    said = _cpu_shared(_run())
+    assert said.startswith(
+        "  why            the work beside the model (reading, decoding or tokenizing, writing) "
+        "took 6.00 ms of CPU an item against the model's 10.00, on the same 2 CPUs: that alone "
+        "holds extract to about 0.62 of the session alone. --vs input.jpeg_decode=reduced times"
+    )
+    assert _run().cpu_bound == 10.0 / 16.0
+    assert "input.jpeg_decode" not in _cpu_shared(_run(jpegs_in_full=False))
+    tried = SimpleNamespace(setting="input.jpeg_decode=reduced")
+    assert "--vs" not in _cpu_shared(_run(variants=(tried,)))
+    other = SimpleNamespace(setting="runtime.workers=4")
+    assert "--vs input.jpeg_decode=reduced" in _cpu_shared(_run(variants=(other,)))
+    assert "on the same CPUs:" in _cpu_shared(_run(cpus=0))
+    nothing = [
+        _run(provider="CUDAExecutionProvider"),  # the model's CPU is not its work
+        _run(efficiency=0.9),  # efficient enough
+        _run(cpu_ms={"extract": 11.0, "session": 10.0}),  # the CPU time does not explain it
+        _run(cpu_ms={"extract": 16.0}),  # not measured
+        _run(cpu_ms={}),
+    ]
+    assert [_cpu_shared(run) for run in nothing] == [""] * len(nothing)
+    assert _run(cpu_ms={"extract": 9.0, "session": 10.0}).cpu_bound == 1.0
 
 
 def test_bench_writers_are_the_median_rounds() -> None:
