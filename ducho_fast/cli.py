@@ -108,7 +108,10 @@ def _overrides(ctx: typer.Context, sets: list[str] | None) -> list[str]:
     extra = list(ctx.args)
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
-        raise typer.BadParameter(f"unexpected argument(s) {bad}; overrides look like --a.b.c=VALUE")
+        raise typer.BadParameter(
+            f"unexpected argument(s) {bad}; an override is --set a.b.c=VALUE or --a.b.c=VALUE "
+            "(one argument, with its '=')"
+        )
     return [*(sets or []), *extra]
 
 

@@ -19,8 +19,8 @@ from ducho_fast import bench as bench_module
 from ducho_fast import bench_source
 from ducho_fast.bench import bench
 from ducho_fast.cli import app
-from ducho_fast.errors import ArtifactError, ConfigError, DuchoError, OutputError
 from ducho_fast.console import _cpu_shared
+from ducho_fast.errors import ArtifactError, ConfigError, DuchoError, OutputError
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.stages import Timing
 from tests.conftest import two_job_config

@@ -434,8 +434,11 @@ def test_ducho_style_override_arguments(tmp_path: Path) -> None:
         "'textual.items.model.0.batch_size' must be an integer, found a string 'zero'"
         in result.output
     )
-    bad = runner.invoke(app, ["extract", str(path), "stray"])
-    assert bad.exit_code == 2
+    for stray in (["stray"], ["-o", "runtime.workers=2"], ["--runtime.workers", "2"]):
+        bad = runner.invoke(app, ["extract", str(path), *stray])
+        assert bad.exit_code == 2
+        said = " ".join(bad.output.replace("│", " ").split())
+        assert "an override is --set a.b.c=VALUE or --a.b.c=VALUE (one argument" in said, said
 
 
 @pytest.mark.slow
