@@ -68,7 +68,7 @@ def test_bad_inputs(resnet_artifact) -> None:
         (np.zeros((3, 9, 1), np.uint8), r"found \(3, 9, 1\): one channel; pass array\[:, :, 0\]"),
         (
             np.zeros((2, 8, 9, 3), np.uint8),
-            r"several inputs: embed\(array\), not embed\(\[array\]\)",
+            r"a stack of images, where each image is one input \(embed\(array\) takes a stack\)",
         ),
         (np.zeros((8, 9, 5), np.uint8), r"found \(8, 9, 5\)\.$"),
     ]

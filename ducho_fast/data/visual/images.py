@@ -393,5 +393,5 @@ def _shape_fix(shape: tuple[int, ...]) -> str:
     if len(shape) == 3 and shape[2] == 1:
         return ": one channel; pass array[:, :, 0]"
     if len(shape) == 4:
-        return ": a stack of images is several inputs: embed(array), not embed([array])"
+        return ": a stack of images, where each image is one input (embed(array) takes a stack)"
     return ""
