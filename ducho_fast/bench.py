@@ -96,9 +96,10 @@ class BenchRun:
     @property
     def cpu_bound(self) -> float | None:
         """What efficiency the CPUs allow where the model and the work around it share
-        them: the session's CPU per item over extract's (None where either is unmeasured)."""
+        them: the session's CPU per item over extract's. None where either is unmeasured, and
+        for a session on another device, whose CPU time is not the model's work."""
         model, whole = self.cpu_ms.get("session"), self.cpu_ms.get("extract")
-        if not model or not whole:
+        if self.provider != CPU_PROVIDER or not model or not whole:
             return None
         return min(1.0, model / whole)
 

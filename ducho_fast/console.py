@@ -452,7 +452,7 @@ def _cpu_shared(run: Any) -> str:
     """Why extract on CPUs falls short of its model alone where the CPU time per item says
     it: the reading, decoding and writing run on the CPUs the model runs on."""
     bound = run.cpu_bound
-    if run.provider != "CPUExecutionProvider" or bound is None or bound >= EFFICIENT:
+    if bound is None or bound >= EFFICIENT:
         return ""
     if run.efficiency >= EFFICIENT:
         return ""

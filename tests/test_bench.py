@@ -245,6 +245,7 @@ def test_bench_says_when_the_cpu_time_beside_the_model_bounds_extract() -> None:
     ]
     assert [_cpu_shared(run) for run in nothing] == [""] * len(nothing)
     assert _run(cpu_ms={"extract": 9.0, "session": 10.0}).cpu_bound == 1.0
+    assert _run(provider="CUDAExecutionProvider").cpu_bound is None
 
 
 def test_bench_writers_are_the_median_rounds() -> None:
