@@ -290,7 +290,7 @@ def test_bare_sessions_run_on_the_benchmarks_device(common, monkeypatch):
 def test_benchmark_configs_run_extract_on_the_benchmarks_device(tmp_path):
     import yaml
 
-    text, visual = _benchmark("text"), _benchmark("visual")
+    text, visual, audio = _benchmark("text"), _benchmark("visual"), _benchmark("audio")
     assert text.precisions("cpu") == ("fp32", "int8")
     assert text.precisions("cuda") == ("fp32", "fp16")
     for device in ("cpu", "cuda"):
@@ -299,6 +299,8 @@ def test_benchmark_configs_run_extract_on_the_benchmarks_device(tmp_path):
         assert runtime == {"device": device, "allow_fallback": False}
         config = visual.config_for(tmp_path, [{}], "out", 8, device=device)
         assert config["runtime"] == {"device": device, "allow_fallback": False}
+        path, _ = audio.write_config(tmp_path, tmp_path / "w.pth", 9, 8, device)
+        assert yaml.safe_load(path.read_text())["runtime"] == config["runtime"]
 
 
 def test_the_capacity_clock_charges_each_threads_cpu_to_its_part_of_extract():
@@ -394,3 +396,24 @@ def test_embed_benchmark_compares_features_exactly_on_the_cpu_and_by_cosine_on_c
     wrong = a.copy()
     wrong[2] = -wrong[2]
     assert embed.agree("cuda", a, wrong)[0] is False
+
+
+def test_audio_clips_vary_as_asked_and_features_compare_clip_by_clip(tmp_path):
+    import soundfile as sf
+
+    audio = _benchmark("audio")
+    paths = audio.write_clips(tmp_path, 8, (0.5, 1.5), seed=0)
+    infos = [sf.info(str(p)) for p in paths]
+    assert [p.suffix for p in paths] == [".wav", ".flac"] * 4
+    assert [i.samplerate for i in infos] == [16000, 22050, 44100, 48000] * 2
+    assert [i.channels for i in infos] == [1, 1, 2, 2] * 2
+    assert all(0.5 <= i.frames / i.samplerate <= 1.5 for i in infos)
+    assert len({round(i.frames / i.samplerate, 3) for i in infos}) == 8
+    assert audio.write_clips(tmp_path, 2, (0.5, 1.5), seed=0) == paths[:2]  # none left over
+    assert sorted(tmp_path.iterdir()) == paths[:2]
+    a, b = np.ones((1, 3, 4)), np.arange(12.0).reshape(1, 3, 4)
+    assert audio.least_cosine([a, a], [a, a]) == pytest.approx(1.0)
+    cosine = float(b.sum() / (np.sqrt(12) * np.linalg.norm(b)))
+    assert audio.least_cosine([a, a], [a, b]) == pytest.approx(cosine)  # the lesser of the two
+    assert audio.least_cosine([a, a], [a, np.ones((1, 4, 4))]) == -1.0  # a frame more
+    assert audio.least_cosine([a], [np.ones((1, 4, 3))]) == -1.0  # as many values

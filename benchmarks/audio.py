@@ -1,0 +1,307 @@
+"""Audio throughput: ducho-fast extract vs torchaudio eager, clip by clip, vs the bare ORT session.
+
+    python benchmarks/audio.py --n 48 --seconds 2,10
+
+N generated clips (WAV and FLAC, mono and stereo, at 16, 22.05, 44.1 and 48 kHz, lengths drawn
+from ``--seconds``), torchaudio's HUBERT_BASE (its full size, random weights, seed 0: no
+download) cut at ``--layer``, all on one device (``--device``: cpu, the default, or cuda), in
+one process:
+- ``torch``: what Ducho runs for a torchaudio bundle, one clip at a time: read the file,
+  ``torchaudio.functional.resample`` to 16 kHz, ``model.extract_features(clip,
+  num_layers=layer)[0][-1]``. Two departures, both in torch's favour: ``torch.no_grad()``
+  (Ducho's call keeps autograd on), and the file is read with soundfile and averaged to
+  mono as extract does (Ducho's ``torchaudio.load`` hands a stereo file's two channels to
+  the model as a batch of two, twice the work and other features).
+- ``extract``: ``ducho_fast.extract`` end to end (decode, mono, soxr resampling in reader
+  threads; ONNX Runtime; one .npy of (1, frames, 768) per clip), each round into a new,
+  empty output folder (``common.NewFolders``).
+- ``bare``: the artifact's ORT session alone on the same clips decoded and resampled
+  beforehand, in extract's batches (``batch_size`` consecutive clips, cut into those of one
+  length: the generated lengths all differ, so one clip a batch), run as extract runs them
+  (``runtime.concurrent_batches``). ``extract / bare`` is the pipeline efficiency.
+The three run side by side in ``--repeats`` rounds, once each per round: items/s are each
+system's median round, each ratio the median of the ratios within a round; seconds of audio
+per second (x real time) beside them. Outputs are checked: every clip's features from extract
+against the eager model on extract's own waveform (computed once, untimed), cosine >= 0.9999.
+The summary also gives their least cosine against ``torch``'s features, both averaged over
+time (``min_cosine_vs_torchaudio_resampling``): soxr and torchaudio resample differently, and
+may give a clip one frame more or less. The pipeline efficiency is split into factors as in
+``visual.py`` (``common.efficiency_factors``, and on the CPU ``common.cpu_factors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    NewFolders,
+    add_device_option,
+    add_work_option,
+    check_device,
+    cosines,
+    cpu_factors,
+    efficiency_factors,
+    median_rates,
+    paired,
+    ratio_summary,
+    recorded,
+    report,
+    rounds,
+    work_folder,
+)
+
+BUNDLE = "HUBERT_BASE"
+RATES = (16000, 22050, 44100, 48000)
+
+
+def write_clips(folder: Path, n: int, seconds: tuple[float, float], seed: int) -> list[Path]:
+    """Deterministic voice-like clips: a gliding fundamental with harmonics, syllable-like
+    loudness and noise; WAV (16-bit) and FLAC alternately, every other pair stereo."""
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("*.wav"), *folder.glob("*.flac")]:  # a reused --work folder
+        old.unlink()
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        rate = RATES[i % len(RATES)]
+        length = round(float(rng.uniform(*seconds)) * rate)
+        t = np.arange(length) / rate
+        pitch = rng.uniform(90, 250) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t))
+        phase = 2 * np.pi * np.cumsum(pitch) / rate
+        voice = sum(np.sin(k * phase) / k for k in range(1, 6))
+        loud = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 5) * t) ** 2
+        wave = 0.2 * loud * voice + rng.normal(0, 0.01, length)
+        channels = 2 if (i // 2) % 2 else 1
+        if channels == 2:
+            wave = np.stack([wave, np.roll(wave, 7) * 0.8], axis=1)
+        path = folder / f"{i:05d}.{'wav' if i % 2 == 0 else 'flac'}"
+        sf.write(str(path), np.clip(wave, -1, 1).astype(np.float32), rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def seeded_model(work: Path, layers: int) -> tuple[Any, Path]:
+    """HUBERT_BASE's architecture with random weights (seed 0), saved for export."""
+    from ducho_fast.exporters.compat import import_torch, import_torchaudio
+
+    torch, torchaudio = import_torch(), import_torchaudio()  # before its submodules
+    from torchaudio.pipelines._wav2vec2 import utils
+
+    bundle = getattr(torchaudio.pipelines, BUNDLE)
+    torch.manual_seed(0)
+    model = utils._get_model(bundle._model_type, bundle._params).eval()
+    path = work / "models" / "hubert_base_seed0.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        torch.save(model.state_dict(), path)
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model, path
+
+
+def torch_eager(model: Any, layer: int, paths: list[Path], device: str = "cpu") -> list[np.ndarray]:
+    """Ducho's way, one clip at a time (see the module's docstring for the two departures)."""
+    import soundfile as sf
+
+    from ducho_fast.exporters.compat import import_torch, import_torchaudio
+
+    torch, torchaudio = import_torch(), import_torchaudio()
+    out = []
+    with torch.no_grad():
+        for path in paths:
+            wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+            clip = torch.from_numpy(wave.mean(axis=1, dtype=np.float32))[None]
+            clip = torchaudio.functional.resample(clip, rate, 16000)
+            features, _ = model.extract_features(clip.to(device), num_layers=layer)
+            out.append(features[-1].cpu().numpy())
+    return out
+
+
+def eager_on(model: Any, layer: int, waves: list[np.ndarray], device: str) -> list[np.ndarray]:
+    """The eager model on given 16 kHz waveforms: extract's own inputs, for the check."""
+    from ducho_fast.exporters.compat import import_torch
+
+    torch = import_torch()
+    with torch.no_grad():
+        return [
+            model.extract_features(torch.from_numpy(w)[None].to(device), num_layers=layer)[0][-1]
+            .cpu()
+            .numpy()
+            for w in waves
+        ]
+
+
+def write_config(
+    work: Path, weights: Path, layer: int, batch_size: int, device: str
+) -> tuple[Path, str]:
+    import yaml
+
+    config = {
+        "dataset_path": str(work),
+        "store": str(work / "store"),
+        "runtime": {"device": device, "allow_fallback": False},
+        "output": {"resume": False},
+        "audio": {
+            "items": {
+                "input_path": "clips",
+                "output_path": "features",
+                "model": [
+                    {
+                        "model_name": BUNDLE,
+                        "backend": "torch",
+                        "weights": str(weights),
+                        "output_layers": [layer],
+                        "batch_size": batch_size,
+                    }
+                ],
+            }
+        },
+    }
+    path = work / "audio.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path, "audio.items.output_path"
+
+
+def bare_session(artifact: Any, waves: list[np.ndarray], batch_size: int, device: str) -> Any:
+    """The session alone on extract's batches of the decoded clips, run as extract runs them."""
+    from ducho_fast.bench_timing import alone, session_alone
+    from ducho_fast.config.model import RuntimeOptions
+    from ducho_fast.runtime.embedder import Embedder
+    from ducho_fast.runtime.session import batch_lanes
+
+    options = alone(RuntimeOptions(device=device, allow_fallback=False))
+    embedder = Embedder(artifact, options, lanes=batch_lanes(options))
+    plan = embedder.plan(waves, batch_size, 0)
+    batches = [embedder.prepare_batch([waves[i] for i in idx]) for idx in plan]
+    return session_alone(embedder, batches)
+
+
+def least_cosine(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
+    """The least cosine between each clip's features, all frames as one vector (clips differ
+    in length, so each pair on its own; a pair of other shapes fails the check)."""
+    return min(
+        float(cosines(a.reshape(1, -1), b.reshape(1, -1))[0]) if a.shape == b.shape else -1.0
+        for a, b in zip(ours, theirs, strict=True)
+    )
+
+
+def time_means(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.stack([a.reshape(-1, a.shape[-1]).mean(axis=0) for a in arrays])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=48, help="clips (default 48)")
+    parser.add_argument(
+        "--seconds", default="2,10", help="clip lengths drawn from MIN,MAX s (default 2,10)"
+    )
+    parser.add_argument("--layer", type=int, default=9, help="HuBERT layer (default 9, of 12)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
+    add_work_option(parser)
+    add_device_option(parser)
+    args = parser.parse_args()
+    low, high = (float(s) for s in args.seconds.split(","))
+    if not 0.1 <= low <= high:
+        parser.error("--seconds MIN,MAX needs 0.1 <= MIN <= MAX")
+    check_device(args.device)
+
+    from ducho_fast import api
+    from ducho_fast.artifact import find_artifact
+    from ducho_fast.exporters.compat import import_torch
+    from ducho_fast.runtime.cpu import cpu_quota
+    from ducho_fast.runtime.embedder import Embedder
+
+    work = work_folder(args.work, "ducho-bench-audio-")
+    paths = write_clips(work / "clips", args.n, (low, high), args.seed)
+    torch = import_torch()
+    torch.set_num_threads(cpu_quota())
+    model, weights = seeded_model(work, args.layer)
+    model = model.to(args.device)
+    config, key = write_config(work, weights, args.layer, args.batch_size, args.device)
+    api.export(config)
+    cfg = api.as_config(config)
+    artifact = find_artifact(cfg.store, cfg.graphs()[0])
+    waves = [Embedder(artifact).prepare(p) for p in paths]
+    audio_seconds = sum(len(w) for w in waves) / 16000
+    print(
+        f"{args.n} clips, {audio_seconds:.0f} s of audio ({low:g}-{high:g} s each), "
+        f"{BUNDLE} to layer {args.layer}, batch size {args.batch_size}, on {args.device}, "
+        f"{cpu_quota()} CPUs, in {work}"
+    )
+    eager = partial(torch_eager, model, args.layer, device=args.device)
+    eager(paths[:2])  # warm-up
+    api.extract(config)  # warm-up
+    reports: list[Any] = []
+    extract = NewFolders(api.extract, config, key, "features")
+    systems = {
+        "torch": partial(eager, paths),
+        "extract": recorded(extract, reports),
+        "bare": bare_session(artifact, waves, args.batch_size, args.device),
+    }
+    cpu: dict[str, list[float]] = {}
+    seconds, values = rounds(args.repeats, systems, cpu)
+    result = values["extract"]
+    assert result.failed == 0, result
+    folder = next((work / str(extract.last)).rglob(f"{paths[0].stem}.npy")).parent
+    ours = [np.load(folder / f"{p.stem}.npy") for p in paths]
+    same_input = eager_on(model, args.layer, waves, args.device)
+    cos = least_cosine(ours, same_input)
+    cos_ducho = float(cosines(time_means(ours), time_means(values["torch"])).min())
+    ok = cos >= 0.9999
+    rates = median_rates(args.n, seconds)
+    realtime = {k: v * audio_seconds / args.n for k, v in rates.items()}
+    pairs = {"extract_vs_torch": ("extract", "torch"), "pipeline_efficiency": ("extract", "bare")}
+    ratios = {k: paired(seconds, *pair) for k, pair in pairs.items()}
+    factors = efficiency_factors(reports, seconds["extract"], seconds["bare"])
+    print(
+        "pipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
+    )
+    summary: dict[str, Any] = {
+        "benchmark": "audio",
+        "n": args.n,
+        "audio_seconds": round(audio_seconds, 1),
+        "layer": args.layer,
+        "batch_size": args.batch_size,
+        "rounds": args.repeats,
+        "cpus": cpu_quota(),
+        "device": args.device,
+        "items_per_second": {k: round(v, 2) for k, v in rates.items()},
+        "x_real_time": {k: round(v, 1) for k, v in realtime.items()},
+        **ratio_summary(ratios),
+        "efficiency_factors": factors,
+        "min_cosine_vs_torch_same_input": float(f"{cos:.7g}"),
+        "min_cosine_vs_torchaudio_resampling": float(f"{cos_ducho:.7g}"),
+        "outputs_agree": ok,
+    }
+    if args.device == "cpu":  # on CUDA the model's work is not CPU time
+        f = cpu_factors(seconds["extract"], cpu["extract"], seconds["bare"], cpu["bare"], args.n)
+        print(
+            f"pipeline efficiency = work x use (medians): work {f['work']:.3f} (CPU per clip: "
+            f"bare session {f['bare_cpu_ms']:.1f} ms, extract {f['extract_cpu_ms']:.1f} ms), "
+            f"use {f['use']:.3f}"
+        )
+        summary["cpu_factors"] = f
+    print(
+        f"features: min cosine {cos:.7f} against the eager model on extract's waveforms; "
+        f"{cos_ducho:.7f} against torch's (torchaudio's resampling), averaged over time"
+    )
+    rows = [(k, v, f"({realtime[k]:.1f}x real time)") for k, v in rates.items()]
+    print("\nclips/s:")
+    report(rows, summary, ratios)
+    if not ok:
+        sys.exit("outputs disagree beyond the bounds; the ratios above are not comparable")
+
+
+if __name__ == "__main__":
+    main()
