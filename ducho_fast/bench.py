@@ -501,13 +501,14 @@ def _outputs(job: Job, folder: Path) -> Job:
 def _batches(
     embedder: Embedder, cfg: Config, spec: ModelSpec, payloads: list[Any]
 ) -> list[Prepared]:
-    """The batches extract builds of the payloads: consecutive images or clips; texts
-    tokenized and sorted by length in windows, within the token budget. Where the first
-    ones, run as many at once as extract runs, run out of memory (``runtime.memory_limit``),
-    each is cut in the parts extract runs."""
+    """The batches extract builds of the payloads: consecutive images or clips, each run of
+    ``batch_size`` cut into its same-shape groups; texts tokenized and sorted by length in
+    windows, within the token budget. Where the first ones, run as many at once as extract
+    runs, run out of memory (``runtime.memory_limit``), each is cut in the parts extract
+    runs."""
     size = spec.batch_size
     if not embedder.sorts_by_length:
-        chunks = [payloads[b : b + size] for b in range(0, len(payloads), size)]
+        chunks = [[payloads[i] for i in idx] for idx in embedder.plan(payloads, size, 0)]
     else:
         options = cfg.runtime
         planned = embedder.text_batches(payloads, size, options.sort_window, options.token_budget)

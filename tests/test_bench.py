@@ -23,7 +23,7 @@ from ducho_fast.console import _cpu_shared
 from ducho_fast.errors import ArtifactError, ConfigError, DuchoError, OutputError
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.stages import Timing
-from tests.conftest import two_job_config
+from tests.conftest import audio_config, two_job_config, write_tone
 
 
 @pytest.fixture
@@ -575,3 +575,23 @@ def test_a_batch_of_the_session_alone_that_runs_out_of_memory_runs_in_parts() ->
     batches = [SimpleNamespace(payloads=[k, k + 1]) for k in range(0, 20, 2)]
     session_alone(Lanes(), batches)()  # type: ignore[arg-type]
     assert noted == [2] and parts == [[6, 7]]
+
+
+def test_bench_cuts_clips_of_other_lengths_into_the_batches_extract_runs(
+    tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path
+) -> None:
+    """The session alone runs extract's batches: runs of batch_size clips, each cut into its
+    clips of one length (one session run each), which the lanes then share out."""
+    from ducho_fast.runtime.embedder import Embedder
+
+    (tmp_path / "audio").mkdir()
+    write_tone(tmp_path / "audio" / "a.wav")  # export checks its config's input folder
+    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers"}
+    artifact = ducho_fast.export(audio_config(tmp_path, model, store))[0].artifact
+    rng = np.random.default_rng(0)
+    waves = [rng.normal(0, 0.1, n).astype(np.float32) for n in (8000, 11200, 8000, 14400, 11200)]
+    made = bench_module._batches(
+        Embedder(artifact), SimpleNamespace(), SimpleNamespace(batch_size=4), waves
+    )
+    assert [[idx for idx, _ in b.parts] for b in made] == [[[0, 1]], [[0]], [[0]], [[0]]]
+    assert [[len(w) for w in b.payloads] for b in made] == [[8000, 8000], [11200], [14400], [11200]]

@@ -55,12 +55,14 @@ class Batcher:
         return [next(tokens) if isinstance(p, str) else p for p in payloads]
 
     def plan(self, payloads: Sequence[Any], batch_size: int, token_budget: int) -> list[list[int]]:
-        """Positions of ``payloads`` per batch: consecutive for images and audio, length
-        buckets within a token budget for tokenized texts."""
+        """Positions of ``payloads`` per batch: length buckets within a token budget for
+        tokenized texts; for images and audio, consecutive runs of ``batch_size`` cut into
+        their same-shape groups (:func:`shape_groups`)."""
         if self.encoder is None:
             return [
-                list(range(b, min(b + batch_size, len(payloads))))
+                group
                 for b in range(0, len(payloads), batch_size)
+                for group in shape_groups(payloads, range(b, min(b + batch_size, len(payloads))))
             ]
         padded = self.encoder.max_length if self.encoder.pad_to_max else None
         lengths = [len(p) for p in payloads]
@@ -75,6 +77,20 @@ class Batcher:
         assert self.encoder is not None
         feeds = self.encoder.pad(self.tokenize(payloads))
         return {k: v for k, v in feeds.items() if k in self._input_names}
+
+
+def shape_groups(payloads: Sequence[Any], positions: Sequence[int]) -> list[list[int]]:
+    """``positions`` grouped by their payload's shape, each group in input order, the groups in
+    the order of their first item. Items of other shapes never share a session run (padding
+    would change what a convolution or a per-clip normalization sees), so a batch of clips
+    of five lengths is five runs. As one batch they ran one after another on one model
+    lane: ten clips of different lengths, extract's usual audio, ran on one of the two
+    lanes of a 2-CPU machine, i.e. one thread, while the other waited for the next batch.
+    As batches of their own, the lanes share them out."""
+    groups: dict[Any, list[int]] = {}
+    for i in positions:
+        groups.setdefault(getattr(payloads[i], "shape", None), []).append(i)
+    return list(groups.values())
 
 
 def sorts_by_length(modality: str) -> bool:

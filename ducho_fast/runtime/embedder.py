@@ -36,6 +36,7 @@ from ducho_fast.runtime.batcher import (
     AHEAD_ITEMS_PER_WORKER,
     AUTO_TOKENS_PER_ROW,
     Batcher,
+    shape_groups,
     window_size,
 )
 from ducho_fast.runtime.binding import IOBinder, cuda_pinning
@@ -237,10 +238,8 @@ class Embedder:
         model's thread. Images or clips of different shapes form same-shape groups: padding
         would change what a convolution or a normalization over the clip sees."""
         if self.modality in ("visual", "audio"):
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i, array in enumerate(payloads):
-                groups.setdefault(array.shape, []).append(i)
-            parts = [(idx, self.batch_feeds([payloads[i] for i in idx])) for idx in groups.values()]
+            groups = shape_groups(payloads, range(len(payloads)))
+            parts = [(idx, self.batch_feeds([payloads[i] for i in idx])) for idx in groups]
             lengths: list[int | None] = [None] * len(payloads)
         else:
             tokens = self.tokenize(payloads)

@@ -16,7 +16,7 @@ import ducho_fast
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DeviceError
 from ducho_fast.runtime.session import batch_lanes, lanes_advice
-from tests.conftest import npy_bytes, textual_config
+from tests.conftest import audio_config, npy_bytes, textual_config, write_tone
 
 
 @pytest.mark.parametrize(
@@ -266,3 +266,39 @@ def test_clean_up_runs_every_step_through_one_ctrl_c_and_raises_it_after() -> No
         finally:
             finish(interrupted_once, lambda: done.append("d"))
     assert done == ["a", "b"]  # its first interruption is the second Ctrl-C: raised at once
+
+
+def test_clips_of_other_lengths_are_batches_of_their_own_that_the_lanes_share_out(
+    tmp_path, store, tiny_wav2vec2_dir, monkeypatch
+) -> None:
+    """Six clips, four lengths, in one window of batch_size 8: each length is a batch of its
+    own (it runs alone anyway: clips are never padded together), so both lanes run them,
+    where the whole window ran as one batch on one lane. The files are those of one lane."""
+    from ducho_fast.runtime import pipeline
+
+    seconds = [0.5, 0.7, 0.5, 0.9, 1.1, 0.7]
+    (tmp_path / "audio").mkdir()
+    for i, length in enumerate(seconds):
+        write_tone(tmp_path / "audio" / f"c{i}.wav", seconds=length, freq=200.0 + 50 * i)
+    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 8}
+    config = audio_config(tmp_path, model, store)
+    ducho_fast.export(config)
+    real_launch = pipeline.launch
+    launched: list[tuple[int, list[str]]] = []
+
+    def launch(embedder: Any, batch: Any, lane: int = 0) -> Any:
+        launched.append((lane, [item.item_id for item in batch.items]))
+        time.sleep(0.2)  # each batch outlasts the reading of the next: no lane finds none
+        return real_launch(embedder, batch, lane)
+
+    monkeypatch.setattr(pipeline, "launch", launch)
+    files = {}
+    for lanes in (1, 2):
+        config["runtime"] = {"threads": lanes, "concurrent_batches": lanes}
+        config["audio"]["items"]["output_path"] = f"out{lanes}"
+        launched.clear()
+        assert _extract_within(config).runs[0].result.written == 6
+        files[lanes] = npy_bytes(tmp_path / f"out{lanes}")
+        assert sorted(ids for _, ids in launched) == [["c0", "c2"], ["c1", "c5"], ["c3"], ["c4"]]
+        assert {lane for lane, _ in launched} == set(range(lanes))
+    assert len(files[1]) == 6 and files[2] == files[1]
