@@ -1,17 +1,22 @@
-"""Audio throughput: ducho-fast extract vs torchaudio eager, clip by clip, vs the bare ORT session.
+"""Audio throughput: ducho-fast extract vs the source model eager, clip by clip, vs bare ORT.
 
-    python benchmarks/audio.py --n 48 --seconds 2,10
+    python benchmarks/audio.py --n 48 --seconds 2,10 [--source transformers]
 
 N generated clips (WAV and FLAC, mono and stereo, at 16, 22.05, 44.1 and 48 kHz, lengths drawn
-from ``--seconds``), torchaudio's HUBERT_BASE (its full size, random weights, seed 0: no
-download) cut at ``--layer``, all on one device (``--device``: cpu, the default, or cuda), in
+from ``--seconds``), a base-size model with random weights (seed 0: no download) cut at
+``--layer``: torchaudio's HUBERT_BASE (``--source torchaudio``, the default) or a transformers
+``Wav2Vec2Model`` of wav2vec2-base's shape whose feature extractor normalizes each clip
+(``--source transformers``); all on one device (``--device``: cpu, the default, or cuda), in
 one process:
-- ``torch``: what Ducho runs for a torchaudio bundle, one clip at a time: read the file,
-  ``torchaudio.functional.resample`` to 16 kHz, ``model.extract_features(clip,
-  num_layers=layer)[0][-1]``. Two departures, both in torch's favour: ``torch.no_grad()``
-  (Ducho's call keeps autograd on), and the file is read with soundfile and averaged to
-  mono as extract does (Ducho's ``torchaudio.load`` hands a stereo file's two channels to
-  the model as a batch of two, twice the work and other features).
+- ``torch``: what Ducho runs, one clip at a time: read the file, resample to 16 kHz with
+  ``torchaudio.functional.resample``, then ``model.extract_features(clip,
+  num_layers=layer)[0][-1]`` (torchaudio) or the whole model's
+  ``hidden_states[layer]`` (transformers). Departures, each in torch's favour or neutral:
+  ``torch.no_grad()`` (Ducho's call keeps autograd on); the file read with soundfile and
+  averaged to mono as extract does (Ducho's ``torchaudio.load`` hands a stereo file's two
+  channels to the model as a batch of two, twice the work and other features); for
+  transformers, the clip normalized as its feature extractor says, as extract does (Ducho's
+  loop skips it, so its features of a normalizing model are not the model's).
 - ``extract``: ``ducho_fast.extract`` end to end (decode, mono, soxr resampling in reader
   threads; ONNX Runtime; one .npy of (1, frames, 768) per clip), each round into a new,
   empty output folder (``common.NewFolders``).
@@ -58,6 +63,7 @@ from common import (
 )
 
 BUNDLE = "HUBERT_BASE"
+NAMES = {"torchaudio": BUNDLE, "transformers": "Wav2Vec2Model (wav2vec2-base's shape)"}
 RATES = (16000, 22050, 44100, 48000)
 
 
@@ -89,26 +95,51 @@ def write_clips(folder: Path, n: int, seconds: tuple[float, float], seed: int) -
     return paths
 
 
-def seeded_model(work: Path, layers: int) -> tuple[Any, Path]:
-    """HUBERT_BASE's architecture with random weights (seed 0), saved for export."""
-    from ducho_fast.exporters.compat import import_torch, import_torchaudio
+def seeded_model(work: Path, source: str) -> tuple[Any, dict[str, Any]]:
+    """The source's base-size model with random weights (seed 0), saved for export, and its
+    config entry: torchaudio's HUBERT_BASE, or a transformers ``Wav2Vec2Model`` of
+    wav2vec2-base's shape whose feature extractor normalizes each clip (as
+    facebook/wav2vec2-base-960h's does)."""
+    from ducho_fast.exporters.compat import import_torch, import_torchaudio, import_transformers
 
     torch, torchaudio = import_torch(), import_torchaudio()  # before its submodules
+    torch.manual_seed(0)
+    if source == "transformers":
+        transformers = import_transformers()
+        folder = work / "models" / "wav2vec2_base_seed0"
+        if not (folder / "config.json").exists():
+            built = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config()).eval()
+            built.save_pretrained(folder)
+            transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(folder)
+        model = transformers.Wav2Vec2Model.from_pretrained(folder).eval()
+        return model, {"model_name": str(folder), "backend": "transformers"}
     from torchaudio.pipelines._wav2vec2 import utils
 
     bundle = getattr(torchaudio.pipelines, BUNDLE)
-    torch.manual_seed(0)
     model = utils._get_model(bundle._model_type, bundle._params).eval()
     path = work / "models" / "hubert_base_seed0.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         torch.save(model.state_dict(), path)
     model.load_state_dict(torch.load(path, map_location="cpu"))
-    return model, path
+    return model, {"model_name": BUNDLE, "backend": "torch", "weights": str(path)}
 
 
-def torch_eager(model: Any, layer: int, paths: list[Path], device: str = "cpu") -> list[np.ndarray]:
-    """Ducho's way, one clip at a time (see the module's docstring for the two departures)."""
+def forward(model: Any, clip: Any, layer: int, source: str) -> np.ndarray:
+    """The layer's features of one (1, samples) clip, as Ducho asks each source for them:
+    torchaudio's ``extract_features`` up to the layer, or the whole transformers model with
+    ``output_hidden_states`` (its input normalized as the feature extractor says, as extract
+    does; Ducho's loop feeds it unnormalized)."""
+    if source == "transformers":
+        normalized = (clip - clip.mean()) / (clip.var(unbiased=False) + 1e-7).sqrt()
+        return model(normalized, output_hidden_states=True).hidden_states[layer].cpu().numpy()
+    return model.extract_features(clip, num_layers=layer)[0][-1].cpu().numpy()
+
+
+def torch_eager(
+    model: Any, layer: int, source: str, paths: list[Path], device: str = "cpu"
+) -> list[np.ndarray]:
+    """Ducho's way, one clip at a time (see the module's docstring for the departures)."""
     import soundfile as sf
 
     from ducho_fast.exporters.compat import import_torch, import_torchaudio
@@ -120,27 +151,23 @@ def torch_eager(model: Any, layer: int, paths: list[Path], device: str = "cpu") 
             wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
             clip = torch.from_numpy(wave.mean(axis=1, dtype=np.float32))[None]
             clip = torchaudio.functional.resample(clip, rate, 16000)
-            features, _ = model.extract_features(clip.to(device), num_layers=layer)
-            out.append(features[-1].cpu().numpy())
+            out.append(forward(model, clip.to(device), layer, source))
     return out
 
 
-def eager_on(model: Any, layer: int, waves: list[np.ndarray], device: str) -> list[np.ndarray]:
+def eager_on(
+    model: Any, layer: int, source: str, waves: list[np.ndarray], device: str
+) -> list[np.ndarray]:
     """The eager model on given 16 kHz waveforms: extract's own inputs, for the check."""
     from ducho_fast.exporters.compat import import_torch
 
     torch = import_torch()
     with torch.no_grad():
-        return [
-            model.extract_features(torch.from_numpy(w)[None].to(device), num_layers=layer)[0][-1]
-            .cpu()
-            .numpy()
-            for w in waves
-        ]
+        return [forward(model, torch.from_numpy(w)[None].to(device), layer, source) for w in waves]
 
 
 def write_config(
-    work: Path, weights: Path, layer: int, batch_size: int, device: str
+    work: Path, entry: dict[str, Any], layer: int, batch_size: int, device: str
 ) -> tuple[Path, str]:
     import yaml
 
@@ -153,15 +180,7 @@ def write_config(
             "items": {
                 "input_path": "clips",
                 "output_path": "features",
-                "model": [
-                    {
-                        "model_name": BUNDLE,
-                        "backend": "torch",
-                        "weights": str(weights),
-                        "output_layers": [layer],
-                        "batch_size": batch_size,
-                    }
-                ],
+                "model": [{**entry, "output_layers": [layer], "batch_size": batch_size}],
             }
         },
     }
@@ -203,7 +222,13 @@ def main() -> None:
     parser.add_argument(
         "--seconds", default="2,10", help="clip lengths drawn from MIN,MAX s (default 2,10)"
     )
-    parser.add_argument("--layer", type=int, default=9, help="HuBERT layer (default 9, of 12)")
+    parser.add_argument("--layer", type=int, default=9, help="layer (default 9, of 12)")
+    parser.add_argument(
+        "--source",
+        choices=tuple(NAMES),
+        default="torchaudio",
+        help="torchaudio's HUBERT_BASE (default) or a transformers Wav2Vec2Model",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
@@ -225,9 +250,9 @@ def main() -> None:
     paths = write_clips(work / "clips", args.n, (low, high), args.seed)
     torch = import_torch()
     torch.set_num_threads(cpu_quota())
-    model, weights = seeded_model(work, args.layer)
+    model, entry = seeded_model(work, args.source)
     model = model.to(args.device)
-    config, key = write_config(work, weights, args.layer, args.batch_size, args.device)
+    config, key = write_config(work, entry, args.layer, args.batch_size, args.device)
     api.export(config)
     cfg = api.as_config(config)
     artifact = find_artifact(cfg.store, cfg.graphs()[0])
@@ -235,10 +260,10 @@ def main() -> None:
     audio_seconds = sum(len(w) for w in waves) / 16000
     print(
         f"{args.n} clips, {audio_seconds:.0f} s of audio ({low:g}-{high:g} s each), "
-        f"{BUNDLE} to layer {args.layer}, batch size {args.batch_size}, on {args.device}, "
-        f"{cpu_quota()} CPUs, in {work}"
+        f"{NAMES[args.source]} to layer {args.layer}, batch size {args.batch_size}, "
+        f"on {args.device}, {cpu_quota()} CPUs, in {work}"
     )
-    eager = partial(torch_eager, model, args.layer, device=args.device)
+    eager = partial(torch_eager, model, args.layer, args.source, device=args.device)
     eager(paths[:2])  # warm-up
     api.extract(config)  # warm-up
     reports: list[Any] = []
@@ -254,7 +279,7 @@ def main() -> None:
     assert result.failed == 0, result
     folder = next((work / str(extract.last)).rglob(f"{paths[0].stem}.npy")).parent
     ours = [np.load(folder / f"{p.stem}.npy") for p in paths]
-    same_input = eager_on(model, args.layer, waves, args.device)
+    same_input = eager_on(model, args.layer, args.source, waves, args.device)
     cos = least_cosine(ours, same_input)
     cos_ducho = float(cosines(time_means(ours), time_means(values["torch"])).min())
     ok = cos >= 0.9999
@@ -271,6 +296,7 @@ def main() -> None:
         "benchmark": "audio",
         "n": args.n,
         "audio_seconds": round(audio_seconds, 1),
+        "source": args.source,
         "layer": args.layer,
         "batch_size": args.batch_size,
         "rounds": args.repeats,

@@ -299,8 +299,12 @@ def test_benchmark_configs_run_extract_on_the_benchmarks_device(tmp_path):
         assert runtime == {"device": device, "allow_fallback": False}
         config = visual.config_for(tmp_path, [{}], "out", 8, device=device)
         assert config["runtime"] == {"device": device, "allow_fallback": False}
-        path, _ = audio.write_config(tmp_path, tmp_path / "w.pth", 9, 8, device)
-        assert yaml.safe_load(path.read_text())["runtime"] == config["runtime"]
+        path, _ = audio.write_config(tmp_path, {"model_name": "HUBERT_BASE"}, 9, 8, device)
+        written = yaml.safe_load(path.read_text())
+        assert written["runtime"] == config["runtime"]
+        assert written["audio"]["items"]["model"] == [
+            {"model_name": "HUBERT_BASE", "output_layers": [9], "batch_size": 8}
+        ]
 
 
 def test_the_capacity_clock_charges_each_threads_cpu_to_its_part_of_extract():
