@@ -586,12 +586,12 @@ def test_bench_cuts_clips_of_other_lengths_into_the_batches_extract_runs(
 
     (tmp_path / "audio").mkdir()
     write_tone(tmp_path / "audio" / "a.wav")  # export checks its config's input folder
-    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers"}
-    artifact = ducho_fast.export(audio_config(tmp_path, model, store))[0].artifact
+    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 4}
+    config = audio_config(tmp_path, model, store)
+    artifact = ducho_fast.export(config)[0].artifact
+    cfg = ducho_fast.api.as_config(config)
     rng = np.random.default_rng(0)
     waves = [rng.normal(0, 0.1, n).astype(np.float32) for n in (8000, 11200, 8000, 14400, 11200)]
-    made = bench_module._batches(
-        Embedder(artifact), SimpleNamespace(), SimpleNamespace(batch_size=4), waves
-    )
+    made = bench_module._batches(Embedder(artifact), cfg, cfg.jobs[0].models[0], waves)
     assert [[idx for idx, _ in b.parts] for b in made] == [[[0, 1]], [[0]], [[0]], [[0]]]
     assert [[len(w) for w in b.payloads] for b in made] == [[8000, 8000], [11200], [14400], [11200]]
