@@ -53,6 +53,7 @@ from common import (
     cosines,
     cpu_factors,
     efficiency_factors,
+    fresh_run,
     median_rates,
     paired,
     ratio_summary,
@@ -172,10 +173,7 @@ def write_config(
     import yaml
 
     config = {
-        "dataset_path": str(work),
-        "store": str(work / "store"),
-        "runtime": {"device": device, "allow_fallback": False},
-        "output": {"resume": False},
+        **fresh_run(work, device),
         "audio": {
             "items": {
                 "input_path": "clips",

@@ -39,6 +39,18 @@ def work_folder(given: Path | None, prefix: str) -> Path:
     return folder
 
 
+def fresh_run(work: Path, device: str) -> dict[str, Any]:
+    """The head of a benchmark's config: data and model store in ``work``, everything on
+    ``device`` with no fallback to the CPU (a comparison across two devices times no system),
+    and no resuming: each round is a first run."""
+    return {
+        "dataset_path": str(work),
+        "store": str(work / "store"),
+        "runtime": {"device": device, "allow_fallback": False},
+        "output": {"resume": False},
+    }
+
+
 def add_work_option(parser: argparse.ArgumentParser) -> None:
     """``--work``: the folder :func:`work_folder` is given."""
     parser.add_argument(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_option, add_work_option, check_device, work_folder
+from common import add_device_option, add_work_option, check_device, fresh_run, work_folder
 
 VARIANTS = ("threads", "processes", "ahead0")
 
@@ -137,10 +137,7 @@ def main() -> None:
             "batch_size": 32,
         }
         config = {
-            "dataset_path": str(work),
-            "store": str(work / "store"),
-            "runtime": {"device": args.device, "allow_fallback": False},
-            "output": {"resume": False},
+            **fresh_run(work, args.device),
             "textual": {
                 "items": {
                     "input_path": "texts.tsv",

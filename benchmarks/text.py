@@ -61,6 +61,7 @@ from common import (
     device_gflops,
     efficiency_factors,
     file_create_ms,
+    fresh_run,
     median_rates,
     paired,
     ratio_summary,
@@ -181,10 +182,7 @@ def descriptions_config(
     import yaml
 
     config = {
-        "dataset_path": str(work),
-        "store": str(work / "store"),
-        "runtime": {"device": device, "allow_fallback": False},
-        "output": {"resume": False},
+        **fresh_run(work, device),
         "textual": {
             "items": {
                 "input_path": "descriptions.tsv",

@@ -64,6 +64,7 @@ from common import (
     cpu_factors,
     device_gflops,
     efficiency_factors,
+    fresh_run,
     median_rates,
     paired,
     ratio_summary,
@@ -222,10 +223,7 @@ def config_for(
     """A fresh-run config: ``work/images`` through the models at 224 x 224 into ``output``,
     at ``batch_size`` unless an entry names its own, on ``device`` (no fallback)."""
     return {
-        "dataset_path": str(work),
-        "store": str(work / "store"),
-        "runtime": {"device": device, "allow_fallback": False},
-        "output": {"resume": False},
+        **fresh_run(work, device),
         "input": {"jpeg_decode": jpeg_decode},
         "visual": {
             "items": {
