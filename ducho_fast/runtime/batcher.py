@@ -82,11 +82,10 @@ class Batcher:
 def shape_groups(payloads: Sequence[Any], positions: Sequence[int]) -> list[list[int]]:
     """``positions`` grouped by their payload's shape, each group in input order, the groups in
     the order of their first item. Items of other shapes never share a session run (padding
-    would change what a convolution or a per-clip normalization sees), so a batch of clips
-    of five lengths is five runs. As one batch they ran one after another on one model
-    lane: ten clips of different lengths, extract's usual audio, ran on one of the two
-    lanes of a 2-CPU machine, i.e. one thread, while the other waited for the next batch.
-    As batches of their own, the lanes share them out."""
+    would change what a convolution or a per-clip normalization sees), so clips of five
+    lengths are five runs. Kept as one batch, those runs went one after another on one model
+    lane (on 2 CPUs, one thread) while the other lane waited; as batches of their own, the
+    lanes share them out (benchmarks/RESULTS.md, "Audio")."""
     groups: dict[Any, list[int]] = {}
     for i in positions:
         groups.setdefault(getattr(payloads[i], "shape", None), []).append(i)
