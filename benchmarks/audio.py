@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from common import (
     NewFolders,
     add_device_option,
     add_work_option,
+    bare_sessions,
     check_device,
     cosines,
     cpu_factors,
@@ -187,18 +189,14 @@ def write_config(
     return path, "audio.items.output_path"
 
 
-def bare_session(artifact: Any, waves: list[np.ndarray], batch_size: int, device: str) -> Any:
-    """The session alone on extract's batches of the decoded clips, run as extract runs them."""
-    from ducho_fast.bench_timing import alone, session_alone
-    from ducho_fast.config.model import RuntimeOptions
-    from ducho_fast.runtime.embedder import Embedder
-    from ducho_fast.runtime.session import batch_lanes
+def extract_batches(artifact: Any, waves: list[np.ndarray], batch_size: int) -> list[Any]:
+    """Extract's batches of the decoded clips (``Batcher.plan``: runs of ``batch_size``, cut
+    into clips of one length), as graph inputs for ``common.bare_sessions``."""
+    from ducho_fast.runtime.batcher import Batcher
 
-    options = alone(RuntimeOptions(device=device, allow_fallback=False))
-    embedder = Embedder(artifact, options, lanes=batch_lanes(options))
-    plan = embedder.plan(waves, batch_size, 0)
-    batches = [embedder.prepare_batch([waves[i] for i in idx]) for idx in plan]
-    return session_alone(embedder, batches)
+    batcher = Batcher(artifact)
+    plan = batcher.plan(waves, batch_size, 0)
+    return [batcher.feeds([waves[i] for i in idx]) for idx in plan]
 
 
 def least_cosine(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
@@ -266,10 +264,12 @@ def main() -> None:
     api.extract(config)  # warm-up
     reports: list[Any] = []
     extract = NewFolders(api.extract, config, key, "features")
-    systems = {
+    systems: dict[str, Callable[[], Any]] = {
         "torch": partial(eager, paths),
         "extract": recorded(extract, reports),
-        "bare": bare_session(artifact, waves, args.batch_size, args.device),
+        "bare": bare_sessions(
+            artifact, extract_batches(artifact, waves, args.batch_size), device=args.device
+        ),
     }
     cpu: dict[str, list[float]] = {}
     seconds, values = rounds(args.repeats, systems, cpu)
