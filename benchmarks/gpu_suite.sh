@@ -28,6 +28,9 @@ declare -A STEPS=(
   [text]="$PY benchmarks/text.py --device cuda --n 4096 --repeats 3"
   [visual]="$PY benchmarks/visual.py --device cuda --n 512 --repeats 2"
   [embed]="$PY benchmarks/embed.py --device cuda --n 1024 --models efficientnet_lite0,resnet50 --repeats 2"
+  # audio against its source (torchaudio's HUBERT_BASE, random weights), clips of 2-10 s: needs
+  # the torchaudio of the machine's torch release (gpu_pack.sh packs 2.11.0's: $TORCHAUDIO)
+  [audio]="$PY benchmarks/audio.py --device cuda --n 48 --repeats 2"
   [shards-text]="$PY benchmarks/scale.py --modality text --device cuda --n 16384 --shards 2,4 --repeats 2"
   [shards-visual]="$PY benchmarks/scale.py --device cuda --n 2048 --shards 2,4 --repeats 2"
   [capacity]="$PY benchmarks/capacity.py --n 32768 --work /dev/shm/ducho-capacity"
@@ -46,7 +49,7 @@ declare -A STEPS=(
   # bench-writers finds threads too few, whether a process would do better there
   [writers-gil]="$PY benchmarks/writers_gil.py --readers 16 --n 8192 --repeats 3 --writers 1,4,8,p --work $SCRATCH/writers-gil"
 )
-ORDER=(doctor bench-writers writers-gil tests text visual embed shards-text shards-visual capacity writer sweep sweep-long bench)
+ORDER=(doctor bench-writers writers-gil tests text visual embed audio shards-text shards-visual capacity writer sweep sweep-long bench)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done

@@ -1,6 +1,7 @@
-"""On a real CUDA session: extract and the embedding API give the CPU's features within the
-fp32 bounds, through I/O binding (pinned staging, device buffers) and without it, and an fp16
-export passes its parity check on the GPU it is meant for.
+"""On a real CUDA session: extract (texts, images, audio clips of several lengths) and the
+embedding API give the CPU's features within the fp32 bounds, through I/O binding (pinned
+staging, device buffers) and without it, and an fp16 export passes its parity check on the
+GPU it is meant for.
 
 Every test here is marked ``gpu`` and skips without a real CUDAExecutionProvider session (a
 CPU-only onnxruntime, or onnxruntime-gpu without a usable GPU: ``ducho-fast doctor`` says
@@ -19,7 +20,14 @@ import ducho_fast
 from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.doctor import cuda_runs
 from ducho_fast.runtime.session import CUDA
-from tests.conftest import resnet18_entry, textual_config, visual_config, within_fp32_bounds
+from tests.conftest import (
+    audio_config,
+    resnet18_entry,
+    textual_config,
+    visual_config,
+    within_fp32_bounds,
+    write_tone,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,7 +50,7 @@ def _extract_each_way(config: dict[str, Any]) -> dict[str, Any]:
     reports = {}
     for name, runtime in RUNTIMES.items():
         run = {**config, "runtime": runtime}
-        for modality in ("visual", "textual"):
+        for modality in ("visual", "textual", "audio"):
             if modality in run:
                 run[modality] = {"items": {**run[modality]["items"], "output_path": name}}
         reports[name] = ducho_fast.extract(run)
@@ -79,6 +87,28 @@ def test_images_on_cuda_equal_cpu(tmp_path: Path, store: Path, image_dir, resnet
     _extract_each_way(config)
     cpu = sorted(tmp_path.joinpath("cpu").rglob("*.npy"))
     assert len(cpu) == 10
+    for name in ("cuda", "cuda_plain"):
+        for file in cpu:
+            twin = tmp_path / name / file.relative_to(tmp_path / "cpu")
+            within_fp32_bounds(np.load(twin), np.load(file))
+
+
+def test_audio_clips_of_several_lengths_on_cuda_equal_cpu(
+    tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path
+) -> None:
+    """Clips of three lengths, one of them stereo at another rate: each length is a batch of
+    its own shape, so I/O binding's device buffers are made for several shapes and reused."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i, seconds in enumerate([0.5, 0.8, 0.5, 1.1, 0.8, 0.5, 1.1]):
+        write_tone(folder / f"c{i}.wav", seconds=seconds, freq=200.0 + 50 * i)
+    write_tone(folder / "stereo.flac", seconds=0.8, rate=44_100, channels=2)
+    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 4}
+    config = audio_config(tmp_path, model, store)
+    ducho_fast.export(config)
+    _extract_each_way(config)
+    cpu = sorted(tmp_path.joinpath("cpu").rglob("*.npy"))
+    assert len(cpu) == 8
     for name in ("cuda", "cuda_plain"):
         for file in cpu:
             twin = tmp_path / name / file.relative_to(tmp_path / "cpu")
