@@ -272,10 +272,10 @@ def _ignored(job: str, files: list[Path], kinds: int = 4) -> str:
     """What a job's input folder holds that is not read, by kind (hidden, or by suffix: a
     .heic or .m4a folder learns at once that its format is not one read), with what is."""
     from ducho_fast.data.audio.audio import AUDIO_SUFFIXES  # numpy and libsndfile: not for
-    from ducho_fast.data.visual.images import IMAGE_SUFFIXES  # every command's start
+    from ducho_fast.data.visual.images import heif_hint, image_suffixes  # every command's start
 
     kind, suffixes = (
-        ("audio", AUDIO_SUFFIXES) if job.startswith("audio") else ("image", IMAGE_SUFFIXES)
+        ("audio", AUDIO_SUFFIXES) if job.startswith("audio") else ("image", image_suffixes())
     )
     groups: dict[str, list[Path]] = {}
     for file in files:
@@ -285,9 +285,10 @@ def _ignored(job: str, files: list[Path], kinds: int = 4) -> str:
     parts = [f"{len(group)} {label} (e.g. {group[0].name})" for label, group in ranked[:kinds]]
     if len(ranked) > kinds:
         parts.append(f"{sum(len(group) for _, group in ranked[kinds:])} of other kinds")
+    hint = heif_hint([file.name for file in files]) if kind == "image" else ""
     return (
         f"{job}: {len(files)} file(s) ignored: {', '.join(parts)}. {kind.capitalize()} files "
-        f"are read from {', '.join(sorted(suffixes))}."
+        f"are read from {', '.join(sorted(suffixes))}.{hint}"
     )
 
 

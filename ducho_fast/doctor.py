@@ -114,9 +114,12 @@ def report() -> Health:
 
 def media_formats() -> list[str]:
     """Which image and audio formats that depend on how Pillow and libsndfile were built
-    decode here (AVIF from Pillow 11.2's wheels, MP3 from libsndfile 1.1, Opus from 1.0.29)."""
+    decode here (AVIF from Pillow 11.2's wheels, MP3 from libsndfile 1.1, Opus from 1.0.29),
+    and HEIC/HEIF, which needs a plugin (the ``heif`` extra)."""
     import soundfile
     from PIL import features
+
+    from ducho_fast.data.visual.images import HEIF_INSTALL, heif_plugin
 
     def said(found: dict[str, bool]) -> str:
         return ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in found.items())
@@ -126,9 +129,16 @@ def media_formats() -> list[str]:
         "MP3": "MP3" in soundfile.available_formats(),
         "Opus": "OPUS" in soundfile.available_subtypes("OGG"),
     }
+    plugin = heif_plugin()
+    heif = (
+        f"HEIC/HEIF yes ({plugin.replace('_', '-')} {_version(plugin.replace('_', '-'))})"
+        if plugin
+        else f"HEIC/HEIF no ({HEIF_INSTALL})"
+    )
     return [
         f"image formats (Pillow {_version('pillow')}): "
-        + said({name: bool(features.check(f)) for name, f in images.items()}),
+        + said({name: bool(features.check(f)) for name, f in images.items()})
+        + f", {heif}",
         f"audio formats (libsndfile {soundfile.__libsndfile_version__}): {said(audio)}",
     ]
 

@@ -4,6 +4,7 @@ slow GPU-install test runs it against a real onnxruntime-gpu on this GPU-less ma
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -160,15 +161,21 @@ def test_input_formats_say_what_this_pillow_and_libsndfile_decode(monkeypatch) -
     import soundfile
     from PIL import features
 
+    from ducho_fast.data.visual import images as image_module
     from ducho_fast.doctor import media_formats
 
     images, audio = media_formats()
     assert images.startswith("image formats (Pillow ") and "AVIF yes" in images
+    assert images.endswith(f", HEIC/HEIF yes (pi-heif {metadata.version('pi-heif')})")
     assert (
         audio == f"audio formats (libsndfile {soundfile.__libsndfile_version__}): MP3 yes, Opus yes"
     )
     monkeypatch.setattr(features, "check", lambda feature: feature == "webp")
     monkeypatch.setattr(soundfile, "available_subtypes", lambda kind: {"VORBIS": "Vorbis"})
+    monkeypatch.setattr(image_module, "heif_plugin", lambda: None)
     images, audio = media_formats()
-    assert images.endswith("): AVIF no, JPEG 2000 no, WebP yes")
+    assert images.endswith(
+        "): AVIF no, JPEG 2000 no, WebP yes, HEIC/HEIF no (pip install 'ducho-fast[heif]' "
+        "(pi-heif, a libheif plugin for Pillow))"
+    )
     assert audio.endswith("): MP3 yes, Opus no")

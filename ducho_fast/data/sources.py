@@ -23,10 +23,10 @@ from ducho_fast.data.text.tsv import (
     resolve_tsv,
 )
 from ducho_fast.data.visual.images import (
-    IMAGE_SUFFIXES,
     check_files,
     decode_image,
     finish_image,
+    image_suffixes,
     jpeg_draft,
     list_images,
 )
@@ -96,7 +96,7 @@ def check_inputs(jobs: Sequence[Job]) -> None:
 
 def _check_input(job: Job) -> None:
     if job.modality in ("visual", "visual_textual"):
-        check_files(job.input_path, IMAGE_SUFFIXES, "image")
+        check_files(job.input_path, image_suffixes(), "image")
     elif job.modality == "audio":
         check_files(job.input_path, AUDIO_SUFFIXES, "audio")
     if job.modality == "visual_textual":

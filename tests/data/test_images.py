@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.items import FileStamp
 from ducho_fast.data.sources import check_ids
+from ducho_fast.data.visual import images
 from ducho_fast.data.visual.images import (
     IMAGE_SUFFIXES,
     check_files,
@@ -83,6 +84,78 @@ def test_an_avif_this_pillow_cannot_read_says_which_pillow_can(tmp_path, monkeyp
         "convert the file to JPEG or PNG."
     )
     assert "AVIF" not in reason(other)  # not named .avif: nothing said of AVIF
+
+
+HEIC = Path(__file__).resolve().parent / "heic"  # made by tests/data/heic/make.py
+
+
+@pytest.mark.skipif(images.heif_plugin() is None, reason="no HEIF plugin (the heif extra)")
+def test_heic_photos_are_read_upright_where_a_plugin_is_installed(tmp_path: Path) -> None:
+    """The `heif` extra's plugin reads HEIC/HEIF (phones' photos): listed beside the other
+    images, decoded close to the pixels written (HEVC is lossy), turned as the container
+    says, once, whatever input.exif_orientation says (libheif turns it; the plugin then marks
+    the EXIF upright)."""
+    from tests.data.heic.make import source
+
+    for name in ("tile.heic", "turned.heic"):
+        (tmp_path / name).write_bytes((HEIC / name).read_bytes())
+    (tmp_path / "tile.heif").write_bytes((HEIC / "tile.heic").read_bytes())
+    items, ignored, _ = list_images(tmp_path)
+    assert [i.item_id for i in items] == ["tile", "tile", "turned"] and ignored == []
+    tile, _, turned = (load_image(item.raw, None) for item in items)
+    assert tile.shape == (48, 64, 3) and turned.shape == (64, 48, 3)
+    assert np.abs(tile.astype(int) - source()).max() <= 8
+    np.testing.assert_array_equal(turned, np.rot90(tile, k=-1))
+    kept = prepare_image(tmp_path / "turned.heic", {}, InputOptions(exif_orientation="ignore"))
+    np.testing.assert_array_equal(kept, turned)
+    # its bytes, as the embedding API takes them, decode as the file does
+    np.testing.assert_array_equal(load_image((HEIC / "tile.heic").read_bytes(), None), tile)
+    check_files(tmp_path / "turned.heic", images.image_suffixes(), "image")
+
+
+def test_without_a_heif_plugin_heic_files_are_ignored_and_the_way_to_read_them_said(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from ducho_fast.console import _ignored
+
+    monkeypatch.setattr(images, "heif_plugin", lambda: None)
+    for name in ("IMG_0001.HEIC", "IMG_0002.heif"):
+        (tmp_path / name).write_bytes((HEIC / "tile.heic").read_bytes())
+    with pytest.raises(DataError, match=r"\(IMG_0001\.HEIC, IMG_0002\.heif\) are not image") as e:
+        check_files(tmp_path, images.image_suffixes(), "image")
+    advice = "HEIC/HEIF photos are read with a HEIF plugin: pip install 'ducho-fast[heif]'"
+    assert advice in str(e.value)
+    write_image(tmp_path / "a.jpg")
+    items, ignored, _ = list_images(tmp_path)
+    assert [i.item_id for i in items] == ["a"] and len(ignored) == 2
+    said = _ignored("visual.items", ignored)
+    assert said.startswith("visual.items: 2 file(s) ignored: 1 .heic (e.g. IMG_0001.HEIC), 1 .heif")
+    assert advice in said
+    assert "HEIF plugin" not in _ignored("visual.items", [tmp_path / "notes.txt"])
+    assert "HEIF plugin" not in _ignored("audio.items", ignored)  # an audio folder: no advice
+    # a HEIC given to the embedding API (no suffix to go by: told by its ftyp box's brand)
+    heic = b"\x00\x00\x00\x18ftypheic" + bytes(64)
+    with pytest.raises(DataError, match=r"It is a HEIC/HEIF image, read with a HEIF plugin"):
+        load_image(heic, None)
+    with pytest.raises(DataError) as other:
+        load_image(b"\x00\x00\x00\x18ftypavif" + bytes(64), None)
+    assert "HEIF" not in str(other.value)
+    with pytest.raises(UnreadableFile, match=r"x\.heic: not a readable image .* HEIF plugin"):
+        (tmp_path / "x.heic").write_bytes(b"junk")
+        load_image(tmp_path / "x.heic", None)
+
+
+@pytest.mark.skipif(images.heif_plugin() is None, reason="no HEIF plugin (the heif extra)")
+def test_a_corrupt_heic_where_a_plugin_is_installed_is_a_bad_item_without_advice(
+    tmp_path: Path,
+) -> None:
+    broken = b"\x00\x00\x00\x18ftypheic" + bytes(64)
+    (tmp_path / "x.heic").write_bytes(broken)
+    with pytest.raises(UnreadableFile, match=r"x\.heic: not a readable image") as e:
+        load_image(tmp_path / "x.heic", None)
+    with pytest.raises(DataError, match=r"not a readable image") as given:
+        load_image(broken, None)
+    assert "plugin" not in str(e.value) + str(given.value)
 
 
 def test_digits_of_other_kinds_sort_without_failing(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import ducho_fast
 from ducho_fast.config.model import InputOptions
 from ducho_fast.data.items import Item
 from ducho_fast.data.sources import AudioLoader, ImageLoader, TextLoader
+from ducho_fast.data.visual.images import heif_plugin, load_image
 from ducho_fast.errors import ConfigError
 from ducho_fast.runtime import decoders
 from ducho_fast.runtime.decoders import DecoderPool, DecoderStartError
@@ -257,6 +258,34 @@ def test_extract_with_processes_writes_what_threads_write(
     assert _errors(processes) == _errors(threads) and [e[0] for e in _errors(threads)] == ["broken"]
     assert npy_bytes(tmp_path / "processes") == npy_bytes(tmp_path / "threads")
     assert len(npy_bytes(tmp_path / "threads")) == _written(threads)
+
+
+@pytest.mark.skipif(heif_plugin() is None, reason="no HEIF plugin (the heif extra)")
+def test_heic_photos_extract_in_threads_and_processes_as_their_pixels_do(
+    tmp_path: Path, store: Path, resnet18_state_dict: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEIC files beside a PNG of the same decoded pixels: each reader registers the HEIF
+    plugin (a decoder process its own), and a HEIC's features are its pixels' features."""
+    from PIL import Image
+
+    from tests.data.test_images import HEIC
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("tile.heic", "turned.heic"):
+        (images / name).write_bytes((HEIC / name).read_bytes())
+    Image.fromarray(load_image(images / "tile.heic", None)).save(images / "pixels.png")
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
+    ducho_fast.export(config)
+    calls = _spy(monkeypatch)
+    threads = _run(config, "threads", "threads", "visual")
+    processes = _run(config, "processes", "processes", "visual")
+    assert sum(calls) == 3  # the processes decoded every file
+    assert _written(threads) == _written(processes) == 3 and _errors(processes) == []
+    files = npy_bytes(tmp_path / "threads")
+    assert npy_bytes(tmp_path / "processes") == files
+    by_id = {Path(name).stem: data for name, data in files.items()}
+    assert by_id["tile"] == by_id["pixels"] and by_id["turned"] != by_id["tile"]
 
 
 def test_no_more_decoder_processes_start_than_there_are_items(

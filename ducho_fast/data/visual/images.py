@@ -6,9 +6,12 @@ happen inside the graph, so a batch travels as uint8 NHWC.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import io
 import os
 import re
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +32,48 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
     | {".avif", ".jp2", ".j2k", ".ppm", ".pgm"}
 )
+# HEIC/HEIF, phones' photo format, is read where a libheif plugin for Pillow is installed:
+# pi-heif (decoding only: the `heif` extra) or pillow-heif, whichever is found first. libheif
+# applies the container's rotation as it decodes, and the plugin then sets the EXIF
+# orientation to upright, so a HEIC photo is turned once, whatever input.exif_orientation says.
+HEIF_SUFFIXES = frozenset({".heic", ".heif"})
+HEIF_PLUGINS = ("pi_heif", "pillow_heif")
+HEIF_INSTALL = "pip install 'ducho-fast[heif]' (pi-heif, a libheif plugin for Pillow)"
+# ISO base media "ftyp" brands of HEVC-coded HEIF files, for telling one from other bytes
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis")
+_heif_lock = threading.Lock()
+_heif_ready: list[bool] = []  # [whether a plugin was registered], once a process has looked
+
+
+def heif_plugin() -> str | None:
+    """The HEIF plugin installed here (its module's name), or None: found, not imported."""
+    return next((name for name in HEIF_PLUGINS if importlib.util.find_spec(name)), None)
+
+
+def image_suffixes() -> frozenset[str]:
+    """The suffixes of the image files a folder's listing reads: :data:`IMAGE_SUFFIXES`, and
+    HEIC/HEIF where a plugin reads them (:func:`heif_plugin`)."""
+    return IMAGE_SUFFIXES | HEIF_SUFFIXES if heif_plugin() else IMAGE_SUFFIXES
+
+
+def heif_hint(names: list[str]) -> str:
+    """How to read HEIC/HEIF files where no plugin does, if ``names`` has one; else ''."""
+    if heif_plugin() or not any(os.path.splitext(n)[1].lower() in HEIF_SUFFIXES for n in names):
+        return ""
+    return f" HEIC/HEIF photos are read with a HEIF plugin: {HEIF_INSTALL}."
+
+
+def _register_heif() -> None:
+    """Register the installed HEIF plugin with Pillow, once per process (importing it takes
+    tens of milliseconds, so only when an image is first opened)."""
+    if _heif_ready:
+        return
+    with _heif_lock:
+        if not _heif_ready:
+            name = heif_plugin()
+            if name is not None:
+                importlib.import_module(name).register_heif_opener()
+            _heif_ready.append(name is not None)
 
 
 def human_key(name: str) -> list[int | str]:
@@ -54,7 +99,7 @@ class Listing(NamedTuple):
 
 def list_images(folder: Path) -> Listing:
     """Items for every image file of ``folder`` in Ducho's order, and what is skipped."""
-    return list_files(folder, IMAGE_SUFFIXES, "image")
+    return list_files(folder, image_suffixes(), "image")
 
 
 def list_files(folder: Path, suffixes: frozenset[str], kind: str) -> Listing:
@@ -131,7 +176,7 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
     raise DataError(
         f"{kind} folder {folder} holds nothing to extract: {found}. {kind.capitalize()} files "
         f"end in {', '.join(sorted(suffixes))} (hidden ones, named '.…', are not read). Check "
-        "'input_path'."
+        f"'input_path'.{heif_hint(others) if kind == 'image' else ''}"
     )
 
 
@@ -299,6 +344,7 @@ def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Ima
         if isinstance(source, str | os.PathLike):  # not a file object a caller passed
             stamp = FileStamp.of_input(name, source)  # a pipe would block the reader
         _quiet_pillow_bombs()
+        _register_heif()
         image = Image.open(source)
         _check_pixels(name, image, max_pixels, stamp)  # from the header, not decoded
         if draft:
@@ -318,7 +364,8 @@ def _open(source: ImageSource, max_pixels: int, draft: int | None = None) -> Ima
         reason = error_reason(e)
         if not isinstance(source, str | os.PathLike):  # Pillow names a file object by its repr
             reason = reason.replace(f" {source!r}", "")
-        message = f"{name}: not a readable image ({type(e).__name__}: {reason}).{_avif_hint(name)}"
+        hint = _avif_hint(name) + _heif_read_hint(name, source)
+        message = f"{name}: not a readable image ({type(e).__name__}: {reason}).{hint}"
         raise decode_error(message, e, stamp) from e
 
 
@@ -331,6 +378,21 @@ def _avif_hint(name: str) -> str:
         f" This Pillow ({PIL.__version__}) cannot read AVIF: install Pillow 11.2 or later, or "
         "convert the file to JPEG or PNG."
     )
+
+
+def _heif_read_hint(name: str, source: Any) -> str:
+    """How to read a HEIC/HEIF image Pillow could not, where no plugin is installed: told by
+    the file's suffix or, for bytes and open files, by the brand of its ``ftyp`` box."""
+    if heif_plugin() is not None:  # it was read with one: the file is bad
+        return ""
+    if os.path.splitext(name)[1].lower() in HEIF_SUFFIXES:
+        return heif_hint([name])
+    head = b""
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:12]
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return f" It is a HEIC/HEIF image, read with a HEIF plugin: {HEIF_INSTALL}."
+    return ""
 
 
 def _quiet_pillow_bombs() -> None:
