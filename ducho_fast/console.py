@@ -271,12 +271,11 @@ def print_report(report: Any) -> None:
 def _ignored(job: str, files: list[Path], kinds: int = 4) -> str:
     """What a job's input folder holds that is not read, by kind (hidden, or by suffix: a
     .heic or .m4a folder learns at once that its format is not one read), with what is."""
-    from ducho_fast.data.audio.audio import AUDIO_SUFFIXES  # numpy and libsndfile: not for
-    from ducho_fast.data.visual.images import heif_hint, image_suffixes  # every command's start
+    from ducho_fast.data.audio.audio import audio_suffixes, ffmpeg_hint  # numpy and libsndfile:
+    from ducho_fast.data.visual.images import heif_hint, image_suffixes  # not every command's
 
-    kind, suffixes = (
-        ("audio", AUDIO_SUFFIXES) if job.startswith("audio") else ("image", image_suffixes())
-    )
+    audio = job.startswith("audio")
+    kind, suffixes = ("audio", audio_suffixes()) if audio else ("image", image_suffixes())
     groups: dict[str, list[Path]] = {}
     for file in files:
         label = "hidden" if file.name.startswith(".") else file.suffix.lower() or "unsuffixed"
@@ -285,7 +284,7 @@ def _ignored(job: str, files: list[Path], kinds: int = 4) -> str:
     parts = [f"{len(group)} {label} (e.g. {group[0].name})" for label, group in ranked[:kinds]]
     if len(ranked) > kinds:
         parts.append(f"{sum(len(group) for _, group in ranked[kinds:])} of other kinds")
-    hint = heif_hint([file.name for file in files]) if kind == "image" else ""
+    hint = (ffmpeg_hint if audio else heif_hint)([file.name for file in files])
     return (
         f"{job}: {len(files)} file(s) ignored: {', '.join(parts)}. {kind.capitalize()} files "
         f"are read from {', '.join(sorted(suffixes))}.{hint}"

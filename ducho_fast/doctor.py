@@ -115,10 +115,12 @@ def report() -> Health:
 def media_formats() -> list[str]:
     """Which image and audio formats that depend on how Pillow and libsndfile were built
     decode here (AVIF from Pillow 11.2's wheels, MP3 from libsndfile 1.1, Opus from 1.0.29),
-    and HEIC/HEIF, which needs a plugin (the ``heif`` extra)."""
+    and HEIC/HEIF and M4A/AAC, which need a package of their own (the ``heif`` and ``m4a``
+    extras)."""
     import soundfile
     from PIL import features
 
+    from ducho_fast.data.audio.audio import FFMPEG_INSTALL, pyav_found
     from ducho_fast.data.visual.images import HEIF_INSTALL, heif_plugin
 
     def said(found: dict[str, bool]) -> str:
@@ -139,7 +141,12 @@ def media_formats() -> list[str]:
         f"image formats (Pillow {_version('pillow')}): "
         + said({name: bool(features.check(f)) for name, f in images.items()})
         + f", {heif}",
-        f"audio formats (libsndfile {soundfile.__libsndfile_version__}): {said(audio)}",
+        f"audio formats (libsndfile {soundfile.__libsndfile_version__}): {said(audio)}, "
+        + (
+            f"M4A/AAC yes (av {_version('av')})"
+            if pyav_found()
+            else f"M4A/AAC no ({FFMPEG_INSTALL})"
+        ),
     ]
 
 

@@ -161,21 +161,27 @@ def test_input_formats_say_what_this_pillow_and_libsndfile_decode(monkeypatch) -
     import soundfile
     from PIL import features
 
+    from ducho_fast.data.audio import audio as audio_module
     from ducho_fast.data.visual import images as image_module
     from ducho_fast.doctor import media_formats
 
     images, audio = media_formats()
     assert images.startswith("image formats (Pillow ") and "AVIF yes" in images
     assert images.endswith(f", HEIC/HEIF yes (pi-heif {metadata.version('pi-heif')})")
-    assert (
-        audio == f"audio formats (libsndfile {soundfile.__libsndfile_version__}): MP3 yes, Opus yes"
+    assert audio == (
+        f"audio formats (libsndfile {soundfile.__libsndfile_version__}): MP3 yes, Opus yes, "
+        f"M4A/AAC yes (av {metadata.version('av')})"
     )
     monkeypatch.setattr(features, "check", lambda feature: feature == "webp")
     monkeypatch.setattr(soundfile, "available_subtypes", lambda kind: {"VORBIS": "Vorbis"})
     monkeypatch.setattr(image_module, "heif_plugin", lambda: None)
+    monkeypatch.setattr(audio_module, "pyav_found", lambda: False)
     images, audio = media_formats()
     assert images.endswith(
         "): AVIF no, JPEG 2000 no, WebP yes, HEIC/HEIF no (pip install 'ducho-fast[heif]' "
         "(pi-heif, a libheif plugin for Pillow))"
     )
-    assert audio.endswith("): MP3 yes, Opus no")
+    assert audio.endswith(
+        "): MP3 yes, Opus no, M4A/AAC no (pip install 'ducho-fast[m4a]' (PyAV: FFmpeg's "
+        "decoders in a wheel))"
+    )

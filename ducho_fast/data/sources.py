@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ducho_fast.config.model import InputOptions, Job, ModelSpec
-from ducho_fast.data.audio.audio import AUDIO_SUFFIXES, decode_audio, finish_audio, list_audio
+from ducho_fast.data.audio.audio import audio_suffixes, decode_audio, finish_audio, list_audio
 from ducho_fast.data.ids import EXACT, Folding, name_folding, unsafe_reason
 from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.text.clean import clear_text
@@ -98,7 +98,7 @@ def _check_input(job: Job) -> None:
     if job.modality in ("visual", "visual_textual"):
         check_files(job.input_path, image_suffixes(), "image")
     elif job.modality == "audio":
-        check_files(job.input_path, AUDIO_SUFFIXES, "audio")
+        check_files(job.input_path, audio_suffixes(), "audio")
     if job.modality == "visual_textual":
         assert job.text_input_path is not None
         check_text_table(job.text_input_path, job.item_column, job.text_column)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from ducho_fast.config.model import InputOptions
-from ducho_fast.data.audio.audio import list_audio, prepare_audio
+from ducho_fast.data.audio.audio import decode_audio, list_audio, prepare_audio, pyav_found
 from ducho_fast.data.items import FileStamp
 from ducho_fast.errors import DataError, UnreadableFile
 from tests.conftest import write_tone
@@ -160,3 +161,122 @@ def test_a_waveform_rate_that_is_no_rate_is_a_data_error(rate: int) -> None:
         DataError, match=rf"an array of shape \(800,\) \(float32\): a sample rate of {rate} Hz"
     ):
         prepare_audio(np.zeros(800, np.float32), PRE, source_rate=rate)
+
+
+def write_ffmpeg(path: Path, wave: np.ndarray, rate: int, codec: str = "aac") -> Path:
+    """``wave`` ((samples, channels), float32) encoded by FFmpeg through PyAV: AAC or ALAC
+    in MP4 for an .m4a (ALAC takes 16-bit samples: lossless for a wave on that grid), raw
+    AAC (ADTS) for an .aac."""
+    import av
+
+    layout = {1: "mono", 2: "stereo"}[wave.shape[1]]
+    planar = "s16p" if codec == "alac" else "fltp"
+    with av.open(str(path), "w", format="ipod" if path.suffix.lower() == ".m4a" else "adts") as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        assert isinstance(stream, av.AudioStream)
+        for start in range(0, len(wave), 1024):
+            chunk = np.ascontiguousarray(wave[start : start + 1024].T)
+            if planar == "s16p":
+                chunk = np.round(chunk * 32768).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(chunk, format=planar, layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def chirp(seconds: float, rate: int, channels: int) -> np.ndarray:
+    """A sweep from 200 Hz to 4 kHz per channel (the second one radian ahead), on
+    the 16-bit grid: no two stretches alike, so a shifted decode does not pass as aligned."""
+    t = np.arange(int(seconds * rate)) / rate
+    sweep = [
+        0.4 * np.sin(2 * np.pi * (200 * t + 1900 * t**2 / seconds) + k) for k in range(channels)
+    ]
+    return (np.round(np.stack(sweep, axis=1) * 32768) / 32768).astype(np.float32)
+
+
+needs_pyav = pytest.mark.skipif(not pyav_found(), reason="no PyAV (the m4a extra)")
+
+
+@needs_pyav
+def test_m4a_and_aac_are_listed_and_decoded_by_ffmpeg(tmp_path: Path) -> None:
+    """ALAC in .m4a is lossless: its samples are the wave's, channels in their order. AAC is
+    lossy and follows the wave as FFmpeg decodes it: in .m4a from the first sample (the
+    encoder's 1024 priming samples dropped, as the file says), in raw .aac after them (ADTS
+    has nowhere to say so; FFmpeg's own command line gives the same)."""
+    wave = chirp(1.0, 44100, channels=2)
+    write_ffmpeg(tmp_path / "lossless.m4a", wave, 44100, codec="alac")
+    write_ffmpeg(tmp_path / "song.M4A", wave, 44100)
+    write_ffmpeg(tmp_path / "raw.aac", wave, 44100)
+    items, ignored, _ = list_audio(tmp_path)
+    assert [i.item_id for i in items] == ["lossless", "raw", "song"] and ignored == []
+    exact, rate = decode_audio(tmp_path / "lossless.m4a", None)
+    assert rate == 44100 and exact.dtype == np.float32
+    np.testing.assert_array_equal(exact, wave)
+    for name, priming in (("song.M4A", 0), ("raw.aac", 1024)):
+        lossy, rate = decode_audio(tmp_path / name, None)
+        assert rate == 44100 and lossy.shape[1] == 2
+        assert lossy.shape[0] >= wave.shape[0] + priming
+        for k in range(2):
+            ours = lossy[priming + 1024 : priming + wave.shape[0] - 1024, k]
+            assert np.corrcoef(ours, wave[1024:-1024, k])[0, 1] > 0.999, (name, k)
+    mono = prepare_audio(tmp_path / "lossless.m4a", PRE)  # to the model's rate, mono
+    np.testing.assert_array_equal(mono, prepare_audio(wave, PRE, source_rate=44100))
+
+
+@needs_pyav
+def test_m4a_crops_limits_and_bad_files_as_other_audio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ducho_fast.data.audio import audio
+
+    wave = chirp(3.0, 8000, channels=1)
+    path = write_ffmpeg(tmp_path / "long.m4a", wave, 8000, codec="alac")
+    limit = InputOptions(max_audio_seconds=2)
+    too_long = r"3 s of audio, over input.max_audio_seconds \(2 s\)"
+    with monkeypatch.context() as undecoded:  # refused from its stated length, not decoded
+        undecoded.setattr(audio, "_decoded", None)
+        with pytest.raises(UnreadableFile, match=too_long):
+            prepare_audio(path, PRE, limit)
+    with monkeypatch.context() as unstated:  # a file that says nothing: refused once decoded
+        unstated.setattr(audio, "_stated_seconds", lambda container: None)
+        with pytest.raises(UnreadableFile, match=too_long):
+            prepare_audio(path, PRE, limit)
+    cropped, _ = decode_audio(path, 1.5, limit)
+    np.testing.assert_array_equal(cropped, wave[:12000])
+    (tmp_path / "fake.m4a").write_bytes(b"\x00\x00\x00\x18ftypM4A " + bytes(64))
+    (tmp_path / "cut.m4a").write_bytes(path.read_bytes()[:100])
+    for name in ("fake.m4a", "cut.m4a"):
+        with pytest.raises(UnreadableFile, match=rf"{name}: not a readable audio file") as caught:
+            prepare_audio(tmp_path / name, PRE)
+        assert caught.value.stamp == FileStamp.of(tmp_path / name)
+    with pytest.raises(DataError, match=r"none.m4a: file not found"):
+        prepare_audio(tmp_path / "none.m4a", PRE)
+
+
+def test_without_pyav_m4a_files_are_ignored_and_the_way_to_read_them_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ducho_fast.console import _ignored
+    from ducho_fast.data.audio import audio
+    from ducho_fast.data.visual.images import check_files
+
+    monkeypatch.setattr(audio, "pyav_found", lambda: False)
+    for name in ("a.m4a", "b.aac"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x00\x18ftypM4A " + bytes(64))
+    advice = ".m4a and .aac files are read with FFmpeg's decoders: pip install 'ducho-fast[m4a]'"
+    with pytest.raises(DataError, match=r"\(a\.m4a, b\.aac\) are not audio files") as e:
+        check_files(tmp_path, audio.audio_suffixes(), "audio")
+    assert advice in str(e.value)
+    write_tone(tmp_path / "c.wav")
+    items, ignored, _ = list_audio(tmp_path)
+    assert [i.item_id for i in items] == ["c"] and len(ignored) == 2
+    said = _ignored("audio.items", ignored)
+    assert said.startswith("audio.items: 2 file(s) ignored: 1 .m4a (e.g. a.m4a), 1 .aac") and (
+        advice in said
+    )
+    assert "FFmpeg" not in _ignored("visual.items", ignored)  # an image folder: no advice
+    with pytest.raises(DataError, match=rf"a\.m4a: {re.escape(advice)}"):
+        prepare_audio(tmp_path / "a.m4a", PRE)  # given by path: said at once

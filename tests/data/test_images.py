@@ -586,10 +586,14 @@ def test_an_unlistable_folder_is_a_data_error(tmp_path: Path, monkeypatch) -> No
 
 
 def test_the_readme_lists_the_suffixes_that_are_read() -> None:
-    from ducho_fast.data.audio.audio import AUDIO_SUFFIXES
+    from ducho_fast.data.audio.audio import AUDIO_SUFFIXES, FFMPEG_SUFFIXES
 
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    for label, suffixes in (("Images", IMAGE_SUFFIXES), ("Audio", AUDIO_SUFFIXES)):
+    read = (
+        ("Images", IMAGE_SUFFIXES | images.HEIF_SUFFIXES),
+        ("Audio", AUDIO_SUFFIXES | FFMPEG_SUFFIXES),
+    )
+    for label, suffixes in read:
         start = readme.index(f"{label}: `.")
         listed = readme[
             start : readme.index("\n  Audio: " if label == "Images" else " (what", start)

@@ -16,6 +16,7 @@ import pytest
 
 import ducho_fast
 from ducho_fast.config.model import InputOptions
+from ducho_fast.data.audio.audio import pyav_found
 from ducho_fast.data.items import Item
 from ducho_fast.data.sources import AudioLoader, ImageLoader, TextLoader
 from ducho_fast.data.visual.images import heif_plugin, load_image
@@ -310,6 +311,36 @@ def test_no_more_decoder_processes_start_than_there_are_items(
     images = len(list((tmp_path / "images").iterdir()))
     assert started == [images] and 1 < images < 50
     assert _written(report) == images
+
+
+@pytest.mark.skipif(not pyav_found(), reason="no PyAV (the m4a extra)")
+def test_m4a_extracts_in_threads_and_processes_as_its_samples_do(
+    tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ALAC .m4a (lossless) beside a WAV of the same samples, and an AAC one: FFmpeg
+    decodes in the reader threads and in decoder processes alike, and the .m4a's features are
+    its samples' features."""
+    import soundfile as sf
+
+    from tests.data.test_audio import chirp, write_ffmpeg
+
+    (tmp_path / "audio").mkdir()
+    wave = chirp(0.6, 22050, channels=2)
+    write_ffmpeg(tmp_path / "audio" / "lossless.m4a", wave, 22050, codec="alac")
+    write_ffmpeg(tmp_path / "audio" / "lossy.m4a", wave, 22050)
+    sf.write(str(tmp_path / "audio" / "samples.wav"), wave, 22050, subtype="FLOAT")
+    model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 2}
+    config = audio_config(tmp_path, model, store)
+    ducho_fast.export(config)
+    calls = _spy(monkeypatch)
+    threads = _run(config, "threads", "threads", "audio")
+    processes = _run(config, "processes", "processes", "audio")
+    assert sum(calls) == 3
+    assert _written(threads) == _written(processes) == 3 and _errors(processes) == []
+    files = npy_bytes(tmp_path / "threads")
+    assert npy_bytes(tmp_path / "processes") == files
+    by_id = {Path(name).stem: data for name, data in files.items()}
+    assert by_id["lossless"] == by_id["samples"] != by_id["lossy"]
 
 
 def test_audio_with_processes_writes_what_threads_write(

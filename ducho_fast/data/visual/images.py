@@ -176,8 +176,17 @@ def check_files(folder: Path, suffixes: frozenset[str], kind: str) -> None:
     raise DataError(
         f"{kind} folder {folder} holds nothing to extract: {found}. {kind.capitalize()} files "
         f"end in {', '.join(sorted(suffixes))} (hidden ones, named '.…', are not read). Check "
-        f"'input_path'.{heif_hint(others) if kind == 'image' else ''}"
+        f"'input_path'.{_format_hint(kind, others)}"
     )
+
+
+def _format_hint(kind: str, names: list[str]) -> str:
+    """How to read those of ``names`` whose format needs an extra package, if any does."""
+    if kind == "audio":
+        from ducho_fast.data.audio.audio import ffmpeg_hint  # it imports this module
+
+        return ffmpeg_hint(names)
+    return heif_hint(names)
 
 
 def _some(names: list[str]) -> str:
