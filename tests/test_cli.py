@@ -649,10 +649,16 @@ def test_an_ignored_signal_stays_ignored(sig: signal.Signals) -> None:
         signal.signal(sig, before)
 
 
-def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
+def test_ignored_files_are_named_for_their_job_s_kind(capsys, monkeypatch) -> None:
+    """With neither PyAV nor a HEIF plugin (the m4a and heif extras) installed."""
     from types import SimpleNamespace
 
     from ducho_fast.console import _print_inputs
+    from ducho_fast.data.audio import audio
+    from ducho_fast.data.visual import images
+
+    monkeypatch.setattr(audio, "pyav_found", lambda: False)
+    monkeypatch.setattr(images, "heif_plugin", lambda: None)
 
     heics = [Path(f"in/IMG_{n}.HEIC") for n in range(3)]
     others = [
@@ -667,13 +673,16 @@ def test_ignored_files_are_named_for_their_job_s_kind(capsys) -> None:
     said = capsys.readouterr().err
     assert (
         "audio.items: 2 file(s) ignored: 1 hidden (e.g. ._a.wav), 1 .m4a (e.g. b.m4a). Audio "
-        "files are read from .aif, .aiff, .flac, .mp3, .oga, .ogg, .opus, .wav.\n"
+        "files are read from .aif, .aiff, .flac, .mp3, .oga, .ogg, .opus, .wav. .m4a and .aac "
+        "files are read with FFmpeg's decoders: pip install 'ducho-fast[m4a]' (PyAV: FFmpeg's "
+        "decoders in a wheel).\n"
     ) in said
     assert (
         "visual.items: 8 file(s) ignored: 3 .heic (e.g. IMG_0.HEIC), 1 hidden (e.g. "
         ".DS_Store), 1 unsuffixed (e.g. README), 1 .txt (e.g. a.txt), 2 of other kinds. Image "
         "files are read from .avif, .bmp, "
     ) in said
+    assert ".webp. HEIC/HEIF photos are read with a HEIF plugin: pip install " in said
     assert "visual.items: 2 subfolder(s) not read" in said
     assert "e.g. shoes/" in said
     assert "audio.items: 0" not in said and "audio.items: 1 subfolder" not in said

@@ -22,6 +22,8 @@ from PIL import Image
 
 import ducho_fast
 from ducho_fast.api import ERRORS_FILE, ExtractReport
+from ducho_fast.data.audio.audio import pyav_found
+from ducho_fast.data.visual.images import heif_plugin
 from tests.conftest import (
     audio_config,
     resnet18_entry,
@@ -30,8 +32,12 @@ from tests.conftest import (
     write_image,
     write_tone,
 )
+from tests.data.test_audio import chirp, write_ffmpeg
+from tests.data.test_images import HEIC
 
 pytestmark = pytest.mark.slow
+# formats read with an extra package (the test extra has both): mixed in where installed
+HEIF, PYAV = heif_plugin() is not None, pyav_found()
 
 # file name -> what the errors file must say about it
 BAD_IMAGES = {
@@ -46,8 +52,10 @@ BAD_IMAGES = {
     "good03.png": "duplicate id",
     "pipe.jpg": "not a regular file but a named pipe",  # a reader opening it would wait
     "piped.jpg": "not a regular file but a named pipe",  # a link to one outside the folder
+    **({"halved.heic": "not a readable image"} if HEIF else {}),
 }
 ODD_BUT_GOOD = ["cmyk.jpg", "gray16.png", "gray.jpg", "rgba.png", "palette.png", "exif.jpg"]
+ODD_BUT_GOOD += ["phone.heic"] if HEIF else []
 
 
 def good_images(folder: Path) -> None:
@@ -67,6 +75,8 @@ def good_images(folder: Path) -> None:
     write_image(folder / "exif.jpg", size=(50, 20), seed=23)
     Image.open(folder / "exif.jpg").save(folder / "exif.jpg", exif=exif.tobytes())
     write_image(folder / "big.jpg", size=(3000, 2000), seed=24)
+    if HEIF:  # a phone's photo, turned by its container
+        (folder / "phone.heic").write_bytes((HEIC / "turned.heic").read_bytes())
 
 
 def bad_images(folder: Path) -> None:
@@ -86,6 +96,9 @@ def bad_images(folder: Path) -> None:
     write_image(folder / "good03.png", seed=33)
     (folder / "notes.txt").write_text("not an input")
     pipes(folder, "pipe.jpg", "piped.jpg")
+    if HEIF:
+        heic = (HEIC / "tile.heic").read_bytes()
+        (folder / "halved.heic").write_bytes(heic[: len(heic) // 2])
 
 
 def pipes(folder: Path, named: str, linked: str) -> None:
@@ -247,6 +260,11 @@ BAD_AUDIO = {
     "s1.x.wav": "duplicate id",
     "pipe.wav": "not a regular file but a named pipe",
     "piped.wav": "not a regular file but a named pipe",
+    **(
+        {"junk.m4a": "not a readable audio file", "short.m4a": "not a readable audio file"}
+        if PYAV
+        else {}
+    ),
 }
 
 
@@ -260,6 +278,9 @@ def good_audio(folder: Path) -> None:
     write_tone(folder / "hi_rate.flac", seconds=0.4, rate=48_000)
     write_tone(folder / "vorbis.ogg", seconds=0.4)
     sf.write(str(folder / "silence.wav"), np.zeros(6400, np.float32), 16_000)
+    if PYAV:
+        write_ffmpeg(folder / "alac.m4a", chirp(0.4, 22_050, channels=2), 22_050, codec="alac")
+        write_ffmpeg(folder / "aac.m4a", chirp(0.5, 44_100, channels=1), 44_100)
 
 
 def bad_audio(folder: Path) -> None:
@@ -273,6 +294,10 @@ def bad_audio(folder: Path) -> None:
     write_tone(folder / "blip.wav", seconds=0.001)
     write_tone(folder / "s1.x.wav")  # id s1 again; s1.wav sorts first and is kept
     pipes(folder, "pipe.wav", "piped.wav")
+    if PYAV:
+        (folder / "junk.m4a").write_bytes(b"\x00\x00\x00\x18ftypM4A " + bytes(64))
+        aac = write_ffmpeg(folder / "short.m4a", chirp(0.5, 16_000, channels=1), 16_000)
+        aac.write_bytes(aac.read_bytes()[:200])
 
 
 def test_audio(tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path) -> None:
@@ -287,4 +312,4 @@ def test_audio(tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path) -> None:
     reported = errors(tmp_path / "messy" / "out")
     assert_reasons_by_file(reported, BAD_AUDIO)
     assert len(reported) == len(BAD_AUDIO) == report.failed
-    assert len(assert_same_features(tmp_path, "s0.npy")) == 12
+    assert len(assert_same_features(tmp_path, "s0.npy")) == 12 + 2 * PYAV
