@@ -60,6 +60,17 @@ def _extract_each_way(config: dict[str, Any]) -> dict[str, Any]:
     return reports
 
 
+def _each_way_equals_cpu(tmp_path: Path, files: int) -> None:
+    """The CUDA runs' features (with I/O binding and without) are the CPU run's ``files``
+    features within the fp32 bounds."""
+    cpu = sorted(tmp_path.joinpath("cpu").rglob("*.npy"))
+    assert len(cpu) == files
+    for name in ("cuda", "cuda_plain"):
+        for file in cpu:
+            twin = tmp_path / name / file.relative_to(tmp_path / "cpu")
+            within_fp32_bounds(np.load(twin), np.load(file))
+
+
 def test_text_on_cuda_equals_cpu(tmp_path: Path, store: Path, texts_tsv, minilm_dir) -> None:
     (tmp_path / "descriptions.tsv").symlink_to(texts_tsv)
     model = {
@@ -85,12 +96,7 @@ def test_images_on_cuda_equal_cpu(tmp_path: Path, store: Path, image_dir, resnet
     config = visual_config(tmp_path, entry, store)
     ducho_fast.export(config)
     _extract_each_way(config)
-    cpu = sorted(tmp_path.joinpath("cpu").rglob("*.npy"))
-    assert len(cpu) == 10
-    for name in ("cuda", "cuda_plain"):
-        for file in cpu:
-            twin = tmp_path / name / file.relative_to(tmp_path / "cpu")
-            within_fp32_bounds(np.load(twin), np.load(file))
+    _each_way_equals_cpu(tmp_path, files=10)
 
 
 def test_audio_clips_of_several_lengths_on_cuda_equal_cpu(
@@ -107,12 +113,7 @@ def test_audio_clips_of_several_lengths_on_cuda_equal_cpu(
     config = audio_config(tmp_path, model, store)
     ducho_fast.export(config)
     _extract_each_way(config)
-    cpu = sorted(tmp_path.joinpath("cpu").rglob("*.npy"))
-    assert len(cpu) == 8
-    for name in ("cuda", "cuda_plain"):
-        for file in cpu:
-            twin = tmp_path / name / file.relative_to(tmp_path / "cpu")
-            within_fp32_bounds(np.load(twin), np.load(file))
+    _each_way_equals_cpu(tmp_path, files=8)
 
 
 def test_embedding_api_on_cuda_pins_and_equals_cpu(tmp_path: Path, store: Path, minilm_dir):

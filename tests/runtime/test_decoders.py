@@ -205,6 +205,18 @@ def _run(config: dict[str, Any], readers: str, output: str, section: str) -> Any
     return ducho_fast.extract(run)
 
 
+def _both_ways(
+    config: dict[str, Any], section: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, Any, list[int]]:
+    """``config`` exported, then extracted with reader threads and with decoder processes
+    (into ``threads/`` and ``processes/``): both reports, and the items of each call to the
+    processes (:func:`_spy`)."""
+    ducho_fast.export(config)
+    calls = _spy(monkeypatch)
+    threads = _run(config, "threads", "threads", section)
+    return threads, _run(config, "processes", "processes", section), calls
+
+
 def _written(report: Any) -> int:
     return sum(run.result.written for run in report.runs)
 
@@ -277,10 +289,7 @@ def test_heic_photos_extract_in_threads_and_processes_as_their_pixels_do(
         (images / name).write_bytes((HEIC / name).read_bytes())
     Image.fromarray(load_image(images / "tile.heic", None)).save(images / "pixels.png")
     config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
-    ducho_fast.export(config)
-    calls = _spy(monkeypatch)
-    threads = _run(config, "threads", "threads", "visual")
-    processes = _run(config, "processes", "processes", "visual")
+    threads, processes, calls = _both_ways(config, "visual", monkeypatch)
     assert sum(calls) == 3  # the processes decoded every file
     assert _written(threads) == _written(processes) == 3 and _errors(processes) == []
     files = npy_bytes(tmp_path / "threads")
@@ -330,11 +339,9 @@ def test_m4a_extracts_in_threads_and_processes_as_its_samples_do(
     write_ffmpeg(tmp_path / "audio" / "lossy.m4a", wave, 22050)
     sf.write(str(tmp_path / "audio" / "samples.wav"), wave, 22050, subtype="FLOAT")
     model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 2}
-    config = audio_config(tmp_path, model, store)
-    ducho_fast.export(config)
-    calls = _spy(monkeypatch)
-    threads = _run(config, "threads", "threads", "audio")
-    processes = _run(config, "processes", "processes", "audio")
+    threads, processes, calls = _both_ways(
+        audio_config(tmp_path, model, store), "audio", monkeypatch
+    )
     assert sum(calls) == 3
     assert _written(threads) == _written(processes) == 3 and _errors(processes) == []
     files = npy_bytes(tmp_path / "threads")
@@ -351,11 +358,9 @@ def test_audio_with_processes_writes_what_threads_write(
         write_tone(tmp_path / "audio" / f"tone{k}.wav", 0.3 + 0.1 * k, freq=200.0 + 50 * k)
     (tmp_path / "audio" / "noise.wav").write_bytes(b"RIFF....WAVEfmt nothing more")
     model = {"model_name": str(tiny_wav2vec2_dir), "backend": "transformers", "batch_size": 2}
-    config = audio_config(tmp_path, model, store)
-    ducho_fast.export(config)
-    calls = _spy(monkeypatch)
-    threads = _run(config, "threads", "threads", "audio")
-    processes = _run(config, "processes", "processes", "audio")
+    threads, processes, calls = _both_ways(
+        audio_config(tmp_path, model, store), "audio", monkeypatch
+    )
     assert sum(calls) == 6
     assert _written(threads) == _written(processes) == 5
     assert _errors(processes) == _errors(threads) and len(_errors(threads)) == 1
