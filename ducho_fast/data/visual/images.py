@@ -391,7 +391,8 @@ def _avif_hint(name: str) -> str:
 
 def _heif_read_hint(name: str, source: Any) -> str:
     """How to read a HEIC/HEIF image Pillow could not, where no plugin is installed: told by
-    the file's suffix or, for bytes and open files, by the brand of its ``ftyp`` box."""
+    the file's suffix or, for the bytes of a file given in memory, by the brand of its
+    ``ftyp`` box (an open file a caller passes is not read again to tell)."""
     if heif_plugin() is not None:  # it was read with one: the file is bad
         return ""
     if os.path.splitext(name)[1].lower() in HEIF_SUFFIXES:
