@@ -111,8 +111,7 @@ class BenchRun:
     def job_seconds(self) -> float:
         """The whole job, all of its items, at extract's pace after its first batch (items
         already written would be skipped): the start-up once, the rest per item."""
-        per_item = max(0.0, self.extract_seconds - self.first_batch) / self.items
-        return self.first_batch + per_item * self.job_items
+        return _job_seconds(self.extract_seconds, self.first_batch, self.items, self.job_items)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -301,20 +300,18 @@ def _bench_model(
     files, texts, copied = _write_sample(folder, job, sample.rows)
     inputs = (files, texts)
     sub = _sample_config(cfg, job, spec, inputs)
-    runs: list[list[Any]] = []  # each round's model runs
+    runs_of: dict[str, list[list[Any]]] = {}  # each extract way's model runs, per round
     made = iter(range(1, 1 << 30))
     last: dict[str, Path] = {}  # each way's output folder, in its last round
 
-    def extract_with(name: str, config: Config) -> Callable[[], list[Any]]:
-        def run() -> list[Any]:  # each round into new folders, as a first run writes
+    def extract_with(name: str, config: Config) -> Callable[[], None]:
+        def run() -> None:  # each round into new folders, as a first run writes
             out = folder / f"out{next(made)}"
             last[name] = out
-            return api.extract(replace(config, jobs=(_outputs(config.jobs[0], out),))).runs
+            job = _outputs(config.jobs[0], out)
+            runs_of.setdefault(name, []).append(api.extract(replace(config, jobs=(job,))).runs)
 
         return run
-
-    def extract() -> None:
-        runs.append(extract_with("extract", sub)())
 
     lanes = batch_lanes(cfg.runtime)
     embedders = [Embedder(t.artifact, alone(cfg.runtime), lanes=lanes) for t in sample.towers]
@@ -323,7 +320,7 @@ def _bench_model(
     ]
     alone_runs = [session_alone(e, b) for e, b in zip(embedders, batches, strict=True)]
     systems: dict[str, Callable[[], Any]] = {
-        "extract": extract,
+        "extract": extract_with("extract", sub),
         "session": lambda: [run() for run in alone_runs],  # a model's graphs, as extract runs them
     }
     provider = embedders[0].info.provider
@@ -352,7 +349,10 @@ def _bench_model(
     with torch_threads(eager is not None):
         seconds, values = rounds(repeats, systems, cpu, said)
     ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
-    variants = tuple(_variant(setting, count, seconds, last) for setting, *_ in ways)
+    runs = runs_of.get("extract", [])
+    variants = tuple(
+        _variant(setting, seconds, last, runs_of, (count, sample.job_items)) for setting, *_ in ways
+    )
     return BenchRun(
         key_path=spec.key_path,
         model=spec.model_name,
@@ -384,20 +384,52 @@ def _jpegs_in_full(cfg: Config, job: Job, sample: _Sample) -> bool:
 
 
 def _variant(
-    setting: str, count: int, seconds: dict[str, list[float]], last: dict[str, Path]
+    setting: str,
+    seconds: dict[str, list[float]],
+    last: dict[str, Path],
+    runs_of: dict[str, list[list[Any]]],
+    counts: tuple[int, int],
 ) -> Variant:
+    """``counts``: the sample's items and the job's."""
     name = f"extract {setting}"
     speedups = [b / v for b, v in zip(seconds["extract"], seconds[name], strict=True)]
     identical, least, compared = compare_features(last["extract"], last[name])
+    starts = {way: _first_batches(runs_of.get(way, [])) for way in ("extract", name)}
+    job: list[float] = []
+    if all(len(s) == len(speedups) for s in starts.values()):
+        job = [  # per round: the start-up once, the rest of the job at the sample's pace
+            _job_seconds(b, fb, *counts) / _job_seconds(v, fv, *counts)
+            for b, fb, v, fv in zip(
+                seconds["extract"], starts["extract"], seconds[name], starts[name], strict=True
+            )
+        ]
     return Variant(
         setting=setting,
-        rate=count / statistics.median(seconds[name]),
+        rate=counts[0] / statistics.median(seconds[name]),
         speedup=statistics.median(speedups),
         speedup_range=(min(speedups), max(speedups)),
         identical=identical,
         min_cosine=least,
         compared=compared,
+        first_batch=statistics.median(starts[name]) if job else None,
+        job_speedup=statistics.median(job) if job else None,
+        job_speedup_range=(min(job), max(job)) if job else None,
     )
+
+
+def _first_batches(rounds_runs: list[list[Any]]) -> list[float]:
+    """Each round's time until its first batch ran (summed over the model's graphs' runs);
+    nothing where the engine measures none."""
+    timed = [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
+    if not all(timed):
+        return []
+    return [sum(t.first_batch for t in ts) for ts in timed]
+
+
+def _job_seconds(seconds: float, first_batch: float, items: int, job_items: int) -> float:
+    """A whole job's time from a sample's: the start-up once, the rest per item (as
+    :attr:`BenchRun.job_seconds`)."""
+    return first_batch + max(0.0, seconds - first_batch) / items * job_items
 
 
 def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:
@@ -440,8 +472,8 @@ def _write_sample(
     files.mkdir()
     copied = False
     for row in rows:
-        target = Path(row[0].raw).resolve()
-        copied = _link_or_copy(target, files / target.name) or copied
+        path = Path(row[0].raw)  # linked under its own name: its id (a link's, not its target's)
+        copied = _link_or_copy(path.resolve(), files / path.name) or copied
     if job.modality != "visual_textual":
         return files, None, copied
     return files, _write_texts(folder / "texts.tsv", [row[1] for row in rows]), copied
@@ -526,17 +558,48 @@ def _batches(
 
 @contextmanager
 def _work_folder(work: Path | None, cfg: Config) -> Iterator[Path]:
-    """A new folder for the samples and their features, removed at the end."""
+    """A new folder for the samples and their features, removed at the end; in ``work``,
+    which is made if it does not exist (and removed at the end, with the parents made for it,
+    where nothing else was put there meanwhile)."""
     base = work if work is not None else _existing(cfg.jobs[0].output_path) if cfg.jobs else None
+    parents: list[Path] = []
     try:
-        made = tempfile.TemporaryDirectory(prefix=".ducho-fast-bench-", dir=base)
-    except OSError as e:
-        raise OutputError(
-            f"bench cannot make its work folder in {base}: {e.strerror or e}. Name a writable "
-            "folder with --work (ideally on the disk the features are written to)."
-        ) from e
-    with made as folder:
-        yield Path(folder)
+        try:
+            parents = _made(work) if work is not None else []
+            made = tempfile.TemporaryDirectory(prefix=".ducho-fast-bench-", dir=base)
+        except OSError as e:
+            raise OutputError(
+                f"bench cannot make its work folder in {base}: {e.strerror or e}. Name a "
+                "writable folder with --work (ideally on the disk the features are written to)."
+            ) from e
+        with made as folder:
+            yield Path(folder)
+    finally:
+        for parent in reversed(parents):
+            try:
+                parent.rmdir()
+            except OSError:  # something else was put there: it stays
+                break
+
+
+def _made(path: Path) -> list[Path]:
+    """Make the folder ``path`` and its missing parents; those made, outermost first."""
+    missing = []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    made: list[Path] = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile by another process: not ours to remove
+            continue
+        except OSError:
+            for mine in reversed(made):
+                mine.rmdir()
+            raise
+        made.append(folder)
+    return made
 
 
 def _existing(path: Path) -> Path:

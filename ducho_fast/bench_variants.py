@@ -26,7 +26,13 @@ from ducho_fast.errors import ConfigError
 class Variant:
     """Extract with ``setting`` on the same sample, in the same rounds: items/s (median
     round), its speed over extract as configured (per round: median, range), and how its
-    features compare with the config's (those of each way's last round)."""
+    features compare with the config's (those of each way's last round).
+
+    A start-up that differs (decoder processes start with each run) weighs more in a sample
+    than in the whole job: ``job_speedup`` is the speed over extract as configured for the
+    job's items, each way's start-up once and the rest at its pace in the sample (per round:
+    median, range). None where the engine does not time its first batch.
+    """
 
     setting: str
     rate: float
@@ -35,6 +41,9 @@ class Variant:
     identical: bool  # every feature the same array, bit for bit
     min_cosine: float | None  # the least cosine between the two ways' features of an item
     compared: int  # feature files compared (every one written by both ways)
+    first_batch: float | None = None  # seconds until its first batch ran (median round)
+    job_speedup: float | None = None
+    job_speedup_range: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +54,15 @@ class Variant:
             "identical": self.identical,
             "min_cosine": None if self.min_cosine is None else round(self.min_cosine, 6),
             "compared": self.compared,
+            "first_batch": None if self.first_batch is None else round(self.first_batch, 3),
+            "vs_extract_whole_job": None
+            if self.job_speedup is None
+            else round(self.job_speedup, 3),
+            "vs_extract_whole_job_range": (
+                None
+                if self.job_speedup_range is None
+                else [round(x, 3) for x in self.job_speedup_range]
+            ),
         }
 
 

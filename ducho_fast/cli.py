@@ -382,7 +382,8 @@ def bench(
         typer.Option(
             metavar="FOLDER",
             help="Where the sample's features go, in a folder removed at the end (default: "
-            "beside the first job's output folder, on the disk a real run writes to).",
+            "beside the first job's output folder, on the disk a real run writes to); made if "
+            "it does not exist, and then removed too.",
             show_default=False,
         ),
     ] = None,

@@ -135,11 +135,37 @@ def test_bench_refuses_bad_sizes_and_models_not_exported(
 
 
 def test_bench_names_a_work_folder_it_cannot_use(exported: dict[str, Any], tmp_path: Path):
-    missing = tmp_path / "no" / "such"
+    (tmp_path / "a-file").write_text("")
+    before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(
-        OutputError, match=r"bench cannot make its work folder in .*no/such.*--work"
+        OutputError,
+        match=r"bench cannot make its work folder in .*a-file/such: Not a directory.*--work",
     ):
-        bench(exported, items=2, repeats=1, work=missing)
+        bench(exported, items=2, repeats=1, work=tmp_path / "a-file" / "such")
+    with pytest.raises(OutputError, match=r"in .*/new/x+: File name too long"):
+        bench(exported, items=2, repeats=1, work=tmp_path / "new" / ("x" * 300))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # "new" made, then removed
+
+
+def test_bench_makes_a_work_folder_that_does_not_exist_and_removes_it(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--work DIR`` that does not exist yet is made, its parents too, and removed at the
+    end; a parent that something else was put in meanwhile stays, with that."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    exported = {k: v for k, v in exported.items() if k != "textual"}
+    (run,) = bench(exported, items=2, repeats=1, work=tmp_path / "no" / "such").runs
+    assert run.items == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    extract = bench_module.api.extract
+
+    def beside(config: Any) -> Any:  # another program's file appears in a parent bench made
+        (tmp_path / "no" / "theirs.txt").write_text("keep")
+        return extract(config)
+
+    monkeypatch.setattr(bench_module.api, "extract", beside)
+    bench(exported, items=2, repeats=1, work=tmp_path / "no" / "such")
+    assert [p.name for p in (tmp_path / "no").iterdir()] == ["theirs.txt"]
 
 
 def test_bench_command_prints_each_model_and_a_json_line(exported: dict[str, Any], tmp_path):
@@ -261,6 +287,30 @@ def test_bench_writers_are_the_median_rounds() -> None:
     assert (waits["writers"], waits["writers_added"]) == (3, 2)
     two = bench_module._waits([round_of((8, 7)), round_of((1, 0))])  # the lower of two
     assert (two["writers"], two["writers_added"]) == (1, 0)
+
+
+def test_bench_samples_links_under_their_own_names(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's image that is a link to another of its images is an item of its own, with its
+    own id. The sample was linked under the name its target resolves to, so the second of two
+    such items collided with the first and bench stopped ("File exists")."""
+    images = tmp_path / "images"
+    (images / "img00a.jpg").symlink_to("img00.jpg")
+    (images / "img00b.jpg").symlink_to(images / "img00.jpg")
+    exported = {k: v for k, v in exported.items() if k != "textual"}
+    extract = bench_module.api.extract
+    written: list[list[str]] = []
+
+    def spy(config: Any) -> Any:
+        report = extract(config)
+        written.append(sorted(p.stem for p in config.jobs[0].output_path.rglob("img*.npy")))
+        return report
+
+    monkeypatch.setattr(bench_module.api, "extract", spy)
+    (run,) = bench(exported, items=4, repeats=1, work=tmp_path / "work").runs
+    assert (run.items, run.sample_copied) == (4, False)
+    assert written == [["img00", "img00a", "img00b", "img01"]]
 
 
 def test_bench_copies_its_sample_where_the_work_folder_makes_no_links(
@@ -392,6 +442,9 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
             assert variant.rate > 0
             assert variant.speedup_range[0] <= variant.speedup <= variant.speedup_range[1]
             assert f"extract {variant.setting}" in run.cpu_ms
+            assert variant.first_batch is not None and variant.first_batch > 0
+            low, high = variant.job_speedup_range or (1.0, 0.0)
+            assert variant.job_speedup is not None and low <= variant.job_speedup <= high
         assert [v["setting"] for v in run.as_dict()["variants"]] == settings
     # each round said as it ended, with the rates the report's medians are taken from
     ways = ["extract", "session", *(f"extract {s}" for s in settings)]
@@ -405,6 +458,79 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
         for variant in run.variants:
             seconds = [run.items / t.rates[f"extract {variant.setting}"] for t in said]
             assert variant.rate == pytest.approx(run.items / np.median(seconds))
+
+
+def _timed_runs(*first_batches: float) -> list[Any]:
+    """A round's model runs as extract returns them, each with its time to its first batch."""
+    return [
+        SimpleNamespace(result=SimpleNamespace(timing=SimpleNamespace(first_batch=f)))
+        for f in first_batches
+    ]
+
+
+def test_a_variant_is_also_timed_over_the_whole_job_its_start_up_once(tmp_path: Path) -> None:
+    """Decoder processes start with each run: over a sample of 2048 items a second more of
+    start-up is a quarter of the run, over a million items nothing. Each round's ratio takes
+    each way's start-up once and the rest of the job at that way's pace in the sample."""
+    seconds = {"extract": [4.0, 4.2, 5.0], "extract runtime.readers=processes": [4.5, 4.6, 4.4]}
+    runs_of = {
+        "extract": [_timed_runs(0.2), _timed_runs(0.25), _timed_runs(0.1, 0.1)],
+        "extract runtime.readers=processes": [_timed_runs(x) for x in (1.2, 1.3, 1.4)],
+    }
+    last = {"extract": tmp_path / "a", "extract runtime.readers=processes": tmp_path / "b"}
+    v = bench_module._variant("runtime.readers=processes", seconds, last, runs_of, (2048, 10**6))
+    job = [
+        (fb + (s - fb) / 2048 * 10**6) / (fv + (sv - fv) / 2048 * 10**6)
+        for s, fb, sv, fv in zip(
+            seconds["extract"],
+            (0.2, 0.25, 0.2),
+            seconds[f"extract {v.setting}"],
+            (1.2, 1.3, 1.4),
+            strict=True,
+        )
+    ]
+    assert v.speedup == pytest.approx(4.2 / 4.6) and v.speedup < 1
+    assert v.job_speedup is not None and v.job_speedup > 1.1
+    assert v.job_speedup == pytest.approx(sorted(job)[1])
+    assert v.job_speedup_range == pytest.approx((min(job), max(job)))
+    assert v.first_batch == pytest.approx(1.3)
+    # the sample is the whole job: the same ratio as the sample's
+    same = bench_module._variant("runtime.readers=processes", seconds, last, runs_of, (64, 64))
+    assert same.job_speedup == pytest.approx(same.speedup)
+    assert v.as_dict()["vs_extract_whole_job"] == round(v.job_speedup, 3)
+    runs_of["extract"][1] = []  # an engine that times no first batch: nothing said
+    untimed = bench_module._variant("runtime.readers=processes", seconds, last, runs_of, (8, 99))
+    assert untimed.job_speedup is None and untimed.first_batch is None
+    assert untimed.as_dict()["vs_extract_whole_job"] is None
+
+
+def test_bench_says_a_variant_over_the_whole_job_where_it_differs_from_the_sample() -> None:
+    from ducho_fast.bench_variants import Variant
+    from ducho_fast.console import _variant_line
+
+    v = Variant(
+        setting="runtime.readers=processes",
+        rate=450.0,
+        speedup=0.91,
+        speedup_range=(0.88, 0.95),
+        identical=True,
+        min_cosine=1.0,
+        compared=2048,
+        first_batch=1.31,
+        job_speedup=1.18,
+        job_speedup_range=(1.12, 1.25),
+    )
+    run = _run(items=2048, job_items=10**6, first_batch=0.24)
+    assert _variant_line(v, run) == (
+        "  with runtime.readers=processes: 450.0 items/s, 0.91x extract as configured (rounds "
+        "0.88-0.95); over the job's 1,000,000 items 1.18x (rounds 1.12-1.25), its start-up of "
+        "1.31 s once against 0.24 s; its 2048 feature files identical to extract's"
+    )
+    short = "0.91x extract as configured (rounds 0.88-0.95); its 2048"
+    assert short in _variant_line(v, _run(items=2048, job_items=2048))  # the sample is the job
+    assert short in _variant_line(replace(v, job_speedup=0.95), run)  # within 0.05
+    assert "over the job" in _variant_line(replace(v, job_speedup=0.86), run)
+    assert short in _variant_line(replace(v, job_speedup=None, job_speedup_range=None), run)
 
 
 def test_variant_features_compared_file_by_file(tmp_path: Path) -> None:
