@@ -11,18 +11,43 @@ end to end against the session alone on the same batches (the pipeline's efficie
 extract with each setting changed, its features compared with extract's. What it prints is
 the command's own report; its last line, the command's JSON line (one run per model). This
 is how the GPU suite runs ``bench`` on a GPU (``benchmarks/gpu_suite.sh``, step ``bench``).
+
+A job larger than bench's sample, and what bench says of it against what it takes:
+
+    python benchmarks/bench_cli.py --device cuda --n 2048 --links 3 --items 2048 \
+        --vs runtime.readers=processes --whole-job
+
+``--links L`` puts L links to each JPEG beside it under other names (a job of N x (L + 1)
+items, each read as its original), ``--items K`` makes bench's sample the job's first K, and
+``--whole-job`` then runs extract over the whole job once per way (the config as it is, then
+each ``--vs``), ``--repeats`` rounds in rotated order, each into a new folder, and prints each
+way's items/s and its ratio to the config's (per round: median, range): what bench's "over the
+job's N items" figure estimates from the sample. One more JSON line, ``whole_job``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_option, add_work_option, check_device, work_folder
+from common import (
+    NewFolders,
+    add_device_option,
+    add_work_option,
+    check_device,
+    median_rates,
+    paired,
+    ratio_summary,
+    rounds,
+    work_folder,
+)
 from visual import models, write_config, write_jpegs
 
 MODELS = ("efficientnet_lite0", "resnet50")
@@ -30,7 +55,14 @@ MODELS = ("efficientnet_lite0", "resnet50")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=512, help="JPEGs, all timed (default 512)")
+    parser.add_argument("--n", type=int, default=512, help="JPEGs (default 512)")
+    parser.add_argument("--items", type=int, default=0, help="bench's sample (default: the job)")
+    parser.add_argument(
+        "--links", type=int, default=0, help="links to each JPEG beside it (default 0)"
+    )
+    parser.add_argument(
+        "--whole-job", action="store_true", help="then extract the whole job once per way"
+    )
     parser.add_argument("--models", default="efficientnet_lite0", help=f"of {','.join(MODELS)}")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="bench's rounds (default 3)")
@@ -50,7 +82,11 @@ def main() -> None:
     from ducho_fast import api
 
     work = work_folder(args.work, "ducho-bench-cli-")
-    write_jpegs(work / "images", args.n, args.seed)
+    paths = write_jpegs(work / "images", args.n, args.seed)
+    for path in paths:
+        for k in range(1, args.links + 1):
+            path.with_name(f"{path.stem}_{k}{path.suffix}").symlink_to(path.name)
+    job = args.n * (args.links + 1)
     entries = models(work)
     command = [sys.executable, "-m", "ducho_fast", "bench"]
     for name in names:
@@ -58,12 +94,36 @@ def main() -> None:
             work, name, entries[name]["entry"], args.batch_size, device=args.device
         )
         api.export(config)
-        bench = [*command, str(config), "--items", str(args.n), "--repeats", str(args.repeats)]
+        items = str(args.items or job)
+        bench = [*command, str(config), "--items", items, "--repeats", str(args.repeats)]
         bench += [f"--vs={v}" for v in args.vs] + ["--json"]
         print("$ ducho-fast", " ".join(bench[3:]), flush=True)
         done = subprocess.run(bench, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
         if done.returncode:
             sys.exit(f"ducho-fast bench exited with {done.returncode} on {name}")
+        if args.whole_job:
+            whole_job(api.extract, config, name, args.vs, args.repeats, job)
+
+
+def whole_job(extract: Any, config: Path, name: str, vs: list[str], repeats: int, job: int) -> None:
+    """Extract over the whole job once per way a round, each into a new folder."""
+    key = "visual.items.output_path"
+    ways: dict[str, Callable[[], Any]] = {"extract": NewFolders(extract, config, key, "whole")}
+    for setting in vs:
+        new = NewFolders(lambda c, o, s=setting: extract(c, [s, *o]), config, key, "whole")
+        ways[f"extract {setting}"] = new
+    print(f"whole job: {job} items, extract once per way, {repeats} round(s)", flush=True)
+    seconds, _ = rounds(repeats, ways)
+    rates = median_rates(job, seconds)
+    ratios = {
+        f"{way} vs extract": paired(seconds, way, "extract") for way in ways if way != "extract"
+    }
+    for way, rate in rates.items():
+        print(f"  {way:40s} {rate:8.1f} items/s", flush=True)
+    for way, r in ratios.items():
+        print(f"  {way:40s} {r['median']:.2f}x (rounds {r['min']:.2f}-{r['max']:.2f})")
+    line = {"whole_job": name, "items": job, "items_per_second": rates, **ratio_summary(ratios)}
+    print(json.dumps(line, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":

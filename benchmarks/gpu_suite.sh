@@ -45,11 +45,14 @@ declare -A STEPS=(
   # first. bench says each round on stderr as it ends, so a step stopped at its limit still
   # logs what it measured.
   [bench-writers]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --models efficientnet_lite0 --vs runtime.writers=1 --vs runtime.writers=8"
+  # threads against decoder processes over a job 4x bench's sample: bench's ratio over the
+  # sample, its estimate over the job (each way's start-up once), and extract over the job
+  [bench-job]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --links 3 --items 2048 --vs runtime.readers=processes --whole-job"
   # writer threads against a writer process beside 16 decoding threads, on that disk: if
   # bench-writers finds threads too few, whether a process would do better there
   [writers-gil]="$PY benchmarks/writers_gil.py --readers 16 --n 8192 --repeats 3 --writers 1,4,8,p --work $SCRATCH/writers-gil"
 )
-ORDER=(doctor bench-writers writers-gil tests text visual embed audio shards-text shards-visual capacity writer sweep sweep-long bench)
+ORDER=(doctor bench-writers writers-gil tests text visual embed audio bench-job shards-text shards-visual capacity writer sweep sweep-long bench)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done
