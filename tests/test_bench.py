@@ -289,6 +289,20 @@ def test_bench_writers_are_the_median_rounds() -> None:
     assert (two["writers"], two["writers_added"]) == (1, 0)
 
 
+def _images_written(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Each extract round's image features, by id: filled in as bench runs extract."""
+    extract = bench_module.api.extract
+    written: list[list[str]] = []
+
+    def spy(config: Any) -> Any:
+        report = extract(config)
+        written.append(sorted(p.stem for p in config.jobs[0].output_path.rglob("img*.npy")))
+        return report
+
+    monkeypatch.setattr(bench_module.api, "extract", spy)
+    return written
+
+
 def test_bench_samples_links_under_their_own_names(
     exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -299,15 +313,7 @@ def test_bench_samples_links_under_their_own_names(
     (images / "img00a.jpg").symlink_to("img00.jpg")
     (images / "img00b.jpg").symlink_to(images / "img00.jpg")
     exported = {k: v for k, v in exported.items() if k != "textual"}
-    extract = bench_module.api.extract
-    written: list[list[str]] = []
-
-    def spy(config: Any) -> Any:
-        report = extract(config)
-        written.append(sorted(p.stem for p in config.jobs[0].output_path.rglob("img*.npy")))
-        return report
-
-    monkeypatch.setattr(bench_module.api, "extract", spy)
+    written = _images_written(monkeypatch)
     (run,) = bench(exported, items=4, repeats=1, work=tmp_path / "work").runs
     assert (run.items, run.sample_copied) == (4, False)
     assert written == [["img00", "img00a", "img00b", "img01"]]
@@ -325,15 +331,7 @@ def test_bench_copies_its_sample_where_the_work_folder_makes_no_links(
 
     monkeypatch.setattr(Path, "symlink_to", refused)
     exported = {k: v for k, v in exported.items() if k != "textual"}
-    extract = bench_module.api.extract
-    written: list[list[str]] = []
-
-    def spy(config: Any) -> Any:
-        report = extract(config)
-        written.append(sorted(p.stem for p in config.jobs[0].output_path.rglob("img*.npy")))
-        return report
-
-    monkeypatch.setattr(bench_module.api, "extract", spy)
+    written = _images_written(monkeypatch)
     work = tmp_path / "work"
     work.mkdir()
     (run,) = bench(exported, items=3, repeats=1, work=work).runs
