@@ -71,11 +71,12 @@ class BenchRun:
     unreadable: int = 0  # items of the sample's span left out: they fail to read
     capped: bool = False  # the sample stopped short of ``items`` at SAMPLE_BYTES decoded
     # Where extract's time went (medians over rounds, seconds): until its first batch ran
-    # (the session made, the first window read), and after that its model waiting for the
-    # readers and for the writer.
+    # (the session made, the first window read), after that its model waiting for the
+    # readers and for the writer, and the writers' last writes after the model's last batch.
     first_batch: float = 0.0
     waiting_for_inputs: float = 0.0
     waiting_for_writer: float = 0.0
+    last_writes: float = 0.0
     # The writer threads extract ended with, and how many of them it added as the model
     # waited for the writers (``runtime.writers: 0``): the round with the median count.
     writers: int = 0
@@ -135,6 +136,7 @@ class BenchRun:
                 "first_batch": round(self.first_batch, 3),
                 "waiting_for_inputs": round(self.waiting_for_inputs, 3),
                 "waiting_for_writer": round(self.waiting_for_writer, 3),
+                "last_writes": round(self.last_writes, 3),
             },
             "writers": {"threads": self.writers, "added": self.writers_added},
             "sample_copied": self.sample_copied,
@@ -445,6 +447,7 @@ def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:
         "first_batch": statistics.median(sum(t.first_batch for t in ts) for ts in timed),
         "waiting_for_inputs": statistics.median(sum(t.inputs for t in ts) for ts in timed),
         "waiting_for_writer": statistics.median(sum(t.writer for t in ts) for ts in timed),
+        "last_writes": statistics.median(sum(t.last_writes for t in ts) for ts in timed),
         **_writers(timed),
     }
 

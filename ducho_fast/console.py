@@ -406,7 +406,8 @@ def print_bench(run: Any) -> None:
         f"  extract's time {run.extract_seconds:10.2f} s: {run.first_batch:.2f} until its first "
         f"batch ran (the session made, the first window read); then its model waited "
         f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for "
-        f"{_bench_writers(run.writers, run.writers_added)}",
+        f"{_bench_writers(run.writers, run.writers_added)}; the last writes ended "
+        f"{run.last_writes:.2f} after its last batch",
         f"  whole job      {run.job_items:,} items in about {clock(run.job_seconds)} at this pace",
     ]
     if run.cpu_ms:

@@ -84,6 +84,8 @@ def test_bench_times_extract_and_the_session_on_the_jobs_first_items(
         # extract's own timing: its start-up counts once in the whole job, the rest per item
         assert 0 < run.first_batch < run.extract_seconds
         assert 0 <= run.waiting_for_inputs < run.extract_seconds
+        assert 0 <= run.last_writes < run.extract_seconds - run.first_batch
+        assert run.as_dict()["extract_seconds"]["last_writes"] == round(run.last_writes, 3)
         per_item = (run.extract_seconds - run.first_batch) / run.items
         assert run.job_seconds == pytest.approx(run.first_batch + per_item * run.job_items)
     # the config's own outputs are untouched and the work folder is removed
@@ -206,7 +208,10 @@ def test_bench_says_which_writers_extract_ended_with(exported: dict[str, Any], t
     args = ["bench", str(path), "--items", "3", "--repeats", "1", "--work", str(work), "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert result.output.count(" for its 3 writer threads\n") == 2, result.output
+    said = re.findall(
+        r" for its 3 writer threads; the last writes ended [\d.]+ after its last", result.output
+    )
+    assert len(said) == 2, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
     assert [r["writers"] for r in line["runs"]] == [{"threads": 3, "added": 0}] * 2
 
@@ -275,8 +280,8 @@ def test_bench_says_when_the_cpu_time_beside_the_model_bounds_extract() -> None:
 
 
 def test_bench_writers_are_the_median_rounds() -> None:
-    def timing(writers: int, added: int) -> Any:
-        return replace(Timing(), writers=writers, writers_added=added)
+    def timing(writers: int, added: int) -> Any:  # and last writes of a tenth of the writers
+        return replace(Timing(), writers=writers, writers_added=added, last_writes=writers / 10)
 
     def round_of(*graphs: tuple[int, int]) -> list[Any]:
         return [SimpleNamespace(result=SimpleNamespace(timing=timing(*g))) for g in graphs]
@@ -285,6 +290,7 @@ def test_bench_writers_are_the_median_rounds() -> None:
     rounds = [round_of((5, 4)), round_of((1, 0), (3, 2)), round_of((2, 1))]
     waits = bench_module._waits(rounds)
     assert (waits["writers"], waits["writers_added"]) == (3, 2)
+    assert waits["last_writes"] == pytest.approx(0.4)  # a round's graphs' (run one by one)
     two = bench_module._waits([round_of((8, 7)), round_of((1, 0))])  # the lower of two
     assert (two["writers"], two["writers_added"]) == (1, 0)
 
