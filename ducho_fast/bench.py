@@ -422,10 +422,15 @@ def _variant(
 def _first_batches(rounds_runs: list[list[Any]]) -> list[float]:
     """Each round's time until its first batch ran (summed over the model's graphs' runs);
     nothing where the engine measures none."""
-    timed = [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
+    timed = _timings(rounds_runs)
     if not all(timed):
         return []
     return [sum(t.first_batch for t in ts) for ts in timed]
+
+
+def _timings(rounds_runs: list[list[Any]]) -> list[list[Any]]:
+    """Each round's pipeline timings, one per graph's run that has one."""
+    return [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
 
 
 def _job_seconds(seconds: float, first_batch: float, items: int, job_items: int) -> float:
@@ -439,8 +444,7 @@ def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:
     two-tower model runs two), then the median over the rounds; and the writers of the round
     with the median count (the most of its graphs' runs). Nothing where the engine measures
     nothing."""
-    timed = [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
-    timed = [t for t in timed if t]
+    timed = [t for t in _timings(rounds_runs) if t]
     if not timed:
         return {}
     return {
