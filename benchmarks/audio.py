@@ -62,6 +62,7 @@ from common import (
     recorded,
     report,
     rounds,
+    warm_up,
     work_folder,
 )
 
@@ -286,9 +287,11 @@ def main() -> None:
     pairs = {"extract_vs_torch": ("extract", "torch"), "pipeline_efficiency": ("extract", "bare")}
     ratios = {k: paired(seconds, *pair) for k, pair in pairs.items()}
     factors = efficiency_factors(reports, seconds["extract"], seconds["bare"])
+    warm = warm_up(reports)
     print(
         "pipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians): "
         + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
+        + f"; extract's first batch ran {warm:.2f} s longer than its later ones"
     )
     summary: dict[str, Any] = {
         "benchmark": "audio",
@@ -304,6 +307,7 @@ def main() -> None:
         "x_real_time": {k: round(v, 1) for k, v in realtime.items()},
         **ratio_summary(ratios),
         "efficiency_factors": factors,
+        "warm_up_seconds": round(warm, 3),
         "min_cosine_vs_torch_same_input": float(f"{cos:.7g}"),
         "min_cosine_vs_torchaudio_resampling": float(f"{cos_ducho:.7g}"),
         "outputs_agree": ok,

@@ -276,6 +276,14 @@ def efficiency_factors(
     return {k: round(float(v), 3) for k, v in zip(names, medians, strict=True)}
 
 
+def warm_up(reports: list[Any]) -> float:
+    """How much longer extract's first batch ran than its later ones (``Timing.warm_up``),
+    the median over the rounds; ``reports`` are extract's, one per round, of a single model.
+    Part of the model's time inside extract, so of ``bare_vs_model``: on a GPU, cuDNN's
+    search for each convolution's algorithm is done there once per session."""
+    return float(np.median([report.runs[0].result.timing.warm_up for report in reports]))
+
+
 def cpu_factors(
     extract_seconds: list[float],
     extract_cpu: list[float],

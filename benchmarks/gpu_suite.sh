@@ -26,7 +26,8 @@ declare -A STEPS=(
   # the files that hold gpu tests: collecting every file needs the test extra's TensorFlow too
   [tests]="$PY -m pytest -q -m gpu \$(grep -rlE 'mark\.gpu|mark\(\"gpu' tests)"
   [text]="$PY benchmarks/text.py --device cuda --n 4096 --repeats 3"
-  [visual]="$PY benchmarks/visual.py --device cuda --n 512 --repeats 2"
+  # 2048 JPEGs: at 512 the first batch's warm-up (about 1 s for EfficientNet-Lite0 there) was most of the model's time
+  [visual]="$PY benchmarks/visual.py --device cuda --n 2048 --repeats 2"
   [embed]="$PY benchmarks/embed.py --device cuda --n 1024 --models efficientnet_lite0,resnet50 --repeats 2"
   # audio against its source (torchaudio's HUBERT_BASE, random weights), clips of 2-10 s: needs
   # the torchaudio of the machine's torch release (gpu_pack.sh packs 2.11.0's: $TORCHAUDIO)
@@ -48,11 +49,15 @@ declare -A STEPS=(
   # threads against decoder processes over a job 4x bench's sample: bench's ratio over the
   # sample, its estimate over the job (each way's start-up once), and extract over the job
   [bench-job]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --links 3 --items 2048 --vs runtime.readers=processes --whole-job"
+  # the first batch's warm-up (cuDNN times each convolution's algorithms, EXHAUSTIVE for
+  # images of one size) against HEURISTIC, and bench's estimate of a job 4x its sample, which
+  # now counts that warm-up once: the H100 logs of 2026-11-24 point at it (RESULTS.md)
+  [warm-up]="$PY benchmarks/bench_cli.py --device cuda --n 2048 --links 3 --items 2048 --models efficientnet_lite0,resnet50 --vs runtime.cuda_options.cudnn_conv_algo_search=HEURISTIC --whole-job"
   # writer threads against a writer process beside 16 decoding threads, on that disk: if
   # bench-writers finds threads too few, whether a process would do better there
   [writers-gil]="$PY benchmarks/writers_gil.py --readers 16 --n 8192 --repeats 3 --writers 1,4,8,p --work $SCRATCH/writers-gil"
 )
-ORDER=(doctor bench-writers writers-gil tests text visual embed audio bench-job shards-text shards-visual capacity writer sweep sweep-long bench)
+ORDER=(doctor warm-up tests text visual bench-writers writers-gil embed audio bench-job shards-text shards-visual capacity writer sweep sweep-long bench)
 
 if [ "${1:-}" = "--list" ]; then
   for step in "${ORDER[@]}"; do printf '%-14s %s\n' "$step" "${STEPS[$step]}"; done

@@ -68,6 +68,7 @@ from common import (
     recorded,
     report,
     rounds,
+    warm_up,
     work_folder,
 )
 
@@ -320,9 +321,14 @@ def main() -> None:
         f"\nsaving a small file in {work} (extract saves one per text): "
         f"{creates[0]:.3f} ms of CPU before the rounds, {creates[1]:.3f} ms after"
     )
+    warm = {p: warm_up(reports[p]) for p in reports}
     print("pipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians):")
     for p, f in factors.items():
-        print(f"  {p}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()))
+        print(
+            f"  {p}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in f.items())
+            + f"; extract's first batch ran {warm[p]:.2f} s longer than its later ones"
+        )
     split = {}
     if args.device == "cpu":  # on CUDA the model's work is not CPU time
         split = {
@@ -361,6 +367,7 @@ def main() -> None:
             **ratio_summary(ratios),
             "flop_fraction": {k: round(v, 3) for k, v in fraction.items()},
             "efficiency_factors": factors,
+            "warm_up_seconds": {p: round(w, 3) for p, w in warm.items()},
             "cpu_factors": split,
             "checks": {k: float(f"{v:.6g}") for k, v in checks.items()},
             "outputs_agree": ok,

@@ -71,6 +71,7 @@ from common import (
     recorded,
     report,
     rounds,
+    warm_up,
     work_folder,
 )
 
@@ -378,9 +379,12 @@ def main() -> None:
         flop = {k: v * GFLOP_PER_IMAGE[name] / gflops for k, v in rates.items()}
         rows += [(f"{name} {k}", v, f"({flop[k]:.2f} of FLOP limit)") for k, v in rates.items()]
         factors = efficiency_factors(reports, seconds["extract"], seconds["bare"])
+        warm = warm_up(reports)
         print(
             f"{name}: pipeline efficiency = bare_vs_model x model_busy x pipeline_share "
-            "(medians): " + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
+            "(medians): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
+            + f"; extract's first batch ran {warm:.2f} s longer than its later ones"
         )
         if args.device == "cpu":  # on CUDA the model's work is not CPU time
             split = {
@@ -399,6 +403,7 @@ def main() -> None:
             "items_per_second": {k: round(v, 2) for k, v in rates.items()},
             **ratio_summary(ratios),
             "efficiency_factors": factors,
+            "warm_up_seconds": round(warm, 3),
             "flop_fraction": {k: round(v, 3) for k, v in flop.items()},
             "min_cosine_vs_torch": float(f"{cos:.7g}"),
             **extra,

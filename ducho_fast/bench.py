@@ -71,9 +71,12 @@ class BenchRun:
     unreadable: int = 0  # items of the sample's span left out: they fail to read
     capped: bool = False  # the sample stopped short of ``items`` at SAMPLE_BYTES decoded
     # Where extract's time went (medians over rounds, seconds): until its first batch ran
-    # (the session made, the first window read), after that its model waiting for the
-    # readers and for the writer, and the writers' last writes after the model's last batch.
+    # (the session made, the first window read), how much longer that batch ran than the
+    # later ones (the session's warm-up: ``Timing.warm_up``), after that its model waiting
+    # for the readers and for the writer, and the writers' last writes after the model's
+    # last batch.
     first_batch: float = 0.0
+    warm_up: float = 0.0
     waiting_for_inputs: float = 0.0
     waiting_for_writer: float = 0.0
     last_writes: float = 0.0
@@ -109,10 +112,16 @@ class BenchRun:
         return self.items / self.extract_rate
 
     @property
+    def start_up(self) -> float:
+        """What a run spends once, however many its items: until its first batch ran, and
+        that batch's warm-up."""
+        return self.first_batch + self.warm_up
+
+    @property
     def job_seconds(self) -> float:
-        """The whole job, all of its items, at extract's pace after its first batch (items
+        """The whole job, all of its items, at extract's pace after its start-up (items
         already written would be skipped): the start-up once, the rest per item."""
-        return _job_seconds(self.extract_seconds, self.first_batch, self.items, self.job_items)
+        return _job_seconds(self.extract_seconds, self.start_up, self.items, self.job_items)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +143,7 @@ class BenchRun:
             "extract_seconds": {
                 "total": round(self.extract_seconds, 3),
                 "first_batch": round(self.first_batch, 3),
+                "warm_up": round(self.warm_up, 3),
                 "waiting_for_inputs": round(self.waiting_for_inputs, 3),
                 "waiting_for_writer": round(self.waiting_for_writer, 3),
                 "last_writes": round(self.last_writes, 3),
@@ -396,7 +406,7 @@ def _variant(
     name = f"extract {setting}"
     speedups = [b / v for b, v in zip(seconds["extract"], seconds[name], strict=True)]
     identical, least, compared = compare_features(last["extract"], last[name])
-    starts = {way: _first_batches(runs_of.get(way, [])) for way in ("extract", name)}
+    starts = {way: _start_ups(runs_of.get(way, [])) for way in ("extract", name)}
     job: list[float] = []
     if all(len(s) == len(speedups) for s in starts.values()):
         job = [  # per round: the start-up once, the rest of the job at the sample's pace
@@ -413,19 +423,19 @@ def _variant(
         identical=identical,
         min_cosine=least,
         compared=compared,
-        first_batch=statistics.median(starts[name]) if job else None,
+        start_up=statistics.median(starts[name]) if job else None,
         job_speedup=statistics.median(job) if job else None,
         job_speedup_range=(min(job), max(job)) if job else None,
     )
 
 
-def _first_batches(rounds_runs: list[list[Any]]) -> list[float]:
-    """Each round's time until its first batch ran (summed over the model's graphs' runs);
-    nothing where the engine measures none."""
+def _start_ups(rounds_runs: list[list[Any]]) -> list[float]:
+    """Each round's start-up (:attr:`BenchRun.start_up`, summed over the model's graphs'
+    runs); nothing where the engine measures none."""
     timed = _timings(rounds_runs)
     if not all(timed):
         return []
-    return [sum(t.first_batch for t in ts) for ts in timed]
+    return [sum(t.first_batch + t.warm_up for t in ts) for ts in timed]
 
 
 def _timings(rounds_runs: list[list[Any]]) -> list[list[Any]]:
@@ -433,10 +443,10 @@ def _timings(rounds_runs: list[list[Any]]) -> list[list[Any]]:
     return [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
 
 
-def _job_seconds(seconds: float, first_batch: float, items: int, job_items: int) -> float:
+def _job_seconds(seconds: float, start_up: float, items: int, job_items: int) -> float:
     """A whole job's time from a sample's: the start-up once, the rest per item (as
     :attr:`BenchRun.job_seconds`)."""
-    return first_batch + max(0.0, seconds - first_batch) / items * job_items
+    return start_up + max(0.0, seconds - start_up) / items * job_items
 
 
 def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:
@@ -449,6 +459,7 @@ def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:
         return {}
     return {
         "first_batch": statistics.median(sum(t.first_batch for t in ts) for ts in timed),
+        "warm_up": statistics.median(sum(t.warm_up for t in ts) for ts in timed),
         "waiting_for_inputs": statistics.median(sum(t.inputs for t in ts) for ts in timed),
         "waiting_for_writer": statistics.median(sum(t.writer for t in ts) for ts in timed),
         "last_writes": statistics.median(sum(t.last_writes for t in ts) for ts in timed),

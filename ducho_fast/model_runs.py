@@ -491,6 +491,7 @@ def _timing_record(r: RunResult) -> dict[str, float]:
         "seconds_waiting_for_inputs": round(r.timing.inputs, 3),
         "seconds_waiting_for_writer": round(r.timing.writer, 3),
         "seconds_of_last_writes": round(r.timing.last_writes, 3),
+        "seconds_first_batch_ran_longer": round(r.timing.warm_up, 3),
         "writer_cpu_seconds": round(r.timing.writer_cpu, 3),
         "concurrent_batches": r.timing.lanes,
     }

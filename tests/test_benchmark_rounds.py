@@ -87,6 +87,18 @@ def test_efficiency_factors_multiply_to_each_rounds_efficiency(common):
     assert [call(), call()] == [0, 1] and recorded == [0, 1]
 
 
+def test_the_warm_up_is_the_median_rounds(common):
+    from types import SimpleNamespace
+
+    from ducho_fast.runtime.pipeline import RunResult, Timing
+
+    reports = [
+        SimpleNamespace(runs=[SimpleNamespace(result=RunResult(timing=Timing(warm_up=w)))])
+        for w in (1.3, 0.2, 1.1)
+    ]
+    assert common.warm_up(reports) == pytest.approx(1.1)
+
+
 def test_cpu_factors_multiply_to_each_rounds_efficiency(common):
     # Round 1: bare 8 s wall, 16 CPU s (2 CPUs busy); extract 10 s wall, 19 CPU s: it did
     # 3 s of work beside the model and left the CPUs idle 1 s of 20. Round 2 likewise, slower.

@@ -33,8 +33,11 @@ def test_every_step_of_the_suite_has_a_command_and_runs_in_its_order() -> None:
     assert order and steps == order[1].split()
     defined = re.findall(r"^  \[([\w-]+)\]=", text, re.M)
     assert sorted(defined) == sorted(steps)  # none defined but left out of the order
-    assert steps[:2] == ["doctor", "bench-writers"]  # the unmeasured default first
-    assert "--vs runtime.writers=1" in listed.stdout.splitlines()[1]
+    assert steps[:2] == ["doctor", "warm-up"]  # the unconfirmed reading of the logs first
+    assert (
+        "--vs runtime.cuda_options.cudnn_conv_algo_search=HEURISTIC"
+        in listed.stdout.splitlines()[1]
+    )
 
 
 def test_the_suite_refuses_an_unknown_step_before_running_any() -> None:

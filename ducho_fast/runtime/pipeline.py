@@ -239,6 +239,7 @@ class Pipeline(WindowedRun):
         waits = merge_timing([lane.waits for lane in lanes])
         for member in self.members:
             busy = sum(lane.busy.get(id(member), 0.0) for lane in lanes) / len(lanes)
+            ups = [w for lane in lanes if (w := lane.warm_up(id(member))) is not None]
             member.result.seconds = seconds
             member.result.timing = replace(
                 waits,
@@ -247,6 +248,7 @@ class Pipeline(WindowedRun):
                 writers=len(writers.threads),
                 writers_added=writers.added,
                 last_writes=max(0.0, written - max((lane.ended for lane in lanes), default=start)),
+                warm_up=sum(ups) / len(ups) if ups else 0.0,
             )
         # Lanes finish batches out of order, and texts are batched by length.
         sort_errors([m.result for m in self.members], items)

@@ -26,7 +26,11 @@ class Timing:
     session made, the first window read), in one model's runs, and waiting after that for the
     readers (reading, decoding, tokenizing) or the writer, and ``last_writes``: from the end
     of the lanes' last batches until the writers had written them (a slow file system, or a
-    run of few batches that never filled the writers' queue).
+    run of few batches that never filled the writers' queue). ``warm_up``: how much longer
+    each lane's first batch of the model ran than its later ones on average (the lanes' mean;
+    0 where no lane ran two): what a session's first run does once, such as cuDNN's search for
+    each convolution's algorithm on CUDA (``cudnn_conv_algo_search: EXHAUSTIVE``), or texts
+    and clips of other lengths.
     ``writer_cpu``: the CPU time the writer threads used (their own clocks), for every model
     of the pipeline: taken from the CPUs the model runs on, mostly the file system creating one
     file per item, it makes the model slower rather than making it wait."""
@@ -40,6 +44,15 @@ class Timing:
     writers: int = 1  # writer threads at the end (``runtime.writers: 0`` adds them as needed)
     writers_added: int = 0  # of those, added during the run (:meth:`Writers.grow`, ``end``)
     last_writes: float = 0.0
+    warm_up: float = 0.0
+
+
+def warm_up(first: float, busy: float, runs: int) -> float | None:
+    """How much longer the first of ``runs`` batches ran (``first`` seconds) than the later
+    ones on average, ``busy`` seconds being all of theirs; None: fewer than two ran."""
+    if runs < 2:
+        return None
+    return max(0.0, first - (busy - first) / (runs - 1))
 
 
 class Lane(threading.Thread):
@@ -61,6 +74,8 @@ class Lane(threading.Thread):
         self.waits = Timing(first_batch=math.inf)
         self.ended = start  # when it handed its last batch to the writers
         self.busy: dict[int, float] = {}  # seconds in each model's runs, by id(member)
+        self.runs: dict[int, int] = {}  # each model's batches run (those with items)
+        self.first_run: dict[int, float] = {}  # seconds each model's first batch ran
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -76,7 +91,11 @@ class Lane(threading.Thread):
                     self.waits.inputs += began - mark
                 ran = self._launch(member.embedder, batch, self.k) if batch.items else []
                 mark = time.perf_counter()
-                self.busy[id(member)] = self.busy.get(id(member), 0.0) + mark - began
+                key = id(member)
+                self.busy[key] = self.busy.get(key, 0.0) + mark - began
+                if batch.items:
+                    self.first_run.setdefault(key, mark - began)
+                    self.runs[key] = self.runs.get(key, 0) + 1
                 if not writer.put((member, batch, ran)):
                     self._halt.set()  # the writer failed: the run raises its error
                     return
@@ -91,6 +110,12 @@ class Lane(threading.Thread):
             self.error = e
             if self.k == 0:
                 raise
+
+    def warm_up(self, key: int) -> float | None:
+        """How much longer this lane's first batch of the model ``key`` (its ``id``) ran
+        than its later ones (:func:`warm_up`); None: fewer than two ran here."""
+        runs = self.runs.get(key, 0)
+        return warm_up(self.first_run.get(key, 0.0), self.busy.get(key, 0.0), runs)
 
     def reraise(self) -> None:
         if self.error is not None and self.k != 0:

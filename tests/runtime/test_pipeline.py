@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import threading
 import time
@@ -635,6 +636,63 @@ def test_timing_says_where_the_model_threads_time_went(
     assert manifest["seconds_to_first_batch"] == round(writing.first_batch, 3)
     assert manifest["writer_cpu_seconds"] == round(writing.writer_cpu, 3)
     assert manifest["seconds_of_last_writes"] == round(writing.last_writes, 3) >= 0.2
+
+
+def test_warm_up_is_how_much_longer_the_first_batch_ran_than_the_later_ones_mean() -> None:
+    from ducho_fast.runtime.stages import warm_up
+
+    assert warm_up(1.0, 1.0, 1) is None  # one batch: nothing to compare it with
+    assert warm_up(1.0, 1.4, 5) == pytest.approx(0.9)  # 1.0 s against 0.1 s
+    assert warm_up(0.05, 0.45, 5) == 0.0  # faster than the later ones (shorter texts)
+
+
+def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """A session's first run can do work the later ones reuse (on CUDA, cuDNN's search for
+    each convolution's algorithm): how much longer each lane's first batch ran than its later
+    ones, the lanes' mean, is in the timing, the manifest and the summary."""
+    from typer.testing import CliRunner
+
+    from ducho_fast.cli import app
+    from ducho_fast.runtime import embedder as embedder_module
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=2), store)
+    config["runtime"] = {"concurrent_batches": 2, "threads": 2}
+    ducho_fast.export(config)
+    real_launch = embedder_module.Embedder.launch
+    lanes_seen: set[int] = set()
+
+    def launch(self: Any, prepared: Any, lane: int = 0) -> Any:
+        if lane not in lanes_seen:  # each lane's first batch
+            lanes_seen.add(lane)
+            time.sleep(0.8)
+        return real_launch(self, prepared, lane)
+
+    monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
+    t = ducho_fast.extract(config).runs[0].result.timing  # 5 batches of 2 on 2 lanes
+    assert t is not None and t.lanes == 2 and lanes_seen == {0, 1}
+    assert 0.6 <= t.warm_up <= 1.1  # 0.8 s, and the real first run's own (0.03-0.08 s)
+    manifest = json.loads(
+        (tmp_path / "out/torch/resnet18/avgpool/ducho-fast.manifest.json").read_text()
+    )
+    assert manifest["seconds_first_batch_ran_longer"] == round(t.warm_up, 3)
+
+    monkeypatch.setattr(embedder_module.Embedder, "launch", real_launch)
+    quick = ducho_fast.extract(config, ["output.resume=false"]).runs[0].result.timing
+    assert quick is not None and quick.warm_up < 0.5  # here a first run costs 0.03-0.08 s
+
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps(config))
+    lanes_seen.clear()
+    monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
+    said = CliRunner().invoke(app, ["extract", str(path), "--fresh", "--no-progress"])
+    assert said.exit_code == 0, said.output
+    assert re.search(
+        r"\(first batch after \d+\.\ds, which ran (0\.[6-9]|1\.[01])s longer than the later ones\)",
+        said.output,
+    ), said.output
 
 
 def test_the_next_window_is_read_while_this_ones_batches_wait(
