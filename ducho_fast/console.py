@@ -413,8 +413,8 @@ def print_bench(run: Any) -> None:
         f"  session alone  {run.session_rate:10.1f} items/s (the model on extract's batches)",
         f"  efficiency     {run.efficiency:10.2f}   (rounds {low:.2f}-{high:.2f})",
         f"  extract's time {run.extract_seconds:10.2f} s: {run.first_batch:.2f} until its first "
-        f"batch ran (the session made, the first window read), which ran {run.warm_up:.2f} "
-        f"longer than the later ones; then its model waited "
+        f"batch ran (the session made, the first window read){_bench_warm_up(run.warm_up)}; "
+        f"then its model waited "
         f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for "
         f"{_bench_writers(run.writers, run.writers_added)}; the last writes ended "
         f"{run.last_writes:.2f} after its last batch",
@@ -480,6 +480,12 @@ def _cpu_shared(run: Any) -> str:
         f"took {whole - model:.2f} ms of CPU an item against the model's {model:.2f}, on {cpus}: "
         f"that alone holds extract to about {bound:.2f} of the session alone.{reduced}"
     )
+
+
+def _bench_warm_up(seconds: float) -> str:
+    """Bench's words for how much longer extract's first batch ran than its later ones;
+    nothing where it did not (or no lane ran a second batch to compare it with)."""
+    return f", which ran {seconds:.2f} longer than the later ones" if seconds > 0 else ""
 
 
 def _bench_writers(threads: int, added: int) -> str:

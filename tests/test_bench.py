@@ -275,6 +275,9 @@ def test_a_first_batch_that_ran_longer_counts_once_in_the_whole_job(capsys) -> N
     assert "the start-up is much of this sample's time" in said  # 5 s of 10
     print_bench(replace(run, warm_up=0.5))
     assert "the start-up is much" not in capsys.readouterr().out  # 1.5 s of 10
+    print_bench(replace(run, warm_up=0.0))  # not longer, or no second batch to compare with
+    said = capsys.readouterr().out
+    assert "(the session made, the first window read); then its model waited" in said
 
 
 def test_bench_says_when_the_cpu_time_beside_the_model_bounds_extract() -> None:
