@@ -25,7 +25,8 @@ declare -A STEPS=(
   [doctor]="$PY -m ducho_fast doctor --require-cuda"
   # the files that hold gpu tests: collecting every file needs the test extra's TensorFlow too
   [tests]="$PY -m pytest -q -m gpu \$(grep -rlE 'mark\.gpu|mark\(\"gpu' tests)"
-  [text]="$PY benchmarks/text.py --device cuda --n 4096 --repeats 3"
+  # 16384 texts: at 4096 extract ran about 1 s there, 10-15% of it before the pipeline began
+  [text]="$PY benchmarks/text.py --device cuda --n 16384 --repeats 3"
   # 2048 JPEGs: at 512 the first batch's warm-up (about 1 s for EfficientNet-Lite0 there) was most of the model's time
   [visual]="$PY benchmarks/visual.py --device cuda --n 2048 --repeats 2"
   [embed]="$PY benchmarks/embed.py --device cuda --n 1024 --models efficientnet_lite0,resnet50 --repeats 2"
