@@ -118,10 +118,18 @@ class BenchRun:
         return self.first_batch + self.warm_up
 
     @property
+    def once(self) -> float:
+        """What a run spends once, however many its items: its start-up, and its last
+        writes (the writers' queue, at most a few batches, draining after the model's last
+        batch)."""
+        return self.start_up + self.last_writes
+
+    @property
     def job_seconds(self) -> float:
-        """The whole job, all of its items, at extract's pace after its start-up (items
-        already written would be skipped): the start-up once, the rest per item."""
-        return _job_seconds(self.extract_seconds, self.start_up, self.items, self.job_items)
+        """The whole job, all of its items, at extract's pace between its start-up and its
+        last writes (items already written would be skipped): those once, the rest per
+        item."""
+        return _job_seconds(self.extract_seconds, self.once, self.items, self.job_items)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -406,7 +414,7 @@ def _variant(
     name = f"extract {setting}"
     speedups = [b / v for b, v in zip(seconds["extract"], seconds[name], strict=True)]
     identical, least, compared = compare_features(last["extract"], last[name])
-    starts = {way: _start_ups(runs_of.get(way, [])) for way in ("extract", name)}
+    starts = {way: _once(runs_of.get(way, [])) for way in ("extract", name)}
     job: list[float] = []
     if all(len(s) == len(speedups) for s in starts.values()):
         job = [  # per round: the start-up once, the rest of the job at the sample's pace
@@ -423,19 +431,19 @@ def _variant(
         identical=identical,
         min_cosine=least,
         compared=compared,
-        start_up=statistics.median(starts[name]) if job else None,
+        once=statistics.median(starts[name]) if job else None,
         job_speedup=statistics.median(job) if job else None,
         job_speedup_range=(min(job), max(job)) if job else None,
     )
 
 
-def _start_ups(rounds_runs: list[list[Any]]) -> list[float]:
-    """Each round's start-up (:attr:`BenchRun.start_up`, summed over the model's graphs'
+def _once(rounds_runs: list[list[Any]]) -> list[float]:
+    """What each round spent once (:attr:`BenchRun.once`, summed over the model's graphs'
     runs); nothing where the engine measures none."""
     timed = _timings(rounds_runs)
     if not all(timed):
         return []
-    return [sum(t.first_batch + t.warm_up for t in ts) for ts in timed]
+    return [sum(t.first_batch + t.warm_up + t.last_writes for t in ts) for ts in timed]
 
 
 def _timings(rounds_runs: list[list[Any]]) -> list[list[Any]]:
@@ -443,10 +451,10 @@ def _timings(rounds_runs: list[list[Any]]) -> list[list[Any]]:
     return [[r.result.timing for r in runs if r.result.timing is not None] for runs in rounds_runs]
 
 
-def _job_seconds(seconds: float, start_up: float, items: int, job_items: int) -> float:
-    """A whole job's time from a sample's: the start-up once, the rest per item (as
-    :attr:`BenchRun.job_seconds`)."""
-    return start_up + max(0.0, seconds - start_up) / items * job_items
+def _job_seconds(seconds: float, once: float, items: int, job_items: int) -> float:
+    """A whole job's time from a sample's: what a run spends ``once``, then the rest per item
+    (as :attr:`BenchRun.job_seconds`)."""
+    return once + max(0.0, seconds - once) / items * job_items
 
 
 def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:

@@ -30,9 +30,9 @@ class Variant:
 
     A start-up that differs (decoder processes start with each run) weighs more in a sample
     than in the whole job: ``job_speedup`` is the speed over extract as configured for the
-    job's items, each way's start-up (until its first batch ran, and that batch's warm-up)
-    once and the rest at its pace in the sample (per round: median, range). None where the
-    engine does not time its first batch.
+    job's items, what each way spends once (until its first batch ran, that batch's warm-up,
+    and the last writes after the model's last batch) and the rest at its pace in the sample
+    (per round: median, range). None where the engine does not time its first batch.
     """
 
     setting: str
@@ -42,7 +42,7 @@ class Variant:
     identical: bool  # every feature the same array, bit for bit
     min_cosine: float | None  # the least cosine between the two ways' features of an item
     compared: int  # feature files compared (every one written by both ways)
-    start_up: float | None = None  # seconds of its start-up (median round)
+    once: float | None = None  # seconds a run of it spends once (median round)
     job_speedup: float | None = None
     job_speedup_range: tuple[float, float] | None = None
 
@@ -55,7 +55,7 @@ class Variant:
             "identical": self.identical,
             "min_cosine": None if self.min_cosine is None else round(self.min_cosine, 6),
             "compared": self.compared,
-            "start_up": None if self.start_up is None else round(self.start_up, 3),
+            "once_seconds": None if self.once is None else round(self.once, 3),
             "vs_extract_whole_job": None
             if self.job_speedup is None
             else round(self.job_speedup, 3),

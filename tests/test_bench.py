@@ -90,8 +90,9 @@ def test_bench_times_extract_and_the_session_on_the_jobs_first_items(
         seconds = run.as_dict()["extract_seconds"]
         assert seconds["last_writes"] == round(run.last_writes, 3)
         assert seconds["warm_up"] == round(run.warm_up, 3)
-        per_item = (run.extract_seconds - run.start_up) / run.items
-        assert run.job_seconds == pytest.approx(run.start_up + per_item * run.job_items)
+        assert run.once == run.start_up + run.last_writes
+        per_item = (run.extract_seconds - run.once) / run.items
+        assert run.job_seconds == pytest.approx(run.once + per_item * run.job_items)
     # the config's own outputs are untouched and the work folder is removed
     assert not (tmp_path / "out").exists() and not (tmp_path / "text_out").exists()
     assert list(work.iterdir()) == []
@@ -262,17 +263,19 @@ def test_a_first_batch_that_ran_longer_counts_once_in_the_whole_job(capsys) -> N
     over the sample's items it would be charged to every item of the job."""
     from ducho_fast.console import print_bench
 
-    run = _run(items=100, job_items=1000, extract_rate=10.0, first_batch=1.0, warm_up=4.0)
-    assert run.start_up == 5.0
+    run = _run(
+        items=100, job_items=1000, extract_rate=10.0, first_batch=1.0, warm_up=3.5, last_writes=0.5
+    )
+    assert run.start_up == 4.5 and run.once == 5.0  # the last writes: the writers' queue drains
     assert run.job_seconds == pytest.approx(5.0 + 5.0 / 100 * 1000)  # not 1 + 9 / 100 x 1000
     print_bench(run)
     said = capsys.readouterr().out
     assert (
         "1.00 until its first batch ran (the session made, the first window read), which " in said
     )
-    assert "ran 4.00 longer than the later ones; then its model waited" in said
+    assert "ran 3.50 longer than the later ones; then its model waited" in said
     assert "whole job      1,000 items in about 0:00:55 at this pace" in said
-    assert "the start-up is much of this sample's time" in said  # 5 s of 10
+    assert "the start-up is much of this sample's time" in said  # 4.5 s of 10
     print_bench(replace(run, warm_up=0.5))
     assert "the start-up is much" not in capsys.readouterr().out  # 1.5 s of 10
     print_bench(replace(run, warm_up=0.0))  # not longer, or no second batch to compare with
@@ -473,7 +476,7 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
             assert variant.rate > 0
             assert variant.speedup_range[0] <= variant.speedup <= variant.speedup_range[1]
             assert f"extract {variant.setting}" in run.cpu_ms
-            assert variant.start_up is not None and variant.start_up > 0
+            assert variant.once is not None and variant.once > 0
             low, high = variant.job_speedup_range or (1.0, 0.0)
             assert variant.job_speedup is not None and low <= variant.job_speedup <= high
         assert [v["setting"] for v in run.as_dict()["variants"]] == settings
@@ -491,12 +494,14 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
             assert variant.rate == pytest.approx(run.items / np.median(seconds))
 
 
-def _timed_runs(*first_batches: float, warm_up: float = 0.0) -> list[Any]:
-    """A round's model runs as extract returns them, each with its time to its first batch
-    and how much longer that batch ran than the later ones."""
+def _timed_runs(*first_batches: float, warm_up: float = 0.0, last: float = 0.0) -> list[Any]:
+    """A round's model runs as extract returns them, each with its time to its first batch,
+    how much longer that batch ran than the later ones, and its last writes."""
     return [
         SimpleNamespace(
-            result=SimpleNamespace(timing=SimpleNamespace(first_batch=f, warm_up=warm_up))
+            result=SimpleNamespace(
+                timing=SimpleNamespace(first_batch=f, warm_up=warm_up, last_writes=last)
+            )
         )
         for f in first_batches
     ]
@@ -505,13 +510,15 @@ def _timed_runs(*first_batches: float, warm_up: float = 0.0) -> list[Any]:
 def test_a_variant_is_also_timed_over_the_whole_job_its_start_up_once(tmp_path: Path) -> None:
     """Decoder processes start with each run: over a sample of 2048 items a second more of
     start-up is a quarter of the run, over a million items nothing. Each round's ratio takes
-    each way's start-up once (until its first batch ran, and that batch's warm-up: how much
-    longer it ran than the later ones) and the rest of the job at that way's pace in the
-    sample."""
+    what each way spends once (until its first batch ran; that batch's warm-up, how much
+    longer it ran than the later ones; the last writes after the model's last batch) and the
+    rest of the job at that way's pace in the sample."""
     seconds = {"extract": [4.0, 4.2, 5.0], "extract runtime.readers=processes": [4.5, 4.6, 4.4]}
     runs_of = {
         "extract": [_timed_runs(0.2), _timed_runs(0.25), _timed_runs(0.1, 0.1)],
-        "extract runtime.readers=processes": [_timed_runs(x, warm_up=0.5) for x in (0.7, 0.8, 0.9)],
+        "extract runtime.readers=processes": [
+            _timed_runs(x, warm_up=0.3, last=0.2) for x in (0.7, 0.8, 0.9)
+        ],
     }
     last = {"extract": tmp_path / "a", "extract runtime.readers=processes": tmp_path / "b"}
     v = bench_module._variant("runtime.readers=processes", seconds, last, runs_of, (2048, 10**6))
@@ -529,14 +536,14 @@ def test_a_variant_is_also_timed_over_the_whole_job_its_start_up_once(tmp_path: 
     assert v.job_speedup is not None and v.job_speedup > 1.1
     assert v.job_speedup == pytest.approx(sorted(job)[1])
     assert v.job_speedup_range == pytest.approx((min(job), max(job)))
-    assert v.start_up == pytest.approx(1.3)
+    assert v.once == pytest.approx(1.3)
     # the sample is the whole job: the same ratio as the sample's
     same = bench_module._variant("runtime.readers=processes", seconds, last, runs_of, (64, 64))
     assert same.job_speedup == pytest.approx(same.speedup)
     assert v.as_dict()["vs_extract_whole_job"] == round(v.job_speedup, 3)
     runs_of["extract"][1] = []  # an engine that times no first batch: nothing said
     untimed = bench_module._variant("runtime.readers=processes", seconds, last, runs_of, (8, 99))
-    assert untimed.job_speedup is None and untimed.start_up is None
+    assert untimed.job_speedup is None and untimed.once is None
     assert untimed.as_dict()["vs_extract_whole_job"] is None
 
 
@@ -552,15 +559,16 @@ def test_bench_says_a_variant_over_the_whole_job_where_it_differs_from_the_sampl
         identical=True,
         min_cosine=1.0,
         compared=2048,
-        start_up=1.31,
+        once=1.31,
         job_speedup=1.18,
         job_speedup_range=(1.12, 1.25),
     )
     run = _run(items=2048, job_items=10**6, first_batch=0.24)
     assert _variant_line(v, run) == (
         "  with runtime.readers=processes: 450.0 items/s, 0.91x extract as configured (rounds "
-        "0.88-0.95); over the job's 1,000,000 items 1.18x (rounds 1.12-1.25), its start-up of "
-        "1.31 s once against 0.24 s; its 2048 feature files identical to extract's"
+        "0.88-0.95); over the job's 1,000,000 items 1.18x (rounds 1.12-1.25), its start-up and "
+        "last writes, 1.31 s, once against 0.24 s; its 2048 feature files identical to "
+        "extract's"
     )
     short = "0.91x extract as configured (rounds 0.88-0.95); its 2048"
     assert short in _variant_line(v, _run(items=2048, job_items=2048))  # the sample is the job

@@ -673,7 +673,7 @@ def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said
     monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
     t = ducho_fast.extract(config).runs[0].result.timing  # 5 batches of 2 on 2 lanes
     assert t is not None and t.lanes == 2 and lanes_seen == {0, 1}
-    assert 0.6 <= t.warm_up <= 1.1  # 0.8 s, and the real first run's own (0.03-0.08 s)
+    assert 0.6 <= t.warm_up <= 1.1  # 0.8 s, and the real first run's own (0.03-0.13 s)
     manifest = json.loads(
         (tmp_path / "out/torch/resnet18/avgpool/ducho-fast.manifest.json").read_text()
     )
@@ -681,7 +681,7 @@ def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said
 
     monkeypatch.setattr(embedder_module.Embedder, "launch", real_launch)
     quick = ducho_fast.extract(config, ["output.resume=false"]).runs[0].result.timing
-    assert quick is not None and quick.warm_up < 0.5  # here a first run costs 0.03-0.08 s
+    assert quick is not None and quick.warm_up < 0.5  # here a first run costs 0.03-0.13 s
 
     path = tmp_path / "config.yml"
     path.write_text(json.dumps(config))
