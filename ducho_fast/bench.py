@@ -113,8 +113,8 @@ class BenchRun:
 
     @property
     def start_up(self) -> float:
-        """What a run spends once, however many its items: until its first batch ran, and
-        that batch's warm-up."""
+        """Its start-up: until its first batch ran, and how much longer that batch ran than
+        the later ones (the session's warm-up)."""
         return self.first_batch + self.warm_up
 
     @property
@@ -417,7 +417,7 @@ def _variant(
     starts = {way: _once(runs_of.get(way, [])) for way in ("extract", name)}
     job: list[float] = []
     if all(len(s) == len(speedups) for s in starts.values()):
-        job = [  # per round: the start-up once, the rest of the job at the sample's pace
+        job = [  # per round: what a run spends once, the rest of the job at the sample's pace
             _job_seconds(b, fb, *counts) / _job_seconds(v, fv, *counts)
             for b, fb, v, fv in zip(
                 seconds["extract"], starts["extract"], seconds[name], starts[name], strict=True
