@@ -23,6 +23,12 @@ items, each read as its original), ``--items K`` makes bench's sample the job's 
 each ``--vs``), ``--repeats`` rounds in rotated order, each into a new folder, and prints each
 way's items/s and its ratio to the config's (per round: median, range): what bench's "over the
 job's N items" figure estimates from the sample. One more JSON line, ``whole_job``.
+
+``--models minilm`` benches all-MiniLM-L6-v2 (fp32, the offline package) on ``text.py``'s N
+generated product descriptions instead (``--links`` applies to the JPEGs only):
+
+    python benchmarks/bench_cli.py --device cuda --models minilm --n 16384 --items 4096 \
+        --vs runtime.spin_wait=on
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ from common import (
     rounds,
     work_folder,
 )
+from text import descriptions, descriptions_config, minilm_folder, write_descriptions
 from visual import models, write_config, write_jpegs
 
-MODELS = ("efficientnet_lite0", "resnet50")
+MODELS = ("efficientnet_lite0", "resnet50", "minilm")
+TEXT = "minilm"  # the text model: the job is N descriptions
 
 
 def main() -> None:
@@ -82,17 +90,25 @@ def main() -> None:
     from ducho_fast import api
 
     work = work_folder(args.work, "ducho-bench-cli-")
-    paths = write_jpegs(work / "images", args.n, args.seed)
-    for path in paths:
-        for k in range(1, args.links + 1):
-            path.with_name(f"{path.stem}_{k}{path.suffix}").symlink_to(path.name)
-    job = args.n * (args.links + 1)
-    entries = models(work)
+    images = [name for name in names if name != TEXT]
+    if images:
+        paths = write_jpegs(work / "images", args.n, args.seed)
+        for path in paths:
+            for k in range(1, args.links + 1):
+                path.with_name(f"{path.stem}_{k}{path.suffix}").symlink_to(path.name)
+        entries = models(work)
+    if TEXT in names:
+        write_descriptions(work, descriptions(args.n, args.seed))
     command = [sys.executable, "-m", "ducho_fast", "bench"]
     for name in names:
-        config = write_config(
-            work, name, entries[name]["entry"], args.batch_size, device=args.device
-        )
+        if name == TEXT:
+            job = args.n
+            config = text_config(work, args.batch_size, args.device)
+        else:
+            job = args.n * (args.links + 1)
+            config = write_config(
+                work, name, entries[name]["entry"], args.batch_size, device=args.device
+            )
         api.export(config)
         items = str(args.items or job)
         bench = [*command, str(config), "--items", items, "--repeats", str(args.repeats)]
@@ -105,9 +121,20 @@ def main() -> None:
             whole_job(api.extract, config, name, args.vs, args.repeats, job)
 
 
+def text_config(work: Path, batch_size: int, device: str) -> Path:
+    """A config embedding the descriptions with all-MiniLM-L6-v2 (fp32) on ``device``."""
+    entry = {
+        "model_name": str(minilm_folder(work)),
+        "backend": "sentence_transformers",
+        "output_layers": 1,
+        "batch_size": batch_size,
+    }
+    return descriptions_config(work, "text_minilm", "features_minilm", entry, device)
+
+
 def whole_job(extract: Any, config: Path, name: str, vs: list[str], repeats: int, job: int) -> None:
     """Extract over the whole job once per way a round, each into a new folder."""
-    key = "visual.items.output_path"
+    key = f"{'textual' if name == TEXT else 'visual'}.items.output_path"
     ways: dict[str, Callable[[], Any]] = {"extract": NewFolders(extract, config, key, "whole")}
     for setting in vs:
         new = NewFolders(lambda c, o, s=setting: extract(c, [s, *o]), config, key, "whole")

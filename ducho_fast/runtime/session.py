@@ -122,8 +122,17 @@ def spins(options: RuntimeOptions, modality: str, *, readers: bool) -> bool:
     as readers (``load``): EfficientNet-Lite0 on 256 JPEGs in calls of 4 (``benchmarks/
     embed.py --call-size 4``, 5 rounds) ran 1.23x (1.21-1.35) the images/s of reading on the
     calling thread with spinning off, 0.96x (0.86-1.09) with it on: threads left spinning
-    after a run slow the decoding of the next call's images."""
+    after a run slow the decoding of the next call's images.
+
+    On CUDA, ``auto`` never spins: ONNX Runtime's CPU threads run only the graph's shape ops
+    there, and threads left spinning between them take CPUs from the tokenizing, decoding
+    and writing that feed the GPU (its maintainers advise against CPU threads for a GPU
+    session: onnxruntime issues #10081, #26847). Until 2026-11-24 text sessions spun there,
+    with one thread per CPU (16 on the H100): unmeasured either way (``bench --vs
+    runtime.spin_wait=on`` on a GPU tells)."""
     if options.spin_wait == "auto":
+        if requested_providers(options.device)[0] != CPU:
+            return False
         return not readers or modality == "textual"
     return options.spin_wait == "on"
 

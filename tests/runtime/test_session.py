@@ -362,6 +362,11 @@ def test_spin_wait_by_modality_and_readers(
     assert spins(options, "textual", readers=True) is text_readers
     assert spins(options, "visual", readers=True) is image_readers
     assert spins(options, "audio", readers=True) is image_readers
+    # On CUDA the CPU threads run only shape ops: auto never spins there; on and off hold.
+    cuda = RuntimeOptions(spin_wait=spin_wait, device="cuda:0")
+    for modality in ("textual", "visual", "audio"):
+        for readers in (False, True):
+            assert spins(cuda, modality, readers=readers) is (spin_wait == "on")
 
 
 def test_spinning_reaches_the_session() -> None:
