@@ -673,7 +673,7 @@ def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said
     monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
     t = ducho_fast.extract(config).runs[0].result.timing  # 5 batches of 2 on 2 lanes
     assert t is not None and t.lanes == 2 and lanes_seen == {0, 1}
-    assert 0.6 <= t.warm_up <= 1.1  # 0.8 s, and the real first run's own (0.03-0.13 s)
+    assert 0.6 <= t.warm_up <= 1.5  # 0.8 s, and the real first run's own (0.03-0.13 s here)
     manifest = json.loads(
         (tmp_path / "out/torch/resnet18/avgpool/ducho-fast.manifest.json").read_text()
     )
@@ -690,7 +690,8 @@ def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said
     said = CliRunner().invoke(app, ["extract", str(path), "--fresh", "--no-progress"])
     assert said.exit_code == 0, said.output
     assert re.search(
-        r"\(first batch after \d+\.\ds, which ran (0\.[6-9]|1\.[01])s longer than the later ones\)",
+        r"\(first batch after \d+\.\ds, which ran (0\.[6-9]|1\.[0-4])s longer than the later "
+        r"ones\)",
         said.output,
     ), said.output
 
