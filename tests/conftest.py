@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -254,6 +255,12 @@ def within_fp32_bounds(ours: np.ndarray, ref: np.ndarray) -> None:
     cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
     assert cosine >= 0.9999, cosine
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()
+
+
+def assert_said(result: Any, pattern: str) -> None:
+    """A CLI run (typer's ``CliRunner``) that exited 0 and printed what ``pattern`` matches."""
+    assert result.exit_code == 0, result.output
+    assert re.search(pattern, result.output), result.output
 
 
 def assert_artifact_files(folder: Path, *extra: str) -> None:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from ducho_fast import console
 from ducho_fast.cli import ITEMS_FAILED_EXIT, app
 from ducho_fast.errors import DuchoError
-from tests.conftest import textual_config
+from tests.conftest import assert_said, textual_config
 
 runner = CliRunner()
 
@@ -118,13 +118,11 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
 
     monkeypatch.setattr(pipeline, "prepare", slow_prepare)
     monkeypatch.setattr(console, "INPUT_BOUND_MIN_SECONDS", 0.2)
-    slow = runner.invoke(app, extract)
-    assert slow.exit_code == 0, slow.output
-    assert re.search(
+    assert_said(
+        runner.invoke(app, extract),
         r"the model waited for its inputs \d+% of the run: reading and decoding "
         r"are slower than the model here\. More decode threads \(runtime\.workers\)",
-        slow.output,
-    ), slow.output
+    )
 
 
 @pytest.mark.slow
