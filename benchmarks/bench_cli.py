@@ -54,7 +54,8 @@ from common import (
     rounds,
     work_folder,
 )
-from text import descriptions, descriptions_config, minilm_folder, write_descriptions
+from text import descriptions, minilm_folder, write_descriptions
+from text import write_config as text_config
 from visual import models, write_config, write_jpegs
 
 MODELS = ("efficientnet_lite0", "resnet50", "minilm")
@@ -103,7 +104,7 @@ def main() -> None:
     for name in names:
         if name == TEXT:
             job = args.n
-            config = text_config(work, args.batch_size, args.device)
+            config = text_config(work, minilm_folder(work), "fp32", args.batch_size, args.device)
         else:
             job = args.n * (args.links + 1)
             config = write_config(
@@ -119,17 +120,6 @@ def main() -> None:
             sys.exit(f"ducho-fast bench exited with {done.returncode} on {name}")
         if args.whole_job:
             whole_job(api.extract, config, name, args.vs, args.repeats, job)
-
-
-def text_config(work: Path, batch_size: int, device: str) -> Path:
-    """A config embedding the descriptions with all-MiniLM-L6-v2 (fp32) on ``device``."""
-    entry = {
-        "model_name": str(minilm_folder(work)),
-        "backend": "sentence_transformers",
-        "output_layers": 1,
-        "batch_size": batch_size,
-    }
-    return descriptions_config(work, "text_minilm", "features_minilm", entry, device)
 
 
 def whole_job(extract: Any, config: Path, name: str, vs: list[str], repeats: int, job: int) -> None:
