@@ -61,7 +61,9 @@ from common import (
     ratio_summary,
     recorded,
     report,
+    rounded,
     rounds,
+    said_warm_up,
     warm_up,
     work_folder,
 )
@@ -291,7 +293,7 @@ def main() -> None:
     print(
         "pipeline efficiency = bare_vs_model x model_busy x pipeline_share (medians): "
         + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
-        + f"; extract's first batch ran {warm:.2f} s longer than its later ones"
+        + f"; {said_warm_up(warm)}"
     )
     summary: dict[str, Any] = {
         "benchmark": "audio",
@@ -307,7 +309,7 @@ def main() -> None:
         "x_real_time": {k: round(v, 1) for k, v in realtime.items()},
         **ratio_summary(ratios),
         "efficiency_factors": factors,
-        "warm_up_seconds": round(warm, 3),
+        "warm_up_seconds": rounded(warm),
         "min_cosine_vs_torch_same_input": float(f"{cos:.7g}"),
         "min_cosine_vs_torchaudio_resampling": float(f"{cos_ducho:.7g}"),
         "outputs_agree": ok,

@@ -276,12 +276,25 @@ def efficiency_factors(
     return {k: round(float(v), 3) for k, v in zip(names, medians, strict=True)}
 
 
-def warm_up(reports: list[Any]) -> float:
+def warm_up(reports: list[Any]) -> float | None:
     """How much longer extract's first batch ran than its later ones (``Timing.warm_up``),
     the median over the rounds; ``reports`` are extract's, one per round, of a single model.
     Part of the model's time inside extract, so of ``bare_vs_model``: on a GPU, cuDNN's
-    search for each convolution's algorithm is done there once per session."""
-    return float(np.median([report.runs[0].result.timing.warm_up for report in reports]))
+    search for each convolution's algorithm is done there once per session. Rounds where no
+    lane ran a second batch tell nothing; None where none told."""
+    told = [w for r in reports if (w := r.runs[0].result.timing.warm_up) is not None]
+    return float(np.median(told)) if told else None
+
+
+def said_warm_up(seconds: float | None) -> str:
+    """The benchmarks' words for :func:`warm_up`."""
+    if seconds is None:
+        return "no lane of extract ran a second batch to tell how much longer its first ran"
+    return f"extract's first batch ran {seconds:.2f} s longer than its later ones"
+
+
+def rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def cpu_factors(

@@ -67,7 +67,9 @@ from common import (
     ratio_summary,
     recorded,
     report,
+    rounded,
     rounds,
+    said_warm_up,
     warm_up,
     work_folder,
 )
@@ -327,7 +329,7 @@ def main() -> None:
         print(
             f"  {p}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in f.items())
-            + f"; extract's first batch ran {warm[p]:.2f} s longer than its later ones"
+            + f"; {said_warm_up(warm[p])}"
         )
     split = {}
     if args.device == "cpu":  # on CUDA the model's work is not CPU time
@@ -367,7 +369,7 @@ def main() -> None:
             **ratio_summary(ratios),
             "flop_fraction": {k: round(v, 3) for k, v in fraction.items()},
             "efficiency_factors": factors,
-            "warm_up_seconds": {p: round(w, 3) for p, w in warm.items()},
+            "warm_up_seconds": {p: rounded(w) for p, w in warm.items()},
             "cpu_factors": split,
             "checks": {k: float(f"{v:.6g}") for k, v in checks.items()},
             "outputs_agree": ok,

@@ -70,7 +70,9 @@ from common import (
     ratio_summary,
     recorded,
     report,
+    rounded,
     rounds,
+    said_warm_up,
     warm_up,
     work_folder,
 )
@@ -384,7 +386,7 @@ def main() -> None:
             f"{name}: pipeline efficiency = bare_vs_model x model_busy x pipeline_share "
             "(medians): "
             + ", ".join(f"{k} {v:.3f}" for k, v in factors.items())
-            + f"; extract's first batch ran {warm:.2f} s longer than its later ones"
+            + f"; {said_warm_up(warm)}"
         )
         if args.device == "cpu":  # on CUDA the model's work is not CPU time
             split = {
@@ -403,7 +405,7 @@ def main() -> None:
             "items_per_second": {k: round(v, 2) for k, v in rates.items()},
             **ratio_summary(ratios),
             "efficiency_factors": factors,
-            "warm_up_seconds": round(warm, 3),
+            "warm_up_seconds": rounded(warm),
             "flop_fraction": {k: round(v, 3) for k, v in flop.items()},
             "min_cosine_vs_torch": float(f"{cos:.7g}"),
             **extra,

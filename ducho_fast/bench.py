@@ -74,9 +74,10 @@ class BenchRun:
     # (the session made, the first window read), how much longer that batch ran than the
     # later ones (the session's warm-up: ``Timing.warm_up``), after that its model waiting
     # for the readers and for the writer, and the writers' last writes after the model's
-    # last batch.
+    # last batch. ``warm_up`` is None where no lane of extract ran a second batch in any
+    # round, so that nothing told.
     first_batch: float = 0.0
-    warm_up: float = 0.0
+    warm_up: float | None = 0.0
     waiting_for_inputs: float = 0.0
     waiting_for_writer: float = 0.0
     last_writes: float = 0.0
@@ -114,8 +115,8 @@ class BenchRun:
     @property
     def start_up(self) -> float:
         """Its start-up: until its first batch ran, and how much longer that batch ran than
-        the later ones (the session's warm-up)."""
-        return self.first_batch + self.warm_up
+        the later ones (the session's warm-up; none where that is unknown)."""
+        return self.first_batch + (self.warm_up or 0.0)
 
     @property
     def once(self) -> float:
@@ -151,7 +152,7 @@ class BenchRun:
             "extract_seconds": {
                 "total": round(self.extract_seconds, 3),
                 "first_batch": round(self.first_batch, 3),
-                "warm_up": round(self.warm_up, 3),
+                "warm_up": None if self.warm_up is None else round(self.warm_up, 3),
                 "waiting_for_inputs": round(self.waiting_for_inputs, 3),
                 "waiting_for_writer": round(self.waiting_for_writer, 3),
                 "last_writes": round(self.last_writes, 3),
@@ -443,7 +444,7 @@ def _once(rounds_runs: list[list[Any]]) -> list[float]:
     timed = _timings(rounds_runs)
     if not all(timed):
         return []
-    return [sum(t.first_batch + t.warm_up + t.last_writes for t in ts) for ts in timed]
+    return [sum(t.first_batch + (t.warm_up or 0.0) + t.last_writes for t in ts) for ts in timed]
 
 
 def _timings(rounds_runs: list[list[Any]]) -> list[list[Any]]:
@@ -467,12 +468,20 @@ def _waits(rounds_runs: list[list[Any]]) -> dict[str, Any]:
         return {}
     return {
         "first_batch": statistics.median(sum(t.first_batch for t in ts) for ts in timed),
-        "warm_up": statistics.median(sum(t.warm_up for t in ts) for ts in timed),
+        "warm_up": _warm_up(timed),
         "waiting_for_inputs": statistics.median(sum(t.inputs for t in ts) for ts in timed),
         "waiting_for_writer": statistics.median(sum(t.writer for t in ts) for ts in timed),
         "last_writes": statistics.median(sum(t.last_writes for t in ts) for ts in timed),
         **_writers(timed),
     }
+
+
+def _warm_up(timed: list[list[Any]]) -> float | None:
+    """How much longer extract's first batch ran than its later ones (summed over the model's
+    graphs' runs): the median over the rounds where every run told; None where none did (no
+    lane ran a second batch)."""
+    told = [ts for ts in timed if all(t.warm_up is not None for t in ts)]
+    return statistics.median(sum(t.warm_up for t in ts) for ts in told) if told else None
 
 
 def _writers(timed: list[list[Any]]) -> dict[str, int]:

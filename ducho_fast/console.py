@@ -344,7 +344,7 @@ def _print_timing(result: Any) -> None:
     )
     warm = (
         f", which ran {t.warm_up:.1f}s longer than the later ones"
-        if t.warm_up >= WARM_UP_SHOWN
+        if t.warm_up is not None and t.warm_up >= WARM_UP_SHOWN
         else ""
     )
     out.print(
@@ -482,9 +482,14 @@ def _cpu_shared(run: Any) -> str:
     )
 
 
-def _bench_warm_up(seconds: float) -> str:
+def _bench_warm_up(seconds: float | None) -> str:
     """Bench's words for how much longer extract's first batch ran than its later ones;
-    nothing where it did not (or no lane ran a second batch to compare it with)."""
+    nothing where it did not, and what tells where no lane ran a second batch."""
+    if seconds is None:
+        return (
+            ", and no lane ran a second batch to tell how much longer the first ran than the "
+            "later ones (a larger --items tells)"
+        )
     return f", which ran {seconds:.2f} longer than the later ones" if seconds > 0 else ""
 
 

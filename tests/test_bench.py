@@ -278,9 +278,29 @@ def test_a_first_batch_that_ran_longer_counts_once_in_the_whole_job(capsys) -> N
     assert "the start-up is much of this sample's time" in said  # 4.5 s of 10
     print_bench(replace(run, warm_up=0.5))
     assert "the start-up is much" not in capsys.readouterr().out  # 1.5 s of 10
-    print_bench(replace(run, warm_up=0.0))  # not longer, or no second batch to compare with
+    print_bench(replace(run, warm_up=0.0))  # not longer than the later ones
     said = capsys.readouterr().out
     assert "(the session made, the first window read); then its model waited" in said
+    unknown = replace(run, warm_up=None)  # no lane ran a second batch to compare it with
+    assert unknown.start_up == 1.0 and unknown.as_dict()["extract_seconds"]["warm_up"] is None
+    print_bench(unknown)
+    said = capsys.readouterr().out
+    assert (
+        "(the session made, the first window read), and no lane ran a second batch to tell how "
+        "much longer the first ran than the later ones (a larger --items tells); then its model"
+    ) in said
+
+
+def test_bench_takes_the_warm_up_from_the_rounds_that_tell_it() -> None:
+    """A round whose lanes each ran one batch tells nothing of the first batch's warm-up: the
+    median is over the others, and unknown (None) where none told, not 0."""
+    told = [_timed_runs(0.1, 0.1, warm_up=w) for w in (0.3, 0.5)]  # two graphs' runs a round
+    untold = _timed_runs(0.1, 0.1, warm_up=None)
+    partly = [*_timed_runs(0.1), *untold[1:]]
+    timed = bench_module._timings([told[0], untold, told[1], partly])
+    assert bench_module._warm_up(timed) == pytest.approx(0.8)  # the median of 0.6 and 1.0
+    assert bench_module._warm_up(bench_module._timings([untold, partly])) is None
+    assert bench_module._once([untold]) == [pytest.approx(0.2)]  # counted as none
 
 
 def test_bench_says_when_the_cpu_time_beside_the_model_bounds_extract() -> None:
@@ -494,7 +514,7 @@ def test_bench_times_each_variant_in_the_same_rounds_and_compares_its_features(
             assert variant.rate == pytest.approx(run.items / np.median(seconds))
 
 
-def _timed_runs(*first_batches: float, warm_up: float = 0.0, last: float = 0.0) -> list[Any]:
+def _timed_runs(*first_batches: float, warm_up: float | None = 0.0, last: float = 0.0) -> list[Any]:
     """A round's model runs as extract returns them, each with its time to its first batch,
     how much longer that batch ran than the later ones, and its last writes."""
     return [

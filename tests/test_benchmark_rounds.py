@@ -97,6 +97,14 @@ def test_the_warm_up_is_the_median_rounds(common):
         for w in (1.3, 0.2, 1.1)
     ]
     assert common.warm_up(reports) == pytest.approx(1.1)
+    assert common.said_warm_up(1.1) == "extract's first batch ran 1.10 s longer than its later ones"
+    # a round whose lanes each ran one batch tells nothing: the others' median, None if none
+    reports[0].runs[0].result.timing = Timing(warm_up=None)
+    assert common.warm_up(reports) == pytest.approx((0.2 + 1.1) / 2)
+    assert common.warm_up(reports[:1]) is None
+    assert common.said_warm_up(None) == (
+        "no lane of extract ran a second batch to tell how much longer its first ran"
+    )
 
 
 def test_cpu_factors_multiply_to_each_rounds_efficiency(common):

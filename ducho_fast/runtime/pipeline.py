@@ -248,7 +248,7 @@ class Pipeline(WindowedRun):
                 writers=len(writers.threads),
                 writers_added=writers.added,
                 last_writes=max(0.0, written - max((lane.ended for lane in lanes), default=start)),
-                warm_up=sum(ups) / len(ups) if ups else 0.0,
+                warm_up=sum(ups) / len(ups) if ups else None,
             )
         # Lanes finish batches out of order, and texts are batched by length.
         sort_errors([m.result for m in self.members], items)

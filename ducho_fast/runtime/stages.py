@@ -27,10 +27,10 @@ class Timing:
     readers (reading, decoding, tokenizing) or the writer, and ``last_writes``: from the end
     of the lanes' last batches until the writers had written them (a slow file system, or a
     run of few batches that never filled the writers' queue). ``warm_up``: how much longer
-    each lane's first batch of the model ran than its later ones on average (the lanes' mean;
-    0 where no lane ran two): what a session's first run does once, such as cuDNN's search for
-    each convolution's algorithm on CUDA (``cudnn_conv_algo_search: EXHAUSTIVE``), or texts
-    and clips of other lengths.
+    each lane's first batch of the model ran than its later ones on average (the mean over the
+    lanes that ran two or more; None where none did, as nothing then tells): what a session's
+    first run does once, such as cuDNN's search for each convolution's algorithm on CUDA
+    (``cudnn_conv_algo_search: EXHAUSTIVE``), or texts and clips of other lengths.
     ``writer_cpu``: the CPU time the writer threads used (their own clocks), for every model
     of the pipeline: taken from the CPUs the model runs on, mostly the file system creating one
     file per item, it makes the model slower rather than making it wait."""
@@ -44,7 +44,7 @@ class Timing:
     writers: int = 1  # writer threads at the end (``runtime.writers: 0`` adds them as needed)
     writers_added: int = 0  # of those, added during the run (:meth:`Writers.grow`, ``end``)
     last_writes: float = 0.0
-    warm_up: float = 0.0
+    warm_up: float | None = None
 
 
 def warm_up(first: float, busy: float, runs: int) -> float | None:

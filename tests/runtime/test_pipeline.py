@@ -686,7 +686,16 @@ def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said
 
     monkeypatch.setattr(embedder_module.Embedder, "launch", real_launch)
     quick = ducho_fast.extract(config, ["output.resume=false"]).runs[0].result.timing
-    assert quick is not None and quick.warm_up < 0.5  # here a first run costs 0.03-0.13 s
+    assert quick is not None and quick.warm_up is not None and quick.warm_up < 0.5
+    # one batch: no later one to compare the first with, so how much longer it ran is unknown
+    one_batch = ["output.resume=false", "visual.items.model.0.batch_size=16"]
+    single = ducho_fast.extract(config, one_batch).runs[0].result.timing
+    assert single is not None and single.warm_up is None
+    manifest = json.loads(
+        (tmp_path / "out/torch/resnet18/avgpool/ducho-fast.manifest.json").read_text()
+    )
+    assert "seconds_first_batch_ran_longer" in manifest
+    assert manifest["seconds_first_batch_ran_longer"] is None
 
     path = tmp_path / "config.yml"
     path.write_text(json.dumps(config))
@@ -697,6 +706,9 @@ def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said
         r"\(first batch after \d+\.\ds, which ran (0\.[6-9]|1\.[0-4])s longer than the later "
         r"ones\)",
     )
+    monkeypatch.setattr(embedder_module.Embedder, "launch", real_launch)
+    once = ["extract", str(path), "--fresh", "--no-progress", "--set", one_batch[1]]
+    assert_said(CliRunner().invoke(app, once), r"\(first batch after \d+\.\ds\); then waited")
 
 
 def test_the_next_window_is_read_while_this_ones_batches_wait(
