@@ -83,6 +83,7 @@ def test_bench_times_extract_and_the_session_on_the_jobs_first_items(
         assert sorted(run.cpu_ms) == ["extract", "session"] and min(run.cpu_ms.values()) > 0
         # extract's own timing: its start-up counts once in the whole job, the rest per item
         assert 0 < run.first_batch < run.extract_seconds
+        assert run.warm_up is not None  # 3 batches or more on 2 lanes: one lane ran two
         assert 0 <= run.warm_up < run.extract_seconds - run.first_batch
         assert run.start_up == run.first_batch + run.warm_up
         assert 0 <= run.waiting_for_inputs < run.extract_seconds

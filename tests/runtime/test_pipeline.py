@@ -678,7 +678,9 @@ def test_a_first_batch_that_runs_longer_than_the_later_ones_is_measured_and_said
     monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
     t = ducho_fast.extract(config).runs[0].result.timing  # 5 batches of 2 on 2 lanes
     assert t is not None and t.lanes == 2 and lanes_seen == {0, 1}
-    assert 0.6 <= t.warm_up <= 1.5  # 0.8 s, and the real first run's own (0.03-0.13 s here)
+    assert (
+        t.warm_up is not None and 0.6 <= t.warm_up <= 1.5
+    )  # 0.8 s, and the real first run's own (0.03-0.13 s here)
     manifest = json.loads(
         (tmp_path / "out/torch/resnet18/avgpool/ducho-fast.manifest.json").read_text()
     )
