@@ -413,7 +413,7 @@ def print_bench(run: Any) -> None:
         f"  session alone  {run.session_rate:10.1f} items/s (the model on extract's batches)",
         f"  efficiency     {run.efficiency:10.2f}   (rounds {low:.2f}-{high:.2f})",
         f"  extract's time {run.extract_seconds:10.2f} s: {run.first_batch:.2f} until its first "
-        f"batch ran (the session made, the first window read){_bench_warm_up(run.warm_up)}; "
+        f"batch ran (the session made, the first window read){_bench_warm_up(run)}; "
         f"then its model waited "
         f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for "
         f"{_bench_writers(run.writers, run.writers_added)}; the last writes ended "
@@ -444,7 +444,7 @@ def print_bench(run: Any) -> None:
             "there, and extract read the copies, which may read faster than the originals; "
             "--work on another disk reads them where they are)"
         )
-    if run.start_up > 0.2 * run.extract_seconds:
+    if run.start_up > 0.2 * run.extract_seconds and run.items < run.job_items:
         lines.append(
             "  (the start-up is much of this sample's time: a larger --items measures the pace "
             "after it better)"
@@ -482,13 +482,16 @@ def _cpu_shared(run: Any) -> str:
     )
 
 
-def _bench_warm_up(seconds: float | None) -> str:
+def _bench_warm_up(run: Any) -> str:
     """Bench's words for how much longer extract's first batch ran than its later ones;
-    nothing where it did not, and what tells where no lane ran a second batch."""
+    nothing where it did not, and what tells where no lane ran a second batch (a larger
+    sample, where the job has more items)."""
+    seconds = run.warm_up
     if seconds is None:
+        larger = " (a larger --items tells)" if run.items < run.job_items else ""
         return (
             ", and no lane ran a second batch to tell how much longer the first ran than the "
-            "later ones (a larger --items tells)"
+            f"later ones{larger}"
         )
     return f", which ran {seconds:.2f} longer than the later ones" if seconds > 0 else ""
 

@@ -290,6 +290,10 @@ def test_a_first_batch_that_ran_longer_counts_once_in_the_whole_job(capsys) -> N
         "(the session made, the first window read), and no lane ran a second batch to tell how "
         "much longer the first ran than the later ones (a larger --items tells); then its model"
     ) in said
+    # the sample is the whole job: no larger --items to advise, and its estimate is its time
+    print_bench(replace(unknown, job_items=100, first_batch=4.5))
+    said = capsys.readouterr().out
+    assert "than the later ones; then its model" in said and "--items" not in said
 
 
 def test_bench_takes_the_warm_up_from_the_rounds_that_tell_it() -> None:
