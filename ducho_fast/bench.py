@@ -587,8 +587,9 @@ def _batches(
         with ThreadPoolExecutor(embedder.lanes) as pool:
             for done in [pool.submit(embedder.run_prepared, p) for p in parts[: embedder.lanes]]:
                 done.result()
-        if splits.too_big == known:
-            return [embedder.prepare_batch(part) for part in parts]
+        if splits.too_big == known:  # a smaller one padded where extract pads it (on CUDA)
+            pad = size if splits.fits(size) else 0
+            return [embedder.prepare_batch(part, pad) for part in parts]
 
 
 @contextmanager

@@ -33,6 +33,30 @@ def exported(tmp_path: Path, store: Path, resnet18_state_dict: Path, tiny_bert_d
     return config
 
 
+def test_bench_pads_the_session_alones_smaller_batch_where_extract_pads_it(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA extract runs a smaller batch of fixed-size images padded to the batch size
+    (one shape, one cuDNN search): the session alone runs the same batches."""
+    from ducho_fast.runtime import embedder as embedder_module
+
+    rows: list[list[int]] = []  # each model's batches for the session alone: their rows
+    batches = bench_module._batches
+
+    def spy_batches(*args: Any) -> Any:
+        made = batches(*args)
+        rows.append([len(next(iter(feeds.values()))) for b in made for _, feeds in b.parts])
+        return made
+
+    monkeypatch.setattr(bench_module, "_batches", spy_batches)
+    monkeypatch.setattr(embedder_module, "pads_last_batch", lambda *_: True)  # as on CUDA
+    work = tmp_path / "work"
+    work.mkdir()
+    bench(exported, items=8, repeats=1, work=work)
+    assert rows[0] == [3, 3, 3]  # 8 images in batches of 3: the last 2 padded
+    assert sum(rows[1]) == 8  # texts: never padded (their shapes vary anyway)
+
+
 def test_bench_times_extract_and_the_session_on_the_jobs_first_items(
     exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -110,11 +110,11 @@ def test_the_summary_says_when_the_model_waited_for_its_inputs(
     assert "waited for its inputs" not in quick.output
     real_prepare = pipeline.prepare
 
-    def slow_prepare(embedder: Any, batch: Any) -> Any:
+    def slow_prepare(embedder: Any, batch: Any, *rest: Any) -> Any:
         # 6 batches of 0.3 s on the readers: the model waits about 0.9 s, far above the bound
         # (0.2 s here). With 0.1 s it waited 0.15-0.25 s, and a busy machine failed the test.
         time.sleep(0.3)
-        return real_prepare(embedder, batch)
+        return real_prepare(embedder, batch, *rest)
 
     monkeypatch.setattr(pipeline, "prepare", slow_prepare)
     monkeypatch.setattr(console, "INPUT_BOUND_MIN_SECONDS", 0.2)

@@ -99,6 +99,29 @@ def test_images_on_cuda_equal_cpu(tmp_path: Path, store: Path, image_dir, resnet
     _each_way_equals_cpu(tmp_path, files=10)
 
 
+def test_the_smaller_last_batch_of_images_runs_padded_on_cuda(
+    tmp_path: Path, store: Path, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """One input shape for the whole run, so cuDNN's exhaustive search runs once (the
+    features of the padded batch are checked against the CPU's above)."""
+    from ducho_fast.runtime import embedder as embedder_module
+
+    real = embedder_module.padded
+    rows: list[int] = []
+
+    def spy(feeds: dict[str, Any], count: int) -> dict[str, Any]:
+        out = real(feeds, count)
+        rows.append(len(next(iter(out.values()))))
+        return out
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    ducho_fast.export(config)
+    monkeypatch.setattr(embedder_module, "padded", spy)
+    report = ducho_fast.extract({**config, "runtime": RUNTIMES["cuda"]})
+    assert report.failed == 0 and sorted(rows) == [4, 4, 4]  # 10 images: 4, 4, and 2 padded
+
+
 def test_audio_clips_of_several_lengths_on_cuda_equal_cpu(
     tmp_path: Path, store: Path, tiny_wav2vec2_dir: Path
 ) -> None:

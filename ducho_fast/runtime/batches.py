@@ -22,12 +22,14 @@ class Batch:
     prepared: Prepared | None = None  # graph inputs built (and staged) by the reader
 
 
-def prepare(embedder: Embedder, batch: Batch) -> Prepared | None:
-    """The batch's graph inputs, built by the reader; None: the model thread finds out why."""
+def prepare(embedder: Embedder, batch: Batch, batch_size: int = 0) -> Prepared | None:
+    """The batch's graph inputs, built by the reader (a smaller last batch padded to the run's
+    ``batch_size`` where the session pads one: ``Embedder.prepare_batch``); None: the model
+    thread finds out why."""
     if not batch.items:
         return None
     try:
-        return embedder.prepare_batch(batch.payloads)
+        return embedder.prepare_batch(batch.payloads, batch_size)
     except Exception:
         return None  # launch() runs it through infer(), which names the bad items
 

@@ -43,12 +43,15 @@ from ducho_fast.runtime.binding import IOBinder, cuda_pinning
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.memory import MemorySplits, run_fitting, within_limit
 from ducho_fast.runtime.session import (
+    CPU,
     CUDA,
     PendingSession,
     SessionInfo,
     cuda_device_id,
     for_artifact,
     make_session,
+    pads_last_batch,
+    requested_providers,
     spins,
 )
 
@@ -233,13 +236,19 @@ class Embedder:
 
     # -- running: prepare (reader thread), launch (model thread), collect (writer thread) ----
 
-    def prepare_batch(self, payloads: Sequence[Any]) -> Prepared:
+    def prepare_batch(self, payloads: Sequence[Any], batch_size: int = 0) -> Prepared:
         """A batch's graph inputs, built (and with I/O binding, copied to the device) off the
         model's thread. Images or clips of different shapes form same-shape groups: padding
-        would change what a convolution or a normalization over the clip sees."""
+        would change what a convolution or a normalization over the clip sees. ``batch_size``:
+        the run's, to which a smaller batch of one shape is padded where the session pads
+        one (:func:`pads_last_batch`; rows past the batch's items are never read back)."""
         if self.modality in ("visual", "audio"):
             groups = shape_groups(payloads, range(len(payloads)))
-            parts = [(idx, self.batch_feeds([payloads[i] for i in idx])) for idx in groups]
+            feeds = [self.batch_feeds([payloads[i] for i in idx]) for idx in groups]
+            parts = [
+                (idx, padded(f, self._rows(idx, batch_size)))
+                for idx, f in zip(groups, feeds, strict=True)
+            ]
             lengths: list[int | None] = [None] * len(payloads)
         else:
             tokens = self.tokenize(payloads)
@@ -249,6 +258,16 @@ class Embedder:
             return Prepared(parts, lengths, payloads)
         staged = [(idx, self._binder.stage(feeds)) for idx, feeds in parts]
         return Prepared(staged, lengths, payloads)
+
+    def _rows(self, group: Sequence[int], batch_size: int) -> int:
+        """How many rows a same-shape group of a batch runs as: ``batch_size`` where it is
+        smaller and the session pads it, else its own count."""
+        if len(group) >= batch_size:
+            return len(group)
+        # A session asked for on the CPU runs there: no need to wait for it to tell.
+        cpu = requested_providers(self._options.device)[0] == CPU
+        provider = CPU if cpu else self.info.provider
+        return batch_size if pads_last_batch(self._options, self.manifest, provider) else len(group)
 
     def launch(self, prepared: Prepared, lane: int = 0) -> Launched:
         """Run the session on a prepared batch; with I/O binding the outputs stay on the device.
@@ -524,6 +543,17 @@ def _check_unicode(text: str) -> None:
             "bytes that are not UTF-8): decode the text with its real encoding, or drop those "
             "characters."
         ) from e
+
+
+def padded(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """``feeds`` with their last row repeated up to ``rows`` rows; as they are where they
+    have as many."""
+    return {
+        name: value
+        if len(value) >= rows
+        else np.concatenate([value, np.repeat(value[-1:], rows - len(value), axis=0)])
+        for name, value in feeds.items()
+    }
 
 
 def read_ahead(batch_size: int, workers: int) -> int:

@@ -321,7 +321,9 @@ class Pipeline(WindowedRun):
                 return
             # Built (on CUDA: staged on the device) just before it is queued, so at most
             # ``prefetch`` + 1 batches hold inputs, however long the window.
-            batch.prepared = prepare(member.embedder, batch)
+            batch.prepared = prepare(
+                member.embedder, batch, member.batch_size or self._opts.batch_size
+            )
             put(out, (member, batch), stop)
 
     def todo(self, items: Sequence[Item]) -> int:

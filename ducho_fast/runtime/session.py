@@ -89,12 +89,26 @@ def for_artifact(options: RuntimeOptions, manifest: Mapping[str, Any]) -> Runtim
     EXHAUSTIVE, benchmarks every algorithm for each convolution at each new input shape:
     reported at 0.3-1.3 s a shape on a 6-layer network (PaddleX #5057; ONNX Runtime issues
     #709 and #19838), and clips of a new length each bring a new shape. Unmeasured here (no
-    GPU). Images resized to one size keep EXHAUSTIVE: they tune once."""
+    GPU). Images resized to one size keep EXHAUSTIVE: they tune once, a smaller batch padded
+    to the batch size (:func:`pads_last_batch`)."""
     if not shapes_vary(manifest) or "cudnn_conv_algo_search" in options.cuda_options:
         return options
     return replace(
         options, cuda_options={**options.cuda_options, "cudnn_conv_algo_search": "HEURISTIC"}
     )
+
+
+def pads_last_batch(options: RuntimeOptions, manifest: Mapping[str, Any], provider: str) -> bool:
+    """Whether a run's smaller last batch is padded to the batch size (with copies of its
+    last item, whose outputs are dropped), so that the session sees one input shape: on CUDA,
+    for a graph whose inputs have one shape but for the batch (:func:`shapes_vary`), while
+    cuDNN searches each convolution's algorithm at each new shape (``EXHAUSTIVE``, ONNX
+    Runtime's default, which keys what it found by the whole input shape, the batch's size
+    included). A few images more on the GPU, once a run, against every convolution searched
+    again (reported at 0.3-1.3 s a shape; unmeasured here: no GPU lent)."""
+    if provider != CUDA or shapes_vary(manifest):
+        return False
+    return str(options.cuda_options.get("cudnn_conv_algo_search", "EXHAUSTIVE")) == "EXHAUSTIVE"
 
 
 def requested_providers(device: str, cuda_options: dict[str, Any] | None = None) -> list[Any]:

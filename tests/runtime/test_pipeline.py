@@ -89,10 +89,10 @@ def test_a_batch_that_fails_to_stage_or_to_copy_back_loses_no_other_item(
         return call
 
     def failing(method: Any, item_id: str) -> Any:
-        def call(self: Embedder, value: Any) -> Any:
+        def call(self: Embedder, value: Any, *rest: Any) -> Any:
             if item_id in getattr(batch_ids, "ids", ()):  # not the model thread's calls
                 raise RuntimeError(f"{method.__name__} failed on the device")
-            return method(self, value)
+            return method(self, value, *rest)
 
         return call
 
@@ -423,8 +423,8 @@ def test_batches_hold_inputs_only_near_the_queue_however_long_the_window(
     live, peak, lock = [0], [0], threading.Lock()
     real_prepare, real_collect = pipeline.prepare, pipeline.collect
 
-    def prepare(embedder: Any, batch: Any) -> Any:
-        prepared = real_prepare(embedder, batch)
+    def prepare(embedder: Any, batch: Any, *rest: Any) -> Any:
+        prepared = real_prepare(embedder, batch, *rest)
         with lock:
             live[0] += prepared is not None
             peak[0] = max(peak[0], live[0])
@@ -598,9 +598,9 @@ def test_timing_says_where_the_model_threads_time_went(
     ducho_fast.export(config)
     real_prepare, real_collect = pipeline.prepare, pipeline.collect
 
-    def slow_prepare(embedder: Any, batch: Any) -> Any:
+    def slow_prepare(embedder: Any, batch: Any, *rest: Any) -> Any:
         time.sleep(0.2)
-        return real_prepare(embedder, batch)
+        return real_prepare(embedder, batch, *rest)
 
     def slow_collect(embedder: Any, batch: Any, ran: Any) -> Any:
         time.sleep(0.2)
@@ -855,3 +855,38 @@ def test_readers_take_cheap_items_in_slices_and_costly_ones_one_by_one() -> None
         assert tasks[-1] == 20
         assert map_in_slices(pool, str, list(range(100)), 3) == [str(v) for v in range(100)]
         assert map_in_slices(pool, str, [], 2) == [] and tasks[-1] == 0
+
+
+def test_a_smaller_last_batch_is_padded_where_the_session_pads_and_its_features_stay(
+    tmp_path, store, image_dir, resnet18_state_dict, monkeypatch
+) -> None:
+    """On CUDA a new input shape re-runs cuDNN's search of every convolution: there the last,
+    smaller batch of fixed-size images runs padded to the batch size (copies of its last
+    image), and only its own rows are written. On the CPU nothing is padded."""
+    from ducho_fast.runtime import embedder as embedder_module
+
+    (tmp_path / "images").symlink_to(image_dir)
+    config = visual_config(tmp_path, resnet18_entry(resnet18_state_dict, batch_size=4), store)
+    ducho_fast.export(config)
+    real_launch = embedder_module.Embedder.launch
+    rows: list[list[int]] = []
+
+    def launch(self: Any, prepared: Any, lane: int = 0) -> Any:
+        rows.append([len(next(iter(feeds.values()))) for _, feeds in prepared.parts])
+        return real_launch(self, prepared, lane)
+
+    monkeypatch.setattr(embedder_module.Embedder, "launch", launch)
+    ducho_fast.extract(config)  # on the CPU: 10 images in batches of 4, 4 and 2
+    assert sorted(rows) == [[2], [4], [4]]
+    folder = tmp_path / "out/torch/resnet18/avgpool"
+    plain = {p.name: np.load(p) for p in folder.glob("*.npy")}
+    assert len(plain) == 10
+
+    rows.clear()
+    monkeypatch.setattr(embedder_module, "pads_last_batch", lambda *_: True)  # as on CUDA
+    report = ducho_fast.extract(config, ["output.resume=false"])
+    assert report.failed == 0 and sorted(rows) == [[4], [4], [4]]
+    again = {p.name: np.load(p) for p in folder.glob("*.npy")}
+    assert sorted(again) == sorted(plain)  # the padding's copies wrote nothing
+    for name, feature in plain.items():
+        np.testing.assert_array_equal(again[name], feature)

@@ -260,6 +260,30 @@ def test_convolutions_are_tuned_by_heuristics_where_input_shapes_vary() -> None:
     assert for_artifact(chosen, varying[2]) is chosen  # the config's choice stands
 
 
+def test_a_smaller_batch_is_padded_only_where_cuda_would_search_a_new_shape() -> None:
+    """ONNX Runtime keys cuDNN's exhaustive search by the whole input shape: a run's last,
+    smaller batch of fixed-size images would search every convolution again."""
+    from ducho_fast.runtime.session import CPU, CUDA, pads_last_batch
+
+    fixed = {"modality": "visual", "preprocessing": {"resize": [224, 224]}}
+    cuda = RuntimeOptions(device="cuda")
+    assert pads_last_batch(cuda, fixed, CUDA)  # ONNX Runtime's default: EXHAUSTIVE
+    exhaustive = RuntimeOptions(
+        device="cuda", cuda_options={"cudnn_conv_algo_search": "EXHAUSTIVE"}
+    )
+    assert pads_last_batch(exhaustive, fixed, CUDA)
+    for algo in ("HEURISTIC", "DEFAULT"):  # no search: nothing to save
+        chosen = RuntimeOptions(device="cuda", cuda_options={"cudnn_conv_algo_search": algo})
+        assert not pads_last_batch(chosen, fixed, CUDA)
+    assert not pads_last_batch(cuda, fixed, CPU)  # fallen back, or asked for: no cuDNN
+    for varying in (
+        {"modality": "visual", "preprocessing": {"resize_shortest_edge": 256}},
+        {"modality": "audio", "preprocessing": {"sample_rate": 16000}},
+        {"modality": "textual", "preprocessing": {}},
+    ):
+        assert not pads_last_batch(cuda, varying, CUDA)  # a new shape each batch anyway
+
+
 def test_a_session_made_ahead_serves_only_the_options_it_was_made_with() -> None:
     from ducho_fast.runtime.session import PendingSession
 
