@@ -481,21 +481,18 @@ def _finish_outputs(
         )
 
 
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 3)
-
-
 def _timing_record(r: RunResult) -> dict[str, float | None]:
     """Where the run's time went (local engine), for a manifest: see :class:`Timing`."""
     if r.timing is None:
         return {}
+    warm = r.timing.warm_up
     return {
         "seconds_to_first_batch": round(r.timing.first_batch, 3),
         "seconds_in_model": round(r.timing.model, 3),
         "seconds_waiting_for_inputs": round(r.timing.inputs, 3),
         "seconds_waiting_for_writer": round(r.timing.writer, 3),
         "seconds_of_last_writes": round(r.timing.last_writes, 3),
-        "seconds_first_batch_ran_longer": _rounded(r.timing.warm_up),
+        "seconds_first_batch_ran_longer": None if warm is None else round(warm, 3),
         "writer_cpu_seconds": round(r.timing.writer_cpu, 3),
         "concurrent_batches": r.timing.lanes,
     }
