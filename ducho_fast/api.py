@@ -208,9 +208,9 @@ def _session_ahead(cfg: Config) -> PendingSession | None:
         return None  # find_artifact says what is missing or broken
     if not model.is_file() or not isinstance(manifest, dict):
         return None
-    spinning = spins(cfg.runtime, spec.modality, readers=True)
-    lanes = batch_lanes(cfg.runtime)
     options = for_artifact(cfg.runtime, manifest)
+    spinning = spins(options, spec.modality, readers=True)
+    lanes = batch_lanes(options)
     return PendingSession(model, options, spinning=spinning, lanes=lanes)
 
 

@@ -44,6 +44,7 @@ from ducho_fast.fusion import graph_name
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.memory import fitting_parts
+from ducho_fast.runtime.openvino import OPENVINO
 from ducho_fast.runtime.session import batch_lanes
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -104,7 +105,7 @@ class BenchRun:
         them: the session's CPU per item over extract's. None where either is unmeasured, and
         for a session on another device, whose CPU time is not the model's work."""
         model, whole = self.cpu_ms.get("session"), self.cpu_ms.get("extract")
-        if self.provider != CPU_PROVIDER or not model or not whole:
+        if self.provider not in (CPU_PROVIDER, OPENVINO) or not model or not whole:
             return None
         return min(1.0, model / whole)
 
@@ -346,7 +347,7 @@ def _bench_model(
     }
     provider = embedders[0].info.provider
     eager = None
-    if source and provider != CPU_PROVIDER:
+    if source and provider not in (CPU_PROVIDER, OPENVINO):
         report.skipped.append(
             f"{spec.key_path}: --source times the source framework on the CPU only, and this "
             f"model's session runs on {provider}; benchmarks/text.py and visual.py --device "

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from ducho_fast import __version__
 from ducho_fast.runtime.cpu import cpu_quota_report
 from ducho_fast.runtime.memory import memory_report
+from ducho_fast.runtime.openvino import unusable
 from ducho_fast.runtime.session import CPU, CUDA, session_options
 
 PACKAGES = (
@@ -32,6 +33,7 @@ PACKAGES = (
     "tensorflow",
     "tensorflow-cpu",
     "ray",
+    "onnxruntime-ep-openvino",
 )
 
 
@@ -87,7 +89,7 @@ def report() -> Health:
         f"ducho-fast {__version__}, Python {platform.python_version()} on {platform.platform()}"
     )
     installed = [(p, _version(p)) for p in PACKAGES]
-    lines += [f"  {p:<22} {v}" for p, v in installed if v]
+    lines += [f"  {p:<24} {v}" for p, v in installed if v]
     lines.append("  not installed: " + ", ".join(p for p, v in installed if not v))
     health.conflict = bool(_version("onnxruntime") and _version("onnxruntime-gpu"))
     available = ort.get_available_providers()
@@ -106,6 +108,11 @@ def report() -> Health:
     else:
         health.cuda_why = why_no_cuda()
     lines.append(f"CPU session runs on: {probe(CPU)}")
+    why_not = unusable()
+    lines.append(
+        "precision bf16 (OpenVINO's CPU plugin, bfloat16 math): "
+        + ("runs here" if why_not is None else f"not here: {why_not}")
+    )
     lines.append(f"CPUs this process may use: {cpu_quota_report()}")
     lines.append(f"memory this process may take: {memory_report()}")
     lines += media_formats()

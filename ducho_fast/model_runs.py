@@ -59,9 +59,9 @@ class RunContext:
 def _embedder(ctx: RunContext, artifact: Artifact) -> Embedder:
     """A pipeline's embedder, on the session created ahead when it is this artifact's."""
     pending = ctx.ahead.pop() if ctx.ahead else None
-    spinning = spins(ctx.cfg.runtime, artifact.modality, readers=True)
-    lanes = batch_lanes(ctx.cfg.runtime)
-    options = for_artifact(ctx.cfg.runtime, artifact.manifest)
+    options = for_artifact(ctx.cfg.runtime, artifact.manifest)  # bf16: OpenVINO's
+    spinning = spins(options, artifact.modality, readers=True)
+    lanes = batch_lanes(options)
     if pending is not None and not pending.serves(
         artifact.model_path, spinning=spinning, lanes=lanes, options=options
     ):
@@ -271,7 +271,14 @@ def precision_advice(precision: str, provider: str) -> str | None:
         return (
             "this fp16 graph ran on the CPU, which has no fast half-precision math "
             "(all-MiniLM-L6-v2 in fp16 ran at 0.83x its fp32 graph here). fp16 is for GPUs: "
-            "on CPUs export with precision: fp32, or int8 for transformer models."
+            "on CPUs export with precision: fp32, int8 for transformer models, or bf16 where "
+            "`ducho-fast doctor` says it runs."
+        )
+    if precision == "bf16" and provider == "CUDAExecutionProvider":
+        return (
+            "this bf16 artifact ran its graph, the fp32 one, with CUDA at fp32's speed: bf16 is "
+            "for Intel CPUs with bfloat16 math (OpenVINO's CPU plugin). On GPUs export with "
+            "precision: fp16 (or fp32)."
         )
     if precision == "int8" and provider == "CUDAExecutionProvider":
         # onnxruntime registers no CUDA kernel for these contrib ops (contrib_ops/cuda/

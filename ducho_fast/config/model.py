@@ -41,7 +41,7 @@ class ModelSpec:
     pooling: str | None = None  # audio: "mean" | "max" over time; None keeps the time axis
     max_seconds: float | None = None  # audio: embed only the first seconds
     sample_rate: int | None = None  # audio torch files: the rate the model expects
-    precision: str = "fp32"  # fp32 | fp16 | int8: the exported graph's weights and math
+    precision: str = "fp32"  # fp32 | fp16 | int8 | bf16: the exported graph's weights and math
 
     @property
     def model_dir(self) -> str:

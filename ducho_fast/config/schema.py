@@ -71,7 +71,7 @@ MODEL_KEYS: dict[str, Key] = {
     "max_seconds": Key((int, float, type(None)), doc="audio: embed only the first seconds"),
     "sample_rate": Key((int, type(None)), doc="audio torch files: the model's rate (16000)"),
     "precision": Key(
-        (str,), choices=("fp32", "fp16", "int8"), doc="exported graph precision (fp32)"
+        (str,), choices=("fp32", "fp16", "int8", "bf16"), doc="exported graph precision (fp32)"
     ),
 }
 

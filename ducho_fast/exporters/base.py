@@ -32,7 +32,7 @@ from ducho_fast.artifact import (
     slug_for,
     write_artifact,
 )
-from ducho_fast.config.model import ModelSpec
+from ducho_fast.config.model import ModelSpec, RuntimeOptions
 from ducho_fast.errors import (
     ArtifactError,
     DuchoError,
@@ -320,7 +320,11 @@ def check_parity(
     exporter: Exporter, spec: ModelSpec, built: Built, draft: Artifact
 ) -> dict[str, Any]:
     """Run the graph through the ducho-fast runtime and compare with the source framework."""
-    embedder = Embedder(draft)
+    # bf16 runs on the CPU, where it is checked even on a GPU machine (auto would take CUDA)
+    options = (
+        RuntimeOptions(device="cpu", allow_fallback=False) if spec.precision == "bf16" else None
+    )
+    embedder = Embedder(draft, options)
     raws = exporter.samples(spec, built)
     payloads = [embedder.prepare(x) for x in raws]
     ours = embedder.run_prepared(payloads)

@@ -1,4 +1,5 @@
-"""Reduced-precision variants of an exported fp32 graph: fp16 (for GPUs) and int8 (for CPUs).
+"""Reduced-precision variants of an exported fp32 graph: fp16 (for GPUs), int8 (for CPUs) and
+bf16 (for Intel CPUs with bfloat16 math).
 
 Both keep float32 inputs and outputs, so the runtime feeds and reads them exactly as the fp32
 graph. Their parity is measured against the fp32 source model like any export, with a cosine
@@ -29,6 +30,9 @@ bound of their own (``MIN_COSINE``); a variant below it is refused.
   with the GELU-fed kept fp32 (the previous scheme): 0.9914 / 0.9972, 1.00; the GELU-fed per
   token on top: 0.9878 (refused) / 0.9960, 1.11x; this scheme: 0.9912 / 0.9971, 1.10-1.15x;
   per token everywhere: 0.9941 / 0.9981, 1.02x.
+- bf16: the fp32 graph as it is, which OpenVINO's CPU plugin runs in bfloat16 where the CPU
+  has the math (:mod:`ducho_fast.runtime.openvino`): exported only where it can run so, so
+  that its parity is bfloat16's.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ import numpy as np
 from ducho_fast.errors import ExportError
 from ducho_fast.exporters.graphs import load_graph, save_graph, scratch
 from ducho_fast.exporters.per_token import quantize_per_token
+from ducho_fast.runtime.openvino import OPENVINO, unusable
 
-PRECISIONS = ("fp32", "fp16", "int8")
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99, "bf16": 0.999}
 
 FP16_KEEP_FP32 = [
     "LayerNormalization",
@@ -93,7 +98,20 @@ def apply_precision(
         return _to_fp16(path)
     if precision == "int8":
         return _to_int8(path, calibration())
+    if precision == "bf16":
+        return _for_bf16()
     raise ExportError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}.")
+
+
+def _for_bf16() -> dict[str, Any]:
+    reason = unusable()
+    if reason is not None:
+        raise ExportError(
+            f"precision bf16 runs on OpenVINO's CPU plugin in bfloat16, and is exported where "
+            f"it can run so, to check it as it runs: {reason}. Export it on such a machine, "
+            "or use precision: fp32 (or int8 for transformer models) here."
+        )
+    return {"runs_on": f"{OPENVINO} (CPU, bfloat16 math); the graph is the fp32 one"}
 
 
 def _to_fp16(path: Path) -> dict[str, Any]:

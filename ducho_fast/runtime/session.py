@@ -21,6 +21,7 @@ from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.errors import DeviceError
 from ducho_fast.runtime.cpu import cpu_quota, cpu_quota_report
 from ducho_fast.runtime.memory import use_limited_arena
+from ducho_fast.runtime.openvino import OPENVINO, add_bf16_provider, unusable
 
 log = logging.getLogger("ducho_fast")
 
@@ -83,14 +84,19 @@ def shapes_vary(manifest: Mapping[str, Any]) -> bool:
 
 
 def for_artifact(options: RuntimeOptions, manifest: Mapping[str, Any]) -> RuntimeOptions:
-    """``options`` as one artifact's session takes them: where its input shapes vary
-    (:func:`shapes_vary`), cuDNN's convolution algorithm is picked by heuristics unless
-    ``runtime.cuda_options.cudnn_conv_algo_search`` says otherwise. ONNX Runtime's default,
+    """``options`` as one artifact's session takes them. A ``precision: bf16`` artifact runs
+    on OpenVINO's CPU plugin (the device ``"openvino"``, which no config names) wherever it
+    would run on the CPU; given a GPU, its graph (fp32) runs there as any fp32 graph. Where its
+    input shapes vary (:func:`shapes_vary`), cuDNN's convolution algorithm is picked by
+    heuristics unless ``runtime.cuda_options.cudnn_conv_algo_search`` says otherwise. ONNX
+    Runtime's default,
     EXHAUSTIVE, benchmarks every algorithm for each convolution at each new input shape:
     reported at 0.3-1.3 s a shape on a 6-layer network (PaddleX #5057; ONNX Runtime issues
     #709 and #19838), and clips of a new length each bring a new shape. Unmeasured here (no
     GPU). Images resized to one size keep EXHAUSTIVE: they tune once, a smaller batch padded
     to the batch size (:func:`pads_last_batch`)."""
+    if manifest.get("precision") == "bf16" and requested_providers(options.device)[0] == CPU:
+        return replace(options, device="openvino")
     if not shapes_vary(manifest) or "cudnn_conv_algo_search" in options.cuda_options:
         return options
     return replace(
@@ -116,6 +122,8 @@ def requested_providers(device: str, cuda_options: dict[str, Any] | None = None)
     options) before CPU, or CPU alone."""
     if device == "cpu":
         return [CPU]
+    if device == "openvino":  # a bf16 artifact's (for_artifact), added by make_session
+        return [OPENVINO, CPU]
     if device == "auto" and CUDA not in ort.get_available_providers():
         return [CPU]
     options = {**CUDA_DEFAULTS, **{k: str(v) for k, v in (cuda_options or {}).items()}}
@@ -228,8 +236,10 @@ def make_session(
         if advice and advice not in _ADVISED:
             _ADVISED.add(advice)
             log.warning(advice)
-    threads = max(1, (options.threads or cpu_quota()) // lanes)
     providers = requested_providers(options.device, options.cuda_options)
+    if providers[0] == OPENVINO:  # one batch at a time, on all the threads
+        return _bf16_session(model, options, options.threads or cpu_quota())
+    threads = max(1, (options.threads or cpu_quota()) // lanes)
     if CUDA not in ort.get_available_providers():
         # This build has no CUDA (onnxruntime, not onnxruntime-gpu): asking for it only made
         # ONNX Runtime log a line and warn before _check says why, and what to install. (Not
@@ -239,6 +249,34 @@ def make_session(
     opts = session_options(threads, spinning=spinning, shared_arena=limit is not None)
     session = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
     return session, replace(_check(session, options, threads), lanes=lanes, memory_limit=limit)
+
+
+def _bf16_session(
+    model: Path, options: RuntimeOptions, threads: int
+) -> tuple[ort.InferenceSession, SessionInfo]:
+    """A bf16 artifact's session on OpenVINO's CPU plugin; where it cannot run in bfloat16
+    here, its fp32 graph on ONNX Runtime's CPU provider if ``allow_fallback``, said either
+    way. ONNX Runtime's threads do not spin: they idle beside OpenVINO's."""
+    reason = unusable()
+    if reason is not None:
+        message = (
+            f"this artifact's precision is bf16, but {reason}. Its graph is the fp32 one, "
+            "which ONNX Runtime's CPU provider runs at fp32's speed (an fp32 or int8 export "
+            "is the choice for this machine)"
+        )
+        if not options.allow_fallback:
+            raise DeviceError(message + ". Set runtime.allow_fallback: true to run it so.")
+        log.warning(message + ": running it so.")
+        cpu = replace(options, device="cpu")
+        session, info = make_session(model, cpu)
+        return session, replace(info, note="fp32: no bf16 here")
+    opts = session_options(threads, spinning=False)
+    add_bf16_provider(opts, threads)
+    session = ort.InferenceSession(str(model), sess_options=opts)
+    got = session.get_providers()[0]
+    if got != OPENVINO:  # never seen: the plugin registered but took no node
+        raise DeviceError(f"OpenVINO's plugin took none of {model}'s graph; it ran on {got}.")
+    return session, SessionInfo(got, threads, note="bf16")
 
 
 class PendingSession:

@@ -181,5 +181,5 @@ def test_fp16_image_model(
 
 
 def test_unknown_precision_is_a_config_error(tmp_path: Path, store: Path, minilm_dir) -> None:
-    with pytest.raises(ConfigError, match=r"precision.*allowed: .fp32., .fp16., .int8."):
-        ducho_fast.export(textual_config(tmp_path, _minilm(minilm_dir, "bf16"), store))
+    with pytest.raises(ConfigError, match=r"precision.*allowed: .fp32., .fp16., .int8., .bf16."):
+        ducho_fast.export(textual_config(tmp_path, _minilm(minilm_dir, "fp8"), store))

@@ -1,0 +1,210 @@
+"""precision: bf16, run by OpenVINO's CPU plugin for ONNX Runtime in bfloat16.
+
+The logic (which artifacts go to OpenVINO, what happens where it cannot run them in bfloat16)
+is tested everywhere; the real bf16 runs skip where this CPU has no bfloat16 math or the
+plugin is not installed, as the CUDA tests skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ducho_fast
+from ducho_fast.artifact import slug_for
+from ducho_fast.config.model import RuntimeOptions
+from ducho_fast.errors import DeviceError, ExportError
+from ducho_fast.exporters import precision as precision_module
+from ducho_fast.model_runs import precision_advice
+from ducho_fast.runtime import embedder as embedder_module
+from ducho_fast.runtime import openvino, session
+from ducho_fast.runtime.cpu import cpu_quota
+from ducho_fast.runtime.session import CPU, CUDA, for_artifact, make_session
+from tests.conftest import textual_config
+
+PROBE = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
+REASON = openvino.unusable()
+needs_bf16 = pytest.mark.skipif(REASON is not None, reason=f"no bf16 here: {REASON}")
+BF16 = {"precision": "bf16", "modality": "textual"}
+
+
+def _minilm(minilm_dir: Path, precision: str) -> dict[str, object]:
+    return {
+        "model_name": str(minilm_dir),
+        "backend": "sentence_transformers",
+        "output_layers": 1,
+        "precision": precision,
+    }
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "runs_on"),
+    [
+        ("cpu", "bf16", "openvino"),
+        ("auto", "bf16", "openvino"),  # no GPU in this build: auto is the CPU
+        ("cuda", "bf16", "cuda"),  # its graph is fp32: on a GPU it runs as any fp32 graph
+        ("cpu", "fp32", "cpu"),
+        ("cpu", "int8", "cpu"),
+    ],
+)
+def test_bf16_artifacts_run_on_openvino_wherever_they_would_run_on_the_cpu(
+    device: str, precision: str, runs_on: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session.ort, "get_available_providers", lambda: [CPU])
+    options = for_artifact(RuntimeOptions(device=device), {**BF16, "precision": precision})
+    assert options.device == runs_on
+    if runs_on == "openvino":  # one batch at a time; ORT's threads never spin beside it
+        assert session.batch_lanes(options) == 1
+        assert not session.spins(options, "textual", readers=False)
+
+
+def test_where_bf16_cannot_run_its_fp32_graph_runs_on_the_cpu_provider_if_allowed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    why = "this Xeon has no bfloat16 math"
+    monkeypatch.setattr(session, "unusable", lambda: why)
+    options = RuntimeOptions(device="openvino", allow_fallback=False)
+    with pytest.raises(DeviceError, match=rf"precision is bf16, but {why}.*allow_fallback: true"):
+        make_session(PROBE, options)
+    with caplog.at_level(logging.WARNING, logger="ducho_fast"):
+        probe, info = make_session(PROBE, RuntimeOptions(device="openvino"))
+    assert info.provider == CPU and info.note == "fp32: no bf16 here"
+    assert probe.get_providers() == [CPU]
+    assert any(why in r.getMessage() and "running it so" in r.getMessage() for r in caplog.records)
+
+
+def test_why_bf16_cannot_run_names_the_install_or_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(openvino, "_REGISTERED", {})
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # not installed
+    assert openvino.cpu_devices() == []
+    assert "pip install 'ducho-fast[openvino]'" in str(openvino.unusable())
+    no_bf16 = SimpleNamespace(
+        ep_metadata={"FULL_DEVICE_NAME": "AMD EPYC 7B13", "OPTIMIZATION_CAPABILITIES": "FP32 INT8"}
+    )
+    monkeypatch.setattr(openvino, "cpu_devices", lambda: [no_bf16])
+    assert openvino.unusable() == (
+        "AMD EPYC 7B13 has no bfloat16 math (AMX-BF16 or AVX512-BF16, Intel Xeon from "
+        "Sapphire Rapids on)"
+    )
+    with_bf16 = SimpleNamespace(ep_metadata={"OPTIMIZATION_CAPABILITIES": "BF16 FP32 FP16 INT8"})
+    monkeypatch.setattr(openvino, "cpu_devices", lambda: [with_bf16])
+    assert openvino.unusable() is None
+
+
+@pytest.mark.slow
+def test_bf16_is_exported_only_where_it_can_run_so(
+    tmp_path: Path, store: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "unusable", lambda: "this CPU has no bfloat16 math")
+    config = textual_config(tmp_path, _minilm(minilm_dir, "bf16"), store / "refused")
+    with pytest.raises(
+        ExportError,
+        match=r"^'textual.items.model.0.precision' \(.*\): precision bf16 runs on OpenVINO's "
+        r"CPU plugin.*this CPU has no bfloat16 math\. .*precision: fp32",
+    ):
+        ducho_fast.export(config)
+    assert not list((store / "refused").glob("sentence_transformers-*"))  # nothing kept
+
+
+@pytest.mark.slow
+def test_extract_runs_a_bf16_artifact_on_the_session_made_for_it(
+    tmp_path: Path,
+    minilm_dir: Path,
+    texts_tsv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Everywhere: a bf16 artifact (the fp32 one under the bf16 slug, as export writes it
+    where OpenVINO runs it) extracted where it cannot run in bfloat16. The session made ahead
+    of the run must be the one its embedder takes (OpenVINO's: no spinning, one lane), and
+    the fp32 graph runs on the CPU provider instead, said."""
+    shutil.copyfile(texts_tsv, tmp_path / "descriptions.tsv")
+    store = tmp_path / "store"  # its own: the session's store must not hold this bf16 artifact
+    fp32 = textual_config(tmp_path, _minilm(minilm_dir, "fp32"), store, output_path="fp32")
+    (exported,) = ducho_fast.export(fp32)
+    bf16 = textual_config(tmp_path, _minilm(minilm_dir, "bf16"), store, output_path="bf16")
+    target = store / slug_for(ducho_fast.api.as_config(bf16).jobs[0].models[0])
+    shutil.copytree(exported.artifact.path, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps({**manifest, "precision": "bf16"}))
+    monkeypatch.setattr(session, "unusable", lambda: "this CPU has no bfloat16 math")
+    ducho_fast.extract(fp32)
+    made_by_embedder = []  # sessions the embedder made itself, not taking the one made ahead
+    real = embedder_module.make_session
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made_by_embedder.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedder_module, "make_session", counted)
+    with caplog.at_level(logging.WARNING, logger="ducho_fast"):
+        report = ducho_fast.extract(bf16)
+    assert report.failed == 0 and report.runs[0].provider == CPU and not made_by_embedder
+    assert any("has no bfloat16 math" in r.getMessage() for r in caplog.records)
+    ours = {f.name: np.load(f) for f in (tmp_path / "bf16").rglob("*.npy")}
+    theirs = {f.name: np.load(f) for f in (tmp_path / "fp32").rglob("*.npy")}
+    assert ours.keys() == theirs.keys() and len(ours) > 1
+    for name, vector in ours.items():
+        np.testing.assert_allclose(vector, theirs[name], atol=1e-6)
+
+
+def test_a_bf16_artifact_on_a_gpu_is_told_what_suits_the_gpu() -> None:
+    assert "precision: fp16" in (precision_advice("bf16", CUDA) or "")
+    assert precision_advice("bf16", openvino.OPENVINO) is None
+
+
+@pytest.mark.slow
+@needs_bf16
+def test_bf16_minilm_runs_in_bfloat16_on_openvino_within_its_bound(
+    tmp_path: Path, store: Path, minilm_dir: Path, texts_tsv: Path
+) -> None:
+    shutil.copyfile(texts_tsv, tmp_path / "descriptions.tsv")
+    vectors = {}
+    for precision in ("fp32", "bf16"):
+        model = _minilm(minilm_dir, precision)
+        config = textual_config(tmp_path, model, store, output_path=f"out_{precision}")
+        (result,) = ducho_fast.export(config)
+        manifest = result.artifact.manifest
+        parity = manifest["parity"]
+        assert manifest["precision"] == parity["precision"] == precision and parity["passed"]
+        report = ducho_fast.extract(config)
+        assert report.failed == 0 and not report.warnings
+        folder = next((tmp_path / f"out_{precision}").rglob("*.npy")).parent
+        vectors[precision] = np.stack([np.load(f).ravel() for f in sorted(folder.glob("*.npy"))])
+        if precision == "bf16":
+            assert parity["provider"] == report.runs[0].provider == openvino.OPENVINO
+            assert parity["bounds"]["min_cosine"] == 0.999
+            layer = parity["layers"]["1"]
+            # bfloat16 keeps 8 bits of mantissa: were it fp32 after all, 1e-6 or so
+            assert layer["min_cosine"] >= 0.999 and layer["max_rel_diff"] > 1e-4
+            embedder = ducho_fast.load(result.artifact.path)
+            assert "bf16, on OpenVINOExecutionProvider" in repr(embedder)
+            assert embedder.info.lanes == 1 and embedder.info.threads == cpu_quota()
+            _, info = make_session(
+                result.artifact.model_path, RuntimeOptions(device="openvino"), lanes=2
+            )
+            assert (info.provider, info.lanes, info.threads) == (openvino.OPENVINO, 1, cpu_quota())
+    cos = (vectors["bf16"] * vectors["fp32"]).sum(1)  # unit vectors
+    assert len(cos) > 1 and cos.min() >= 0.999
+    assert np.abs(vectors["bf16"] - vectors["fp32"]).max() > 1e-4  # really bfloat16
+
+
+def test_doctor_says_whether_bf16_runs_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ducho_fast import doctor
+
+    monkeypatch.setattr(doctor, "unusable", lambda: "this CPU has no bfloat16 math")
+    line = "precision bf16 (OpenVINO's CPU plugin, bfloat16 math): "
+    assert line + "not here: this CPU has no bfloat16 math" in doctor.report().lines
+    monkeypatch.setattr(doctor, "unusable", lambda: None)
+    assert line + "runs here" in doctor.report().lines
