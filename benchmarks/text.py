@@ -7,9 +7,10 @@ descriptions of varied length, all on one device (``--device``: cpu, the default
 in one process:
 - ``encode``: ``SentenceTransformer.encode(texts, batch_size)`` on that device, what Ducho runs;
 - ``extract``: ``ducho_fast.extract`` end to end (read the TSV, tokenize in reader threads,
-  length buckets, ONNX Runtime, write one .npy per item), fp32 and int8 on the CPU, fp32 and
-  fp16 on CUDA (whose provider has no int8 kernels for these products), each round into a
-  new, empty output folder (``common.NewFolders``);
+  length buckets, ONNX Runtime, write one .npy per item), fp32 and int8 on the CPU (and bf16
+  on OpenVINO's CPU plugin, where this CPU has bfloat16 math and the ``openvino`` extra is
+  installed), fp32 and fp16 on CUDA (whose provider has no int8 kernels for these products),
+  each round into a new, empty output folder (``common.NewFolders``);
 - ``bare``: the same artifacts' ORT sessions alone on pre-tokenized batches, built as
   ``extract`` builds them and run as it runs them (``runtime.concurrent_batches``: on 2
   CPUs, two batches of one thread at once), threads spinning between ops (as extract's do
@@ -21,7 +22,7 @@ The systems run side by side in ``--repeats`` rounds, each once per round (this 
 shared and its speed drifts by up to 25% within minutes): items/s are each system's median
 round, and each ratio is the median of the ratios within a round, printed with their range.
 Outputs are checked: fp32 against encode (cosine >= 0.9999), int8 against fp32 (>= 0.99),
-fp16 against fp32 (>= 0.999).
+fp16 and bf16 against fp32 (>= 0.999).
 Each pipeline efficiency is also split into three factors (``common.efficiency_factors``):
 the bare session's time / the model's time inside extract, the model's share of the pipeline
 (``RunResult.timing``), and the pipeline's share of the extract call. On the CPU it is also
@@ -75,7 +76,12 @@ from common import (
 )
 
 # What each precision's features are checked against, and the cosine they must reach.
-BOUNDS = {"fp32": ("encode", 0.9999), "int8": ("fp32", 0.99), "fp16": ("fp32", 0.999)}
+BOUNDS = {
+    "fp32": ("encode", 0.9999),
+    "int8": ("fp32", 0.99),
+    "fp16": ("fp32", 0.999),
+    "bf16": ("fp32", 0.999),
+}
 
 BRANDS = ["Nordvik", "Acme", "Lumen", "Terra", "Kite & Co", "Hallberg", "Maru", "Orbit"]
 PRODUCTS = [
@@ -163,9 +169,17 @@ def minilm_folder(work: Path) -> Path:
     return target
 
 
-def precisions(device: str) -> tuple[str, str]:
-    """fp32 and the variant made for ``device``: int8 for CPUs, fp16 for GPUs."""
-    return ("fp32", "int8") if device == "cpu" else ("fp32", "fp16")
+def precisions(device: str) -> tuple[str, ...]:
+    """fp32 and the variants made for ``device``: int8 for CPUs, and bf16 where OpenVINO's
+    CPU plugin can run it here (an Intel CPU with bfloat16 math); fp16 for GPUs."""
+    if device != "cpu":
+        return ("fp32", "fp16")
+    from ducho_fast.runtime.openvino import unusable
+
+    reason = unusable()
+    if reason is not None:
+        print(f"no bf16: {reason}")
+    return ("fp32", "int8") if reason else ("fp32", "int8", "bf16")
 
 
 def write_descriptions(work: Path, texts: list[str]) -> list[str]:
@@ -275,7 +289,6 @@ def main() -> None:
     }
     budget = args.batch_size * AUTO_TOKENS_PER_ROW
     compared = precisions(args.device)
-    low = compared[1]
     reports: dict[str, list[Any]] = {p: [] for p in compared}
     runs: dict[str, NewFolders] = {}
     for precision in compared:
@@ -304,9 +317,10 @@ def main() -> None:
     checks: dict[str, float] = {}
     checks["fp32_min_cosine_vs_encode"] = float(cosines(outputs["fp32"], reference).min())
     checks["fp32_max_abs_diff_vs_encode"] = float(np.abs(outputs["fp32"] - reference).max())
-    against = cosines(outputs[low], outputs["fp32"])
-    checks[f"{low}_min_cosine_vs_fp32"] = float(against.min())
-    checks[f"{low}_mean_cosine_vs_fp32"] = float(against.mean())
+    for low in compared[1:]:
+        against = cosines(outputs[low], outputs["fp32"])
+        checks[f"{low}_min_cosine_vs_fp32"] = float(against.min())
+        checks[f"{low}_mean_cosine_vs_fp32"] = float(against.mean())
 
     ok = all(checks[f"{p}_min_cosine_vs_{BOUNDS[p][0]}"] >= BOUNDS[p][1] for p in compared)
     rates = median_rates(args.n, seconds)
@@ -351,8 +365,8 @@ def main() -> None:
                 f"use {f['use']:.3f}"
             )
     print(
-        "\nitems/s (fraction of the sgemm FLOP limit; int8 runs integer kernels and fp16 "
-        "half-precision ones, so theirs can exceed 1):"
+        "\nitems/s (fraction of the sgemm FLOP limit; int8 runs integer kernels and fp16 and "
+        "bf16 half-precision ones, so theirs can exceed 1):"
     )
     report(
         [(k, v, f"({fraction[k]:.2f} of FLOP limit)") for k, v in rates.items()],
