@@ -30,20 +30,12 @@ from ducho_fast.runtime import openvino, session
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.session import CPU, CUDA, for_artifact, make_session
 from tests.conftest import textual_config
+from tests.exporters.test_precision import _minilm
 
 PROBE = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
 REASON = openvino.unusable()
 needs_bf16 = pytest.mark.skipif(REASON is not None, reason=f"no bf16 here: {REASON}")
 BF16 = {"precision": "bf16", "modality": "textual"}
-
-
-def _minilm(minilm_dir: Path, precision: str) -> dict[str, object]:
-    return {
-        "model_name": str(minilm_dir),
-        "backend": "sentence_transformers",
-        "output_layers": 1,
-        "precision": precision,
-    }
 
 
 @pytest.mark.parametrize(
