@@ -159,9 +159,10 @@ def test_a_bf16_artifact_on_a_gpu_is_told_what_suits_the_gpu() -> None:
 @pytest.mark.slow
 @needs_bf16
 def test_bf16_minilm_runs_in_bfloat16_on_openvino_within_its_bound(
-    tmp_path: Path, store: Path, minilm_dir: Path, texts_tsv: Path
+    tmp_path: Path, minilm_dir: Path, texts_tsv: Path
 ) -> None:
     shutil.copyfile(texts_tsv, tmp_path / "descriptions.tsv")
+    store = tmp_path / "store"  # its own: tests that glob the session's store for MiniLM's
     vectors = {}
     for precision in ("fp32", "bf16"):
         model = _minilm(minilm_dir, precision)
