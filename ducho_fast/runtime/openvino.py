@@ -24,7 +24,6 @@ from typing import Any
 import onnxruntime as ort
 
 OPENVINO = "OpenVINOExecutionProvider"
-_PLUGIN = "onnxruntime_ep_openvino"
 INSTALL = "pip install 'ducho-fast[openvino]' (the onnxruntime-ep-openvino wheel)"
 
 _LOCK = threading.Lock()

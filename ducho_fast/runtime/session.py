@@ -89,12 +89,11 @@ def for_artifact(options: RuntimeOptions, manifest: Mapping[str, Any]) -> Runtim
     would run on the CPU; given a GPU, its graph (fp32) runs there as any fp32 graph. Where its
     input shapes vary (:func:`shapes_vary`), cuDNN's convolution algorithm is picked by
     heuristics unless ``runtime.cuda_options.cudnn_conv_algo_search`` says otherwise. ONNX
-    Runtime's default,
-    EXHAUSTIVE, benchmarks every algorithm for each convolution at each new input shape:
-    reported at 0.3-1.3 s a shape on a 6-layer network (PaddleX #5057; ONNX Runtime issues
-    #709 and #19838), and clips of a new length each bring a new shape. Unmeasured here (no
-    GPU). Images resized to one size keep EXHAUSTIVE: they tune once, a smaller batch padded
-    to the batch size (:func:`pads_last_batch`)."""
+    Runtime's default, EXHAUSTIVE, benchmarks every algorithm for each convolution at each
+    new input shape: reported at 0.3-1.3 s a shape on a 6-layer network (PaddleX #5057; ONNX
+    Runtime issues #709 and #19838), and clips of a new length each bring a new shape.
+    Unmeasured here (no GPU). Images resized to one size keep EXHAUSTIVE: they tune once, a
+    smaller batch padded to the batch size (:func:`pads_last_batch`)."""
     if manifest.get("precision") == "bf16" and requested_providers(options.device)[0] == CPU:
         return replace(options, device="openvino")
     if not shapes_vary(manifest) or "cudnn_conv_algo_search" in options.cuda_options:
