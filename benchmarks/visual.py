@@ -29,6 +29,11 @@ Its features are checked against torch on the same reduced pixels (computed once
 cosine >= 0.9999, and the summary gives their cosine against Ducho's full decoding
 (``min_cosine_reduced_vs_ducho``). Its pipeline efficiency is over the same bare session:
 the model's work does not depend on the pixels' values.
+``--bf16`` (CPU only) adds ``extract_bf16`` and ``bare_bf16``: the model exported again with
+``precision: bf16`` (run in bfloat16 by OpenVINO's CPU plugin for ONNX Runtime, where this CPU
+has the math), end to end and alone. A model whose bf16 export is refused (its parity under
+the bound) is said so and timed in fp32 only. Its features are checked against torch's at
+the bf16 bound, cosine >= 0.999; its efficiency is over its own bare session.
 The pipeline efficiency is also split into three factors (``common.efficiency_factors``): the
 bare session's time / the model's time inside extract, the model's share of the pipeline, and
 the pipeline's share of the extract call. On the CPU it is also split in two by CPU time
@@ -80,6 +85,9 @@ from common import (
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 LITE_MEAN, LITE_STD = [0.498, 0.498, 0.498], [0.502, 0.502, 0.502]
 GFLOP_PER_IMAGE = {"efficientnet_lite0": 2 * 0.40, "resnet50": 2 * 4.09}
+BF16_MIN_COSINE = 0.999  # the bf16 export's own bound
+# each extract system and the bare session its pipeline efficiency is over
+BARE_OF = {"extract": "bare", "extract_reduced": "bare", "extract_bf16": "bare_bf16"}
 
 
 def write_jpegs(folder: Path, n: int, seed: int) -> list[Path]:
@@ -265,6 +273,48 @@ def bare_batches(artifact: Any, paths: list[Path], batch_size: int) -> list[Any]
     return [batcher.feeds(decoded[b : b + batch_size]) for b in step]
 
 
+def check_bf16(device: str) -> None:
+    """Exit with the reason where ``--bf16`` cannot be measured on ``device`` here."""
+    from ducho_fast.runtime.openvino import unusable
+
+    reason = "bf16 runs on the CPU only" if device != "cpu" else unusable()
+    if reason is not None:
+        sys.exit(f"--bf16: {reason}")
+
+
+def bf16_systems(
+    work: Path,
+    name: str,
+    spec: dict[str, Any],
+    batch_size: int,
+    paths: list[Path],
+    reports: list[Any],
+) -> tuple[NewFolders, dict[str, Callable[[], Any]]] | None:
+    """The model exported with ``precision: bf16``: its extract (``NewFolders``) and the
+    systems ``extract_bf16`` (that extract, its reports kept in ``reports``) and ``bare_bf16``;
+    None where that export is refused."""
+    from ducho_fast import api
+    from ducho_fast.artifact import find_artifact
+    from ducho_fast.errors import ExportError
+
+    entry = {**spec["entry"], "precision": "bf16"}
+    config = write_config(work, f"{name}_bf16", entry, batch_size)
+    try:
+        api.export(config)
+    except ExportError as e:
+        print(f"{name}: no bf16, its export was refused: {e}")
+        return None
+    artifact = find_artifact(api.as_config(config).store, api.as_config(config).graphs()[0])
+    api.extract(config)  # warm-up
+    extract = NewFolders(api.extract, config, "visual.items.output_path", f"features_{name}_bf16")
+    batches = bare_batches(artifact, paths, batch_size)
+    systems = {
+        "extract_bf16": recorded(extract, reports),
+        "bare_bf16": bare_sessions(artifact, batches),
+    }
+    return extract, systems
+
+
 def extracted(work: Path, extract: NewFolders, result: Any, paths: list[Path]) -> np.ndarray:
     """The features of ``extract``'s last round, in ``paths``' order (every image written)."""
     assert result.failed == 0, result
@@ -284,10 +334,17 @@ def main() -> None:
         action="store_true",
         help="also time extract with input.jpeg_decode: reduced",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time each model exported with precision: bf16 (CPU, where it runs)",
+    )
     add_work_option(parser)
     add_device_option(parser)
     args = parser.parse_args()
     check_device(args.device)
+    if args.bf16:
+        check_bf16(args.device)
     # torchvision's notes on tracing (train- vs eval-mode nodes), as `ducho-fast export` drops them
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
 
@@ -349,6 +406,12 @@ def main() -> None:
                 api.extract, reduced_config, "visual.items.output_path", f"features_{name}_reduced"
             )
             systems["extract_reduced"] = reduced
+        bf16_reports: list[Any] = []
+        bf16 = None
+        if args.bf16:
+            bf16 = bf16_systems(work, name, spec, args.batch_size, paths, bf16_reports)
+        if bf16 is not None:
+            systems |= bf16[1]
         cpu: dict[str, list[float]] = {}
         seconds, values = rounds(args.repeats, systems, cpu)
         reference = values["torch"]
@@ -375,6 +438,19 @@ def main() -> None:
             )
             ok = ok and extra["min_cosine_reduced_vs_torch_reduced"] >= 0.9999
             print(f"{name}: reduced JPEG decoding, min cosine against Ducho's features {extra}")
+        if bf16 is not None:
+            pairs |= {
+                "bf16_vs_extract": ("extract_bf16", "extract"),
+                "bf16_vs_torch": ("extract_bf16", "torch"),
+                "bf16_pipeline_efficiency": ("extract_bf16", "bare_bf16"),
+            }
+            ours = extracted(work, bf16[0], values["extract_bf16"], paths)
+            extra["min_cosine_bf16_vs_torch"] = float(f"{cosines(ours, reference).min():.7g}")
+            ok = ok and extra["min_cosine_bf16_vs_torch"] >= BF16_MIN_COSINE
+            extra["bf16_efficiency_factors"] = efficiency_factors(
+                bf16_reports, seconds["extract_bf16"], seconds["bare_bf16"]
+            )
+            print(f"{name}: bf16, min cosine against torch {extra['min_cosine_bf16_vs_torch']}")
         ok = ok and cos >= 0.9999
         ratios = {k: paired(seconds, *pair) for k, pair in pairs.items()}
         all_ratios.update({f"{name} {k}": r for k, r in ratios.items()})
@@ -390,8 +466,8 @@ def main() -> None:
         )
         if args.device == "cpu":  # on CUDA the model's work is not CPU time
             split = {
-                k: cpu_factors(seconds[k], cpu[k], seconds["bare"], cpu["bare"], args.n)
-                for k in ("extract", "extract_reduced")
+                k: cpu_factors(seconds[k], cpu[k], seconds[bare], cpu[bare], args.n)
+                for k, bare in BARE_OF.items()
                 if k in systems
             }
             for k, f in split.items():
