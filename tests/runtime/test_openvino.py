@@ -7,8 +7,10 @@ plugin is not installed, as the CUDA tests skip without a GPU.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 from importlib import resources
@@ -29,8 +31,14 @@ from ducho_fast.runtime import embedder as embedder_module
 from ducho_fast.runtime import openvino, session
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.session import CPU, CUDA, for_artifact, make_session
-from tests.conftest import textual_config
+from tests.conftest import (
+    audio_config,
+    npy_bytes,
+    textual_config,
+    two_job_config,
+)
 from tests.exporters.test_precision import _minilm
+from tests.exporters.test_towers import two_tower_config
 
 PROBE = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
 REASON = openvino.unusable()
@@ -201,3 +209,73 @@ def test_doctor_says_whether_bf16_runs_here(monkeypatch: pytest.MonkeyPatch) -> 
     assert line + "not here: this CPU has no bfloat16 math" in doctor.report().lines
     monkeypatch.setattr(doctor, "unusable", lambda: None)
     assert line + "runs here" in doctor.report().lines
+
+
+def _bf16_jobs(data: Path, store: Path, resnet18: Path, tiny_bert: Path) -> dict[str, Any]:
+    """``two_job_config``'s visual and textual jobs, both models exported in bf16."""
+    config = two_job_config(data, store, resnet18, tiny_bert)
+    for job in ("visual", "textual"):
+        config[job]["items"]["model"][0]["precision"] = "bf16"
+    return config
+
+
+@pytest.mark.slow
+@needs_bf16
+def test_bf16_shards_and_ray_make_the_files_of_one_run(
+    tmp_path: Path, resnet18_state_dict: Path, tiny_bert_dir: Path
+) -> None:
+    """The scale-out contract holds for bf16 artifacts too: every item is embedded in the batch
+    a single run puts it in, by sessions made anew in each task or actor, and OpenVINO's
+    bfloat16 results for a batch do not depend on the session that ran it."""
+    store = tmp_path / "store"  # its own: bf16 artifacts of models other tests glob for
+    one = _bf16_jobs(tmp_path / "one", store, resnet18_state_dict, tiny_bert_dir)
+    for result in ducho_fast.export(one):
+        parity = result.artifact.manifest["parity"]
+        assert parity["precision"] == "bf16" and parity["provider"] == openvino.OPENVINO
+    report = ducho_fast.extract(one)
+    assert [r.provider for r in report.runs] == [openvino.OPENVINO] * 2 and report.failed == 2
+    per_item = {k: v for k, v in npy_bytes(tmp_path / "one").items() if "matrix" not in k}
+    split = _bf16_jobs(tmp_path / "split", store, resnet18_state_dict, tiny_bert_dir)
+    for index in range(2):
+        ducho_fast.extract(split, shard=f"{index}/2")
+    assert npy_bytes(tmp_path / "split") == per_item
+    if importlib.util.find_spec("ray") is None:
+        return
+    import ray
+
+    from ducho_fast.runtime.raydata import RayOptions
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = _bf16_jobs(tmp_path / "ray", store, resnet18_state_dict, tiny_bert_dir)
+        report = ducho_fast.extract(on_ray, engine="ray", ray=RayOptions(actors=1))
+    finally:
+        ray.shutdown()
+    assert [r.provider for r in report.runs] == [f"ray: {openvino.OPENVINO}"] * 2
+    assert npy_bytes(tmp_path / "ray") == npy_bytes(tmp_path / "one")
+
+
+@pytest.mark.slow
+@needs_bf16
+@pytest.mark.parametrize("family", ["clip", "hubert"])
+def test_bf16_of_the_two_towers_and_audio_runs_in_bfloat16_within_its_bound(
+    tmp_path: Path, family: str, request: pytest.FixtureRequest
+) -> None:
+    """CLIP's two towers and a HuBERT audio encoder (tiny, random weights), whose graphs hold
+    ops MiniLM's does not (convolutions, the image tower's patches): parity checked as they
+    run on the plugin, in bfloat16."""
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    store = tmp_path / "store"
+    if family == "clip":
+        config = two_tower_config(model_dir, store, precision="bf16")
+    else:
+        model = {"model_name": str(model_dir), "output_layers": [1], "precision": "bf16"}
+        config = audio_config(tmp_path, model, store)
+    results = ducho_fast.export(config)
+    assert len(results) == (2 if family == "clip" else 1)
+    for result in results:
+        parity = result.artifact.manifest["parity"]
+        assert parity["precision"] == "bf16" and parity["provider"] == openvino.OPENVINO
+        (layer,) = parity["layers"].values()
+        assert parity["passed"] and layer["min_cosine"] >= 0.999 and layer["max_rel_diff"] > 1e-4
