@@ -87,12 +87,20 @@ def unusable() -> str | None:
 def add_bf16_provider(opts: ort.SessionOptions, threads: int) -> None:
     """Ask ``opts`` for OpenVINO's CPU plugin in bfloat16 on ``threads`` threads (OpenVINO's
     own: ONNX Runtime's thread settings do not reach it, and by default it takes every core of
-    the machine, not the process's CPU quota). One request at a time, as a lane."""
+    the machine, not the process's CPU quota). One request at a time, as a lane.
+
+    Its threads are not pinned to cores. Under the latency hint OpenVINO pins them on Linux
+    by default, each session to the first cores it may use, so sessions of several processes
+    (Ray actors on one node, shards or `load` in server workers on one machine) pile onto the
+    same cores: two processes of one thread each ran ResNet50 in bf16 at 45-46 images/s each
+    pinned, 91-104 unpinned, on 2 CPUs. Within one extract, unpinned ran level with pinned
+    (0.99x, 6 alternating rounds)."""
     config = {
         "CPU": {
             "INFERENCE_PRECISION_HINT": "bf16",
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": str(threads),
+            "ENABLE_CPU_PINNING": "NO",
         }
     }
     opts.add_provider_for_devices(cpu_devices()[:1], {"load_config": json.dumps(config)})

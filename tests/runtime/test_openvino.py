@@ -279,3 +279,23 @@ def test_bf16_of_the_two_towers_and_audio_runs_in_bfloat16_within_its_bound(
         assert parity["precision"] == "bf16" and parity["provider"] == openvino.OPENVINO
         (layer,) = parity["layers"].values()
         assert parity["passed"] and layer["min_cosine"] >= 0.999 and layer["max_rel_diff"] > 1e-4
+
+
+def test_bf16_sessions_ask_for_bfloat16_on_their_threads_unpinned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenVINO pins a latency session's threads to the first cores by default: sessions of
+    several processes (Ray actors, shards on one machine) would share the same cores."""
+    device = SimpleNamespace(ep_metadata={"OPTIMIZATION_CAPABILITIES": "FP32 BF16"})
+    monkeypatch.setattr(openvino, "cpu_devices", lambda: [device])
+    asked: list[tuple[list[Any], dict[str, str]]] = []
+    opts = SimpleNamespace(add_provider_for_devices=lambda d, o: asked.append((d, o)))
+    openvino.add_bf16_provider(opts, 3)  # type: ignore[arg-type]
+    ((devices, options),) = asked
+    assert devices == [device]
+    assert json.loads(options["load_config"])["CPU"] == {
+        "INFERENCE_PRECISION_HINT": "bf16",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": "3",
+        "ENABLE_CPU_PINNING": "NO",
+    }
