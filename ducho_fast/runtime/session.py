@@ -211,7 +211,7 @@ def threads_advice(options: RuntimeOptions) -> str | None:
     a CPU quota: all-MiniLM-L6-v2 on 256 texts ran 210-234 texts/s here at 2 threads on 2
     CPUs, 121 at 3, 52 at 8 and 6.3-6.5 at 64 (ONNX Runtime's threads spin, waiting on each
     other). Not said of OpenVINO's plugin (a bf16 artifact), whose threads do not slow so:
-    ResNet50 in bf16 ran 216-219 images/s here at 2, 8 and 64 threads on 2 CPUs."""
+    ResNet50 in bf16 ran 201-219 images/s here at 2, 8 and 64 threads on 2 CPUs."""
     if requested_providers(options.device)[0] != CPU or options.threads <= cpu_quota():
         return None
     return (
