@@ -32,6 +32,11 @@ The summary also gives their least cosine against ``torch``'s features, both ave
 time (``min_cosine_vs_torchaudio_resampling``): soxr and torchaudio resample differently, and
 may give a clip one frame more or less. The pipeline efficiency is split into factors as in
 ``visual.py`` (``common.efficiency_factors``, and on the CPU ``common.cpu_factors``).
+``--bf16`` (CPU only) adds ``extract_bf16`` and ``bare_bf16``: the model exported again with
+``precision: bf16`` (run in bfloat16 by OpenVINO's CPU plugin for ONNX Runtime, where this CPU
+has the math), end to end and alone, its features checked against the eager model on
+extract's waveforms at the bf16 bound (cosine >= 0.999), its efficiency over its own bare
+session. A refused bf16 export ends the run, saying why.
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    BF16_MIN_COSINE,
     NewFolders,
+    add_bf16_option,
     add_device_option,
     add_work_option,
     bare_sessions,
+    check_bf16,
     check_device,
     cosines,
     cpu_factors,
@@ -173,21 +181,24 @@ def eager_on(
 
 
 def write_config(
-    work: Path, entry: dict[str, Any], layer: int, batch_size: int, device: str
+    work: Path, entry: dict[str, Any], layer: int, batch_size: int, device: str, name: str = "audio"
 ) -> tuple[Path, str]:
+    """``work/<name>.yml``: the clips through ``entry`` to ``layer``, features into
+    ``work/features`` (``work/features_bf16`` and so on for another ``name``)."""
     import yaml
 
+    output = "features" if name == "audio" else f"features_{name.removeprefix('audio_')}"
     config = {
         **fresh_run(work, device),
         "audio": {
             "items": {
                 "input_path": "clips",
-                "output_path": "features",
+                "output_path": output,
                 "model": [{**entry, "output_layers": [layer], "batch_size": batch_size}],
             }
         },
     }
-    path = work / "audio.yml"
+    path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
     return path, "audio.items.output_path"
 
@@ -231,6 +242,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
+    add_bf16_option(parser, "the model")
     add_work_option(parser)
     add_device_option(parser)
     args = parser.parse_args()
@@ -238,6 +250,8 @@ def main() -> None:
     if not 0.1 <= low <= high:
         parser.error("--seconds MIN,MAX needs 0.1 <= MIN <= MAX")
     check_device(args.device)
+    if args.bf16:
+        check_bf16(args.device)
 
     from ducho_fast import api
     from ducho_fast.artifact import find_artifact
@@ -274,6 +288,19 @@ def main() -> None:
             artifact, extract_batches(artifact, waves, args.batch_size), device=args.device
         ),
     }
+    bf16_reports: list[Any] = []
+    if args.bf16:
+        bf16_config, _ = write_config(
+            work, {**entry, "precision": "bf16"}, args.layer, args.batch_size, "cpu", "audio_bf16"
+        )
+        api.export(bf16_config)
+        bf16_artifact = find_artifact(cfg.store, api.as_config(bf16_config).graphs()[0])
+        api.extract(bf16_config)  # warm-up
+        bf16_extract = NewFolders(api.extract, bf16_config, key, "features_bf16")
+        systems["extract_bf16"] = recorded(bf16_extract, bf16_reports)
+        systems["bare_bf16"] = bare_sessions(
+            bf16_artifact, extract_batches(bf16_artifact, waves, args.batch_size)
+        )
     cpu: dict[str, list[float]] = {}
     seconds, values = rounds(args.repeats, systems, cpu)
     result = values["extract"]
@@ -287,6 +314,24 @@ def main() -> None:
     rates = median_rates(args.n, seconds)
     realtime = {k: v * audio_seconds / args.n for k, v in rates.items()}
     pairs = {"extract_vs_torch": ("extract", "torch"), "pipeline_efficiency": ("extract", "bare")}
+    bf16: dict[str, Any] = {}
+    if args.bf16:
+        pairs |= {
+            "bf16_vs_extract": ("extract_bf16", "extract"),
+            "bf16_vs_torch": ("extract_bf16", "torch"),
+            "bf16_pipeline_efficiency": ("extract_bf16", "bare_bf16"),
+        }
+        assert values["extract_bf16"].failed == 0, values["extract_bf16"]
+        found = next((work / str(bf16_extract.last)).rglob(f"{paths[0].stem}.npy")).parent
+        bf16_cos = least_cosine([np.load(found / f"{p.stem}.npy") for p in paths], same_input)
+        ok = ok and bf16_cos >= BF16_MIN_COSINE
+        bf16 = {
+            "min_cosine_bf16_vs_torch_same_input": float(f"{bf16_cos:.7g}"),
+            "bf16_efficiency_factors": efficiency_factors(
+                bf16_reports, seconds["extract_bf16"], seconds["bare_bf16"]
+            ),
+        }
+        print(f"bf16: {bf16}")
     ratios = {k: paired(seconds, *pair) for k, pair in pairs.items()}
     factors = efficiency_factors(reports, seconds["extract"], seconds["bare"])
     warm = warm_up(reports)
@@ -313,15 +358,23 @@ def main() -> None:
         "min_cosine_vs_torch_same_input": float(f"{cos:.7g}"),
         "min_cosine_vs_torchaudio_resampling": float(f"{cos_ducho:.7g}"),
         "outputs_agree": ok,
+        **bf16,
     }
     if args.device == "cpu":  # on CUDA the model's work is not CPU time
-        f = cpu_factors(seconds["extract"], cpu["extract"], seconds["bare"], cpu["bare"], args.n)
-        print(
-            f"pipeline efficiency = work x use (medians): work {f['work']:.3f} (CPU per clip: "
-            f"bare session {f['bare_cpu_ms']:.1f} ms, extract {f['extract_cpu_ms']:.1f} ms), "
-            f"use {f['use']:.3f}"
-        )
-        summary["cpu_factors"] = f
+        split = {
+            k: cpu_factors(seconds[k], cpu[k], seconds[bare], cpu[bare], args.n)
+            for k, bare in (("extract", "bare"), ("extract_bf16", "bare_bf16"))
+            if k in systems
+        }
+        for k, f in split.items():
+            print(
+                f"{k}: pipeline efficiency = work x use (medians): work {f['work']:.3f} (CPU "
+                f"per clip: bare session {f['bare_cpu_ms']:.1f} ms, {k} "
+                f"{f['extract_cpu_ms']:.1f} ms), use {f['use']:.3f}"
+            )
+        summary["cpu_factors"] = split["extract"]
+        if "extract_bf16" in split:
+            summary["bf16_cpu_factors"] = split["extract_bf16"]
     print(
         f"features: min cosine {cos:.7f} against the eager model on extract's waveforms; "
         f"{cos_ducho:.7f} against torch's (torchaudio's resampling), averaged over time"

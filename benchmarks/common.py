@@ -88,6 +88,26 @@ def check_device(device: str) -> None:
         raise SystemExit("--device cuda: " + "; ".join(missing) + ".")
 
 
+BF16_MIN_COSINE = 0.999  # the bf16 export's own bound
+
+
+def add_bf16_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help=f"also time {what} exported with precision: bf16 (on the CPU, where it runs)",
+    )
+
+
+def check_bf16(device: str) -> None:
+    """Exit with the reason where ``--bf16`` cannot be measured on ``device`` here."""
+    from ducho_fast.runtime.openvino import unusable
+
+    reason = "bf16 runs on the CPU only" if device != "cpu" else unusable()
+    if reason is not None:
+        raise SystemExit(f"--bf16: {reason}")
+
+
 def device_gflops(device: str) -> float:
     """The FLOP limit where the systems run: numpy's sgemm on the CPU, torch's float32 matrix
     product on the GPU (TF32 off, as ducho-fast's CUDA sessions run fp32 graphs)."""

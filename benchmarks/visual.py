@@ -60,10 +60,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    BF16_MIN_COSINE,
     NewFolders,
+    add_bf16_option,
     add_device_option,
     add_work_option,
     bare_sessions,
+    check_bf16,
     check_device,
     cosines,
     cpu_factors,
@@ -85,7 +88,6 @@ from common import (
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 LITE_MEAN, LITE_STD = [0.498, 0.498, 0.498], [0.502, 0.502, 0.502]
 GFLOP_PER_IMAGE = {"efficientnet_lite0": 2 * 0.40, "resnet50": 2 * 4.09}
-BF16_MIN_COSINE = 0.999  # the bf16 export's own bound
 # each extract system and the bare session its pipeline efficiency is over
 BARE_OF = {"extract": "bare", "extract_reduced": "bare", "extract_bf16": "bare_bf16"}
 
@@ -273,15 +275,6 @@ def bare_batches(artifact: Any, paths: list[Path], batch_size: int) -> list[Any]
     return [batcher.feeds(decoded[b : b + batch_size]) for b in step]
 
 
-def check_bf16(device: str) -> None:
-    """Exit with the reason where ``--bf16`` cannot be measured on ``device`` here."""
-    from ducho_fast.runtime.openvino import unusable
-
-    reason = "bf16 runs on the CPU only" if device != "cpu" else unusable()
-    if reason is not None:
-        sys.exit(f"--bf16: {reason}")
-
-
 def bf16_systems(
     work: Path,
     name: str,
@@ -334,11 +327,7 @@ def main() -> None:
         action="store_true",
         help="also time extract with input.jpeg_decode: reduced",
     )
-    parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="also time each model exported with precision: bf16 (CPU, where it runs)",
-    )
+    add_bf16_option(parser, "each model")
     add_work_option(parser)
     add_device_option(parser)
     args = parser.parse_args()

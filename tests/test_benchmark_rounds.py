@@ -447,17 +447,19 @@ def test_audio_clips_vary_as_asked_and_features_compare_clip_by_clip(tmp_path):
     assert audio.least_cosine([a], [np.ones((1, 4, 3))]) == -1.0  # as many values
 
 
-def test_visual_bf16_is_refused_off_the_cpu_and_skipped_for_a_refused_model(tmp_path, monkeypatch):
+def test_visual_bf16_is_refused_off_the_cpu_and_skipped_for_a_refused_model(
+    common, tmp_path, monkeypatch
+):
     from ducho_fast import api
     from ducho_fast.errors import ParityError
     from ducho_fast.runtime import openvino
 
     visual = _benchmark("visual")
     with pytest.raises(SystemExit, match="CPU only"):
-        visual.check_bf16("cuda")
+        common.check_bf16("cuda")
     monkeypatch.setattr(openvino, "unusable", lambda: "no plugin here")
     with pytest.raises(SystemExit, match="no plugin here"):
-        visual.check_bf16("cpu")
+        common.check_bf16("cpu")
     exported: list[dict[str, Any]] = []
 
     def refuse(config: Path) -> None:
