@@ -290,7 +290,7 @@ def test_bf16_sessions_ask_for_bfloat16_on_their_threads_unpinned(
     monkeypatch.setattr(openvino, "cpu_devices", lambda: [device])
     asked: list[tuple[list[Any], dict[str, str]]] = []
     opts = SimpleNamespace(add_provider_for_devices=lambda d, o: asked.append((d, o)))
-    openvino.add_bf16_provider(opts, 3)  # type: ignore[arg-type]
+    openvino.add_bf16_provider(opts, 3)
     ((devices, options),) = asked
     assert devices == [device]
     assert json.loads(options["load_config"])["CPU"] == {
