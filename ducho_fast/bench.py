@@ -121,10 +121,8 @@ class BenchRun:
 
     @property
     def once(self) -> float:
-        """What a run spends once, however many its items: its start-up, and its last
-        writes (the writers' queue, at most a few batches, draining after the model's last
-        batch)."""
-        return self.start_up + self.last_writes
+        """What a run spends once, however many its items (:func:`_spent_once`)."""
+        return _spent_once(self)
 
     @property
     def job_seconds(self) -> float:
@@ -445,7 +443,15 @@ def _once(rounds_runs: list[list[Any]]) -> list[float]:
     timed = _timings(rounds_runs)
     if not all(timed):
         return []
-    return [sum(t.first_batch + (t.warm_up or 0.0) + t.last_writes for t in ts) for ts in timed]
+    return [sum(map(_spent_once, ts)) for ts in timed]
+
+
+def _spent_once(timed: Any) -> float:
+    """What a run (a ``BenchRun``, or a pipeline's ``Timing``) spends once, however many its
+    items: until its first batch ran, how much longer that batch ran than the later ones (the
+    session's warm-up; none where that is unknown), and its last writes (the writers' queue,
+    at most a few batches, draining after the model's last batch)."""
+    return float(timed.first_batch + (timed.warm_up or 0.0) + timed.last_writes)
 
 
 def _timings(rounds_runs: list[list[Any]]) -> list[list[Any]]:
