@@ -336,9 +336,7 @@ def _print_timing(result: Any) -> None:
     if t is None or not result.written or result.seconds <= 0:
         return
     lanes = f", {t.lanes} batches at once" if t.lanes > 1 else ""
-    writers = "the writer" if t.writers == 1 else f"the {t.writers} writer threads"
-    if t.writers_added:
-        writers += f" ({t.writers_added} added as they fell behind)"
+    writers = _writers_in_words("the", t.writers, t.writers_added)
     last = (
         f", then {t.last_writes:.1f}s for the last writes" if t.last_writes >= LAST_WRITES else ""
     )
@@ -416,7 +414,7 @@ def print_bench(run: Any) -> None:
         f"batch ran (the session made, the first window read){_bench_warm_up(run)}; "
         f"then its model waited "
         f"{run.waiting_for_inputs:.2f} for inputs, {run.waiting_for_writer:.2f} for "
-        f"{_bench_writers(run.writers, run.writers_added)}; the last writes ended "
+        f"{_writers_in_words('its', run.writers, run.writers_added)}; the last writes ended "
         f"{run.last_writes:.2f} after its last batch",
         f"  whole job      {run.job_items:,} items in about {clock(run.job_seconds)} at this pace",
     ]
@@ -496,12 +494,13 @@ def _bench_warm_up(run: Any) -> str:
     return f", which ran {seconds:.2f} longer than the later ones" if seconds > 0 else ""
 
 
-def _bench_writers(threads: int, added: int) -> str:
-    """Bench's words for extract's writers (those of its median round)."""
+def _writers_in_words(owner: str, threads: int, added: int) -> str:
+    """A run's writers in words (``owner``: "the", or "its" for bench's extract), and how many
+    of them were added as they fell behind."""
     if threads <= 1:
         return "the writer"
-    grown = f", {added} of them added as they fell behind" if added else ""
-    return f"its {threads} writer threads{grown}"
+    grown = f" ({added} added as they fell behind)" if added else ""
+    return f"{owner} {threads} writer threads{grown}"
 
 
 def print_bench_round(timed: Any) -> None:

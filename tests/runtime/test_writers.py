@@ -351,7 +351,7 @@ def test_several_writers_record_bad_items_in_order_and_stop_on_a_full_disk(
 
 
 def test_the_summary_says_how_many_writers_wrote_and_how_many_were_added(capsys) -> None:
-    from ducho_fast.console import _print_timing
+    from ducho_fast.console import _print_timing, _writers_in_words
     from ducho_fast.runtime.pipeline import RunResult
     from ducho_fast.runtime.stages import Timing
 
@@ -372,3 +372,6 @@ def test_the_summary_says_how_many_writers_wrote_and_how_many_were_added(capsys)
         "; the 3 writer threads (2 added as they fell behind) used 0.2s of CPU"
     )
     assert lines[2].endswith("; the 3 writer threads used 0.2s of CPU")
+    # bench names extract's writers in the same words
+    assert _writers_in_words("its", 3, 2) == "its 3 writer threads (2 added as they fell behind)"
+    assert _writers_in_words("its", 1, 0) == "the writer"
