@@ -299,3 +299,24 @@ def test_bf16_sessions_ask_for_bfloat16_on_their_threads_unpinned(
         "INFERENCE_NUM_THREADS": "3",
         "ENABLE_CPU_PINNING": "NO",
     }
+
+
+def test_a_memory_limit_set_in_the_config_is_said_not_to_bound_bf16_sessions() -> None:
+    for unset in ("auto", "off"):
+        assert session.memory_limit_advice(RuntimeOptions(memory_limit=unset)) is None
+    advice = session.memory_limit_advice(RuntimeOptions(memory_limit="8GB")) or ""
+    assert advice.startswith("runtime.memory_limit (8GB) does not bound a bf16 artifact's")
+    assert "a smaller batch_size bounds it" in advice
+
+
+@needs_bf16
+def test_a_bf16_session_made_under_a_memory_limit_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(session, "_ADVISED", set())
+    with caplog.at_level(logging.WARNING, logger="ducho_fast"):
+        for limit in ("auto", "8GB", "8GB"):  # two models, or two embed sessions: said once
+            _, info = make_session(PROBE, RuntimeOptions(device="openvino", memory_limit=limit))
+            assert info.provider == openvino.OPENVINO and info.memory_limit is None
+    said = [r.message for r in caplog.records if "memory_limit" in r.message]
+    assert said == [session.memory_limit_advice(RuntimeOptions(memory_limit="8GB"))]
