@@ -53,6 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BF16_MIN_COSINE,
+    BF16_PAIRS,
     NewFolders,
     add_bf16_option,
     add_device_option,
@@ -316,11 +317,7 @@ def main() -> None:
     pairs = {"extract_vs_torch": ("extract", "torch"), "pipeline_efficiency": ("extract", "bare")}
     bf16: dict[str, Any] = {}
     if args.bf16:
-        pairs |= {
-            "bf16_vs_extract": ("extract_bf16", "extract"),
-            "bf16_vs_torch": ("extract_bf16", "torch"),
-            "bf16_pipeline_efficiency": ("extract_bf16", "bare_bf16"),
-        }
+        pairs |= BF16_PAIRS
         assert values["extract_bf16"].failed == 0, values["extract_bf16"]
         found = next((work / str(bf16_extract.last)).rglob(f"{paths[0].stem}.npy")).parent
         bf16_cos = least_cosine([np.load(found / f"{p.stem}.npy") for p in paths], same_input)

@@ -89,6 +89,13 @@ def check_device(device: str) -> None:
 
 
 BF16_MIN_COSINE = 0.999  # the bf16 export's own bound
+# the ratios of --bf16 (visual.py, audio.py): its extract against fp32's and the source's, and
+# its pipeline efficiency over its own bare session
+BF16_PAIRS = {
+    "bf16_vs_extract": ("extract_bf16", "extract"),
+    "bf16_vs_torch": ("extract_bf16", "torch"),
+    "bf16_pipeline_efficiency": ("extract_bf16", "bare_bf16"),
+}
 
 
 def add_bf16_option(parser: argparse.ArgumentParser, what: str) -> None:

@@ -61,6 +61,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BF16_MIN_COSINE,
+    BF16_PAIRS,
     NewFolders,
     add_bf16_option,
     add_device_option,
@@ -428,11 +429,7 @@ def main() -> None:
             ok = ok and extra["min_cosine_reduced_vs_torch_reduced"] >= 0.9999
             print(f"{name}: reduced JPEG decoding, min cosine against Ducho's features {extra}")
         if bf16 is not None:
-            pairs |= {
-                "bf16_vs_extract": ("extract_bf16", "extract"),
-                "bf16_vs_torch": ("extract_bf16", "torch"),
-                "bf16_pipeline_efficiency": ("extract_bf16", "bare_bf16"),
-            }
+            pairs |= BF16_PAIRS
             ours = extracted(work, bf16[0], values["extract_bf16"], paths)
             extra["min_cosine_bf16_vs_torch"] = float(f"{cosines(ours, reference).min():.7g}")
             ok = ok and extra["min_cosine_bf16_vs_torch"] >= BF16_MIN_COSINE

@@ -77,6 +77,20 @@ def test_int8_and_fp16_minilm_within_bounds_and_recorded(
     assert len(slugs) == 3
 
 
+def family_config(
+    family: str, model_dir: Path, data: Path, store: Path, precision: str
+) -> dict[str, Any]:
+    """A config exporting a tiny model of ``family`` (``bert``: its last hidden state; ``clip``:
+    both towers; ``hubert``: layer 1 of the audio encoder) in ``precision``."""
+    if family == "bert":
+        model = {"model_name": str(model_dir), "output_layers": ["last_hidden_state"]}
+        return textual_config(data, {**model, "precision": precision}, store)
+    if family == "clip":
+        return two_tower_config(model_dir, store, precision=precision)
+    model = {"model_name": str(model_dir), "output_layers": [1], "precision": precision}
+    return audio_config(data, model, store)
+
+
 @pytest.mark.parametrize("family", ["bert", "clip", "hubert"])
 def test_int8_of_other_transformer_families(
     tmp_path: Path, store: Path, family: str, request: pytest.FixtureRequest
@@ -84,18 +98,7 @@ def test_int8_of_other_transformer_families(
     """BERT through transformers, both towers of CLIP and a HuBERT audio encoder (tiny, random
     weights): every linear layer int8, the convolutions fp32, parity within the int8 bound."""
     model_dir = request.getfixturevalue(f"tiny_{family}_dir")  # only the family's model built
-    if family == "bert":
-        model: dict[str, Any] = {
-            "model_name": str(model_dir),
-            "output_layers": ["last_hidden_state"],
-        }
-        config = textual_config(tmp_path, {**model, "precision": "int8"}, store)
-    elif family == "clip":
-        config = two_tower_config(model_dir, store, precision="int8")
-    else:
-        model = {"model_name": str(model_dir), "output_layers": [1], "precision": "int8"}
-        config = audio_config(tmp_path, model, store)
-    results = ducho_fast.export(config)
+    results = ducho_fast.export(family_config(family, model_dir, tmp_path, store, "int8"))
     assert len(results) == (2 if family == "clip" else 1)
     for result in results:
         manifest = result.artifact.manifest

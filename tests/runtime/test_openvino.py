@@ -31,14 +31,8 @@ from ducho_fast.runtime import embedder as embedder_module
 from ducho_fast.runtime import openvino, session
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.session import CPU, CUDA, for_artifact, make_session
-from tests.conftest import (
-    audio_config,
-    npy_bytes,
-    textual_config,
-    two_job_config,
-)
-from tests.exporters.test_precision import _minilm
-from tests.exporters.test_towers import two_tower_config
+from tests.conftest import npy_bytes, textual_config, two_job_config
+from tests.exporters.test_precision import _minilm, family_config
 
 PROBE = Path(str(resources.files("ducho_fast.runtime").joinpath("probe.onnx")))
 REASON = openvino.unusable()
@@ -266,12 +260,7 @@ def test_bf16_of_the_two_towers_and_audio_runs_in_bfloat16_within_its_bound(
     ops MiniLM's does not (convolutions, the image tower's patches): parity checked as they
     run on the plugin, in bfloat16."""
     model_dir = request.getfixturevalue(f"tiny_{family}_dir")
-    store = tmp_path / "store"
-    if family == "clip":
-        config = two_tower_config(model_dir, store, precision="bf16")
-    else:
-        model = {"model_name": str(model_dir), "output_layers": [1], "precision": "bf16"}
-        config = audio_config(tmp_path, model, store)
+    config = family_config(family, model_dir, tmp_path, tmp_path / "store", "bf16")
     results = ducho_fast.export(config)
     assert len(results) == (2 if family == "clip" else 1)
     for result in results:
