@@ -82,12 +82,12 @@ def family_config(
 ) -> dict[str, Any]:
     """A config exporting a tiny model of ``family`` (``bert``: its last hidden state; ``clip``:
     both towers; ``hubert``: layer 1 of the audio encoder) in ``precision``."""
+    model: dict[str, Any] = {"model_name": str(model_dir), "precision": precision}
     if family == "bert":
-        model = {"model_name": str(model_dir), "output_layers": ["last_hidden_state"]}
-        return textual_config(data, {**model, "precision": precision}, store)
+        return textual_config(data, {**model, "output_layers": ["last_hidden_state"]}, store)
     if family == "clip":
         return two_tower_config(model_dir, store, precision=precision)
-    model = {"model_name": str(model_dir), "output_layers": [1], "precision": precision}
+    model["output_layers"] = [1]
     return audio_config(data, model, store)
 
 
