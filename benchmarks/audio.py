@@ -182,24 +182,23 @@ def eager_on(
 
 
 def write_config(
-    work: Path, entry: dict[str, Any], layer: int, batch_size: int, device: str, name: str = "audio"
+    work: Path, entry: dict[str, Any], layer: int, batch_size: int, device: str, suffix: str = ""
 ) -> tuple[Path, str]:
-    """``work/<name>.yml``: the clips through ``entry`` to ``layer``, features into
-    ``work/features`` (``work/features_bf16`` and so on for another ``name``)."""
+    """``work/audio<suffix>.yml``: the clips through ``entry`` to ``layer``, features into
+    ``work/features<suffix>``."""
     import yaml
 
-    output = "features" if name == "audio" else f"features_{name.removeprefix('audio_')}"
     config = {
         **fresh_run(work, device),
         "audio": {
             "items": {
                 "input_path": "clips",
-                "output_path": output,
+                "output_path": f"features{suffix}",
                 "model": [{**entry, "output_layers": [layer], "batch_size": batch_size}],
             }
         },
     }
-    path = work / f"{name}.yml"
+    path = work / f"audio{suffix}.yml"
     path.write_text(yaml.safe_dump(config))
     return path, "audio.items.output_path"
 
@@ -292,7 +291,7 @@ def main() -> None:
     bf16_reports: list[Any] = []
     if args.bf16:
         bf16_config, _ = write_config(
-            work, {**entry, "precision": "bf16"}, args.layer, args.batch_size, "cpu", "audio_bf16"
+            work, {**entry, "precision": "bf16"}, args.layer, args.batch_size, "cpu", "_bf16"
         )
         api.export(bf16_config)
         bf16_artifact = find_artifact(cfg.store, api.as_config(bf16_config).graphs()[0])

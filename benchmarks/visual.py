@@ -298,7 +298,8 @@ def bf16_systems(
     except ExportError as e:
         print(f"{name}: no bf16, its export was refused: {e}")
         return None
-    artifact = find_artifact(api.as_config(config).store, api.as_config(config).graphs()[0])
+    cfg = api.as_config(config)
+    artifact = find_artifact(cfg.store, cfg.graphs()[0])
     api.extract(config)  # warm-up
     extract = NewFolders(api.extract, config, "visual.items.output_path", f"features_{name}_bf16")
     batches = bare_batches(artifact, paths, batch_size)
