@@ -44,7 +44,7 @@ from ducho_fast.fusion import graph_name
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.embedder import Embedder, Prepared
 from ducho_fast.runtime.memory import fitting_parts
-from ducho_fast.runtime.openvino import OPENVINO
+from ducho_fast.runtime.openvino import OPENVINO, bf16_offer
 from ducho_fast.runtime.session import batch_lanes
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -98,6 +98,10 @@ class BenchRun:
     # An image model whose sample holds JPEGs decoded in full (``input.jpeg_decode: full``):
     # the reduced decoding is a setting worth timing where decoding bounds the run.
     jpegs_in_full: bool = False
+    precision: str = "fp32"  # the artifact's (``precision``)
+    # Where an fp32 model ran on ONNX Runtime's CPU provider: whether ``precision: bf16``
+    # runs on this CPU ("runs"), would with the ``openvino`` extra ("install"), or not ("").
+    bf16: str = ""
 
     @property
     def cpu_bound(self) -> float | None:
@@ -162,6 +166,8 @@ class BenchRun:
             "cpu_ms_per_item": {k: round(v, 3) for k, v in self.cpu_ms.items()},
             "cpus": self.cpus,
             "cpu_bound": None if self.cpu_bound is None else round(self.cpu_bound, 3),
+            "precision": self.precision,
+            "bf16": self.bf16 or None,
             "variants": [v.as_dict() for v in self.variants],
         }
 
@@ -370,13 +376,14 @@ def _bench_model(
         seconds, values = rounds(repeats, systems, cpu, said)
     ratios = [s / e for e, s in zip(seconds["extract"], seconds["session"], strict=True)]
     runs = runs_of.get("extract", [])
+    ran_on = runs[-1][0].provider if runs and runs[-1] else ""
     variants = tuple(
         _variant(setting, seconds, last, runs_of, (count, sample.job_items)) for setting, *_ in ways
     )
     return BenchRun(
         key_path=spec.key_path,
         model=spec.model_name,
-        provider=runs[-1][0].provider if runs and runs[-1] else "",
+        provider=ran_on,
         items=count,
         job_items=sample.job_items,
         extract_rate=count / statistics.median(seconds["extract"]),
@@ -393,6 +400,8 @@ def _bench_model(
         variants=variants,
         cpus=cpu_quota(),
         jpegs_in_full=_jpegs_in_full(cfg, job, sample),
+        precision=spec.precision,
+        bf16=bf16_offer() if ran_on == CPU_PROVIDER and spec.precision == "fp32" else "",
     )
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ducho_fast import api
-from ducho_fast.artifact import find_artifact
-from ducho_fast.config import Config
-from ducho_fast.errors import ConfigError
+from ducho_fast.artifact import MANIFEST_FILE, find_artifact, slug_for
+from ducho_fast.config import Config, ModelSpec
+from ducho_fast.errors import ArtifactError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,23 @@ def variant_configs(
                 "precision)."
             )
         for graph in other.graphs():
-            find_artifact(other.store, graph)  # not exported: says so, and how
+            _exported(other, graph, setting, overrides)
         made.append((setting, other))
     return made
+
+
+def _exported(other: Config, graph: ModelSpec, setting: str, overrides: Sequence[str]) -> None:
+    """Check that a variant's graph is exported; where the setting makes it another artifact
+    (a precision of its own) not exported yet, say how to export that one."""
+    if not (other.store / slug_for(graph) / MANIFEST_FILE).is_file():
+        given = "".join(f" --set {o}" for o in overrides)
+        raise ArtifactError(
+            f"--vs {setting}: '{graph.key_path}' ({graph.model_name}) runs as another "
+            f"artifact with it, not exported yet (no {other.store / slug_for(graph)}).\n"
+            f"Hint: run `ducho-fast export CONFIG{given} --set {setting}` first; bench then "
+            "times it beside the config's own artifact."
+        )
+    find_artifact(other.store, graph)  # one exported but not whole: says so, and how
 
 
 def _shape(cfg: Config) -> list[tuple[str, int]]:

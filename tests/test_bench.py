@@ -19,7 +19,7 @@ from ducho_fast import bench as bench_module
 from ducho_fast import bench_source
 from ducho_fast.bench import bench
 from ducho_fast.cli import app
-from ducho_fast.console import _cpu_shared
+from ducho_fast.console import _bf16_hint, _cpu_shared
 from ducho_fast.errors import ArtifactError, ConfigError, DuchoError, OutputError
 from ducho_fast.runtime.cpu import cpu_quota
 from ducho_fast.runtime.stages import Timing
@@ -330,6 +330,43 @@ def test_bench_takes_the_warm_up_from_the_rounds_that_tell_it() -> None:
     assert bench_module._warm_up(timed) == pytest.approx(0.8)  # the median of 0.6 and 1.0
     assert bench_module._warm_up(bench_module._timings([untold, partly])) is None
     assert bench_module._once([untold]) == [pytest.approx(0.2)]  # counted as none
+
+
+def test_bench_offers_bf16_where_an_fp32_model_bounds_extract_on_a_cpu_with_it() -> None:
+    """``BenchRun.bf16``: "runs" (the plugin computes in bfloat16 here), "install" (the CPU
+    lists the math, the plugin is not installed), "" (neither, or not an fp32 CPU run)."""
+    said = _bf16_hint(_run(bf16="runs"))
+    key = "visual.items.model.0.precision=bf16"
+    assert said.startswith(
+        "  bf16           the model took 10.00 ms of extract's 16.00 ms of CPU an item, and "
+        f"this CPU has bfloat16 math: `ducho-fast export CONFIG --set {key}` exports it"
+    )
+    assert f"and --vs {key} times it here." in said and "pip install" not in said
+    assert "pip install 'ducho-fast[openvino]', then `ducho-fast export" in _bf16_hint(
+        _run(bf16="install")
+    )
+    half = _run(bf16="runs", cpu_ms={"extract": 20.0, "session": 10.0})
+    assert _bf16_hint(half).startswith("  bf16 ")  # the model half of the CPU: still worth it
+    tried = SimpleNamespace(setting=key)
+    nothing = [
+        _run(),  # no bfloat16 math here (or not an fp32 model on ONNX Runtime's CPU provider)
+        _run(bf16="runs", variants=(tried,)),  # timed already
+        _run(bf16="runs", cpu_ms={"extract": 21.0, "session": 10.0}),  # decoding bounds it
+        _run(bf16="runs", cpu_ms={}),  # not measured
+    ]
+    assert [_bf16_hint(run) for run in nothing] == [""] * len(nothing)
+
+
+def test_bench_asks_whether_bf16_runs_for_fp32_models_on_the_cpu_provider(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_module, "bf16_offer", lambda: "install")
+    work = tmp_path / "work"
+    work.mkdir()
+    report = bench(exported, items=2, repeats=1, work=work)
+    assert [(r.precision, r.bf16) for r in report.runs] == [("fp32", "install")] * 2
+    assert report.runs[0].as_dict()["bf16"] == "install"
+    assert replace(report.runs[0], bf16="").as_dict()["bf16"] is None
 
 
 def test_bench_says_when_the_cpu_time_beside_the_model_bounds_extract() -> None:
@@ -653,8 +690,12 @@ def test_bench_refuses_variants_that_are_not_one_setting_of_the_same_models(
     two = f"[{{model_name: {tiny_bert_dir}}}, {{model_name: {tiny_bert_dir}}}]"
     with pytest.raises(ConfigError, match=r"it changes the config's jobs or models"):
         bench(exported, items=2, repeats=1, variants=[f"textual.items.model={two}"])
-    with pytest.raises(ArtifactError, match="export"):  # an int8 graph not exported yet
-        bench(exported, items=2, repeats=1, variants=["textual.items.model.0.precision=int8"])
+    int8 = "textual.items.model.0.precision=int8"
+    with pytest.raises(ArtifactError) as e:  # an int8 graph not exported yet: how to export it
+        bench(exported, items=2, repeats=1, variants=[int8], overrides=["runtime.workers=1"])
+    said = str(e.value)
+    assert said.startswith(f"--vs {int8}: 'textual.items.model.0' (") and "not exported yet" in said
+    assert f"run `ducho-fast export CONFIG --set runtime.workers=1 --set {int8}` first" in said
     resolved = ducho_fast.api.as_config(exported)
     with pytest.raises(ConfigError, match=r"not to a Config already resolved"):
         bench(resolved, items=2, repeats=1, variants=["runtime.workers=1"])

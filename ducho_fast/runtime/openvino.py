@@ -17,8 +17,10 @@ Nothing here imports OpenVINO itself: the plugin is a shared library ONNX Runtim
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
@@ -82,6 +84,37 @@ def unusable() -> str | None:
             "Rapids on)"
         )
     return None
+
+
+# The CPU flags (Linux's /proc/cpuinfo) of the bfloat16 math OpenVINO computes with.
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first of :data:`BF16_FLAGS` this CPU lists, None where it lists none (or where
+    there is no ``/proc/cpuinfo``): what tells, without OpenVINO's plugin, that it would
+    compute in bfloat16 here."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = (line.partition(":") for line in text.splitlines())
+    listed = next((set(v.split()) for k, _, v in lines if k.strip() == "flags"), set())
+    return next((flag for flag in BF16_FLAGS if flag in listed), None)
+
+
+def bf16_offer(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Whether ``precision: bf16`` is worth offering here: "runs" where it runs (the plugin
+    is installed and computes in bfloat16), "install" where the CPU lists bfloat16 math but
+    the plugin is not installed, "" otherwise (no such math, or a plugin that cannot load)."""
+    if unusable() is None:
+        return "runs"
+    return "install" if not installed() and cpu_bf16_flag(cpuinfo) else ""
+
+
+def installed() -> bool:
+    """Whether OpenVINO's plugin for ONNX Runtime is installed (not whether it loads)."""
+    return importlib.util.find_spec("onnxruntime_ep_openvino") is not None
 
 
 def add_bf16_provider(opts: ort.SessionOptions, threads: int) -> None:

@@ -309,3 +309,31 @@ def test_a_bf16_session_made_under_a_memory_limit_says_so_once(
             assert info.provider == openvino.OPENVINO and info.memory_limit is None
     said = [r.message for r in caplog.records if "memory_limit" in r.message]
     assert said == [session.memory_limit_advice(RuntimeOptions(memory_limit="8GB"))]
+
+
+def test_cpu_bf16_flag_reads_the_cpus_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert openvino.cpu_bf16_flag(cpuinfo) == "avx512_bf16"
+    cpuinfo.write_text("flags\t\t: fpu avx512_bf16 amx_bf16\nflags\t\t: fpu\n")
+    assert openvino.cpu_bf16_flag(cpuinfo) == "amx_bf16"
+    cpuinfo.write_text("vmx flags\t: amx_bf16\nflags\t\t: fpu avx2 amx_tile\nbugs\t: amx_bf16\n")
+    assert openvino.cpu_bf16_flag(cpuinfo) is None  # only the flags line counts
+    assert openvino.cpu_bf16_flag(tmp_path / "none") is None  # no /proc/cpuinfo (macOS)
+
+
+def test_bf16_is_offered_where_it_runs_or_where_the_plugin_would_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("flags\t\t: fpu amx_bf16\n")
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: fpu avx2\n")
+    assert openvino.installed() or not openvino.cpu_devices()  # a plugin that loads is one
+    monkeypatch.setattr(openvino, "unusable", lambda: None)
+    assert openvino.bf16_offer(plain) == "runs"  # OpenVINO's own word decides where it loads
+    monkeypatch.setattr(openvino, "unusable", lambda: "not installed")
+    monkeypatch.setattr(openvino, "installed", lambda: False)
+    assert [openvino.bf16_offer(amx), openvino.bf16_offer(plain)] == ["install", ""]
+    monkeypatch.setattr(openvino, "installed", lambda: True)  # installed, yet it does not run
+    assert openvino.bf16_offer(amx) == ""
