@@ -109,10 +109,10 @@ def bf16_offer(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     the plugin is not installed, "" otherwise (no such math, or a plugin that cannot load)."""
     if unusable() is None:
         return "runs"
-    return "install" if not installed() and cpu_bf16_flag(cpuinfo) else ""
+    return "install" if not plugin_installed() and cpu_bf16_flag(cpuinfo) else ""
 
 
-def installed() -> bool:
+def plugin_installed() -> bool:
     """Whether OpenVINO's plugin for ONNX Runtime is installed (not whether it loads)."""
     return importlib.util.find_spec("onnxruntime_ep_openvino") is not None
 

@@ -203,6 +203,15 @@ def test_doctor_says_whether_bf16_runs_here(monkeypatch: pytest.MonkeyPatch) -> 
     assert line + "not here: this CPU has no bfloat16 math" in doctor.report().lines
     monkeypatch.setattr(doctor, "unusable", lambda: None)
     assert line + "runs here" in doctor.report().lines
+    monkeypatch.setattr(doctor, "unusable", lambda: "the plugin is not installed: pip install")
+    monkeypatch.setattr(doctor, "plugin_installed", lambda: False)
+    monkeypatch.setattr(doctor, "cpu_bf16_flag", lambda: "amx_bf16")
+    assert (
+        line + "not here: the plugin is not installed: pip install (this CPU lists amx_bf16: it "
+        "would run with the plugin)"
+    ) in doctor.report().lines
+    monkeypatch.setattr(doctor, "plugin_installed", lambda: True)  # installed, and it does not load
+    assert line + "not here: the plugin is not installed: pip install" in doctor.report().lines
 
 
 def _bf16_jobs(data: Path, store: Path, resnet18: Path, tiny_bert: Path) -> dict[str, Any]:
@@ -329,11 +338,11 @@ def test_bf16_is_offered_where_it_runs_or_where_the_plugin_would_run_it(
     amx.write_text("flags\t\t: fpu amx_bf16\n")
     plain = tmp_path / "plain"
     plain.write_text("flags\t\t: fpu avx2\n")
-    assert openvino.installed() or not openvino.cpu_devices()  # a plugin that loads is one
+    assert openvino.plugin_installed() or not openvino.cpu_devices()  # a plugin that loads is one
     monkeypatch.setattr(openvino, "unusable", lambda: None)
     assert openvino.bf16_offer(plain) == "runs"  # OpenVINO's own word decides where it loads
     monkeypatch.setattr(openvino, "unusable", lambda: "not installed")
-    monkeypatch.setattr(openvino, "installed", lambda: False)
+    monkeypatch.setattr(openvino, "plugin_installed", lambda: False)
     assert [openvino.bf16_offer(amx), openvino.bf16_offer(plain)] == ["install", ""]
-    monkeypatch.setattr(openvino, "installed", lambda: True)  # installed, yet it does not run
+    monkeypatch.setattr(openvino, "plugin_installed", lambda: True)  # yet it does not run
     assert openvino.bf16_offer(amx) == ""
