@@ -258,10 +258,16 @@ def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
     return Artifact(path=path, manifest=manifest)
 
 
+def exported(store: Path, spec: ModelSpec) -> bool:
+    """Whether ``export`` wrote an artifact for this config entry in ``store`` (its manifest
+    is there; :func:`find_artifact` checks the rest)."""
+    return (store / slug_for(spec) / MANIFEST_FILE).is_file()
+
+
 def find_artifact(store: Path, spec: ModelSpec) -> Artifact:
     """The artifact that ``export`` wrote for this config entry."""
     path = store / slug_for(spec)
-    if not (path / MANIFEST_FILE).is_file():
+    if not exported(store, spec):
         raise ArtifactError(
             f"'{spec.key_path}' ({spec.model_name}) has not been exported: no artifact at "
             f"{path}.\nHint: run `ducho-fast export CONFIG` with the same config first."

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ducho_fast import api
-from ducho_fast.artifact import MANIFEST_FILE, find_artifact, slug_for
+from ducho_fast.artifact import exported, find_artifact, slug_for
 from ducho_fast.config import Config, ModelSpec
 from ducho_fast.errors import ArtifactError, ConfigError
 
@@ -108,7 +108,7 @@ def variant_configs(
 def _exported(other: Config, graph: ModelSpec, setting: str, overrides: Sequence[str]) -> None:
     """Check that a variant's graph is exported; where the setting makes it another artifact
     (a precision of its own) not exported yet, say how to export that one."""
-    if not (other.store / slug_for(graph) / MANIFEST_FILE).is_file():
+    if not exported(other.store, graph):
         given = "".join(f" --set {o}" for o in overrides)
         raise ArtifactError(
             f"--vs {setting}: '{graph.key_path}' ({graph.model_name}) runs as another "

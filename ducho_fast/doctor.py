@@ -17,7 +17,7 @@ import onnxruntime as ort
 from ducho_fast import __version__
 from ducho_fast.runtime.cpu import cpu_quota_report
 from ducho_fast.runtime.memory import memory_report
-from ducho_fast.runtime.openvino import cpu_bf16_flag, plugin_installed, unusable
+from ducho_fast.runtime.openvino import bf16_offer, cpu_bf16_flag, unusable
 from ducho_fast.runtime.session import CPU, CUDA, session_options
 
 PACKAGES = (
@@ -109,8 +109,11 @@ def report() -> Health:
         health.cuda_why = why_no_cuda()
     lines.append(f"CPU session runs on: {probe(CPU)}")
     why_not = unusable()
-    flag = cpu_bf16_flag() if why_not is not None and not plugin_installed() else None
-    would = f" (this CPU lists {flag}: it would run with the plugin)" if flag else ""
+    would = (
+        f" (this CPU lists {cpu_bf16_flag()}: it would run with the plugin)"
+        if bf16_offer() == "install"
+        else ""
+    )
     lines.append(
         "precision bf16 (OpenVINO's CPU plugin, bfloat16 math): "
         + ("runs here" if why_not is None else f"not here: {why_not}{would}")

@@ -198,19 +198,25 @@ def test_bf16_minilm_runs_in_bfloat16_on_openvino_within_its_bound(
 def test_doctor_says_whether_bf16_runs_here(monkeypatch: pytest.MonkeyPatch) -> None:
     from ducho_fast import doctor
 
-    monkeypatch.setattr(doctor, "unusable", lambda: "this CPU has no bfloat16 math")
+    def unusable_is(why: str | None) -> None:  # doctor's word and bf16_offer's alike
+        for module in (doctor, openvino):
+            monkeypatch.setattr(module, "unusable", lambda: why)
+
+    unusable_is("this CPU has no bfloat16 math")
+    monkeypatch.setattr(openvino, "cpu_bf16_flag", lambda cpuinfo=None: None)
     line = "precision bf16 (OpenVINO's CPU plugin, bfloat16 math): "
     assert line + "not here: this CPU has no bfloat16 math" in doctor.report().lines
-    monkeypatch.setattr(doctor, "unusable", lambda: None)
+    unusable_is(None)
     assert line + "runs here" in doctor.report().lines
-    monkeypatch.setattr(doctor, "unusable", lambda: "the plugin is not installed: pip install")
-    monkeypatch.setattr(doctor, "plugin_installed", lambda: False)
-    monkeypatch.setattr(doctor, "cpu_bf16_flag", lambda: "amx_bf16")
+    unusable_is("the plugin is not installed: pip install")
+    monkeypatch.setattr(openvino, "plugin_installed", lambda: False)
+    monkeypatch.setattr(openvino, "cpu_bf16_flag", lambda cpuinfo=None: "avx512_bf16")
+    monkeypatch.setattr(doctor, "cpu_bf16_flag", lambda: "avx512_bf16")
     assert (
-        line + "not here: the plugin is not installed: pip install (this CPU lists amx_bf16: it "
+        line + "not here: the plugin is not installed: pip install (this CPU lists avx512_bf16: it "
         "would run with the plugin)"
     ) in doctor.report().lines
-    monkeypatch.setattr(doctor, "plugin_installed", lambda: True)  # installed, and it does not load
+    monkeypatch.setattr(openvino, "plugin_installed", lambda: True)  # installed, does not load
     assert line + "not here: the plugin is not installed: pip install" in doctor.report().lines
 
 
