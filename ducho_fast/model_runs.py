@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ducho_fast.artifact import Artifact
 from ducho_fast.config import Config, Job, ModelSpec
-from ducho_fast.data.items import Item
+from ducho_fast.data.items import ELSEWHERE, Item
 from ducho_fast.data.sources import (
     ListedFiles,
     Loader,
@@ -318,11 +318,11 @@ def _drop_others_windows(items: list[Item], keep: Callable[[int], bool]) -> None
     """Keep only what a shard reads (``keep``, :meth:`Models.keep`): the inputs of the other
     items are dropped, in place, from the caller's list, which would hold them until the job
     ends. A text job's table is read so already (:func:`job_items`); a two-tower block's
-    texts are paired first. The items keep their places (windows are cut by position) and
-    ids; their input is None and their origin empty."""
+    texts are paired first. The items keep their places (windows are cut by position), as
+    :data:`ELSEWHERE`."""
     for k, item in enumerate(items):
         if item.raw is not None and not keep(k):
-            items[k] = Item(item.item_id, "", None)
+            items[k] = ELSEWHERE
 
 
 def _plan(ctx: RunContext, job: Job, spec: ModelSpec) -> _Planned:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from array import array
 from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ import numpy as np
 from ducho_fast.config.model import InputOptions, Job, ModelSpec
 from ducho_fast.data.audio.audio import audio_suffixes, decode_audio, finish_audio, list_audio
 from ducho_fast.data.ids import EXACT, Folding, name_folding, unsafe_reason
-from ducho_fast.data.items import FileStamp, Item, ItemError
+from ducho_fast.data.items import ELSEWHERE, FileStamp, Item, ItemError
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tsv import (
     BadText,
@@ -32,6 +34,8 @@ from ducho_fast.data.visual.images import (
 )
 from ducho_fast.errors import DataError, UnreadableFile
 
+log = logging.getLogger("ducho_fast")
+
 
 @dataclass
 class Items:
@@ -46,9 +50,9 @@ class Items:
 
 def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
     """The job's items, ids checked. ``keep`` (a shard's): whether the good item at a position
-    of ``Items.good`` is read by this run; a text job drops the text of every other one as the
-    table is read, so a task holds only its own part of a large table (the item keeps its
-    place and id, with no input and an empty origin). Files are listed whole either way."""
+    of ``Items.good`` is read by this run; a text job holds :data:`ELSEWHERE` at every other
+    place as the table is read (see :func:`table_ids`), so a task holds only its own part of
+    a large table. Files are listed whole either way."""
     interactions = job.origin == "interactions"
     folding = output_folding(job)
     if job.modality == "visual":
@@ -57,11 +61,11 @@ def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
         listing = list_audio(job.input_path)
     elif interactions:
         columns = job.interaction_columns
-        rows = iter_interaction_items(job.input_path, columns, job.text_column)
-        return check_ids(rows, [], keep, folding, joined=True)
+        path, text = job.input_path, job.text_column
+        return table_ids(lambda: iter_interaction_items(path, columns, text), keep, folding, True)
     else:
-        rows = iter_text_items(job.input_path, job.item_column, job.text_column)
-        return check_ids(rows, [], keep, folding)
+        path, column, text = job.input_path, job.item_column, job.text_column
+        return table_ids(lambda: iter_text_items(path, column, text), keep, folding)
     items = check_ids(listing.items, listing.ignored, folding=folding)
     items.folders = listing.folders
     if interactions:
@@ -227,6 +231,29 @@ def _interaction_names(items: Items) -> Items:
     return out
 
 
+def table_ids(
+    read: Callable[[], Iterable[Item]],
+    keep: Callable[[int], bool] | None,
+    folding: Folding,
+    joined: bool = False,
+) -> Items:
+    """:func:`check_ids` over a table's rows (``read`` reads them from the start). A shard
+    (``keep``) holds nothing of the rows other tasks read, not even their ids: it follows
+    duplicates by their names' hashes (8 bytes a row), and only where two rows' hashes are
+    equal does it read the table again, following those names alone. So its result is
+    exactly a plain :func:`check_ids`'s, in one pass over a table without repeated ids."""
+    if keep is None:
+        return check_ids(read(), [], None, folding, joined=joined)
+    hashes: array[int] = array("q")
+    items = check_ids(read(), [], keep, folding, joined=joined, follow=(), hashes=hashes)
+    repeated = _repeated(hashes)
+    if not repeated:
+        return items
+    del items, hashes  # the first pass's texts, before the second reads them again
+    log.info("%d id(s) may repeat in the table: reading it again to find them", len(repeated))
+    return check_ids(read(), [], keep, folding, joined=joined, follow=repeated)
+
+
 def check_ids(
     listed: Iterable[Item],
     ignored: list[Path],
@@ -234,13 +261,18 @@ def check_ids(
     folding: Folding = EXACT,
     *,
     joined: bool = False,
+    follow: Container[int] | None = None,
+    hashes: array[int] | None = None,
 ) -> Items:
     """Unsafe and duplicate ids become bad items; the first of duplicates is kept. ``keep``:
     see :func:`job_items`. ``folding``: how the output folders' file system takes names;
     ids it takes as one (``Photo`` and ``photo`` where it ignores case) are duplicates, as
     their feature files would be one file, and ids holding characters it refuses are bad.
     ``joined``: the ids are a table's ``<user>__<item>``, which two different pairs can make
-    (``a__b`` and ``c``, ``a`` and ``b__c``); a duplicate's error then says so."""
+    (``a__b`` and ``c``, ``a`` and ``b__c``); a duplicate's error then says so.
+    ``follow``: the hashes (:func:`name_hash`) of the only names checked for duplicates
+    (None: all); ``hashes``: where each safe id's name's hash is appended (see
+    :func:`table_ids`)."""
     out = Items(ignored=ignored)
     key = folding.key()
     first_seen: dict[str, str] = {}  # id (or its key) -> where it was first seen
@@ -249,19 +281,35 @@ def check_ids(
         item_id = item.item_id
         reason = unsafe_reason(item_id) or folding.refusal(item_id)
         name = item_id if key is None or reason is not None else key(item_id)
-        if reason is None and name in first_seen:
+        if reason is None and hashes is not None:
+            hashes.append(name_hash(name))
+        followed = reason is None and (follow is None or name_hash(name) in follow)
+        if followed and name in first_seen:
             first = first_ids.get(name, item_id)
             reason = _duplicate(item_id, first, first_seen[name], folding, joined)
         if reason is not None:
             out.bad.append(ItemError(item_id, item.origin, f"bad id: {reason}"))
             continue
-        first_seen[name] = item.origin
-        if key is not None:
-            first_ids[name] = item_id
-        if keep is not None and not keep(len(out.good)):
-            item = Item(item_id, "", None)
-        out.good.append(item)
+        if followed:
+            first_seen[name] = item.origin
+            if key is not None:
+                first_ids[name] = item_id
+        out.good.append(item if keep is None or keep(len(out.good)) else ELSEWHERE)
     return out
+
+
+def name_hash(name: str) -> int:
+    """The hash :func:`table_ids` follows names by: Python's own, which a str caches (equal
+    for equal names within a process; two names may share one, hence the second pass)."""
+    return hash(name)
+
+
+def _repeated(hashes: array[int]) -> set[int]:
+    """The values found more than once in ``hashes`` (sorted in place)."""
+    values = np.frombuffer(hashes, dtype=np.int64)
+    values.sort()
+    same = values[1:] == values[:-1]
+    return set(values[1:][same].tolist())
 
 
 def _duplicate(item_id: str, first: str, origin: str, folding: Folding, joined: bool) -> str:

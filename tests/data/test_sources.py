@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from ducho_fast.config import load_config
 from ducho_fast.config.model import Job
 from ducho_fast.data import sources
 from ducho_fast.data.ids import Folding
-from ducho_fast.data.items import Item
+from ducho_fast.data.items import ELSEWHERE, Item
 from ducho_fast.data.sources import check_ids, job_items
 from ducho_fast.data.text.tsv import BadText
 
@@ -20,6 +22,10 @@ def _job(tmp_path: Path, origin: str, table: str) -> Job:
     block = {"input_path": "t.tsv", "output_path": "out", "model": [{"model_name": "m"}]}
     config = {"dataset_path": str(tmp_path), "textual": {origin: block}}
     return load_config(config).jobs[0]
+
+
+def _items(*ids: str) -> list[Item]:
+    return [Item(i, f"t.tsv:{n + 2}", f"text {n}") for n, i in enumerate(ids)]
 
 
 @pytest.mark.parametrize(
@@ -49,14 +55,69 @@ def test_keep_drops_the_texts_of_other_positions_as_the_table_is_read(
         return k % 2 == 1
 
     part = job_items(job, odd)
-    # Positions are those of the good items (the duplicate and the unsafe id are not items),
-    # asked once each, in order; the kept ones are as a whole read gives them.
-    assert [i.item_id for i in part.good] == [i.item_id for i in whole.good] == ids
-    assert asked == list(range(len(ids)))
+    # An id repeats, so the table is read twice (see table_ids): the first read, by hash
+    # alone, takes the repeat for an item; the second's positions are those of the good
+    # items (the duplicate and the unsafe id are not items), asked once each, in order.
+    # The kept ones are as a whole read gives them, the others one placeholder.
+    assert [i.item_id for i in whole.good] == ids
+    assert asked == list(range(len(ids) + 1)) + list(range(len(ids)))
     for k, (mine, full) in enumerate(zip(part.good, whole.good, strict=True)):
-        assert mine == (full if k % 2 else Item(full.item_id, "", None))
+        assert mine == full if k % 2 else mine is ELSEWHERE
     assert part.bad == whole.bad  # reported alike (by shard 0, see api._own_inputs)
     assert any(isinstance(i.raw, BadText) for i in part.good + whole.good)
+
+
+def _table_rows() -> list[Item]:
+    """Rows with every kind of bad id: repeated, unsafe, refused by the file system, taken as
+    one by it, and two pairs joined into one id."""
+    return _items("a__b", "x", "X", "q?", "../up", "y", "x", "b", "a__b", "z", "Y", "w")
+
+
+def _read_counted(rows: list[Item]) -> tuple[list[int], Callable[[], Iterator[Item]]]:
+    reads: list[int] = []
+
+    def read() -> Iterator[Item]:
+        reads.append(1)
+        return iter(rows)
+
+    return reads, read
+
+
+@pytest.mark.parametrize(
+    ("hashes", "rows", "reads"),
+    [
+        ("python", _items("a", "b", "c", "d", "e"), 1),  # no id repeats: one read
+        ("python", _items("a", "../b", "c", "../b", "e"), 1),  # nor does a good one
+        ("python", _table_rows(), 2),
+        ("one", _items("a", "b", "c", "d", "e"), 2),  # every name collides, none repeats
+        ("one", _table_rows(), 2),
+        ("two", _table_rows(), 2),
+    ],
+)
+@pytest.mark.parametrize("folding", [Folding(), Folding(case=True, refused="?")])
+def test_a_shard_holds_no_id_of_other_positions_and_finds_the_same_items(
+    monkeypatch: pytest.MonkeyPatch,
+    hashes: str,
+    rows: list[Item],
+    reads: int,
+    folding: Folding,
+) -> None:
+    """A shard follows duplicates by hash and reads the table again only where two hashes
+    are equal; whatever the hashes, its items and errors are a plain check's."""
+    whole = check_ids(rows, [], folding=folding, joined=True)
+    if hashes != "python":
+        monkeypatch.setattr(sources, "name_hash", lambda name: 7 if hashes == "one" else len(name))
+    read_count, read = _read_counted(rows)
+    part = sources.table_ids(read, lambda k: k % 3 == 1, folding, True)
+    assert len(read_count) == reads
+    assert len(part.good) == len(whole.good)
+    for k, (mine, full) in enumerate(zip(part.good, whole.good, strict=True)):
+        assert mine is full if k % 3 == 1 else mine is ELSEWHERE
+    assert part.bad == whole.bad
+    assert len(whole.bad) >= (3 if rows == _table_rows() else 0)
+    read_count, read = _read_counted(rows)
+    assert sources.table_ids(read, None, folding, True) == whole  # no shard: one plain read
+    assert len(read_count) == 1
 
 
 def test_two_interactions_joined_into_one_id_say_how(tmp_path: Path) -> None:
@@ -77,10 +138,6 @@ def test_two_interactions_joined_into_one_id_say_how(tmp_path: Path) -> None:
     assert [e.reason for e in items.bad] == [
         "bad id: duplicate id; first seen at t.tsv:2, which is kept"
     ]
-
-
-def _items(*ids: str) -> list[Item]:
-    return [Item(i, f"t.tsv:{n + 2}", f"text {n}") for n, i in enumerate(ids)]
 
 
 def test_ids_a_file_system_takes_as_one_are_duplicates() -> None:
@@ -145,3 +202,19 @@ def test_a_job_checks_its_ids_against_its_output_folders(
     assert probed == [[tmp_path / "out"]]
     assert [i.item_id for i in items.good] == ids[:1]
     assert "ignores case" in items.bad[0].reason
+
+
+def test_a_shard_reading_a_table_holds_only_its_own_rows(tmp_path: Path) -> None:
+    """What a task of ten holds at the peak while its part of a table is read: its rows and
+    a hash a row, not every id (which took over 3x a plain read's ids and origins)."""
+    rows = "".join(f"user{k:06d}\titem{k:06d}\tok\n" for k in range(20_000))
+    job = _job(tmp_path, "interactions", "u\ti\ttext\n" + rows)
+    peaks = []
+    for keep in (None, lambda k: k // 100 % 10 == 3):
+        tracemalloc.start()
+        items = job_items(job, keep)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert len(items.good) == 20_000
+    whole, part = peaks
+    assert part < whole / 4
