@@ -103,10 +103,20 @@ def _quiet_frameworks() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
 
 
+# The options of ``ducho-fast`` itself (:func:`_main`), which a command's arguments may hold.
+_MAIN_OPTIONS = frozenset({"-v", "--verbose", "--version"})
+
+
 def _overrides(ctx: typer.Context, sets: list[str] | None) -> list[str]:
     """``--set`` values, then Ducho's own ``--a.b.c=VALUE`` arguments."""
     extra = list(ctx.args)
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    main_options = [a for a in bad if a in _MAIN_OPTIONS]
+    if main_options:
+        raise typer.BadParameter(
+            f"{main_options[0]} is an option of ducho-fast itself, not of the command: put it "
+            f"before the command, as in ducho-fast {main_options[0]} {ctx.info_name} CONFIG."
+        )
     if bad:
         raise typer.BadParameter(
             f"unexpected argument(s) {bad}; an override is --set a.b.c=VALUE or --a.b.c=VALUE "

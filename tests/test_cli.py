@@ -437,6 +437,15 @@ def test_ducho_style_override_arguments(tmp_path: Path) -> None:
         assert bad.exit_code == 2
         said = " ".join(bad.output.replace("│", " ").split())
         assert "an override is --set a.b.c=VALUE or --a.b.c=VALUE (one argument" in said, said
+    for command in ("export", "extract", "fuse", "bench"):
+        for option in ("-v", "--verbose", "--version"):
+            placed = runner.invoke(app, [command, str(path), option])
+            assert placed.exit_code == 2
+            said = " ".join(placed.output.replace("│", " ").split())
+            assert (
+                f"{option} is an option of ducho-fast itself, not of the command: put it "
+                f"before the command, as in ducho-fast {option} {command} CONFIG."
+            ) in said, said
 
 
 @pytest.mark.slow
