@@ -155,14 +155,14 @@ def _errors(stopped: str | None = None, quit_now: str | None = None) -> Iterator
 
 
 @contextmanager
-def _watched(progress: bool, doing: str, every: float | None) -> Iterator[Any]:
-    """The progress factory a command's work is given (None with ``--no-progress``); where
+def _watched(progress: bool, doing: str, every: float | None) -> Iterator[Watched | None]:
+    """What gives a command's work its progress bars (None with ``--no-progress``); where
     it shows no bar for a while, it says the command is still at work (:class:`Watched`)."""
     if not progress:
         yield None
         return
     with Watched(doing, every) as watched:
-        yield watched.progress
+        yield watched
 
 
 @contextmanager
@@ -321,7 +321,13 @@ def extract(
     doing = "extract: checking inputs, artifacts and outputs"
     with _errors(stopped=STOPPED_EXTRACT), _watched(progress, doing, progress_every) as shown:
         report = ducho_fast.extract(
-            config, overrides, progress=shown, shard=shard, engine=engine.value, ray=ray
+            config,
+            overrides,
+            progress=shown.progress if shown else None,
+            shard=shard,
+            engine=engine.value,
+            ray=ray,
+            status=shown.status if shown else None,
         )
     print_report(report)
     if report.shard is not None:
@@ -362,7 +368,9 @@ def fuse(
 
     doing = "fuse: reading features"
     with _errors(stopped=STOPPED_FUSE), _watched(progress, doing, progress_every) as shown:
-        runs = ducho_fast.fuse(config, _overrides(ctx, set_), progress=shown)
+        runs = ducho_fast.fuse(
+            config, _overrides(ctx, set_), progress=shown.progress if shown else None
+        )
     print_fusions(runs)
     if not runs:
         err.print("nothing to fuse: the config has no 'fusion' keys.")

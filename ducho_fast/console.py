@@ -173,6 +173,7 @@ class Watched:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._spinner: Any = None
+        self._detail: str | None = None  # what the work is doing now, from :meth:`status`
         self._watch = threading.Thread(target=self._watching, name="ducho-quiet", daemon=True)
 
     def __enter__(self) -> Watched:
@@ -200,6 +201,12 @@ class Watched:
                 self._bars -= 1
                 self._quiet_since = self._said = time.monotonic()
 
+    def status(self, detail: str | None) -> None:
+        """What the work is doing now (how far a large table's read got), said in the lines
+        and the spinner while no bar is shown; None once that step is done."""
+        with self._lock:
+            self._detail = detail
+
     def quiet(self) -> None:
         """Say so if no bar was shown for long enough (the watcher's step)."""
         with self._lock:
@@ -207,7 +214,8 @@ class Watched:
                 return
             now = time.monotonic()
             since = now - self._quiet_since
-            text = f"{self._doing}, {clock(since)} in"
+            detail = f" ({self._detail})" if self._detail else ""
+            text = f"{self._doing}{detail}, {clock(since)} in"
             if self._terminal:
                 if since < QUIET_SPINNER_SECONDS:
                     return

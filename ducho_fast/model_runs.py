@@ -16,6 +16,7 @@ from ducho_fast.data.items import ELSEWHERE, Item
 from ducho_fast.data.sources import (
     ListedFiles,
     Loader,
+    Status,
     changed_files,
     loader_for,
     table_changed_after,
@@ -54,6 +55,7 @@ class RunContext:
     shard: Shard | None = None
     ray: RayOptions | None = None  # extract --engine ray
     ahead: list[PendingSession] = field(default_factory=list)  # taken by the first embedder
+    status: Status | None = None  # told how far a long read without a bar got
 
 
 def _embedder(ctx: RunContext, artifact: Artifact) -> Embedder:

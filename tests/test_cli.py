@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from ducho_fast import console
 from ducho_fast.cli import ITEMS_FAILED_EXIT, app
+from ducho_fast.data.text import tsv
 from ducho_fast.errors import DuchoError
 from tests.conftest import assert_said, textual_config
 
@@ -295,6 +296,26 @@ def test_a_log_says_a_command_is_at_work_while_it_shows_no_progress(
     ], printed
 
 
+def test_the_quiet_lines_say_what_a_long_step_is_doing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a step says how far it got (reading a large table), the lines say it too."""
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    printed: list[str] = []
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
+    watched = console.Watched("extract: checking", every=30.0)  # its watcher not started
+    watched.status("reading t.tsv: 1.0 of 2.0 MB, 50%")
+    now[0] = 131.0
+    watched.quiet()
+    watched.status(None)
+    now[0] = 162.0
+    watched.quiet()
+    assert printed == [
+        "extract: checking (reading t.tsv: 1.0 of 2.0 MB, 50%), 0:00:31 in",
+        "extract: checking, 0:01:02 in",
+    ], printed
+
+
 def test_a_terminal_gets_a_spinner_while_no_bar_is_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a moment with no bar, a spinner; gone before a bar is drawn (a terminal shows
     one live display at a time) and when the command ends."""
@@ -361,7 +382,16 @@ def test_extract_says_it_is_at_work_while_its_checks_take_long(
         time.sleep(0.5)
         return listed(*args)
 
+    told = tsv._told
+
+    def slow_told(*args: Any) -> Any:  # a table read slowly, told how far every row
+        for row in told(*args):
+            time.sleep(0.05)
+            yield row
+
     monkeypatch.setattr(ducho_fast.api, "job_items", slow_listing)
+    monkeypatch.setattr(tsv, "_told", slow_told)
+    monkeypatch.setattr(tsv, "READING_ROWS", 1)
     monkeypatch.setattr(console, "PROGRESS_LINE_SECONDS", 0.1)
     monkeypatch.setattr(console, "QUIET_SPINNER_SECONDS", 0.1)
     result = runner.invoke(app, ["extract", str(text_config)])
@@ -369,10 +399,13 @@ def test_extract_says_it_is_at_work_while_its_checks_take_long(
     said = result.output.splitlines()
     first = next(k for k, line in enumerate(said) if line.startswith("textual.items"))
     quiet = [line for line in said[:first] if line.startswith("extract: ")]
+    doing = r"extract: checking inputs, artifacts and outputs"
+    reading = r" \(reading descriptions\.tsv: 0\.0 of 0\.0 MB, \d+%\)"
     assert quiet and all(
-        re.fullmatch(r"extract: checking inputs, artifacts and outputs, 0:00:0\d in", line)
-        for line in quiet
+        re.fullmatch(rf"{doing}({reading})?, 0:00:0\d in", line) for line in quiet
     ), said
+    assert any("(reading descriptions.tsv: " in line for line in quiet), said
+    assert not any("(reading" in line for line in said[first:]), said  # said no more once read
     assert not [t for t in threading.enumerate() if t.name == "ducho-quiet"]
 
 

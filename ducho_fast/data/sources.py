@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from array import array
-from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from ducho_fast.data.items import ELSEWHERE, FileStamp, Item, ItemError
 from ducho_fast.data.text.clean import clear_text
 from ducho_fast.data.text.tsv import (
     BadText,
+    Reading,
     check_text_table,
     iter_interaction_items,
     iter_text_items,
@@ -36,6 +37,10 @@ from ducho_fast.errors import DataError, UnreadableFile
 
 log = logging.getLogger("ducho_fast")
 
+# Told what a long step with no progress bar is doing, in a few words (how far a large table's
+# read got), and None when it is done: the CLI's line saying the command is still at work.
+Status = Callable[[str | None], None]
+
 
 @dataclass
 class Items:
@@ -48,24 +53,35 @@ class Items:
     folders: list[Path] = field(default_factory=list)
 
 
-def job_items(job: Job, keep: Callable[[int], bool] | None = None) -> Items:
+def job_items(
+    job: Job, keep: Callable[[int], bool] | None = None, status: Status | None = None
+) -> Items:
     """The job's items, ids checked. ``keep`` (a shard's): whether the good item at a position
     of ``Items.good`` is read by this run; a text job holds :data:`ELSEWHERE` at every other
     place as the table is read (see :func:`table_ids`), so a task holds only its own part of
-    a large table. Files are listed whole either way."""
+    a large table. Files are listed whole either way. ``status``: told how far a table's read
+    got (see :data:`Status`), and None at its end."""
     interactions = job.origin == "interactions"
     folding = output_folding(job)
     if job.modality == "visual":
         listing = list_images(job.input_path)
     elif job.modality == "audio":
         listing = list_audio(job.input_path)
-    elif interactions:
-        columns = job.interaction_columns
-        path, text = job.input_path, job.text_column
-        return table_ids(lambda: iter_interaction_items(path, columns, text), keep, folding, True)
     else:
         path, column, text = job.input_path, job.item_column, job.text_column
-        return table_ids(lambda: iter_text_items(path, column, text), keep, folding)
+        columns = job.interaction_columns
+
+        def read(again: str) -> Iterator[Item]:
+            said = _reading(status, path, again)
+            if interactions:
+                return iter_interaction_items(path, columns, text, said)
+            return iter_text_items(path, column, text, said)
+
+        try:
+            return table_ids(read, keep, folding, interactions)
+        finally:
+            if status is not None:
+                status(None)
     items = check_ids(listing.items, listing.ignored, folding=folding)
     items.folders = listing.folders
     if interactions:
@@ -232,26 +248,47 @@ def _interaction_names(items: Items) -> Items:
 
 
 def table_ids(
-    read: Callable[[], Iterable[Item]],
+    read: Callable[[str], Iterable[Item]],
     keep: Callable[[int], bool] | None,
     folding: Folding,
     joined: bool = False,
 ) -> Items:
-    """:func:`check_ids` over a table's rows (``read`` reads them from the start). A shard
-    (``keep``) holds nothing of the rows other tasks read, not even their ids: it follows
-    duplicates by their names' hashes (8 bytes a row), and only where two rows' hashes are
-    equal does it read the table again, following those names alone. So its result is
-    exactly a plain :func:`check_ids`'s, in one pass over a table without repeated ids."""
+    """:func:`check_ids` over a table's rows (``read`` reads them from the start; given why
+    it reads them again, after the first time). A shard (``keep``) holds nothing of the rows
+    other tasks read, not even their ids: it follows duplicates by their names' hashes (8
+    bytes a row), and only where two rows' hashes are equal does it read the table again,
+    following those names alone. So its result is exactly a plain :func:`check_ids`'s, in
+    one pass over a table without repeated ids."""
     if keep is None:
-        return check_ids(read(), [], None, folding, joined=joined)
+        return check_ids(read(""), [], None, folding, joined=joined)
     hashes: array[int] = array("q")
-    items = check_ids(read(), [], keep, folding, joined=joined, follow=(), hashes=hashes)
+    rows = read("")
+    items = check_ids(rows, [], keep, folding, joined=joined, follow=(), hashes=hashes)
     repeated = _repeated(hashes)
     if not repeated:
         return items
     del items, hashes  # the first pass's texts, before the second reads them again
     log.info("%d id(s) may repeat in the table: reading it again to find them", len(repeated))
-    return check_ids(read(), [], keep, folding, joined=joined, follow=repeated)
+    rows = read(f" again, for the {len(repeated)} id(s) that may repeat")
+    return check_ids(rows, [], keep, folding, joined=joined, follow=repeated)
+
+
+def _reading(status: Status | None, path: Path, again: str) -> Reading | None:
+    """What tells ``status`` how far a read of the table at ``path`` got (``again``: why
+    it is read again, if it is)."""
+    if status is None:
+        return None
+
+    def said(done: int, size: int) -> None:
+        share = 100 * done // size if size else 100
+        read = f"{_megabytes(done)} of {_megabytes(size)} MB, {share}%"
+        status(f"reading {path.name}{again}: {read}")
+
+    return said
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:,.0f}" if count >= 10**7 else f"{count / 1e6:.1f}"
 
 
 def check_ids(

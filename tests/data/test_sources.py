@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from ducho_fast.data import sources
 from ducho_fast.data.ids import Folding
 from ducho_fast.data.items import ELSEWHERE, Item
 from ducho_fast.data.sources import check_ids, job_items
+from ducho_fast.data.text import tsv
 from ducho_fast.data.text.tsv import BadText
 
 
@@ -73,11 +75,12 @@ def _table_rows() -> list[Item]:
     return _items("a__b", "x", "X", "q?", "../up", "y", "x", "b", "a__b", "z", "Y", "w")
 
 
-def _read_counted(rows: list[Item]) -> tuple[list[int], Callable[[], Iterator[Item]]]:
-    reads: list[int] = []
+def _read_counted(rows: list[Item]) -> tuple[list[str], Callable[[str], Iterator[Item]]]:
+    """Reads of ``rows``, and why each was read again ("" the first time)."""
+    reads: list[str] = []
 
-    def read() -> Iterator[Item]:
-        reads.append(1)
+    def read(again: str) -> Iterator[Item]:
+        reads.append(again)
         return iter(rows)
 
     return reads, read
@@ -109,7 +112,10 @@ def test_a_shard_holds_no_id_of_other_positions_and_finds_the_same_items(
         monkeypatch.setattr(sources, "name_hash", lambda name: 7 if hashes == "one" else len(name))
     read_count, read = _read_counted(rows)
     part = sources.table_ids(read, lambda k: k % 3 == 1, folding, True)
-    assert len(read_count) == reads
+    assert len(read_count) == reads and read_count[0] == ""
+    assert all(
+        re.fullmatch(r" again, for the \d+ id\(s\) that may repeat", r) for r in read_count[1:]
+    )
     assert len(part.good) == len(whole.good)
     for k, (mine, full) in enumerate(zip(part.good, whole.good, strict=True)):
         assert mine is full if k % 3 == 1 else mine is ELSEWHERE
@@ -218,3 +224,28 @@ def test_a_shard_reading_a_table_holds_only_its_own_rows(tmp_path: Path) -> None
         assert len(items.good) == 20_000
     whole, part = peaks
     assert part < whole / 4
+
+
+def test_reading_a_table_tells_the_status_how_far_it_got(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A status hears how many of the table's MB were read, every few rows and at the end,
+    also on a shard's second read (an id repeats), then None once the items are known."""
+    monkeypatch.setattr(tsv, "READING_ROWS", 2)
+    rows = "".join(f"u\ti{k}\ttext {k}\n" for k in range(5)) + "u\ti0\tagain\n"
+    job = _job(tmp_path, "interactions", "u\ti\ttext\n" + rows)
+    again = " again, for the 1 id(s) that may repeat"
+    for keep, reads in ((None, [""]), (lambda k: k == 1, ["", again])):
+        said: list[str | None] = []
+        items = job_items(job, keep, said.append)
+        assert len(items.good) == 5 and len(items.bad) == 1
+        assert said[-1] is None and None not in said[:-1]
+        lines = [line for line in said if line]
+        whys = [
+            re.fullmatch(r"reading t\.tsv(.*): 0\.0 of 0\.0 MB, (\d+)%", line) for line in lines
+        ]
+        assert all(whys), lines
+        # 6 rows told every 2 and at the end: 4 lines a read, the last at 100%.
+        assert [m[1] for m in whys if m] == [why for why in reads for _ in range(4)]
+        assert [int(m[2]) for m in whys if m][3::4] == [100] * len(reads)
+    assert (sources._megabytes(1_234_567), sources._megabytes(1_210_400_000)) == ("1.2", "1,210")

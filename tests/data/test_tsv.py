@@ -6,11 +6,13 @@ import io
 import logging
 import lzma
 import os
+import random
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from ducho_fast.data.text import tsv
 from ducho_fast.data.text.tsv import BadText, read_text_items
 from ducho_fast.errors import DataError
 
@@ -402,3 +404,26 @@ def test_a_utf16_table_with_bytes_it_cannot_decode_keeps_its_other_rows(tmp_path
     )
     with pytest.raises(DataError, match=r"header row is not UTF-16 text"):
         read_text_items(header, None, None)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_long_read_tells_how_far_it_got_in_the_files_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compressed: bool
+) -> None:
+    """Every READING_ROWS rows, the bytes of the file read so far (the compressed file's,
+    where it is), and the whole file at the end."""
+    rng = random.Random(0)
+    rows = "".join(f"{k}\t{rng.randbytes(rng.randrange(50, 500)).hex()}\n" for k in range(2000))
+    body = ("id\ttext\n" + rows).encode()
+    path = tmp_path / "d.tsv"
+    path.write_bytes(gzip.compress(body) if compressed else body)
+    size = path.stat().st_size
+    monkeypatch.setattr(tsv, "READING_ROWS", 100)
+    told: list[tuple[int, int]] = []
+    items = list(tsv.iter_text_items(path, None, None, lambda done, of: told.append((done, of))))
+    assert len(items) == 2000
+    assert len(told) == 2000 // 100 + 1 and told[-1] == (size, size)
+    done = [d for d, _ in told]
+    assert {of for _, of in told} == {size}
+    assert done == sorted(done) and 0 < done[0] < size / 4 and done[-2] > size / 2
+    assert list(tsv.iter_text_items(path, None, None)) == items  # no one told: the same rows

@@ -15,6 +15,7 @@ import io
 import lzma
 import zipfile
 import zlib
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,14 @@ def compression(head: bytes) -> str | None:
     return None
 
 
-def open_text(tsv: Path, stack: ExitStack) -> tuple[io.TextIOWrapper, str | None]:
-    """``tsv``'s text, decompressed, and its compression (None: plain), closed with
-    ``stack``. Bytes that are not UTF-8 (UTF-16) survive as surrogates; a UTF-8 byte order
-    mark (Excel's "CSV UTF-8") is dropped, as pandas drops it. An OSError is the file's
-    (unreadable); a compressed file that is not what its signature says is a DataError."""
+def open_text(
+    tsv: Path, stack: ExitStack
+) -> tuple[io.TextIOWrapper, str | None, Callable[[], int]]:
+    """``tsv``'s text, decompressed, its compression (None: plain) and how many of the file's
+    bytes were read so far (a little ahead of the text taken), closed with ``stack``. Bytes
+    that are not UTF-8 (UTF-16) survive as surrogates; a UTF-8 byte order mark (Excel's "CSV
+    UTF-8") is dropped, as pandas drops it. An OSError is the file's (unreadable); a
+    compressed file that is not what its signature says is a DataError."""
     raw = stack.enter_context(tsv.open("rb"))
     kind = compression(raw.peek(10)[:10])
     if kind == "Zstandard":
@@ -65,7 +69,7 @@ def open_text(tsv: Path, stack: ExitStack) -> tuple[io.TextIOWrapper, str | None
         text = io.TextIOWrapper(stream, encoding="utf-16", errors=_UNDECODABLE, newline="")
     else:
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    return stack.enter_context(text), kind
+    return stack.enter_context(text), kind, raw.tell
 
 
 def _undecodable(error: UnicodeError) -> tuple[str, int]:

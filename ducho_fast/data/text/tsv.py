@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +87,12 @@ def read_text_items(path: Path, item_column: str | None, text_column: str | None
     return list(iter_text_items(path, item_column, text_column))
 
 
-def iter_text_items(path: Path, item_column: str | None, text_column: str | None) -> Iterator[Item]:
+def iter_text_items(
+    path: Path, item_column: str | None, text_column: str | None, reading: Reading | None = None
+) -> Iterator[Item]:
     """:func:`read_text_items` one item at a time, as the rows are read: a caller that keeps
-    only some texts (a shard) never holds the table."""
-    with _table(path) as (tsv, header, rows, encoding):
+    only some texts (a shard) never holds the table. ``reading``: see :data:`Reading`."""
+    with _table(path, reading) as (tsv, header, rows, encoding):
         id_at, text_at = _text_columns(tsv, header, item_column, text_column)
         name = tsv.name
         for line_no, row in rows:
@@ -111,10 +113,13 @@ def read_interaction_items(
 
 
 def iter_interaction_items(
-    path: Path, columns: tuple[str, str] | None, text_column: str | None
+    path: Path,
+    columns: tuple[str, str] | None,
+    text_column: str | None,
+    reading: Reading | None = None,
 ) -> Iterator[Item]:
     """:func:`read_interaction_items` one item at a time, as the rows are read."""
-    with _table(path) as (tsv, header, rows, encoding):
+    with _table(path, reading) as (tsv, header, rows, encoding):
         user_at, item_at, text_at = _interaction_columns(tsv, header, columns, text_column)
         name = tsv.name
         for line_no, row in rows:
@@ -139,7 +144,7 @@ def check_text_table(
     columns, or one saying it has no data rows: what a run checks of every job before any
     work. Reading stops at the first data row."""
     tsv = resolve_tsv(path)
-    with _rows(tsv) as (encoding, rows):
+    with _rows(tsv) as (encoding, rows, _):
         header = _header(tsv, rows, encoding)
         if interactions:
             _interaction_columns(tsv, header, interaction_columns, text_column)
@@ -158,18 +163,44 @@ def check_text_table(
 
 
 Rows = Iterator[tuple[int, list[str]]]
+# Told, every READING_ROWS rows of a table and at its end, how many of its file's bytes were
+# read and the file's size: how far a long read got (a table of 100M rows takes minutes).
+Reading = Callable[[int, int], None]
+READING_ROWS = 8192
 
 
 @contextmanager
-def _table(path: Path) -> Iterator[tuple[Path, list[str], Rows, str]]:
+def _table(
+    path: Path, reading: Reading | None = None
+) -> Iterator[tuple[Path, list[str], Rows, str]]:
     """The TSV, its checked header, its non-blank data rows with their first lines, read
     as they are taken (the file stays open in the block): a table of millions of rows is never
     held as rows beside the items made of them, which took 40% more memory at the peak; and
     the name of its encoding."""
     tsv = resolve_tsv(path)
-    with _rows(tsv) as (encoding, rows):
+    with _rows(tsv) as (encoding, rows, read):
         header = _header(tsv, rows, encoding)
-        yield tsv, header, ((n, row) for n, row in rows if _is_data(row)), encoding
+        data: Rows = ((n, row) for n, row in rows if _is_data(row))
+        if reading is not None:
+            data = _told(data, read, _size(tsv), reading)
+        yield tsv, header, data, encoding
+
+
+def _size(tsv: Path) -> int:
+    """The file's size in bytes; 0 where it cannot be told (removed since it was opened)."""
+    try:
+        return tsv.stat().st_size
+    except OSError:
+        return 0
+
+
+def _told(rows: Rows, read: Callable[[], int], size: int, reading: Reading) -> Rows:
+    """``rows``, telling ``reading`` how far the file was read as they are taken."""
+    for k, row in enumerate(rows, 1):
+        if k % READING_ROWS == 0:
+            reading(read(), size)
+        yield row
+    reading(size, size)
 
 
 def _header(tsv: Path, rows: Rows, encoding: str) -> list[str]:
@@ -196,13 +227,14 @@ def _is_data(row: list[str]) -> bool:
 
 
 @contextmanager
-def _rows(tsv: Path) -> Iterator[tuple[str, Rows]]:
-    """The name of the table's encoding ("UTF-8" or "UTF-16"), and ``(first line, cells)``
-    per row, decompressed and decoded as :func:`open_text` says; bytes the encoding cannot
-    decode survive as surrogates. The file stays open in the block."""
+def _rows(tsv: Path) -> Iterator[tuple[str, Rows, Callable[[], int]]]:
+    """The name of the table's encoding ("UTF-8" or "UTF-16"), ``(first line, cells)`` per
+    row, decompressed and decoded as :func:`open_text` says (bytes the encoding cannot
+    decode survive as surrogates), and how many bytes of the file were read. The file stays
+    open in the block."""
     with ExitStack() as stack:
         try:
-            f, kind = open_text(tsv, stack)
+            f, kind, read = open_text(tsv, stack)
         except OSError as e:
             raise DataError(
                 f"{tsv}: cannot be read ({e.strerror or e}); check its permissions."
@@ -210,7 +242,7 @@ def _rows(tsv: Path) -> Iterator[tuple[str, Rows]]:
         encoding = "UTF-16" if f.encoding == "utf-16" else "UTF-8"
         rows = _read_rows(tsv, f, kind)
         with closing(rows):
-            yield encoding, rows
+            yield encoding, rows, read
 
 
 def _read_rows(
