@@ -266,18 +266,26 @@ def test_extract_progress_in_a_log_watches_for_stalls_until_its_work_ends(
     assert printed[0] == "job model: 0/40, no item done yet, 0:00:00 in"
 
 
+def _watched_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[float], list[str], console.Watched]:
+    """A Watched writing to a log (not a terminal), its watcher not started: the clock to
+    set (``now[0]``), the lines printed, and the Watched."""
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    printed: list[str] = []
+    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
+    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
+    return now, printed, console.Watched("extract: checking", every=30.0)
+
+
 def test_a_log_says_a_command_is_at_work_while_it_shows_no_progress(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Before the first bar (listing a million files, checking an earlier run's outputs),
     between two and after the last, a line every so often says what the command is doing:
     none while a bar is shown, and the clock starts again when one ends."""
-    now = [100.0]
-    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
-    printed: list[str] = []
-    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
-    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
-    watched = console.Watched("extract: checking", every=30.0)  # its watcher not started
+    now, printed, watched = _watched_log(monkeypatch)
     for at in (110.0, 131.0, 140.0, 161.0):
         now[0] = at
         watched.quiet()
@@ -298,12 +306,7 @@ def test_a_log_says_a_command_is_at_work_while_it_shows_no_progress(
 
 def test_the_quiet_lines_say_what_a_long_step_is_doing(monkeypatch: pytest.MonkeyPatch) -> None:
     """While a step says how far it got (reading a large table), the lines say it too."""
-    now = [100.0]
-    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
-    printed: list[str] = []
-    monkeypatch.setattr(console.err, "print", lambda text, **_: printed.append(text))
-    monkeypatch.setattr(type(console.err), "is_terminal", property(lambda self: False))
-    watched = console.Watched("extract: checking", every=30.0)  # its watcher not started
+    now, printed, watched = _watched_log(monkeypatch)
     watched.status("reading t.tsv: 1.0 of 2.0 MB, 50%")
     now[0] = 131.0
     watched.quiet()

@@ -239,8 +239,8 @@ def test_a_shard_holds_only_the_inputs_of_its_windows(
     read: list[list[bool]] = []  # whether each item's text is held as the table is read
     job_items = ducho_fast.api.job_items
 
-    def reading(job, keep=None):
-        items = job_items(job, keep)
+    def reading(job, keep=None, status=None):
+        items = job_items(job, keep, status)
         read.append([isinstance(i.raw, str) for i in items.good])
         return items
 
