@@ -12,7 +12,7 @@ from ducho_fast.artifact import MANIFEST_FILE, MODEL_FILE, find_artifact, slug_f
 from ducho_fast.config import Config, Job, ModelSpec, load_config
 from ducho_fast.config.model import FusionSpec
 from ducho_fast.data.pairs import paired_items
-from ducho_fast.data.sources import Status, check_inputs, job_items
+from ducho_fast.data.sources import check_inputs, job_items
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.fusion import (
     FusionRun,
@@ -30,7 +30,7 @@ from ducho_fast.preflight import (
     check_output_folders,
     lock_output_folders,
 )
-from ducho_fast.progress import ProgressFactory
+from ducho_fast.progress import ProgressFactory, Status
 from ducho_fast.report import (
     ERRORS_FILE,
     ExtractReport,

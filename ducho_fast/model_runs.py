@@ -16,7 +16,6 @@ from ducho_fast.data.items import ELSEWHERE, Item
 from ducho_fast.data.sources import (
     ListedFiles,
     Loader,
-    Status,
     changed_files,
     loader_for,
     table_changed_after,
@@ -30,7 +29,7 @@ from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
 from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
 from ducho_fast.outputs.unreadable import forget_unreadable, load_unreadable, save_unreadable
 from ducho_fast.preflight import feature_key
-from ducho_fast.progress import ProgressFactory, shown
+from ducho_fast.progress import ProgressFactory, Status, shown
 from ducho_fast.report import ERRORS_FILE, ExtractReport, ModelRun, matrix_of
 from ducho_fast.runtime.batcher import sorts_by_length, window_size
 from ducho_fast.runtime.cpu import cpu_quota

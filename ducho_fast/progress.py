@@ -9,6 +9,9 @@ from contextlib import AbstractContextManager, nullcontext
 ProgressFn = Callable[[int], None]
 # Given a label and a total, returns a context manager yielding a progress callback.
 ProgressFactory = Callable[[str, int], AbstractContextManager[ProgressFn]]
+# Told what a long step with no progress bar is doing, in a few words (how far a large table's
+# read got), and None when it is done: the CLI's line saying the command is still at work.
+Status = Callable[[str | None], None]
 
 
 def shown(

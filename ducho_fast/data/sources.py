@@ -34,12 +34,9 @@ from ducho_fast.data.visual.images import (
     list_images,
 )
 from ducho_fast.errors import DataError, UnreadableFile
+from ducho_fast.progress import Status
 
 log = logging.getLogger("ducho_fast")
-
-# Told what a long step with no progress bar is doing, in a few words (how far a large table's
-# read got), and None when it is done: the CLI's line saying the command is still at work.
-Status = Callable[[str | None], None]
 
 
 @dataclass
