@@ -185,11 +185,11 @@ def _extract(ctx: RunContext) -> ExtractReport:
             _run_pairs(ctx, job, report)
         else:
             models = Models.of(ctx, job, job.models)
-            items = job_items(job, models.keep(ctx), ctx.status)
+            items = job_items(job, models.keep(ctx), ctx.status, defer_texts=True)
             report.input_errors[job.name] = _own_inputs(items.bad, part)
             report.ignored_files[job.name] = _own_inputs(items.ignored, part)
             report.ignored_folders[job.name] = _own_inputs(items.folders, part)
-            report.runs += run_models(ctx, job, models, items.good, report)
+            report.runs += run_models(ctx, job, models, items.good, report, items.texts)
         save_errors(job, report)
     if part is None:
         fusions = [_section_fusion(cfg, f, id_order, report, ctx.progress) for f in cfg.fusions]

@@ -20,13 +20,14 @@ from ducho_fast.data.sources import (
     loader_for,
     table_changed_after,
 )
+from ducho_fast.data.text.deferred import TableTexts, digest_of
 from ducho_fast.fusion import graph_name
 from ducho_fast.outputs.atomic import write_text
 from ducho_fast.outputs.ducho import DuchoWriter, layer_dir, layer_parts, output_root
 from ducho_fast.outputs.listed import recorded_files, save_files
 from ducho_fast.outputs.manifest import OutputFolder, digest, open_folder
 from ducho_fast.outputs.matrix import MATRIX_DIR, MatrixResult
-from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
+from ducho_fast.outputs.texts import recorded_texts, save_texts
 from ducho_fast.outputs.unreadable import forget_unreadable, load_unreadable, save_unreadable
 from ducho_fast.preflight import feature_key
 from ducho_fast.progress import ProgressFactory, Status, shown
@@ -203,18 +204,24 @@ class Models:
 
 
 def run_models(
-    ctx: RunContext, job: Job, models: Models, items: list[Item], report: ExtractReport
+    ctx: RunContext,
+    job: Job,
+    models: Models,
+    items: list[Item],
+    report: ExtractReport,
+    table: TableTexts | None = None,
 ) -> list[ModelRun]:
-    """``models`` over ``items``; runs come back in the config's order."""
+    """``models`` over ``items``; runs come back in the config's order. ``table``: where the
+    texts of items that hold their digests are read (see :func:`job_items`)."""
     keep = models.keep(ctx)
     if keep is not None:
         _drop_others_windows(items, keep)
     for p in models.planned:
         p.open(ctx, job)
-    texts = {i.item_id: text_digest(i.raw) for i in items if isinstance(i.raw, str)}
+    texts = {i.item_id: digest_of(i.raw) for i in items if isinstance(i.raw, str)}
     runs: dict[int, ModelRun] = {}
     for group in models.groups:
-        scope, files, group_runs = _run_group(ctx, job, group, items, texts, report)
+        scope, files, group_runs = _run_group(ctx, job, group, items, texts, report, table)
         total = len(scope)
         for p in group:
             for folder in p.folders.values():
@@ -340,6 +347,7 @@ def _run_group(
     items: list[Item],
     texts: dict[str, str],
     report: ExtractReport,
+    table: TableTexts | None = None,
 ) -> tuple[list[Item], ListedFiles, list[ModelRun]]:
     """The items this run embeds (all, or its shard's windows'), their files as listed
     before any is read, and each model's run. Stale features of those items are removed
@@ -398,9 +406,10 @@ def _run_group(
     # Nothing to embed (all done before, or an empty shard): the summary line says so, no bar.
     with shown(ctx.progress, label, todo) as tick:
         if isinstance(pipeline, Pipeline):
-            results, providers = pipeline.run(items, tick), pipeline.providers
+            results, providers = pipeline.run(items, tick, table), pipeline.providers
         else:
-            results, providers = [pipeline.run(items, tick, group[0].done)], [pipeline.provider]
+            ran = pipeline.run(items, tick, group[0].done, table)
+            results, providers = [ran], [pipeline.provider]
     if isinstance(pipeline, Pipeline):
         for member, p in zip(pipeline.members, group, strict=True):
             advice = memory_advice(member.embedder)

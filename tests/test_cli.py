@@ -381,9 +381,9 @@ def test_extract_says_it_is_at_work_while_its_checks_take_long(
     assert runner.invoke(app, ["export", str(text_config)]).exit_code == 0
     listed = ducho_fast.api.job_items
 
-    def slow_listing(*args: Any) -> Any:
+    def slow_listing(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.5)
-        return listed(*args)
+        return listed(*args, **kwargs)
 
     told = tsv._told
 

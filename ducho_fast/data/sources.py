@@ -17,6 +17,7 @@ from ducho_fast.data.audio.audio import audio_suffixes, decode_audio, finish_aud
 from ducho_fast.data.ids import EXACT, Folding, name_folding, unsafe_reason
 from ducho_fast.data.items import ELSEWHERE, FileStamp, Item, ItemError
 from ducho_fast.data.text.clean import clear_text
+from ducho_fast.data.text.deferred import TableTexts, TextDigest, defer
 from ducho_fast.data.text.tsv import (
     BadText,
     Reading,
@@ -48,16 +49,25 @@ class Items:
     bad: list[ItemError] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
+    # Where the texts of a table read with ``defer_texts`` are read again (see TableTexts).
+    texts: TableTexts | None = None
 
 
 def job_items(
-    job: Job, keep: Callable[[int], bool] | None = None, status: Status | None = None
+    job: Job,
+    keep: Callable[[int], bool] | None = None,
+    status: Status | None = None,
+    *,
+    defer_texts: bool = False,
 ) -> Items:
     """The job's items, ids checked. ``keep`` (a shard's): whether the good item at a position
     of ``Items.good`` is read by this run; a text job holds :data:`ELSEWHERE` at every other
     place as the table is read (see :func:`table_ids`), so a task holds only its own part of
     a large table. Files are listed whole either way. ``status``: told how far a table's read
-    got (see :data:`Status`), and None at its end."""
+    got (see :data:`Status`), and None at its end. ``defer_texts`` (a run without ``keep``):
+    a text job's items hold their texts' digests (:class:`TextDigest`), and
+    ``Items.texts`` reads the texts again for the windows a run embeds; a shard keeps its
+    own texts, a share of the table too small to read it once more for."""
     interactions = job.origin == "interactions"
     folding = output_folding(job)
     if job.modality == "visual":
@@ -68,14 +78,21 @@ def job_items(
         path, column, text = job.input_path, job.item_column, job.text_column
         columns = job.interaction_columns
 
-        def read(again: str) -> Iterator[Item]:
-            said = _reading(status, path, again)
+        def rows(reading: Reading | None) -> Iterator[Item]:
             if interactions:
-                return iter_interaction_items(path, columns, text, said)
-            return iter_text_items(path, column, text, said)
+                return iter_interaction_items(path, columns, text, reading)
+            return iter_text_items(path, column, text, reading)
 
+        def read(again: str) -> Iterator[Item]:
+            return rows(_reading(status, path, again))
+
+        deferred = defer_texts and keep is None
         try:
-            return table_ids(read, keep, folding, interactions)
+            if not deferred:
+                return table_ids(read, keep, folding, interactions)
+            items = table_ids(lambda why: defer(read(why)), keep, folding, interactions)
+            items.texts = TableTexts(lambda: rows(None))
+            return items
         finally:
             if status is not None:
                 status(None)
@@ -444,6 +461,8 @@ class TextLoader(Loader):
 
     def decode(self, item: Item) -> Any:
         text = item.raw
+        if isinstance(text, TextDigest):  # never a text to embed (see TextCursor.fill)
+            raise RuntimeError(f"{item.origin}: the text was not read again before use")
         if isinstance(text, BadText):
             raise DataError(text.reason)
         if text is None:
@@ -456,6 +475,8 @@ class TextLoader(Loader):
         return clear_text(decoded) if self.clean else decoded
 
     def check_listed(self, item: Item) -> None:
+        if isinstance(item.raw, TextDigest):
+            return  # a text to embed, as it was read (see defer)
         self.decode(item)  # the text is in the listing: decoding reads nothing
 
 

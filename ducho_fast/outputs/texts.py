@@ -10,7 +10,6 @@ is unknown, as are features of versions that kept no record.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,11 +22,6 @@ if TYPE_CHECKING:
 
 KIND = "texts"
 SCHEMA_VERSION = 1
-
-
-def text_digest(text: str) -> str:
-    """A 64-bit digest of a text: enough to tell an edit, short for a million ids."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def recorded_texts(folders: Iterable[Path], written: Mapping[str, int]) -> dict[str, str]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from ducho_fast.data.items import FileStamp, Item, ItemError
 from ducho_fast.data.sources import ImageLoader, Loader
+from ducho_fast.data.text.deferred import TableTexts
 from ducho_fast.errors import ConfigError, DataError, DuchoError
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import (
@@ -193,13 +194,21 @@ class Pipeline(WindowedRun):
         """What each model's session really runs on."""
         return [m.embedder.info.provider for m in self.members]
 
-    def run(self, items: Sequence[Item], progress: ProgressFn | None = None) -> list[RunResult]:
+    def run(
+        self,
+        items: Sequence[Item],
+        progress: ProgressFn | None = None,
+        table: TableTexts | None = None,
+    ) -> list[RunResult]:
         """Embed and write ``items`` with every model; per model, windows whose ids are all
-        in its ``done`` are skipped. Progress counts items once, however many models."""
+        in its ``done`` are skipped. Progress counts items once, however many models.
+        ``table``: where the texts of items that hold their digests are read (see
+        :class:`TableTexts`), as their windows come."""
         start = time.perf_counter()
         batches: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
         writes: queue.Queue[Any] = queue.Queue(maxsize=self._opts.prefetch)
-        reader = Worker(self._read, items, batches, "ducho-reader")
+        read = partial(self._read, table=table)
+        reader = Worker(read, items, batches, "ducho-reader")
         writers = Writers(self._drain, writes, progress, cpus=cpu_quota())
         self._writer_cpu = 0.0
         reader.start()
@@ -256,15 +265,23 @@ class Pipeline(WindowedRun):
 
     # -- stages ----------------------------------------------------------------------------
 
-    def _read(self, items: Sequence[Item], out: queue.Queue[Any], stop: threading.Event) -> None:
+    def _read(
+        self,
+        items: Sequence[Item],
+        out: queue.Queue[Any],
+        stop: threading.Event,
+        table: TableTexts | None = None,
+    ) -> None:
         """Read, decode and cut windows into batches, ahead of the queue: the next windows
         (:meth:`windows_ahead`) are read by ``pool``'s workers, each for a thread of its own,
         while this one's batches wait for room. A text window is 64 batches; read one after
         the other, the next one's tokenizing would start only when ``prefetch`` batches were
         left to run, and a model faster than that (a GPU) would wait for it at every window.
         An image window is one batch, whose slowest items the workers would otherwise idle
-        beside: images are read several windows ahead."""
+        beside: images are read several windows ahead. A window that some model embeds gets
+        its texts from ``table`` first, if its items hold their digests."""
         decoders = self._decoders(len(items))
+        texts = table.cursor() if table is not None else None
         depth = self.windows_ahead()
         workers = ThreadPoolExecutor(
             max_workers=self._opts.workers, thread_name_prefix="ducho-decode"
@@ -277,6 +294,12 @@ class Pipeline(WindowedRun):
                     if stop.is_set():
                         break
                     windows = list(self._own_windows(chunk))
+                    if texts is not None and any(known is None for *_, known in windows):
+                        chunk = texts.fill(chunk)
+                        windows = [
+                            (k, at, chunk[at : at + len(own)], known)
+                            for k, at, own, known in windows
+                        ]
                     pending.append(ahead.submit(self._assemble, chunk, windows, pool, decoders))
                     if len(pending) > depth:
                         self._queue(pending.popleft().result(), out, stop)
@@ -284,6 +307,8 @@ class Pipeline(WindowedRun):
                     self._queue(pending.popleft().result(), out, stop)
             put(out, DONE, stop)  # the model need not wait for the decoder processes' end
         finally:
+            if texts is not None:
+                texts.close()
             if decoders is not None:
                 decoders.close()
 

@@ -32,6 +32,7 @@ from ducho_fast.config.model import RuntimeOptions
 from ducho_fast.config.options import runtime_options
 from ducho_fast.data.items import FileStamp, Item
 from ducho_fast.data.sources import Loader
+from ducho_fast.data.text.deferred import TableTexts
 from ducho_fast.errors import ConfigError, DataError
 from ducho_fast.progress import ProgressFn
 from ducho_fast.runtime.batcher import Batcher
@@ -241,10 +242,12 @@ class RayPipeline(WindowedRun):
         items: Sequence[Item],
         progress: ProgressFn | None = None,
         done: Set[str] = frozenset(),
+        table: TableTexts | None = None,
     ) -> RunResult:
+        """``table``: as :meth:`Pipeline.run`'s."""
         start = time.perf_counter()
         result = RunResult()
-        windows = self._windows(items, done, result)
+        windows = self._windows(items, done, result, table)
         if windows:
             self._write_rows(self._dataset(windows).iter_rows(), result, progress)
         sort_errors([result], items)  # several writers record them as they go
@@ -283,17 +286,28 @@ class RayPipeline(WindowedRun):
         )
 
     def _windows(
-        self, items: Sequence[Item], done: Set[str], result: RunResult
+        self,
+        items: Sequence[Item],
+        done: Set[str],
+        result: RunResult,
+        table: TableTexts | None = None,
     ) -> list[dict[str, Any]]:
         rows = []
-        for chunk in self.windows(items):
-            known = settled(chunk, done, self._loader)
-            if known is None:
-                rows.append({"items": pickle.dumps(list(chunk))})
-                continue
-            result.reused += len(chunk) - len(known)  # not in the progress (see todo)
-            for item, failed in known:
-                record_failure(result, item, failed.reason, self._opts.on_error, failed.stamp)
+        texts = table.cursor() if table is not None else None
+        try:
+            for chunk in self.windows(items):
+                known = settled(chunk, done, self._loader)
+                if known is None:
+                    filled = chunk if texts is None else texts.fill(chunk)
+                    rows.append({"items": pickle.dumps(list(filled))})
+                    continue
+                result.reused += len(chunk) - len(known)  # not in the progress (see todo)
+                for item, failed in known:
+                    on_error = self._opts.on_error
+                    record_failure(result, item, failed.reason, on_error, failed.stamp)
+        finally:
+            if texts is not None:
+                texts.close()
         return rows
 
     def _dataset(self, windows: list[dict[str, Any]]) -> Any:

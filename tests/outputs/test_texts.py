@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from ducho_fast.data.text.deferred import text_digest
 from ducho_fast.errors import OutputError
 from ducho_fast.outputs import records
-from ducho_fast.outputs.texts import recorded_texts, save_texts, text_digest
+from ducho_fast.outputs.texts import recorded_texts, save_texts
 from ducho_fast.runtime.shard import Shard
 
 
