@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,21 @@ def test_a_table_that_cannot_be_read_again_fails_its_rows_not_the_run(tmp_path: 
     assert "the table could not be read again for this row's text" in str(reasons["a"])
     assert "t.tsv" in str(reasons["a"]) and "Run extract again" in str(reasons["a"])
     assert all(reasons[i] for i in "acfg")
+
+
+def test_a_read_that_fails_midway_fails_the_rows_after_it(tmp_path: Path) -> None:
+    _, good, texts = _deferred(tmp_path)
+    rows = iter(list(texts.cursor().fill(good)))
+
+    def read() -> Iterator[Item]:  # a disk that fails after the first row
+        yield next(rows)
+        raise OSError(errno.EIO, "Input/output error")
+
+    reasons = _reasons(TableTexts(read).cursor().fill(good))
+    assert reasons["a"] is None
+    assert "could not be read again for this row's text ([Errno 5]" in str(reasons["c"])
+    assert reasons["b"] is None and "could not" not in str(reasons["d"])  # never deferred
+    assert all("could not be read again" in str(reasons[i]) for i in "cfg")
 
 
 def test_the_text_loader_never_embeds_a_digest(tmp_path: Path) -> None:
