@@ -35,6 +35,15 @@ def _config(data: Path, store: Path, model: Path) -> dict[str, Any]:
     return config
 
 
+def _exported(data: Path, store: Path, model: Path) -> tuple[Path, dict[str, Any]]:
+    """The table of ``ROWS`` in ``data`` and its config, the model exported."""
+    table = data / "descriptions.tsv"
+    _write(table, ROWS)
+    config = _config(data, store, model)
+    ducho_fast.export(config)
+    return table, config
+
+
 def _features(data: Path) -> Path:
     (folder,) = data.joinpath("out").rglob("pooler_output")
     return folder
@@ -75,10 +84,7 @@ def test_a_plain_run_writes_what_a_run_holding_the_texts_writes(
 def test_a_row_edited_while_the_run_reads_fails_and_the_next_run_embeds_it(
     tmp_path: Path, store: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    table = tmp_path / "descriptions.tsv"
-    _write(table, ROWS)
-    config = _config(tmp_path, store, tiny_bert_dir)
-    ducho_fast.export(config)
+    table, config = _exported(tmp_path, store, tiny_bert_dir)
     edited = [(i, t.upper() if i == "i06" else t) for i, t in ROWS]
     _after_the_read(monkeypatch, lambda: _write(table, edited))
     report = ducho_fast.extract(config)
@@ -104,10 +110,7 @@ def test_a_row_edited_while_the_run_reads_fails_and_the_next_run_embeds_it(
 def test_a_run_with_nothing_to_embed_reads_no_text_again(
     tmp_path: Path, store: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    table = tmp_path / "descriptions.tsv"
-    _write(table, ROWS)
-    config = _config(tmp_path, store, tiny_bert_dir)
-    ducho_fast.export(config)
+    table, config = _exported(tmp_path, store, tiny_bert_dir)
     ducho_fast.extract(config)
     before = npy_bytes(_features(tmp_path))
     reads: list[int] = []
