@@ -5,6 +5,7 @@ fails saying so, and a run with nothing to embed never reads the texts again."""
 from __future__ import annotations
 
 import csv
+import gzip
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,17 @@ def _after_the_read(monkeypatch: pytest.MonkeyPatch, then: Any) -> None:
 def test_a_plain_run_writes_what_a_run_holding_the_texts_writes(
     tmp_path: Path, store: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    held, deferring = tmp_path / "held", tmp_path / "deferring"
+    held, deferring, packed = tmp_path / "held", tmp_path / "deferring", tmp_path / "packed"
     for data in (held, deferring):
         data.mkdir()
         _write(data / "descriptions.tsv", ROWS)
+    # A gzip table of UTF-16 in a folder (input_path names the folder): read twice alike.
+    packed.joinpath("descriptions.tsv").mkdir(parents=True)
+    text = (deferring / "descriptions.tsv").read_text()
+    (packed / "descriptions.tsv" / "t.tsv.gz").write_bytes(gzip.compress(text.encode("utf-16")))
     ducho_fast.export(_config(held, store, tiny_bert_dir))
-    ducho_fast.extract(_config(deferring, store, tiny_bert_dir))
+    for data in (deferring, packed):
+        ducho_fast.extract(_config(data, store, tiny_bert_dir))
     read = api.job_items
 
     def holding(*args: Any, **kwargs: Any) -> Items:
@@ -79,6 +85,7 @@ def test_a_plain_run_writes_what_a_run_holding_the_texts_writes(
     ducho_fast.extract(_config(held, store, tiny_bert_dir))
     written = npy_bytes(_features(deferring))
     assert len(written) == len(ROWS) and written == npy_bytes(_features(held))
+    assert npy_bytes(_features(packed)) == written
 
 
 def test_a_row_edited_while_the_run_reads_fails_and_the_next_run_embeds_it(
